@@ -1,0 +1,124 @@
+//! The URL layout of the Nix HTTP binary-cache API as nixmesh serves it, both
+//! on the LAN endpoint and on the localhost substituter. Pure: a request
+//! path in, a route out.
+//!
+//! NAR URLs are `nar/<store hash part>-<nar hash, nix32>.nar`: they do not
+//! depend on which peer holds the path, they still find the path after the
+//! agent restarts (Nix caches narinfos for a month), and they pin the exact
+//! bytes.
+
+use hyper::StatusCode;
+
+use crate::nix::{HashPart, PathInfo, Sha256Hash};
+
+/// Longest request path accepted; real ones are under 100 bytes.
+pub const MAX_PATH_LEN: usize = 512;
+const NIX32_SHA256_LEN: usize = crate::nix::base32::encoded_len(32);
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    CacheInfo,
+    NarInfo(HashPart),
+    Nar {
+        hash: HashPart,
+        nar_hash: Sha256Hash,
+    },
+    /// Answer with this status and nothing else.
+    Refuse(StatusCode),
+}
+
+pub fn nar_url(info: &PathInfo) -> String {
+    format!(
+        "nar/{}-{}.nar",
+        info.path.hash_part(),
+        info.nar_hash.nix32_digest()
+    )
+}
+
+/// Body of `/nix-cache-info`.
+pub fn cache_info(store_dir: &str, priority: u32) -> String {
+    format!("StoreDir: {store_dir}\nWantMassQuery: 1\nPriority: {priority}\n")
+}
+
+pub fn route(path: &str) -> Route {
+    if path.len() > MAX_PATH_LEN {
+        return Route::Refuse(StatusCode::URI_TOO_LONG);
+    }
+    if path.contains("..") || path.contains("//") || path.contains('\\') {
+        return Route::Refuse(StatusCode::BAD_REQUEST);
+    }
+    if path == "/nix-cache-info" {
+        return Route::CacheInfo;
+    }
+    if let Some(hash) = path
+        .strip_prefix('/')
+        .and_then(|p| p.strip_suffix(".narinfo"))
+    {
+        return match HashPart::parse(hash) {
+            Ok(h) => Route::NarInfo(h),
+            Err(_) => Route::Refuse(StatusCode::BAD_REQUEST),
+        };
+    }
+    if let Some(name) = path
+        .strip_prefix("/nar/")
+        .and_then(|p| p.strip_suffix(".nar"))
+    {
+        let parsed = name.split_once('-').and_then(|(hash, digest)| {
+            let hash = HashPart::parse(hash).ok()?;
+            // Only the nix32 form that `nar_url` writes.
+            if digest.len() != NIX32_SHA256_LEN {
+                return None;
+            }
+            let nar_hash = Sha256Hash::parse(&format!("sha256:{digest}")).ok()?;
+            Some(Route::Nar { hash, nar_hash })
+        });
+        return parsed.unwrap_or(Route::Refuse(StatusCode::BAD_REQUEST));
+    }
+    Route::Refuse(StatusCode::NOT_FOUND)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: &str = "i9zj2x3nvfjjph275b20kf37h0nw1y3r";
+    const N: &str = "1yyqyjpw2q4bg361ibwpnnrnkvijzh34wri22zwd3ndzan95b3rj";
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/nix-cache-info"), Route::CacheInfo);
+        assert_eq!(
+            route(&format!("/{H}.narinfo")),
+            Route::NarInfo(HashPart::parse(H).unwrap())
+        );
+        assert!(matches!(
+            route(&format!("/nar/{H}-{N}.nar")),
+            Route::Nar { .. }
+        ));
+    }
+
+    #[test]
+    fn malformed_paths_are_refused() {
+        let refuse = |p: &str| match route(p) {
+            Route::Refuse(s) => s,
+            other => panic!("{p} routed to {other:?}"),
+        };
+        assert_eq!(refuse("/abc.narinfo"), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            refuse(&format!("/{}.narinfo", "e".repeat(32))),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(refuse("/../etc/passwd"), StatusCode::BAD_REQUEST);
+        assert_eq!(refuse(&format!("/nar/{H}.nar")), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            refuse(&format!("/nar/{H}-xyz.nar")),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            refuse(&format!("/{}", "a".repeat(600))),
+            StatusCode::URI_TOO_LONG
+        );
+        assert_eq!(refuse("/"), StatusCode::NOT_FOUND);
+        assert_eq!(refuse("/log/x"), StatusCode::NOT_FOUND);
+    }
+}

@@ -1,0 +1,221 @@
+//! The agent's configuration: one TOML file, every key documented once in
+//! `config.example.toml`. Parsing only: turning keys and paths into live
+//! objects happens in `agent`. Errors name the key and the line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Where `nixmesh agent` looks when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/nixmesh/config.toml";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: {key}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub signing_key_file: Option<PathBuf>,
+    pub store: StoreConfig,
+    pub share: ShareConfig,
+    pub http_cache: HttpCacheConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub store_dir: String,
+    pub root: PathBuf,
+    pub db: Option<PathBuf>,
+    pub nix_conf: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShareConfig {
+    pub trusted_keys: Option<Vec<String>>,
+    pub sign_local_builds: Option<bool>,
+    pub content_addressed: bool,
+    pub all: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpCacheConfig {
+    pub enable: bool,
+    pub listen: SocketAddr,
+    pub priority: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/nixmesh"),
+            signing_key_file: None,
+            store: StoreConfig::default(),
+            share: ShareConfig::default(),
+            http_cache: HttpCacheConfig::default(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            store_dir: "/nix/store".into(),
+            root: PathBuf::from("/"),
+            db: None,
+            nix_conf: PathBuf::from("/etc/nix/nix.conf"),
+        }
+    }
+}
+
+impl Default for HttpCacheConfig {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            listen: SocketAddr::from(([0, 0, 0, 0], 5180)),
+            priority: 45,
+        }
+    }
+}
+
+impl Config {
+    /// Parses `text`; `file` only names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(1);
+            ConfigError::Invalid {
+                file: file.to_string(),
+                line,
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message: inner.message().to_string(),
+            }
+        })?;
+        config.check(file, text)?;
+        Ok(config)
+    }
+
+    /// Reads `path`, or the default file when it exists, or the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(DEFAULT_PATH).exists() => PathBuf::from(DEFAULT_PATH),
+            None => return Ok(Self::default()),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    fn check(&self, file: &str, text: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+            file: file.to_string(),
+            line: line_of_key(text, key),
+            key: key.to_string(),
+            message: message.to_string(),
+        };
+        let dir = &self.store.store_dir;
+        if !dir.starts_with('/') || dir.ends_with('/') || dir.contains("//") {
+            return Err(invalid(
+                "store.store_dir",
+                "must be an absolute path without a trailing slash",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The store DB: `store.db`, else the standard place under `store.root`.
+    pub fn db_path(&self) -> PathBuf {
+        self.store
+            .db
+            .clone()
+            .unwrap_or_else(|| self.store.root.join("nix/var/nix/db/db.sqlite"))
+    }
+}
+
+/// Best-effort line of `section.key` for errors found after parsing.
+fn line_of_key(text: &str, dotted: &str) -> usize {
+    let (section, key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
+    let mut current = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            current = name.trim().to_string();
+        } else if current == section && t.split('=').next().map(str::trim) == Some(key) {
+            return n + 1;
+        }
+    }
+    1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::parse("x", "").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = Config::parse("c.toml", "[http_cache]\nenable = true\nlisen = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml:3: http_cache"), "{err}");
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let err = Config::parse("c.toml", "\n[http_cache]\nlisten = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml:3: http_cache.listen:"), "{err}");
+    }
+
+    #[test]
+    fn semantic_check_names_key_and_line() {
+        let err = Config::parse("c.toml", "[store]\n\nstore_dir = \"nix/store/\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml:3: store.store_dir:"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let err = Config::parse("c.toml", "a = 1\n[store\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml:2:"), "{err}");
+    }
+}

@@ -1,0 +1,119 @@
+//! HTTP/1.1 server plumbing shared by every listener (the binary-cache
+//! endpoints and the admin API): the accept loop, connection limits,
+//! shutdown, and response builders. Knows no routes.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Open connections per listener; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 1024;
+/// Request head (line plus headers) size limit; hyper's minimum.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// A client must send its request head within this.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn empty(status: StatusCode) -> Response<Body> {
+    let mut resp = Response::new(Empty::new().map_err(|e| match e {}).boxed());
+    *resp.status_mut() = status;
+    resp
+}
+
+pub fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let body: Bytes = body.into();
+    let mut resp = Response::new(Full::new(body).map_err(|e| match e {}).boxed());
+    *resp.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+/// A body fed by a channel of chunks; an `Err` item aborts the response
+/// before its end, so the client sees a truncated transfer, never a
+/// complete wrong one.
+pub fn channel_body<E>(rx: tokio::sync::mpsc::Receiver<Result<Bytes, E>>) -> Body
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let item = rx.recv().await?;
+        Some((
+            item.map(Frame::data).map_err(|e| Box::new(e) as BoxError),
+            rx,
+        ))
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// Serves `handler` on `listener` until `shutdown` fires; in-flight requests
+/// are then allowed to finish.
+pub async fn serve<F, Fut>(listener: TcpListener, handler: F, shutdown: CancellationToken)
+where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,104 @@
+//! This host's store as a plain Nix binary cache over HTTP, for LAN machines
+//! without an agent (a Mac, a CI runner). Off by default. Plumbing between
+//! the route table, the store reader, the share policy and the NAR stream.
+//! A narinfo request is answered 200 or 404, never 5xx: a 5xx makes Nix
+//! abort the whole substitution.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{header, Method, Request, Response, StatusCode};
+
+use crate::cache_api::{self, Route};
+use crate::http::{self, Body};
+use crate::nar_stream;
+use crate::nix::{narinfo, HashPart, NarInfo, PathInfo};
+use crate::share::SharePolicy;
+use crate::store::Store;
+
+pub struct HttpCache {
+    store: Arc<Store>,
+    policy: Arc<SharePolicy>,
+    priority: u32,
+}
+
+impl HttpCache {
+    pub fn new(store: Arc<Store>, policy: Arc<SharePolicy>, priority: u32) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            policy,
+            priority,
+        })
+    }
+
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let head_only = match *req.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return http::empty(StatusCode::METHOD_NOT_ALLOWED),
+        };
+        let resp = match cache_api::route(req.uri().path()) {
+            Route::CacheInfo => http::text(
+                StatusCode::OK,
+                "text/x-nix-cache-info",
+                cache_api::cache_info(self.store.store_dir(), self.priority),
+            ),
+            Route::NarInfo(hash) => match self.shared_info(hash).await {
+                Some(info) => {
+                    let text = NarInfo {
+                        url: cache_api::nar_url(&info),
+                        compression: "none".into(),
+                        info,
+                    }
+                    .render();
+                    http::text(StatusCode::OK, narinfo::CONTENT_TYPE, text)
+                }
+                None => http::empty(StatusCode::NOT_FOUND),
+            },
+            Route::Nar { hash, nar_hash } => match self.shared_info(hash).await {
+                Some(info) if info.nar_hash == nar_hash => self.nar_response(info, head_only),
+                _ => http::empty(StatusCode::NOT_FOUND),
+            },
+            Route::Refuse(status) => http::empty(status),
+        };
+        // For HEAD, hyper sends the headers (Content-Length included) and
+        // drops the body.
+        resp
+    }
+
+    /// The path's info if it exists and may leave this host.
+    async fn shared_info(&self, hash: HashPart) -> Option<PathInfo> {
+        let store = self.store.clone();
+        let found = tokio::task::spawn_blocking(move || store.path_info(&hash)).await;
+        match found {
+            Ok(Ok(info)) => self.policy.prepare(info?),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "store lookup failed; answering not found");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store lookup task failed");
+                None
+            }
+        }
+    }
+
+    fn nar_response(&self, info: PathInfo, head_only: bool) -> Response<Body> {
+        let size = info.nar_size;
+        let mut resp = if head_only {
+            http::empty(StatusCode::OK)
+        } else {
+            let stream = nar_stream::spawn(self.store.clone(), info, 0);
+            let mut r = Response::new(http::channel_body(stream.into_receiver()));
+            *r.status_mut() = StatusCode::OK;
+            r
+        };
+        let headers = resp.headers_mut();
+        headers.insert(header::CONTENT_LENGTH, size.into());
+        headers.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/x-nix-nar"),
+        );
+        resp
+    }
+}

@@ -1,0 +1,123 @@
+//! The `nixmesh` command: parses the command line and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use nixmesh::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "nixmesh",
+    version,
+    about = "A LAN peer-to-peer cache mesh for Nix"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Agent {
+        /// Config file (default: /etc/nixmesh/config.toml if it exists,
+        /// else built-in defaults).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Check a config file and exit: 0 when it loads, 2 when it does not.
+    CheckConfig {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Make a signing key pair in Nix's format (like
+    /// `nix-store --generate-binary-cache-key`).
+    Keygen {
+        /// Key name, e.g. `office-1`.
+        name: String,
+        /// Where to write the secret key (mode 0600).
+        secret_file: PathBuf,
+        /// Where to write the public key.
+        public_file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nixmesh: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit code for a config file that does not load.
+const EXIT_BAD_CONFIG: u8 = 2;
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("nixmesh: config: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Agent { config } => {
+            let config = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                let trigger = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("shutting down");
+                    trigger.cancel();
+                });
+                nixmesh::agent::run(config, shutdown).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => Ok(match load_config(config.as_deref()) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(code) => code,
+        }),
+        Command::Keygen {
+            name,
+            secret_file,
+            public_file,
+        } => {
+            let key = nixmesh::keys::generate_pair(&name, &secret_file, &public_file)?;
+            println!("{}", key.public().to_nix_string());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,18 @@
+//! Nix's formats, each in its own file, and nothing else: every byte nixmesh
+//! reads or writes in a Nix format goes through here. Pure code; the only I/O
+//! is `nar::encode` reading the tree it is given.
+
+pub mod base32;
+pub mod conf;
+pub mod hash;
+pub mod nar;
+pub mod narinfo;
+pub mod path_info;
+pub mod signature;
+pub mod store_path;
+
+pub use hash::Sha256Hash;
+pub use narinfo::NarInfo;
+pub use path_info::PathInfo;
+pub use signature::{PublicKey, SecretKey, Signature};
+pub use store_path::{HashPart, StorePath};

@@ -1,0 +1,255 @@
+//! The `.narinfo` text of the HTTP binary-cache protocol, written exactly as
+//! Nix 2.8 parses it and read back with a limit on everything. Pure.
+//!
+//! Pitfalls this file exists for: every line ends in `\n`; `Compression` is
+//! always written (absent means bzip2); `References` and `Deriver` hold base
+//! names; hashes are `sha256:<nix32>`.
+
+use std::fmt::Write as _;
+
+use thiserror::Error;
+
+use super::hash::Sha256Hash;
+use super::path_info::PathInfo;
+use super::store_path::StorePath;
+
+pub const CONTENT_TYPE: &str = "text/x-nix-narinfo";
+/// Largest narinfo text we read; real ones with thousands of references stay
+/// well under this.
+pub const MAX_NARINFO_LEN: usize = 1 << 20;
+pub const MAX_REFERENCES: usize = 16_384;
+pub const MAX_SIGNATURES: usize = 64;
+pub const MAX_URL_LEN: usize = 1024;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum NarInfoError {
+    #[error("narinfo is {0} bytes, over the limit")]
+    TooLong(usize),
+    #[error("narinfo line {0} has no `: `")]
+    BadLine(usize),
+    #[error("narinfo lacks {0}")]
+    Missing(&'static str),
+    #[error("narinfo field {field}: {reason}")]
+    BadField { field: &'static str, reason: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NarInfo {
+    pub info: PathInfo,
+    /// Relative to the cache root, e.g. `nar/<…>.nar`.
+    pub url: String,
+    pub compression: String,
+}
+
+impl NarInfo {
+    pub fn render(&self) -> String {
+        let info = &self.info;
+        let mut out = String::with_capacity(512 + 80 * info.references.len());
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "StorePath: {}", info.path);
+        let _ = writeln!(out, "URL: {}", self.url);
+        let _ = writeln!(out, "Compression: {}", self.compression);
+        if self.compression == "none" {
+            // What `nix copy --to file://…?compression=none` writes too.
+            let _ = writeln!(out, "FileHash: {}", info.nar_hash.to_nix32());
+            let _ = writeln!(out, "FileSize: {}", info.nar_size);
+        }
+        let _ = writeln!(out, "NarHash: {}", info.nar_hash.to_nix32());
+        let _ = writeln!(out, "NarSize: {}", info.nar_size);
+        out.push_str("References:");
+        for r in &info.references {
+            out.push(' ');
+            out.push_str(r.base_name());
+        }
+        if info.references.is_empty() {
+            out.push(' ');
+        }
+        out.push('\n');
+        if let Some(d) = &info.deriver {
+            let _ = writeln!(out, "Deriver: {}", d.base_name());
+        }
+        for s in &info.sigs {
+            let _ = writeln!(out, "Sig: {s}");
+        }
+        if let Some(ca) = &info.ca {
+            let _ = writeln!(out, "CA: {ca}");
+        }
+        out
+    }
+
+    pub fn parse(store_dir: &str, text: &str) -> Result<Self, NarInfoError> {
+        if text.len() > MAX_NARINFO_LEN {
+            return Err(NarInfoError::TooLong(text.len()));
+        }
+        let bad = |field: &'static str, reason: String| NarInfoError::BadField { field, reason };
+        let mut path = None;
+        let mut url = None;
+        let mut compression = None;
+        let mut nar_hash = None;
+        let mut nar_size = None;
+        let mut references = Vec::new();
+        let mut deriver = None;
+        let mut sigs = Vec::new();
+        let mut ca = None;
+        for (n, line) in text.lines().enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let (key, value) = line
+                .split_once(": ")
+                .or_else(|| {
+                    // `References:` with nothing after it is how some caches write none.
+                    line.strip_suffix(':').map(|k| (k, ""))
+                })
+                .ok_or(NarInfoError::BadLine(n + 1))?;
+            match key {
+                "StorePath" => {
+                    path = Some(
+                        StorePath::parse(store_dir, value)
+                            .map_err(|e| bad("StorePath", e.to_string()))?,
+                    )
+                }
+                "URL" => {
+                    if value.is_empty() || value.len() > MAX_URL_LEN {
+                        return Err(bad("URL", "empty or too long".into()));
+                    }
+                    url = Some(value.to_string());
+                }
+                "Compression" => compression = Some(value.to_string()),
+                "NarHash" => {
+                    nar_hash =
+                        Some(Sha256Hash::parse(value).map_err(|e| bad("NarHash", e.to_string()))?)
+                }
+                "NarSize" => {
+                    let size: u64 = value
+                        .parse()
+                        .map_err(|_| bad("NarSize", format!("{value:?} is not a number")))?;
+                    if size == 0 {
+                        return Err(bad("NarSize", "must be above 0".into()));
+                    }
+                    nar_size = Some(size);
+                }
+                "References" => {
+                    for base in value.split(' ').filter(|s| !s.is_empty()) {
+                        if references.len() == MAX_REFERENCES {
+                            return Err(bad("References", "too many".into()));
+                        }
+                        references.push(
+                            StorePath::from_base_name(store_dir, base)
+                                .map_err(|e| bad("References", e.to_string()))?,
+                        );
+                    }
+                }
+                "Deriver" if value != "unknown-deriver" => {
+                    deriver = Some(
+                        StorePath::from_base_name(store_dir, value)
+                            .map_err(|e| bad("Deriver", e.to_string()))?,
+                    )
+                }
+                "Sig" => {
+                    if sigs.len() == MAX_SIGNATURES {
+                        return Err(bad("Sig", "too many".into()));
+                    }
+                    sigs.push(value.to_string());
+                }
+                "CA" => ca = Some(value.to_string()),
+                _ => {}
+            }
+        }
+        references.sort();
+        let info = PathInfo {
+            path: path.ok_or(NarInfoError::Missing("StorePath"))?,
+            nar_hash: nar_hash.ok_or(NarInfoError::Missing("NarHash"))?,
+            nar_size: nar_size.ok_or(NarInfoError::Missing("NarSize"))?,
+            references,
+            deriver,
+            sigs,
+            ca,
+            ultimate: false,
+        };
+        Ok(Self {
+            info,
+            url: url.ok_or(NarInfoError::Missing("URL"))?,
+            compression: compression.unwrap_or_else(|| "bzip2".to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> NarInfo {
+        let sp = |p: &str| StorePath::parse("/nix/store", p).unwrap();
+        NarInfo {
+            info: PathInfo {
+                path: sp("/nix/store/i9zj2x3nvfjjph275b20kf37h0nw1y3r-top"),
+                nar_hash: Sha256Hash::parse("sha256-Mo9VklW/2dH4FyJmTgb8Mu5ps7WXrxjMeItgwa/02Ps=")
+                    .unwrap(),
+                nar_size: 560,
+                references: vec![sp("/nix/store/ygnhkm73da8rlsijix5xngqc6jvmxpjk-dep")],
+                deriver: Some(sp("/nix/store/9yj9rjkgwspc33rl1l9b11sllpx5a146-top.drv")),
+                sigs: vec!["k:AAAA".into()],
+                ca: None,
+                ultimate: false,
+            },
+            url: "nar/x.nar".into(),
+            compression: "none".into(),
+        }
+    }
+
+    #[test]
+    fn renders_every_line_with_newline() {
+        let text = sample().render();
+        assert!(text.ends_with('\n'));
+        assert_eq!(
+            text,
+            "StorePath: /nix/store/i9zj2x3nvfjjph275b20kf37h0nw1y3r-top\n\
+             URL: nar/x.nar\n\
+             Compression: none\n\
+             FileHash: sha256:1yyqyjpw2q4bg361ibwpnnrnkvijzh34wri22zwd3ndzan95b3rj\n\
+             FileSize: 560\n\
+             NarHash: sha256:1yyqyjpw2q4bg361ibwpnnrnkvijzh34wri22zwd3ndzan95b3rj\n\
+             NarSize: 560\n\
+             References: ygnhkm73da8rlsijix5xngqc6jvmxpjk-dep\n\
+             Deriver: 9yj9rjkgwspc33rl1l9b11sllpx5a146-top.drv\n\
+             Sig: k:AAAA\n"
+        );
+    }
+
+    #[test]
+    fn empty_references_keep_the_space() {
+        let mut n = sample();
+        n.info.references.clear();
+        assert!(n.render().contains("\nReferences: \n"));
+    }
+
+    #[test]
+    fn parse_inverts_render() {
+        let n = sample();
+        assert_eq!(NarInfo::parse("/nix/store", &n.render()).unwrap(), n);
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        let good = sample().render();
+        assert_eq!(
+            NarInfo::parse("/nix/store", "garbage\n").unwrap_err(),
+            NarInfoError::BadLine(1)
+        );
+        let no_hash: String = good
+            .lines()
+            .filter(|l| !l.starts_with("NarHash"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            NarInfo::parse("/nix/store", &no_hash).unwrap_err(),
+            NarInfoError::Missing("NarHash")
+        );
+        let zero = good.replace("NarSize: 560", "NarSize: 0");
+        assert!(NarInfo::parse("/nix/store", &zero).is_err());
+        let other_store = good.replace("/nix/store/i9", "/gnu/store/i9");
+        assert!(NarInfo::parse("/nix/store", &other_store).is_err());
+        assert!(NarInfo::parse("/nix/store", &"x".repeat(MAX_NARINFO_LEN + 1)).is_err());
+    }
+}

@@ -1,0 +1,236 @@
+//! Reads this host's Nix store: path metadata from the store's SQLite DB,
+//! opened read-only, and the files under the real store directory. Owns the
+//! mapping from the logical store dir (`/nix/store`) to where the files and
+//! DB really are (a chroot store keeps them under another root). Never writes
+//! to the store; knows nothing of HTTP, peers or sharing.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use thiserror::Error;
+
+use crate::nix::{HashPart, PathInfo, Sha256Hash, StorePath};
+
+/// Connections kept open for reuse; more are opened under load and dropped.
+const IDLE_CONNECTIONS: usize = 8;
+/// How long a read waits on a DB lock (WAL recovery by the daemon) before
+/// it counts as a failure.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("cannot open the store DB {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("store DB query failed: {0}")]
+    Query(#[from] rusqlite::Error),
+    #[error("store DB row for {path} is malformed: {reason}")]
+    BadRow { path: String, reason: String },
+}
+
+/// Where a store lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreLocation {
+    /// The logical store dir, as written in store paths.
+    pub store_dir: String,
+    /// Where the files of `store_dir` really are.
+    pub real_store_dir: PathBuf,
+    /// The SQLite DB (`db.sqlite`).
+    pub db: PathBuf,
+}
+
+impl StoreLocation {
+    /// The standard layout under `root` (`/` for the host's own store).
+    pub fn under_root(root: &Path, store_dir: &str) -> Self {
+        let rel = |p: &str| root.join(p.trim_start_matches('/'));
+        Self {
+            store_dir: store_dir.to_string(),
+            real_store_dir: rel(store_dir),
+            db: rel("nix/var/nix/db/db.sqlite"),
+        }
+    }
+}
+
+pub struct Store {
+    location: StoreLocation,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Store {
+    /// Opens the DB once to fail early on a wrong location.
+    pub fn open(location: StoreLocation) -> Result<Arc<Self>, StoreError> {
+        let store = Self {
+            location,
+            idle: Mutex::new(Vec::new()),
+        };
+        let conn = store.connect()?;
+        conn.query_row("select count(*) from ValidPaths limit 1", [], |_| Ok(()))
+            .map_err(|source| StoreError::Open {
+                path: store.location.db.display().to_string(),
+                source,
+            })?;
+        store.put_back(conn);
+        Ok(Arc::new(store))
+    }
+
+    pub fn location(&self) -> &StoreLocation {
+        &self.location
+    }
+
+    pub fn store_dir(&self) -> &str {
+        &self.location.store_dir
+    }
+
+    /// Where the files of `path` are on this machine.
+    pub fn real_path(&self, path: &StorePath) -> PathBuf {
+        self.location.real_store_dir.join(path.base_name())
+    }
+
+    fn connect(&self) -> Result<Connection, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: self.location.db.display().to_string(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            &self.location.db,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        Ok(conn)
+    }
+
+    fn take(&self) -> Result<Connection, StoreError> {
+        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        match idle {
+            Some(conn) => Ok(conn),
+            None => self.connect(),
+        }
+    }
+
+    fn put_back(&self, conn: Connection) {
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < IDLE_CONNECTIONS {
+                idle.push(conn);
+            }
+        }
+    }
+
+    /// The valid path whose hash part is `hash`, if any. Blocking: call from
+    /// a blocking thread.
+    pub fn path_info(&self, hash: &HashPart) -> Result<Option<PathInfo>, StoreError> {
+        let mut conn = self.take()?;
+        let result = query_path_info(&mut conn, &self.location.store_dir, hash);
+        // A connection that failed mid-query may be in a bad state.
+        if result.is_ok() {
+            self.put_back(conn);
+        }
+        result
+    }
+
+    /// Count of valid paths, for status output.
+    pub fn path_count(&self) -> Result<u64, StoreError> {
+        let conn = self.take()?;
+        let n: i64 = conn.query_row("select count(*) from ValidPaths", [], |r| r.get(0))?;
+        self.put_back(conn);
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+struct Row {
+    id: i64,
+    path: String,
+    hash: String,
+    deriver: Option<String>,
+    nar_size: Option<i64>,
+    ultimate: Option<i64>,
+    sigs: Option<String>,
+    ca: Option<String>,
+}
+
+fn query_path_info(
+    conn: &mut Connection,
+    store_dir: &str,
+    hash: &HashPart,
+) -> Result<Option<PathInfo>, StoreError> {
+    let prefix = format!("{store_dir}/{hash}");
+    // Row and references from one snapshot, so a concurrent GC or
+    // registration cannot give a half-updated answer.
+    let tx = conn.transaction()?;
+    let row = tx
+        .prepare_cached(
+            "select id, path, hash, deriver, narSize, ultimate, sigs, ca from ValidPaths \
+             where path >= ?1 order by path limit 1",
+        )?
+        .query_row([&prefix], |r| {
+            Ok(Row {
+                id: r.get(0)?,
+                path: r.get(1)?,
+                hash: r.get(2)?,
+                deriver: r.get(3)?,
+                nar_size: r.get(4)?,
+                ultimate: r.get(5)?,
+                sigs: r.get(6)?,
+                ca: r.get(7)?,
+            })
+        })
+        .optional()?;
+    let Some(row) = row.filter(|r| r.path.starts_with(&format!("{prefix}-"))) else {
+        return Ok(None);
+    };
+    let references: Vec<String> = tx
+        .prepare_cached(
+            "select p.path from Refs r join ValidPaths p on r.reference = p.id \
+             where r.referrer = ?1",
+        )?
+        .query_map([row.id], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    tx.commit()?;
+    row_to_info(store_dir, row, references).map(Some)
+}
+
+fn row_to_info(store_dir: &str, row: Row, references: Vec<String>) -> Result<PathInfo, StoreError> {
+    let bad = |reason: String| StoreError::BadRow {
+        path: row.path.clone(),
+        reason,
+    };
+    let path = StorePath::parse(store_dir, &row.path).map_err(|e| bad(e.to_string()))?;
+    let nar_hash = Sha256Hash::parse(&row.hash).map_err(|e| bad(e.to_string()))?;
+    let nar_size = row
+        .nar_size
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| bad("no NAR size".into()))?;
+    let mut refs = references
+        .iter()
+        .map(|r| StorePath::parse(store_dir, r))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    refs.sort();
+    let deriver = row
+        .deriver
+        .as_deref()
+        .filter(|d| !d.is_empty())
+        .and_then(|d| StorePath::parse(store_dir, d).ok());
+    let sigs = row
+        .sigs
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    Ok(PathInfo {
+        path,
+        nar_hash,
+        nar_size,
+        references: refs,
+        deriver,
+        sigs,
+        ca: row.ca.filter(|c| !c.is_empty()),
+        ultimate: row.ultimate.unwrap_or(0) != 0,
+    })
+}
