@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -58,7 +57,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("nixmesh: {e:#}");
+            // Our error types already carry their causes in their message.
+            eprintln!("nixmesh: {e}");
             ExitCode::FAILURE
         }
     }
@@ -81,7 +81,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
-            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 let trigger = shutdown.clone();

@@ -270,7 +270,11 @@ mod tests {
         // ed25519 is deterministic: same key, same message, same bytes.
         assert_eq!(sk.sign(fp.as_bytes()).to_nix_string(), SIG);
         let pk = PublicKey::parse(PK).unwrap();
-        assert!(any_valid(&fp, &[SIG.to_string()], std::slice::from_ref(&pk)));
+        assert!(any_valid(
+            &fp,
+            &[SIG.to_string()],
+            std::slice::from_ref(&pk)
+        ));
         assert!(!any_valid(&format!("{fp}x"), &[SIG.to_string()], &[pk]));
     }
 

@@ -1,0 +1,297 @@
+//! Shared helpers for tests against real Nix: chroot stores made by
+//! `nix-store --store`, the `nixmesh` binary run as an agent, and a tiny
+//! HTTP/1.1 client that can tell a complete body from a cut-off one.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const NIX_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command"];
+pub const SANDBOX_PATHS: &str = "/bin=/usr/bin /usr /lib=/usr/lib /lib64=/usr/lib64";
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is Debian's nix-bin installed?)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout_line(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A chroot Nix store in a temp dir: logical `/nix/store`, real files under
+/// `<dir>/nix/store`. Each store has its own client cache dir.
+pub struct TestStore {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestStore {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("nixmesh-store-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("cache")).unwrap();
+        Self { dir }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn real(&self, store_path: &str) -> PathBuf {
+        self.root().join(store_path.trim_start_matches('/'))
+    }
+
+    /// A Nix command aimed at this store, with a private client cache.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("XDG_CACHE_HOME", self.root().join("cache"))
+            .env("NIX_REMOTE", "")
+            .arg("--store")
+            .arg(self.root());
+        c
+    }
+
+    pub fn nix(&self, args: &[&str]) -> Output {
+        let mut c = self.cmd("nix");
+        c.args(NIX_FLAGS).args(args);
+        run_ok(&mut c)
+    }
+
+    /// `nix-store --add` (a content-addressed path).
+    pub fn add(&self, path: &Path) -> String {
+        stdout_line(&run_ok(self.cmd("nix-store").arg("--add").arg(path)))
+    }
+
+    /// `nix-build` of `expr` (a Nix expression file's text); returns the out path.
+    pub fn build(&self, expr: &str) -> String {
+        let file = self.root().join(format!("expr-{}.nix", rand_suffix()));
+        std::fs::write(&file, expr).unwrap();
+        let out = run_ok(
+            self.cmd("nix-build")
+                .args([
+                    "--option",
+                    "extra-sandbox-paths",
+                    SANDBOX_PATHS,
+                    "--no-out-link",
+                ])
+                .arg(&file),
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    pub fn path_info_json(&self, path: &str) -> serde_json::Value {
+        let out = self.nix(&["path-info", "--json", path]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0].clone()
+    }
+
+    /// What `nix-store --dump` writes for `path` (read from the real files).
+    pub fn dump(&self, path: &str) -> Vec<u8> {
+        run_ok(Command::new("nix-store").arg("--dump").arg(self.real(path))).stdout
+    }
+
+    pub fn sign(&self, secret_key_file: &Path, path: &str) {
+        self.nix(&[
+            "store",
+            "sign",
+            "-k",
+            secret_key_file.to_str().unwrap(),
+            path,
+        ]);
+    }
+
+    pub fn is_valid(&self, path: &str) -> bool {
+        self.cmd("nix-store")
+            .args(["--check-validity", path])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+}
+
+pub fn rand_suffix() -> String {
+    let mut b = [0u8; 6];
+    getrandom::getrandom(&mut b).unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Nix signing key pair made by `nix-store --generate-binary-cache-key`.
+pub struct NixKey {
+    pub secret: PathBuf,
+    pub public: String,
+    _dir: tempfile::TempDir,
+}
+
+pub fn nix_key(name: &str) -> NixKey {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, p) = (dir.path().join("sk"), dir.path().join("pk"));
+    run_ok(
+        Command::new("nix-store")
+            .arg("--generate-binary-cache-key")
+            .arg(name)
+            .arg(&s)
+            .arg(&p),
+    );
+    NixKey {
+        secret: s,
+        public: std::fs::read_to_string(&p).unwrap().trim().to_string(),
+        _dir: dir,
+    }
+}
+
+/// A `nixmesh agent` process; killed on drop, its log printed if the test
+/// is failing.
+pub struct Agent {
+    child: Child,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts the agent with `config` and waits until `ready` accepts TCP.
+    pub fn start(config: &str, ready: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("config.toml");
+        std::fs::write(&conf, config).unwrap();
+        let log = dir.path().join("agent.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_nixmesh"))
+            .args(["agent", "--config"])
+            .arg(&conf)
+            .env("RUST_LOG", "nixmesh=debug,info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start nixmesh");
+        let mut agent = Self {
+            child,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(ready).is_err() {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("agent exited with {status}:\n{}", agent.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not up:\n{}",
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.log_text());
+        }
+    }
+}
+
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// False when the connection ended before Content-Length bytes came.
+    pub complete: bool,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection; `raw_target` is sent as is.
+pub fn http(addr: SocketAddr, method: &str, raw_target: &str) -> HttpReply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "{method} {raw_target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let mut reply = HttpReply {
+        status,
+        headers,
+        body: Vec::new(),
+        complete: true,
+    };
+    if method == "HEAD" {
+        return reply;
+    }
+    let _ = r.read_to_end(&mut reply.body);
+    if let Some(len) = reply.header("content-length") {
+        let len: usize = len.parse().unwrap();
+        reply.complete = reply.body.len() == len;
+    }
+    reply
+}
+
+pub fn get(addr: SocketAddr, target: &str) -> HttpReply {
+    http(addr, "GET", target)
+}

@@ -1,0 +1,402 @@
+//! The store reader and the LAN binary-cache endpoint against real Nix 2.8:
+//! NARs equal `nix-store --dump`, narinfos equal `nix path-info --json`, and
+//! real `nix-store -r` substitutes from the endpoint into a second store.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use nixmesh::nix::{NarInfo, Sha256Hash};
+use sha2::{Digest, Sha256};
+
+const DRV: &str = r#"
+let
+  sh = args: { system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/bin"; args = [ "-c" args ]; };
+  dep = derivation (sh "echo dep > $out" // { name = "dep"; });
+in derivation (sh "mkdir -p $out/bin; echo ${dep} > $out/ref; ln -s ${dep} $out/link; printf '#!/bin/sh\n' > $out/bin/run; chmod +x $out/bin/run; : > $out/empty" // { name = "top-RUN"; })
+"#;
+
+struct Served {
+    agent: Agent,
+    addr: SocketAddr,
+}
+
+/// An agent serving `store` with `share` settings and optional signing key.
+fn serve(store: &TestStore, share: &str, signing_key: Option<&Path>) -> Served {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let key_line = signing_key
+        .map(|k| format!("signing_key_file = {:?}\n", k.display().to_string()))
+        .unwrap_or_default();
+    let config = format!(
+        "{key_line}state_dir = {state:?}\n\
+         [store]\nroot = {root:?}\nnix_conf = \"/nonexistent/nix.conf\"\n\
+         [share]\n{share}\n\
+         [http_cache]\nenable = true\nlisten = \"{addr}\"\n",
+        state = store.root().join("agent-state").display().to_string(),
+        root = store.root().display().to_string(),
+    );
+    Served {
+        agent: Agent::start(&config, addr),
+        addr,
+    }
+}
+
+fn narinfo(addr: SocketAddr, path: &str) -> Option<NarInfo> {
+    let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
+    let reply = get(addr, &format!("/{hash}.narinfo"));
+    match reply.status {
+        200 => {
+            assert_eq!(reply.header("content-type"), Some("text/x-nix-narinfo"));
+            Some(NarInfo::parse("/nix/store", &reply.text()).expect("narinfo parses"))
+        }
+        404 => None,
+        s => panic!("narinfo for {path} answered {s}"),
+    }
+}
+
+fn substitute(into: &TestStore, addr: SocketAddr, trusted: &str, paths: &[&str]) -> bool {
+    into.cmd("nix-store")
+        .args(["-r", "--option", "substituters"])
+        .arg(format!("http://{addr}"))
+        .args(["--option", "trusted-public-keys", trusted])
+        .args(["--option", "narinfo-cache-negative-ttl", "0"])
+        .args(paths)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap()
+}
+
+fn make_tree(dir: &Path) {
+    std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
+    std::fs::create_dir_all(dir.join("empty-dir")).unwrap();
+    std::fs::write(dir.join("empty"), b"").unwrap();
+    std::fs::write(dir.join("ünïcødé ✓.txt"), "grüße\n").unwrap();
+    std::fs::write(dir.join("sub/seven"), b"1234567").unwrap();
+    std::fs::write(dir.join("sub/eight"), b"12345678").unwrap();
+    std::fs::write(dir.join("sub/deeper/big"), vec![b'x'; 300_001]).unwrap();
+    let exe = dir.join("sub/tool");
+    std::fs::write(&exe, b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    symlink("sub/tool", dir.join("link-to-tool")).unwrap();
+    symlink("/nonexistent/dangling", dir.join("dangling")).unwrap();
+    // Byte order, not locale order: upper case sorts before lower case.
+    std::fs::write(dir.join("B"), b"b").unwrap();
+    std::fs::write(dir.join("a"), b"a").unwrap();
+}
+
+/// Every field Nix reports, as our narinfo carries it.
+fn assert_matches_path_info(store: &TestStore, info: &NarInfo) {
+    let path = info.info.path.full();
+    let json = store.path_info_json(path);
+    assert_eq!(
+        info.info.nar_hash,
+        Sha256Hash::parse(json["narHash"].as_str().unwrap()).unwrap(),
+        "{path}"
+    );
+    assert_eq!(info.info.nar_size, json["narSize"].as_u64().unwrap());
+    let refs: Vec<&str> = info.info.references.iter().map(|r| r.full()).collect();
+    let mut want: Vec<&str> = json["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    want.sort();
+    assert_eq!(refs, want, "{path} references");
+    assert_eq!(
+        info.info.deriver.as_ref().map(|d| d.full()),
+        json["deriver"].as_str(),
+        "{path} deriver"
+    );
+    assert_eq!(info.info.ca.as_deref(), json["ca"].as_str(), "{path} ca");
+    let sigs: Vec<&str> = json["signatures"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap()).collect())
+        .unwrap_or_default();
+    for s in sigs {
+        assert!(info.info.sigs.iter().any(|x| x == s), "{path} lost sig {s}");
+    }
+}
+
+#[test]
+fn every_kind_of_path_matches_nix_and_substitutes() {
+    let store = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("tree");
+    make_tree(&tree);
+    let file = src.path().join("hello.txt");
+    std::fs::write(&file, "hello\n").unwrap();
+    let tree_path = store.add(&tree);
+    let file_path = store.add(&file);
+    let top = store.build(DRV);
+    let dep_json = store.path_info_json(&top);
+    let dep = dep_json["references"][0].as_str().unwrap().to_string();
+    let office = nix_key("office-1");
+    let served = serve(&store, "all = true", Some(&office.secret));
+
+    let paths = [
+        tree_path.as_str(),
+        file_path.as_str(),
+        top.as_str(),
+        dep.as_str(),
+    ];
+    for path in paths {
+        let info = narinfo(served.addr, path).expect("shared path has a narinfo");
+        assert_eq!(info.info.path.full(), path);
+        assert_eq!(info.compression, "none");
+        assert_matches_path_info(&store, &info);
+        let nar = get(served.addr, &format!("/{}", info.url));
+        assert_eq!(nar.status, 200);
+        assert!(nar.complete);
+        assert_eq!(
+            nar.body,
+            store.dump(path),
+            "NAR of {path} differs from nix-store --dump"
+        );
+        let head = http(served.addr, "HEAD", &format!("/{}", info.url));
+        assert_eq!(
+            head.header("content-length"),
+            Some(info.info.nar_size.to_string().as_str())
+        );
+    }
+
+    let client = TestStore::new();
+    assert!(substitute(&client, served.addr, &office.public, &paths));
+    for path in paths {
+        assert!(client.is_valid(path), "{path} not in the second store");
+        run_ok(client.cmd("nix-store").args(["--verify-path", path]));
+    }
+    // Our signature is what made the built paths acceptable.
+    client.nix(&[
+        "store",
+        "verify",
+        "--sigs-needed",
+        "1",
+        "--option",
+        "trusted-public-keys",
+        &office.public,
+        &top,
+        &dep,
+    ]);
+    drop(served.agent);
+}
+
+#[test]
+fn large_file_streams_with_flat_memory() {
+    let store = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    let big = src.path().join("big.bin");
+    // 256 MiB of incompressible bytes.
+    let mut random = std::fs::File::open("/dev/urandom").unwrap();
+    let mut out = std::fs::File::create(&big).unwrap();
+    std::io::copy(&mut std::io::Read::take(&mut random, 256 << 20), &mut out).unwrap();
+    drop(out);
+    let path = store.add(&big);
+    std::fs::remove_file(&big).unwrap();
+    let served = serve(&store, "all = true", None);
+    let info = narinfo(served.addr, &path).unwrap();
+    assert!(info.info.nar_size > 256 << 20);
+    let nar = get(served.addr, &format!("/{}", info.url));
+    assert!(nar.complete);
+    let want = Sha256::digest(store.dump(&path));
+    assert_eq!(Sha256::digest(&nar.body), want);
+    assert_eq!(
+        Sha256Hash(Sha256::digest(&nar.body).into()),
+        info.info.nar_hash
+    );
+    let peak_kib = peak_rss_kib(served.agent.pid());
+    assert!(
+        peak_kib < 64 * 1024,
+        "agent peaked at {peak_kib} KiB while streaming 256 MiB"
+    );
+    let client = TestStore::new();
+    // Content-addressed: Nix needs no signature for it.
+    assert!(substitute(&client, served.addr, "", &[&path]));
+    run_ok(client.cmd("nix-store").args(["--verify-path", &path]));
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn share_policy_keeps_unsigned_paths_home() {
+    let store = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        src.path().join("signed.txt"),
+        src.path().join("private.txt"),
+    );
+    std::fs::write(&a, "office\n").unwrap();
+    std::fs::write(&b, "secret\n").unwrap();
+    let signed = store.add(&a);
+    let private = store.add(&b);
+    let top = store.build(DRV);
+    let office = nix_key("office-1");
+    store.sign(&office.secret, &signed);
+    let trusted = format!("trusted_keys = [{:?}]", office.public);
+
+    // No signing key: only what the office key signed leaves the host.
+    let served = serve(&store, &trusted, None);
+    assert!(narinfo(served.addr, &signed).is_some());
+    assert!(narinfo(served.addr, &private).is_none());
+    assert!(
+        narinfo(served.addr, &top).is_none(),
+        "local build, no key: stays"
+    );
+    let client = TestStore::new();
+    assert!(!substitute(
+        &client,
+        served.addr,
+        &office.public,
+        &[&private]
+    ));
+    assert!(!client.is_valid(&private));
+    assert!(substitute(&client, served.addr, &office.public, &[&signed]));
+    drop(served);
+
+    // With the office key: local builds are signed and shared, added files not.
+    let served = serve(&store, &trusted, Some(&office.secret));
+    assert!(narinfo(served.addr, &top).is_some());
+    assert!(narinfo(served.addr, &private).is_none());
+    assert!(substitute(&client, served.addr, &office.public, &[&top]));
+}
+
+#[test]
+fn malformed_requests_get_clear_answers() {
+    let store = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("f"), "x").unwrap();
+    store.add(&src.path().join("f"));
+    let served = serve(&store, "all = true", None);
+    let long = format!("/{}.narinfo", "a".repeat(2000));
+    let cases: &[(&str, &str, u16)] = &[
+        ("GET", "/nix-cache-info", 200),
+        ("GET", "/abc.narinfo", 400),
+        ("GET", "/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.narinfo", 400),
+        ("GET", "/00000000000000000000000000000000.narinfo", 404),
+        ("HEAD", "/00000000000000000000000000000000.narinfo", 404),
+        ("GET", "/../../etc/passwd", 400),
+        ("GET", "/nar/..%2f..%2fetc%2fpasswd", 400),
+        ("GET", "/nar/00000000000000000000000000000000.nar", 400),
+        (
+            "GET",
+            "/nar/00000000000000000000000000000000-1yyqyjpw2q4bg361ibwpnnrnkvijzh34wri22zwd3ndzan95b3rj.nar",
+            404,
+        ),
+        ("GET", "/nar/x-y.nar", 400),
+        ("GET", "/", 404),
+        ("GET", "/log/foo", 404),
+        ("POST", "/nix-cache-info", 405),
+        ("DELETE", "/00000000000000000000000000000000.narinfo", 405),
+        ("GET", &long, 414),
+    ];
+    for (method, target, want) in cases {
+        let reply = http(served.addr, method, target);
+        assert_eq!(reply.status, *want, "{method} {target}");
+    }
+    let info = get(served.addr, "/nix-cache-info").text();
+    assert!(info.contains("StoreDir: /nix/store\n"), "{info}");
+    assert!(info.contains("WantMassQuery: 1\n"), "{info}");
+    // A request head over the limit is refused, and the agent lives on.
+    let huge = format!("/{}", "a".repeat(100_000));
+    let reply = std::panic::catch_unwind(|| get(served.addr, &huge));
+    if let Ok(r) = reply {
+        assert!(r.status >= 400 && r.status < 500, "huge head: {}", r.status);
+    }
+    assert_eq!(get(served.addr, "/nix-cache-info").status, 200);
+}
+
+#[test]
+fn corrupt_store_file_never_yields_a_complete_nar() {
+    let store = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    let f = src.path().join("victim.bin");
+    std::fs::write(&f, vec![7u8; 3 << 20]).unwrap();
+    let path = store.add(&f);
+    let served = serve(&store, "all = true", None);
+    let info = narinfo(served.addr, &path).unwrap();
+    let good = get(served.addr, &format!("/{}", info.url));
+    assert!(good.complete);
+
+    // Flip one byte in place, size unchanged.
+    let real = store.real(&path);
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(&real).unwrap();
+    bytes[2 << 20] ^= 1;
+    std::fs::write(&real, &bytes).unwrap();
+    let bad = get(served.addr, &format!("/{}", info.url));
+    assert_eq!(bad.status, 200);
+    assert!(!bad.complete, "a corrupt NAR must be cut off");
+    assert!(bad.body.len() < info.info.nar_size as usize);
+
+    // Grown file: the NAR would be longer than the DB says.
+    bytes.push(0);
+    std::fs::write(&real, &bytes).unwrap();
+    let bad = get(served.addr, &format!("/{}", info.url));
+    assert!(!bad.complete);
+    let client = TestStore::new();
+    assert!(!substitute(&client, served.addr, "", &[&path]));
+    assert!(!client.is_valid(&path));
+    let log = served.agent.log_text();
+    assert!(log.contains("corrupt"), "corruption not logged:\n{log}");
+}
+
+#[test]
+fn collected_paths_are_not_found_and_writers_do_not_disturb_readers() {
+    let store = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    let f = src.path().join("short-lived");
+    std::fs::write(&f, "bye\n").unwrap();
+    let gone = store.add(&f);
+    let mut kept = Vec::new();
+    for i in 0..5 {
+        let f = src.path().join(format!("kept-{i}"));
+        std::fs::write(&f, format!("{i}\n")).unwrap();
+        kept.push(store.add(&f));
+    }
+    let served = serve(&store, "all = true", None);
+    assert!(narinfo(served.addr, &gone).is_some());
+    run_ok(store.cmd("nix-store").args(["--delete", &gone]));
+    assert!(narinfo(served.addr, &gone).is_none());
+
+    // Nix writes to the DB (new paths) while we read.
+    let root = store.root().to_path_buf();
+    let srcdir = src.path().to_path_buf();
+    let writer = std::thread::spawn(move || {
+        for i in 0..20 {
+            let f = srcdir.join(format!("new-{i}"));
+            std::fs::write(&f, format!("new {i}\n")).unwrap();
+            run_ok(
+                Command::new("nix-store")
+                    .env("NIX_REMOTE", "")
+                    .arg("--store")
+                    .arg(&root)
+                    .arg("--add")
+                    .arg(&f),
+            );
+        }
+    });
+    let mut answered = 0;
+    while !writer.is_finished() {
+        for p in &kept {
+            assert!(
+                narinfo(served.addr, p).is_some(),
+                "{p} vanished during writes"
+            );
+            answered += 1;
+        }
+    }
+    writer.join().unwrap();
+    assert!(answered > 0);
+}
