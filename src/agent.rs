@@ -1,20 +1,28 @@
 //! Turns a `Config` into running services and runs them until shutdown. The
 //! only place that knows every part; each part knows only what it is given.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{Admin, Listeners};
 use crate::config::Config;
+use crate::discovery::{self, Announcement, DiscoveryConfig, DiscoveryError};
 use crate::http;
 use crate::http_cache::HttpCache;
+use crate::identity::{MeshSecret, NodeId};
 use crate::keys::{self, KeyFileError};
+use crate::mesh::{Mesh, MeshError};
 use crate::nix::conf::NixConf;
 use crate::nix::{PublicKey, SecretKey};
+use crate::peer_server::PeerServer;
+use crate::peers::PeerTable;
 use crate::share::SharePolicy;
+use crate::shared_store::SharedStore;
 use crate::store::{Store, StoreError, StoreLocation};
+use crate::transport::{Admission, TlsIdentity, TransportError};
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -27,12 +35,56 @@ pub enum AgentError {
     TrustedKey(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("mesh.secret_file: {0}")]
+    MeshSecret(String),
+    #[error("mesh: {0}")]
+    Mesh(#[from] MeshError),
+    #[error("mesh: {0}")]
+    Transport(#[from] TransportError),
+    #[error("mesh.mdns: {0}")]
+    Discovery(#[from] DiscoveryError),
     #[error("{key}: cannot listen on {addr}: {source}")]
     Bind {
         key: &'static str,
         addr: String,
         source: std::io::Error,
     },
+}
+
+/// This node's human name: `mesh.name`, else the host name.
+pub fn node_name(config: &Config) -> String {
+    config.mesh.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "nixmesh".into())
+    })
+}
+
+pub fn mesh_secret(config: &Config) -> Result<MeshSecret, AgentError> {
+    let Some(path) = &config.mesh.secret_file else {
+        return Ok(MeshSecret::new(None));
+    };
+    let text = std::fs::read(path)
+        .map_err(|e| AgentError::MeshSecret(format!("{}: {e}", path.display())))?;
+    let trimmed = String::from_utf8_lossy(&text).trim().as_bytes().to_vec();
+    if trimmed.is_empty() {
+        return Err(AgentError::MeshSecret(format!(
+            "{} is empty",
+            path.display()
+        )));
+    }
+    Ok(MeshSecret::new(Some(trimmed)))
+}
+
+/// `mesh.allowed_peers`, already checked by the config parser.
+pub fn allowed_peers(config: &Config) -> Option<Vec<NodeId>> {
+    config
+        .mesh
+        .allowed_peers
+        .as_ref()
+        .map(|list| list.iter().filter_map(|k| NodeId::parse(k)).collect())
 }
 
 pub fn store_location(config: &Config) -> StoreLocation {
@@ -106,11 +158,68 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         signing = policy.signing_key.is_some(),
         "store opened"
     );
+    let shared = SharedStore::new(store.clone(), policy.clone());
     let mut tasks = tokio::task::JoinSet::new();
+    let node_key =
+        keys::load_or_create_node_key(&config.state_dir).map_err(|source| AgentError::Key {
+            key: "state_dir",
+            source,
+        })?;
+    let node = NodeId(node_key.public().bytes());
+    let name = node_name(&config);
+    let secret = mesh_secret(&config)?;
+    let mesh_id = secret.mesh_id();
+    let mut discovery = None;
+    let mesh = if config.mesh.enable {
+        let identity = TlsIdentity::new(&node_key, &secret)?;
+        let admission = Admission {
+            mesh: secret.clone(),
+            allowed: allowed_peers(&config),
+        };
+        let table = Arc::new(Mutex::new(PeerTable::new()));
+        let server = PeerServer::new(shared.clone(), table.clone());
+        let mesh = Mesh::start(
+            config.mesh.listen,
+            identity,
+            admission,
+            table,
+            server,
+            config.store.store_dir.clone(),
+            shutdown.clone(),
+        )?;
+        for p in &config.mesh.static_peers {
+            if let Some(key) = NodeId::parse(&p.key) {
+                mesh.add_static_peer(key, p.address);
+            }
+        }
+        let port = mesh
+            .local_addr()
+            .map_or(config.mesh.listen.port(), |a| a.port());
+        tracing::info!(node = %node, %name, mesh = %mesh_id, port, "mesh listening (QUIC)");
+        if config.mesh.mdns {
+            let (tx, rx) = tokio::sync::mpsc::channel(256);
+            let own = Announcement {
+                version: discovery::PROTOCOL_VERSION,
+                key: node.0,
+                quic_port: port,
+                mesh_id: mesh_id.clone(),
+                name: name.clone(),
+            };
+            let disc_config = DiscoveryConfig {
+                interfaces: config.mesh.interfaces.clone(),
+                ipv6: config.mesh.ipv6,
+            };
+            discovery = Some(discovery::start(own, disc_config, tx, shutdown.clone())?);
+            tokio::spawn(mesh.clone().intake(rx));
+        }
+        Some(mesh)
+    } else {
+        None
+    };
     if config.http_cache.enable {
         let listener = bind("http_cache.listen", config.http_cache.listen).await?;
         tracing::info!(addr = %config.http_cache.listen, "serving this store as an HTTP binary cache");
-        let cache = HttpCache::new(store.clone(), policy.clone(), config.http_cache.priority);
+        let cache = HttpCache::new(shared.clone(), config.http_cache.priority);
         let token = shutdown.clone();
         tasks.spawn(http::serve(
             listener,
@@ -118,7 +227,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             token,
         ));
     }
+    let listeners = Listeners {
+        quic: mesh
+            .as_ref()
+            .and_then(|m| m.local_addr())
+            .map(|a| a.to_string()),
+        substituter: None,
+        http_cache: config
+            .http_cache
+            .enable
+            .then(|| config.http_cache.listen.to_string()),
+        admin: config.admin.listen.to_string(),
+    };
+    let admin = Arc::new(Admin {
+        name,
+        mesh_id,
+        mesh: mesh.clone(),
+        store: store.clone(),
+        listeners,
+        node_key: node_key.public().to_nix_string(),
+        fingerprint: node.fingerprint(),
+        started: std::time::Instant::now(),
+    });
+    let listener = bind("admin.listen", config.admin.listen).await?;
+    tasks.spawn(http::serve(
+        listener,
+        move |req, peer| admin.clone().handle(req, peer),
+        shutdown.clone(),
+    ));
+
     shutdown.cancelled().await;
+    if let Some(d) = discovery {
+        d.stopped().await;
+    }
+    if let Some(m) = &mesh {
+        m.close().await;
+    }
     while tasks.join_next().await.is_some() {}
     Ok(())
 }

@@ -35,6 +35,9 @@ pub struct Config {
     pub store: StoreConfig,
     pub share: ShareConfig,
     pub http_cache: HttpCacheConfig,
+    pub mesh: MeshConfig,
+    pub admin: AdminConfig,
+    pub substituter: SubstituterConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -63,6 +66,81 @@ pub struct HttpCacheConfig {
     pub priority: u32,
 }
 
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    pub enable: bool,
+    pub listen: SocketAddr,
+    pub name: Option<String>,
+    pub mdns: bool,
+    pub interfaces: Vec<String>,
+    pub ipv6: bool,
+    pub secret_file: Option<PathBuf>,
+    pub allowed_peers: Option<Vec<String>>,
+    pub static_peers: Vec<StaticPeer>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticPeer {
+    pub address: SocketAddr,
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SubstituterConfig {
+    pub enable: bool,
+    pub listen: SocketAddr,
+    pub priority: u32,
+    pub race_timeout_ms: u64,
+    pub require_sigs: bool,
+    pub trusted_keys: Option<Vec<String>>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            enable: true,
+            listen: SocketAddr::from(([0u16; 8], 5182)),
+            name: None,
+            mdns: true,
+            interfaces: Vec::new(),
+            ipv6: true,
+            secret_file: None,
+            allowed_peers: None,
+            static_peers: Vec::new(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5183)),
+        }
+    }
+}
+
+impl Default for SubstituterConfig {
+    fn default() -> Self {
+        Self {
+            enable: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 5181)),
+            priority: 30,
+            race_timeout_ms: 400,
+            require_sigs: true,
+            trusted_keys: None,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -71,6 +149,9 @@ impl Default for Config {
             store: StoreConfig::default(),
             share: ShareConfig::default(),
             http_cache: HttpCacheConfig::default(),
+            mesh: MeshConfig::default(),
+            admin: AdminConfig::default(),
+            substituter: SubstituterConfig::default(),
         }
     }
 }
@@ -150,6 +231,33 @@ impl Config {
                 "must be an absolute path without a trailing slash",
             ));
         }
+        if !self.admin.listen.ip().is_loopback() {
+            return Err(invalid("admin.listen", "must be a loopback address"));
+        }
+        if self.substituter.race_timeout_ms == 0 || self.substituter.race_timeout_ms > 60_000 {
+            return Err(invalid("substituter.race_timeout_ms", "must be 1 to 60000"));
+        }
+        for (i, p) in self.mesh.static_peers.iter().enumerate() {
+            if crate::identity::NodeId::parse(&p.key).is_none() {
+                let key = format!("mesh.static_peers[{i}].key");
+                return Err(ConfigError::Invalid {
+                    file: file.to_string(),
+                    line: line_of_text(text, &p.key),
+                    key,
+                    message: "not a 32-byte base64 node key".into(),
+                });
+            }
+        }
+        for k in self.mesh.allowed_peers.iter().flatten() {
+            if crate::identity::NodeId::parse(k).is_none() {
+                return Err(ConfigError::Invalid {
+                    file: file.to_string(),
+                    line: line_of_text(text, k),
+                    key: "mesh.allowed_peers".into(),
+                    message: format!("{k:?} is not a 32-byte base64 node key"),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -175,6 +283,12 @@ fn line_of_key(text: &str, dotted: &str) -> usize {
         }
     }
     1
+}
+
+fn line_of_text(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map_or(1, |n| n + 1)
 }
 
 #[cfg(test)]
@@ -209,6 +323,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("c.toml:3: store.store_dir:"), "{err}");
+    }
+
+    #[test]
+    fn bad_peer_key_names_key_and_line() {
+        let text =
+            "[mesh]\nstatic_peers = [\n  { address = \"10.0.0.1:5182\", key = \"short\" },\n]\n";
+        let err = Config::parse("c.toml", text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("c.toml:3: mesh.static_peers[0].key:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn admin_must_stay_on_loopback() {
+        let err = Config::parse("c.toml", "[admin]\nlisten = \"0.0.0.0:5183\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml:2: admin.listen:"), "{err}");
     }
 
     #[test]

@@ -11,24 +11,17 @@ use hyper::{header, Method, Request, Response, StatusCode};
 
 use crate::cache_api::{self, Route};
 use crate::http::{self, Body};
-use crate::nar_stream;
-use crate::nix::{narinfo, HashPart, NarInfo, PathInfo};
-use crate::share::SharePolicy;
-use crate::store::Store;
+use crate::nix::{narinfo, NarInfo, PathInfo};
+use crate::shared_store::SharedStore;
 
 pub struct HttpCache {
-    store: Arc<Store>,
-    policy: Arc<SharePolicy>,
+    shared: Arc<SharedStore>,
     priority: u32,
 }
 
 impl HttpCache {
-    pub fn new(store: Arc<Store>, policy: Arc<SharePolicy>, priority: u32) -> Arc<Self> {
-        Arc::new(Self {
-            store,
-            policy,
-            priority,
-        })
+    pub fn new(shared: Arc<SharedStore>, priority: u32) -> Arc<Self> {
+        Arc::new(Self { shared, priority })
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
@@ -41,9 +34,9 @@ impl HttpCache {
             Route::CacheInfo => http::text(
                 StatusCode::OK,
                 "text/x-nix-cache-info",
-                cache_api::cache_info(self.store.store_dir(), self.priority),
+                cache_api::cache_info(self.shared.store().store_dir(), self.priority),
             ),
-            Route::NarInfo(hash) => match self.shared_info(hash).await {
+            Route::NarInfo(hash) => match self.shared.info(hash).await {
                 Some(info) => {
                     let text = NarInfo {
                         url: cache_api::nar_url(&info),
@@ -55,7 +48,7 @@ impl HttpCache {
                 }
                 None => http::empty(StatusCode::NOT_FOUND),
             },
-            Route::Nar { hash, nar_hash } => match self.shared_info(hash).await {
+            Route::Nar { hash, nar_hash } => match self.shared.info(hash).await {
                 Some(info) if info.nar_hash == nar_hash => self.nar_response(info, head_only),
                 _ => http::empty(StatusCode::NOT_FOUND),
             },
@@ -66,29 +59,12 @@ impl HttpCache {
         resp
     }
 
-    /// The path's info if it exists and may leave this host.
-    async fn shared_info(&self, hash: HashPart) -> Option<PathInfo> {
-        let store = self.store.clone();
-        let found = tokio::task::spawn_blocking(move || store.path_info(&hash)).await;
-        match found {
-            Ok(Ok(info)) => self.policy.prepare(info?),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "store lookup failed; answering not found");
-                None
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "store lookup task failed");
-                None
-            }
-        }
-    }
-
     fn nar_response(&self, info: PathInfo, head_only: bool) -> Response<Body> {
         let size = info.nar_size;
         let mut resp = if head_only {
             http::empty(StatusCode::OK)
         } else {
-            let stream = nar_stream::spawn(self.store.clone(), info, 0);
+            let stream = self.shared.nar(info, 0);
             let mut r = Response::new(http::channel_body(stream.into_receiver()));
             *r.status_mut() = StatusCode::OK;
             r

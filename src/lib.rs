@@ -4,13 +4,24 @@
 //! serves it as a binary cache. The Nix formats live in `nix`, and nothing
 //! else parses or prints them.
 
+pub mod admin;
 pub mod agent;
 pub mod cache_api;
+pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod http;
 pub mod http_cache;
+pub mod identity;
 pub mod keys;
+pub mod mesh;
 pub mod nar_stream;
 pub mod nix;
+pub mod peer_client;
+pub mod peer_server;
+pub mod peers;
+pub mod protocol;
 pub mod share;
+pub mod shared_store;
 pub mod store;
+pub mod transport;

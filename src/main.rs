@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use nixmesh::cli;
 use nixmesh::config::Config;
 
 #[derive(Parser)]
@@ -33,6 +34,27 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Show the agent's peer table.
+    Peers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Show this node's identity, listeners, store and counts.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Print this node's public key (the identity peers pin), making the
+    /// node key in the state dir if there is none yet.
+    Id {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Make a signing key pair in Nix's format (like
     /// `nix-store --generate-binary-cache-key`).
     Keygen {
@@ -45,6 +67,25 @@ enum Command {
     },
 }
 
+/// Which agent to ask: its admin address, or the one in its config file.
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// Admin API address (default: admin.listen from the config).
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl AdminTarget {
+    fn addr(&self) -> Result<std::net::SocketAddr, ExitCode> {
+        match self.admin {
+            Some(a) => Ok(a),
+            None => load_config(self.config.as_deref()).map(|c| c.admin.listen),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -52,6 +93,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli) {
@@ -95,6 +137,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Peers { json, target } => {
+            let addr = match target.addr() {
+                Ok(a) => a,
+                Err(code) => return Ok(code),
+            };
+            let body = block_on(cli::admin_get(addr, "/peers"))??;
+            if json {
+                println!("{}", String::from_utf8_lossy(&body));
+            } else {
+                let peers: Vec<nixmesh::peers::PeerView> = serde_json::from_slice(&body)?;
+                print!("{}", cli::render_peers(&peers));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json, target } => {
+            let addr = match target.addr() {
+                Ok(a) => a,
+                Err(code) => return Ok(code),
+            };
+            let body = block_on(cli::admin_get(addr, "/status"))??;
+            if json {
+                println!("{}", String::from_utf8_lossy(&body));
+            } else {
+                let status: nixmesh::admin::StatusView = serde_json::from_slice(&body)?;
+                print!("{}", cli::render_status(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Id { config } => {
+            let config = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let key = nixmesh::keys::load_or_create_node_key(&config.state_dir)?;
+            println!("{}", key.public().to_nix_string());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig { config } => Ok(match load_config(config.as_deref()) {
             Ok(_) => ExitCode::SUCCESS,
             Err(code) => code,
@@ -109,6 +188,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
+    Ok(runtime.block_on(f))
 }
 
 async fn wait_for_signal() {

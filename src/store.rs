@@ -61,12 +61,21 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens the DB once to fail early on a wrong location.
+    /// Opens the DB once to fail early on a wrong location. A DB that does
+    /// not exist yet (Nix installed but never run) is not an error: the store
+    /// is empty until Nix creates it.
     pub fn open(location: StoreLocation) -> Result<Arc<Self>, StoreError> {
         let store = Self {
             location,
             idle: Mutex::new(Vec::new()),
         };
+        if !store.location.db.exists() {
+            tracing::warn!(
+                db = %store.location.db.display(),
+                "the store DB does not exist yet; serving nothing until Nix creates it"
+            );
+            return Ok(Arc::new(store));
+        }
         let conn = store.connect()?;
         conn.query_row("select count(*) from ValidPaths limit 1", [], |_| Ok(()))
             .map_err(|source| StoreError::Open {
@@ -123,6 +132,9 @@ impl Store {
     /// The valid path whose hash part is `hash`, if any. Blocking: call from
     /// a blocking thread.
     pub fn path_info(&self, hash: &HashPart) -> Result<Option<PathInfo>, StoreError> {
+        if !self.location.db.exists() {
+            return Ok(None);
+        }
         let mut conn = self.take()?;
         let result = query_path_info(&mut conn, &self.location.store_dir, hash);
         // A connection that failed mid-query may be in a bad state.

@@ -1,0 +1,174 @@
+//! The commands that talk to a running agent through its admin API:
+//! `nixmesh peers` and `nixmesh status`. Rendering is pure and tested; the
+//! HTTP request is the only I/O.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+use crate::admin::StatusView;
+use crate::peers::PeerView;
+
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest admin answer read.
+const MAX_ADMIN_BODY: usize = 16 << 20;
+
+/// GET `path` from the admin API and return the body.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<Vec<u8>> {
+    let fetch = async {
+        let stream = tokio::net::TcpStream::connect(admin)
+            .await
+            .with_context(|| {
+                format!("is the agent running? cannot reach its admin API at {admin}")
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, admin.to_string())
+            .body(Empty::<bytes::Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        if !resp.status().is_success() {
+            bail!("admin API answered {} for {path}", resp.status());
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_ADMIN_BODY)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the admin answer: {e}"))?
+            .to_bytes();
+        Ok(body.to_vec())
+    };
+    tokio::time::timeout(ADMIN_TIMEOUT, fetch)
+        .await
+        .map_err(|_| anyhow!("the admin API at {admin} did not answer within {ADMIN_TIMEOUT:?}"))?
+}
+
+pub fn render_peers(peers: &[PeerView]) -> String {
+    if peers.is_empty() {
+        return "no peers yet\n".to_string();
+    }
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "KEY".into(),
+        "STATE".into(),
+        "RTT".into(),
+        "ADDRESS".into(),
+        "SOURCE".into(),
+        "SERVED".into(),
+        "FETCHED".into(),
+        "ERRORS".into(),
+    ]];
+    for p in peers {
+        let state = if p.quarantined {
+            format!("{:?} (quarantined)", p.state).to_lowercase()
+        } else {
+            format!("{:?}", p.state).to_lowercase()
+        };
+        rows.push([
+            if p.name.is_empty() {
+                "-".into()
+            } else {
+                p.name.clone()
+            },
+            p.fingerprint.clone(),
+            state,
+            p.rtt_ms.map_or("-".into(), |r| format!("{r:.2}ms")),
+            p.addrs.first().cloned().unwrap_or_else(|| "-".into()),
+            format!("{:?}", p.source).to_lowercase(),
+            human_bytes(p.counters.bytes_served),
+            human_bytes(p.counters.bytes_fetched),
+            p.counters.errors.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+pub fn render_status(s: &StatusView) -> String {
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "off".into());
+    let mut out = String::new();
+    let _ = writeln!(out, "node        {} ({})", s.name, s.fingerprint);
+    let _ = writeln!(out, "node key    {}", s.node_key);
+    let _ = writeln!(out, "mesh        {}", s.mesh_id);
+    let _ = writeln!(out, "version     {}", s.version);
+    let _ = writeln!(out, "quic        {}", opt(&s.listeners.quic));
+    let _ = writeln!(out, "substituter {}", opt(&s.listeners.substituter));
+    let _ = writeln!(out, "http cache  {}", opt(&s.listeners.http_cache));
+    let _ = writeln!(out, "admin       {}", s.listeners.admin);
+    let paths = s.store_paths.map_or("unreadable".into(), |n| n.to_string());
+    let _ = writeln!(
+        out,
+        "store       {} ({} paths, db {})",
+        s.store_dir, paths, s.store_db
+    );
+    let _ = writeln!(
+        out,
+        "peers       {} alive, {} suspect, {} gone",
+        s.peers_alive, s.peers_suspect, s.peers_gone
+    );
+    let _ = writeln!(out, "uptime      {}s", s.uptime_s);
+    out
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peers::{PeerCounters, PeerSource, PeerState};
+
+    #[test]
+    fn peers_render_as_aligned_table() {
+        let p = PeerView {
+            name: "h2".into(),
+            key: "k".into(),
+            fingerprint: "0123456789abcdef".into(),
+            addrs: vec!["10.0.0.2:5182".into()],
+            source: PeerSource::Mdns,
+            state: PeerState::Alive,
+            rtt_ms: Some(0.42),
+            last_seen_ms_ago: Some(10),
+            quarantined: false,
+            counters: PeerCounters {
+                bytes_served: 2048,
+                ..Default::default()
+            },
+        };
+        let out = render_peers(&[p]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("NAME  KEY"));
+        assert!(lines[1].contains("alive"));
+        assert!(lines[1].contains("0.42ms"));
+        assert!(lines[1].contains("2.0KiB"));
+        assert_eq!(render_peers(&[]), "no peers yet\n");
+    }
+}

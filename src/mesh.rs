@@ -1,0 +1,338 @@
+//! The mesh as this node sees it: one QUIC endpoint (serving and dialling on
+//! the same UDP port), one cached connection per peer, the health checker
+//! that pings every peer each second and ages the peer table, and the
+//! intake of discovery events and static peers. The substituter asks it
+//! for connections to usable peers; the admin API reads its table.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::discovery::DiscoveryEvent;
+use crate::identity::NodeId;
+use crate::peer_client;
+use crate::peer_server::PeerServer;
+use crate::peers::{Peer, PeerSource, PeerTable};
+use crate::transport::{self, Admission, TlsIdentity, TransportError};
+
+pub const PING_INTERVAL: Duration = Duration::from_millis(1000);
+pub const PING_TIMEOUT: Duration = Duration::from_millis(1500);
+pub const DIAL_TIMEOUT: Duration = Duration::from_millis(2000);
+/// QUIC application close code for a node shutting down cleanly.
+pub const CLOSE_SHUTDOWN: u32 = 0x10;
+
+#[derive(Debug, Error)]
+pub enum MeshError {
+    #[error("mesh.listen: cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("peer {0} is not in the table")]
+    UnknownPeer(NodeId),
+    #[error("cannot reach peer {peer}: {reason}")]
+    Unreachable { peer: NodeId, reason: String },
+}
+
+pub struct Mesh {
+    endpoint: quinn::Endpoint,
+    identity: TlsIdentity,
+    admission: Admission,
+    table: Arc<Mutex<PeerTable>>,
+    conns: Mutex<HashMap<NodeId, quinn::Connection>>,
+    pinging: Mutex<HashSet<NodeId>>,
+    server: Arc<PeerServer>,
+    store_dir: String,
+}
+
+impl Mesh {
+    /// Binds the endpoint and starts accepting peers and checking health.
+    pub fn start(
+        listen: SocketAddr,
+        identity: TlsIdentity,
+        admission: Admission,
+        table: Arc<Mutex<PeerTable>>,
+        server: Arc<PeerServer>,
+        store_dir: String,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, MeshError> {
+        let server_config = transport::server_config(&identity, admission.clone())?;
+        let socket = bind_udp(listen).map_err(|source| MeshError::Bind {
+            addr: listen,
+            source,
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| MeshError::Bind {
+            addr: listen,
+            source,
+        })?;
+        let mesh = Arc::new(Self {
+            endpoint,
+            identity,
+            admission,
+            table,
+            conns: Mutex::new(HashMap::new()),
+            pinging: Mutex::new(HashSet::new()),
+            server,
+            store_dir,
+        });
+        tokio::spawn(mesh.clone().accept_loop(shutdown.clone()));
+        tokio::spawn(mesh.clone().health_loop(shutdown));
+        Ok(mesh)
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.identity.node
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    pub fn table(&self) -> &Arc<Mutex<PeerTable>> {
+        &self.table
+    }
+
+    pub fn store_dir(&self) -> &str {
+        &self.store_dir
+    }
+
+    fn with_table<R>(&self, f: impl FnOnce(&mut PeerTable) -> R) -> Option<R> {
+        self.table.lock().ok().map(|mut t| f(&mut t))
+    }
+
+    pub fn add_static_peer(&self, node: NodeId, addr: SocketAddr) {
+        self.with_table(|t| t.upsert(node, "", vec![addr], PeerSource::Static, Instant::now()));
+    }
+
+    /// Feeds discovery events into the peer table until the channel closes.
+    pub async fn intake(self: Arc<Self>, mut events: mpsc::Receiver<DiscoveryEvent>) {
+        while let Some(event) = events.recv().await {
+            match event {
+                DiscoveryEvent::Found { key, name, addrs } => {
+                    let node = NodeId(key);
+                    let new = self
+                        .with_table(|t| {
+                            t.upsert(node, &name, addrs.clone(), PeerSource::Mdns, Instant::now())
+                        })
+                        .unwrap_or(false);
+                    if new {
+                        tracing::info!(peer = %node, %name, ?addrs, "discovered a peer");
+                    }
+                    // Reach it now rather than at the next health round.
+                    tokio::spawn(self.clone().ping_peer(node));
+                }
+                DiscoveryEvent::Lost { key } => {
+                    let node = NodeId(key);
+                    tracing::info!(peer = %node, "peer said goodbye");
+                    self.forget(&node);
+                }
+            }
+        }
+    }
+
+    fn forget(&self, node: &NodeId) {
+        self.with_table(|t| t.remove(node));
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.remove(node);
+        }
+    }
+
+    /// Tells every peer this node is going away, and waits (briefly) for the
+    /// word to go out.
+    pub async fn close(&self) {
+        self.endpoint.close(CLOSE_SHUTDOWN.into(), b"shutting down");
+        // Let the close frames go out.
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
+    }
+
+    async fn accept_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                i = self.endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => return,
+                },
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::info!(%remote, reason = %e, "refused a peer at the handshake");
+                        return;
+                    }
+                };
+                let Some(node) = transport::peer_node(&conn) else {
+                    conn.close(1u32.into(), b"no identity");
+                    return;
+                };
+                tracing::debug!(peer = %node, %remote, "peer connected");
+                // The peer dials from its listening port: that is its address.
+                this.with_table(|t| {
+                    t.upsert(node, "", vec![remote], PeerSource::Inbound, Instant::now())
+                });
+                if let Ok(mut conns) = this.conns.lock() {
+                    conns.entry(node).or_insert_with(|| conn.clone());
+                }
+                this.watch_close(node, conn.clone());
+                this.server.clone().serve_connection(conn, node).await;
+            });
+        }
+    }
+
+    /// A peer that closes its connection because it is shutting down is
+    /// gone at once, like an mDNS goodbye.
+    fn watch_close(self: &Arc<Self>, node: NodeId, conn: quinn::Connection) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let reason = conn.closed().await;
+            if let quinn::ConnectionError::ApplicationClosed(close) = &reason {
+                if close.error_code == CLOSE_SHUTDOWN.into() {
+                    tracing::info!(peer = %node, "peer shut down");
+                    this.forget(&node);
+                    return;
+                }
+            }
+            if let Ok(mut conns) = this.conns.lock() {
+                if conns
+                    .get(&node)
+                    .is_some_and(|c| c.stable_id() == conn.stable_id())
+                {
+                    conns.remove(&node);
+                }
+            }
+        });
+    }
+
+    /// A live connection to `node`, dialling it if needed.
+    pub async fn connection(
+        self: &Arc<Self>,
+        node: NodeId,
+    ) -> Result<quinn::Connection, MeshError> {
+        if let Some(c) = self.conns.lock().ok().and_then(|c| c.get(&node).cloned()) {
+            if c.close_reason().is_none() {
+                return Ok(c);
+            }
+        }
+        let peer = self
+            .with_table(|t| t.get(&node).cloned())
+            .flatten()
+            .ok_or(MeshError::UnknownPeer(node))?;
+        let conn = self.dial(&peer).await?;
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.insert(node, conn.clone());
+        }
+        self.watch_close(node, conn.clone());
+        let server = self.server.clone();
+        let served = conn.clone();
+        // Peers may ask us things on the connection we opened, too.
+        tokio::spawn(async move { server.serve_connection(served, node).await });
+        Ok(conn)
+    }
+
+    async fn dial(&self, peer: &Peer) -> Result<quinn::Connection, MeshError> {
+        let config = transport::client_config(&self.identity, self.admission.clone(), peer.node)?;
+        let mut last = String::from("no address");
+        let mut addrs = peer.addrs.clone();
+        // IPv4 first: link-local IPv6 without a scope is often unroutable.
+        addrs.sort_by_key(|a| a.is_ipv6());
+        for addr in addrs {
+            let connecting =
+                match self
+                    .endpoint
+                    .connect_with(config.clone(), addr, transport::SERVER_NAME)
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = e.to_string();
+                        continue;
+                    }
+                };
+            match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: no answer within {DIAL_TIMEOUT:?}"),
+            }
+        }
+        Err(MeshError::Unreachable {
+            peer: peer.node,
+            reason: last,
+        })
+    }
+
+    async fn ping_peer(self: Arc<Self>, node: NodeId) {
+        let first = self
+            .pinging
+            .lock()
+            .map(|mut p| p.insert(node))
+            .unwrap_or(false);
+        if !first {
+            return;
+        }
+        let result = async {
+            let conn = self.connection(node).await?;
+            peer_client::ping(&conn, PING_TIMEOUT)
+                .await
+                .map_err(|e| MeshError::Unreachable {
+                    peer: node,
+                    reason: e.to_string(),
+                })
+        }
+        .await;
+        match result {
+            Ok(rtt) => {
+                self.with_table(|t| t.record_pong(&node, rtt, Instant::now()));
+            }
+            Err(e) => tracing::debug!(peer = %node, error = %e, "ping failed"),
+        }
+        if let Ok(mut p) = self.pinging.lock() {
+            p.remove(&node);
+        }
+    }
+
+    async fn health_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(PING_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let peers = self
+                .with_table(|t| {
+                    t.tick(Instant::now());
+                    t.all()
+                })
+                .unwrap_or_default();
+            for p in peers {
+                tokio::spawn(self.clone().ping_peer(p.node));
+            }
+        }
+    }
+
+    /// Usable peers, fastest first.
+    pub fn usable_peers(&self) -> Vec<Peer> {
+        self.with_table(|t| t.usable(Instant::now()))
+            .unwrap_or_default()
+    }
+}
+
+/// A UDP socket on `addr`; for `[::]` also reachable over IPv4.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    std::net::UdpSocket::bind(addr)
+}

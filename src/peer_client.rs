@@ -1,0 +1,125 @@
+//! Asks another agent for things over an established QUIC connection: one
+//! request per stream, every answer checked against the protocol's limits
+//! and bounded in time. Returns what the peer said; judging whether to
+//! believe it is the caller's business.
+
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::nix::{HashPart, NarInfo, Sha256Hash};
+use crate::protocol::{Request, Response};
+use crate::transport::{self, FrameReadError};
+
+#[derive(Debug, Error)]
+pub enum PeerError {
+    #[error("opening a stream: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("sending the request: {0}")]
+    Write(String),
+    #[error("reading the answer: {0}")]
+    Read(#[from] FrameReadError),
+    #[error("malformed answer: {0}")]
+    Malformed(String),
+    #[error("peer error {code}: {message}")]
+    Remote { code: u32, message: String },
+    #[error("unexpected answer {0}")]
+    Unexpected(&'static str),
+}
+
+async fn exchange(
+    conn: &quinn::Connection,
+    req: &Request,
+    timeout: Duration,
+) -> Result<(quinn::RecvStream, Response), PeerError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&req.encode())
+        .await
+        .map_err(|e| PeerError::Write(e.to_string()))?;
+    let _ = send.finish();
+    let body = transport::read_frame(&mut recv, timeout).await?;
+    let resp = Response::decode(&body).map_err(|e| {
+        let _ = recv.stop(e.code().into());
+        PeerError::Malformed(e.to_string())
+    })?;
+    if let Response::Error { code, message } = resp {
+        return Err(PeerError::Remote { code, message });
+    }
+    Ok((recv, resp))
+}
+
+/// Round-trip time of one ping.
+pub async fn ping(conn: &quinn::Connection, timeout: Duration) -> Result<Duration, PeerError> {
+    let nonce = rand_nonce();
+    let start = Instant::now();
+    match exchange(conn, &Request::Ping { nonce }, timeout).await? {
+        (_, Response::Pong { nonce: n }) if n == nonce => Ok(start.elapsed()),
+        _ => Err(PeerError::Unexpected("to ping")),
+    }
+}
+
+/// The peer's narinfo for `hash`, parsed; `None` when it has no such path.
+pub async fn path_info(
+    conn: &quinn::Connection,
+    store_dir: &str,
+    hash: &HashPart,
+    timeout: Duration,
+) -> Result<Option<NarInfo>, PeerError> {
+    let req = Request::PathInfo { hash: hash.clone() };
+    match exchange(conn, &req, timeout).await? {
+        (_, Response::NotFound) => Ok(None),
+        (_, Response::PathInfo { narinfo }) => NarInfo::parse(store_dir, &narinfo)
+            .map(Some)
+            .map_err(|e| PeerError::Malformed(e.to_string())),
+        _ => Err(PeerError::Unexpected("to path info")),
+    }
+}
+
+/// Which of `hashes` the peer would serve.
+pub async fn have(
+    conn: &quinn::Connection,
+    hashes: Vec<HashPart>,
+    timeout: Duration,
+) -> Result<Vec<bool>, PeerError> {
+    let n = hashes.len();
+    match exchange(conn, &Request::Have { hashes }, timeout).await? {
+        (_, Response::Have { present }) if present.len() == n => Ok(present),
+        _ => Err(PeerError::Unexpected("to have")),
+    }
+}
+
+/// Opens the NAR from `offset`: the stream then carries exactly
+/// `nar_size - offset` bytes. `None` when the peer no longer has it.
+pub async fn nar(
+    conn: &quinn::Connection,
+    hash: &HashPart,
+    nar_hash: &Sha256Hash,
+    offset: u64,
+    timeout: Duration,
+) -> Result<Option<(u64, quinn::RecvStream)>, PeerError> {
+    let req = Request::Nar {
+        hash: hash.clone(),
+        nar_hash: *nar_hash,
+        offset,
+    };
+    match exchange(conn, &req, timeout).await? {
+        (_, Response::NotFound) => Ok(None),
+        (recv, Response::NarFollows { nar_size }) => Ok(Some((nar_size, recv))),
+        _ => Err(PeerError::Unexpected("to NAR")),
+    }
+}
+
+fn rand_nonce() -> u64 {
+    let mut b = [0u8; 8];
+    // A repeated nonce only weakens the pong check; no need to fail.
+    let _ = getrandom::getrandom(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// The stream error code a protocol reset carries, if that is what ended a read.
+pub fn reset_code(e: &quinn::ReadError) -> Option<u32> {
+    match e {
+        quinn::ReadError::Reset(code) => u32::try_from(code.into_inner()).ok(),
+        _ => None,
+    }
+}

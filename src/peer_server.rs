@@ -1,0 +1,191 @@
+//! Answers other agents' requests from this host's shared store: one request
+//! per QUIC stream, decoded with limits. A malformed, oversized or unknown
+//! frame resets that stream with an error code and counts against the peer;
+//! the connection and the agent carry on.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
+
+use crate::cache_api;
+use crate::identity::NodeId;
+use crate::nar_stream::NarStreamError;
+use crate::nix::NarInfo;
+use crate::peers::PeerTable;
+use crate::protocol::{code, Request, Response};
+use crate::shared_store::SharedStore;
+use crate::transport::{self, REQUEST_TIMEOUT};
+
+/// NAR streams served at once, to all peers together.
+pub const MAX_NAR_STREAMS: usize = 64;
+
+pub struct PeerServer {
+    shared: Arc<SharedStore>,
+    table: Arc<Mutex<PeerTable>>,
+    nar_slots: Arc<Semaphore>,
+}
+
+impl PeerServer {
+    pub fn new(shared: Arc<SharedStore>, table: Arc<Mutex<PeerTable>>) -> Arc<Self> {
+        Arc::new(Self {
+            shared,
+            table,
+            nar_slots: Arc::new(Semaphore::new(MAX_NAR_STREAMS)),
+        })
+    }
+
+    fn count(&self, node: &NodeId, f: impl FnOnce(&mut crate::peers::PeerCounters)) {
+        if let Ok(mut t) = self.table.lock() {
+            if let Some(c) = t.counters_mut(node) {
+                f(c);
+            }
+        }
+    }
+
+    /// Serves every stream the peer opens until the connection ends.
+    pub async fn serve_connection(self: Arc<Self>, conn: quinn::Connection, node: NodeId) {
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(peer = %node, reason = %e, "peer connection ended");
+                    return;
+                }
+            };
+            let this = self.clone();
+            tokio::spawn(async move { this.serve_stream(node, send, recv).await });
+        }
+    }
+
+    async fn serve_stream(
+        &self,
+        node: NodeId,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let request = match transport::read_frame(&mut recv, REQUEST_TIMEOUT).await {
+            Ok(body) => Request::decode(&body).map_err(|e| (e.code(), e.to_string())),
+            Err(e) => Err((e.code(), e.to_string())),
+        };
+        let request = match request {
+            Ok(r) => r,
+            Err((code, reason)) => {
+                tracing::warn!(peer = %node, %reason, "bad request from peer; resetting the stream");
+                self.count(&node, |c| c.errors += 1);
+                transport::reset_stream(&mut send, &mut recv, code);
+                return;
+            }
+        };
+        if !matches!(request, Request::Ping { .. }) {
+            self.count(&node, |c| c.requests_served += 1);
+        }
+        let result = match request {
+            Request::Ping { nonce } => write_response(&mut send, &Response::Pong { nonce }).await,
+            Request::PathInfo { hash } => {
+                let resp = match self.shared.info(hash).await {
+                    Some(info) => Response::PathInfo {
+                        narinfo: NarInfo {
+                            url: cache_api::nar_url(&info),
+                            compression: "none".into(),
+                            info,
+                        }
+                        .render(),
+                    },
+                    None => Response::NotFound,
+                };
+                write_response(&mut send, &resp).await
+            }
+            Request::Have { hashes } => {
+                let mut present = Vec::with_capacity(hashes.len());
+                for h in hashes {
+                    present.push(self.shared.info(h).await.is_some());
+                }
+                write_response(&mut send, &Response::Have { present }).await
+            }
+            Request::Nar {
+                hash,
+                nar_hash,
+                offset,
+            } => {
+                self.serve_nar(node, &mut send, hash, nar_hash, offset)
+                    .await
+            }
+        };
+        match result {
+            Ok(()) => {
+                let _ = send.finish();
+            }
+            Err(StreamEnd::Reset(code)) => {
+                transport::reset_stream(&mut send, &mut recv, code);
+            }
+            Err(StreamEnd::PeerGone) => {}
+        }
+    }
+
+    async fn serve_nar(
+        &self,
+        node: NodeId,
+        send: &mut quinn::SendStream,
+        hash: crate::nix::HashPart,
+        nar_hash: crate::nix::Sha256Hash,
+        offset: u64,
+    ) -> Result<(), StreamEnd> {
+        let info = match self.shared.info(hash).await {
+            Some(info) if info.nar_hash == nar_hash => info,
+            _ => return write_response(send, &Response::NotFound).await,
+        };
+        if offset > info.nar_size {
+            let message = format!("offset {offset} beyond {} bytes", info.nar_size);
+            return write_response(
+                send,
+                &Response::Error {
+                    code: code::MALFORMED,
+                    message,
+                },
+            )
+            .await;
+        }
+        let Ok(_slot) = self.nar_slots.clone().try_acquire_owned() else {
+            let message = "too many NAR streams".to_string();
+            return write_response(
+                send,
+                &Response::Error {
+                    code: code::OVERLOADED,
+                    message,
+                },
+            )
+            .await;
+        };
+        write_response(
+            send,
+            &Response::NarFollows {
+                nar_size: info.nar_size,
+            },
+        )
+        .await?;
+        let mut stream = self.shared.nar(info, offset);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| match e {
+                NarStreamError::Corrupt { .. } => StreamEnd::Reset(code::CORRUPT),
+                _ => StreamEnd::Reset(code::INTERNAL),
+            })?;
+            let len = chunk.len() as u64;
+            send.write_chunk(chunk)
+                .await
+                .map_err(|_| StreamEnd::PeerGone)?;
+            self.count(&node, |c| c.bytes_served += len);
+        }
+        Ok(())
+    }
+}
+
+enum StreamEnd {
+    Reset(u32),
+    PeerGone,
+}
+
+async fn write_response(send: &mut quinn::SendStream, resp: &Response) -> Result<(), StreamEnd> {
+    send.write_all(&resp.encode())
+        .await
+        .map_err(|_| StreamEnd::PeerGone)
+}

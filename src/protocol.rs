@@ -1,0 +1,477 @@
+//! The peer-to-peer wire protocol, as pure encode/decode over byte slices.
+//! One request per bidirectional QUIC stream: the client writes one request
+//! frame and finishes its side; the server answers with one response frame,
+//! followed for a NAR by the raw NAR bytes up to the end of the stream.
+//! See docs/protocol.md. Every length is bounded here, before any allocation.
+//!
+//! Frame: `u32 BE body length`, then the body: `u8 kind`, then the fields.
+//! Integers are big-endian; strings are `u32 length` + bytes.
+
+use thiserror::Error;
+
+use crate::nix::{HashPart, Sha256Hash};
+
+/// ALPN of protocol version 1; a peer that speaks no common version fails
+/// the TLS handshake instead of sending frames we cannot read.
+pub const ALPN_V1: &[u8] = b"nixmesh/1";
+/// Largest frame body; a narinfo is at most 1 MiB.
+pub const MAX_FRAME: usize = 2 << 20;
+/// Most hashes in one `Have` request.
+pub const MAX_HAVE_BATCH: usize = 1024;
+/// Longest error message carried in a frame.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// QUIC stream error codes this protocol resets streams with.
+pub mod code {
+    pub const MALFORMED: u32 = 1;
+    pub const TOO_LARGE: u32 = 2;
+    pub const UNKNOWN_KIND: u32 = 3;
+    pub const INTERNAL: u32 = 4;
+    pub const OVERLOADED: u32 = 5;
+    /// The serving side found its own NAR does not match its DB.
+    pub const CORRUPT: u32 = 6;
+    pub const TIMEOUT: u32 = 7;
+    /// The client stops reading (cancelled, or it found a better holder).
+    pub const CANCELLED: u32 = 8;
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is over the limit")]
+    TooLarge(usize),
+    #[error("frame ends early")]
+    Truncated,
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("bad field {0}")]
+    BadField(&'static str),
+    #[error("{0} bytes after the frame's last field")]
+    Trailing(usize),
+}
+
+impl FrameError {
+    /// The stream error code to reset with.
+    pub fn code(&self) -> u32 {
+        match self {
+            FrameError::TooLarge(_) => code::TOO_LARGE,
+            FrameError::UnknownKind(_) => code::UNKNOWN_KIND,
+            _ => code::MALFORMED,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Ping {
+        nonce: u64,
+    },
+    /// The narinfo of the path with this hash part.
+    PathInfo {
+        hash: HashPart,
+    },
+    /// The path's NAR from byte `offset`; `nar_hash` pins the content.
+    Nar {
+        hash: HashPart,
+        nar_hash: Sha256Hash,
+        offset: u64,
+    },
+    /// Which of these paths the peer would serve.
+    Have {
+        hashes: Vec<HashPart>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    Pong {
+        nonce: u64,
+    },
+    PathInfo {
+        narinfo: String,
+    },
+    NotFound,
+    /// The NAR's remaining bytes follow this frame, then the stream ends.
+    NarFollows {
+        nar_size: u64,
+    },
+    Have {
+        present: Vec<bool>,
+    },
+    Error {
+        code: u32,
+        message: String,
+    },
+}
+
+mod kind {
+    pub const PING: u8 = 1;
+    pub const PATH_INFO: u8 = 2;
+    pub const NAR: u8 = 3;
+    pub const HAVE: u8 = 4;
+    pub const PONG: u8 = 65;
+    pub const PATH_INFO_REPLY: u8 = 66;
+    pub const NOT_FOUND: u8 = 67;
+    pub const NAR_FOLLOWS: u8 = 68;
+    pub const HAVE_REPLY: u8 = 69;
+    pub const ERROR: u8 = 70;
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn new(kind: u8) -> Self {
+        // Length placeholder, filled in by `finish`.
+        Self(vec![0, 0, 0, 0, kind])
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let len = (self.0.len() - 4) as u32;
+        self.0[..4].copy_from_slice(&len.to_be_bytes());
+        self.0
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.0.len() < n {
+            return Err(FrameError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn bytes(&mut self, max: usize, field: &'static str) -> Result<&'a [u8], FrameError> {
+        let len = self.u32()? as usize;
+        if len > max {
+            return Err(FrameError::BadField(field));
+        }
+        self.take(len)
+    }
+    fn text(&mut self, max: usize, field: &'static str) -> Result<&'a str, FrameError> {
+        std::str::from_utf8(self.bytes(max, field)?).map_err(|_| FrameError::BadField(field))
+    }
+    fn hash_part(&mut self) -> Result<HashPart, FrameError> {
+        let raw = self.take(crate::nix::store_path::HASH_PART_LEN)?;
+        std::str::from_utf8(raw)
+            .ok()
+            .and_then(|s| HashPart::parse(s).ok())
+            .ok_or(FrameError::BadField("hash"))
+    }
+    fn end(self) -> Result<(), FrameError> {
+        match self.0.len() {
+            0 => Ok(()),
+            n => Err(FrameError::Trailing(n)),
+        }
+    }
+}
+
+/// Length of the frame body announced by a 4-byte header, checked against
+/// the limit before anything is read.
+pub fn body_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    if len == 0 {
+        return Err(FrameError::Truncated);
+    }
+    Ok(len)
+}
+
+impl Request {
+    /// The whole frame, header included.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Request::Ping { nonce } => {
+                let mut w = Writer::new(kind::PING);
+                w.u64(*nonce);
+                w.finish()
+            }
+            Request::PathInfo { hash } => {
+                let mut w = Writer::new(kind::PATH_INFO);
+                w.0.extend_from_slice(hash.as_str().as_bytes());
+                w.finish()
+            }
+            Request::Nar {
+                hash,
+                nar_hash,
+                offset,
+            } => {
+                let mut w = Writer::new(kind::NAR);
+                w.0.extend_from_slice(hash.as_str().as_bytes());
+                w.0.extend_from_slice(&nar_hash.0);
+                w.u64(*offset);
+                w.finish()
+            }
+            Request::Have { hashes } => {
+                let mut w = Writer::new(kind::HAVE);
+                w.u32(hashes.len() as u32);
+                for h in hashes {
+                    w.0.extend_from_slice(h.as_str().as_bytes());
+                }
+                w.finish()
+            }
+        }
+    }
+
+    /// Decodes a frame body (without its length header).
+    pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
+        if body.len() > MAX_FRAME {
+            return Err(FrameError::TooLarge(body.len()));
+        }
+        let mut r = Reader(body);
+        let req = match r.u8()? {
+            kind::PING => Request::Ping { nonce: r.u64()? },
+            kind::PATH_INFO => Request::PathInfo {
+                hash: r.hash_part()?,
+            },
+            kind::NAR => {
+                let hash = r.hash_part()?;
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(r.take(32)?);
+                Request::Nar {
+                    hash,
+                    nar_hash: Sha256Hash(digest),
+                    offset: r.u64()?,
+                }
+            }
+            kind::HAVE => {
+                let n = r.u32()? as usize;
+                if n > MAX_HAVE_BATCH {
+                    return Err(FrameError::BadField("have count"));
+                }
+                let hashes = (0..n).map(|_| r.hash_part()).collect::<Result<_, _>>()?;
+                Request::Have { hashes }
+            }
+            other => return Err(FrameError::UnknownKind(other)),
+        };
+        r.end()?;
+        Ok(req)
+    }
+}
+
+impl Response {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Response::Pong { nonce } => {
+                let mut w = Writer::new(kind::PONG);
+                w.u64(*nonce);
+                w.finish()
+            }
+            Response::PathInfo { narinfo } => {
+                let mut w = Writer::new(kind::PATH_INFO_REPLY);
+                w.bytes(narinfo.as_bytes());
+                w.finish()
+            }
+            Response::NotFound => Writer::new(kind::NOT_FOUND).finish(),
+            Response::NarFollows { nar_size } => {
+                let mut w = Writer::new(kind::NAR_FOLLOWS);
+                w.u64(*nar_size);
+                w.finish()
+            }
+            Response::Have { present } => {
+                let mut w = Writer::new(kind::HAVE_REPLY);
+                w.u32(present.len() as u32);
+                w.0.extend(present.iter().map(|p| u8::from(*p)));
+                w.finish()
+            }
+            Response::Error { code, message } => {
+                let mut w = Writer::new(kind::ERROR);
+                w.u32(*code);
+                let end = floor_char_boundary(message, MAX_MESSAGE);
+                w.bytes(&message.as_bytes()[..end]);
+                w.finish()
+            }
+        }
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
+        if body.len() > MAX_FRAME {
+            return Err(FrameError::TooLarge(body.len()));
+        }
+        let mut r = Reader(body);
+        let resp = match r.u8()? {
+            kind::PONG => Response::Pong { nonce: r.u64()? },
+            kind::PATH_INFO_REPLY => Response::PathInfo {
+                narinfo: r
+                    .text(crate::nix::narinfo::MAX_NARINFO_LEN, "narinfo")?
+                    .to_string(),
+            },
+            kind::NOT_FOUND => Response::NotFound,
+            kind::NAR_FOLLOWS => Response::NarFollows { nar_size: r.u64()? },
+            kind::HAVE_REPLY => {
+                let n = r.u32()? as usize;
+                if n > MAX_HAVE_BATCH {
+                    return Err(FrameError::BadField("have count"));
+                }
+                let raw = r.take(n)?;
+                if raw.iter().any(|b| *b > 1) {
+                    return Err(FrameError::BadField("have flag"));
+                }
+                Response::Have {
+                    present: raw.iter().map(|b| *b == 1).collect(),
+                }
+            }
+            kind::ERROR => Response::Error {
+                code: r.u32()?,
+                message: r.text(MAX_MESSAGE, "message")?.to_string(),
+            },
+            other => return Err(FrameError::UnknownKind(other)),
+        };
+        r.end()?;
+        Ok(resp)
+    }
+}
+
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hp(c: char) -> HashPart {
+        HashPart::parse(&c.to_string().repeat(32)).unwrap()
+    }
+
+    fn body(frame: &[u8]) -> &[u8] {
+        let len = body_len(frame[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, frame.len() - 4);
+        &frame[4..]
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        for req in [
+            Request::Ping { nonce: 7 },
+            Request::PathInfo { hash: hp('a') },
+            Request::Nar {
+                hash: hp('b'),
+                nar_hash: Sha256Hash([9; 32]),
+                offset: 1 << 40,
+            },
+            Request::Have {
+                hashes: vec![hp('c'), hp('d')],
+            },
+            Request::Have { hashes: vec![] },
+        ] {
+            assert_eq!(Request::decode(body(&req.encode())).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        for resp in [
+            Response::Pong { nonce: 1 },
+            Response::PathInfo {
+                narinfo: "StorePath: x\n".into(),
+            },
+            Response::NotFound,
+            Response::NarFollows { nar_size: 120 },
+            Response::Have {
+                present: vec![true, false],
+            },
+            Response::Error {
+                code: code::INTERNAL,
+                message: "boom".into(),
+            },
+        ] {
+            assert_eq!(Response::decode(body(&resp.encode())).unwrap(), resp);
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_named() {
+        assert_eq!(
+            body_len((MAX_FRAME as u32 + 1).to_be_bytes()),
+            Err(FrameError::TooLarge(MAX_FRAME + 1))
+        );
+        assert_eq!(body_len([0; 4]), Err(FrameError::Truncated));
+        assert_eq!(Request::decode(&[99]), Err(FrameError::UnknownKind(99)));
+        assert_eq!(
+            Request::decode(&[kind::PING, 0, 0]),
+            Err(FrameError::Truncated)
+        );
+        let mut ping = Request::Ping { nonce: 1 }.encode()[4..].to_vec();
+        ping.push(0);
+        assert_eq!(Request::decode(&ping), Err(FrameError::Trailing(1)));
+        let mut bad_hash = vec![kind::PATH_INFO];
+        bad_hash.extend_from_slice(&[b'e'; 32]);
+        assert_eq!(
+            Request::decode(&bad_hash),
+            Err(FrameError::BadField("hash"))
+        );
+        let mut many = vec![kind::HAVE];
+        many.extend_from_slice(&(MAX_HAVE_BATCH as u32 + 1).to_be_bytes());
+        assert_eq!(
+            Request::decode(&many),
+            Err(FrameError::BadField("have count"))
+        );
+        let mut huge_text = vec![kind::PATH_INFO_REPLY];
+        huge_text.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(
+            Response::decode(&huge_text),
+            Err(FrameError::BadField("narinfo"))
+        );
+        assert_eq!(Request::decode(&[]), Err(FrameError::Truncated));
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_on_a_char_boundary() {
+        let msg = "é".repeat(MAX_MESSAGE);
+        let frame = Response::Error {
+            code: 1,
+            message: msg,
+        }
+        .encode();
+        let Response::Error { message, .. } = Response::decode(body(&frame)).unwrap() else {
+            panic!()
+        };
+        assert!(message.len() <= MAX_MESSAGE);
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = Request::decode(&bytes);
+            let _ = Response::decode(&bytes);
+        }
+
+        #[test]
+        fn decoders_never_panic_on_valid_kinds(k in 1u8..80, rest in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut b = vec![k];
+            b.extend(rest);
+            let _ = Request::decode(&b);
+            let _ = Response::decode(&b);
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! This host's store as the outside sees it: only the paths the share policy
+//! lets out, with this host's signature added. Both the LAN HTTP endpoint and
+//! the peer server serve through it, so the policy is applied in one place.
+
+use std::sync::Arc;
+
+use crate::nar_stream::{self, NarStream};
+use crate::nix::{HashPart, PathInfo};
+use crate::share::SharePolicy;
+use crate::store::Store;
+
+pub struct SharedStore {
+    store: Arc<Store>,
+    policy: Arc<SharePolicy>,
+}
+
+impl SharedStore {
+    pub fn new(store: Arc<Store>, policy: Arc<SharePolicy>) -> Arc<Self> {
+        Arc::new(Self { store, policy })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The path's info if it exists and may leave this host. A failed lookup
+    /// is logged and treated as absent: callers answer "not found".
+    pub async fn info(&self, hash: HashPart) -> Option<PathInfo> {
+        let store = self.store.clone();
+        let found = tokio::task::spawn_blocking(move || store.path_info(&hash)).await;
+        match found {
+            Ok(Ok(info)) => self.policy.prepare(info?),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "store lookup failed; answering not found");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store lookup task failed");
+                None
+            }
+        }
+    }
+
+    /// Streams the NAR of a path `info` returned, from byte `offset`.
+    pub fn nar(&self, info: PathInfo, offset: u64) -> NarStream {
+        nar_stream::spawn(self.store.clone(), info, offset)
+    }
+}

@@ -1,0 +1,367 @@
+//! QUIC between agents: the TLS 1.3 identity made from the node key, the
+//! verifiers that pin the key each side expects and enforce admission
+//! (mesh secret, `allowed_peers`), the QUIC settings, and reading frames
+//! off streams with a limit. Knows nothing of what the frames mean.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::pkcs8::EncodePrivateKey;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use thiserror::Error;
+
+use crate::identity::{MeshSecret, NodeId};
+use crate::nix::SecretKey;
+use crate::protocol::{self, FrameError};
+
+/// The server name clients ask for; identity is checked by key, not name.
+pub const SERVER_NAME: &str = "nixmesh";
+/// A connection with no traffic for this long is dead. Keep-alives go out
+/// well before it, so only a vanished peer reaches it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+pub const KEEP_ALIVE: Duration = Duration::from_millis(1000);
+/// Concurrent requests a peer may have open on one connection.
+pub const MAX_STREAMS_PER_PEER: u32 = 128;
+/// A request frame must arrive within this after its stream opened.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410); the 32 key
+/// bytes follow.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error("making the TLS certificate: {0}")]
+    Certificate(String),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("QUIC configuration: {0}")]
+    Quic(String),
+}
+
+#[derive(Debug, Error)]
+pub enum FrameReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("stream read failed: {0}")]
+    Read(String),
+    #[error("no frame within {0:?}")]
+    Timeout(Duration),
+}
+
+impl FrameReadError {
+    pub fn code(&self) -> u32 {
+        match self {
+            FrameReadError::Frame(f) => f.code(),
+            FrameReadError::Read(_) => protocol::code::MALFORMED,
+            FrameReadError::Timeout(_) => protocol::code::TIMEOUT,
+        }
+    }
+}
+
+/// Who may talk to this node.
+#[derive(Clone, Debug, Default)]
+pub struct Admission {
+    pub mesh: MeshSecret,
+    /// When set, only these keys are admitted.
+    pub allowed: Option<Vec<NodeId>>,
+}
+
+impl Admission {
+    fn check(&self, cert: &CertificateDer<'_>) -> Result<NodeId, rustls::Error> {
+        let node = node_of_cert(cert)?;
+        if let Some(allowed) = &self.allowed {
+            if !allowed.contains(&node) {
+                return Err(rustls::Error::InvalidCertificate(
+                    CertificateError::ApplicationVerificationFailure,
+                ));
+            }
+        }
+        if let Some(name) = self.mesh.admission_name(&node) {
+            let parsed = webpki::EndEntityCert::try_from(cert)
+                .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+            let name = ServerName::try_from(name)
+                .map_err(|_| rustls::Error::General("bad admission name".into()))?;
+            parsed
+                .verify_is_valid_for_subject_name(&name)
+                .map_err(|_| {
+                    rustls::Error::InvalidCertificate(
+                        CertificateError::ApplicationVerificationFailure,
+                    )
+                })?;
+        }
+        Ok(node)
+    }
+}
+
+/// The node key behind an end-entity certificate, which must be Ed25519.
+pub fn node_of_cert(cert: &CertificateDer<'_>) -> Result<NodeId, rustls::Error> {
+    let parsed = webpki::EndEntityCert::try_from(cert)
+        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let spki = parsed.subject_public_key_info();
+    let spki = spki.as_ref();
+    if spki.len() != ED25519_SPKI_PREFIX.len() + 32 || spki[..12] != ED25519_SPKI_PREFIX {
+        return Err(rustls::Error::InvalidCertificate(
+            CertificateError::ApplicationVerificationFailure,
+        ));
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&spki[12..]);
+    Ok(NodeId(key))
+}
+
+/// This node's certificate and key for TLS.
+pub struct TlsIdentity {
+    pub node: NodeId,
+    cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl TlsIdentity {
+    pub fn new(key: &SecretKey, mesh: &MeshSecret) -> Result<Self, TransportError> {
+        let cert_err = |e: String| TransportError::Certificate(e);
+        let signing = ed25519_dalek::SigningKey::from_bytes(&key.seed());
+        let node = NodeId(signing.verifying_key().to_bytes());
+        let pkcs8 = signing
+            .to_pkcs8_der()
+            .map_err(|e| cert_err(e.to_string()))?;
+        let key_pair =
+            rcgen::KeyPair::try_from(pkcs8.as_bytes()).map_err(|e| cert_err(e.to_string()))?;
+        let mut names = vec![SERVER_NAME.to_string()];
+        names.extend(mesh.admission_name(&node));
+        let params = rcgen::CertificateParams::new(names).map_err(|e| cert_err(e.to_string()))?;
+        let cert = params
+            .self_signed(&key_pair)
+            .map_err(|e| cert_err(e.to_string()))?;
+        Ok(Self {
+            node,
+            cert: cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec()),
+        })
+    }
+
+    fn chain(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        (
+            vec![self.cert.clone()],
+            PrivateKeyDer::Pkcs8(self.key.clone_key()),
+        )
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[derive(Debug)]
+struct PeerVerifier {
+    admission: Admission,
+    /// The key discovery or config named for the peer we dial.
+    expected: Option<NodeId>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PeerVerifier {
+    fn verify(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let node = self.admission.check(cert)?;
+        match self.expected {
+            Some(want) if want != node => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.verify(end_entity)
+            .map(|_| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+impl ClientCertVerifier for PeerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify(end_entity)
+            .map(|_| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    t.max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Room for a LAN's bandwidth-delay product on bulk NAR streams.
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    t
+}
+
+pub fn server_config(
+    identity: &TlsIdentity,
+    admission: Admission,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let provider = provider();
+    let verifier = Arc::new(PeerVerifier {
+        admission,
+        expected: None,
+        provider: provider.clone(),
+    });
+    let (chain, key) = identity.chain();
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![protocol::ALPN_V1.to_vec()];
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// Client settings for dialling the node `expected`.
+pub fn client_config(
+    identity: &TlsIdentity,
+    admission: Admission,
+    expected: NodeId,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let provider = provider();
+    let verifier = Arc::new(PeerVerifier {
+        admission,
+        expected: Some(expected),
+        provider: provider.clone(),
+    });
+    let (chain, key) = identity.chain();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)?;
+    tls.alpn_protocols = vec![protocol::ALPN_V1.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// The key the other side of an established connection proved it holds.
+pub fn peer_node(conn: &quinn::Connection) -> Option<NodeId> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    node_of_cert(certs.first()?).ok()
+}
+
+/// Reads one length-prefixed frame body, bounded in size and time.
+pub async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    timeout: Duration,
+) -> Result<Vec<u8>, FrameReadError> {
+    let read = async {
+        let mut header = [0u8; 4];
+        recv.read_exact(&mut header)
+            .await
+            .map_err(|e| FrameReadError::Read(e.to_string()))?;
+        let len = protocol::body_len(header)?;
+        let mut body = vec![0u8; len];
+        recv.read_exact(&mut body)
+            .await
+            .map_err(|e| FrameReadError::Read(e.to_string()))?;
+        Ok(body)
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| FrameReadError::Timeout(timeout))?
+}
+
+/// Resets both halves of a stream with `code`.
+pub fn reset_stream(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: u32) {
+    let _ = send.reset(code.into());
+    let _ = recv.stop(code.into());
+}
