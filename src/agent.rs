@@ -19,9 +19,12 @@ use crate::nix::conf::NixConf;
 use crate::nix::{PublicKey, SecretKey};
 use crate::peer_server::PeerServer;
 use crate::peers::PeerTable;
+use crate::race::TrustPolicy;
+use crate::resolver::Resolver;
 use crate::share::SharePolicy;
 use crate::shared_store::SharedStore;
 use crate::store::{Store, StoreError, StoreLocation};
+use crate::substituter::Substituter;
 use crate::transport::{Admission, TlsIdentity, TransportError};
 
 #[derive(Debug, Error)]
@@ -33,6 +36,8 @@ pub enum AgentError {
     },
     #[error("share.trusted_keys: {0}")]
     TrustedKey(String),
+    #[error("substituter.trusted_keys: {0}")]
+    SubstituterKey(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("mesh.secret_file: {0}")]
@@ -113,18 +118,45 @@ pub fn trusted_keys(config: &Config) -> Result<Vec<PublicKey>, AgentError> {
             .iter()
             .map(|k| PublicKey::parse(k).map_err(|e| AgentError::TrustedKey(format!("{k:?}: {e}"))))
             .collect(),
-        None => Ok(NixConf::load(&config.store.nix_conf)
-            .trusted_public_keys()
-            .iter()
-            .filter_map(|k| match PublicKey::parse(k) {
-                Ok(key) => Some(key),
-                Err(e) => {
-                    tracing::warn!(key = %k, error = %e, "ignoring a malformed key in nix.conf");
-                    None
-                }
-            })
-            .collect()),
+        None => Ok(parse_keys_leniently(
+            &NixConf::load(&config.store.nix_conf).trusted_public_keys(),
+        )),
     }
+}
+
+/// What the local Nix will demand of a narinfo, so the substituter never
+/// offers one it would reject: `substituter.*`, else this host's nix.conf.
+pub fn trust_policy(config: &Config) -> Result<TrustPolicy, AgentError> {
+    let nix_conf = NixConf::load(&config.store.nix_conf);
+    let require_sigs = config
+        .substituter
+        .require_sigs
+        .unwrap_or_else(|| nix_conf.get("require-sigs") != Some("false"));
+    let trusted_keys = match &config.substituter.trusted_keys {
+        Some(list) => list
+            .iter()
+            .map(|k| {
+                PublicKey::parse(k).map_err(|e| AgentError::SubstituterKey(format!("{k:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+        None => parse_keys_leniently(&nix_conf.trusted_public_keys()),
+    };
+    Ok(TrustPolicy {
+        require_sigs,
+        trusted_keys,
+    })
+}
+
+fn parse_keys_leniently(keys: &[String]) -> Vec<PublicKey> {
+    keys.iter()
+        .filter_map(|k| match PublicKey::parse(k) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::warn!(key = %k, error = %e, "ignoring a malformed key in nix.conf");
+                None
+            }
+        })
+        .collect()
 }
 
 pub fn share_policy(config: &Config) -> Result<SharePolicy, AgentError> {
@@ -227,12 +259,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             token,
         ));
     }
+    let mut substituter = None;
+    if let (true, Some(mesh)) = (config.substituter.enable, &mesh) {
+        let policy = trust_policy(&config)?;
+        let deadline = std::time::Duration::from_millis(config.substituter.race_timeout_ms);
+        let resolver = Resolver::new(mesh.clone(), policy, deadline);
+        let sub = Substituter::new(
+            resolver,
+            config.store.store_dir.clone(),
+            config.substituter.priority,
+        );
+        let listener = bind("substituter.listen", config.substituter.listen).await?;
+        tracing::info!(addr = %config.substituter.listen, "substituter for Nix listening");
+        let handler = sub.clone();
+        tasks.spawn(http::serve(
+            listener,
+            move |req, _peer| handler.clone().handle(req),
+            shutdown.clone(),
+        ));
+        substituter = Some(sub);
+    }
     let listeners = Listeners {
         quic: mesh
             .as_ref()
             .and_then(|m| m.local_addr())
             .map(|a| a.to_string()),
-        substituter: None,
+        substituter: substituter
+            .is_some()
+            .then(|| config.substituter.listen.to_string()),
         http_cache: config
             .http_cache
             .enable

@@ -100,7 +100,7 @@ pub struct SubstituterConfig {
     pub listen: SocketAddr,
     pub priority: u32,
     pub race_timeout_ms: u64,
-    pub require_sigs: bool,
+    pub require_sigs: Option<bool>,
     pub trusted_keys: Option<Vec<String>>,
 }
 
@@ -135,7 +135,7 @@ impl Default for SubstituterConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 5181)),
             priority: 30,
             race_timeout_ms: 400,
-            require_sigs: true,
+            require_sigs: None,
             trusted_keys: None,
         }
     }

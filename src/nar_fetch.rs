@@ -1,0 +1,260 @@
+//! Relays a NAR from the mesh to Nix: streams it from the best holder over
+//! QUIC, hashing on the way. A holder that dies, stalls or disconnects is
+//! replaced by another holder from the same byte offset (every holder has
+//! the same canonical bytes). The last chunk is held back until the whole
+//! NAR verified, so Nix never receives a complete wrong body: with no holder
+//! left, or a hash mismatch, the response is cut off instead. A peer whose
+//! bytes did not verify is quarantined.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::identity::NodeId;
+use crate::nix::NarInfo;
+use crate::peer_client;
+use crate::protocol::code;
+use crate::resolver::Resolver;
+
+/// A holder that sends nothing for this long is stalled.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a peer that sent bad bytes is left out.
+pub const QUARANTINE: Duration = Duration::from_secs(600);
+/// Largest piece read off a QUIC stream at once.
+const READ_CHUNK: usize = 256 * 1024;
+/// Holders tried for one NAR before giving up.
+const MAX_ATTEMPTS: usize = 8;
+
+#[derive(Debug, Error)]
+pub enum FetchError {
+    #[error("no holder left for {path} at byte {offset} of {size}")]
+    NoHolder {
+        path: String,
+        offset: u64,
+        size: u64,
+    },
+    #[error("{path}: the NAR from the mesh does not match its NarHash")]
+    HashMismatch { path: String },
+}
+
+#[derive(Default)]
+pub struct FetchStats {
+    pub failovers: AtomicU64,
+    pub verify_failures: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub completed: AtomicU64,
+}
+
+enum HolderEnd {
+    /// The holder delivered every remaining byte.
+    Done,
+    /// It failed; try the next one from the current offset.
+    Failed(String),
+    /// It sent more bytes than the NAR has: it lies.
+    Lied,
+    /// Nix went away.
+    ClientGone,
+}
+
+/// Streams `narinfo`'s NAR into `tx`. `holders` are tried in order; more are
+/// asked for when they run out.
+pub async fn relay(
+    resolver: Arc<Resolver>,
+    stats: Arc<FetchStats>,
+    narinfo: NarInfo,
+    holders: Vec<NodeId>,
+    tx: mpsc::Sender<Result<Bytes, FetchError>>,
+) {
+    stats.in_flight.fetch_add(1, Relaxed);
+    let started = Instant::now();
+    let info = &narinfo.info;
+    let hash = info.path.hash_part();
+    let size = info.nar_size;
+    let mut offset = 0u64;
+    let mut hasher = Sha256::new();
+    let mut pending: Option<Bytes> = None;
+    let mut queue = holders;
+    let mut tried: Vec<NodeId> = Vec::new();
+    let mut contributors: Vec<NodeId> = Vec::new();
+    let mut outcome = None;
+    while tried.len() < MAX_ATTEMPTS {
+        if queue.is_empty() {
+            queue = resolver.more_holders(&hash, &tried).await;
+        }
+        let Some(node) = queue.first().copied() else {
+            break;
+        };
+        queue.remove(0);
+        if !tried.is_empty() {
+            stats.failovers.fetch_add(1, Relaxed);
+            tracing::warn!(path = %info.path, peer = %node, offset, "failing over to another holder");
+        }
+        tried.push(node);
+        contributors.push(node);
+        let end = from_holder(
+            &resolver,
+            node,
+            &narinfo,
+            &mut offset,
+            &mut hasher,
+            &mut pending,
+            &tx,
+        )
+        .await;
+        match end {
+            HolderEnd::Done => {
+                outcome = Some(node);
+                break;
+            }
+            HolderEnd::ClientGone => {
+                stats.in_flight.fetch_sub(1, Relaxed);
+                return;
+            }
+            HolderEnd::Lied => {
+                quarantine(&resolver, node, "sent more bytes than the NAR has");
+                stats.verify_failures.fetch_add(1, Relaxed);
+                // What it sent so far may be wrong too: the client has it.
+                break;
+            }
+            HolderEnd::Failed(reason) => {
+                tracing::warn!(path = %info.path, peer = %node, offset, %reason, "holder failed mid-stream");
+            }
+        }
+    }
+    let digest: [u8; 32] = hasher.finalize().into();
+    let verified = offset == size && digest == info.nar_hash.0;
+    match (outcome, verified) {
+        (Some(node), true) => {
+            if let Some(last) = pending.take() {
+                let _ = tx.send(Ok(last)).await;
+            }
+            stats.completed.fetch_add(1, Relaxed);
+            tracing::info!(
+                path = %info.path,
+                peer = %node,
+                peers = contributors.len(),
+                bytes = size,
+                ms = started.elapsed().as_millis() as u64,
+                "substituted"
+            );
+        }
+        (Some(_), false) => {
+            stats.verify_failures.fetch_add(1, Relaxed);
+            for node in &contributors {
+                quarantine(&resolver, *node, "NAR did not match its hash");
+            }
+            resolver.forget(&hash);
+            let _ = tx
+                .send(Err(FetchError::HashMismatch {
+                    path: info.path.to_string(),
+                }))
+                .await;
+        }
+        (None, _) => {
+            resolver.forget(&hash);
+            let _ = tx
+                .send(Err(FetchError::NoHolder {
+                    path: info.path.to_string(),
+                    offset,
+                    size,
+                }))
+                .await;
+        }
+    }
+    stats.in_flight.fetch_sub(1, Relaxed);
+}
+
+fn quarantine(resolver: &Resolver, node: NodeId, why: &str) {
+    tracing::error!(peer = %node, reason = why, "quarantining a peer");
+    if let Ok(mut t) = resolver.mesh().table().lock() {
+        t.quarantine(&node, QUARANTINE, Instant::now());
+    }
+}
+
+async fn from_holder(
+    resolver: &Resolver,
+    node: NodeId,
+    narinfo: &NarInfo,
+    offset: &mut u64,
+    hasher: &mut Sha256,
+    pending: &mut Option<Bytes>,
+    tx: &mpsc::Sender<Result<Bytes, FetchError>>,
+) -> HolderEnd {
+    let info = &narinfo.info;
+    let mesh = resolver.mesh();
+    let conn = match mesh.connection(node).await {
+        Ok(c) => c,
+        Err(e) => return HolderEnd::Failed(e.to_string()),
+    };
+    let opened = peer_client::nar(
+        &conn,
+        &info.path.hash_part(),
+        &info.nar_hash,
+        *offset,
+        STALL_TIMEOUT,
+    )
+    .await;
+    let mut recv = match opened {
+        Ok(Some((nar_size, recv))) if nar_size == info.nar_size => recv,
+        Ok(Some((nar_size, _))) => {
+            return HolderEnd::Failed(format!("says the NAR has {nar_size} bytes"))
+        }
+        Ok(None) => return HolderEnd::Failed("no longer has it".into()),
+        Err(e) => return HolderEnd::Failed(e.to_string()),
+    };
+    let count = |n: u64| {
+        if let Ok(mut t) = mesh.table().lock() {
+            if let Some(c) = t.counters_mut(&node) {
+                c.bytes_fetched += n;
+            }
+        }
+    };
+    if let Ok(mut t) = mesh.table().lock() {
+        if let Some(c) = t.counters_mut(&node) {
+            c.requests_made += 1;
+        }
+    }
+    loop {
+        let chunk =
+            match tokio::time::timeout(STALL_TIMEOUT, recv.read_chunk(READ_CHUNK, true)).await {
+                Err(_) => {
+                    let _ = recv.stop(code::CANCELLED.into());
+                    return HolderEnd::Failed(format!("stalled for {STALL_TIMEOUT:?}"));
+                }
+                Ok(Err(e)) => {
+                    let reason = match peer_client::reset_code(&e) {
+                        Some(code::CORRUPT) => "its own store copy is corrupt".to_string(),
+                        _ => e.to_string(),
+                    };
+                    return HolderEnd::Failed(reason);
+                }
+                Ok(Ok(None)) => {
+                    return if *offset == info.nar_size {
+                        HolderEnd::Done
+                    } else {
+                        HolderEnd::Failed(format!("stream ended at byte {offset}"))
+                    };
+                }
+                Ok(Ok(Some(chunk))) => chunk.bytes,
+            };
+        let len = chunk.len() as u64;
+        if *offset + len > info.nar_size {
+            let _ = recv.stop(code::MALFORMED.into());
+            return HolderEnd::Lied;
+        }
+        hasher.update(&chunk);
+        *offset += len;
+        count(len);
+        if let Some(prev) = pending.replace(chunk) {
+            if tx.send(Ok(prev)).await.is_err() {
+                let _ = recv.stop(code::CANCELLED.into());
+                return HolderEnd::ClientGone;
+            }
+        }
+    }
+}

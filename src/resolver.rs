@@ -1,0 +1,233 @@
+//! Finds who in the mesh has a path: races a narinfo query across every
+//! usable peer at once, takes the first believable answer, and cancels the
+//! rest. Concurrent asks for the same path share one race; a short memo
+//! absorbs Nix's repeated queries and tells the NAR fetcher where to go.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{OnceCell, Semaphore};
+
+use crate::identity::NodeId;
+use crate::mesh::Mesh;
+use crate::nix::{HashPart, NarInfo};
+use crate::peer_client;
+use crate::race::{Answer, Decision, Race, TrustPolicy};
+
+/// How long a found path is remembered.
+pub const POSITIVE_MEMO: Duration = Duration::from_secs(30);
+/// How long "nobody has it" is remembered.
+pub const NEGATIVE_MEMO: Duration = Duration::from_secs(2);
+/// Races running at once; more wait for a slot until their deadline.
+pub const MAX_RACES: usize = 256;
+/// Memo entries kept; the oldest go first.
+pub const MAX_MEMO: usize = 65_536;
+
+#[derive(Clone, Debug)]
+pub struct Found {
+    pub narinfo: NarInfo,
+    /// Peers known to hold it, the race winner first.
+    pub holders: Vec<NodeId>,
+}
+
+type Slot = Arc<OnceCell<Option<Found>>>;
+
+pub struct Resolver {
+    mesh: Arc<Mesh>,
+    policy: TrustPolicy,
+    deadline: Duration,
+    memo: Mutex<HashMap<HashPart, (Instant, Option<Found>)>>,
+    inflight: Mutex<HashMap<HashPart, Slot>>,
+    slots: Semaphore,
+    pub stats: RaceStats,
+}
+
+/// Counters for metrics.
+#[derive(Default)]
+pub struct RaceStats {
+    pub hits: std::sync::atomic::AtomicU64,
+    pub misses: std::sync::atomic::AtomicU64,
+    pub rejected: std::sync::atomic::AtomicU64,
+    pub latency: crate::metrics::Histogram,
+}
+
+impl Resolver {
+    pub fn new(mesh: Arc<Mesh>, policy: TrustPolicy, deadline: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            mesh,
+            policy,
+            deadline,
+            memo: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            slots: Semaphore::new(MAX_RACES),
+            stats: RaceStats::default(),
+        })
+    }
+
+    pub fn mesh(&self) -> &Arc<Mesh> {
+        &self.mesh
+    }
+
+    fn memo_get(&self, hash: &HashPart) -> Option<Option<Found>> {
+        let memo = self.memo.lock().ok()?;
+        let (at, found) = memo.get(hash)?;
+        let ttl = if found.is_some() {
+            POSITIVE_MEMO
+        } else {
+            NEGATIVE_MEMO
+        };
+        (at.elapsed() < ttl).then(|| found.clone())
+    }
+
+    fn memo_put(&self, hash: HashPart, found: Option<Found>) {
+        if let Ok(mut memo) = self.memo.lock() {
+            if memo.len() >= MAX_MEMO {
+                let now = Instant::now();
+                memo.retain(|_, (at, f)| {
+                    let ttl = if f.is_some() {
+                        POSITIVE_MEMO
+                    } else {
+                        NEGATIVE_MEMO
+                    };
+                    now.duration_since(*at) < ttl
+                });
+                if memo.len() >= MAX_MEMO {
+                    memo.clear();
+                }
+            }
+            memo.insert(hash, (Instant::now(), found));
+        }
+    }
+
+    /// Forget what is known about `hash` (a holder turned out wrong).
+    pub fn forget(&self, hash: &HashPart) {
+        if let Ok(mut memo) = self.memo.lock() {
+            memo.remove(hash);
+        }
+    }
+
+    /// Who has `hash`, within the race deadline. Never an error: a failure
+    /// anywhere is "not found".
+    pub async fn resolve(&self, hash: &HashPart) -> Option<Found> {
+        if let Some(found) = self.memo_get(hash) {
+            return found;
+        }
+        let slot: Slot = {
+            let Ok(mut inflight) = self.inflight.lock() else {
+                return None;
+            };
+            inflight.entry(hash.clone()).or_default().clone()
+        };
+        let found = slot
+            .get_or_init(|| async {
+                let found = self.race(hash).await;
+                self.memo_put(hash.clone(), found.clone());
+                found
+            })
+            .await
+            .clone();
+        if let Ok(mut inflight) = self.inflight.lock() {
+            if inflight.get(hash).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                inflight.remove(hash);
+            }
+        }
+        found
+    }
+
+    async fn race(&self, hash: &HashPart) -> Option<Found> {
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.deadline;
+        let _slot = tokio::time::timeout_at(deadline, self.slots.acquire())
+            .await
+            .ok()?
+            .ok()?;
+        let peers = self.mesh.usable_peers();
+        let mut race = Race::new(hash.clone(), peers.len());
+        let mut asks: FuturesUnordered<_> = peers
+            .iter()
+            .map(|p| {
+                let node = p.node;
+                let mesh = self.mesh.clone();
+                let hash = hash.clone();
+                async move {
+                    let answer = async {
+                        let conn = mesh.connection(node).await.ok()?;
+                        peer_client::path_info(&conn, mesh.store_dir(), &hash, self.deadline)
+                            .await
+                            .ok()
+                    }
+                    .await;
+                    (node, answer)
+                }
+            })
+            .collect();
+        let result = loop {
+            let next = tokio::time::timeout_at(deadline, asks.next()).await;
+            let Ok(Some((node, answer))) = next else {
+                break None;
+            };
+            let answer = match answer {
+                Some(Some(info)) => Answer::Have(Box::new(info)),
+                Some(None) => Answer::NotFound,
+                None => Answer::Failed,
+            };
+            match race.on_answer(node, answer, &self.policy) {
+                Decision::Win(narinfo) => {
+                    break Some(Found {
+                        narinfo: *narinfo,
+                        holders: vec![node],
+                    })
+                }
+                Decision::Wait => {}
+                Decision::Lose => break None,
+            }
+        };
+        // Dropping the rest cancels their streams.
+        drop(asks);
+        use std::sync::atomic::Ordering::Relaxed;
+        for (peer, why) in race.rejected() {
+            tracing::warn!(peer = %peer, path = %hash, reason = %why, "ignored a peer's narinfo");
+            self.stats.rejected.fetch_add(1, Relaxed);
+        }
+        self.stats.latency.observe(start.elapsed());
+        if result.is_some() {
+            self.stats.hits.fetch_add(1, Relaxed);
+        } else {
+            self.stats.misses.fetch_add(1, Relaxed);
+        }
+        result
+    }
+
+    /// Other usable peers that say they have `hash`, for failover; asks
+    /// all of them at once with the `Have` request.
+    pub async fn more_holders(&self, hash: &HashPart, exclude: &[NodeId]) -> Vec<NodeId> {
+        let peers: Vec<NodeId> = self
+            .mesh
+            .usable_peers()
+            .into_iter()
+            .map(|p| p.node)
+            .filter(|n| !exclude.contains(n))
+            .collect();
+        let asks: FuturesUnordered<_> = peers
+            .into_iter()
+            .map(|node| {
+                let mesh = self.mesh.clone();
+                let hashes = vec![hash.clone()];
+                async move {
+                    let conn = mesh.connection(node).await.ok()?;
+                    let have = peer_client::have(&conn, hashes, self.deadline).await.ok()?;
+                    have.first().copied().unwrap_or(false).then_some(node)
+                }
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + self.deadline;
+        let mut found = Vec::new();
+        let mut asks = asks;
+        while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, asks.next()).await {
+            found.extend(answer);
+        }
+        found
+    }
+}

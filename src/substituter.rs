@@ -1,0 +1,104 @@
+//! The one substituter Nix talks to, on localhost: `/nix-cache-info`,
+//! narinfos raced across the mesh, and NARs relayed from peers with
+//! failover. Plumbing between the route table, the resolver and the NAR
+//! relay. A narinfo request is answered 200 or 404 within the race
+//! deadline, never 5xx: Nix ≤ 2.31 aborts a whole substitution on a 5xx.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{header, Method, Request, Response, StatusCode};
+use tokio::sync::mpsc;
+
+use crate::cache_api::{self, Route};
+use crate::http::{self, Body};
+use crate::nar_fetch::{self, FetchStats};
+use crate::nix::{narinfo, HashPart, NarInfo, Sha256Hash};
+use crate::resolver::{Found, Resolver};
+
+/// Chunks buffered between a peer stream and Nix.
+const RELAY_DEPTH: usize = 8;
+
+pub struct Substituter {
+    resolver: Arc<Resolver>,
+    pub fetch_stats: Arc<FetchStats>,
+    store_dir: String,
+    priority: u32,
+}
+
+impl Substituter {
+    pub fn new(resolver: Arc<Resolver>, store_dir: String, priority: u32) -> Arc<Self> {
+        Arc::new(Self {
+            resolver,
+            fetch_stats: Arc::new(FetchStats::default()),
+            store_dir,
+            priority,
+        })
+    }
+
+    pub fn resolver(&self) -> &Arc<Resolver> {
+        &self.resolver
+    }
+
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let head_only = match *req.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return http::empty(StatusCode::METHOD_NOT_ALLOWED),
+        };
+        match cache_api::route(req.uri().path()) {
+            Route::CacheInfo => http::text(
+                StatusCode::OK,
+                "text/x-nix-cache-info",
+                cache_api::cache_info(&self.store_dir, self.priority),
+            ),
+            Route::NarInfo(hash) => match self.resolver.resolve(&hash).await {
+                Some(found) => {
+                    let served = NarInfo {
+                        url: cache_api::nar_url(&found.narinfo.info),
+                        compression: "none".into(),
+                        info: found.narinfo.info,
+                    };
+                    http::text(StatusCode::OK, narinfo::CONTENT_TYPE, served.render())
+                }
+                None => http::empty(StatusCode::NOT_FOUND),
+            },
+            Route::Nar { hash, nar_hash } => match self.find_nar(&hash, &nar_hash).await {
+                Some(found) => self.nar_response(found, head_only),
+                None => http::empty(StatusCode::NOT_FOUND),
+            },
+            Route::Refuse(status) => http::empty(status),
+        }
+    }
+
+    async fn find_nar(&self, hash: &HashPart, nar_hash: &Sha256Hash) -> Option<Found> {
+        let found = self.resolver.resolve(hash).await?;
+        (found.narinfo.info.nar_hash == *nar_hash).then_some(found)
+    }
+
+    fn nar_response(&self, found: Found, head_only: bool) -> Response<Body> {
+        let size = found.narinfo.info.nar_size;
+        let mut resp = if head_only {
+            http::empty(StatusCode::OK)
+        } else {
+            let (tx, rx) = mpsc::channel(RELAY_DEPTH);
+            tokio::spawn(nar_fetch::relay(
+                self.resolver.clone(),
+                self.fetch_stats.clone(),
+                found.narinfo,
+                found.holders,
+                tx,
+            ));
+            let mut r = Response::new(http::channel_body(rx));
+            *r.status_mut() = StatusCode::OK;
+            r
+        };
+        let headers = resp.headers_mut();
+        headers.insert(header::CONTENT_LENGTH, size.into());
+        headers.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/x-nix-nar"),
+        );
+        resp
+    }
+}
