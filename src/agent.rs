@@ -209,7 +209,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             allowed: allowed_peers(&config),
         };
         let table = Arc::new(Mutex::new(PeerTable::new()));
-        let server = PeerServer::new(shared.clone(), table.clone());
+        let server = PeerServer::new(name.clone(), shared.clone(), table.clone());
         let mesh = Mesh::start(
             config.mesh.listen,
             identity,
@@ -294,6 +294,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         admin: config.admin.listen.to_string(),
     };
     let admin = Arc::new(Admin {
+        substituter: substituter.clone(),
         name,
         mesh_id,
         mesh: mesh.clone(),

@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::admin::StatusView;
 use crate::peers::PeerView;
+use crate::resolver::SurveyRow;
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest admin answer read.
@@ -125,6 +126,33 @@ pub fn render_status(s: &StatusView) -> String {
     out
 }
 
+/// The hash part of a store path or of a bare hash.
+pub fn hash_part_of(text: &str) -> Option<String> {
+    let base = text.trim().rsplit('/').next()?;
+    let hash = base.get(..crate::nix::store_path::HASH_PART_LEN)?;
+    crate::nix::HashPart::parse(hash)
+        .ok()
+        .map(|h| h.to_string())
+}
+
+pub fn render_why(rows: &[SurveyRow]) -> String {
+    if rows.is_empty() {
+        return "no usable peers to ask\n".to_string();
+    }
+    let mut out = String::new();
+    for r in rows {
+        let name = if r.name.is_empty() { "-" } else { &r.name };
+        let rtt = r.rtt_ms.map_or("-".to_string(), |v| format!("{v:.2}ms"));
+        let mark = if r.would_win { "  <- would win" } else { "" };
+        let _ = writeln!(
+            out,
+            "{name} ({}) rtt {rtt}, answered in {:.2}ms: {}{mark}",
+            r.fingerprint, r.answer_ms, r.answer
+        );
+    }
+    out
+}
+
 fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -144,6 +172,17 @@ fn human_bytes(n: u64) -> String {
 mod tests {
     use super::*;
     use crate::peers::{PeerCounters, PeerSource, PeerState};
+
+    #[test]
+    fn hash_parts_from_paths_and_hashes() {
+        let h = "i9zj2x3nvfjjph275b20kf37h0nw1y3r";
+        assert_eq!(
+            hash_part_of(&format!("/nix/store/{h}-top")).as_deref(),
+            Some(h)
+        );
+        assert_eq!(hash_part_of(h).as_deref(), Some(h));
+        assert_eq!(hash_part_of("/nix/store/short"), None);
+    }
 
     #[test]
     fn peers_render_as_aligned_table() {

@@ -55,6 +55,15 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Which peers have a path, which would win, and how fast they are.
+    Why {
+        /// A store path or its 32-character hash part.
+        path: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
     /// Make a signing key pair in Nix's format (like
     /// `nix-store --generate-binary-cache-key`).
     Keygen {
@@ -172,6 +181,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let key = nixmesh::keys::load_or_create_node_key(&config.state_dir)?;
             println!("{}", key.public().to_nix_string());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Why { path, json, target } => {
+            let addr = match target.addr() {
+                Ok(a) => a,
+                Err(code) => return Ok(code),
+            };
+            let Some(hash) = cli::hash_part_of(&path) else {
+                eprintln!("nixmesh: {path:?} is neither a store path nor a hash part");
+                return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+            };
+            let body = block_on(cli::admin_get(addr, &format!("/why/{hash}")))??;
+            if json {
+                println!("{}", String::from_utf8_lossy(&body));
+            } else {
+                let rows: Vec<nixmesh::resolver::SurveyRow> = serde_json::from_slice(&body)?;
+                print!("{}", cli::render_why(&rows));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => Ok(match load_config(config.as_deref()) {

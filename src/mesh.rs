@@ -23,6 +23,8 @@ use crate::transport::{self, Admission, TlsIdentity, TransportError};
 pub const PING_INTERVAL: Duration = Duration::from_millis(1000);
 pub const PING_TIMEOUT: Duration = Duration::from_millis(1500);
 pub const DIAL_TIMEOUT: Duration = Duration::from_millis(2000);
+/// Addresses remembered as refused before the list starts over.
+const MAX_REFUSALS_REMEMBERED: usize = 1024;
 /// QUIC application close code for a node shutting down cleanly.
 pub const CLOSE_SHUTDOWN: u32 = 0x10;
 
@@ -48,6 +50,7 @@ pub struct Mesh {
     table: Arc<Mutex<PeerTable>>,
     conns: Mutex<HashMap<NodeId, quinn::Connection>>,
     pinging: Mutex<HashSet<NodeId>>,
+    refused: Mutex<HashSet<std::net::IpAddr>>,
     server: Arc<PeerServer>,
     store_dir: String,
 }
@@ -85,6 +88,7 @@ impl Mesh {
             table,
             conns: Mutex::new(HashMap::new()),
             pinging: Mutex::new(HashSet::new()),
+            refused: Mutex::new(HashSet::new()),
             server,
             store_dir,
         });
@@ -173,7 +177,11 @@ impl Mesh {
                 let conn = match incoming.await {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::info!(%remote, reason = %e, "refused a peer at the handshake");
+                        if this.first_refusal(remote.ip()) {
+                            tracing::info!(%remote, reason = %e, "refused a peer at the handshake");
+                        } else {
+                            tracing::debug!(%remote, reason = %e, "refused a peer at the handshake");
+                        }
                         return;
                     }
                 };
@@ -193,6 +201,18 @@ impl Mesh {
                 this.server.clone().serve_connection(conn, node).await;
             });
         }
+    }
+
+    /// True the first time a handshake from `ip` is refused, so a stranger
+    /// retrying every second is logged once, not forever.
+    fn first_refusal(&self, ip: std::net::IpAddr) -> bool {
+        let Ok(mut seen) = self.refused.lock() else {
+            return false;
+        };
+        if seen.len() >= MAX_REFUSALS_REMEMBERED {
+            seen.clear();
+        }
+        seen.insert(ip)
     }
 
     /// A peer that closes its connection because it is shutting down is
@@ -295,8 +315,8 @@ impl Mesh {
         }
         .await;
         match result {
-            Ok(rtt) => {
-                self.with_table(|t| t.record_pong(&node, rtt, Instant::now()));
+            Ok((rtt, name)) => {
+                self.with_table(|t| t.record_pong(&node, rtt, &name, Instant::now()));
             }
             Err(e) => tracing::debug!(peer = %node, error = %e, "ping failed"),
         }

@@ -55,8 +55,9 @@ enum HolderEnd {
     Done,
     /// It failed; try the next one from the current offset.
     Failed(String),
-    /// It sent more bytes than the NAR has: it lies.
-    Lied,
+    /// It sent more bytes than the NAR has, or said its own copy is
+    /// corrupt: what it sent cannot be trusted.
+    Lied(&'static str),
     /// Nix went away.
     ClientGone,
 }
@@ -115,11 +116,19 @@ pub async fn relay(
                 stats.in_flight.fetch_sub(1, Relaxed);
                 return;
             }
-            HolderEnd::Lied => {
-                quarantine(&resolver, node, "sent more bytes than the NAR has");
+            HolderEnd::Lied(why) => {
+                quarantine(&resolver, node, why);
                 stats.verify_failures.fetch_add(1, Relaxed);
-                // What it sent so far may be wrong too: the client has it.
-                break;
+                // What it sent so far is suspect and Nix already has it: cut
+                // the response off; Nix's next try avoids this peer.
+                resolver.forget(&hash);
+                let _ = tx
+                    .send(Err(FetchError::HashMismatch {
+                        path: info.path.to_string(),
+                    }))
+                    .await;
+                stats.in_flight.fetch_sub(1, Relaxed);
+                return;
             }
             HolderEnd::Failed(reason) => {
                 tracing::warn!(path = %info.path, peer = %node, offset, %reason, "holder failed mid-stream");
@@ -245,7 +254,7 @@ async fn from_holder(
         let len = chunk.len() as u64;
         if *offset + len > info.nar_size {
             let _ = recv.stop(code::MALFORMED.into());
-            return HolderEnd::Lied;
+            return HolderEnd::Lied("sent more bytes than the NAR has");
         }
         hasher.update(&chunk);
         *offset += len;

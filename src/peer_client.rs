@@ -48,12 +48,15 @@ async fn exchange(
     Ok((recv, resp))
 }
 
-/// Round-trip time of one ping.
-pub async fn ping(conn: &quinn::Connection, timeout: Duration) -> Result<Duration, PeerError> {
+/// Round-trip time of one ping, and the name the peer gives itself.
+pub async fn ping(
+    conn: &quinn::Connection,
+    timeout: Duration,
+) -> Result<(Duration, String), PeerError> {
     let nonce = rand_nonce();
     let start = Instant::now();
     match exchange(conn, &Request::Ping { nonce }, timeout).await? {
-        (_, Response::Pong { nonce: n }) if n == nonce => Ok(start.elapsed()),
+        (_, Response::Pong { nonce: n, name }) if n == nonce => Ok((start.elapsed(), name)),
         _ => Err(PeerError::Unexpected("to ping")),
     }
 }

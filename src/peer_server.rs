@@ -20,14 +20,16 @@ use crate::transport::{self, REQUEST_TIMEOUT};
 pub const MAX_NAR_STREAMS: usize = 64;
 
 pub struct PeerServer {
+    name: String,
     shared: Arc<SharedStore>,
     table: Arc<Mutex<PeerTable>>,
     nar_slots: Arc<Semaphore>,
 }
 
 impl PeerServer {
-    pub fn new(shared: Arc<SharedStore>, table: Arc<Mutex<PeerTable>>) -> Arc<Self> {
+    pub fn new(name: String, shared: Arc<SharedStore>, table: Arc<Mutex<PeerTable>>) -> Arc<Self> {
         Arc::new(Self {
+            name,
             shared,
             table,
             nar_slots: Arc::new(Semaphore::new(MAX_NAR_STREAMS)),
@@ -80,7 +82,10 @@ impl PeerServer {
             self.count(&node, |c| c.requests_served += 1);
         }
         let result = match request {
-            Request::Ping { nonce } => write_response(&mut send, &Response::Pong { nonce }).await,
+            Request::Ping { nonce } => {
+                let name = self.name.clone();
+                write_response(&mut send, &Response::Pong { nonce, name }).await
+            }
             Request::PathInfo { hash } => {
                 let resp = match self.shared.info(hash).await {
                     Some(info) => Response::PathInfo {

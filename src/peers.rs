@@ -157,8 +157,12 @@ impl PeerTable {
         }
     }
 
-    pub fn record_pong(&mut self, node: &NodeId, rtt: Duration, now: Instant) {
+    /// A ping came back; `name` is what the peer calls itself.
+    pub fn record_pong(&mut self, node: &NodeId, rtt: Duration, name: &str, now: Instant) {
         if let Some(p) = self.peers.get_mut(node) {
+            if p.name.is_empty() && !name.is_empty() && !name.chars().any(char::is_control) {
+                p.name = name.to_string();
+            }
             p.srtt = Some(match p.srtt {
                 // RFC 6298 smoothing.
                 Some(s) => s.mul_f64(0.875) + rtt.mul_f64(0.125),
@@ -257,7 +261,7 @@ mod tests {
         let n = NodeId([1; 32]);
         assert!(t.upsert(n, "a", addr(), PeerSource::Mdns, t0));
         assert!(t.usable(t0).is_empty(), "not usable before the first pong");
-        t.record_pong(&n, Duration::from_millis(2), t0);
+        t.record_pong(&n, Duration::from_millis(2), "", t0);
         assert_eq!(t.usable(t0).len(), 1);
         t.tick(t0 + Duration::from_secs(3));
         assert_eq!(t.get(&n).unwrap().state, PeerState::Suspect);
@@ -265,7 +269,12 @@ mod tests {
         t.tick(t0 + Duration::from_millis(4100));
         assert_eq!(t.get(&n).unwrap().state, PeerState::Gone);
         assert!(t.usable(t0 + Duration::from_secs(5)).is_empty());
-        t.record_pong(&n, Duration::from_millis(2), t0 + Duration::from_secs(6));
+        t.record_pong(
+            &n,
+            Duration::from_millis(2),
+            "",
+            t0 + Duration::from_secs(6),
+        );
         assert_eq!(t.get(&n).unwrap().state, PeerState::Alive);
         t.tick(t0 + Duration::from_secs(6) + FORGET_AFTER + GONE_AFTER);
         assert!(
@@ -295,9 +304,9 @@ mod tests {
         for n in [a, b, c] {
             t.upsert(n, "", addr(), PeerSource::Mdns, t0);
         }
-        t.record_pong(&a, Duration::from_millis(9), t0);
-        t.record_pong(&b, Duration::from_millis(1), t0);
-        t.record_pong(&c, Duration::from_millis(5), t0);
+        t.record_pong(&a, Duration::from_millis(9), "", t0);
+        t.record_pong(&b, Duration::from_millis(1), "", t0);
+        t.record_pong(&c, Duration::from_millis(5), "", t0);
         let order: Vec<NodeId> = t.usable(t0).iter().map(|p| p.node).collect();
         assert_eq!(order, [b, c, a]);
         t.quarantine(&b, Duration::from_secs(30), t0);

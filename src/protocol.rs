@@ -18,6 +18,8 @@ pub const ALPN_V1: &[u8] = b"nixmesh/1";
 pub const MAX_FRAME: usize = 2 << 20;
 /// Most hashes in one `Have` request.
 pub const MAX_HAVE_BATCH: usize = 1024;
+/// Longest node name carried in a pong.
+pub const MAX_NAME: usize = 63;
 /// Longest error message carried in a frame.
 pub const MAX_MESSAGE: usize = 1024;
 
@@ -83,8 +85,11 @@ pub enum Request {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
+    /// Carries the answering node's name, for peers that did not learn it
+    /// from mDNS (static peers).
     Pong {
         nonce: u64,
+        name: String,
     },
     PathInfo {
         narinfo: String,
@@ -276,9 +281,11 @@ impl Request {
 impl Response {
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            Response::Pong { nonce } => {
+            Response::Pong { nonce, name } => {
                 let mut w = Writer::new(kind::PONG);
                 w.u64(*nonce);
+                let end = floor_char_boundary(name, MAX_NAME);
+                w.bytes(&name.as_bytes()[..end]);
                 w.finish()
             }
             Response::PathInfo { narinfo } => {
@@ -314,7 +321,10 @@ impl Response {
         }
         let mut r = Reader(body);
         let resp = match r.u8()? {
-            kind::PONG => Response::Pong { nonce: r.u64()? },
+            kind::PONG => Response::Pong {
+                nonce: r.u64()?,
+                name: r.text(MAX_NAME, "name")?.to_string(),
+            },
             kind::PATH_INFO_REPLY => Response::PathInfo {
                 narinfo: r
                     .text(crate::nix::narinfo::MAX_NARINFO_LEN, "narinfo")?
@@ -391,7 +401,10 @@ mod tests {
     #[test]
     fn responses_round_trip() {
         for resp in [
-            Response::Pong { nonce: 1 },
+            Response::Pong {
+                nonce: 1,
+                name: "h1".into(),
+            },
             Response::PathInfo {
                 narinfo: "StorePath: x\n".into(),
             },

@@ -32,6 +32,17 @@ pub struct Found {
     pub holders: Vec<NodeId>,
 }
 
+/// One peer's answer in a `nixmesh why` survey.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct SurveyRow {
+    pub name: String,
+    pub fingerprint: String,
+    pub rtt_ms: Option<f64>,
+    pub answer_ms: f64,
+    pub answer: String,
+    pub would_win: bool,
+}
+
 type Slot = Arc<OnceCell<Option<Found>>>;
 
 pub struct Resolver {
@@ -198,6 +209,55 @@ impl Resolver {
             self.stats.misses.fetch_add(1, Relaxed);
         }
         result
+    }
+
+    /// Asks every usable peer about `hash` and reports each answer, for
+    /// `nixmesh why`. Does not touch the memo.
+    pub async fn survey(&self, hash: &HashPart) -> Vec<SurveyRow> {
+        let asks: FuturesUnordered<_> = self
+            .mesh
+            .usable_peers()
+            .into_iter()
+            .map(|peer| {
+                let mesh = self.mesh.clone();
+                let hash = hash.clone();
+                async move {
+                    let start = Instant::now();
+                    let answer = async {
+                        let conn = mesh
+                            .connection(peer.node)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        peer_client::path_info(&conn, mesh.store_dir(), &hash, self.deadline)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                    .await;
+                    let answer = match answer {
+                        Ok(Some(info)) => match crate::race::judge(&hash, &info, &self.policy) {
+                            Ok(()) => "has it".to_string(),
+                            Err(r) => format!("has it, but rejected: {r}"),
+                        },
+                        Ok(None) => "does not have it".to_string(),
+                        Err(e) => format!("failed: {e}"),
+                    };
+                    SurveyRow {
+                        name: peer.name.clone(),
+                        fingerprint: peer.node.fingerprint(),
+                        rtt_ms: peer.srtt.map(|d| d.as_secs_f64() * 1e3),
+                        answer_ms: start.elapsed().as_secs_f64() * 1e3,
+                        answer,
+                        would_win: false,
+                    }
+                }
+            })
+            .collect();
+        let mut rows: Vec<SurveyRow> = asks.collect().await;
+        rows.sort_by(|a, b| a.answer_ms.total_cmp(&b.answer_ms));
+        if let Some(first) = rows.iter_mut().find(|r| r.answer == "has it") {
+            first.would_win = true;
+        }
+        rows
     }
 
     /// Other usable peers that say they have `hash`, for failover; asks

@@ -1,0 +1,391 @@
+//! Several agents on loopback with static peers: the peer table, admission,
+//! the wire protocol's handling of bad frames, and real Nix substituting
+//! through the localhost substituter.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nixmesh::identity::MeshSecret;
+use nixmesh::nix::SecretKey;
+use nixmesh::protocol::{code, Request, Response};
+use nixmesh::transport::{self, Admission, TlsIdentity};
+
+/// Starts `nodes` as a full mesh of static peers.
+fn full_mesh(nodes: &[&MeshNode], settings: &[NodeSettings]) -> Vec<Agent> {
+    for (i, n) in nodes.iter().enumerate() {
+        let others: Vec<&MeshNode> = nodes.iter().copied().filter(|o| o.name != n.name).collect();
+        n.write_config(&settings[i], &others);
+    }
+    nodes.iter().map(|n| n.start()).collect()
+}
+
+fn all_alive(node: &MeshNode, names: &[&str]) -> bool {
+    names
+        .iter()
+        .all(|name| node.peer_state(name).as_deref() == Some("alive"))
+}
+
+#[test]
+fn peers_appear_and_leave_as_they_should() {
+    let s = NodeSettings::default();
+    let (a, b, c) = (
+        MeshNode::new("a", &s),
+        MeshNode::new("b", &s),
+        MeshNode::new("c", &s),
+    );
+    let mut agents = full_mesh(&[&a, &b, &c], &[s.clone(), s.clone(), s.clone()]);
+    wait_for(Duration::from_secs(10), "all three alive", || {
+        all_alive(&a, &["b", "c"]) && all_alive(&b, &["a", "c"]) && all_alive(&c, &["a", "b"])
+    });
+    let table = run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_nixmesh"))
+            .args(["peers", "--admin"])
+            .arg(a.admin_addr().to_string()),
+    );
+    let text = String::from_utf8_lossy(&table.stdout).to_string();
+    assert!(text.starts_with("NAME"), "{text}");
+    assert_eq!(text.lines().count(), 3, "{text}");
+
+    // A clean stop is noticed at once.
+    let stopped = agents.remove(0);
+    let pid = stopped.pid();
+    run_ok(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]));
+    let took = wait_for(Duration::from_secs(3), "a gone after a clean stop", || {
+        b.peer_state("a").as_deref() == Some("gone") && c.peer_state("a").as_deref() == Some("gone")
+    });
+    assert!(
+        took < Duration::from_millis(1500),
+        "clean stop took {took:?} to notice"
+    );
+    drop(stopped);
+
+    // A crash is noticed within 5 s.
+    let crashed = agents.remove(0);
+    run_ok(std::process::Command::new("kill").args(["-KILL", &crashed.pid().to_string()]));
+    let start = Instant::now();
+    wait_for(Duration::from_secs(6), "b gone after SIGKILL", || {
+        c.peer_state("b").as_deref() == Some("gone")
+    });
+    assert!(
+        start.elapsed() <= Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+    drop(crashed);
+}
+
+#[test]
+fn strangers_get_nothing() {
+    let secret_dir = tempfile::tempdir().unwrap();
+    let (office, other) = (
+        secret_dir.path().join("office"),
+        secret_dir.path().join("other"),
+    );
+    std::fs::write(&office, "office secret\n").unwrap();
+    std::fs::write(&other, "someone else\n").unwrap();
+    let with_secret = |p: &std::path::Path| NodeSettings {
+        mesh: format!("secret_file = {:?}", p.display().to_string()),
+        share: "all = true".into(),
+        ..Default::default()
+    };
+    let a = MeshNode::new("a", &with_secret(&office));
+    let b = MeshNode::new("b", &with_secret(&office));
+    let stranger = MeshNode::new("stranger", &with_secret(&other));
+    let outsider = MeshNode::new("outsider", &with_secret(&office));
+    // a admits only b, by key; the outsider knows the secret but is not listed.
+    let mut a_settings = with_secret(&office);
+    a_settings
+        .mesh
+        .push_str(&format!("\nallowed_peers = [{:?}]", b.key));
+    let _agents = full_mesh(
+        &[&a, &b, &stranger, &outsider],
+        &[
+            a_settings,
+            with_secret(&office),
+            with_secret(&other),
+            with_secret(&office),
+        ],
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "a and b alive to each other",
+        || all_alive(&a, &["b"]) && all_alive(&b, &["a"]),
+    );
+    // Give the strangers time for several tries.
+    std::thread::sleep(Duration::from_secs(3));
+    for (node, refused_by) in [(&stranger, "a"), (&stranger, "b"), (&outsider, "a")] {
+        let state = node.peer_state(refused_by);
+        assert_ne!(
+            state.as_deref(),
+            Some("alive"),
+            "{} reached {refused_by}",
+            node.name
+        );
+    }
+    assert_eq!(
+        outsider.peer_state("b").as_deref(),
+        Some("alive"),
+        "same secret, b has no list"
+    );
+    let alive: Vec<String> = a
+        .peers()
+        .iter()
+        .filter(|p| p["state"] == "alive")
+        .map(|p| p["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(alive, ["b"], "a admits only b");
+    let log = std::fs::read_to_string(&_agents[0].log).unwrap();
+    assert!(log.contains("refused a peer at the handshake"), "{log}");
+}
+
+/// A raw QUIC client with its own identity, for speaking bad protocol.
+async fn raw_client(target: &MeshNode) -> quinn::Connection {
+    let key = SecretKey::generate("raw").unwrap();
+    let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
+    let node = nixmesh::identity::NodeId::parse(&target.key).unwrap();
+    let config = transport::client_config(&id, Admission::default(), node).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", target.quic).parse().unwrap();
+    endpoint
+        .connect_with(config, addr, transport::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+/// Sends `frame` raw on a new stream; returns the reset code, or the
+/// decoded answer.
+async fn send_raw(conn: &quinn::Connection, frame: &[u8]) -> Result<Response, u32> {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(frame).await;
+    let _ = send.finish();
+    let mut header = [0u8; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code))) => {
+            return Err(code.into_inner() as u32)
+        }
+        Err(e) => panic!("unexpected read error {e}"),
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.unwrap();
+    Ok(Response::decode(&body).unwrap())
+}
+
+#[test]
+fn bad_frames_reset_the_stream_and_nothing_else() {
+    let node = MeshNode::new("a", &NodeSettings::default());
+    node.write_config(&NodeSettings::default(), &[]);
+    let agent = node.start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = raw_client(&node).await;
+        let ping = Request::Ping { nonce: 5 }.encode();
+        assert!(matches!(
+            send_raw(&conn, &ping).await,
+            Ok(Response::Pong { nonce: 5, .. })
+        ));
+        let oversized = (64u32 << 20).to_be_bytes();
+        let unknown = [0, 0, 0, 1, 200];
+        let truncated = [0, 0, 0, 9, 1, 0, 0];
+        let mut bad_hash = vec![0, 0, 0, 33, 2];
+        bad_hash.extend_from_slice(&[b'e'; 32]);
+        let mut trailing = Request::Ping { nonce: 1 }.encode();
+        trailing[3] += 1;
+        trailing.push(0);
+        let zero = [0, 0, 0, 0];
+        let cases: Vec<(&[u8], u32)> = vec![
+            (&oversized, code::TOO_LARGE),
+            (&unknown, code::UNKNOWN_KIND),
+            (&truncated, code::MALFORMED),
+            (&bad_hash, code::MALFORMED),
+            (&trailing, code::MALFORMED),
+            (&zero, code::MALFORMED),
+        ];
+        for (frame, want) in &cases {
+            assert_eq!(
+                send_raw(&conn, frame).await.err(),
+                Some(*want),
+                "frame {frame:?}"
+            );
+        }
+        // The connection and the agent are still fine.
+        assert!(matches!(
+            send_raw(&conn, &ping).await,
+            Ok(Response::Pong { nonce: 5, .. })
+        ));
+        assert!(conn.close_reason().is_none());
+        // A NAR from an offset past its end is a clear error, not a hang.
+        let missing = Request::PathInfo {
+            hash: nixmesh::nix::HashPart::parse("00000000000000000000000000000000").unwrap(),
+        };
+        assert_eq!(
+            send_raw(&conn, &missing.encode()).await,
+            Ok(Response::NotFound)
+        );
+    });
+    let peers = node.peers();
+    let errors: u64 = peers.iter().map(|p| p["errors"].as_u64().unwrap()).sum();
+    assert_eq!(errors, 6, "bad frames counted against the peer: {peers:?}");
+    drop(agent);
+}
+
+#[test]
+fn nix_substitutes_a_closure_spread_over_two_peers() {
+    let office = nix_key("office-1");
+    let trusted = format!("trusted_keys = [{:?}]", office.public);
+    let holder_settings = NodeSettings {
+        top: format!(
+            "signing_key_file = {:?}",
+            office.secret.display().to_string()
+        ),
+        share: trusted.clone(),
+        ..Default::default()
+    };
+    let client_settings = NodeSettings {
+        substituter: trusted.clone(),
+        ..Default::default()
+    };
+    let a = MeshNode::new("a", &holder_settings);
+    let b = MeshNode::new("b", &client_settings);
+    let c = MeshNode::new("c", &holder_settings);
+    // a holds a file signed by the office key; c built a closure.
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("doc.txt"), "from a\n").unwrap();
+    let doc = a.store.add(&src.path().join("doc.txt"));
+    a.store.sign(&office.secret, &doc);
+    let top = c.store.build(
+        r#"
+let
+  sh = args: { system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/bin"; args = [ "-c" args ]; };
+  dep = derivation (sh "echo dep > $out" // { name = "dep"; });
+in derivation (sh "mkdir $out; echo ${dep} > $out/ref" // { name = "top"; })
+"#,
+    );
+    let dep = c.store.path_info_json(&top)["references"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let agents = full_mesh(
+        &[&a, &b, &c],
+        &[
+            holder_settings.clone(),
+            client_settings.clone(),
+            holder_settings.clone(),
+        ],
+    );
+    wait_for(Duration::from_secs(10), "b sees a and c", || {
+        all_alive(&b, &["a", "c"])
+    });
+
+    let sub = b.substituter_addr();
+    let info = get(sub, "/nix-cache-info").text();
+    assert!(info.contains("Priority: 30"), "{info}");
+    let started = Instant::now();
+    let out = b
+        .store
+        .cmd("nix-store")
+        .args(["-r", "--option", "substituters"])
+        .arg(format!("http://{sub}"))
+        .args(["--option", "trusted-public-keys", &office.public])
+        .args([&doc, &top])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("substituted in {:?}", started.elapsed());
+    for p in [&doc, &top, &dep] {
+        assert!(b.store.is_valid(p), "{p} not in b's store");
+        run_ok(b.store.cmd("nix-store").args(["--verify-path", p]));
+    }
+    // The log names who served what.
+    let log = agents[1].log_text();
+    assert!(
+        log.contains(&format!("path={doc}")) && log.contains("substituted"),
+        "{log}"
+    );
+    // `nixmesh why` names the holder.
+    let why = run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_nixmesh"))
+            .args(["why", "--admin"])
+            .arg(b.admin_addr().to_string())
+            .arg(&top),
+    );
+    let why = String::from_utf8_lossy(&why.stdout).to_string();
+    assert!(
+        why.lines()
+            .any(|l| l.starts_with("c ") && l.contains("would win")),
+        "{why}"
+    );
+    assert!(
+        why.lines()
+            .any(|l| l.starts_with("a ") && l.contains("does not have it")),
+        "{why}"
+    );
+    let metrics = get(b.admin_addr(), "/metrics").text();
+    assert!(
+        metrics.contains("nixmesh_nar_completed_total 3"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn unknown_paths_are_a_quick_404_and_nix_moves_on() {
+    let s = NodeSettings::default();
+    let a = MeshNode::new("a", &s);
+    let b = MeshNode::new("b", &s);
+    let _agents = full_mesh(&[&a, &b], &[s.clone(), s.clone()]);
+    wait_for(Duration::from_secs(10), "b sees a", || {
+        all_alive(&b, &["a"])
+    });
+    let started = Instant::now();
+    let reply = get(
+        b.substituter_addr(),
+        "/00000000000000000000000000000000.narinfo",
+    );
+    assert_eq!(reply.status, 404);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // A path only a plain cache has: Nix asks the mesh, gets 404, moves on.
+    let upstream = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("up.txt"), "upstream only\n").unwrap();
+    let path = upstream.add(&src.path().join("up.txt"));
+    let port = free_port();
+    let up_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let up_config = format!(
+        "state_dir = {:?}\n[store]\nroot = {:?}\n[share]\nall = true\n[mesh]\nenable = false\n\
+         [admin]\nlisten = \"127.0.0.1:{}\"\n[http_cache]\nenable = true\nlisten = \"{up_addr}\"\n",
+        upstream.root().join("state").display().to_string(),
+        upstream.root().display().to_string(),
+        free_port(),
+    );
+    let _up = Agent::start(&up_config, up_addr);
+    let out = b
+        .store
+        .cmd("nix-store")
+        .args(["-r", "--option", "substituters"])
+        .arg(format!("http://{} http://{up_addr}", b.substituter_addr()))
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(b.store.is_valid(&path));
+    let _ = Arc::new(());
+}
