@@ -163,7 +163,7 @@ pub fn share_policy(config: &Config) -> Result<SharePolicy, AgentError> {
     Ok(SharePolicy {
         trusted_keys: trusted_keys(config)?,
         signing_key: signing_key(config)?,
-        sign_local_builds: config.share.sign_local_builds.unwrap_or(true),
+        sign_local_builds: config.share.sign_local_builds,
         content_addressed: config.share.content_addressed,
         all: config.share.all,
     })

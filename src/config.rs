@@ -49,11 +49,11 @@ pub struct StoreConfig {
     pub nix_conf: PathBuf,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShareConfig {
     pub trusted_keys: Option<Vec<String>>,
-    pub sign_local_builds: Option<bool>,
+    pub sign_local_builds: bool,
     pub content_addressed: bool,
     pub all: bool,
 }
@@ -163,6 +163,17 @@ impl Default for StoreConfig {
             root: PathBuf::from("/"),
             db: None,
             nix_conf: PathBuf::from("/etc/nix/nix.conf"),
+        }
+    }
+}
+
+impl Default for ShareConfig {
+    fn default() -> Self {
+        Self {
+            trusted_keys: None,
+            sign_local_builds: true,
+            content_addressed: false,
+            all: false,
         }
     }
 }
@@ -294,6 +305,13 @@ fn line_of_text(text: &str, needle: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn example_file_loads_and_shows_the_defaults() {
+        let text = include_str!("../config.example.toml");
+        let parsed = Config::parse("config.example.toml", text).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
 
     #[test]
     fn empty_file_is_the_defaults() {
