@@ -7,6 +7,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::activation;
 use crate::admin::{Admin, Listeners};
 use crate::config::Config;
 use crate::discovery::{self, Announcement, DiscoveryConfig, DiscoveryError};
@@ -169,6 +170,26 @@ pub fn share_policy(config: &Config) -> Result<SharePolicy, AgentError> {
     })
 }
 
+/// The listener for `key`: inherited from the service manager when it
+/// passed one under `name`, else bound to `addr`.
+async fn listen(
+    inherited: &mut std::collections::HashMap<String, std::os::fd::RawFd>,
+    name: &str,
+    key: &'static str,
+    addr: std::net::SocketAddr,
+) -> Result<TcpListener, AgentError> {
+    if let Some(fd) = inherited.remove(name) {
+        let listener = activation::tcp_listener(fd).map_err(|source| AgentError::Bind {
+            key,
+            addr: format!("inherited fd {fd}"),
+            source,
+        })?;
+        tracing::info!(%name, fd, "using a socket passed by the service manager");
+        return Ok(listener);
+    }
+    bind(key, addr).await
+}
+
 async fn bind(key: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, AgentError> {
     TcpListener::bind(addr)
         .await
@@ -179,8 +200,13 @@ async fn bind(key: &'static str, addr: std::net::SocketAddr) -> Result<TcpListen
         })
 }
 
-/// Runs the agent until `shutdown` fires.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+/// Runs the agent until `shutdown` fires. `inherited` holds listening
+/// sockets passed by the service manager (see `activation`).
+pub async fn run(
+    config: Config,
+    mut inherited: std::collections::HashMap<String, std::os::fd::RawFd>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let store = Store::open(store_location(&config))?;
     let policy = Arc::new(share_policy(&config)?);
     tracing::info!(
@@ -249,7 +275,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         None
     };
     if config.http_cache.enable {
-        let listener = bind("http_cache.listen", config.http_cache.listen).await?;
+        let listener = listen(
+            &mut inherited,
+            "http_cache",
+            "http_cache.listen",
+            config.http_cache.listen,
+        )
+        .await?;
         tracing::info!(addr = %config.http_cache.listen, "serving this store as an HTTP binary cache");
         let cache = HttpCache::new(shared.clone(), config.http_cache.priority);
         let token = shutdown.clone();
@@ -269,7 +301,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             config.store.store_dir.clone(),
             config.substituter.priority,
         );
-        let listener = bind("substituter.listen", config.substituter.listen).await?;
+        let listener = listen(
+            &mut inherited,
+            "substituter",
+            "substituter.listen",
+            config.substituter.listen,
+        )
+        .await?;
         tracing::info!(addr = %config.substituter.listen, "substituter for Nix listening");
         let handler = sub.clone();
         tasks.spawn(http::serve(
@@ -304,7 +342,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         fingerprint: node.fingerprint(),
         started: std::time::Instant::now(),
     });
-    let listener = bind("admin.listen", config.admin.listen).await?;
+    let listener = listen(&mut inherited, "admin", "admin.listen", config.admin.listen).await?;
     tasks.spawn(http::serve(
         listener,
         move |req, peer| admin.clone().handle(req, peer),
@@ -312,12 +350,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     ));
 
     shutdown.cancelled().await;
+    // Listeners stop accepting at once (new clients wait in the socket's
+    // queue for the next agent); requests in flight finish while the mesh
+    // is still up, then peers are told goodbye.
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+        tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}; stopping anyway");
+    }
     if let Some(d) = discovery {
         d.stopped().await;
     }
     if let Some(m) = &mesh {
         m.close().await;
     }
-    while tasks.join_next().await.is_some() {}
     Ok(())
 }
+
+/// How long a stopping agent lets requests in flight finish.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

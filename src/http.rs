@@ -60,24 +60,28 @@ where
     BodyExt::boxed(StreamBody::new(stream))
 }
 
-/// Serves `handler` on `listener` until `shutdown` fires; in-flight requests
-/// are then allowed to finish.
+/// Serves `handler` on `listener` until `shutdown` fires; then stops
+/// accepting, closes idle connections, and returns once requests in flight
+/// have finished.
 pub async fn serve<F, Fut>(listener: TcpListener, handler: F, shutdown: CancellationToken)
 where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        // Reap finished connection tasks so the set stays small.
+        while conns.try_join_next().is_some() {}
         let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
-                Err(_) => return,
+                Err(_) => break,
             },
         };
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -91,7 +95,7 @@ where
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let handler = handler.clone();
@@ -116,4 +120,6 @@ where
             }
         });
     }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
 }

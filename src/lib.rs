@@ -4,6 +4,7 @@
 //! serves it as a binary cache. The Nix formats live in `nix`, and nothing
 //! else parses or prints them.
 
+pub mod activation;
 pub mod admin;
 pub mod agent;
 pub mod cache_api;

@@ -132,6 +132,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
+            // Before any other thread exists: it edits the environment.
+            let inherited = nixmesh::activation::inherited();
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
             runtime.block_on(async {
@@ -142,7 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     tracing::info!("shutting down");
                     trigger.cancel();
                 });
-                nixmesh::agent::run(config, shutdown).await
+                nixmesh::agent::run(config, inherited, shutdown).await
             })?;
             Ok(ExitCode::SUCCESS)
         }

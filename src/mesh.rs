@@ -21,6 +21,8 @@ use crate::peers::{Peer, PeerSource, PeerTable};
 use crate::transport::{self, Admission, TlsIdentity, TransportError};
 
 pub const PING_INTERVAL: Duration = Duration::from_millis(1000);
+/// How often peer states are re-evaluated.
+pub const AGE_INTERVAL: Duration = Duration::from_millis(250);
 pub const PING_TIMEOUT: Duration = Duration::from_millis(1500);
 pub const DIAL_TIMEOUT: Duration = Duration::from_millis(2000);
 /// Addresses remembered as refused before the list starts over.
@@ -53,7 +55,13 @@ pub struct Mesh {
     refused: Mutex<HashSet<std::net::IpAddr>>,
     server: Arc<PeerServer>,
     store_dir: String,
+    started: Instant,
 }
+
+/// Just after start, peers are still being reached; a race that finds none
+/// waits up to this long for the first one instead of answering 404 (a 404
+/// is cached by Nix for an hour).
+pub const WARMUP: Duration = Duration::from_secs(5);
 
 impl Mesh {
     /// Binds the endpoint and starts accepting peers and checking health.
@@ -91,6 +99,7 @@ impl Mesh {
             refused: Mutex::new(HashSet::new()),
             server,
             store_dir,
+            started: Instant::now(),
         });
         tokio::spawn(mesh.clone().accept_loop(shutdown.clone()));
         tokio::spawn(mesh.clone().health_loop(shutdown));
@@ -325,9 +334,13 @@ impl Mesh {
         }
     }
 
+    /// Ages the table every `AGE_INTERVAL` and pings every peer every
+    /// `PING_INTERVAL`, so a silent peer is gone within
+    /// `GONE_AFTER + AGE_INTERVAL` of its last answer.
     async fn health_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(PING_INTERVAL);
+        let mut tick = tokio::time::interval(AGE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_round: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -339,10 +352,19 @@ impl Mesh {
                     t.all()
                 })
                 .unwrap_or_default();
+            if last_round.is_some_and(|t| t.elapsed() < PING_INTERVAL) {
+                continue;
+            }
+            last_round = Some(Instant::now());
             for p in peers {
                 tokio::spawn(self.clone().ping_peer(p.node));
             }
         }
+    }
+
+    /// True in the first seconds after start, while peers are being found.
+    pub fn warming_up(&self) -> bool {
+        self.started.elapsed() < WARMUP
     }
 
     /// Usable peers, fastest first.

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::identity::NodeId;
 
 /// No successful ping for this long: still used, but last.
-pub const SUSPECT_AFTER: Duration = Duration::from_millis(2500);
+pub const SUSPECT_AFTER: Duration = Duration::from_millis(2000);
 /// No successful ping for this long: not used at all.
-pub const GONE_AFTER: Duration = Duration::from_millis(4000);
+pub const GONE_AFTER: Duration = Duration::from_millis(3500);
 /// Discovered peers gone this long are dropped from the table.
 pub const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// Most peers the table holds; discovery beyond this is ignored.
@@ -266,7 +266,7 @@ mod tests {
         t.tick(t0 + Duration::from_secs(3));
         assert_eq!(t.get(&n).unwrap().state, PeerState::Suspect);
         assert_eq!(t.usable(t0 + Duration::from_secs(3)).len(), 1);
-        t.tick(t0 + Duration::from_millis(4100));
+        t.tick(t0 + Duration::from_millis(3600));
         assert_eq!(t.get(&n).unwrap().state, PeerState::Gone);
         assert!(t.usable(t0 + Duration::from_secs(5)).is_empty());
         t.record_pong(

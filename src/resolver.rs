@@ -20,6 +20,8 @@ use crate::race::{Answer, Decision, Race, TrustPolicy};
 pub const POSITIVE_MEMO: Duration = Duration::from_secs(30);
 /// How long "nobody has it" is remembered.
 pub const NEGATIVE_MEMO: Duration = Duration::from_secs(2);
+/// Longest a race waits for a first usable peer while the mesh warms up.
+pub const WARMUP_WAIT: Duration = Duration::from_secs(3);
 /// Races running at once; more wait for a slot until their deadline.
 pub const MAX_RACES: usize = 256;
 /// Memo entries kept; the oldest go first.
@@ -147,14 +149,26 @@ impl Resolver {
         found
     }
 
+    /// Usable peers; right after start, waits a little for the first one.
+    async fn peers_to_ask(&self) -> Vec<crate::peers::Peer> {
+        let until = Instant::now() + WARMUP_WAIT;
+        loop {
+            let peers = self.mesh.usable_peers();
+            if !peers.is_empty() || !self.mesh.warming_up() || Instant::now() >= until {
+                return peers;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn race(&self, hash: &HashPart) -> Option<Found> {
         let start = Instant::now();
+        let peers = self.peers_to_ask().await;
         let deadline = tokio::time::Instant::now() + self.deadline;
         let _slot = tokio::time::timeout_at(deadline, self.slots.acquire())
             .await
             .ok()?
             .ok()?;
-        let peers = self.mesh.usable_peers();
         let mut race = Race::new(hash.clone(), peers.len());
         let mut asks: FuturesUnordered<_> = peers
             .iter()
@@ -164,10 +178,10 @@ impl Resolver {
                 let hash = hash.clone();
                 async move {
                     let answer = async {
-                        let conn = mesh.connection(node).await.ok()?;
+                        let conn = mesh.connection(node).await.map_err(|e| e.to_string())?;
                         peer_client::path_info(&conn, mesh.store_dir(), &hash, self.deadline)
                             .await
-                            .ok()
+                            .map_err(|e| e.to_string())
                     }
                     .await;
                     (node, answer)
@@ -180,9 +194,12 @@ impl Resolver {
                 break None;
             };
             let answer = match answer {
-                Some(Some(info)) => Answer::Have(Box::new(info)),
-                Some(None) => Answer::NotFound,
-                None => Answer::Failed,
+                Ok(Some(info)) => Answer::Have(Box::new(info)),
+                Ok(None) => Answer::NotFound,
+                Err(reason) => {
+                    tracing::debug!(peer = %node, path = %hash, %reason, "peer failed to answer");
+                    Answer::Failed
+                }
             };
             match race.on_answer(node, answer, &self.policy) {
                 Decision::Win(narinfo) => {
@@ -207,6 +224,7 @@ impl Resolver {
             self.stats.hits.fetch_add(1, Relaxed);
         } else {
             self.stats.misses.fetch_add(1, Relaxed);
+            tracing::debug!(path = %hash, asked = peers.len(), ms = start.elapsed().as_millis() as u64, "no peer has it");
         }
         result
     }

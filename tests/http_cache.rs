@@ -36,9 +36,12 @@ fn serve(store: &TestStore, share: &str, signing_key: Option<&Path>) -> Served {
         "{key_line}state_dir = {state:?}\n\
          [store]\nroot = {root:?}\nnix_conf = \"/nonexistent/nix.conf\"\n\
          [share]\n{share}\n\
-         [http_cache]\nenable = true\nlisten = \"{addr}\"\n",
+         [http_cache]\nenable = true\nlisten = \"{addr}\"\n\
+         [mesh]\nenable = false\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n",
         state = store.root().join("agent-state").display().to_string(),
         root = store.root().display().to_string(),
+        admin = free_port(),
     );
     Served {
         agent: Agent::start(&config, addr),

@@ -1,0 +1,173 @@
+//! A real office LAN on this machine, for scenarios: N hosts, each a network
+//! namespace on one bridge with its own `/nix`, `/etc/nix` and `nix-daemon`,
+//! where real Nix clients and real `nixmesh` agents run.
+//!
+//! ```text
+//!              bridge nmtNNNbr (no address: the machine takes no part)
+//!        ┌──────────────┬──────────────┐
+//!    nmtNNNv0       nmtNNNv1       nmtNNNv2      machine ends of the veths
+//!        │              │              │
+//!   h0 eth0 .10    h1 eth0 .11    h2 eth0 .12    10.233.NNN.0/24
+//!   each with its own hostname, /nix, /etc/nix, nix-daemon and agents
+//! ```
+//!
+//! Addresses come from `10.233.0.0/16`, one `/24` per Lan, and hosts have no
+//! route out of it. Names, subnet and cleanup are in `run`; wires in
+//! `network`; a host's namespaces, daemon and Nix commands in `host`; agents
+//! in `agent`.
+//!
+//! Cleanup is one mechanism: a watchdog process started with each Lan reads
+//! a pipe from the test process, and when the pipe closes (the Lan is
+//! dropped, or the test process dies of a panic, Ctrl-C or SIGKILL) it kills
+//! every process in the Lan's namespaces and deletes the namespaces, links
+//! and scratch dir. What a dead run's watchdog could not remove is swept by
+//! the next `Lan::new`. A failed test prints every agent's log first.
+//!
+//! Needs root, iproute2 (`ip`, `tc`, `ss`), util-linux (`nsenter`,
+//! `unshare`, `flock`) and Debian's `nix-bin`.
+
+mod agent;
+mod exec;
+mod host;
+mod network;
+mod run;
+
+use std::sync::OnceLock;
+
+pub use agent::AgentHandle;
+pub use host::Host;
+
+use run::Run;
+
+pub struct Lan {
+    run: Run,
+    hosts: Vec<Host>,
+}
+
+impl Lan {
+    /// Builds a LAN of `n_hosts` hosts, `h0` … `h{n-1}`, each with an empty
+    /// store and a running nix-daemon that knows no substituter.
+    pub fn new(n_hosts: usize) -> Lan {
+        preflight();
+        let run = Run::claim();
+        // From here on, dropping `lan` (also while panicking) cleans up.
+        let mut lan = Lan {
+            run,
+            hosts: Vec::with_capacity(n_hosts),
+        };
+        network::create_bridge(&lan.run.bridge());
+        for i in 0..n_hosts {
+            let host = Host::start(&lan.run, i);
+            lan.hosts.push(host);
+        }
+        lan
+    }
+
+    pub fn host(&self, i: usize) -> &Host {
+        &self.hosts[i]
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// `nmtNNN`: the prefix of every name this Lan made on the machine.
+    pub fn name(&self) -> &str {
+        &self.run.name
+    }
+
+    fn print_logs(&self) {
+        for host in &self.hosts {
+            for log in host.agent_logs() {
+                eprintln!(
+                    "===== {} {} ({}) =====\n{}",
+                    self.run.name,
+                    host.name(),
+                    log.display(),
+                    host::read_lossy(&log)
+                );
+            }
+            let daemon = host::read_lossy(&host.daemon_log());
+            let tail: Vec<&str> = daemon
+                .lines()
+                .filter(|l| !l.starts_with("accepted connection from"))
+                .rev()
+                .take(20)
+                .collect();
+            if !tail.is_empty() {
+                eprintln!(
+                    "===== {} {} nix-daemon (last lines) =====",
+                    self.run.name,
+                    host.name()
+                );
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
+        if let Some(problem) = self.run.finish() {
+            eprintln!("nixmesh-lan: cleanup of {}: {problem}", self.run.name);
+        }
+        for host in &mut self.hosts {
+            host.reap();
+        }
+    }
+}
+
+/// Fails at once, saying what is missing, where the LAN cannot be built.
+fn preflight() {
+    static PROBLEMS: OnceLock<Vec<String>> = OnceLock::new();
+    let problems = PROBLEMS.get_or_init(|| {
+        let mut problems = Vec::new();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let root = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            == Some("0");
+        if !root {
+            problems.push("the LAN tests must run as root".to_string());
+        }
+        // Machine tools run with the test's PATH, host tools with the hosts'.
+        let machine_path = std::env::var("PATH").unwrap_or_default();
+        for (tool, package, path) in [
+            ("ip", "iproute2", machine_path.as_str()),
+            ("tc", "iproute2", &machine_path),
+            ("ss", "iproute2", &machine_path),
+            ("nsenter", "util-linux", &machine_path),
+            ("unshare", "util-linux", &machine_path),
+            ("flock", "util-linux", &machine_path),
+            ("timeout", "coreutils", host::PATH),
+            ("nix-daemon", "nix-bin", host::PATH),
+            ("nix-store", "nix-bin", host::PATH),
+            ("nix-build", "nix-bin", host::PATH),
+            ("nix", "nix-bin", host::PATH),
+        ] {
+            let found = std::env::split_paths(path).any(|d| d.join(tool).is_file());
+            if !found {
+                problems.push(format!(
+                    "`{tool}` is not on PATH (Debian package {package})"
+                ));
+            }
+        }
+        for dir in ["/nix", "/etc/nix"] {
+            if !std::path::Path::new(dir).is_dir() {
+                problems.push(format!("{dir} must exist to mount each host's own on it"));
+            }
+        }
+        problems
+    });
+    assert!(
+        problems.is_empty(),
+        "cannot build the LAN:\n  {}",
+        problems.join("\n  ")
+    );
+}

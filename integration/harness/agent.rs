@@ -1,0 +1,194 @@
+//! A `nixmesh agent` process running inside a host: started from a config
+//! text, logging to a file in the host's dir, stopped with SIGTERM or killed
+//! with SIGKILL. Dropping the handle kills the agent.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use nixmesh::config::Config;
+
+use super::host::{read_lossy, Host};
+
+/// Longest an agent may take to listen after it starts.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest an agent may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(20);
+
+#[derive(Clone, Copy, Debug)]
+enum Protocol {
+    Tcp,
+    Udp,
+}
+
+pub struct AgentHandle {
+    child: Child,
+    host: String,
+    shell_pid: u32,
+    config: Config,
+    log_path: PathBuf,
+}
+
+impl AgentHandle {
+    /// Writes `config_toml` to the host's dir and starts the agent on it.
+    /// Unless the config names a `state_dir`, the agent gets the host's own
+    /// (`<host dir>/nixmesh`), never the machine's `/var/lib/nixmesh`. Logs
+    /// at `RUST_LOG` (default `info,nixmesh=debug`).
+    pub(super) fn spawn(host: &Host, n: usize, config_toml: &str) -> AgentHandle {
+        let names_state_dir = config_toml
+            .parse::<toml::Table>()
+            .is_ok_and(|t| t.contains_key("state_dir"));
+        let text = if names_state_dir {
+            config_toml.to_string()
+        } else {
+            let state_dir = host.dir().join("nixmesh");
+            format!(
+                "state_dir = {}\n{config_toml}",
+                toml::Value::String(state_dir.display().to_string())
+            )
+        };
+        let config_path = host.dir().join(format!("agent-{n}.toml"));
+        let log_path = host.dir().join(format!("agent-{n}.log"));
+        fs::write(&config_path, &text)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+        // What the agent itself will make of it decides what to wait for;
+        // a config it rejects is the agent's to report, in its log.
+        let config = Config::parse(&config_path.display().to_string(), &text).unwrap_or_default();
+        let log = fs::File::create(&log_path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
+        let config_arg = config_path.display().to_string();
+        let mut cmd = host.command(&[
+            env!("CARGO_BIN_EXE_nixmesh"),
+            "agent",
+            "--config",
+            &config_arg,
+        ]);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info,nixmesh=debug".into()),
+        )
+        .stdout(log.try_clone().expect("log file handle"))
+        .stderr(log);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: cannot start nixmesh agent: {e}", host.name()));
+        AgentHandle {
+            child,
+            host: host.name().to_string(),
+            shell_pid: host.shell_pid(),
+            config,
+            log_path,
+        }
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Everything the agent has logged so far.
+    pub fn log(&self) -> String {
+        read_lossy(&self.log_path)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits until the agent listens on every socket its config opens.
+    pub fn wait_ready(&mut self) {
+        let c = &self.config;
+        let mut sockets = vec![(Protocol::Tcp, c.admin.listen.port())];
+        if c.http_cache.enable {
+            sockets.push((Protocol::Tcp, c.http_cache.listen.port()));
+        }
+        if c.mesh.enable {
+            sockets.push((Protocol::Udp, c.mesh.listen.port()));
+            if c.substituter.enable {
+                sockets.push((Protocol::Tcp, c.substituter.listen.port()));
+            }
+        }
+        for (protocol, port) in sockets {
+            // Port 0 is any port: nothing to look for.
+            if port != 0 {
+                self.wait_listening(protocol, port);
+            }
+        }
+    }
+
+    /// Waits until something in the agent's host listens on `port`; panics
+    /// with the agent's log if the agent exits or time runs out.
+    fn wait_listening(&mut self, protocol: Protocol, port: u16) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let filter = format!("sport = :{port}");
+        let ss_flags = match protocol {
+            Protocol::Tcp => "-Hltn",
+            Protocol::Udp => "-Hlun",
+        };
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{}: nixmesh agent exited ({status}) before listening on {protocol:?} port {port}:\n{}",
+                    self.host,
+                    self.log()
+                );
+            }
+            let listening = Command::new("nsenter")
+                .args(["-t", &self.shell_pid.to_string(), "-n"])
+                .args(["ss", ss_flags, &filter])
+                .output()
+                .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
+            if listening {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{}: nixmesh agent does not listen on {protocol:?} port {port} after {START_TIMEOUT:?}:\n{}",
+                    self.host,
+                    self.log()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the agent to exit; panics if it takes longer
+    /// than ten seconds.
+    pub fn stop(&mut self) -> ExitStatus {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return status;
+        }
+        let pid = self.child.id().to_string();
+        let _ = Command::new("sh")
+            .args(["-c", "kill -TERM \"$1\"", "kill", &pid])
+            .status();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
+                _ => {
+                    self.kill();
+                    panic!(
+                        "{}: nixmesh agent did not exit within {STOP_TIMEOUT:?} of SIGTERM:\n{}",
+                        self.host,
+                        self.log()
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
