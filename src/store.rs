@@ -58,6 +58,14 @@ impl StoreLocation {
 pub struct Store {
     location: StoreLocation,
     idle: Mutex<Vec<Connection>>,
+    warned_immutable: std::sync::atomic::AtomicBool,
+}
+
+fn is_permission_error(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen)
+    )
 }
 
 impl Store {
@@ -68,6 +76,7 @@ impl Store {
         let store = Self {
             location,
             idle: Mutex::new(Vec::new()),
+            warned_immutable: std::sync::atomic::AtomicBool::new(false),
         };
         if !store.location.db.exists() {
             tracing::warn!(
@@ -104,13 +113,35 @@ impl Store {
             path: self.location.db.display().to_string(),
             source,
         };
-        let conn = Connection::open_with_flags(
-            &self.location.db,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(open_err)?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&self.location.db, flags).map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
-        Ok(conn)
+        match conn.query_row("pragma schema_version", [], |_| Ok(())) {
+            Ok(()) => Ok(conn),
+            // A WAL database can only be read by who may create its -shm
+            // file next to it. Without that right (an unprivileged agent
+            // while no Nix process has the DB open), read the file as
+            // immutable: consistent unless Nix writes at that very moment,
+            // and every NAR is checked against its hash anyway.
+            Err(e) if is_permission_error(&e) => {
+                if !self
+                    .warned_immutable
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        db = %self.location.db.display(),
+                        "cannot create the store DB's shared-memory file (not root?); \
+                         reading it as immutable. Run the agent as root (without \
+                         capabilities) for reads that are safe beside a busy nix-daemon"
+                    );
+                }
+                let uri = format!("file:{}?immutable=1", self.location.db.display());
+                let conn = Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI)
+                    .map_err(open_err)?;
+                Ok(conn)
+            }
+            Err(e) => Err(open_err(e)),
+        }
     }
 
     fn take(&self) -> Result<Connection, StoreError> {
