@@ -186,9 +186,8 @@ fn module_ports_follow_options_and_disabled_means_nothing() {
     assert_eq!(settings.signing_key_file, None);
 
     let off = eval(json!({ "enable": false }));
-    assert_eq!(
-        off["config"],
-        json!({}),
-        "a disabled module changes nothing"
+    assert!(
+        off["config"].is_null(),
+        "a disabled module changes nothing: {off}"
     );
 }
