@@ -11,6 +11,7 @@ pub mod cache_api;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod doctor;
 pub mod http;
 pub mod http_cache;
 pub mod identity;

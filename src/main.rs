@@ -55,6 +55,12 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Check this host's setup and say what to fix (exit 1 when something
+    /// is wrong).
+    Doctor {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Which peers have a path, which would win, and how fast they are.
     Why {
         /// A store path or its 32-character hash part.
@@ -184,6 +190,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let key = nixmesh::keys::load_or_create_node_key(&config.state_dir)?;
             println!("{}", key.public().to_nix_string());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor { config } => {
+            let source = config
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(defaults)".into());
+            let loaded = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let findings = block_on(nixmesh::doctor::run(&loaded, &source))?;
+            print!("{}", nixmesh::doctor::render(&findings));
+            let broken = findings
+                .iter()
+                .any(|f| f.verdict == nixmesh::doctor::Verdict::Fail);
+            Ok(if broken {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Why { path, json, target } => {
             let addr = match target.addr() {

@@ -1,0 +1,369 @@
+//! `nixmesh doctor`: checks this host's setup and says what to fix, in
+//! plain words. Each check gathers facts (config, nix.conf, the store DB,
+//! the running agent's admin API and substituter) and judges them; the
+//! judging and the report are pure.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use crate::admin::StatusView;
+use crate::cli;
+use crate::config::Config;
+use crate::nix::conf::NixConf;
+use crate::peers::{PeerSource, PeerState, PeerView};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub verdict: Verdict,
+    pub what: String,
+    /// What to do about it; empty when nothing.
+    pub fix: String,
+}
+
+fn ok(what: impl Into<String>) -> Finding {
+    Finding {
+        verdict: Verdict::Ok,
+        what: what.into(),
+        fix: String::new(),
+    }
+}
+
+fn warn(what: impl Into<String>, fix: impl Into<String>) -> Finding {
+    Finding {
+        verdict: Verdict::Warn,
+        what: what.into(),
+        fix: fix.into(),
+    }
+}
+
+fn fail(what: impl Into<String>, fix: impl Into<String>) -> Finding {
+    Finding {
+        verdict: Verdict::Fail,
+        what: what.into(),
+        fix: fix.into(),
+    }
+}
+
+pub fn render(findings: &[Finding]) -> String {
+    let mut out = String::new();
+    for f in findings {
+        let tag = match f.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "FAIL",
+        };
+        let _ = writeln!(out, "{tag}  {}", f.what);
+        if !f.fix.is_empty() {
+            let _ = writeln!(out, "      fix: {}", f.fix);
+        }
+    }
+    let fails = findings
+        .iter()
+        .filter(|f| f.verdict == Verdict::Fail)
+        .count();
+    let warns = findings
+        .iter()
+        .filter(|f| f.verdict == Verdict::Warn)
+        .count();
+    let _ = writeln!(out, "{fails} problem(s), {warns} warning(s)");
+    out
+}
+
+/// Is the localhost substituter in nix.conf's substituters, and first?
+pub fn judge_substituters(nix_conf: &NixConf, listen: SocketAddr) -> Finding {
+    let subs = nix_conf.list("substituters");
+    let port = listen.port();
+    let ours = |s: &String| {
+        let s = s.trim_end_matches('/');
+        s == format!("http://127.0.0.1:{port}") || s == format!("http://localhost:{port}")
+    };
+    match subs.iter().position(ours) {
+        None => fail(
+            format!("Nix does not use the mesh: http://127.0.0.1:{port} is not in nix.conf's substituters ({})", show(&subs)),
+            format!("add it first: substituters = http://127.0.0.1:{port} {}", subs.join(" ")),
+        ),
+        Some(0) => ok(format!("Nix asks the mesh first (substituters = {})", subs.join(" "))),
+        Some(_) => warn(
+            format!("http://127.0.0.1:{port} is in nix.conf's substituters but not first ({})", subs.join(" ")),
+            "put it first; its Priority 30 already puts it ahead of cache.nixos.org (40), but not of caches with a lower priority",
+        ),
+    }
+}
+
+fn show(list: &[String]) -> String {
+    if list.is_empty() {
+        "none".into()
+    } else {
+        list.join(" ")
+    }
+}
+
+/// Will Nix accept what this host signs, and does it trust anything but
+/// cache.nixos.org?
+pub fn judge_keys(
+    nix_conf: &NixConf,
+    signing_public: Option<&str>,
+    shared_trusted: &[String],
+) -> Vec<Finding> {
+    let trusted = nix_conf.trusted_public_keys();
+    let mut out = Vec::new();
+    if let Some(pk) = signing_public {
+        if trusted.iter().any(|k| k == pk) {
+            out.push(ok(format!(
+                "this host's signing key {} is trusted by its Nix",
+                key_name(pk)
+            )));
+        } else {
+            out.push(fail(
+                format!("this host signs with {} but its Nix does not trust that key", key_name(pk)),
+                format!("add {pk} to trusted-public-keys in nix.conf, here and on every host of the mesh"),
+            ));
+        }
+    }
+    let untrusted: Vec<&String> = shared_trusted
+        .iter()
+        .filter(|k| !trusted.contains(k))
+        .collect();
+    if !untrusted.is_empty() {
+        out.push(warn(
+            format!("share.trusted_keys lists keys this host's Nix does not trust: {}", untrusted.iter().map(|k| key_name(k)).collect::<Vec<_>>().join(", ")),
+            "paths signed only by those keys are shared but no Nix that trusts what this one trusts will take them",
+        ));
+    }
+    if out.is_empty() {
+        out.push(ok(format!(
+            "Nix trusts {}",
+            trusted
+                .iter()
+                .map(|k| key_name(k))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    out
+}
+
+fn key_name(k: &str) -> &str {
+    k.split(':').next().unwrap_or(k)
+}
+
+/// Peers: reachable ones, unreachable ones, and whether mDNS found anyone.
+pub fn judge_peers(peers: &[PeerView], mdns: bool, static_peers: usize) -> Vec<Finding> {
+    let alive = peers.iter().filter(|p| p.state == PeerState::Alive).count();
+    let mut out = Vec::new();
+    let unreachable: Vec<String> = peers
+        .iter()
+        .filter(|p| matches!(p.state, PeerState::Gone | PeerState::New))
+        .map(|p| {
+            format!(
+                "{} ({})",
+                if p.name.is_empty() {
+                    &p.fingerprint
+                } else {
+                    &p.name
+                },
+                p.addrs.join(" ")
+            )
+        })
+        .collect();
+    if !unreachable.is_empty() {
+        out.push(fail(
+            format!("peers not reachable over QUIC: {}", unreachable.join(", ")),
+            "check UDP 5182 passes the firewall both ways, and that both sides use the same mesh secret and allow each other's keys",
+        ));
+    }
+    if alive > 0 {
+        out.push(ok(format!("{alive} peer(s) reachable over QUIC")));
+    }
+    let from_mdns = peers
+        .iter()
+        .filter(|p| p.source == PeerSource::Mdns)
+        .count();
+    if mdns && from_mdns == 0 {
+        out.push(warn(
+            "no mDNS announcements seen from other nodes",
+            "is this the only node? Otherwise let UDP 5353 multicast through the firewall on the mesh interfaces, or list peers in mesh.static_peers",
+        ));
+    } else if mdns {
+        out.push(ok(format!("mDNS works: {from_mdns} peer(s) found by it")));
+    }
+    if !mdns && static_peers == 0 {
+        out.push(fail(
+            "mDNS is off and no static peers are configured: this node can find no one",
+            "set mesh.mdns = true or add mesh.static_peers",
+        ));
+    }
+    out
+}
+
+/// Runs every check against this host and the agent its config describes.
+pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
+    let mut out = vec![ok(format!("config {config_source} loads"))];
+    let nix_conf = NixConf::load(&config.store.nix_conf);
+
+    // The store DB.
+    let location = crate::agent::store_location(config);
+    if !location.db.exists() {
+        out.push(fail(
+            format!("the store DB {} does not exist", location.db.display()),
+            "check store.root / store.db, or run any Nix command once so Nix creates it",
+        ));
+    } else {
+        let db = location.db.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            crate::store::Store::open(location).and_then(|s| s.path_count())
+        })
+        .await;
+        match opened {
+            Ok(Ok(n)) => out.push(ok(format!(
+                "store DB {} is readable ({n} paths)",
+                db.display()
+            ))),
+            Ok(Err(e)) => out.push(fail(
+                format!("the store DB cannot be read: {e}"),
+                "run the agent as root, or fix the permissions of the DB",
+            )),
+            Err(e) => out.push(fail(format!("reading the store DB failed: {e}"), "")),
+        }
+    }
+
+    // Nix's side.
+    if config.substituter.enable {
+        out.push(judge_substituters(&nix_conf, config.substituter.listen));
+    }
+    let signing_public = match crate::agent::signing_key(config) {
+        Ok(k) => k.map(|k| k.public().to_nix_string()),
+        Err(e) => {
+            out.push(fail(format!("{e}"), "point signing_key_file at a key from `nixmesh keygen` or `nix-store --generate-binary-cache-key`"));
+            None
+        }
+    };
+    let shared_trusted = config.share.trusted_keys.clone().unwrap_or_default();
+    out.extend(judge_keys(
+        &nix_conf,
+        signing_public.as_deref(),
+        &shared_trusted,
+    ));
+
+    for iface in &config.mesh.interfaces {
+        if !Path::new("/sys/class/net").join(iface).exists() {
+            out.push(fail(
+                format!("mesh.interfaces names {iface:?}, which does not exist"),
+                "use a name from `ip link`",
+            ));
+        }
+    }
+
+    // The running agent.
+    let status = cli::admin_get(config.admin.listen, "/status").await;
+    let Ok(body) = status else {
+        out.push(fail(
+            format!(
+                "the agent is not running (no admin API at {})",
+                config.admin.listen
+            ),
+            "start it: `nixmesh agent` (or `systemctl start nixmesh`)",
+        ));
+        return out;
+    };
+    match serde_json::from_slice::<StatusView>(&body) {
+        Ok(s) => out.push(ok(format!(
+            "agent {} ({}) is up, mesh {}",
+            s.name, s.fingerprint, s.mesh_id
+        ))),
+        Err(e) => out.push(fail(
+            format!("the admin API answered something unexpected: {e}"),
+            "",
+        )),
+    }
+    if config.substituter.enable {
+        match cli::admin_get(config.substituter.listen, "/nix-cache-info").await {
+            Ok(body) if String::from_utf8_lossy(&body).contains("StoreDir:") => out.push(ok(
+                format!("the substituter answers on {}", config.substituter.listen),
+            )),
+            _ => out.push(fail(
+                format!(
+                    "the substituter does not answer on {}",
+                    config.substituter.listen
+                ),
+                "check substituter.enable, and that nothing else holds that port",
+            )),
+        }
+    }
+    if config.mesh.enable {
+        match cli::admin_get(config.admin.listen, "/peers")
+            .await
+            .map(|b| serde_json::from_slice::<Vec<PeerView>>(&b))
+        {
+            Ok(Ok(peers)) => out.extend(judge_peers(
+                &peers,
+                config.mesh.mdns,
+                config.mesh.static_peers.len(),
+            )),
+            _ => out.push(fail("cannot read the peer table", "")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(text: &str) -> NixConf {
+        NixConf::parse(text, &mut |_, _, _| {})
+    }
+
+    #[test]
+    fn substituter_order() {
+        let addr: SocketAddr = "127.0.0.1:5181".parse().unwrap();
+        assert_eq!(
+            judge_substituters(&conf("substituters = https://cache.nixos.org\n"), addr).verdict,
+            Verdict::Fail
+        );
+        assert_eq!(
+            judge_substituters(
+                &conf("substituters = http://127.0.0.1:5181 https://x\n"),
+                addr
+            )
+            .verdict,
+            Verdict::Ok
+        );
+        assert_eq!(
+            judge_substituters(
+                &conf("substituters = https://x http://localhost:5181/\n"),
+                addr
+            )
+            .verdict,
+            Verdict::Warn
+        );
+    }
+
+    #[test]
+    fn untrusted_signing_key_is_a_fault() {
+        let f = judge_keys(&conf(""), Some("office-1:AAAA"), &[]);
+        assert_eq!(f[0].verdict, Verdict::Fail);
+        assert!(f[0].fix.contains("office-1:AAAA"));
+        let f = judge_keys(
+            &conf("trusted-public-keys = office-1:AAAA\n"),
+            Some("office-1:AAAA"),
+            &[],
+        );
+        assert_eq!(f[0].verdict, Verdict::Ok);
+    }
+
+    #[test]
+    fn report_counts_problems() {
+        let text = render(&[ok("a"), fail("b", "do c")]);
+        assert!(text.contains("FAIL  b\n      fix: do c\n"));
+        assert!(text.ends_with("1 problem(s), 0 warning(s)\n"));
+    }
+}
