@@ -403,3 +403,55 @@ fn collected_paths_are_not_found_and_writers_do_not_disturb_readers() {
     writer.join().unwrap();
     assert!(answered > 0);
 }
+
+#[test]
+fn an_unprivileged_agent_still_serves_the_store() {
+    use std::os::unix::fs::PermissionsExt;
+    let store = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("open.txt"), "for everyone\n").unwrap();
+    let path = store.add(&src.path().join("open.txt"));
+    // A normal Nix host: the store is world-readable, its DB dir is not
+    // writable by other users.
+    std::fs::set_permissions(store.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = format!(
+        "state_dir = {:?}\n[store]\nroot = {:?}\n[share]\nall = true\n[mesh]\nenable = false\n\
+         [admin]\nlisten = \"127.0.0.1:{}\"\n[http_cache]\nenable = true\nlisten = \"{addr}\"\n",
+        state.path().join("nobody").display().to_string(),
+        store.root().display().to_string(),
+        free_port(),
+    );
+    // A copy nobody can execute, wherever the build tree is.
+    let binary = state.path().join("nixmesh");
+    std::fs::copy(env!("CARGO_BIN_EXE_nixmesh"), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let agent = Agent::start_with(
+        &config,
+        addr,
+        &[
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+        ],
+        &binary,
+    );
+    let info = narinfo(addr, &path).expect("served without root");
+    let nar = get(addr, &format!("/{}", info.url));
+    assert!(nar.complete);
+    assert_eq!(nar.body, store.dump(&path));
+    let uid = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    assert!(
+        uid.lines()
+            .any(|l| l.starts_with("Uid:") && !l.contains("\t0\t")),
+        "agent ran as root: {uid}"
+    );
+    assert!(
+        agent.log_text().contains("reading it as immutable"),
+        "{}",
+        agent.log_text()
+    );
+}

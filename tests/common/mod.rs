@@ -174,11 +174,24 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent with `config` and waits until `ready` accepts TCP.
     pub fn start(config: &str, ready: SocketAddr) -> Self {
+        Self::start_with(config, ready, &[], Path::new(env!("CARGO_BIN_EXE_nixmesh")))
+    }
+
+    /// Like `start`, running `binary` behind `wrapper` (e.g. `setpriv …`).
+    pub fn start_with(config: &str, ready: SocketAddr, wrapper: &[&str], binary: &Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("config.toml");
         std::fs::write(&conf, config).unwrap();
         let log = dir.path().join("agent.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_nixmesh"))
+        let mut argv: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        argv.push(binary.display().to_string());
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
             .args(["agent", "--config"])
             .arg(&conf)
             .env("RUST_LOG", "nixmesh=debug,info")
