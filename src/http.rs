@@ -43,6 +43,22 @@ pub fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> R
     resp
 }
 
+/// A NAR response of `size` bytes: headers only (`body` None, for HEAD) or
+/// streamed from `body`.
+pub fn nar(size: u64, body: Option<Body>) -> Response<Body> {
+    let mut resp = match body {
+        Some(b) => Response::new(b),
+        None => empty(StatusCode::OK),
+    };
+    let headers = resp.headers_mut();
+    headers.insert(hyper::header::CONTENT_LENGTH, size.into());
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-nix-nar"),
+    );
+    resp
+}
+
 /// A body fed by a channel of chunks; an `Err` item aborts the response
 /// before its end, so the client sees a truncated transfer, never a
 /// complete wrong one.

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::{header, Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 
 use crate::cache_api::{self, Route};
 use crate::http::{self, Body};
@@ -61,20 +61,8 @@ impl HttpCache {
 
     fn nar_response(&self, info: PathInfo, head_only: bool) -> Response<Body> {
         let size = info.nar_size;
-        let mut resp = if head_only {
-            http::empty(StatusCode::OK)
-        } else {
-            let stream = self.shared.nar(info, 0);
-            let mut r = Response::new(http::channel_body(stream.into_receiver()));
-            *r.status_mut() = StatusCode::OK;
-            r
-        };
-        let headers = resp.headers_mut();
-        headers.insert(header::CONTENT_LENGTH, size.into());
-        headers.insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/x-nix-nar"),
-        );
-        resp
+        let body =
+            (!head_only).then(|| http::channel_body(self.shared.nar(info, 0).into_receiver()));
+        http::nar(size, body)
     }
 }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::{header, Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
 use crate::cache_api::{self, Route};
@@ -78,9 +78,7 @@ impl Substituter {
 
     fn nar_response(&self, found: Found, head_only: bool) -> Response<Body> {
         let size = found.narinfo.info.nar_size;
-        let mut resp = if head_only {
-            http::empty(StatusCode::OK)
-        } else {
+        let body = (!head_only).then(|| {
             let (tx, rx) = mpsc::channel(RELAY_DEPTH);
             tokio::spawn(nar_fetch::relay(
                 self.resolver.clone(),
@@ -89,16 +87,8 @@ impl Substituter {
                 found.holders,
                 tx,
             ));
-            let mut r = Response::new(http::channel_body(rx));
-            *r.status_mut() = StatusCode::OK;
-            r
-        };
-        let headers = resp.headers_mut();
-        headers.insert(header::CONTENT_LENGTH, size.into());
-        headers.insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/x-nix-nar"),
-        );
-        resp
+            http::channel_body(rx)
+        });
+        http::nar(size, body)
     }
 }
