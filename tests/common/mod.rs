@@ -131,12 +131,27 @@ pub fn rand_suffix() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// A port free for both TCP and UDP. Ports come from a per-process counter
+/// below the kernel's ephemeral range, so parallel tests never get the same
+/// one and outgoing connections never take it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    if NEXT.load(Ordering::SeqCst) == 0 {
+        let mut b = [0u8; 2];
+        getrandom::getrandom(&mut b).unwrap();
+        let base = 20_000 + u16::from_le_bytes(b) % 10_000;
+        let _ = NEXT.compare_exchange(0, base, Ordering::SeqCst, Ordering::SeqCst);
+    }
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 32_000, "ran out of test ports");
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A Nix signing key pair made by `nix-store --generate-binary-cache-key`.
