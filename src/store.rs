@@ -14,10 +14,12 @@ use thiserror::Error;
 use crate::nix::{HashPart, PathInfo, Sha256Hash, StorePath};
 
 /// Connections kept open for reuse; more are opened under load and dropped.
-const IDLE_CONNECTIONS: usize = 8;
+const IDLE_CONNECTIONS: usize = 64;
 /// How long a read waits on a DB lock (WAL recovery by the daemon) before
-/// it counts as a failure.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+/// it counts as a failure. Reads run on the async threads (a lookup is tens
+/// of microseconds; handing it to a blocking thread costs more), so this
+/// stays short.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -160,13 +162,15 @@ impl Store {
         }
     }
 
-    /// The valid path whose hash part is `hash`, if any. Blocking: call from
-    /// a blocking thread.
+    /// The valid path whose hash part is `hash`, if any. Blocks for tens of
+    /// microseconds, up to `BUSY_TIMEOUT` while the DB is locked.
     pub fn path_info(&self, hash: &HashPart) -> Result<Option<PathInfo>, StoreError> {
-        if !self.location.db.exists() {
-            return Ok(None);
-        }
-        let mut conn = self.take()?;
+        let mut conn = match self.take() {
+            Ok(c) => c,
+            // Not created yet (Nix never ran): an empty store.
+            Err(_) if !self.location.db.exists() => return Ok(None),
+            Err(e) => return Err(e),
+        };
         let result = query_path_info(&mut conn, &self.location.store_dir, hash);
         // A connection that failed mid-query may be in a bad state.
         if result.is_ok() {
@@ -185,7 +189,6 @@ impl Store {
 }
 
 struct Row {
-    id: i64,
     path: String,
     hash: String,
     deriver: Option<String>,
@@ -193,6 +196,8 @@ struct Row {
     ultimate: Option<i64>,
     sigs: Option<String>,
     ca: Option<String>,
+    /// Full reference paths, space-separated (store paths hold no spaces).
+    references: Option<String>,
 }
 
 fn query_path_info(
@@ -201,42 +206,35 @@ fn query_path_info(
     hash: &HashPart,
 ) -> Result<Option<PathInfo>, StoreError> {
     let prefix = format!("{store_dir}/{hash}");
-    // Row and references from one snapshot, so a concurrent GC or
-    // registration cannot give a half-updated answer.
-    let tx = conn.transaction()?;
-    let row = tx
+    // One statement is one read snapshot: the row and its references agree
+    // even while Nix registers or collects paths.
+    let row = conn
         .prepare_cached(
-            "select id, path, hash, deriver, narSize, ultimate, sigs, ca from ValidPaths \
-             where path >= ?1 order by path limit 1",
+            "select v.path, v.hash, v.deriver, v.narSize, v.ultimate, v.sigs, v.ca, \
+               (select group_concat(p.path, ' ') from Refs r \
+                  join ValidPaths p on r.reference = p.id where r.referrer = v.id) \
+             from ValidPaths v where v.path >= ?1 order by v.path limit 1",
         )?
         .query_row([&prefix], |r| {
             Ok(Row {
-                id: r.get(0)?,
-                path: r.get(1)?,
-                hash: r.get(2)?,
-                deriver: r.get(3)?,
-                nar_size: r.get(4)?,
-                ultimate: r.get(5)?,
-                sigs: r.get(6)?,
-                ca: r.get(7)?,
+                path: r.get(0)?,
+                hash: r.get(1)?,
+                deriver: r.get(2)?,
+                nar_size: r.get(3)?,
+                ultimate: r.get(4)?,
+                sigs: r.get(5)?,
+                ca: r.get(6)?,
+                references: r.get(7)?,
             })
         })
         .optional()?;
     let Some(row) = row.filter(|r| r.path.starts_with(&format!("{prefix}-"))) else {
         return Ok(None);
     };
-    let references: Vec<String> = tx
-        .prepare_cached(
-            "select p.path from Refs r join ValidPaths p on r.reference = p.id \
-             where r.referrer = ?1",
-        )?
-        .query_map([row.id], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    tx.commit()?;
-    row_to_info(store_dir, row, references).map(Some)
+    row_to_info(store_dir, row).map(Some)
 }
 
-fn row_to_info(store_dir: &str, row: Row, references: Vec<String>) -> Result<PathInfo, StoreError> {
+fn row_to_info(store_dir: &str, row: Row) -> Result<PathInfo, StoreError> {
     let bad = |reason: String| StoreError::BadRow {
         path: row.path.clone(),
         reason,
@@ -248,8 +246,11 @@ fn row_to_info(store_dir: &str, row: Row, references: Vec<String>) -> Result<Pat
         .and_then(|n| u64::try_from(n).ok())
         .filter(|n| *n > 0)
         .ok_or_else(|| bad("no NAR size".into()))?;
-    let mut refs = references
-        .iter()
+    let mut refs = row
+        .references
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace()
         .map(|r| StorePath::parse(store_dir, r))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(e.to_string()))?;
