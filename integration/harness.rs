@@ -33,6 +33,7 @@ mod network;
 mod run;
 
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 pub use agent::AgentHandle;
 pub use host::Host;
@@ -122,6 +123,21 @@ impl Drop for Lan {
     }
 }
 
+/// Polls `check` every 50 ms until it holds; returns how long that took.
+/// Panics, saying `what` was awaited, after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if check() {
+            return started.elapsed();
+        }
+        if started.elapsed() > limit {
+            panic!("waited {limit:?} for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Fails at once, saying what is missing, where the LAN cannot be built.
 fn preflight() {
     static PROBLEMS: OnceLock<Vec<String>> = OnceLock::new();
@@ -142,6 +158,8 @@ fn preflight() {
             ("ip", "iproute2", machine_path.as_str()),
             ("tc", "iproute2", &machine_path),
             ("ss", "iproute2", &machine_path),
+            ("kill", "procps", &machine_path),
+            ("curl", "curl", host::PATH),
             ("nsenter", "util-linux", &machine_path),
             ("unshare", "util-linux", &machine_path),
             ("flock", "util-linux", &machine_path),

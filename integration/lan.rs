@@ -3,5 +3,11 @@
 //! and real agents (see harness.rs). Needs root.
 
 mod harness;
+mod office;
+mod scenario_avahi;
+mod scenario_failover;
 mod scenario_lan;
+mod scenario_mesh;
 mod scenario_store;
+mod scenario_substitute;
+mod scenario_uplink;

@@ -198,6 +198,8 @@ impl Mesh {
                     conn.close(1u32.into(), b"no identity");
                     return;
                 };
+                // An IPv4 peer reaches the dual-stack socket as `::ffff:a.b.c.d`.
+                let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
                 tracing::debug!(peer = %node, %remote, "peer connected");
                 // The peer dials from its listening port: that is its address.
                 this.with_table(|t| {

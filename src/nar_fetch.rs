@@ -55,8 +55,11 @@ enum HolderEnd {
     Done,
     /// It failed; try the next one from the current offset.
     Failed(String),
+    /// It said its own copy is corrupt before sending a byte: nothing it
+    /// sent needs undoing, but it must not be asked again.
+    Disowned,
     /// It sent more bytes than the NAR has, or said its own copy is
-    /// corrupt: what it sent cannot be trusted.
+    /// corrupt after sending some: what it sent cannot be trusted.
     Lied(&'static str),
     /// Nix went away.
     ClientGone,
@@ -133,6 +136,10 @@ pub async fn relay(
             HolderEnd::Failed(reason) => {
                 tracing::warn!(path = %info.path, peer = %node, offset, %reason, "holder failed mid-stream");
             }
+            HolderEnd::Disowned => {
+                quarantine(&resolver, node, "its own store copy is corrupt");
+                stats.verify_failures.fetch_add(1, Relaxed);
+            }
         }
     }
     let digest: [u8; 32] = hasher.finalize().into();
@@ -195,6 +202,7 @@ async fn from_holder(
     tx: &mpsc::Sender<Result<Bytes, FetchError>>,
 ) -> HolderEnd {
     let info = &narinfo.info;
+    let start = *offset;
     let mesh = resolver.mesh();
     let conn = match mesh.connection(node).await {
         Ok(c) => c,
@@ -229,28 +237,31 @@ async fn from_holder(
         }
     }
     loop {
-        let chunk =
-            match tokio::time::timeout(STALL_TIMEOUT, recv.read_chunk(READ_CHUNK, true)).await {
-                Err(_) => {
-                    let _ = recv.stop(code::CANCELLED.into());
-                    return HolderEnd::Failed(format!("stalled for {STALL_TIMEOUT:?}"));
-                }
-                Ok(Err(e)) => {
-                    let reason = match peer_client::reset_code(&e) {
-                        Some(code::CORRUPT) => "its own store copy is corrupt".to_string(),
-                        _ => e.to_string(),
-                    };
-                    return HolderEnd::Failed(reason);
-                }
-                Ok(Ok(None)) => {
-                    return if *offset == info.nar_size {
-                        HolderEnd::Done
-                    } else {
-                        HolderEnd::Failed(format!("stream ended at byte {offset}"))
-                    };
-                }
-                Ok(Ok(Some(chunk))) => chunk.bytes,
-            };
+        let chunk = match tokio::time::timeout(STALL_TIMEOUT, recv.read_chunk(READ_CHUNK, true))
+            .await
+        {
+            Err(_) => {
+                let _ = recv.stop(code::CANCELLED.into());
+                return HolderEnd::Failed(format!("stalled for {STALL_TIMEOUT:?}"));
+            }
+            Ok(Err(e)) => {
+                // The bytes a holder sent before saying its copy is
+                // corrupt are as suspect as the rest of that copy.
+                return match peer_client::reset_code(&e) {
+                    Some(code::CORRUPT) if *offset == start => HolderEnd::Disowned,
+                    Some(code::CORRUPT) => HolderEnd::Lied("said its own store copy is corrupt"),
+                    _ => HolderEnd::Failed(e.to_string()),
+                };
+            }
+            Ok(Ok(None)) => {
+                return if *offset == info.nar_size {
+                    HolderEnd::Done
+                } else {
+                    HolderEnd::Failed(format!("stream ended at byte {offset}"))
+                };
+            }
+            Ok(Ok(Some(chunk))) => chunk.bytes,
+        };
         let len = chunk.len() as u64;
         if *offset + len > info.nar_size {
             let _ = recv.stop(code::MALFORMED.into());

@@ -113,7 +113,10 @@ impl PeerTable {
             if !name.is_empty() {
                 p.name = name.to_string();
             }
-            if !addrs.is_empty() {
+            // Where a connection came from is a guess; what the peer
+            // announced, or the config says, stands.
+            let guess = source == PeerSource::Inbound && p.source != PeerSource::Inbound;
+            if !addrs.is_empty() && !guess {
                 p.addrs = addrs;
             }
             // A fresh announcement outranks an inbound guess.
@@ -281,6 +284,26 @@ mod tests {
             t.get(&n).is_none(),
             "long-gone discovered peer is forgotten"
         );
+    }
+
+    #[test]
+    fn an_inbound_connection_does_not_replace_announced_addresses() {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new();
+        let n = NodeId([1; 32]);
+        let inbound: Vec<SocketAddr> = vec!["10.0.0.1:40000".parse().unwrap()];
+        t.upsert(n, "a", addr(), PeerSource::Mdns, t0);
+        t.upsert(n, "", inbound.clone(), PeerSource::Inbound, t0);
+        assert_eq!(t.get(&n).unwrap().addrs, addr());
+        assert_eq!(t.get(&n).unwrap().source, PeerSource::Mdns);
+        // A peer known only from its connection is reached where it came
+        // from, until it announces itself.
+        let m = NodeId([2; 32]);
+        t.upsert(m, "", inbound.clone(), PeerSource::Inbound, t0);
+        assert_eq!(t.get(&m).unwrap().addrs, inbound);
+        t.upsert(m, "b", addr(), PeerSource::Mdns, t0);
+        assert_eq!(t.get(&m).unwrap().addrs, addr());
+        assert_eq!(t.get(&m).unwrap().source, PeerSource::Mdns);
     }
 
     #[test]

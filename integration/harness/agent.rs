@@ -1,13 +1,16 @@
 //! A `nixmesh agent` process running inside a host: started from a config
-//! text, logging to a file in the host's dir, stopped with SIGTERM or killed
-//! with SIGKILL. Dropping the handle kills the agent.
+//! text, logging to a file in the host's dir, asked about its peers, `why`
+//! and metrics through its admin API inside the host, signalled, stopped
+//! with SIGTERM or killed with SIGKILL. Dropping the handle kills the agent.
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 use nixmesh::config::Config;
+use nixmesh::peers::PeerView;
+use nixmesh::resolver::SurveyRow;
 
 use super::host::{read_lossy, Host};
 
@@ -15,6 +18,8 @@ use super::host::{read_lossy, Host};
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest an agent may take to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest an admin API question (`nixmesh peers`, `/metrics`) may take.
+const ADMIN_TIMEOUT_SECS: &str = "10";
 const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Clone, Copy, Debug)]
@@ -94,6 +99,84 @@ impl AgentHandle {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the agent (`nsenter` execs
+    /// the agent, so the child's pid is the agent's).
+    pub fn signal(&self, signal: &str) {
+        super::exec::checked(
+            Command::new("kill").args([format!("-{signal}"), self.child.id().to_string()]),
+        );
+    }
+
+    /// The agent's peer table, as `nixmesh peers --json` prints it inside
+    /// the host.
+    pub fn peers(&self) -> Vec<PeerView> {
+        let admin = self.config.admin.listen.to_string();
+        let out = self.admin_command(&[
+            env!("CARGO_BIN_EXE_nixmesh"),
+            "peers",
+            "--json",
+            "--admin",
+            &admin,
+        ]);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{}: `nixmesh peers --json` printed something else ({e}):\n{}",
+                self.host,
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// The peer called `name` in the agent's table, if listed.
+    pub fn peer(&self, name: &str) -> Option<PeerView> {
+        self.peers().into_iter().find(|p| p.name == name)
+    }
+
+    /// What `nixmesh why --json` says about `path`: each peer's answer.
+    pub fn why(&self, path: &str) -> Vec<SurveyRow> {
+        let admin = self.config.admin.listen.to_string();
+        let out = self.admin_command(&[
+            env!("CARGO_BIN_EXE_nixmesh"),
+            "why",
+            path,
+            "--json",
+            "--admin",
+            &admin,
+        ]);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{}: `nixmesh why --json` printed something else ({e}):\n{}",
+                self.host,
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// The value of the unlabelled metric `name` on the agent's `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let url = format!("http://{}/metrics", self.config.admin.listen);
+        let out = self.admin_command(&["curl", "-sSf", "--max-time", ADMIN_TIMEOUT_SECS, &url]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|line| {
+                let (key, value) = line.split_once(' ')?;
+                (key == name).then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("{}: no metric {name} in:\n{text}", self.host))
+    }
+
+    /// Runs `argv` in the agent's network namespace; panics unless it
+    /// succeeds.
+    fn admin_command(&self, argv: &[&str]) -> Output {
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &self.shell_pid.to_string(), "-n", "--"])
+            .args(["timeout", ADMIN_TIMEOUT_SECS])
+            .args(argv)
+            .env("PATH", super::host::PATH)
+            .env("RUST_LOG", "warn");
+        super::exec::checked(&mut cmd)
     }
 
     /// Waits until the agent listens on every socket its config opens.

@@ -61,6 +61,13 @@ pub struct SigningKey {
     pub public: String,
 }
 
+/// Byte counters of a host's link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkBytes {
+    pub sent: u64,
+    pub received: u64,
+}
+
 pub struct Host {
     name: String,
     netns: String,
@@ -185,6 +192,81 @@ impl Host {
         fs::write(&file, contents)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
         one_line(self.run_ok(&["nix-store", "--add", &path_str(&file)]))
+    }
+
+    /// Adds the file or directory at `path` (anywhere under the Lan's dir,
+    /// which every host sees) to this host's store and returns its store
+    /// path. Adding the same file on two hosts gives the same store path.
+    pub fn add_path(&self, path: &Path) -> String {
+        one_line(self.run_ok(&["nix-store", "--add", &path_str(path)]))
+    }
+
+    /// Where the file of `store_path` (or a file under it) really is, on
+    /// the machine: under this host's `nix/store`.
+    pub fn real_path(&self, store_path: &str) -> PathBuf {
+        let rel = store_path
+            .strip_prefix("/nix/store/")
+            .unwrap_or_else(|| panic!("{store_path} is not under /nix/store"));
+        self.dir.join("nix/store").join(rel)
+    }
+
+    /// The node key (`nixmesh id`) of the agents this host runs with the
+    /// harness's default `state_dir`, made now if there is none yet.
+    pub fn node_key(&self) -> String {
+        let config = self.dir.join("id.toml");
+        let state_dir = self.dir.join("nixmesh");
+        write(
+            &config,
+            &format!(
+                "state_dir = {}\n",
+                toml::Value::String(path_str(&state_dir))
+            ),
+        );
+        one_line(self.run_ok(&[
+            env!("CARGO_BIN_EXE_nixmesh"),
+            "id",
+            "--config",
+            &path_str(&config),
+        ]))
+    }
+
+    /// Bytes this host has sent and received on its LAN link (`eth0`).
+    pub fn link_bytes(&self) -> LinkBytes {
+        let out = self.run_ok(&["ip", "-s", "-j", "link", "show", "dev", network::HOST_IF]);
+        let json: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("{}: `ip -s -j link` printed {out:?}: {e}", self.name));
+        let stat = |dir: &str| {
+            json[0]["stats64"][dir]["bytes"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{}: no {dir} bytes in {out}", self.name))
+        };
+        LinkBytes {
+            sent: stat("tx"),
+            received: stat("rx"),
+        }
+    }
+
+    /// Asks `url` from inside this host with curl: the HTTP status (0 when
+    /// there was no answer) and how long it took.
+    pub fn http_status(&self, url: &str) -> (u16, Duration) {
+        let started = Instant::now();
+        let out = self.run(&[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "30",
+            url,
+        ]);
+        let took = started.elapsed();
+        let code = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        (code, took)
     }
 
     /// Builds the Nix expression `expr` (one derivation, no nixpkgs: use
