@@ -27,6 +27,9 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(3);
 pub const QUARANTINE: Duration = Duration::from_secs(600);
 /// Largest piece read off a QUIC stream at once.
 const READ_CHUNK: usize = 256 * 1024;
+/// After Nix leaves mid-NAR, up to this many remaining bytes are still read
+/// and hashed, so a peer whose bytes made Nix give up is caught.
+const DRAIN_LIMIT: u64 = 64 << 20;
 /// Holders tried for one NAR before giving up.
 const MAX_ATTEMPTS: usize = 8;
 
@@ -86,6 +89,7 @@ pub async fn relay(
     let mut tried: Vec<NodeId> = Vec::new();
     let mut contributors: Vec<NodeId> = Vec::new();
     let mut outcome = None;
+    let mut client_gone = false;
     while tried.len() < MAX_ATTEMPTS {
         if queue.is_empty() {
             queue = resolver.more_holders(&hash, &tried).await;
@@ -108,6 +112,7 @@ pub async fn relay(
             &mut hasher,
             &mut pending,
             &tx,
+            &mut client_gone,
         )
         .await;
         match end {
@@ -144,6 +149,17 @@ pub async fn relay(
     }
     let digest: [u8; 32] = hasher.finalize().into();
     let verified = offset == size && digest == info.nar_hash.0;
+    if client_gone {
+        if outcome.is_some() && !verified {
+            stats.verify_failures.fetch_add(1, Relaxed);
+            for node in &contributors {
+                quarantine(&resolver, *node, "NAR did not match its hash");
+            }
+            resolver.forget(&hash);
+        }
+        stats.in_flight.fetch_sub(1, Relaxed);
+        return;
+    }
     match (outcome, verified) {
         (Some(node), true) => {
             if let Some(last) = pending.take() {
@@ -185,6 +201,22 @@ pub async fn relay(
     stats.in_flight.fetch_sub(1, Relaxed);
 }
 
+/// Every NAR begins with the same string token, `nix-archive-1`: a holder
+/// whose first bytes differ is lying, and is caught before Nix sees them.
+fn starts_like_a_nar(offset: u64, chunk: &[u8]) -> bool {
+    let mut magic = Vec::with_capacity(24);
+    crate::nix::nar::push_str(&mut magic, crate::nix::nar::MAGIC.as_bytes());
+    let Ok(start) = usize::try_from(offset) else {
+        return true;
+    };
+    if start >= magic.len() {
+        return true;
+    }
+    let expected = &magic[start..];
+    let n = expected.len().min(chunk.len());
+    chunk[..n] == expected[..n]
+}
+
 fn quarantine(resolver: &Resolver, node: NodeId, why: &str) {
     tracing::error!(peer = %node, reason = why, "quarantining a peer");
     if let Ok(mut t) = resolver.mesh().table().lock() {
@@ -200,6 +232,7 @@ async fn from_holder(
     hasher: &mut Sha256,
     pending: &mut Option<Bytes>,
     tx: &mpsc::Sender<Result<Bytes, FetchError>>,
+    client_gone: &mut bool,
 ) -> HolderEnd {
     let info = &narinfo.info;
     let start = *offset;
@@ -267,13 +300,25 @@ async fn from_holder(
             let _ = recv.stop(code::MALFORMED.into());
             return HolderEnd::Lied("sent more bytes than the NAR has");
         }
+        if !starts_like_a_nar(*offset, &chunk) {
+            let _ = recv.stop(code::MALFORMED.into());
+            return HolderEnd::Lied("sent bytes that are not a NAR");
+        }
         hasher.update(&chunk);
         *offset += len;
         count(len);
+        if *client_gone {
+            continue;
+        }
         if let Some(prev) = pending.replace(chunk) {
             if tx.send(Ok(prev)).await.is_err() {
-                let _ = recv.stop(code::CANCELLED.into());
-                return HolderEnd::ClientGone;
+                // Nix left, maybe because these bytes made no sense to it.
+                // Finish checking them if that is cheap, to catch a liar.
+                if info.nar_size - *offset > DRAIN_LIMIT {
+                    let _ = recv.stop(code::CANCELLED.into());
+                    return HolderEnd::ClientGone;
+                }
+                *client_gone = true;
             }
         }
     }

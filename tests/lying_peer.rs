@@ -1,0 +1,168 @@
+//! A peer that lies: it speaks the protocol correctly but sends NAR bytes
+//! that do not match the narinfo it gave. Real Nix must never end up with
+//! the path, and the liar must be quarantined.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use nixmesh::identity::{MeshSecret, NodeId};
+use nixmesh::nix::{NarInfo, SecretKey};
+use nixmesh::protocol::{Request, Response};
+use nixmesh::transport::{self, Admission, TlsIdentity};
+
+/// How the liar lies about the NAR.
+#[derive(Clone, Copy)]
+enum Lie {
+    /// Bytes that are not a NAR at all.
+    Garbage,
+    /// The real NAR with one byte changed: same length, parses fine.
+    FlippedByte,
+    /// The real NAR, then more.
+    Overlong,
+}
+
+/// Serves `narinfo` for its path and a NAR that is `lie`d about.
+async fn run_liar(endpoint: quinn::Endpoint, narinfo: String, nar: Arc<Vec<u8>>, lie: Lie) {
+    while let Some(incoming) = endpoint.accept().await {
+        let narinfo = narinfo.clone();
+        let nar = nar.clone();
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let narinfo = narinfo.clone();
+                let nar = nar.clone();
+                tokio::spawn(async move {
+                    let Ok(body) = transport::read_frame(&mut recv, Duration::from_secs(5)).await
+                    else {
+                        return;
+                    };
+                    let resp = match Request::decode(&body) {
+                        Ok(Request::Ping { nonce }) => Response::Pong {
+                            nonce,
+                            name: "liar".into(),
+                        },
+                        Ok(Request::PathInfo { .. }) => Response::PathInfo { narinfo },
+                        Ok(Request::Have { hashes }) => Response::Have {
+                            present: vec![true; hashes.len()],
+                        },
+                        Ok(Request::Nar { offset, .. }) => {
+                            let mut bytes = nar.to_vec();
+                            match lie {
+                                Lie::Garbage => bytes.fill(0x5a),
+                                Lie::FlippedByte => {
+                                    let mid = bytes.len() / 2;
+                                    bytes[mid] ^= 1;
+                                }
+                                Lie::Overlong => bytes.extend_from_slice(&[0; 4096]),
+                            }
+                            let nar_size = nar.len() as u64;
+                            let _ = send
+                                .write_all(&Response::NarFollows { nar_size }.encode())
+                                .await;
+                            let _ = send.write_all(&bytes[offset as usize..]).await;
+                            let _ = send.finish();
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let _ = send.write_all(&resp.encode()).await;
+                    let _ = send.finish();
+                });
+            }
+        });
+    }
+}
+
+fn liar_scenario(lie: Lie) {
+    // The truth: a real content-addressed path (no signature needed).
+    let honest = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("truth.txt"), vec![b't'; 300_000]).unwrap();
+    let path = honest.add(&src.path().join("truth.txt"));
+    let json = honest.path_info_json(&path);
+    let narinfo = format!(
+        "StorePath: {path}\nURL: nar/x.nar\nCompression: none\nNarHash: {}\nNarSize: {}\nReferences: \nCA: {}\n",
+        json["narHash"].as_str().unwrap(),
+        json["narSize"],
+        json["ca"].as_str().unwrap(),
+    );
+    let nar = Arc::new(honest.dump(&path));
+    assert_eq!(nar.len() as u64, json["narSize"].as_u64().unwrap());
+    assert!(NarInfo::parse("/nix/store", &narinfo).is_ok());
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let key = SecretKey::generate("liar").unwrap();
+    let node = NodeId(key.public().bytes());
+    let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let endpoint = {
+        let _guard = rt.enter();
+        quinn::Endpoint::server(
+            transport::server_config(&id, Admission::default()).unwrap(),
+            addr,
+        )
+        .unwrap()
+    };
+    rt.spawn(run_liar(endpoint, narinfo, nar, lie));
+
+    let b = MeshNode::new("b", &NodeSettings::default());
+    let statics = format!("{{ address = \"{addr}\", key = {:?} }}", node.to_base64());
+    let text = std::fs::read_to_string(&b.config_path)
+        .unwrap()
+        .replace("static_peers = []", &format!("static_peers = [{statics}]"));
+    std::fs::write(&b.config_path, text).unwrap();
+    let agent = b.start();
+    wait_for(Duration::from_secs(10), "b sees the liar", || {
+        b.peer_state("liar").as_deref() == Some("alive")
+    });
+    let out = b
+        .store
+        .cmd("nix-store")
+        .args(["-r", "--option", "substituters"])
+        .arg(format!("http://{}", b.substituter_addr()))
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "Nix took bytes from a liar");
+    assert!(!b.store.is_valid(&path), "the lie became a valid path");
+    let peers = b.peers();
+    let liar = peers.iter().find(|p| p["name"] == "liar").unwrap();
+    assert_eq!(liar["quarantined"], true, "{liar}");
+    let metrics = get(b.admin_addr(), "/metrics").text();
+    assert!(
+        metrics.contains("nixmesh_nar_verify_failures_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        agent.log_text().contains("quarantining a peer"),
+        "{}",
+        agent.log_text()
+    );
+    // Quarantined: the next ask finds no one rather than the liar again.
+    let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
+    assert_eq!(
+        get(b.substituter_addr(), &format!("/{hash}.narinfo")).status,
+        404
+    );
+    drop(rt);
+}
+
+#[test]
+fn bytes_that_are_not_a_nar_never_reach_the_store() {
+    liar_scenario(Lie::Garbage);
+}
+
+#[test]
+fn a_nar_with_one_byte_changed_never_reaches_the_store() {
+    liar_scenario(Lie::FlippedByte);
+}
+
+#[test]
+fn too_many_bytes_never_reach_the_store() {
+    liar_scenario(Lie::Overlong);
+}
