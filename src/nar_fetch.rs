@@ -82,14 +82,16 @@ pub async fn relay(
     let info = &narinfo.info;
     let hash = info.path.hash_part();
     let size = info.nar_size;
-    let mut offset = 0u64;
-    let mut hasher = Sha256::new();
-    let mut pending: Option<Bytes> = None;
+    let mut progress = Progress {
+        offset: 0,
+        hasher: Sha256::new(),
+        pending: None,
+        client_gone: false,
+    };
     let mut queue = holders;
     let mut tried: Vec<NodeId> = Vec::new();
     let mut contributors: Vec<NodeId> = Vec::new();
     let mut outcome = None;
-    let mut client_gone = false;
     while tried.len() < MAX_ATTEMPTS {
         if queue.is_empty() {
             queue = resolver.more_holders(&hash, &tried).await;
@@ -100,21 +102,11 @@ pub async fn relay(
         queue.remove(0);
         if !tried.is_empty() {
             stats.failovers.fetch_add(1, Relaxed);
-            tracing::warn!(path = %info.path, peer = %node, offset, "failing over to another holder");
+            tracing::warn!(path = %info.path, peer = %node, offset = progress.offset, "failing over to another holder");
         }
         tried.push(node);
         contributors.push(node);
-        let end = from_holder(
-            &resolver,
-            node,
-            &narinfo,
-            &mut offset,
-            &mut hasher,
-            &mut pending,
-            &tx,
-            &mut client_gone,
-        )
-        .await;
+        let end = from_holder(&resolver, node, &narinfo, &mut progress, &tx).await;
         match end {
             HolderEnd::Done => {
                 outcome = Some(node);
@@ -139,7 +131,7 @@ pub async fn relay(
                 return;
             }
             HolderEnd::Failed(reason) => {
-                tracing::warn!(path = %info.path, peer = %node, offset, %reason, "holder failed mid-stream");
+                tracing::warn!(path = %info.path, peer = %node, offset = progress.offset, %reason, "holder failed mid-stream");
             }
             HolderEnd::Disowned => {
                 quarantine(&resolver, node, "its own store copy is corrupt");
@@ -147,6 +139,12 @@ pub async fn relay(
             }
         }
     }
+    let Progress {
+        offset,
+        hasher,
+        mut pending,
+        client_gone,
+    } = progress;
     let digest: [u8; 32] = hasher.finalize().into();
     let verified = offset == size && digest == info.nar_hash.0;
     if client_gone {
@@ -224,17 +222,31 @@ fn quarantine(resolver: &Resolver, node: NodeId, why: &str) {
     }
 }
 
+/// How far a relay has come, across holders.
+struct Progress {
+    /// Bytes received and hashed so far.
+    offset: u64,
+    hasher: Sha256,
+    /// The newest chunk, held back until the NAR verifies.
+    pending: Option<Bytes>,
+    /// Nix left; bytes are still read and hashed, not sent.
+    client_gone: bool,
+}
+
 async fn from_holder(
     resolver: &Resolver,
     node: NodeId,
     narinfo: &NarInfo,
-    offset: &mut u64,
-    hasher: &mut Sha256,
-    pending: &mut Option<Bytes>,
+    progress: &mut Progress,
     tx: &mpsc::Sender<Result<Bytes, FetchError>>,
-    client_gone: &mut bool,
 ) -> HolderEnd {
     let info = &narinfo.info;
+    let Progress {
+        offset,
+        hasher,
+        pending,
+        client_gone,
+    } = progress;
     let start = *offset;
     let mesh = resolver.mesh();
     let conn = match mesh.connection(node).await {
