@@ -100,15 +100,78 @@ fn run(
     }
 }
 
+/// SHA-256 of a stream of chunks: inline for small NARs, on a thread of its
+/// own for big ones, so hashing runs beside reading and sending instead of
+/// between them.
+enum Digester {
+    Inline(Sha256),
+    Thread {
+        tx: std::sync::mpsc::SyncSender<Bytes>,
+        done: std::thread::JoinHandle<[u8; 32]>,
+    },
+}
+
+/// NARs at least this big are hashed on their own thread.
+const THREADED_HASH_FROM: u64 = 8 << 20;
+/// Chunks queued for the hashing thread.
+const HASH_QUEUE: usize = 8;
+
+impl Digester {
+    fn new(size: u64) -> Self {
+        if size < THREADED_HASH_FROM {
+            return Self::Inline(Sha256::new());
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(HASH_QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("nar-hash".into())
+            .spawn(move || {
+                let mut h = Sha256::new();
+                for chunk in rx {
+                    h.update(&chunk);
+                }
+                h.finalize().into()
+            });
+        match spawned {
+            Ok(done) => Self::Thread { tx, done },
+            // No thread to be had: hash inline.
+            Err(_) => Self::Inline(Sha256::new()),
+        }
+    }
+
+    fn update(&mut self, chunk: &Bytes) {
+        match self {
+            Self::Inline(h) => h.update(chunk),
+            // The thread only stops when `tx` is dropped.
+            Self::Thread { tx, .. } => {
+                let _ = tx.send(chunk.clone());
+            }
+        }
+    }
+
+    fn finish(self) -> Option<[u8; 32]> {
+        match self {
+            Self::Inline(h) => Some(h.finalize().into()),
+            Self::Thread { tx, done } => {
+                drop(tx);
+                done.join().ok()
+            }
+        }
+    }
+}
+
 /// Hashes everything, skips the first `skip` bytes, sends full chunks, and
-/// always keeps at least one byte back for `finish`.
+/// always holds the newest piece back for `finish`, which sends it only when
+/// the whole NAR verified.
 struct VerifyingSink {
     tx: mpsc::Sender<Result<Bytes, NarStreamError>>,
-    hasher: Sha256,
+    digester: Digester,
     expected_size: u64,
     written: u64,
     skip: u64,
+    /// Bytes not yet cut into a chunk, and where they start in the NAR.
     buf: BytesMut,
+    buf_start: u64,
+    held: Option<Bytes>,
     oversized: bool,
 }
 
@@ -116,13 +179,34 @@ impl VerifyingSink {
     fn new(tx: mpsc::Sender<Result<Bytes, NarStreamError>>, expected_size: u64, skip: u64) -> Self {
         Self {
             tx,
-            hasher: Sha256::new(),
+            digester: Digester::new(expected_size),
             expected_size,
             written: 0,
             skip,
             buf: BytesMut::with_capacity(2 * CHUNK),
+            buf_start: 0,
+            held: None,
             oversized: false,
         }
+    }
+
+    /// Hashes `chunk` (which starts at `buf_start`) and queues what of it
+    /// lies past `skip`; the previously held piece goes out.
+    fn take_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.digester.update(&chunk);
+        let start = self.buf_start;
+        self.buf_start += chunk.len() as u64;
+        if self.buf_start <= self.skip {
+            return Ok(());
+        }
+        let from = usize::try_from(self.skip.saturating_sub(start)).unwrap_or(0);
+        let piece = chunk.slice(from..);
+        if let Some(prev) = self.held.replace(piece) {
+            self.tx
+                .blocking_send(Ok(prev))
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "NAR consumer gone"))?;
+        }
+        Ok(())
     }
 
     fn finish(mut self, info: &PathInfo) -> Result<(), NarStreamError> {
@@ -136,14 +220,19 @@ impl VerifyingSink {
                 self.written, self.expected_size
             )));
         }
-        let digest: [u8; 32] = self.hasher.finalize_reset().into();
-        if digest != info.nar_hash.0 {
+        let rest = self.buf.split().freeze();
+        if !rest.is_empty() {
+            // A consumer gone by now is found out below, quietly.
+            let _ = self.take_chunk(rest);
+        }
+        let digest = self.digester.finish();
+        if digest != Some(info.nar_hash.0) {
             return Err(corrupt("hash differs".into()));
         }
-        if !self.buf.is_empty() {
+        if let Some(last) = self.held.take() {
             // A consumer that left before the last chunk is no fault of the
             // store's: nothing to report.
-            let _ = self.tx.blocking_send(Ok(self.buf.split().freeze()));
+            let _ = self.tx.blocking_send(Ok(last));
         }
         Ok(())
     }
@@ -151,28 +240,82 @@ impl VerifyingSink {
 
 impl NarSink for VerifyingSink {
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let start = self.written;
         self.written += bytes.len() as u64;
         if self.written > self.expected_size {
             // Bigger than the DB says: stop reading now.
             self.oversized = true;
             return Err(io::Error::other("NAR longer than NarSize"));
         }
-        self.hasher.update(bytes);
-        let keep_from = self.skip.saturating_sub(start);
-        let Ok(keep_from) = usize::try_from(keep_from) else {
-            return Ok(());
-        };
-        if keep_from >= bytes.len() {
-            return Ok(());
-        }
-        self.buf.extend_from_slice(&bytes[keep_from..]);
-        while self.buf.len() > CHUNK {
+        self.buf.extend_from_slice(bytes);
+        while self.buf.len() >= CHUNK {
             let chunk = self.buf.split_to(CHUNK).freeze();
-            self.tx
-                .blocking_send(Ok(chunk))
-                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "NAR consumer gone"))?;
+            self.take_chunk(chunk)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::{Sha256Hash, StorePath};
+
+    fn info_for(nar: &[u8]) -> PathInfo {
+        PathInfo {
+            path: StorePath::parse(
+                "/nix/store",
+                "/nix/store/00000000000000000000000000000000-x",
+            )
+            .unwrap(),
+            nar_hash: Sha256Hash(Sha256::digest(nar).into()),
+            nar_size: nar.len() as u64,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+            ultimate: false,
+        }
+    }
+
+    /// Feeds `nar` through a sink in uneven pieces; returns what came out
+    /// and how `finish` ended.
+    fn stream(nar: &[u8], info: &PathInfo, skip: u64) -> (Vec<u8>, Result<(), NarStreamError>) {
+        let (tx, mut rx) = mpsc::channel(4096);
+        let mut sink = VerifyingSink::new(tx, info.nar_size, skip);
+        for piece in nar.chunks(100_003) {
+            sink.write(piece).unwrap();
+        }
+        let end = sink.finish(info);
+        let mut out = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            out.extend_from_slice(&item.unwrap());
+        }
+        (out, end)
+    }
+
+    #[test]
+    fn any_offset_gives_the_rest_of_the_nar() {
+        for size in [1000usize, 3 * CHUNK + 17, (THREADED_HASH_FROM as usize) + 5] {
+            let nar: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            let info = info_for(&nar);
+            let skips = [0, 1, CHUNK as u64, size as u64 - 1, size as u64];
+            for skip in skips.into_iter().filter(|s| *s <= size as u64) {
+                let (out, end) = stream(&nar, &info, skip);
+                assert!(end.is_ok(), "size {size} skip {skip}");
+                assert_eq!(out, &nar[skip as usize..], "size {size} skip {skip}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_mismatch_withholds_the_end() {
+        for size in [1000usize, (THREADED_HASH_FROM as usize) + 5] {
+            let nar = vec![3u8; size];
+            let mut info = info_for(&nar);
+            info.nar_hash = Sha256Hash([0; 32]);
+            let (out, end) = stream(&nar, &info, 0);
+            assert!(matches!(end, Err(NarStreamError::Corrupt { .. })));
+            assert!(out.len() < size, "a wrong NAR was sent whole");
+        }
     }
 }
