@@ -574,6 +574,7 @@ fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
     let label = format!("{} MiB NAR", big_nar / MIB);
     let pair = Pair {
         client,
+        server,
         big: &big,
         nar: big_nar,
         nginx_base: &nginx_base,
@@ -631,6 +632,7 @@ fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
 /// What the throughput comparison needs to know about the two hosts.
 struct Pair<'a> {
     client: &'a Host,
+    server: &'a Host,
     /// The path on the server and its NAR size.
     big: &'a str,
     nar: u64,
@@ -649,6 +651,20 @@ fn throughput(s: &Settings, p: &Pair, label: &str, rows: &mut Vec<Row>) {
     let (mut mesh_nix, mut nginx_nix) = (Vec::new(), Vec::new());
     // CPU seconds per GiB: server agent + client agent, nginx, server agent.
     let (mut mesh_cpu, mut nginx_cpu, mut cache_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    // Bytes the server's link sent and received per NAR byte: framing,
+    // retransmissions, acknowledgements.
+    let (mut mesh_sent, mut nginx_sent) = (Vec::new(), Vec::new());
+    let (mut mesh_recv, mut nginx_recv) = (Vec::new(), Vec::new());
+    let link = |h: &Host| {
+        let b = h.link_bytes();
+        (b.sent, b.received)
+    };
+    let per_nar_byte = |before: (u64, u64), after: (u64, u64)| {
+        (
+            (after.0 - before.0) as f64 / p.nar as f64,
+            (after.1 - before.1) as f64 / p.nar as f64,
+        )
+    };
     let gib = p.nar as f64 / (1024.0 * MIB as f64);
     let mbps = |t: Duration| p.nar as f64 / 1e6 / t.as_secs_f64();
     for round in 0..s.rounds {
@@ -659,13 +675,21 @@ fn throughput(s: &Settings, p: &Pair, label: &str, rows: &mut Vec<Row>) {
                 // the NAR is.
                 let url = nar_url(p.client, SUBSTITUTER, p.big);
                 let before = cpu_secs(&[p.server_agent, p.client_agent]);
+                let wire = link(p.server);
                 let t = curl_get(p.client, &format!("{SUBSTITUTER}/{url}"));
+                let (sent, received) = per_nar_byte(wire, link(p.server));
                 mesh_cpu.push((cpu_secs(&[p.server_agent, p.client_agent]) - before) / gib);
                 mesh_raw.push(mbps(t));
+                mesh_sent.push(sent);
+                mesh_recv.push(received);
             } else {
                 let before = cpu_secs(&process_tree(p.nginx));
+                let wire = link(p.server);
                 nginx_raw.push(mbps(curl_get(p.client, p.nginx_nar)));
+                let (sent, received) = per_nar_byte(wire, link(p.server));
                 nginx_cpu.push((cpu_secs(&process_tree(p.nginx)) - before) / gib);
+                nginx_sent.push(sent);
+                nginx_recv.push(received);
                 let before = cpu_secs(&[p.server_agent]);
                 cache_raw.push(mbps(curl_get(p.client, p.cache_nar)));
                 cache_cpu.push((cpu_secs(&[p.server_agent]) - before) / gib);
@@ -687,7 +711,8 @@ fn throughput(s: &Settings, p: &Pair, label: &str, rows: &mut Vec<Row>) {
         }
         eprintln!(
             "throughput round {round} ({label}): raw mesh {:.0} nginx {:.0} http_cache {:.0}; \
-             nix-store -r mesh {:.0} nginx {:.0} MB/s; CPU s/GiB mesh {:.2} nginx {:.2} http_cache {:.2}",
+             nix-store -r mesh {:.0} nginx {:.0} MB/s; CPU s/GiB mesh {:.2} nginx {:.2} http_cache {:.2}; \
+             server sent/received per NAR byte mesh {:.3}/{:.3} nginx {:.3}/{:.3}",
             mesh_raw[round],
             nginx_raw[round],
             cache_raw[round],
@@ -696,15 +721,20 @@ fn throughput(s: &Settings, p: &Pair, label: &str, rows: &mut Vec<Row>) {
             mesh_cpu[round],
             nginx_cpu[round],
             cache_cpu[round],
+            mesh_sent[round],
+            mesh_recv[round],
+            nginx_sent[round],
+            nginx_recv[round],
         );
     }
     forget(p.client, &[p.big.to_string()], "");
     let row = |what: &str, mesh: &[f64], other: &[f64], other_name: &str, unit: &str| {
         let (m, o) = (median(mesh), median(other));
+        let digits = if unit == "B/B" { 3 } else { 2 };
         Row {
             what: format!("{what} ({label}), {unit}"),
-            mesh: format!("{m:.2}"),
-            other: format!("{o:.2} ({other_name})"),
+            mesh: format!("{m:.digits$}"),
+            other: format!("{o:.digits$} ({other_name})"),
             ratio: format!("mesh/{other_name} = {:.2}", m / o),
         }
     };
@@ -724,6 +754,20 @@ fn throughput(s: &Settings, p: &Pair, label: &str, rows: &mut Vec<Row>) {
         &cache_cpu,
         "http_cache",
         "s/GiB",
+    ));
+    rows.push(row(
+        "  server link, bytes sent per NAR byte",
+        &mesh_sent,
+        &nginx_sent,
+        "nginx",
+        "B/B",
+    ));
+    rows.push(row(
+        "  server link, bytes received per NAR byte",
+        &mesh_recv,
+        &nginx_recv,
+        "nginx",
+        "B/B",
     ));
 }
 
