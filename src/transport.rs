@@ -159,6 +159,12 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// QUIC is TLS 1.3 only; a TLS 1.2 signature never comes, and is refused.
+const TLS12_REFUSED: rustls::Error =
+    rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic);
+/// Node keys are Ed25519, so that is the one scheme either side accepts.
+const SCHEMES: [SignatureScheme; 1] = [SignatureScheme::ED25519];
+
 #[derive(Debug)]
 struct PeerVerifier {
     admission: Admission,
@@ -212,9 +218,7 @@ impl ServerCertVerifier for PeerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        Err(TLS12_REFUSED)
     }
 
     fn verify_tls13_signature(
@@ -227,7 +231,7 @@ impl ServerCertVerifier for PeerVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
+        SCHEMES.to_vec()
     }
 }
 
@@ -252,9 +256,7 @@ impl ClientCertVerifier for PeerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        Err(TLS12_REFUSED)
     }
 
     fn verify_tls13_signature(
@@ -267,7 +269,7 @@ impl ClientCertVerifier for PeerVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
+        SCHEMES.to_vec()
     }
 }
 
