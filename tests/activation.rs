@@ -82,13 +82,7 @@ fn nix_never_fails_while_the_agent_restarts() {
             for p in &paths {
                 // A fresh client store each time: every run substitutes.
                 let store = TestStore::new();
-                let out = store
-                    .cmd("nix-store")
-                    .args(["-r", "--option", "substituters"])
-                    .arg(format!("http://{sub}"))
-                    .arg(p)
-                    .output()
-                    .unwrap();
+                let out = store.substitute(&format!("http://{sub}"), None, &[p]);
                 assert!(
                     out.status.success(),
                     "run {runs} for {p} failed: {}\nagent log:\n{}",

@@ -63,15 +63,9 @@ fn narinfo(addr: SocketAddr, path: &str) -> Option<NarInfo> {
 }
 
 fn substitute(into: &TestStore, addr: SocketAddr, trusted: &str, paths: &[&str]) -> bool {
-    into.cmd("nix-store")
-        .args(["-r", "--option", "substituters"])
-        .arg(format!("http://{addr}"))
-        .args(["--option", "trusted-public-keys", trusted])
-        .args(["--option", "narinfo-cache-negative-ttl", "0"])
-        .args(paths)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap()
+    into.substitute(&format!("http://{addr}"), Some(trusted), paths)
+        .status
+        .success()
 }
 
 fn make_tree(dir: &Path) {

@@ -122,12 +122,7 @@ fn liar_scenario(lie: Lie) {
     });
     let out = b
         .store
-        .cmd("nix-store")
-        .args(["-r", "--option", "substituters"])
-        .arg(format!("http://{}", b.substituter_addr()))
-        .arg(&path)
-        .output()
-        .unwrap();
+        .substitute(&format!("http://{}", b.substituter_addr()), None, &[&path]);
     assert!(!out.status.success(), "Nix took bytes from a liar");
     assert!(!b.store.is_valid(&path), "the lie became a valid path");
     let peers = b.peers();

@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -287,15 +286,11 @@ in derivation (sh "mkdir $out; echo ${dep} > $out/ref" // { name = "top"; })
     let info = get(sub, "/nix-cache-info").text();
     assert!(info.contains("Priority: 30"), "{info}");
     let started = Instant::now();
-    let out = b
-        .store
-        .cmd("nix-store")
-        .args(["-r", "--option", "substituters"])
-        .arg(format!("http://{sub}"))
-        .args(["--option", "trusted-public-keys", &office.public])
-        .args([&doc, &top])
-        .output()
-        .unwrap();
+    let out = b.store.substitute(
+        &format!("http://{sub}"),
+        Some(&office.public),
+        &[&doc, &top],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -373,19 +368,15 @@ fn unknown_paths_are_a_quick_404_and_nix_moves_on() {
         free_port(),
     );
     let _up = Agent::start(&up_config, up_addr);
-    let out = b
-        .store
-        .cmd("nix-store")
-        .args(["-r", "--option", "substituters"])
-        .arg(format!("http://{} http://{up_addr}", b.substituter_addr()))
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = b.store.substitute(
+        &format!("http://{} http://{up_addr}", b.substituter_addr()),
+        None,
+        &[&path],
+    );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(b.store.is_valid(&path));
-    let _ = Arc::new(());
 }

@@ -116,6 +116,18 @@ impl TestStore {
         ]);
     }
 
+    /// `nix-store -r paths` into this store with only `substituters`
+    /// (space-separated URLs) and, when given, `trusted` public keys.
+    pub fn substitute(&self, substituters: &str, trusted: Option<&str>, paths: &[&str]) -> Output {
+        let mut c = self.cmd("nix-store");
+        c.args(["-r", "--option", "substituters", substituters])
+            .args(["--option", "narinfo-cache-negative-ttl", "0"]);
+        if let Some(keys) = trusted {
+            c.args(["--option", "trusted-public-keys", keys]);
+        }
+        c.args(paths).output().expect("nix-store (Debian nix-bin)")
+    }
+
     pub fn is_valid(&self, path: &str) -> bool {
         self.cmd("nix-store")
             .args(["--check-validity", path])
