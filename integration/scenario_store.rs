@@ -6,27 +6,11 @@ use crate::harness::{Host, Lan};
 
 const PORT: u16 = 5180;
 
-/// A two-derivation closure without nixpkgs: `top` refers to `dep` and
-/// holds a directory, an executable and a symlink.
-const CLOSURE: &str = r#"
-let
-  sh = name: script: derivation {
-    inherit name;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" script ];
-    PATH = "/bin";
-  };
-  dep = sh "nixmesh-lan-dep" "echo dep > $out";
-in
-sh "nixmesh-lan-top" ''
-  mkdir -p $out/bin
-  echo ${dep} > $out/dep-path
-  printf '#!/bin/sh\necho top\n' > $out/bin/top
-  chmod +x $out/bin/top
-  ln -s ${dep} $out/dep
-''
-"#;
+/// The office closure (`top` refers to `dep`; a directory, an executable
+/// and a symlink), with a small `dep`.
+fn closure() -> String {
+    crate::office::closure_expr("nixmesh-lan", 4)
+}
 
 fn http_cache_config(host: &Host, extra: &str) -> String {
     format!(
@@ -48,7 +32,7 @@ fn a_nix_client_that_checks_signatures_substitutes_a_closure_from_a_peer() {
         "hello.txt",
         format!("hello from {}\n", lan.name()).as_bytes(),
     );
-    let top = a.build(CLOSURE);
+    let top = a.build(&closure());
     let built = a.closure(&top);
     assert_eq!(built.len(), 2, "top and dep: {built:?}");
 
@@ -90,7 +74,7 @@ fn paths_outside_the_share_policy_stay_home() {
     let signed = a.add_file("signed.txt", b"signed by the office key\n");
     a.sign(&[&signed], &office.secret_file);
     let unsigned = a.add_file("unsigned.txt", b"stays on h0\n");
-    let built = a.build(CLOSURE);
+    let built = a.build(&closure());
 
     // No `share.all`, no signing key: only office-signed paths leave A.
     let _agent = a.start_agent(&http_cache_config(a, ""));
