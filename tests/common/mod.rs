@@ -128,6 +128,17 @@ impl TestStore {
         c.args(paths).output().expect("nix-store (Debian nix-bin)")
     }
 
+    /// `nix store verify --sigs-needed 1` trusting only `trusted`: true when
+    /// every path carries a valid signature by it (or is content-addressed).
+    pub fn signed_by(&self, trusted: &str, paths: &[&str]) -> bool {
+        let mut c = self.cmd("nix");
+        c.args(NIX_FLAGS)
+            .args(["store", "verify", "--sigs-needed", "1"])
+            .args(["--option", "trusted-public-keys", trusted])
+            .args(paths);
+        c.output().map(|o| o.status.success()).unwrap_or(false)
+    }
+
     pub fn is_valid(&self, path: &str) -> bool {
         self.cmd("nix-store")
             .args(["--check-validity", path])
