@@ -9,7 +9,7 @@
 
 use hyper::StatusCode;
 
-use crate::nix::{HashPart, PathInfo, Sha256Hash};
+use crate::nix::{HashPart, NarInfo, PathInfo, Sha256Hash};
 
 /// Longest request path accepted; real ones are under 100 bytes.
 pub const MAX_PATH_LEN: usize = 512;
@@ -25,6 +25,17 @@ pub enum Route {
     },
     /// Answer with this status and nothing else.
     Refuse(StatusCode),
+}
+
+/// The `.narinfo` text nixmesh serves for `info`: uncompressed, at
+/// `nar_url`.
+pub fn narinfo_text(info: PathInfo) -> String {
+    NarInfo {
+        url: nar_url(&info),
+        compression: "none".into(),
+        info,
+    }
+    .render()
 }
 
 pub fn nar_url(info: &PathInfo) -> String {

@@ -11,7 +11,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use crate::cache_api::{self, Route};
 use crate::http::{self, Body};
-use crate::nix::{narinfo, NarInfo, PathInfo};
+use crate::nix::{narinfo, PathInfo};
 use crate::shared_store::SharedStore;
 
 pub struct HttpCache {
@@ -38,12 +38,7 @@ impl HttpCache {
             ),
             Route::NarInfo(hash) => match self.shared.info(hash).await {
                 Some(info) => {
-                    let text = NarInfo {
-                        url: cache_api::nar_url(&info),
-                        compression: "none".into(),
-                        info,
-                    }
-                    .render();
+                    let text = cache_api::narinfo_text(info);
                     http::text(StatusCode::OK, narinfo::CONTENT_TYPE, text)
                 }
                 None => http::empty(StatusCode::NOT_FOUND),

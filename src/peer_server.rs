@@ -10,7 +10,6 @@ use tokio::sync::Semaphore;
 use crate::cache_api;
 use crate::identity::NodeId;
 use crate::nar_stream::NarStreamError;
-use crate::nix::NarInfo;
 use crate::peers::PeerTable;
 use crate::protocol::{code, Request, Response};
 use crate::shared_store::SharedStore;
@@ -89,12 +88,7 @@ impl PeerServer {
             Request::PathInfo { hash } => {
                 let resp = match self.shared.info(hash).await {
                     Some(info) => Response::PathInfo {
-                        narinfo: NarInfo {
-                            url: cache_api::nar_url(&info),
-                            compression: "none".into(),
-                            info,
-                        }
-                        .render(),
+                        narinfo: cache_api::narinfo_text(info),
                     },
                     None => Response::NotFound,
                 };

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::cache_api::{self, Route};
 use crate::http::{self, Body};
 use crate::nar_fetch::{self, FetchStats};
-use crate::nix::{narinfo, HashPart, NarInfo, Sha256Hash};
+use crate::nix::{narinfo, HashPart, Sha256Hash};
 use crate::resolver::{Found, Resolver};
 
 /// Chunks buffered between a peer stream and Nix.
@@ -54,12 +54,8 @@ impl Substituter {
             ),
             Route::NarInfo(hash) => match self.resolver.resolve(&hash).await {
                 Some(found) => {
-                    let served = NarInfo {
-                        url: cache_api::nar_url(&found.narinfo.info),
-                        compression: "none".into(),
-                        info: found.narinfo.info,
-                    };
-                    http::text(StatusCode::OK, narinfo::CONTENT_TYPE, served.render())
+                    let text = cache_api::narinfo_text(found.narinfo.info);
+                    http::text(StatusCode::OK, narinfo::CONTENT_TYPE, text)
                 }
                 None => http::empty(StatusCode::NOT_FOUND),
             },
