@@ -223,6 +223,37 @@ impl Admin {
                 "NAR streams being relayed now",
                 f.in_flight.load(Relaxed),
             );
+            let p = &sub.prefetch.stats;
+            metrics::counter(
+                &mut out,
+                "nixmesh_prefetch_started_total",
+                "Small NARs fetched ahead of Nix",
+                p.started.load(Relaxed),
+            );
+            metrics::counter(
+                &mut out,
+                "nixmesh_prefetch_served_total",
+                "NARs Nix got from memory, fetched ahead",
+                p.served.load(Relaxed),
+            );
+            metrics::counter(
+                &mut out,
+                "nixmesh_prefetch_failed_total",
+                "Fetches ahead that did not deliver a verified NAR",
+                p.failed.load(Relaxed),
+            );
+            metrics::counter(
+                &mut out,
+                "nixmesh_prefetch_unused_total",
+                "NARs fetched ahead that Nix never asked for in time",
+                p.unused.load(Relaxed),
+            );
+            metrics::gauge(
+                &mut out,
+                "nixmesh_prefetch_held_bytes",
+                "Bytes of NARs fetched ahead held in memory now",
+                p.held_bytes.load(Relaxed),
+            );
         }
         out
     }

@@ -300,6 +300,7 @@ pub async fn run(
             resolver,
             config.store.store_dir.clone(),
             config.substituter.priority,
+            config.substituter.prefetch_mib << 20,
         );
         let listener = listen(
             &mut inherited,

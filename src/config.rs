@@ -10,6 +10,8 @@ use thiserror::Error;
 
 /// Where `nixmesh agent` looks when no `--config` is given.
 pub const DEFAULT_PATH: &str = "/etc/nixmesh/config.toml";
+/// Largest `substituter.prefetch_mib`: 16 GiB of NARs held ahead.
+pub const MAX_PREFETCH_MIB: u64 = 16 * 1024;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -100,6 +102,7 @@ pub struct SubstituterConfig {
     pub listen: SocketAddr,
     pub priority: u32,
     pub race_timeout_ms: u64,
+    pub prefetch_mib: u64,
     pub require_sigs: Option<bool>,
     pub trusted_keys: Option<Vec<String>>,
 }
@@ -135,6 +138,7 @@ impl Default for SubstituterConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 5181)),
             priority: 30,
             race_timeout_ms: 400,
+            prefetch_mib: 64,
             require_sigs: None,
             trusted_keys: None,
         }
@@ -247,6 +251,12 @@ impl Config {
         }
         if self.substituter.race_timeout_ms == 0 || self.substituter.race_timeout_ms > 60_000 {
             return Err(invalid("substituter.race_timeout_ms", "must be 1 to 60000"));
+        }
+        if self.substituter.prefetch_mib > MAX_PREFETCH_MIB {
+            return Err(invalid(
+                "substituter.prefetch_mib",
+                &format!("must be 0 to {MAX_PREFETCH_MIB}"),
+            ));
         }
         for (i, p) in self.mesh.static_peers.iter().enumerate() {
             if crate::identity::NodeId::parse(&p.key).is_none() {

@@ -35,7 +35,7 @@ pub fn empty(status: StatusCode) -> Response<Body> {
 
 pub fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     let body: Bytes = body.into();
-    let mut resp = Response::new(Full::new(body).map_err(|e| match e {}).boxed());
+    let mut resp = Response::new(full_body(body));
     *resp.status_mut() = status;
     if let Ok(v) = content_type.parse() {
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
@@ -57,6 +57,11 @@ pub fn nar(size: u64, body: Option<Body>) -> Response<Body> {
         hyper::header::HeaderValue::from_static("application/x-nix-nar"),
     );
     resp
+}
+
+/// A body that is all there in memory.
+pub fn full_body(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|e| match e {}).boxed()
 }
 
 /// A body fed by a channel of chunks; an `Err` item aborts the response

@@ -24,6 +24,7 @@ pub mod nix;
 pub mod peer_client;
 pub mod peer_server;
 pub mod peers;
+pub mod prefetch;
 pub mod protocol;
 pub mod race;
 pub mod resolver;

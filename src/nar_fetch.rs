@@ -68,15 +68,25 @@ enum HolderEnd {
     ClientGone,
 }
 
+/// Who a relay is for: Nix waiting on the other end, or the prefetcher
+/// filling memory ahead of Nix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    Nix,
+    Prefetch,
+}
+
 /// Streams `narinfo`'s NAR into `tx`. `holders` are tried in order; more are
-/// asked for when they run out.
+/// asked for when they run out. Returns the holder that finished a NAR that
+/// verified.
 pub async fn relay(
     resolver: Arc<Resolver>,
     stats: Arc<FetchStats>,
     narinfo: NarInfo,
     holders: Vec<NodeId>,
     tx: mpsc::Sender<Result<Bytes, FetchError>>,
-) {
+    purpose: Purpose,
+) -> Option<NodeId> {
     stats.in_flight.fetch_add(1, Relaxed);
     let started = Instant::now();
     let info = &narinfo.info;
@@ -114,7 +124,7 @@ pub async fn relay(
             }
             HolderEnd::ClientGone => {
                 stats.in_flight.fetch_sub(1, Relaxed);
-                return;
+                return None;
             }
             HolderEnd::Lied(why) => {
                 quarantine(&resolver, node, why);
@@ -128,7 +138,7 @@ pub async fn relay(
                     }))
                     .await;
                 stats.in_flight.fetch_sub(1, Relaxed);
-                return;
+                return None;
             }
             HolderEnd::Failed(reason) => {
                 tracing::warn!(path = %info.path, peer = %node, offset = progress.offset, %reason, "holder failed mid-stream");
@@ -156,22 +166,23 @@ pub async fn relay(
             resolver.forget(&hash);
         }
         stats.in_flight.fetch_sub(1, Relaxed);
-        return;
+        return None;
     }
+    let mut finished_by = None;
     match (outcome, verified) {
         (Some(node), true) => {
             if let Some(last) = pending.take() {
                 let _ = tx.send(Ok(last)).await;
             }
-            stats.completed.fetch_add(1, Relaxed);
-            tracing::info!(
-                path = %info.path,
-                peer = %node,
-                peers = contributors.len(),
-                bytes = size,
-                ms = started.elapsed().as_millis() as u64,
-                "substituted"
-            );
+            finished_by = Some(node);
+            let ms = started.elapsed().as_millis() as u64;
+            let peers = contributors.len();
+            if purpose == Purpose::Nix {
+                stats.completed.fetch_add(1, Relaxed);
+                tracing::info!(path = %info.path, peer = %node, peers, bytes = size, ms, "substituted");
+            } else {
+                tracing::debug!(path = %info.path, peer = %node, peers, bytes = size, ms, "prefetched");
+            }
         }
         (Some(_), false) => {
             stats.verify_failures.fetch_add(1, Relaxed);
@@ -197,6 +208,7 @@ pub async fn relay(
         }
     }
     stats.in_flight.fetch_sub(1, Relaxed);
+    finished_by
 }
 
 /// Every NAR begins with the same string token, `nix-archive-1`: a holder

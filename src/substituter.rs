@@ -1,7 +1,7 @@
 //! The one substituter Nix talks to, on localhost: `/nix-cache-info`,
 //! narinfos raced across the mesh, and NARs relayed from peers with
-//! failover. Plumbing between the route table, the resolver and the NAR
-//! relay. A narinfo request is answered 200 or 404 within the race
+//! failover. Plumbing between the route table, the resolver, the
+//! prefetcher and the NAR relay. A narinfo request is answered 200 or 404 within the race
 //! deadline, never 5xx: Nix ≤ 2.31 aborts a whole substitution on a 5xx.
 
 use std::sync::Arc;
@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 
 use crate::cache_api::{self, Route};
 use crate::http::{self, Body};
-use crate::nar_fetch::{self, FetchStats};
+use crate::nar_fetch::{self, FetchStats, Purpose};
 use crate::nix::{narinfo, HashPart, Sha256Hash};
+use crate::prefetch::{Prefetched, Prefetcher};
 use crate::resolver::{Found, Resolver};
 
 /// Chunks buffered between a peer stream and Nix.
@@ -22,15 +23,25 @@ const RELAY_DEPTH: usize = 8;
 pub struct Substituter {
     resolver: Arc<Resolver>,
     pub fetch_stats: Arc<FetchStats>,
+    pub prefetch: Arc<Prefetcher>,
     store_dir: String,
     priority: u32,
 }
 
 impl Substituter {
-    pub fn new(resolver: Arc<Resolver>, store_dir: String, priority: u32) -> Arc<Self> {
+    /// `prefetch_bytes`: memory for NARs fetched ahead of Nix (0: none).
+    pub fn new(
+        resolver: Arc<Resolver>,
+        store_dir: String,
+        priority: u32,
+        prefetch_bytes: u64,
+    ) -> Arc<Self> {
+        let fetch_stats = Arc::new(FetchStats::default());
+        let prefetch = Prefetcher::new(resolver.clone(), fetch_stats.clone(), prefetch_bytes);
         Arc::new(Self {
             resolver,
-            fetch_stats: Arc::new(FetchStats::default()),
+            fetch_stats,
+            prefetch,
             store_dir,
             priority,
         })
@@ -54,11 +65,23 @@ impl Substituter {
             ),
             Route::NarInfo(hash) => match self.resolver.resolve(&hash).await {
                 Some(found) => {
+                    if !head_only {
+                        self.prefetch.offer(&found);
+                    }
                     let text = cache_api::narinfo_text(found.narinfo.info);
                     http::text(StatusCode::OK, narinfo::CONTENT_TYPE, text)
                 }
                 None => http::empty(StatusCode::NOT_FOUND),
             },
+            Route::Nar { hash, nar_hash } if !head_only => {
+                match self.prefetch.claim(&hash, &nar_hash).await {
+                    Some(ahead) => self.prefetched_response(ahead),
+                    None => match self.find_nar(&hash, &nar_hash).await {
+                        Some(found) => self.nar_response(found, false),
+                        None => http::empty(StatusCode::NOT_FOUND),
+                    },
+                }
+            }
             Route::Nar { hash, nar_hash } => match self.find_nar(&hash, &nar_hash).await {
                 Some(found) => self.nar_response(found, head_only),
                 None => http::empty(StatusCode::NOT_FOUND),
@@ -72,6 +95,17 @@ impl Substituter {
         (found.narinfo.info.nar_hash == *nar_hash).then_some(found)
     }
 
+    /// A NAR fetched ahead and verified: one line in the log, as for a
+    /// streamed one.
+    fn prefetched_response(&self, ahead: Prefetched) -> Response<Body> {
+        let size = ahead.nar.len() as u64;
+        self.fetch_stats
+            .completed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(path = %ahead.path, peer = %ahead.peer, peers = 1, bytes = size, prefetched = true, "substituted");
+        http::nar(size, Some(http::full_body(ahead.nar)))
+    }
+
     fn nar_response(&self, found: Found, head_only: bool) -> Response<Body> {
         let size = found.narinfo.info.nar_size;
         let body = (!head_only).then(|| {
@@ -82,6 +116,7 @@ impl Substituter {
                 found.narinfo,
                 found.holders,
                 tx,
+                Purpose::Nix,
             ));
             http::channel_body(rx)
         });

@@ -16,6 +16,10 @@ fn a_bad_config_names_key_and_line_and_exits_2() {
             "[substituter]\nrace_timeout_ms = 0\n",
             "2: substituter.race_timeout_ms",
         ),
+        (
+            "[substituter]\nenable = true\nprefetch_mib = 99999999\n",
+            "3: substituter.prefetch_mib",
+        ),
         ("[share]\nal = true\n", "2: share"),
         ("state_dir = 5\n", "1: state_dir"),
         ("[admin\n", ":1:"),

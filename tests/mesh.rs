@@ -380,3 +380,122 @@ fn unknown_paths_are_a_quick_404_and_nix_moves_on() {
     );
     assert!(b.store.is_valid(&path));
 }
+
+/// The value of the unlabelled metric `name` on `node`'s admin API.
+fn metric(node: &MeshNode, name: &str) -> u64 {
+    let text = get(node.admin_addr(), "/metrics").text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[test]
+fn small_nars_are_fetched_ahead_and_outlive_their_holder() {
+    let office = nix_key("office-1");
+    let trusted = format!("trusted_keys = [{:?}]", office.public);
+    let holder_settings = NodeSettings {
+        top: format!(
+            "signing_key_file = {:?}",
+            office.secret.display().to_string()
+        ),
+        share: trusted.clone(),
+        ..Default::default()
+    };
+    let client_settings = NodeSettings {
+        substituter: trusted.clone(),
+        ..Default::default()
+    };
+    let a = MeshNode::new("a", &holder_settings);
+    let b = MeshNode::new("b", &client_settings);
+    // One NAR small enough to fetch ahead, one too big for it.
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("small.txt"), "fetched ahead\n").unwrap();
+    let big_len = (nixmesh::prefetch::MAX_NAR + 1) as usize;
+    std::fs::write(src.path().join("big.bin"), vec![7u8; big_len]).unwrap();
+    let small = a.store.add(&src.path().join("small.txt"));
+    let big = a.store.add(&src.path().join("big.bin"));
+    a.store.sign(&office.secret, &small);
+    a.store.sign(&office.secret, &big);
+    let mut agents = full_mesh(&[&a, &b], &[holder_settings, client_settings]);
+    wait_for(Duration::from_secs(10), "b sees a", || {
+        all_alive(&b, &["a"])
+    });
+
+    // Nix asks for narinfos first; b fetches the small NAR right away.
+    let hash_of = |p: &str| p["/nix/store/".len()..][..32].to_string();
+    for path in [&small, &big] {
+        let reply = get(b.substituter_addr(), &format!("/{}.narinfo", hash_of(path)));
+        assert_eq!(reply.status, 200, "{path}");
+    }
+    wait_for(
+        Duration::from_secs(10),
+        "the small NAR in b's memory",
+        || metric(&b, "nixmesh_prefetch_held_bytes") > 0,
+    );
+    assert_eq!(metric(&b, "nixmesh_prefetch_started_total"), 1);
+
+    // The only holder dies. What b fetched ahead still reaches Nix, whole
+    // and verified; the big NAR, never fetched, cannot.
+    drop(agents.remove(0));
+    let out = b.store.substitute(
+        &format!("http://{}", b.substituter_addr()),
+        Some(&office.public),
+        &[&small],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run_ok(b.store.cmd("nix-store").args(["--verify-path", &small]));
+    assert_eq!(metric(&b, "nixmesh_prefetch_served_total"), 1);
+    assert_eq!(metric(&b, "nixmesh_prefetch_held_bytes"), 0);
+    let log = agents[0].log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("substituted") && l.contains(&format!("path={small}"))),
+        "{log}"
+    );
+    let out = b.store.substitute(
+        &format!("http://{}", b.substituter_addr()),
+        Some(&office.public),
+        &[&big],
+    );
+    assert!(!out.status.success(), "the big NAR came from nowhere");
+    assert!(!b.store.is_valid(&big));
+}
+
+#[test]
+fn fetching_ahead_can_be_turned_off() {
+    let holder = NodeSettings {
+        share: "all = true".into(),
+        ..Default::default()
+    };
+    let off = NodeSettings {
+        substituter: "prefetch_mib = 0\nrequire_sigs = false".into(),
+        ..Default::default()
+    };
+    let a = MeshNode::new("a", &holder);
+    let b = MeshNode::new("b", &off);
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("f.txt"), "not ahead\n").unwrap();
+    let path = a.store.add(&src.path().join("f.txt"));
+    let _agents = full_mesh(&[&a, &b], &[holder, off]);
+    wait_for(Duration::from_secs(10), "b sees a", || {
+        all_alive(&b, &["a"])
+    });
+    let hash = &path["/nix/store/".len()..][..32];
+    let narinfo = get(b.substituter_addr(), &format!("/{hash}.narinfo"));
+    assert_eq!(narinfo.status, 200);
+    // The NAR still streams on demand.
+    let url = narinfo
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: ").map(str::to_string))
+        .unwrap();
+    let nar = get(b.substituter_addr(), &format!("/{url}"));
+    assert_eq!(nar.status, 200);
+    assert_eq!(nar.body, a.store.dump(&path));
+    assert_eq!(metric(&b, "nixmesh_prefetch_started_total"), 0);
+    assert_eq!(metric(&b, "nixmesh_prefetch_held_bytes"), 0);
+}

@@ -1,0 +1,268 @@
+//! Fetches small NARs before Nix asks for them. Nix first asks for the
+//! narinfo of every path in a closure, then downloads the NARs one at a
+//! time. Starting each small NAR's fetch as soon as its narinfo is served
+//! turns those one-by-one round trips to peers into parallel ones, and Nix's
+//! own download becomes a copy out of memory.
+//!
+//! Only whole, verified NARs are kept: they come through the same relay as
+//! Nix's downloads, which withholds a NAR's end until it matches its hash.
+//! Memory is bounded by a byte budget and a size limit per NAR, so big NARs
+//! always stream and memory stays flat however large a NAR is. Owns nothing
+//! but its table of NARs fetched ahead; asks the resolver and the relay for
+//! everything else.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::identity::NodeId;
+use crate::nar_fetch::{self, FetchStats, Purpose};
+use crate::nix::{HashPart, Sha256Hash, StorePath};
+use crate::resolver::{Found, Resolver};
+
+/// NARs bigger than this are never fetched ahead.
+pub const MAX_NAR: u64 = 4 << 20;
+/// Fetches ahead running at once; more wait their turn.
+pub const PARALLEL: usize = 8;
+/// A NAR fetched ahead that Nix has not asked for by then is dropped.
+pub const KEEP: Duration = Duration::from_secs(120);
+/// Old entries are looked for at most this often.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Chunks buffered between the relay and the collector.
+const DEPTH: usize = 8;
+
+#[derive(Default)]
+pub struct PrefetchStats {
+    pub started: AtomicU64,
+    /// NARs Nix got out of memory.
+    pub served: AtomicU64,
+    pub failed: AtomicU64,
+    /// Fetched but never asked for, or dropped before their turn came.
+    pub unused: AtomicU64,
+    /// Bytes held now.
+    pub held_bytes: AtomicU64,
+}
+
+#[derive(Clone)]
+enum Phase {
+    Queued,
+    Fetching,
+    Ready { nar: Bytes, peer: NodeId },
+    Failed,
+}
+
+struct Entry {
+    id: u64,
+    path: StorePath,
+    nar_hash: Sha256Hash,
+    size: u64,
+    at: Instant,
+    phase: watch::Receiver<Phase>,
+}
+
+#[derive(Default)]
+struct Table {
+    entries: HashMap<HashPart, Entry>,
+    /// Bytes promised to entries, fetched or not.
+    reserved: u64,
+    next_id: u64,
+    swept: Option<Instant>,
+}
+
+impl Table {
+    fn remove(&mut self, hash: &HashPart, id: Option<u64>) -> Option<Entry> {
+        if id.is_some_and(|id| self.entries.get(hash).is_none_or(|e| e.id != id)) {
+            return None;
+        }
+        let entry = self.entries.remove(hash)?;
+        self.reserved -= entry.size;
+        Some(entry)
+    }
+
+    /// Drops entries older than `KEEP`; returns how many.
+    fn sweep(&mut self, now: Instant) -> u64 {
+        if self
+            .swept
+            .is_some_and(|t| now.duration_since(t) < SWEEP_EVERY)
+        {
+            return 0;
+        }
+        self.swept = Some(now);
+        let old: Vec<HashPart> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| now.duration_since(e.at) > KEEP)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for hash in &old {
+            self.remove(hash, None);
+        }
+        old.len() as u64
+    }
+}
+
+/// A NAR fetched ahead, verified, and who sent it.
+pub struct Prefetched {
+    pub path: StorePath,
+    pub nar: Bytes,
+    pub peer: NodeId,
+}
+
+pub struct Prefetcher {
+    resolver: Arc<Resolver>,
+    fetch_stats: Arc<FetchStats>,
+    budget: u64,
+    table: Mutex<Table>,
+    slots: Semaphore,
+    pub stats: PrefetchStats,
+}
+
+impl Prefetcher {
+    /// `budget` bytes may be held at once; 0 turns fetching ahead off.
+    pub fn new(resolver: Arc<Resolver>, fetch_stats: Arc<FetchStats>, budget: u64) -> Arc<Self> {
+        Arc::new(Self {
+            resolver,
+            fetch_stats,
+            budget,
+            table: Mutex::new(Table::default()),
+            slots: Semaphore::new(PARALLEL),
+            stats: PrefetchStats::default(),
+        })
+    }
+
+    /// Nix was just told `found` exists: fetch its NAR now if it is small
+    /// and there is room.
+    pub fn offer(self: &Arc<Self>, found: &Found) {
+        let info = &found.narinfo.info;
+        let size = info.nar_size;
+        if size > MAX_NAR.min(self.budget) {
+            return;
+        }
+        let hash = info.path.hash_part();
+        let Ok(mut table) = self.table.lock() else {
+            return;
+        };
+        let swept = table.sweep(Instant::now());
+        self.stats.unused.fetch_add(swept, Relaxed);
+        if table.entries.contains_key(&hash) || table.reserved + size > self.budget {
+            return;
+        }
+        let id = table.next_id;
+        table.next_id += 1;
+        table.reserved += size;
+        let (tx, rx) = watch::channel(Phase::Queued);
+        table.entries.insert(
+            hash.clone(),
+            Entry {
+                id,
+                path: info.path.clone(),
+                nar_hash: info.nar_hash,
+                size,
+                at: Instant::now(),
+                phase: rx,
+            },
+        );
+        drop(table);
+        self.stats.started.fetch_add(1, Relaxed);
+        tokio::spawn(self.clone().fetch(id, hash, found.clone(), tx));
+    }
+
+    async fn fetch(
+        self: Arc<Self>,
+        id: u64,
+        hash: HashPart,
+        found: Found,
+        tx: watch::Sender<Phase>,
+    ) {
+        let Ok(_slot) = self.slots.acquire().await else {
+            return;
+        };
+        // Nix came for it before its turn and streamed it itself.
+        if tx.is_closed() {
+            return;
+        }
+        tx.send_replace(Phase::Fetching);
+        let size = found.narinfo.info.nar_size;
+        let (chunks_tx, chunks_rx) = mpsc::channel(DEPTH);
+        let relay = nar_fetch::relay(
+            self.resolver.clone(),
+            self.fetch_stats.clone(),
+            found.narinfo,
+            found.holders,
+            chunks_tx,
+            Purpose::Prefetch,
+        );
+        let (peer, nar) = tokio::join!(relay, collect(chunks_rx, size, &tx));
+        match (peer, nar) {
+            (Some(peer), Some(nar)) => {
+                self.stats.held_bytes.fetch_add(size, Relaxed);
+                tx.send_replace(Phase::Ready { nar, peer });
+                // Still in the table: the bytes count until Nix takes them
+                // or they age out.
+                tokio::spawn(self.clone().release_when_gone(tx, size));
+            }
+            _ => {
+                self.stats.failed.fetch_add(1, Relaxed);
+                tx.send_replace(Phase::Failed);
+                if let Ok(mut table) = self.table.lock() {
+                    table.remove(&hash, Some(id));
+                }
+            }
+        }
+    }
+
+    /// Keeps `held_bytes` honest: the NAR leaves memory when the last
+    /// receiver (the table's, or a waiting request's) is gone.
+    async fn release_when_gone(self: Arc<Self>, tx: watch::Sender<Phase>, size: u64) {
+        tx.closed().await;
+        self.stats.held_bytes.fetch_sub(size, Relaxed);
+    }
+
+    /// The NAR of `hash`, if it was fetched ahead and verified against
+    /// `nar_hash`; waits for a fetch under way. `None`: stream it instead.
+    pub async fn claim(&self, hash: &HashPart, nar_hash: &Sha256Hash) -> Option<Prefetched> {
+        let entry = self.table.lock().ok()?.remove(hash, None)?;
+        if entry.nar_hash != *nar_hash {
+            return None;
+        }
+        let mut phase = entry.phase;
+        loop {
+            match &*phase.borrow_and_update() {
+                // Not started: dropping the receiver tells it not to bother.
+                Phase::Queued | Phase::Failed => return None,
+                Phase::Ready { nar, peer } => {
+                    self.stats.served.fetch_add(1, Relaxed);
+                    return Some(Prefetched {
+                        path: entry.path,
+                        nar: nar.clone(),
+                        peer: *peer,
+                    });
+                }
+                Phase::Fetching => {}
+            }
+            phase.changed().await.ok()?;
+        }
+    }
+}
+
+/// Gathers a relayed NAR. `None` unless all `size` bytes arrived, which the
+/// relay allows only once they matched the NAR's hash. Stops early when
+/// nobody wants the NAR any more.
+async fn collect(
+    mut chunks: mpsc::Receiver<Result<Bytes, nar_fetch::FetchError>>,
+    size: u64,
+    wanted: &watch::Sender<Phase>,
+) -> Option<Bytes> {
+    let mut nar = BytesMut::with_capacity(usize::try_from(size).ok()?);
+    while let Some(chunk) = chunks.recv().await {
+        if wanted.is_closed() {
+            return None;
+        }
+        nar.extend_from_slice(&chunk.ok()?);
+    }
+    (nar.len() as u64 == size).then(|| nar.freeze())
+}
