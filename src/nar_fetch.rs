@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -27,6 +27,8 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(3);
 pub const QUARANTINE: Duration = Duration::from_secs(600);
 /// Largest piece read off a QUIC stream at once.
 const READ_CHUNK: usize = 256 * 1024;
+/// A read buffer with less room left than this is replaced by a new one.
+const MIN_READ: usize = 16 * 1024;
 /// After Nix leaves mid-NAR, up to this many remaining bytes are still read
 /// and hashed, so a peer whose bytes made Nix give up is caught.
 const DRAIN_LIMIT: u64 = 64 << 20;
@@ -214,6 +216,9 @@ pub async fn relay(
 /// Every NAR begins with the same string token, `nix-archive-1`: a holder
 /// whose first bytes differ is lying, and is caught before Nix sees them.
 fn starts_like_a_nar(offset: u64, chunk: &[u8]) -> bool {
+    if offset >= 24 {
+        return true;
+    }
     let mut magic = Vec::with_capacity(24);
     crate::nix::nar::push_str(&mut magic, crate::nix::nar::MAGIC.as_bytes());
     let Ok(start) = usize::try_from(offset) else {
@@ -293,10 +298,15 @@ async fn from_holder(
             c.requests_made += 1;
         }
     }
+    // QUIC hands data over one packet's worth (about 1.4 KiB) at a time;
+    // reading into a large buffer takes all that has arrived at once, so
+    // hashing, counting and Nix's HTTP stream work on big pieces.
+    let mut buf = BytesMut::new();
     loop {
-        let chunk = match tokio::time::timeout(STALL_TIMEOUT, recv.read_chunk(READ_CHUNK, true))
-            .await
-        {
+        if buf.len() < MIN_READ {
+            buf = BytesMut::zeroed(READ_CHUNK);
+        }
+        let chunk = match tokio::time::timeout(STALL_TIMEOUT, recv.read(&mut buf)).await {
             Err(_) => {
                 let _ = recv.stop(code::CANCELLED.into());
                 return HolderEnd::Failed(format!("stalled for {STALL_TIMEOUT:?}"));
@@ -317,7 +327,7 @@ async fn from_holder(
                     HolderEnd::Failed(format!("stream ended at byte {offset}"))
                 };
             }
-            Ok(Ok(Some(chunk))) => chunk.bytes,
+            Ok(Ok(Some(n))) => buf.split_to(n).freeze(),
         };
         let len = chunk.len() as u64;
         if *offset + len > info.nar_size {
