@@ -7,7 +7,7 @@
 use std::io;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -16,9 +16,8 @@ use crate::nix::nar::{self, NarSink};
 use crate::nix::PathInfo;
 use crate::store::Store;
 
-/// Bytes per chunk handed to the consumer.
-pub const CHUNK: usize = 256 * 1024;
-/// Chunks in flight per stream; with `CHUNK` this bounds memory per stream.
+/// Chunks in flight per stream; with `nar::CHUNK` this bounds memory per
+/// stream.
 const CHANNEL_DEPTH: usize = 4;
 
 #[derive(Debug, Error, Clone)]
@@ -159,18 +158,16 @@ impl Digester {
     }
 }
 
-/// Hashes everything, skips the first `skip` bytes, sends full chunks, and
-/// always holds the newest piece back for `finish`, which sends it only when
-/// the whole NAR verified.
+/// Hashes everything, skips the first `skip` bytes, passes the encoder's
+/// chunks on as they are, and always holds the newest piece back for
+/// `finish`, which sends it only when the whole NAR verified.
 struct VerifyingSink {
     tx: mpsc::Sender<Result<Bytes, NarStreamError>>,
     digester: Digester,
     expected_size: u64,
+    /// Bytes taken so far: where the next chunk starts in the NAR.
     written: u64,
     skip: u64,
-    /// Bytes not yet cut into a chunk, and where they start in the NAR.
-    buf: BytesMut,
-    buf_start: u64,
     held: Option<Bytes>,
     oversized: bool,
 }
@@ -183,20 +180,17 @@ impl VerifyingSink {
             expected_size,
             written: 0,
             skip,
-            buf: BytesMut::with_capacity(2 * CHUNK),
-            buf_start: 0,
             held: None,
             oversized: false,
         }
     }
 
-    /// Hashes `chunk` (which starts at `buf_start`) and queues what of it
-    /// lies past `skip`; the previously held piece goes out.
-    fn take_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
+    /// Hashes `chunk` (which starts at `start`) and queues what of it lies
+    /// past `skip`; the previously held piece goes out.
+    fn take_chunk(&mut self, chunk: Bytes, start: u64) -> io::Result<()> {
         self.digester.update(&chunk);
-        let start = self.buf_start;
-        self.buf_start += chunk.len() as u64;
-        if self.buf_start <= self.skip {
+        let end = start + chunk.len() as u64;
+        if end <= self.skip {
             return Ok(());
         }
         let from = usize::try_from(self.skip.saturating_sub(start)).unwrap_or(0);
@@ -220,11 +214,6 @@ impl VerifyingSink {
                 self.written, self.expected_size
             )));
         }
-        let rest = self.buf.split().freeze();
-        if !rest.is_empty() {
-            // A consumer gone by now is found out below, quietly.
-            let _ = self.take_chunk(rest);
-        }
         let digest = self.digester.finish();
         if digest != Some(info.nar_hash.0) {
             return Err(corrupt("hash differs".into()));
@@ -239,25 +228,26 @@ impl VerifyingSink {
 }
 
 impl NarSink for VerifyingSink {
-    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.written += bytes.len() as u64;
+    fn chunk(&mut self, chunk: Bytes) -> io::Result<()> {
+        let start = self.written;
+        self.written += chunk.len() as u64;
         if self.written > self.expected_size {
             // Bigger than the DB says: stop reading now.
             self.oversized = true;
             return Err(io::Error::other("NAR longer than NarSize"));
         }
-        self.buf.extend_from_slice(bytes);
-        while self.buf.len() >= CHUNK {
-            let chunk = self.buf.split_to(CHUNK).freeze();
-            self.take_chunk(chunk)?;
-        }
-        Ok(())
+        self.take_chunk(chunk, start)
+    }
+
+    fn expected_size(&self) -> Option<u64> {
+        Some(self.expected_size)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nix::nar::CHUNK;
     use crate::nix::{Sha256Hash, StorePath};
 
     fn info_for(nar: &[u8]) -> PathInfo {
@@ -283,7 +273,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4096);
         let mut sink = VerifyingSink::new(tx, info.nar_size, skip);
         for piece in nar.chunks(100_003) {
-            sink.write(piece).unwrap();
+            sink.chunk(Bytes::copy_from_slice(piece)).unwrap();
         }
         let end = sink.finish(info);
         let mut out = Vec::new();
