@@ -74,6 +74,40 @@ struct Table {
 }
 
 impl Table {
+    /// Makes room for a NAR of `size` bytes if it is small enough, not
+    /// already here, and fits in `budget`; returns its id and the sender
+    /// its fetch reports through.
+    fn admit(
+        &mut self,
+        path: &StorePath,
+        nar_hash: Sha256Hash,
+        size: u64,
+        budget: u64,
+        now: Instant,
+    ) -> Option<(u64, watch::Sender<Phase>)> {
+        let hash = path.hash_part();
+        if size > MAX_NAR.min(budget)
+            || self.entries.contains_key(&hash)
+            || self.reserved + size > budget
+        {
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.reserved += size;
+        let (tx, rx) = watch::channel(Phase::Queued);
+        let entry = Entry {
+            id,
+            path: path.clone(),
+            nar_hash,
+            size,
+            at: now,
+            phase: rx,
+        };
+        self.entries.insert(hash, entry);
+        Some((id, tx))
+    }
+
     fn remove(&mut self, hash: &HashPart, id: Option<u64>) -> Option<Entry> {
         if id.is_some_and(|id| self.entries.get(hash).is_none_or(|e| e.id != id)) {
             return None;
@@ -138,36 +172,19 @@ impl Prefetcher {
     /// and there is room.
     pub fn offer(self: &Arc<Self>, found: &Found) {
         let info = &found.narinfo.info;
-        let size = info.nar_size;
-        if size > MAX_NAR.min(self.budget) {
-            return;
-        }
-        let hash = info.path.hash_part();
         let Ok(mut table) = self.table.lock() else {
             return;
         };
-        let swept = table.sweep(Instant::now());
+        let now = Instant::now();
+        let swept = table.sweep(now);
         self.stats.unused.fetch_add(swept, Relaxed);
-        if table.entries.contains_key(&hash) || table.reserved + size > self.budget {
-            return;
-        }
-        let id = table.next_id;
-        table.next_id += 1;
-        table.reserved += size;
-        let (tx, rx) = watch::channel(Phase::Queued);
-        table.entries.insert(
-            hash.clone(),
-            Entry {
-                id,
-                path: info.path.clone(),
-                nar_hash: info.nar_hash,
-                size,
-                at: Instant::now(),
-                phase: rx,
-            },
-        );
+        let admitted = table.admit(&info.path, info.nar_hash, info.nar_size, self.budget, now);
         drop(table);
+        let Some((id, tx)) = admitted else {
+            return;
+        };
         self.stats.started.fetch_add(1, Relaxed);
+        let hash = info.path.hash_part();
         tokio::spawn(self.clone().fetch(id, hash, found.clone(), tx));
     }
 
@@ -265,4 +282,65 @@ async fn collect(
         nar.extend_from_slice(&chunk.ok()?);
     }
     (nar.len() as u64 == size).then(|| nar.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store path whose hash part ends in digit `n`.
+    fn path(n: u8) -> StorePath {
+        assert!(n < 10);
+        let full = format!("/nix/store/{}{n}-p", "0".repeat(31));
+        StorePath::parse("/nix/store", &full).unwrap()
+    }
+
+    #[test]
+    fn admission_keeps_to_the_budget_and_the_size_limit() {
+        let mut t = Table::default();
+        let now = Instant::now();
+        let h = Sha256Hash([0; 32]);
+        let (_a, _tx_a) = t.admit(&path(1), h, 600, 1000, now).unwrap();
+        // Already here, or beyond what is left of the budget: no.
+        assert!(t.admit(&path(1), h, 10, 1000, now).is_none());
+        assert!(t.admit(&path(2), h, 401, 1000, now).is_none());
+        let (_b, _tx_b) = t.admit(&path(2), h, 400, 1000, now).unwrap();
+        assert_eq!(t.reserved, 1000);
+        // Bigger than MAX_NAR: never, whatever the budget.
+        assert!(t.admit(&path(3), h, MAX_NAR + 1, u64::MAX, now).is_none());
+        // A budget of 0 admits nothing.
+        assert!(Table::default().admit(&path(4), h, 1, 0, now).is_none());
+    }
+
+    #[test]
+    fn removing_frees_the_budget_and_stale_ids_remove_nothing() {
+        let mut t = Table::default();
+        let now = Instant::now();
+        let h = Sha256Hash([0; 32]);
+        let (old, _tx) = t.admit(&path(1), h, 500, 1000, now).unwrap();
+        let hash = path(1).hash_part();
+        assert!(t.remove(&hash, Some(old)).is_some());
+        assert_eq!(t.reserved, 0);
+        // The same path admitted again: the first fetch's clean-up must
+        // not remove the second's entry.
+        let (new, _tx) = t.admit(&path(1), h, 500, 1000, now).unwrap();
+        assert!(t.remove(&hash, Some(old)).is_none());
+        assert_eq!(t.reserved, 500);
+        assert!(t.remove(&hash, Some(new)).is_some());
+        assert_eq!(t.reserved, 0);
+    }
+
+    #[test]
+    fn entries_age_out_after_keep() {
+        let mut t = Table::default();
+        let start = Instant::now();
+        let h = Sha256Hash([0; 32]);
+        t.admit(&path(1), h, 100, 1000, start).unwrap();
+        assert_eq!(t.sweep(start + KEEP / 2), 0);
+        // Sweeps are rate-limited; the next one after SWEEP_EVERY finds it.
+        assert_eq!(t.sweep(start + KEEP / 2 + SWEEP_EVERY / 2), 0);
+        assert_eq!(t.sweep(start + KEEP + SWEEP_EVERY * 2), 1);
+        assert_eq!(t.reserved, 0);
+        assert!(t.entries.is_empty());
+    }
 }
