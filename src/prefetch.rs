@@ -220,7 +220,7 @@ impl Prefetcher {
                 tx.send_replace(Phase::Ready { nar, peer });
                 // Still in the table: the bytes count until Nix takes them
                 // or they age out.
-                tokio::spawn(self.clone().release_when_gone(tx, size));
+                tokio::spawn(self.clone().release_when_gone(id, hash, tx, size));
             }
             _ => {
                 self.stats.failed.fetch_add(1, Relaxed);
@@ -233,9 +233,19 @@ impl Prefetcher {
     }
 
     /// Keeps `held_bytes` honest: the NAR leaves memory when the last
-    /// receiver (the table's, or a waiting request's) is gone.
-    async fn release_when_gone(self: Arc<Self>, tx: watch::Sender<Phase>, size: u64) {
-        tx.closed().await;
+    /// receiver (the table's, or a waiting request's) is gone. One that Nix
+    /// has not come for within `KEEP` is dropped here, so memory is given
+    /// back even when no later narinfo request runs a sweep.
+    async fn release_when_gone(
+        self: Arc<Self>,
+        id: u64,
+        hash: HashPart,
+        tx: watch::Sender<Phase>,
+        size: u64,
+    ) {
+        if until_released(&self.table, id, &hash, &tx, KEEP).await {
+            self.stats.unused.fetch_add(1, Relaxed);
+        }
         self.stats.held_bytes.fetch_sub(size, Relaxed);
     }
 
@@ -264,6 +274,29 @@ impl Prefetcher {
             phase.changed().await.ok()?;
         }
     }
+}
+
+/// Waits until nobody holds entry `id`'s NAR any more. If Nix has not
+/// claimed it within `keep`, takes it out of `table`; returns whether it
+/// went unused that way.
+async fn until_released(
+    table: &Mutex<Table>,
+    id: u64,
+    hash: &HashPart,
+    tx: &watch::Sender<Phase>,
+    keep: Duration,
+) -> bool {
+    if tokio::time::timeout(keep, tx.closed()).await.is_ok() {
+        return false;
+    }
+    // `is_some` drops the entry, and its receiver, right here.
+    let dropped = table
+        .lock()
+        .ok()
+        .and_then(|mut t| t.remove(hash, Some(id)))
+        .is_some();
+    tx.closed().await;
+    dropped
 }
 
 /// Gathers a relayed NAR. `None` unless all `size` bytes arrived, which the
@@ -328,6 +361,34 @@ mod tests {
         assert_eq!(t.reserved, 500);
         assert!(t.remove(&hash, Some(new)).is_some());
         assert_eq!(t.reserved, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unclaimed_nar_is_let_go_without_any_sweep() {
+        let table = Mutex::new(Table::default());
+        let h = Sha256Hash([0; 32]);
+        let hash = path(1).hash_part();
+        let (id, tx) = table
+            .lock()
+            .unwrap()
+            .admit(&path(1), h, 100, 1000, Instant::now())
+            .unwrap();
+        let unused = until_released(&table, id, &hash, &tx, KEEP).await;
+        assert!(unused);
+        assert!(table.lock().unwrap().entries.is_empty());
+        assert_eq!(table.lock().unwrap().reserved, 0);
+
+        // Claimed in time: not unused, and the table is left alone.
+        let (id, tx) = table
+            .lock()
+            .unwrap()
+            .admit(&path(2), h, 100, 1000, Instant::now())
+            .unwrap();
+        let hash = path(2).hash_part();
+        let claimed = table.lock().unwrap().remove(&hash, None);
+        let waiter = until_released(&table, id, &hash, &tx, KEEP);
+        drop(claimed);
+        assert!(!waiter.await);
     }
 
     #[test]
