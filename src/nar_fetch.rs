@@ -99,6 +99,8 @@ pub async fn relay(
         hasher: Sha256::new(),
         pending: None,
         client_gone: false,
+        // Only bytes Nix has seen are worth checking after it leaves.
+        drain: purpose == Purpose::Nix,
     };
     let mut queue = holders;
     let mut tried: Vec<NodeId> = Vec::new();
@@ -156,6 +158,7 @@ pub async fn relay(
         hasher,
         mut pending,
         client_gone,
+        ..
     } = progress;
     let digest: [u8; 32] = hasher.finalize().into();
     let verified = offset == size && digest == info.nar_hash.0;
@@ -248,6 +251,8 @@ struct Progress {
     pending: Option<Bytes>,
     /// Nix left; bytes are still read and hashed, not sent.
     client_gone: bool,
+    /// Whether to go on reading (up to `DRAIN_LIMIT`) once the consumer left.
+    drain: bool,
 }
 
 async fn from_holder(
@@ -263,6 +268,7 @@ async fn from_holder(
         hasher,
         pending,
         client_gone,
+        drain,
     } = progress;
     let start = *offset;
     let mesh = resolver.mesh();
@@ -348,7 +354,7 @@ async fn from_holder(
             if tx.send(Ok(prev)).await.is_err() {
                 // Nix left, maybe because these bytes made no sense to it.
                 // Finish checking them if that is cheap, to catch a liar.
-                if info.nar_size - *offset > DRAIN_LIMIT {
+                if !*drain || info.nar_size - *offset > DRAIN_LIMIT {
                     let _ = recv.stop(code::CANCELLED.into());
                     return HolderEnd::ClientGone;
                 }

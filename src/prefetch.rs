@@ -223,7 +223,11 @@ impl Prefetcher {
                 tokio::spawn(self.clone().release_when_gone(id, hash, tx, size));
             }
             _ => {
-                self.stats.failed.fetch_add(1, Relaxed);
+                // Nobody wanting it any more (swept, or claimed before its
+                // turn) is already counted as unused.
+                if !tx.is_closed() {
+                    self.stats.failed.fetch_add(1, Relaxed);
+                }
                 tx.send_replace(Phase::Failed);
                 if let Ok(mut table) = self.table.lock() {
                     table.remove(&hash, Some(id));
@@ -252,24 +256,40 @@ impl Prefetcher {
     /// The NAR of `hash`, if it was fetched ahead and verified against
     /// `nar_hash`; waits for a fetch under way. `None`: stream it instead.
     pub async fn claim(&self, hash: &HashPart, nar_hash: &Sha256Hash) -> Option<Prefetched> {
-        let entry = self.table.lock().ok()?.remove(hash, None)?;
-        if entry.nar_hash != *nar_hash {
-            return None;
-        }
-        let mut phase = entry.phase;
+        // The entry stays in the table, and keeps its bytes reserved, while
+        // its fetch runs: a waiting request does not free budget early.
+        let (id, path, mut phase) = {
+            let table = self.table.lock().ok()?;
+            let entry = table.entries.get(hash)?;
+            if entry.nar_hash != *nar_hash {
+                return None;
+            }
+            (entry.id, entry.path.clone(), entry.phase.clone())
+        };
         loop {
-            match &*phase.borrow_and_update() {
-                // Not started: dropping the receiver tells it not to bother.
-                Phase::Queued | Phase::Failed => return None,
+            let ready = match &*phase.borrow_and_update() {
+                Phase::Fetching => None,
+                Phase::Failed => return None,
+                Phase::Queued => {
+                    // Not started: Nix streams it itself, and the fetch,
+                    // once nobody holds a receiver, does not bother.
+                    self.stats.unused.fetch_add(1, Relaxed);
+                    Some(None)
+                }
                 Phase::Ready { nar, peer } => {
                     self.stats.served.fetch_add(1, Relaxed);
-                    return Some(Prefetched {
-                        path: entry.path,
+                    Some(Some(Prefetched {
+                        path: path.clone(),
                         nar: nar.clone(),
                         peer: *peer,
-                    });
+                    }))
                 }
-                Phase::Fetching => {}
+            };
+            if let Some(outcome) = ready {
+                if let Ok(mut table) = self.table.lock() {
+                    table.remove(hash, Some(id));
+                }
+                return outcome;
             }
             phase.changed().await.ok()?;
         }
