@@ -200,6 +200,28 @@ async fn bind(key: &'static str, addr: std::net::SocketAddr) -> Result<TcpListen
         })
 }
 
+/// Raises the soft limit on open files to the hard one. Connections (up to
+/// 1024 per HTTP listener), QUIC streams and NAR encodes (each holding up to
+/// 9 directory descriptors) all need descriptors, and the usual soft limit
+/// of 1024 is below what they may add up to.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::debug!(limit = ?limit.maximum, "raised the open file limit"),
+        Err(e) => {
+            tracing::warn!(error = %e, soft = ?limit.current, "could not raise the open file limit")
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` fires. `inherited` holds listening
 /// sockets passed by the service manager (see `activation`).
 pub async fn run(
@@ -207,6 +229,7 @@ pub async fn run(
     mut inherited: std::collections::HashMap<String, std::os::fd::RawFd>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    raise_open_file_limit();
     let store = Store::open(store_location(&config))?;
     let policy = Arc::new(share_policy(&config)?);
     tracing::info!(

@@ -499,3 +499,23 @@ fn fetching_ahead_can_be_turned_off() {
     assert_eq!(metric(&b, "nixmesh_prefetch_started_total"), 0);
     assert_eq!(metric(&b, "nixmesh_prefetch_held_bytes"), 0);
 }
+
+#[test]
+fn the_agent_raises_its_open_file_limit() {
+    // Started with a low soft limit, as a service manager might leave it.
+    let a = MeshNode::new("a", &NodeSettings::default());
+    let config = std::fs::read_to_string(&a.config_path).unwrap();
+    let agent = Agent::start_with(
+        &config,
+        a.admin_addr(),
+        &["prlimit", "--nofile=256:4096", "--"],
+        std::path::Path::new(env!("CARGO_BIN_EXE_nixmesh")),
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3..5], ["4096", "4096"], "{line}");
+}

@@ -36,7 +36,7 @@ pub const MAX_DEPTH: usize = 512;
 /// entries are encoded, so an entry is opened by its name alone. Below it,
 /// entries are opened by their path from the deepest open directory: a deep
 /// tree cannot run the process out of descriptors.
-const HELD_DIR_DEPTH: usize = 16;
+const HELD_DIR_DEPTH: usize = 8;
 /// The buffer for bytes beyond what the sink expects.
 const OVERFLOW_BUF: usize = 4096;
 /// Free chunk buffers kept for reuse, by all streams together: 8 MiB.
