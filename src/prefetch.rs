@@ -266,32 +266,27 @@ impl Prefetcher {
             }
             (entry.id, entry.path.clone(), entry.phase.clone())
         };
-        loop {
-            let ready = match &*phase.borrow_and_update() {
-                Phase::Fetching => None,
-                Phase::Failed => return None,
-                Phase::Queued => {
-                    // Not started: Nix streams it itself, and the fetch,
-                    // once nobody holds a receiver, does not bother.
-                    self.stats.unused.fetch_add(1, Relaxed);
-                    Some(None)
-                }
-                Phase::Ready { nar, peer } => {
-                    self.stats.served.fetch_add(1, Relaxed);
-                    Some(Some(Prefetched {
-                        path: path.clone(),
-                        nar: nar.clone(),
-                        peer: *peer,
-                    }))
-                }
-            };
-            if let Some(outcome) = ready {
-                if let Ok(mut table) = self.table.lock() {
-                    table.remove(hash, Some(id));
-                }
-                return outcome;
+        let settled = phase
+            .wait_for(|p| !matches!(p, Phase::Fetching))
+            .await
+            .ok()?
+            .clone();
+        // Taken, failed, or left to Nix: either way no longer ahead.
+        if let Ok(mut table) = self.table.lock() {
+            table.remove(hash, Some(id));
+        }
+        match settled {
+            Phase::Ready { nar, peer } => {
+                self.stats.served.fetch_add(1, Relaxed);
+                Some(Prefetched { path, nar, peer })
             }
-            phase.changed().await.ok()?;
+            // Not started: Nix streams it itself, and the fetch, once
+            // nobody holds a receiver, does not bother.
+            Phase::Queued => {
+                self.stats.unused.fetch_add(1, Relaxed);
+                None
+            }
+            Phase::Failed | Phase::Fetching => None,
         }
     }
 }

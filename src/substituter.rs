@@ -73,19 +73,17 @@ impl Substituter {
                 }
                 None => http::empty(StatusCode::NOT_FOUND),
             },
-            Route::Nar { hash, nar_hash } if !head_only => {
-                match self.prefetch.claim(&hash, &nar_hash).await {
-                    Some(ahead) => self.prefetched_response(ahead),
-                    None => match self.find_nar(&hash, &nar_hash).await {
-                        Some(found) => self.nar_response(found, false),
-                        None => http::empty(StatusCode::NOT_FOUND),
-                    },
+            Route::Nar { hash, nar_hash } => {
+                if !head_only {
+                    if let Some(ahead) = self.prefetch.claim(&hash, &nar_hash).await {
+                        return self.prefetched_response(ahead);
+                    }
+                }
+                match self.find_nar(&hash, &nar_hash).await {
+                    Some(found) => self.nar_response(found, head_only),
+                    None => http::empty(StatusCode::NOT_FOUND),
                 }
             }
-            Route::Nar { hash, nar_hash } => match self.find_nar(&hash, &nar_hash).await {
-                Some(found) => self.nar_response(found, head_only),
-                None => http::empty(StatusCode::NOT_FOUND),
-            },
             Route::Refuse(status) => http::empty(status),
         }
     }
