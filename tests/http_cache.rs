@@ -50,7 +50,7 @@ fn serve(store: &TestStore, share: &str, signing_key: Option<&Path>) -> Served {
 }
 
 fn narinfo(addr: SocketAddr, path: &str) -> Option<NarInfo> {
-    let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
+    let hash = hash_part(path);
     let reply = get(addr, &format!("/{hash}.narinfo"));
     match reply.status {
         200 => {

@@ -234,11 +234,12 @@ fn bad_frames_reset_the_stream_and_nothing_else() {
     drop(agent);
 }
 
-#[test]
-fn nix_substitutes_a_closure_spread_over_two_peers() {
+/// An office key; settings for holders that sign with it and share what it
+/// signed, and for a client whose substituter trusts it.
+fn office_settings() -> (NixKey, NodeSettings, NodeSettings) {
     let office = nix_key("office-1");
     let trusted = format!("trusted_keys = [{:?}]", office.public);
-    let holder_settings = NodeSettings {
+    let holder = NodeSettings {
         top: format!(
             "signing_key_file = {:?}",
             office.secret.display().to_string()
@@ -246,10 +247,16 @@ fn nix_substitutes_a_closure_spread_over_two_peers() {
         share: trusted.clone(),
         ..Default::default()
     };
-    let client_settings = NodeSettings {
-        substituter: trusted.clone(),
+    let client = NodeSettings {
+        substituter: trusted,
         ..Default::default()
     };
+    (office, holder, client)
+}
+
+#[test]
+fn nix_substitutes_a_closure_spread_over_two_peers() {
+    let (office, holder_settings, client_settings) = office_settings();
     let a = MeshNode::new("a", &holder_settings);
     let b = MeshNode::new("b", &client_settings);
     let c = MeshNode::new("c", &holder_settings);
@@ -391,20 +398,7 @@ fn metric(node: &MeshNode, name: &str) -> u64 {
 
 #[test]
 fn small_nars_are_fetched_ahead_and_outlive_their_holder() {
-    let office = nix_key("office-1");
-    let trusted = format!("trusted_keys = [{:?}]", office.public);
-    let holder_settings = NodeSettings {
-        top: format!(
-            "signing_key_file = {:?}",
-            office.secret.display().to_string()
-        ),
-        share: trusted.clone(),
-        ..Default::default()
-    };
-    let client_settings = NodeSettings {
-        substituter: trusted.clone(),
-        ..Default::default()
-    };
+    let (office, holder_settings, client_settings) = office_settings();
     let a = MeshNode::new("a", &holder_settings);
     let b = MeshNode::new("b", &client_settings);
     // One NAR small enough to fetch ahead, one too big for it.
@@ -422,9 +416,11 @@ fn small_nars_are_fetched_ahead_and_outlive_their_holder() {
     });
 
     // Nix asks for narinfos first; b fetches the small NAR right away.
-    let hash_of = |p: &str| p["/nix/store/".len()..][..32].to_string();
     for path in [&small, &big] {
-        let reply = get(b.substituter_addr(), &format!("/{}.narinfo", hash_of(path)));
+        let reply = get(
+            b.substituter_addr(),
+            &format!("/{}.narinfo", hash_part(path)),
+        );
         assert_eq!(reply.status, 200, "{path}");
     }
     wait_for(
@@ -484,7 +480,7 @@ fn fetching_ahead_can_be_turned_off() {
     wait_for(Duration::from_secs(10), "b sees a", || {
         all_alive(&b, &["a"])
     });
-    let hash = &path["/nix/store/".len()..][..32];
+    let hash = hash_part(&path);
     let narinfo = get(b.substituter_addr(), &format!("/{hash}.narinfo"));
     assert_eq!(narinfo.status, 200);
     // The NAR still streams on demand.

@@ -148,6 +148,11 @@ impl TestStore {
     }
 }
 
+/// The 32-character hash part of a `/nix/store/...` path.
+pub fn hash_part(store_path: &str) -> &str {
+    &store_path["/nix/store/".len()..][..32]
+}
+
 pub fn rand_suffix() -> String {
     let mut b = [0u8; 6];
     getrandom::getrandom(&mut b).unwrap();
