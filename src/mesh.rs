@@ -27,6 +27,8 @@ pub const PING_TIMEOUT: Duration = Duration::from_millis(1500);
 pub const DIAL_TIMEOUT: Duration = Duration::from_millis(2000);
 /// Addresses remembered as refused before the list starts over.
 const MAX_REFUSALS_REMEMBERED: usize = 1024;
+/// Socket buffer asked for each way: a few ms of a fast LAN's datagrams.
+const UDP_BUFFER: usize = 8 << 20;
 /// QUIC application close code for a node shutting down cleanly.
 pub const CLOSE_SHUTDOWN: u32 = 0x10;
 
@@ -376,7 +378,31 @@ impl Mesh {
     }
 }
 
-/// A UDP socket on `addr`; for `[::]` also reachable over IPv4.
+/// A UDP socket on `addr`; for `[::]` also reachable over IPv4. Its
+/// buffers are enlarged: the kernel's default (about 200 KiB) overflows
+/// while the agent is busy hashing, and each datagram lost there makes the
+/// sender halve its rate, which costs most on links with a longer round
+/// trip (Wi-Fi).
 fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    std::net::UdpSocket::bind(addr)
+    use rustix::net::sockopt;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    // Past net.core.rmem_max only with CAP_NET_ADMIN; otherwise as much as
+    // that limit allows.
+    if sockopt::set_socket_recv_buffer_size_force(&socket, UDP_BUFFER).is_err() {
+        let _ = sockopt::set_socket_recv_buffer_size(&socket, UDP_BUFFER);
+    }
+    if sockopt::set_socket_send_buffer_size_force(&socket, UDP_BUFFER).is_err() {
+        let _ = sockopt::set_socket_send_buffer_size(&socket, UDP_BUFFER);
+    }
+    // The kernel reports twice what it grants (bookkeeping included).
+    let granted = sockopt::socket_recv_buffer_size(&socket).unwrap_or(0) / 2;
+    if granted < UDP_BUFFER / 2 {
+        tracing::warn!(
+            granted,
+            wanted = UDP_BUFFER,
+            "the UDP receive buffer is small; NAR streams may lose datagrams \
+             and slow down (raise the net.core.rmem_max sysctl, or run with CAP_NET_ADMIN)"
+        );
+    }
+    Ok(socket)
 }

@@ -515,3 +515,31 @@ fn the_agent_raises_its_open_file_limit() {
     let fields: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(fields[3..5], ["4096", "4096"], "{line}");
 }
+
+#[test]
+fn the_mesh_socket_gets_large_buffers() {
+    // The kernel's default UDP buffers overflow under a bulk NAR stream.
+    let a = MeshNode::new("a", &NodeSettings::default());
+    let config = std::fs::read_to_string(&a.config_path).unwrap();
+    let agent = Agent::start(&config, a.admin_addr());
+    let filter = format!("sport = :{}", a.quic);
+    let out = run_ok(
+        std::process::Command::new("ss")
+            .args(["-u", "-a", "-n", "-m", "-p"])
+            .arg(&filter),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid = format!("pid={},", agent.pid());
+    assert!(text.contains(&pid), "the agent's socket is not in\n{text}");
+    let field = |name: &str| -> u64 {
+        let at = text.find(&format!(",{name}")).expect(name) + name.len() + 1;
+        let digits: String = text[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().unwrap()
+    };
+    // The kernel shows twice what was granted: 8 MiB each way.
+    assert!(field("rb") >= 16 << 20, "{text}");
+    assert!(field("tb") >= 16 << 20, "{text}");
+}
