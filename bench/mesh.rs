@@ -11,7 +11,10 @@
 //!    substituter), against the same Nix with every peer listed as a plain
 //!    HTTP substituter (each peer's agent serving its own store with
 //!    `[http_cache]`). Both with a fresh narinfo disk cache and an empty
-//!    client store each time, and Nix's default negative-narinfo TTL.
+//!    client store each time, and Nix's default negative-narinfo TTL. On
+//!    veth a round trip takes microseconds, so the same runs are repeated on
+//!    a slow LAN: the harness's user-space switch delays every frame (0.5 ms
+//!    and 4 ms round trips by default: a busy wired LAN, Wi-Fi).
 //! 2. **NAR throughput between two hosts.** A large NAR peer to peer: QUIC
 //!    through the client's agent, against nginx on the serving host sending
 //!    the same NAR as a static file (`nix copy --to file://…`), over the
@@ -30,7 +33,8 @@
 //! Knobs, from the environment (defaults in brackets): `PEERS` [10],
 //! `SMALL_PER_PEER` [30], `LARGE_COUNT` [4], `LARGE_MIB` [64], `ROUNDS` [3],
 //! `BIG_MIB` [1024] (the throughput NAR), `SHAPE_MBIT` [1000] (0: no shaped
-//! runs), `MEM_MIBS` [256,1024,4096] (empty: no memory check), `NIX_EXTRA`
+//! runs), `DELAYS_US` [250,2000] (one-way delays of the slow-LAN closure
+//! runs; empty: none), `MEM_MIBS` [256,1024,4096] (empty: no memory check), `NIX_EXTRA`
 //! (more nix.conf lines for the closure client, e.g. `max-jobs = 8`),
 //! `PARTS` [closure,pair]. A quick look: `PEERS=4 SMALL_PER_PEER=10
 //! LARGE_MIB=8 BIG_MIB=64 MEM_MIBS= SHAPE_MBIT=0 ROUNDS=1`.
@@ -87,6 +91,9 @@ struct Settings {
     big_mib: u64,
     /// The shaped link's rate; 0 skips the shaped comparison.
     shape_mbit: u64,
+    /// One-way delays of the slow-LAN closure runs (µs, comma separated;
+    /// empty: none), on top of the shaping.
+    delays_us: Vec<u64>,
     /// The NAR sizes of the memory check (MiB, comma separated); empty
     /// skips it.
     mem_mibs: Vec<u64>,
@@ -116,20 +123,26 @@ impl Settings {
             rounds: get("ROUNDS", 3).max(1) as usize,
             big_mib: get("BIG_MIB", 1024),
             shape_mbit: get("SHAPE_MBIT", 1000),
-            mem_mibs: std::env::var("MEM_MIBS")
-                .unwrap_or_else(|_| "256,1024,4096".into())
-                .split(',')
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| {
-                    v.trim()
-                        .parse()
-                        .unwrap_or_else(|e| panic!("MEM_MIBS: {v:?} is not a number: {e}"))
-                })
-                .collect(),
+            delays_us: numbers("DELAYS_US", "250,2000"),
+            mem_mibs: numbers("MEM_MIBS", "256,1024,4096"),
             nix_extra: std::env::var("NIX_EXTRA").unwrap_or_default(),
             parts: std::env::var("PARTS").unwrap_or_else(|_| "closure,pair".into()),
         }
     }
+}
+
+/// A comma-separated list of numbers from the environment.
+fn numbers(name: &str, default: &str) -> Vec<u64> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| {
+            v.trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{name}: {v:?} is not a number: {e}"))
+        })
+        .collect()
 }
 
 /// One line of the summary: a measurement, both sides and their ratio.
@@ -304,20 +317,7 @@ fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>
     };
 
     let unshaped = closure_rounds(s, &mut c, &nix_conf, &wanted, Some((groups, larges)));
-    rows.push(
-        unshaped
-            .dry
-            .row(&format!("{what}: narinfo phase (-r --dry-run), s")),
-    );
-    rows.push(unshaped.all.row(&format!("{what}: nix-store -r, s")));
-    rows.push(unshaped.small.row(&format!(
-        "  of which the {} small paths alone, s",
-        closure.len() - larges.len()
-    )));
-    rows.push(unshaped.large.row(&format!(
-        "  of which the {} large paths alone, s",
-        larges.len()
-    )));
+    unshaped.rows(rows, &what, closure.len() - larges.len(), larges.len());
     notes.push(format!(
         "closure: mesh = the client's Nix with one substituter, its own agent; baseline = the same Nix \
          with the {n} peers' [http_cache] endpoints as {n} plain substituters, in host order. Group k \
@@ -365,6 +365,35 @@ fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>
             shaped.all.list(Side::Plain),
         ));
     }
+
+    for &one_way in &s.delays_us {
+        let _switch = lan.delay(Duration::from_micros(one_way));
+        let slow = closure_rounds(s, &mut c, &nix_conf, &wanted, Some((groups, larges)));
+        let rtts: Vec<f64> = c.agent.peers().iter().filter_map(|p| p.rtt_ms).collect();
+        let connect = tcp_connect_ms(client, &plain_list[0]);
+        let slow_what = format!(
+            "{what}, {:.1} ms round trip{}",
+            2.0 * one_way as f64 / 1000.0,
+            if s.shape_mbit > 0 { ", shaped" } else { "" }
+        );
+        slow.rows(rows, &slow_what, closure.len() - larges.len(), larges.len());
+        notes.push(format!(
+            "closure, slow LAN: every frame delayed {one_way} us each way by the harness's \
+             user-space switch (this kernel has no netem){}; a TCP connect from the client to \
+             a peer took {connect:.2} ms (median of 5), the client agent's pings {:.2} ms. Seconds per round (mesh / plain): dry {} / {}; \
+             realise {} / {}.",
+            if s.shape_mbit > 0 {
+                format!(", links still shaped to {} Mbit/s", s.shape_mbit)
+            } else {
+                String::new()
+            },
+            median(&rtts),
+            slow.dry.list(Side::Mesh),
+            slow.dry.list(Side::Plain),
+            slow.all.list(Side::Mesh),
+            slow.all.list(Side::Plain),
+        ));
+    }
 }
 
 /// The client host of the closure runs, its agent and what it fetches.
@@ -373,6 +402,24 @@ struct Client<'a> {
     agent: &'a mut AgentHandle,
     peers: &'a [&'a Host],
     closure: &'a [String],
+}
+
+impl ClosureTimings {
+    fn rows(&self, rows: &mut Vec<Row>, what: &str, smalls: usize, larges: usize) {
+        rows.push(
+            self.dry
+                .row(&format!("{what}: narinfo phase (-r --dry-run), s")),
+        );
+        rows.push(self.all.row(&format!("{what}: nix-store -r, s")));
+        rows.push(
+            self.small
+                .row(&format!("  of which the {smalls} small paths alone, s")),
+        );
+        rows.push(
+            self.large
+                .row(&format!("  of which the {larges} large paths alone, s")),
+        );
+    }
 }
 
 impl Client<'_> {
@@ -598,19 +645,33 @@ fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
         );
     }
 
+    // The memory check started new agents.
+    let pair = Pair {
+        server_agent: agent_pid(&server_agent),
+        client_agent: agent_pid(&client_agent),
+        ..pair
+    };
     if s.shape_mbit > 0 {
         server.shape(s.shape_mbit * 1_000_000);
-        let pair = Pair {
-            server_agent: agent_pid(&server_agent),
-            client_agent: agent_pid(&client_agent),
-            ..pair
-        };
         throughput(
             s,
             &pair,
             &format!("{label}, link shaped to {} Mbit/s", s.shape_mbit),
             rows,
         );
+    }
+    for &one_way in &s.delays_us {
+        let _switch = lan.delay(Duration::from_micros(one_way));
+        let shaped = if s.shape_mbit > 0 {
+            format!(", shaped to {} Mbit/s", s.shape_mbit)
+        } else {
+            String::new()
+        };
+        let what = format!(
+            "{label}, {:.1} ms round trip{shaped}",
+            2.0 * one_way as f64 / 1000.0
+        );
+        throughput(s, &pair, &what, rows);
     }
     nginx.stop();
     notes.push(
@@ -1003,6 +1064,33 @@ fn long_ok_strings(host: &Host, argv: &[String]) -> String {
 
 /// GETs `url` inside `host` into /dev/null; panics unless 200. Returns
 /// curl's own transfer time.
+/// The median of five TCP handshakes from `host` to `url`'s server, in ms:
+/// one network round trip.
+fn tcp_connect_ms(host: &Host, url: &str) -> f64 {
+    let times: Vec<f64> = (0..5)
+        .map(|_| {
+            let out = long_ok(
+                host,
+                &[
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{time_connect}",
+                    url,
+                ],
+            );
+            let secs: f64 = out
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("curl {url}: {out}: {e}"));
+            secs * 1000.0
+        })
+        .collect();
+    median(&times)
+}
+
 fn curl_get(host: &Host, url: &str) -> Duration {
     let out = long_ok(
         host,

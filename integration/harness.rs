@@ -31,12 +31,14 @@ mod exec;
 mod host;
 mod network;
 mod run;
+mod switch;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use agent::AgentHandle;
 pub use host::Host;
+pub use switch::DelaySwitch;
 
 use run::Run;
 
@@ -70,6 +72,13 @@ impl Lan {
 
     pub fn hosts(&self) -> &[Host] {
         &self.hosts
+    }
+
+    /// Gives every link `one_way` of delay each way (a round trip of twice
+    /// that between any two hosts) until the returned switch is dropped.
+    pub fn delay(&self, one_way: Duration) -> DelaySwitch {
+        let veths: Vec<String> = (0..self.hosts.len()).map(|i| self.run.veth(i)).collect();
+        DelaySwitch::start(&self.run.bridge(), &veths, one_way)
     }
 
     /// `nmtNNN`: the prefix of every name this Lan made on the machine.
