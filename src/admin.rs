@@ -227,13 +227,13 @@ impl Admin {
             metrics::counter(
                 &mut out,
                 "nixmesh_prefetch_started_total",
-                "NARs fetched ahead of Nix",
+                "Small NARs fetched ahead of Nix",
                 p.started.load(Relaxed),
             );
             metrics::counter(
                 &mut out,
                 "nixmesh_prefetch_served_total",
-                "NARs Nix got fetched ahead, from memory or disk",
+                "NARs Nix got from memory, fetched ahead",
                 p.served.load(Relaxed),
             );
             metrics::counter(
@@ -253,18 +253,6 @@ impl Admin {
                 "nixmesh_prefetch_held_bytes",
                 "Bytes of NARs fetched ahead held in memory now",
                 p.held_bytes.load(Relaxed),
-            );
-            metrics::counter(
-                &mut out,
-                "nixmesh_prefetch_spooled_total",
-                "NARs fetched ahead whole onto disk",
-                p.spooled.load(Relaxed),
-            );
-            metrics::gauge(
-                &mut out,
-                "nixmesh_prefetch_spool_bytes",
-                "Bytes of NARs fetched ahead kept on disk now",
-                p.spool_bytes.load(Relaxed),
             );
         }
         out

@@ -20,12 +20,10 @@ use crate::nix::conf::NixConf;
 use crate::nix::{PublicKey, SecretKey};
 use crate::peer_server::PeerServer;
 use crate::peers::PeerTable;
-use crate::prefetch::Budgets;
 use crate::race::TrustPolicy;
 use crate::resolver::Resolver;
 use crate::share::SharePolicy;
 use crate::shared_store::SharedStore;
-use crate::spool::SpoolDir;
 use crate::store::{Store, StoreError, StoreLocation};
 use crate::substituter::Substituter;
 use crate::transport::{Admission, TlsIdentity, TransportError};
@@ -51,11 +49,6 @@ pub enum AgentError {
     Transport(#[from] TransportError),
     #[error("mesh.mdns: {0}")]
     Discovery(#[from] DiscoveryError),
-    #[error("state_dir: cannot prepare {dir} for NARs fetched ahead: {source}")]
-    Spool {
-        dir: std::path::PathBuf,
-        source: std::io::Error,
-    },
     #[error("{key}: cannot listen on {addr}: {source}")]
     Bind {
         key: &'static str,
@@ -326,21 +319,11 @@ pub async fn run(
         let policy = trust_policy(&config)?;
         let deadline = std::time::Duration::from_millis(config.substituter.race_timeout_ms);
         let resolver = Resolver::new(mesh.clone(), policy, deadline);
-        let spool = if config.substituter.prefetch_disk_mib > 0 {
-            let dir = config.state_dir.join("prefetch");
-            Some(SpoolDir::open(&dir).map_err(|source| AgentError::Spool { dir, source })?)
-        } else {
-            None
-        };
         let sub = Substituter::new(
             resolver,
             config.store.store_dir.clone(),
             config.substituter.priority,
-            Budgets {
-                memory: config.substituter.prefetch_mib << 20,
-                disk: config.substituter.prefetch_disk_mib << 20,
-            },
-            spool,
+            config.substituter.prefetch_mib << 20,
         );
         let listener = listen(
             &mut inherited,

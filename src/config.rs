@@ -12,8 +12,6 @@ use thiserror::Error;
 pub const DEFAULT_PATH: &str = "/etc/nixmesh/config.toml";
 /// Largest `substituter.prefetch_mib`: 16 GiB of NARs held ahead.
 pub const MAX_PREFETCH_MIB: u64 = 16 * 1024;
-/// Largest `substituter.prefetch_disk_mib`: 1 TiB of NARs spooled ahead.
-pub const MAX_PREFETCH_DISK_MIB: u64 = 1024 * 1024;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -105,7 +103,6 @@ pub struct SubstituterConfig {
     pub priority: u32,
     pub race_timeout_ms: u64,
     pub prefetch_mib: u64,
-    pub prefetch_disk_mib: u64,
     pub require_sigs: Option<bool>,
     pub trusted_keys: Option<Vec<String>>,
 }
@@ -142,7 +139,6 @@ impl Default for SubstituterConfig {
             priority: 30,
             race_timeout_ms: 400,
             prefetch_mib: 64,
-            prefetch_disk_mib: 1024,
             require_sigs: None,
             trusted_keys: None,
         }
@@ -260,12 +256,6 @@ impl Config {
             return Err(invalid(
                 "substituter.prefetch_mib",
                 &format!("must be 0 to {MAX_PREFETCH_MIB}"),
-            ));
-        }
-        if self.substituter.prefetch_disk_mib > MAX_PREFETCH_DISK_MIB {
-            return Err(invalid(
-                "substituter.prefetch_disk_mib",
-                &format!("must be 0 to {MAX_PREFETCH_DISK_MIB}"),
             ));
         }
         for (i, p) in self.mesh.static_peers.iter().enumerate() {

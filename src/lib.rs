@@ -30,7 +30,6 @@ pub mod race;
 pub mod resolver;
 pub mod share;
 pub mod shared_store;
-pub mod spool;
 pub mod store;
 pub mod substituter;
 pub mod transport;

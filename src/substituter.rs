@@ -12,12 +12,10 @@ use tokio::sync::mpsc;
 
 use crate::cache_api::{self, Route};
 use crate::http::{self, Body};
-use crate::identity::NodeId;
 use crate::nar_fetch::{self, FetchStats, Purpose};
-use crate::nix::{narinfo, HashPart, Sha256Hash, StorePath};
-use crate::prefetch::{Budgets, Prefetched, Prefetcher};
+use crate::nix::{narinfo, HashPart, Sha256Hash};
+use crate::prefetch::{Prefetched, Prefetcher};
 use crate::resolver::{Found, Resolver};
-use crate::spool::SpoolDir;
 
 /// Chunks buffered between a peer stream and Nix.
 const RELAY_DEPTH: usize = 8;
@@ -31,17 +29,15 @@ pub struct Substituter {
 }
 
 impl Substituter {
-    /// `prefetch`: memory and disk (in `spool`) for NARs fetched ahead of
-    /// Nix (0: none).
+    /// `prefetch_bytes`: memory for NARs fetched ahead of Nix (0: none).
     pub fn new(
         resolver: Arc<Resolver>,
         store_dir: String,
         priority: u32,
-        prefetch: Budgets,
-        spool: Option<SpoolDir>,
+        prefetch_bytes: u64,
     ) -> Arc<Self> {
         let fetch_stats = Arc::new(FetchStats::default());
-        let prefetch = Prefetcher::new(resolver.clone(), fetch_stats.clone(), prefetch, spool);
+        let prefetch = Prefetcher::new(resolver.clone(), fetch_stats.clone(), prefetch_bytes);
         Arc::new(Self {
             resolver,
             fetch_stats,
@@ -97,32 +93,15 @@ impl Substituter {
         (found.narinfo.info.nar_hash == *nar_hash).then_some(found)
     }
 
-    /// A NAR fetched ahead: from memory, or followed on disk. One line in
-    /// the log once all of it went out, as for a streamed one.
+    /// A NAR fetched ahead and verified: one line in the log, as for a
+    /// streamed one.
     fn prefetched_response(&self, ahead: Prefetched) -> Response<Body> {
-        match ahead {
-            Prefetched::Memory { path, nar, peer } => {
-                let size = nar.len() as u64;
-                substituted(&self.fetch_stats, &path, &peer, size);
-                http::nar(size, Some(http::full_body(nar)))
-            }
-            Prefetched::Disk {
-                path,
-                size,
-                file,
-                interest,
-            } => {
-                let (tx, rx) = mpsc::channel(RELAY_DEPTH);
-                let stats = self.fetch_stats.clone();
-                tokio::spawn(async move {
-                    if let Some(peer) = file.follow(size, tx).await {
-                        substituted(&stats, &path, &peer, size);
-                    }
-                    drop(interest);
-                });
-                http::nar(size, Some(http::channel_body(rx)))
-            }
-        }
+        let size = ahead.nar.len() as u64;
+        self.fetch_stats
+            .completed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(path = %ahead.path, peer = %ahead.peer, peers = 1, bytes = size, prefetched = true, "substituted");
+        http::nar(size, Some(http::full_body(ahead.nar)))
     }
 
     fn nar_response(&self, found: Found, head_only: bool) -> Response<Body> {
@@ -141,11 +120,4 @@ impl Substituter {
         });
         http::nar(size, body)
     }
-}
-
-fn substituted(stats: &FetchStats, path: &StorePath, peer: &NodeId, size: u64) {
-    stats
-        .completed
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(%path, %peer, peers = 1, bytes = size, prefetched = true, "substituted");
 }

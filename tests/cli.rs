@@ -20,10 +20,6 @@ fn a_bad_config_names_key_and_line_and_exits_2() {
             "[substituter]\nenable = true\nprefetch_mib = 99999999\n",
             "3: substituter.prefetch_mib",
         ),
-        (
-            "[substituter]\nprefetch_disk_mib = 99999999\n",
-            "2: substituter.prefetch_disk_mib",
-        ),
         ("[share]\nal = true\n", "2: share"),
         ("state_dir = 5\n", "1: state_dir"),
         ("[admin\n", ":1:"),

@@ -397,31 +397,26 @@ fn metric(node: &MeshNode, name: &str) -> u64 {
 }
 
 #[test]
-fn nars_are_fetched_ahead_and_outlive_their_holder() {
-    let (office, holder_settings, mut client_settings) = office_settings();
-    client_settings.substituter += "\nprefetch_disk_mib = 8";
+fn small_nars_are_fetched_ahead_and_outlive_their_holder() {
+    let (office, holder_settings, client_settings) = office_settings();
     let a = MeshNode::new("a", &holder_settings);
     let b = MeshNode::new("b", &client_settings);
-    // One NAR for memory, one for disk, one too big for the disk budget.
+    // One NAR small enough to fetch ahead, one too big for it.
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("small.txt"), "fetched ahead\n").unwrap();
-    let medium_len = (nixmesh::prefetch::MAX_NAR + 1) as usize;
-    let medium_bytes: Vec<u8> = (0..medium_len).map(|i| (i % 253) as u8).collect();
-    std::fs::write(src.path().join("medium.bin"), medium_bytes).unwrap();
-    std::fs::write(src.path().join("big.bin"), vec![7u8; 9 << 20]).unwrap();
+    let big_len = (nixmesh::prefetch::MAX_NAR + 1) as usize;
+    std::fs::write(src.path().join("big.bin"), vec![7u8; big_len]).unwrap();
     let small = a.store.add(&src.path().join("small.txt"));
-    let medium = a.store.add(&src.path().join("medium.bin"));
     let big = a.store.add(&src.path().join("big.bin"));
-    for path in [&small, &medium, &big] {
-        a.store.sign(&office.secret, path);
-    }
+    a.store.sign(&office.secret, &small);
+    a.store.sign(&office.secret, &big);
     let mut agents = full_mesh(&[&a, &b], &[holder_settings, client_settings]);
     wait_for(Duration::from_secs(10), "b sees a", || {
         all_alive(&b, &["a"])
     });
 
-    // Nix asks for narinfos first; b fetches what fits right away.
-    for path in [&small, &medium, &big] {
+    // Nix asks for narinfos first; b fetches the small NAR right away.
+    for path in [&small, &big] {
         let reply = get(
             b.substituter_addr(),
             &format!("/{}.narinfo", hash_part(path)),
@@ -430,17 +425,10 @@ fn nars_are_fetched_ahead_and_outlive_their_holder() {
     }
     wait_for(
         Duration::from_secs(10),
-        "the small NAR in b's memory and the medium one on its disk",
-        || {
-            metric(&b, "nixmesh_prefetch_held_bytes") > 0
-                && metric(&b, "nixmesh_prefetch_spooled_total") == 1
-        },
+        "the small NAR in b's memory",
+        || metric(&b, "nixmesh_prefetch_held_bytes") > 0,
     );
-    assert_eq!(metric(&b, "nixmesh_prefetch_started_total"), 2);
-    assert!(metric(&b, "nixmesh_prefetch_spool_bytes") > medium_len as u64);
-    // Spool files are unlinked at once: nothing on disk to clean up.
-    let spool = b.store.root().join("state/prefetch");
-    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    assert_eq!(metric(&b, "nixmesh_prefetch_started_total"), 1);
 
     // The only holder dies. What b fetched ahead still reaches Nix, whole
     // and verified; the big NAR, never fetched, cannot.
@@ -448,31 +436,22 @@ fn nars_are_fetched_ahead_and_outlive_their_holder() {
     let out = b.store.substitute(
         &format!("http://{}", b.substituter_addr()),
         Some(&office.public),
-        &[&small, &medium],
+        &[&small],
     );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for path in [&small, &medium] {
-        run_ok(b.store.cmd("nix-store").args(["--verify-path", path]));
-    }
-    assert_eq!(b.store.dump(&medium), a.store.dump(&medium));
-    assert_eq!(metric(&b, "nixmesh_prefetch_served_total"), 2);
+    run_ok(b.store.cmd("nix-store").args(["--verify-path", &small]));
+    assert_eq!(metric(&b, "nixmesh_prefetch_served_total"), 1);
     assert_eq!(metric(&b, "nixmesh_prefetch_held_bytes"), 0);
-    wait_for(Duration::from_secs(5), "the spool space given back", || {
-        metric(&b, "nixmesh_prefetch_spool_bytes") == 0
-    });
     let log = agents[0].log_text();
-    for path in [&small, &medium] {
-        assert!(
-            log.lines().any(|l| l.contains("substituted")
-                && l.contains(&format!("path={path}"))
-                && l.contains("prefetched=true")),
-            "{log}"
-        );
-    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("substituted") && l.contains(&format!("path={small}"))),
+        "{log}"
+    );
     let out = b.store.substitute(
         &format!("http://{}", b.substituter_addr()),
         Some(&office.public),
@@ -489,7 +468,7 @@ fn fetching_ahead_can_be_turned_off() {
         ..Default::default()
     };
     let off = NodeSettings {
-        substituter: "prefetch_mib = 0\nprefetch_disk_mib = 0\nrequire_sigs = false".into(),
+        substituter: "prefetch_mib = 0\nrequire_sigs = false".into(),
         ..Default::default()
     };
     let a = MeshNode::new("a", &holder);
