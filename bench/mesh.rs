@@ -36,6 +36,7 @@
 //! runs), `DELAYS_US` [250,2000] (one-way delays of the slow-LAN closure
 //! runs; empty: none), `MEM_MIBS` [256,1024,4096] (empty: no memory check), `NIX_EXTRA`
 //! (more nix.conf lines for the closure client, e.g. `max-jobs = 8`),
+//! `CLIENT_CONFIG` (the closure client agent's config, TOML),
 //! `PARTS` [closure,pair]. A quick look: `PEERS=4 SMALL_PER_PEER=10
 //! LARGE_MIB=8 BIG_MIB=64 MEM_MIBS= SHAPE_MBIT=0 ROUNDS=1`.
 //!
@@ -100,6 +101,9 @@ struct Settings {
     /// More nix.conf lines for the closure client, both sides
     /// (e.g. `max-jobs = 4`).
     nix_extra: String,
+    /// The closure client's agent config (TOML), e.g. to turn a feature
+    /// off.
+    client_config: String,
     /// Which parts run: `closure`, `pair` (throughput and memory), or both
     /// (the default), comma separated.
     parts: String,
@@ -126,6 +130,7 @@ impl Settings {
             delays_us: numbers("DELAYS_US", "250,2000"),
             mem_mibs: numbers("MEM_MIBS", "256,1024,4096"),
             nix_extra: std::env::var("NIX_EXTRA").unwrap_or_default(),
+            client_config: std::env::var("CLIENT_CONFIG").unwrap_or_default(),
             parts: std::env::var("PARTS").unwrap_or_else(|_| "closure,pair".into()),
         }
     }
@@ -279,7 +284,7 @@ fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>
         .iter()
         .map(|h| h.start_agent(&peer_config(h)))
         .collect();
-    let mut client_agent = client.start_agent("");
+    let mut client_agent = client.start_agent(&s.client_config);
     let took = wait_sees_peers(&client_agent, &peers);
     eprintln!(
         "closure: the client sees all {} peers after {took:?}",
@@ -314,6 +319,7 @@ fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>
         agent: &mut client_agent,
         peers: &peers,
         closure: &closure,
+        config: &s.client_config,
     };
 
     let unshaped = closure_rounds(s, &mut c, &nix_conf, &wanted, Some((groups, larges)));
@@ -402,6 +408,8 @@ struct Client<'a> {
     agent: &'a mut AgentHandle,
     peers: &'a [&'a Host],
     closure: &'a [String],
+    /// The client agent's config.
+    config: &'a str,
 }
 
 impl ClosureTimings {
@@ -423,8 +431,30 @@ impl ClosureTimings {
 }
 
 impl Client<'_> {
+    /// Makes the client as new for the next run: none of the closure in
+    /// its store, no narinfo disk cache, `nix_conf`, and a restarted agent
+    /// (no memo of earlier look-ups) that sees every peer again.
     fn reset(&mut self, nix_conf: &str) {
-        reset_client(self.host, self.agent, self.peers, self.closure, nix_conf);
+        let client = self.host;
+        let present: Vec<&str> = self
+            .closure
+            .iter()
+            .map(String::as_str)
+            .filter(|p| client.real_path(p).symlink_metadata().is_ok())
+            .collect();
+        if !present.is_empty() {
+            let mut argv = vec!["nix-store", "--delete"];
+            argv.extend(&present);
+            long_ok(client, &argv);
+        }
+        let cache = client.dir().join("home/.cache");
+        if cache.exists() {
+            fs::remove_dir_all(&cache).unwrap_or_else(|e| panic!("rm {}: {e}", cache.display()));
+        }
+        client.configure_nix(nix_conf);
+        self.agent.stop();
+        *self.agent = client.start_agent(self.config);
+        wait_sees_peers(self.agent, self.peers);
     }
 }
 
@@ -495,36 +525,6 @@ fn closure_rounds(
 /// Which peer holds large path `i` of `count`: spread evenly.
 fn large_peer(i: usize, count: usize, peers: usize) -> usize {
     ((2 * i + 1) * peers) / (2 * count)
-}
-
-/// Makes the client as new for the next run: none of the closure in its
-/// store, no narinfo disk cache, `nix_conf`, and a restarted agent (no memo
-/// of earlier look-ups) that sees every peer again.
-fn reset_client(
-    client: &Host,
-    agent: &mut AgentHandle,
-    peers: &[&Host],
-    closure: &[String],
-    nix_conf: &str,
-) {
-    let present: Vec<&str> = closure
-        .iter()
-        .map(String::as_str)
-        .filter(|p| client.real_path(p).symlink_metadata().is_ok())
-        .collect();
-    if !present.is_empty() {
-        let mut argv = vec!["nix-store", "--delete"];
-        argv.extend(&present);
-        long_ok(client, &argv);
-    }
-    let cache = client.dir().join("home/.cache");
-    if cache.exists() {
-        fs::remove_dir_all(&cache).unwrap_or_else(|e| panic!("rm {}: {e}", cache.display()));
-    }
-    client.configure_nix(nix_conf);
-    agent.stop();
-    *agent = client.start_agent("");
-    wait_sees_peers(agent, peers);
 }
 
 #[derive(Default)]
