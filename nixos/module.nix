@@ -106,6 +106,14 @@ in
     environment.etc."nixmesh/config.toml".source = configFile;
     environment.systemPackages = [ cfg.package ];
 
+    # The agent asks for 8 MiB UDP socket buffers; without CAP_NET_ADMIN it
+    # gets at most these. Smaller ones overflow under a NAR stream, and each
+    # lost datagram slows QUIC down.
+    boot.kernel.sysctl = {
+      "net.core.rmem_max" = lib.mkDefault 8388608;
+      "net.core.wmem_max" = lib.mkDefault 8388608;
+    };
+
     networking.firewall = lib.mkIf cfg.openFirewall {
       allowedUDPPorts = [ cfg.quicPort 5353 ];
     };

@@ -204,6 +204,39 @@ pub fn judge_peers(peers: &[PeerView], mdns: bool, static_peers: usize) -> Vec<F
     out
 }
 
+/// The socket buffer the agent asks for each way, which the kernel grants
+/// without CAP_NET_ADMIN only up to `net.core.{r,w}mem_max`.
+const UDP_BUFFER_WANTED: u64 = crate::mesh::UDP_BUFFER as u64;
+
+/// Are the kernel's socket buffer limits (`None`: unreadable) high enough
+/// for the agent's QUIC socket?
+pub fn judge_udp_buffers(rmem_max: Option<u64>, wmem_max: Option<u64>) -> Finding {
+    let low: Vec<String> = [("rmem_max", rmem_max), ("wmem_max", wmem_max)]
+        .into_iter()
+        .filter_map(|(name, v)| match v {
+            Some(v) if v >= UDP_BUFFER_WANTED => None,
+            Some(v) => Some(format!("net.core.{name} is {} KiB", v / 1024)),
+            None => Some(format!("net.core.{name} cannot be read")),
+        })
+        .collect();
+    if low.is_empty() {
+        return ok("the kernel allows the mesh socket 8 MiB buffers");
+    }
+    warn(
+        format!(
+            "{}: unless the agent has CAP_NET_ADMIN, its QUIC socket gets less than the \
+             8 MiB buffers it asks for, loses datagrams under load and slows down",
+            low.join(", ")
+        ),
+        "sysctl -w net.core.rmem_max=8388608 net.core.wmem_max=8388608 (and keep it in \
+         /etc/sysctl.d; the NixOS module sets it)",
+    )
+}
+
+fn sysctl(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
 /// Runs every check against this host and the agent its config describes.
 pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
     let mut out = vec![ok(format!("config {config_source} loads"))];
@@ -252,6 +285,13 @@ pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
         signing_public.as_deref(),
         &shared_trusted,
     ));
+
+    if config.mesh.enable {
+        out.push(judge_udp_buffers(
+            sysctl("/proc/sys/net/core/rmem_max"),
+            sysctl("/proc/sys/net/core/wmem_max"),
+        ));
+    }
 
     for iface in &config.mesh.interfaces {
         if !Path::new("/sys/class/net").join(iface).exists() {
@@ -320,6 +360,26 @@ mod tests {
 
     fn conf(text: &str) -> NixConf {
         NixConf::parse(text, &mut |_, _, _| {})
+    }
+
+    #[test]
+    fn udp_buffer_limits() {
+        let big = Some(UDP_BUFFER_WANTED);
+        assert_eq!(judge_udp_buffers(big, big).verdict, Verdict::Ok);
+        let f = judge_udp_buffers(Some(212_992), big);
+        assert_eq!(f.verdict, Verdict::Warn);
+        assert!(
+            f.what.contains("net.core.rmem_max is 208 KiB"),
+            "{}",
+            f.what
+        );
+        assert!(f.fix.contains("net.core.rmem_max=8388608"), "{}", f.fix);
+        let f = judge_udp_buffers(big, None);
+        assert!(
+            f.what.contains("net.core.wmem_max cannot be read"),
+            "{}",
+            f.what
+        );
     }
 
     #[test]

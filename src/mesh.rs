@@ -28,7 +28,7 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_millis(2000);
 /// Addresses remembered as refused before the list starts over.
 const MAX_REFUSALS_REMEMBERED: usize = 1024;
 /// Socket buffer asked for each way: a few ms of a fast LAN's datagrams.
-const UDP_BUFFER: usize = 8 << 20;
+pub const UDP_BUFFER: usize = 8 << 20;
 /// QUIC application close code for a node shutting down cleanly.
 pub const CLOSE_SHUTDOWN: u32 = 0x10;
 

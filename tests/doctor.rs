@@ -98,6 +98,8 @@ fn a_good_setup_passes_and_a_dead_peer_is_named() {
     assert!(report.contains("0 problem(s)"), "{report}");
     assert!(report.contains("Nix asks the mesh first"), "{report}");
     assert!(report.contains("1 peer(s) reachable over QUIC"), "{report}");
+    // The UDP buffer limits are judged (ok or warn, as this kernel has them).
+    assert!(report.contains("8 MiB buffers"), "{report}");
 
     // b dies without a word: doctor names it.
     let pid = b_agent.as_ref().unwrap().pid();

@@ -99,6 +99,11 @@ fn module_makes_socket_service_and_nix_settings() {
     assert_eq!(socket["socketConfig"]["FileDescriptorName"], "substituter");
     assert_eq!(socket["wantedBy"], json!(["sockets.target"]));
 
+    // Room for the agent's 8 MiB UDP buffers, which it cannot force.
+    for knob in ["net.core.rmem_max", "net.core.wmem_max"] {
+        assert_eq!(c["boot"]["kernel"]["sysctl"][knob], 8388608, "{knob}");
+    }
+
     let service = &c["systemd"]["services"]["nixmesh"];
     let sc = &service["serviceConfig"];
     let exec = sc["ExecStart"].as_str().unwrap();
