@@ -13,8 +13,9 @@
 //!
 //! Addresses come from `10.233.0.0/16`, one `/24` per Lan, and hosts have no
 //! route out of it. Names, subnet and cleanup are in `run`; wires in
-//! `network`; a host's namespaces, daemon and Nix commands in `host`; agents
-//! in `agent`.
+//! `network`; a switch that delays every frame, for a LAN with a real round
+//! trip, in `switch`; a host's namespaces, daemon and Nix commands in
+//! `host`; agents in `agent`.
 //!
 //! Cleanup is one mechanism: a watchdog process started with each Lan reads
 //! a pipe from the test process, and when the pipe closes (the Lan is
