@@ -377,11 +377,7 @@ fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>
         let slow = closure_rounds(s, &mut c, &nix_conf, &wanted, Some((groups, larges)));
         let rtts: Vec<f64> = c.agent.peers().iter().filter_map(|p| p.rtt_ms).collect();
         let connect = tcp_connect_ms(client, &plain_list[0]);
-        let slow_what = format!(
-            "{what}, {:.1} ms round trip{}",
-            2.0 * one_way as f64 / 1000.0,
-            if s.shape_mbit > 0 { ", shaped" } else { "" }
-        );
+        let slow_what = format!("{what}, {}", slow_label(one_way, s.shape_mbit));
         slow.rows(rows, &slow_what, closure.len() - larges.len(), larges.len());
         notes.push(format!(
             "closure, slow LAN: every frame delayed {one_way} us each way by the harness's \
@@ -662,15 +658,7 @@ fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
     }
     for &one_way in &s.delays_us {
         let _switch = lan.delay(Duration::from_micros(one_way));
-        let shaped = if s.shape_mbit > 0 {
-            format!(", shaped to {} Mbit/s", s.shape_mbit)
-        } else {
-            String::new()
-        };
-        let what = format!(
-            "{label}, {:.1} ms round trip{shaped}",
-            2.0 * one_way as f64 / 1000.0
-        );
+        let what = format!("{label}, {}", slow_label(one_way, s.shape_mbit));
         throughput(s, &pair, &what, rows);
     }
     nginx.stop();
@@ -1062,8 +1050,16 @@ fn long_ok_strings(host: &Host, argv: &[String]) -> String {
     long_ok(host, &argv)
 }
 
-/// GETs `url` inside `host` into /dev/null; panics unless 200. Returns
-/// curl's own transfer time.
+/// "0.5 ms round trip, shaped to 1000 Mbit/s": a slow-LAN run's label.
+fn slow_label(one_way_us: u64, shape_mbit: u64) -> String {
+    let rtt_ms = 2.0 * one_way_us as f64 / 1000.0;
+    if shape_mbit > 0 {
+        format!("{rtt_ms:.1} ms round trip, shaped to {shape_mbit} Mbit/s")
+    } else {
+        format!("{rtt_ms:.1} ms round trip")
+    }
+}
+
 /// The median of five TCP handshakes from `host` to `url`'s server, in ms:
 /// one network round trip.
 fn tcp_connect_ms(host: &Host, url: &str) -> f64 {
@@ -1091,6 +1087,8 @@ fn tcp_connect_ms(host: &Host, url: &str) -> f64 {
     median(&times)
 }
 
+/// GETs `url` inside `host` into /dev/null; panics unless 200. Returns
+/// curl's own transfer time.
 fn curl_get(host: &Host, url: &str) -> Duration {
     let out = long_ok(
         host,

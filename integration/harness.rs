@@ -77,7 +77,7 @@ impl Lan {
 
     /// Gives every link `one_way` of delay each way (a round trip of twice
     /// that between any two hosts) until the returned switch is dropped.
-    pub fn delay(&self, one_way: Duration) -> DelaySwitch {
+    pub fn delay(&self, one_way: Duration) -> DelaySwitch<'_> {
         let veths: Vec<String> = (0..self.hosts.len()).map(|i| self.run.veth(i)).collect();
         DelaySwitch::start(&self.run.bridge(), &veths, one_way)
     }

@@ -108,10 +108,11 @@ in
 
     # The agent asks for 8 MiB UDP socket buffers; without CAP_NET_ADMIN it
     # gets at most these. Smaller ones overflow under a NAR stream, and each
-    # lost datagram slows QUIC down.
+    # lost datagram slows QUIC down. NixOS keeps the highest value that any
+    # module sets for these two.
     boot.kernel.sysctl = {
-      "net.core.rmem_max" = lib.mkDefault 8388608;
-      "net.core.wmem_max" = lib.mkDefault 8388608;
+      "net.core.rmem_max" = 8388608;
+      "net.core.wmem_max" = 8388608;
     };
 
     networking.firewall = lib.mkIf cfg.openFirewall {

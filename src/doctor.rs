@@ -219,17 +219,23 @@ pub fn judge_udp_buffers(rmem_max: Option<u64>, wmem_max: Option<u64>) -> Findin
             None => Some(format!("net.core.{name} cannot be read")),
         })
         .collect();
+    let mib = UDP_BUFFER_WANTED >> 20;
     if low.is_empty() {
-        return ok("the kernel allows the mesh socket 8 MiB buffers");
+        return ok(format!(
+            "the kernel allows the mesh socket {mib} MiB buffers"
+        ));
     }
     warn(
         format!(
             "{}: unless the agent has CAP_NET_ADMIN, its QUIC socket gets less than the \
-             8 MiB buffers it asks for, loses datagrams under load and slows down",
+             {mib} MiB buffers it asks for, loses datagrams under load and slows down",
             low.join(", ")
         ),
-        "sysctl -w net.core.rmem_max=8388608 net.core.wmem_max=8388608 (and keep it in \
-         /etc/sysctl.d; the NixOS module sets it)",
+        format!(
+            "sysctl -w net.core.rmem_max={UDP_BUFFER_WANTED} \
+             net.core.wmem_max={UDP_BUFFER_WANTED} (and keep it in /etc/sysctl.d; \
+             the NixOS module sets it)"
+        ),
     )
 }
 

@@ -395,13 +395,16 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         let _ = sockopt::set_socket_send_buffer_size(&socket, UDP_BUFFER);
     }
     // The kernel reports twice what it grants (bookkeeping included).
-    let granted = sockopt::socket_recv_buffer_size(&socket).unwrap_or(0) / 2;
-    if granted < UDP_BUFFER / 2 {
+    let received = sockopt::socket_recv_buffer_size(&socket).unwrap_or(0) / 2;
+    let sent = sockopt::socket_send_buffer_size(&socket).unwrap_or(0) / 2;
+    if received < UDP_BUFFER || sent < UDP_BUFFER {
         tracing::warn!(
-            granted,
+            received,
+            sent,
             wanted = UDP_BUFFER,
-            "the UDP receive buffer is small; NAR streams may lose datagrams \
-             and slow down (raise the net.core.rmem_max sysctl, or run with CAP_NET_ADMIN)"
+            "the UDP socket buffers are small; NAR streams may lose datagrams \
+             and slow down (raise the net.core.rmem_max and wmem_max sysctls, \
+             or run with CAP_NET_ADMIN; `nixmesh doctor` says how)"
         );
     }
     Ok(socket)

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io;
+use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -41,16 +42,21 @@ struct Frame {
     bytes: Vec<u8>,
 }
 
-pub struct DelaySwitch {
+/// Borrows the Lan whose veths it holds, so it cannot outlive them.
+pub struct DelaySwitch<'lan> {
+    _lan: PhantomData<&'lan ()>,
     bridge: String,
     veths: Vec<String>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl DelaySwitch {
+impl DelaySwitch<'_> {
     /// Takes `veths` off `bridge` and joins them with `one_way` of delay.
-    pub fn start(bridge: &str, veths: &[String], one_way: Duration) -> DelaySwitch {
+    pub fn start<'lan>(bridge: &str, veths: &[String], one_way: Duration) -> DelaySwitch<'lan> {
+        // Opened while the veths are still on the bridge: the few frames of
+        // that moment are bridged and then delivered again, late, which
+        // every protocol on the LAN takes as a duplicate.
         let ports: Vec<Arc<OwnedFd>> = veths
             .iter()
             .map(|v| Arc::new(open_port(v).unwrap_or_else(|e| panic!("packet socket on {v}: {e}"))))
@@ -70,6 +76,7 @@ impl DelaySwitch {
             forward(&ports, &rx, one_way, &stop2)
         }));
         DelaySwitch {
+            _lan: PhantomData,
             bridge: bridge.to_string(),
             veths: veths.to_vec(),
             stop,
@@ -78,7 +85,7 @@ impl DelaySwitch {
     }
 }
 
-impl Drop for DelaySwitch {
+impl Drop for DelaySwitch<'_> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
@@ -99,11 +106,24 @@ impl Drop for DelaySwitch {
 
 fn receive(port: usize, fd: &OwnedFd, tx: &Sender<Frame>, stop: &AtomicBool) {
     let mut buf = vec![0u8; FRAME_MAX];
+    let mut complained = false;
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: `buf` is valid for writes of its length.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
-            continue; // the receive timeout, or a signal: look at `stop`
+            // The receive timeout or a signal: look at `stop`. Anything else
+            // loses frames (older kernels refuse UDP segmentation batches
+            // here), which a benchmark must not do in silence.
+            let e = io::Error::last_os_error();
+            let quiet = matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            );
+            if !quiet && !complained {
+                eprintln!("nixmesh-lan: switch port {port} drops frames: {e}");
+                complained = true;
+            }
+            continue;
         }
         let n = n as usize;
         if n < VNET_HDR_LEN + 14 {
