@@ -1065,18 +1065,7 @@ fn slow_label(one_way_us: u64, shape_mbit: u64) -> String {
 fn tcp_connect_ms(host: &Host, url: &str) -> f64 {
     let times: Vec<f64> = (0..5)
         .map(|_| {
-            let out = long_ok(
-                host,
-                &[
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{time_connect}",
-                    url,
-                ],
-            );
+            let out = curl_write_out(host, url, "%{time_connect}");
             let secs: f64 = out
                 .trim()
                 .parse()
@@ -1090,22 +1079,16 @@ fn tcp_connect_ms(host: &Host, url: &str) -> f64 {
 /// GETs `url` inside `host` into /dev/null; panics unless 200. Returns
 /// curl's own transfer time.
 fn curl_get(host: &Host, url: &str) -> Duration {
-    let out = long_ok(
-        host,
-        &[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{size_download} %{time_total}",
-            url,
-        ],
-    );
+    let out = curl_write_out(host, url, "%{http_code} %{size_download} %{time_total}");
     let f: Vec<&str> = out.split_whitespace().collect();
     assert!(f.len() == 3 && f[0] == "200", "GET {url}: {out}");
     let secs: f64 = f[2].parse().unwrap_or_else(|e| panic!("{out}: {e}"));
     Duration::from_secs_f64(secs)
+}
+
+/// GETs `url` inside `host` into /dev/null; what curl's `-w format` says.
+fn curl_write_out(host: &Host, url: &str, format: &str) -> String {
+    long_ok(host, &["curl", "-s", "-o", "/dev/null", "-w", format, url])
 }
 
 /// The `URL:` of `path`'s narinfo at the cache `base`, asked from `host`.

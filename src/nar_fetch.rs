@@ -19,7 +19,7 @@ use crate::identity::NodeId;
 use crate::nix::NarInfo;
 use crate::peer_client;
 use crate::protocol::code;
-use crate::resolver::Resolver;
+use crate::resolver::{Found, Resolver};
 
 /// A holder that sends nothing for this long is stalled.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -78,17 +78,17 @@ pub enum Purpose {
     Prefetch,
 }
 
-/// Streams `narinfo`'s NAR into `tx`. `holders` are tried in order; more are
-/// asked for when they run out. Returns the holder that finished a NAR that
-/// verified.
+/// Streams `found`'s NAR into `tx`. Its holders are tried in order; more
+/// are asked for when they run out. Returns the holder that finished a NAR
+/// that verified.
 pub async fn relay(
     resolver: Arc<Resolver>,
     stats: Arc<FetchStats>,
-    narinfo: NarInfo,
-    holders: Vec<NodeId>,
+    found: Found,
     tx: mpsc::Sender<Result<Bytes, FetchError>>,
     purpose: Purpose,
 ) -> Option<NodeId> {
+    let Found { narinfo, holders } = found;
     stats.in_flight.fetch_add(1, Relaxed);
     let started = Instant::now();
     let info = &narinfo.info;

@@ -208,8 +208,7 @@ impl Prefetcher {
         let relay = nar_fetch::relay(
             self.resolver.clone(),
             self.fetch_stats.clone(),
-            found.narinfo,
-            found.holders,
+            found,
             chunks_tx,
             Purpose::Prefetch,
         );

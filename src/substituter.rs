@@ -111,8 +111,7 @@ impl Substituter {
             tokio::spawn(nar_fetch::relay(
                 self.resolver.clone(),
                 self.fetch_stats.clone(),
-                found.narinfo,
-                found.holders,
+                found,
                 tx,
                 Purpose::Nix,
             ));
