@@ -31,6 +31,8 @@ mod agent;
 mod exec;
 mod host;
 mod network;
+#[path = "../tests/common/nix_under_test.rs"]
+pub mod nix_under_test;
 mod run;
 mod switch;
 
@@ -63,6 +65,15 @@ impl Lan {
         for i in 0..n_hosts {
             let host = Host::start(&lan.run, i);
             lan.hosts.push(host);
+        }
+        if let Some(h0) = lan.hosts.first() {
+            // A wrong NIXMESH_TEST_NIX (or a root that holds another
+            // version) must not pass silently.
+            let out = h0.run(&["nix", "--version"]);
+            nix_under_test::selected().assert_version(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                &String::from_utf8_lossy(&out.stderr),
+            );
         }
         lan
     }

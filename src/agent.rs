@@ -132,7 +132,7 @@ pub fn trust_policy(config: &Config) -> Result<TrustPolicy, AgentError> {
     let require_sigs = config
         .substituter
         .require_sigs
-        .unwrap_or_else(|| nix_conf.get("require-sigs") != Some("false"));
+        .unwrap_or_else(|| nix_conf.require_sigs());
     let trusted_keys = match &config.substituter.trusted_keys {
         Some(list) => list
             .iter()

@@ -17,12 +17,15 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::byte_range::RangeAnswer;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Open connections per listener; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 1024;
-/// Request head (line plus headers) size limit; hyper's minimum.
+/// Request head (line plus headers) size limit; real heads are under 1 KiB
+/// (hyper's own minimum is 8 KiB).
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// A client must send its request head within this.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,20 +46,52 @@ pub fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> R
     resp
 }
 
-/// A NAR response of `size` bytes: headers only (`body` None, for HEAD) or
-/// streamed from `body`.
-pub fn nar(size: u64, body: Option<Body>) -> Response<Body> {
-    let mut resp = match body {
-        Some(b) => Response::new(b),
-        None => empty(StatusCode::OK),
+/// A NAR response for a NAR of `size` bytes as `range` asks for it:
+/// headers only (`body` None, for HEAD and 416) or streamed from `body`,
+/// which must hold exactly the bytes of `range`'s window. Every NAR
+/// response says `Accept-Ranges: bytes`, so a modern Nix resumes a cut-off
+/// download instead of starting again.
+pub fn nar(size: u64, range: RangeAnswer, body: Option<Body>) -> Response<Body> {
+    let status = match range {
+        RangeAnswer::Whole => StatusCode::OK,
+        RangeAnswer::Part { .. } => StatusCode::PARTIAL_CONTENT,
+        RangeAnswer::Unsatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
     };
+    let mut resp = match body {
+        Some(b) if range != RangeAnswer::Unsatisfiable => Response::new(b),
+        _ => empty(status),
+    };
+    *resp.status_mut() = status;
+    let window = range.window(size);
     let headers = resp.headers_mut();
-    headers.insert(hyper::header::CONTENT_LENGTH, size.into());
     headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/x-nix-nar"),
+        hyper::header::ACCEPT_RANGES,
+        hyper::header::HeaderValue::from_static("bytes"),
     );
+    headers.insert(
+        hyper::header::CONTENT_LENGTH,
+        (window.end - window.start).into(),
+    );
+    if let Some(Ok(v)) = range.content_range(size).map(|v| v.parse()) {
+        headers.insert(hyper::header::CONTENT_RANGE, v);
+    }
+    if range != RangeAnswer::Unsatisfiable {
+        headers.insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/x-nix-nar"),
+        );
+    }
     resp
+}
+
+/// What a request's `Range` header asks of a NAR of `size` bytes.
+pub fn range_of<B>(req: &Request<B>, size: u64) -> RangeAnswer {
+    RangeAnswer::of(
+        req.headers()
+            .get(hyper::header::RANGE)
+            .map(|v| v.as_bytes()),
+        size,
+    )
 }
 
 /// A body that is all there in memory.
@@ -71,12 +106,33 @@ pub fn channel_body<E>(rx: tokio::sync::mpsc::Receiver<Result<Bytes, E>>) -> Bod
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        let item = rx.recv().await?;
-        Some((
-            item.map(Frame::data).map_err(|e| Box::new(e) as BoxError),
-            rx,
-        ))
+    channel_body_limited(rx, u64::MAX)
+}
+
+/// Like `channel_body`, ending after `limit` bytes (the rest of the
+/// channel is dropped, which stops its producer).
+pub fn channel_body_limited<E>(
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, E>>,
+    limit: u64,
+) -> Body
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let stream = futures_util::stream::unfold((rx, limit), |(mut rx, left)| async move {
+        if left == 0 {
+            return None;
+        }
+        let item = match rx.recv().await? {
+            Ok(mut chunk) => {
+                if chunk.len() as u64 > left {
+                    chunk.truncate(left as usize);
+                }
+                let left = left - chunk.len() as u64;
+                return Some((Ok(Frame::data(chunk)), (rx, left)));
+            }
+            Err(e) => Err(Box::new(e) as BoxError),
+        };
+        Some((item, (rx, left)))
     });
     BodyExt::boxed(StreamBody::new(stream))
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
+use crate::byte_range::RangeAnswer;
 use crate::cache_api::{self, Route};
 use crate::http::{self, Body};
 use crate::nix::{narinfo, PathInfo};
@@ -44,7 +45,10 @@ impl HttpCache {
                 None => http::empty(StatusCode::NOT_FOUND),
             },
             Route::Nar { hash, nar_hash } => match self.shared.info(hash).await {
-                Some(info) if info.nar_hash == nar_hash => self.nar_response(info, head_only),
+                Some(info) if info.nar_hash == nar_hash => {
+                    let range = http::range_of(&req, info.nar_size);
+                    self.nar_response(info, range, head_only)
+                }
                 _ => http::empty(StatusCode::NOT_FOUND),
             },
             Route::Refuse(status) => http::empty(status),
@@ -54,10 +58,13 @@ impl HttpCache {
         resp
     }
 
-    fn nar_response(&self, info: PathInfo, head_only: bool) -> Response<Body> {
+    fn nar_response(&self, info: PathInfo, range: RangeAnswer, head_only: bool) -> Response<Body> {
         let size = info.nar_size;
-        let body =
-            (!head_only).then(|| http::channel_body(self.shared.nar(info, 0).into_receiver()));
-        http::nar(size, body)
+        let window = range.window(size);
+        let body = (!head_only && !window.is_empty()).then(|| {
+            let stream = self.shared.nar(info, window.start);
+            http::channel_body_limited(stream.into_receiver(), window.end - window.start)
+        });
+        http::nar(size, range, body)
     }
 }

@@ -7,6 +7,7 @@
 pub mod activation;
 pub mod admin;
 pub mod agent;
+pub mod byte_range;
 pub mod cache_api;
 pub mod cli;
 pub mod config;

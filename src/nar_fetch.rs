@@ -6,6 +6,7 @@
 //! left, or a hash mismatch, the response is cut off instead. A peer whose
 //! bytes did not verify is quarantined.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,13 +79,16 @@ pub enum Purpose {
     Prefetch,
 }
 
-/// Streams `found`'s NAR into `tx`. Its holders are tried in order; more
-/// are asked for when they run out. Returns the holder that finished a NAR
-/// that verified.
+/// Streams the bytes of `found`'s NAR that lie in `window` (NAR offsets)
+/// into `tx`. Every byte of the NAR is fetched and hashed, in the window or
+/// not, and the last chunk sent is held back until the whole NAR verified.
+/// Its holders are tried in order; more are asked for when they run out.
+/// Returns the holder that finished a NAR that verified.
 pub async fn relay(
     resolver: Arc<Resolver>,
     stats: Arc<FetchStats>,
     found: Found,
+    window: Range<u64>,
     tx: mpsc::Sender<Result<Bytes, FetchError>>,
     purpose: Purpose,
 ) -> Option<NodeId> {
@@ -98,6 +102,7 @@ pub async fn relay(
         offset: 0,
         hasher: Sha256::new(),
         pending: None,
+        window,
         client_gone: false,
         // Only bytes Nix has seen are worth checking after it leaves.
         drain: purpose == Purpose::Nix,
@@ -235,6 +240,19 @@ fn starts_like_a_nar(offset: u64, chunk: &[u8]) -> bool {
     chunk[..n] == expected[..n]
 }
 
+/// The part of `chunk`, which starts at NAR offset `at`, that lies in
+/// `window`.
+fn in_window(at: u64, mut chunk: Bytes, window: &Range<u64>) -> Bytes {
+    let end = at + chunk.len() as u64;
+    if end <= window.start || at >= window.end {
+        return Bytes::new();
+    }
+    let from = window.start.saturating_sub(at) as usize;
+    let to = (window.end.min(end) - at) as usize;
+    chunk.truncate(to);
+    chunk.split_off(from)
+}
+
 fn quarantine(resolver: &Resolver, node: NodeId, why: &str) {
     tracing::error!(peer = %node, reason = why, "quarantining a peer");
     if let Ok(mut t) = resolver.mesh().table().lock() {
@@ -249,6 +267,8 @@ struct Progress {
     hasher: Sha256,
     /// The newest chunk, held back until the NAR verifies.
     pending: Option<Bytes>,
+    /// The NAR offsets the consumer asked for.
+    window: Range<u64>,
     /// Nix left; bytes are still read and hashed, not sent.
     client_gone: bool,
     /// Whether to go on reading (up to `DRAIN_LIMIT`) once the consumer left.
@@ -267,6 +287,7 @@ async fn from_holder(
         offset,
         hasher,
         pending,
+        window,
         client_gone,
         drain,
     } = progress;
@@ -345,12 +366,13 @@ async fn from_holder(
             return HolderEnd::Lied("sent bytes that are not a NAR");
         }
         hasher.update(&chunk);
+        let visible = in_window(*offset, chunk, window);
         *offset += len;
         count(len);
-        if *client_gone {
+        if *client_gone || visible.is_empty() {
             continue;
         }
-        if let Some(prev) = pending.replace(chunk) {
+        if let Some(prev) = pending.replace(visible) {
             if tx.send(Ok(prev)).await.is_err() {
                 // Nix left, maybe because these bytes made no sense to it.
                 // Finish checking them if that is cheap, to catch a liar.
@@ -361,5 +383,23 @@ async fn from_holder(
                 *client_gone = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_cut_chunks_at_nar_offsets() {
+        let chunk = || Bytes::from_static(b"0123456789");
+        // The chunk covers NAR offsets 100..110.
+        assert_eq!(in_window(100, chunk(), &(0..1000)), chunk());
+        assert_eq!(in_window(100, chunk(), &(105..1000)), &b"56789"[..]);
+        assert_eq!(in_window(100, chunk(), &(0..103)), &b"012"[..]);
+        assert_eq!(in_window(100, chunk(), &(102..104)), &b"23"[..]);
+        assert!(in_window(100, chunk(), &(110..1000)).is_empty());
+        assert!(in_window(100, chunk(), &(0..100)).is_empty());
+        assert!(in_window(100, chunk(), &(50..50)).is_empty());
     }
 }

@@ -209,6 +209,7 @@ impl Prefetcher {
             self.resolver.clone(),
             self.fetch_stats.clone(),
             found,
+            0..size,
             chunks_tx,
             Purpose::Prefetch,
         );

@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
+use crate::byte_range::RangeAnswer;
 use crate::cache_api::{self, Route};
 use crate::http::{self, Body};
 use crate::nar_fetch::{self, FetchStats, Purpose};
@@ -76,11 +77,15 @@ impl Substituter {
             Route::Nar { hash, nar_hash } => {
                 if !head_only {
                     if let Some(ahead) = self.prefetch.claim(&hash, &nar_hash).await {
-                        return self.prefetched_response(ahead);
+                        let range = http::range_of(&req, ahead.nar.len() as u64);
+                        return self.prefetched_response(ahead, range);
                     }
                 }
                 match self.find_nar(&hash, &nar_hash).await {
-                    Some(found) => self.nar_response(found, head_only),
+                    Some(found) => {
+                        let range = http::range_of(&req, found.narinfo.info.nar_size);
+                        self.nar_response(found, range, head_only)
+                    }
                     None => http::empty(StatusCode::NOT_FOUND),
                 }
             }
@@ -95,28 +100,32 @@ impl Substituter {
 
     /// A NAR fetched ahead and verified: one line in the log, as for a
     /// streamed one.
-    fn prefetched_response(&self, ahead: Prefetched) -> Response<Body> {
+    fn prefetched_response(&self, ahead: Prefetched, range: RangeAnswer) -> Response<Body> {
         let size = ahead.nar.len() as u64;
+        let window = range.window(size);
         self.fetch_stats
             .completed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(path = %ahead.path, peer = %ahead.peer, peers = 1, bytes = size, prefetched = true, "substituted");
-        http::nar(size, Some(http::full_body(ahead.nar)))
+        let part = ahead.nar.slice(window.start as usize..window.end as usize);
+        http::nar(size, range, Some(http::full_body(part)))
     }
 
-    fn nar_response(&self, found: Found, head_only: bool) -> Response<Body> {
+    fn nar_response(&self, found: Found, range: RangeAnswer, head_only: bool) -> Response<Body> {
         let size = found.narinfo.info.nar_size;
-        let body = (!head_only).then(|| {
+        let window = range.window(size);
+        let body = (!head_only && !window.is_empty()).then(|| {
             let (tx, rx) = mpsc::channel(RELAY_DEPTH);
             tokio::spawn(nar_fetch::relay(
                 self.resolver.clone(),
                 self.fetch_stats.clone(),
                 found,
+                window,
                 tx,
                 Purpose::Nix,
             ));
             http::channel_body(rx)
         });
-        http::nar(size, body)
+        http::nar(size, range, body)
     }
 }

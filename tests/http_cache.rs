@@ -7,7 +7,6 @@ mod common;
 use std::net::SocketAddr;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use nixmesh::nix::{NarInfo, Sha256Hash};
@@ -365,8 +364,7 @@ fn collected_paths_are_not_found_and_writers_do_not_disturb_readers() {
             let f = srcdir.join(format!("new-{i}"));
             std::fs::write(&f, format!("new {i}\n")).unwrap();
             run_ok(
-                Command::new("nix-store")
-                    .env("NIX_REMOTE", "")
+                nix_command("nix-store")
                     .arg("--store")
                     .arg(&root)
                     .arg("--add")
@@ -400,39 +398,56 @@ fn an_unprivileged_agent_still_serves_the_store() {
     std::fs::set_permissions(store.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let state = tempfile::tempdir().unwrap();
     std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = format!(
-        "state_dir = {:?}\n[store]\nroot = {:?}\n[share]\nall = true\n[mesh]\nenable = false\n\
-         [admin]\nlisten = \"127.0.0.1:{}\"\n[http_cache]\nenable = true\nlisten = \"{addr}\"\n",
-        state.path().join("nobody").display().to_string(),
-        store.root().display().to_string(),
-        free_port(),
-    );
     // A copy nobody can execute, wherever the build tree is.
     let binary = state.path().join("nixmesh");
     std::fs::copy(env!("CARGO_BIN_EXE_nixmesh"), &binary).unwrap();
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let agent = Agent::start_with(
-        &config,
-        addr,
-        &[
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-        ],
-        &binary,
-    );
-    let info = narinfo(addr, &path).expect("served without root");
-    let nar = get(addr, &format!("/{}", info.url));
-    assert!(nar.complete);
-    assert_eq!(nar.body, store.dump(&path));
-    let uid = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
-    assert!(
-        uid.lines()
-            .any(|l| l.starts_with("Uid:") && !l.contains("\t0\t")),
-        "agent ran as root: {uid}"
-    );
+    let serve_as_nobody = || {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = format!(
+            "state_dir = {:?}\n[store]\nroot = {:?}\n[share]\nall = true\n[mesh]\nenable = false\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n[http_cache]\nenable = true\nlisten = \"{addr}\"\n",
+            state.path().join("nobody").display().to_string(),
+            store.root().display().to_string(),
+            free_port(),
+        );
+        let agent = Agent::start_with(
+            &config,
+            addr,
+            &[
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+            ],
+            &binary,
+        );
+        let info = narinfo(addr, &path).expect("served without root");
+        let nar = get(addr, &format!("/{}", info.url));
+        assert!(nar.complete);
+        assert_eq!(nar.body, store.dump(&path));
+        let uid = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+        assert!(
+            uid.lines()
+                .any(|l| l.starts_with("Uid:") && !l.contains("\t0\t")),
+            "agent ran as root: {uid}"
+        );
+        agent
+    };
+    // As Nix left the DB: modern Nix leaves its shared-memory file behind,
+    // which lets anyone read the DB as usual; 2.8 removes it.
+    drop(serve_as_nobody());
+
+    // With no shared-memory file (no Nix process has the DB open, and the
+    // last one closed it cleanly), only the owner of the DB dir could
+    // create one: the agent reads the DB as immutable instead.
+    let db = store.root().join("nix/var/nix/db/db.sqlite");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.query_row("pragma schema_version", [], |_| Ok(()))
+        .unwrap();
+    conn.close().map_err(|(_, e)| e).unwrap();
+    assert!(!db.with_extension("sqlite-shm").exists());
+    let agent = serve_as_nobody();
     assert!(
         agent.log_text().contains("reading it as immutable"),
         "{}",

@@ -3,8 +3,11 @@
 //! (tests/nixos/eval.nix), produces the expected systemd socket and service,
 //! Nix settings, and a config file nixmesh accepts.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
+
+use common::nix_command;
 
 use serde_json::{json, Value};
 
@@ -24,7 +27,7 @@ fn every_nix_file_parses() {
     let files = nix_files();
     assert!(files.len() >= 5, "{files:?}");
     for f in files {
-        let out = Command::new("nix-instantiate")
+        let out = nix_command("nix-instantiate")
             .args(["--parse", &f])
             .output()
             .expect("nix-instantiate (Debian nix-bin)");
@@ -37,7 +40,7 @@ fn every_nix_file_parses() {
 }
 
 fn eval(user: Value) -> Value {
-    let out = Command::new("nix-instantiate")
+    let out = nix_command("nix-instantiate")
         .args([
             "--eval",
             "--strict",

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::agent::AgentHandle;
 use super::network;
+use super::nix_under_test;
 use super::run::Run;
 
 /// Longest a command on a host may run before it is killed.
@@ -46,11 +47,12 @@ narinfo-cache-negative-ttl = 0
 experimental-features = nix-command
 ";
 
-/// Names the host, mounts its `/nix` and `/etc/nix`, says `ready`, then
-/// only holds the namespaces.
+/// Names the host, mounts its `/nix` and `/etc/nix` (and, for a modern
+/// Nix, the same inside its Debian root: `{root_mounts}`), says `ready`,
+/// then only holds the namespaces.
 const HOST_SHELL: &str = "echo \"$1\" > /proc/sys/kernel/hostname \
     && mount --bind \"$2\" /nix && mount --bind \"$3\" /etc/nix \
-    && echo ready && exec sleep infinity";
+    && {root_mounts} echo ready && exec sleep infinity";
 
 /// A Nix signing key pair made on a host; the files are readable from the
 /// machine and from every host.
@@ -130,14 +132,17 @@ impl Host {
 
     /// A command that runs inside this host, with its environment
     /// (`NIX_REMOTE=daemon`, own `HOME` and caches) and no time limit.
+    /// Nix programs (also behind `timeout …`) run from the Nix under test
+    /// (`NIXMESH_TEST_NIX`); everything else is the machine's.
     pub fn command(&self, argv: &[&str]) -> Command {
+        let argv = nix_under_test::selected().host_argv(&self.dir, argv);
         let mut cmd = Command::new("nsenter");
         cmd.arg("-t")
             .arg(self.shell.id().to_string())
             .args(["-m", "-n", "-u"])
             .arg(format!("--wd={}", self.dir.display()))
             .arg("--")
-            .args(argv)
+            .args(&argv)
             .env_clear()
             .envs(self.env())
             .stdin(Stdio::null());
@@ -474,7 +479,9 @@ fn start_host_shell(hostname: &str, netns: &str, dir: &Path) -> Child {
     let mut shell = Command::new("ip")
         .args(["netns", "exec", netns])
         .args(["unshare", "--mount", "--uts", "--propagation", "private"])
-        .args(["sh", "-c", HOST_SHELL, "host-shell", hostname])
+        .args(["sh", "-c"])
+        .arg(HOST_SHELL.replace("{root_mounts}", &nix_under_test::selected().host_mounts()))
+        .args(["host-shell", hostname])
         .arg(dir.join("nix"))
         .arg(dir.join("etc-nix"))
         .stdin(Stdio::null())

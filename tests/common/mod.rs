@@ -3,6 +3,8 @@
 //! HTTP/1.1 client that can tell a complete body from a cut-off one.
 #![allow(dead_code)]
 
+pub mod nix_under_test;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -11,6 +13,12 @@ use std::time::{Duration, Instant};
 
 pub const NIX_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command"];
 pub const SANDBOX_PATHS: &str = "/bin=/usr/bin /usr /lib=/usr/lib /lib64=/usr/lib64";
+
+/// A Nix program of the Nix under test (`NIXMESH_TEST_NIX`), with the
+/// tests' own settings; see `nix_under_test`.
+pub fn nix_command(program: &str) -> Command {
+    nix_under_test::selected().command(program)
+}
 
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd
@@ -55,9 +63,8 @@ impl TestStore {
 
     /// A Nix command aimed at this store, with a private client cache.
     pub fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
+        let mut c = nix_command(program);
         c.env("XDG_CACHE_HOME", self.root().join("cache"))
-            .env("NIX_REMOTE", "")
             .arg("--store")
             .arg(self.root());
         c
@@ -95,15 +102,31 @@ impl TestStore {
             .to_string()
     }
 
+    /// `nix path-info --json` of one path, in 2.8's shape whatever the
+    /// Nix: 2.8 prints a list, 2.19 on an object keyed by path with the
+    /// NarHash in SRI form; `narHash` here is always `sha256:<nix32>`.
     pub fn path_info_json(&self, path: &str) -> serde_json::Value {
         let out = self.nix(&["path-info", "--json", path]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v[0].clone()
+        let mut info = match v {
+            serde_json::Value::Array(mut list) if !list.is_empty() => list.swap_remove(0),
+            serde_json::Value::Object(mut by_path) => by_path
+                .remove(path)
+                .unwrap_or_else(|| panic!("no {path} in nix path-info's answer")),
+            other => panic!("nix path-info --json printed {other}"),
+        };
+        if let Some(h) = info["narHash"].as_str() {
+            let nix32 = nixmesh::nix::Sha256Hash::parse(h)
+                .unwrap_or_else(|e| panic!("narHash {h:?}: {e}"))
+                .to_nix32();
+            info["narHash"] = nix32.into();
+        }
+        info
     }
 
     /// What `nix-store --dump` writes for `path` (read from the real files).
     pub fn dump(&self, path: &str) -> Vec<u8> {
-        run_ok(Command::new("nix-store").arg("--dump").arg(self.real(path))).stdout
+        run_ok(nix_command("nix-store").arg("--dump").arg(self.real(path))).stdout
     }
 
     pub fn sign(&self, secret_key_file: &Path, path: &str) {
@@ -193,7 +216,7 @@ pub fn nix_key(name: &str) -> NixKey {
     let dir = tempfile::tempdir().unwrap();
     let (s, p) = (dir.path().join("sk"), dir.path().join("pk"));
     run_ok(
-        Command::new("nix-store")
+        nix_command("nix-store")
             .arg("--generate-binary-cache-key")
             .arg(name)
             .arg(&s)
