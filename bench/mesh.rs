@@ -1103,15 +1103,8 @@ fn nar_url(host: &Host, base: &str, path: &str) -> String {
 
 /// Sum of the NAR sizes of `paths` in `host`'s store.
 fn nar_size_sum(host: &Host, paths: &[String]) -> u64 {
-    let mut argv = vec!["nix", "path-info", "--json"];
-    argv.extend(paths.iter().map(String::as_str));
-    let out = host.run_ok(&argv);
-    let infos: Vec<serde_json::Value> =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("path-info printed {out:?}: {e}"));
-    infos
-        .iter()
-        .map(|i| i["narSize"].as_u64().expect("narSize"))
-        .sum()
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    host.nar_size_sum(&paths)
 }
 
 /// The process id of `agent`: the process whose command line names its

@@ -197,9 +197,13 @@ fn preflight() {
                 ));
             }
         }
+        // Mount points for each host's own; empty on a machine without Nix
+        // of its own, and never written to from here.
         for dir in ["/nix", "/etc/nix"] {
-            if !std::path::Path::new(dir).is_dir() {
-                problems.push(format!("{dir} must exist to mount each host's own on it"));
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                problems.push(format!(
+                    "cannot create {dir} to mount each host's own on it: {e}"
+                ));
             }
         }
         problems

@@ -97,17 +97,7 @@ pub fn hash_part(store_path: &str) -> &str {
 
 /// The NAR bytes of `path`'s closure on `host` (`nix path-info -r`).
 pub fn closure_nar_size(host: &Host, path: &str) -> u64 {
-    let out = host.run_ok(&["nix", "path-info", "--json", "--recursive", path]);
-    let infos: Vec<serde_json::Value> = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("`nix path-info --json` printed {out:?}: {e}"));
-    infos
-        .iter()
-        .map(|i| {
-            i["narSize"]
-                .as_u64()
-                .unwrap_or_else(|| panic!("no narSize in {i}"))
-        })
-        .sum()
+    host.nar_size_sum(&["--recursive", path])
 }
 
 /// Whether `agent` lists a peer called `name` as alive.

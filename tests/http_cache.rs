@@ -259,6 +259,19 @@ fn share_policy_keeps_unsigned_paths_home() {
 }
 
 #[test]
+fn nar_urls_answer_byte_ranges() {
+    let store = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    let file = src.path().join("ranged.bin");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&file, bytes).unwrap();
+    let path = store.add(&file);
+    let served = serve(&store, "all = true", None);
+    let info = narinfo(served.addr, &path).expect("served");
+    assert_nar_ranges(served.addr, &format!("/{}", info.url), &store.dump(&path));
+}
+
+#[test]
 fn malformed_requests_get_clear_answers() {
     let store = TestStore::new();
     let src = tempfile::tempdir().unwrap();

@@ -291,6 +291,29 @@ impl Host {
             .collect()
     }
 
+    /// The sum of the NAR sizes `nix path-info --json ARGS` lists. 2.8
+    /// prints a list of objects, 2.19 on an object keyed by store path.
+    pub fn nar_size_sum(&self, args: &[&str]) -> u64 {
+        let mut argv = vec!["nix", "path-info", "--json"];
+        argv.extend_from_slice(args);
+        let out = self.run_ok(&argv);
+        let json: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("`nix path-info --json` printed {out:?}: {e}"));
+        let infos: Vec<&serde_json::Value> = match &json {
+            serde_json::Value::Array(list) => list.iter().collect(),
+            serde_json::Value::Object(by_path) => by_path.values().collect(),
+            other => panic!("`nix path-info --json` printed {other}"),
+        };
+        infos
+            .iter()
+            .map(|i| {
+                i["narSize"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("no narSize in {i}"))
+            })
+            .sum()
+    }
+
     /// Whether `path` is valid in this host's store.
     pub fn has_path(&self, path: &str) -> bool {
         self.run(&["nix-store", "--check-validity", path])
