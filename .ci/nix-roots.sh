@@ -79,11 +79,22 @@ finish_root() {
     echo "$LAYOUT" >"$dir/.nixmesh-layout"
 }
 
+# The suites are made side by side: most of the time goes to downloads.
+pids=()
 for suite in "${suites[@]}"; do
     dir="$cache/$suite"
     if ! [ -x "$dir/usr/bin/nix" ] || ! [ -s "$dir/.nix-version" ]; then
-        build_root "$suite" "$dir"
+        build_root "$suite" "$dir" &
+        pids+=($!)
     fi
+done
+failed=0
+for pid in "${pids[@]}"; do
+    wait "$pid" || failed=1
+done
+((failed == 0)) || exit 1
+for suite in "${suites[@]}"; do
+    dir="$cache/$suite"
     [ "$(cat "$dir/.nixmesh-layout" 2>/dev/null)" = "$LAYOUT" ] || finish_root "$dir"
     echo "== nix-roots: $suite ready ($(cat "$dir/.nix-version"))"
 done

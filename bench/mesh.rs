@@ -24,11 +24,16 @@
 //!    4 GiB, each with freshly started agents): it should not grow with
 //!    the NAR.
 //!
-//! Run (root, Debian's nix-bin and nginx):
+//! Run (root, Debian's nix-bin and nginx, the Debian roots of
+//! `.ci/nix-roots.sh`):
 //!
 //! ```text
 //! CARGO_TARGET_DIR=/tmp/mbench-target cargo bench --bench mesh
 //! ```
+//!
+//! Every host's Nix is the one `NIXMESH_TEST_NIX` selects, as for the tests
+//! (`2.34` by default, `2.26`, or `host` for Debian 12's 2.8), with its
+//! default settings unless `NIX_EXTRA` adds some.
 //!
 //! Knobs, from the environment (defaults in brackets): `PEERS` [10],
 //! `SMALL_PER_PEER` [30], `LARGE_COUNT` [4], `LARGE_MIB` [64], `ROUNDS` [3],
@@ -180,7 +185,8 @@ fn main() {
 
     println!();
     println!(
-        "== nixmesh mesh benchmark ({} peers, {} rounds, medians; took {:.0?}; load average {} -> {})",
+        "== nixmesh mesh benchmark (Nix {}, {} peers, {} rounds, medians; took {:.0?}; load average {} -> {})",
+        integration::harness::nix_under_test::selected().version,
         s.peers,
         s.rounds,
         started.elapsed(),

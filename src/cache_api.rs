@@ -132,4 +132,15 @@ mod tests {
         assert_eq!(refuse("/"), StatusCode::NOT_FOUND);
         assert_eq!(refuse("/log/x"), StatusCode::NOT_FOUND);
     }
+
+    proptest::proptest! {
+        /// Nix ≤ 2.31 aborts a substitution on a 5xx and 2.35 backs off
+        /// 60 s on a 503: no request path, however odd, routes to one.
+        #[test]
+        fn no_path_is_answered_with_a_server_error(path in "/[ -~]{0,80}|/nar/[0-9a-z]{32}-[0-9a-z]{0,60}\\.nar") {
+            if let Route::Refuse(status) = route(&path) {
+                proptest::prop_assert!(status.is_client_error(), "{} for {:?}", status, path);
+            }
+        }
+    }
 }
