@@ -64,7 +64,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use integration::harness::{AgentHandle, Host, Lan};
-use nixmesh::peers::PeerState;
+use nixmesh::mesh::peers::PeerState;
 
 /// Where every agent's substituter listens, inside its own host.
 const SUBSTITUTER: &str = "http://127.0.0.1:5181";

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nixmesh::peers::PeerState;
+use nixmesh::mesh::peers::PeerState;
 
 use crate::harness::{wait_until, AgentHandle, Host};
 

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use nixmesh::discovery::instance_name;
-use nixmesh::identity::NodeId;
+use nixmesh::mesh::discovery::instance_name;
+use nixmesh::mesh::identity::NodeId;
 
 use crate::harness::{wait_until, Host, Lan};
 

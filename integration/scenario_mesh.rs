@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use nixmesh::peers::PeerState;
+use nixmesh::mesh::peers::PeerState;
 
 use crate::harness::{wait_until, AgentHandle, Host, Lan};
 use crate::office::*;
@@ -31,7 +31,7 @@ fn agents_find_each_other_by_mdns_and_notice_stops_and_crashes() {
         for p in &peers {
             assert_eq!(
                 p.source,
-                nixmesh::peers::PeerSource::Mdns,
+                nixmesh::mesh::peers::PeerSource::Mdns,
                 "{}: {p:#?}",
                 host.name()
             );

@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use nixmesh::mesh::WARMUP;
-use nixmesh::resolver::NEGATIVE_MEMO;
+use nixmesh::fetch::resolver::NEGATIVE_MEMO;
+use nixmesh::mesh::node::WARMUP;
 
 use crate::harness::{wait_until, Lan};
 use crate::office::*;
@@ -259,7 +259,7 @@ fn with_no_peer_left_nix_falls_back_to_the_next_cache_at_once() {
     wait_until(Duration::from_secs(8), "A gone", || {
         agent_b
             .peer("h0")
-            .is_none_or(|p| p.state == nixmesh::peers::PeerState::Gone)
+            .is_none_or(|p| p.state == nixmesh::mesh::peers::PeerState::Gone)
     });
     let (status, took) = b.http_status(&narinfo);
     eprintln!("no peers: narinfo answered {status} in {took:?} with h0 gone");

@@ -1,36 +1,35 @@
 //! nixmesh: a LAN peer-to-peer cache mesh for Nix.
 //!
-//! Data flows one way: `store` reads this host's Nix store; `http_cache`
-//! serves it as a binary cache. The Nix formats live in `nix`, and nothing
-//! else parses or prints them.
+//! Two flows, one folder each step, and data moves one way in each:
+//!
+//! ```text
+//! fetch (this host's Nix wants a path):
+//!   mesh::discovery ─▶ mesh::peers ─▶ fetch::resolver (fetch::race) ─▶ fetch::relay ─▶ serve::substituter ─▶ Nix
+//!                                                          fetch::prefetch ┘
+//! serve (a neighbour wants one of ours):
+//!   store::db ─▶ store::share ─▶ store::nar_stream ─▶ mesh::server ─▶ peer
+//!                                              └─────▶ serve::http_cache ─▶ a host without an agent
+//! ```
+//!
+//! - `nix`: the Nix formats (NAR, narinfo, hashes, signatures, store paths,
+//!   nix.conf, the binary-cache text); nothing else parses or prints them.
+//! - `store`: reads this host's store (its DB read-only, NARs from the
+//!   filesystem) and decides what may leave the host.
+//! - `mesh`: the peers: node identity, QUIC transport, the wire protocol,
+//!   mDNS discovery, the live peer table, and both ends of a peer request.
+//! - `fetch`: finds a path in the mesh (the narinfo race) and streams its
+//!   NAR from the holders, verified, with failover.
+//! - `serve`: the HTTP listeners: the substituter Nix talks to, the LAN
+//!   binary cache, the admin API and its metrics.
+//! - `config`: the config file and what it turns into (keys, policies).
+//! - `agent`: wires the parts into a running agent; `cli`: the commands that
+//!   talk to one (`peers`, `status`, `why`, `doctor`).
 
-pub mod activation;
-pub mod admin;
 pub mod agent;
-pub mod byte_range;
-pub mod cache_api;
 pub mod cli;
 pub mod config;
-pub mod discovery;
-pub mod doctor;
-pub mod http;
-pub mod http_cache;
-pub mod identity;
-pub mod keys;
+pub mod fetch;
 pub mod mesh;
-pub mod metrics;
-pub mod nar_fetch;
-pub mod nar_stream;
 pub mod nix;
-pub mod peer_client;
-pub mod peer_server;
-pub mod peers;
-pub mod prefetch;
-pub mod protocol;
-pub mod race;
-pub mod resolver;
-pub mod share;
-pub mod shared_store;
+pub mod serve;
 pub mod store;
-pub mod substituter;
-pub mod transport;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use nixmesh::cli;
+use nixmesh::cli::{admin_client, render};
 use nixmesh::config::Config;
 
 #[derive(Parser)]
@@ -139,7 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             // Before any other thread exists: it edits the environment.
-            let inherited = nixmesh::activation::inherited();
+            let inherited = nixmesh::agent::activation::inherited();
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
             runtime.block_on(async {
@@ -159,12 +159,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(a) => a,
                 Err(code) => return Ok(code),
             };
-            let body = block_on(cli::admin_get(addr, "/peers"))??;
+            let body = block_on(admin_client::admin_get(addr, "/peers"))??;
             if json {
                 println!("{}", String::from_utf8_lossy(&body));
             } else {
-                let peers: Vec<nixmesh::peers::PeerView> = serde_json::from_slice(&body)?;
-                print!("{}", cli::render_peers(&peers));
+                let peers: Vec<nixmesh::mesh::peers::PeerView> = serde_json::from_slice(&body)?;
+                print!("{}", render::render_peers(&peers));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -173,12 +173,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(a) => a,
                 Err(code) => return Ok(code),
             };
-            let body = block_on(cli::admin_get(addr, "/status"))??;
+            let body = block_on(admin_client::admin_get(addr, "/status"))??;
             if json {
                 println!("{}", String::from_utf8_lossy(&body));
             } else {
-                let status: nixmesh::admin::StatusView = serde_json::from_slice(&body)?;
-                print!("{}", cli::render_status(&status));
+                let status: nixmesh::serve::admin::StatusView = serde_json::from_slice(&body)?;
+                print!("{}", render::render_status(&status));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -187,7 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
-            let key = nixmesh::keys::load_or_create_node_key(&config.state_dir)?;
+            let key = nixmesh::config::keys::load_or_create_node_key(&config.state_dir)?;
             println!("{}", key.public().to_nix_string());
             Ok(ExitCode::SUCCESS)
         }
@@ -200,11 +200,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
-            let findings = block_on(nixmesh::doctor::run(&loaded, &source))?;
-            print!("{}", nixmesh::doctor::render(&findings));
+            let findings = block_on(nixmesh::cli::doctor::run(&loaded, &source))?;
+            print!("{}", nixmesh::cli::doctor::render(&findings));
             let broken = findings
                 .iter()
-                .any(|f| f.verdict == nixmesh::doctor::Verdict::Fail);
+                .any(|f| f.verdict == nixmesh::cli::doctor::Verdict::Fail);
             Ok(if broken {
                 ExitCode::FAILURE
             } else {
@@ -216,16 +216,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(a) => a,
                 Err(code) => return Ok(code),
             };
-            let Some(hash) = cli::hash_part_of(&path) else {
+            let Some(hash) = render::hash_part_of(&path) else {
                 eprintln!("nixmesh: {path:?} is neither a store path nor a hash part");
                 return Ok(ExitCode::from(EXIT_BAD_CONFIG));
             };
-            let body = block_on(cli::admin_get(addr, &format!("/why/{hash}")))??;
+            let body = block_on(admin_client::admin_get(addr, &format!("/why/{hash}")))??;
             if json {
                 println!("{}", String::from_utf8_lossy(&body));
             } else {
-                let rows: Vec<nixmesh::resolver::SurveyRow> = serde_json::from_slice(&body)?;
-                print!("{}", cli::render_why(&rows));
+                let rows: Vec<nixmesh::fetch::resolver::SurveyRow> = serde_json::from_slice(&body)?;
+                print!("{}", render::render_why(&rows));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -238,7 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             secret_file,
             public_file,
         } => {
-            let key = nixmesh::keys::generate_pair(&name, &secret_file, &public_file)?;
+            let key = nixmesh::config::keys::generate_pair(&name, &secret_file, &public_file)?;
             println!("{}", key.public().to_nix_string());
             Ok(ExitCode::SUCCESS)
         }

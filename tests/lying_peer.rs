@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use nixmesh::identity::{MeshSecret, NodeId};
+use nixmesh::mesh::identity::{MeshSecret, NodeId};
+use nixmesh::mesh::protocol::{Request, Response};
+use nixmesh::mesh::transport::{self, Admission, TlsIdentity};
 use nixmesh::nix::{NarInfo, SecretKey};
-use nixmesh::protocol::{Request, Response};
-use nixmesh::transport::{self, Admission, TlsIdentity};
 
 /// How the liar lies about the NAR.
 #[derive(Clone, Copy)]

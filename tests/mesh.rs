@@ -8,10 +8,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nixmesh::identity::MeshSecret;
+use nixmesh::mesh::identity::MeshSecret;
+use nixmesh::mesh::protocol::{code, Request, Response};
+use nixmesh::mesh::transport::{self, Admission, TlsIdentity};
 use nixmesh::nix::SecretKey;
-use nixmesh::protocol::{code, Request, Response};
-use nixmesh::transport::{self, Admission, TlsIdentity};
 
 /// Starts `nodes` as a full mesh of static peers.
 fn full_mesh(nodes: &[&MeshNode], settings: &[NodeSettings]) -> Vec<Agent> {
@@ -145,7 +145,7 @@ fn strangers_get_nothing() {
 async fn raw_client(target: &MeshNode) -> quinn::Connection {
     let key = SecretKey::generate("raw").unwrap();
     let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
-    let node = nixmesh::identity::NodeId::parse(&target.key).unwrap();
+    let node = nixmesh::mesh::identity::NodeId::parse(&target.key).unwrap();
     let config = transport::client_config(&id, Admission::default(), node).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", target.quic).parse().unwrap();
@@ -404,7 +404,7 @@ fn small_nars_are_fetched_ahead_and_outlive_their_holder() {
     // One NAR small enough to fetch ahead, one too big for it.
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("small.txt"), "fetched ahead\n").unwrap();
-    let big_len = (nixmesh::prefetch::MAX_NAR + 1) as usize;
+    let big_len = (nixmesh::fetch::prefetch::MAX_NAR + 1) as usize;
     std::fs::write(src.path().join("big.bin"), vec![7u8; big_len]).unwrap();
     let small = a.store.add(&src.path().join("small.txt"));
     let big = a.store.add(&src.path().join("big.bin"));
@@ -471,7 +471,7 @@ fn the_substituter_answers_byte_ranges() {
     let src = tempfile::tempdir().unwrap();
     let small_bytes: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
     std::fs::write(src.path().join("small.bin"), small_bytes).unwrap();
-    let big_len = (nixmesh::prefetch::MAX_NAR + 1) as usize;
+    let big_len = (nixmesh::fetch::prefetch::MAX_NAR + 1) as usize;
     let big_bytes: Vec<u8> = (0..big_len as u32).map(|i| (i * 13 % 241) as u8).collect();
     std::fs::write(src.path().join("big.bin"), big_bytes).unwrap();
     let small = a.store.add(&src.path().join("small.bin"));

@@ -9,8 +9,8 @@ use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 use nixmesh::config::Config;
-use nixmesh::peers::PeerView;
-use nixmesh::resolver::SurveyRow;
+use nixmesh::fetch::resolver::SurveyRow;
+use nixmesh::mesh::peers::PeerView;
 
 use super::host::{read_lossy, Host};
 

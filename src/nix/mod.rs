@@ -3,6 +3,7 @@
 //! is `nar::encode` reading the tree it is given.
 
 pub mod base32;
+pub mod binary_cache;
 pub mod conf;
 pub mod hash;
 pub mod nar;

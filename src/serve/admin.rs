@@ -10,13 +10,13 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use crate::http::{self, Body};
-use crate::mesh::Mesh;
-use crate::metrics;
+use crate::mesh::node::Mesh;
+use crate::mesh::peers::{PeerState, PeerView};
 use crate::nix::HashPart;
-use crate::peers::{PeerState, PeerView};
-use crate::store::Store;
-use crate::substituter::Substituter;
+use crate::serve::http::{self, Body};
+use crate::serve::metrics;
+use crate::serve::substituter::Substituter;
+use crate::store::db::Store;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Listeners {

@@ -1,32 +1,33 @@
 //! Turns a `Config` into running services and runs them until shutdown. The
 //! only place that knows every part; each part knows only what it is given.
 
+pub mod activation;
+
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::activation;
-use crate::admin::{Admin, Listeners};
+use crate::config::keys::{self, KeyFileError};
 use crate::config::Config;
-use crate::discovery::{self, Announcement, DiscoveryConfig, DiscoveryError};
-use crate::http;
-use crate::http_cache::HttpCache;
-use crate::identity::{MeshSecret, NodeId};
-use crate::keys::{self, KeyFileError};
-use crate::mesh::{Mesh, MeshError};
+use crate::fetch::race::TrustPolicy;
+use crate::fetch::resolver::Resolver;
+use crate::mesh::discovery::{self, Announcement, DiscoveryConfig, DiscoveryError};
+use crate::mesh::identity::{MeshSecret, NodeId};
+use crate::mesh::node::{Mesh, MeshError};
+use crate::mesh::peers::PeerTable;
+use crate::mesh::server::PeerServer;
+use crate::mesh::transport::{Admission, TlsIdentity, TransportError};
 use crate::nix::conf::NixConf;
 use crate::nix::{PublicKey, SecretKey};
-use crate::peer_server::PeerServer;
-use crate::peers::PeerTable;
-use crate::race::TrustPolicy;
-use crate::resolver::Resolver;
-use crate::share::SharePolicy;
-use crate::shared_store::SharedStore;
-use crate::store::{Store, StoreError, StoreLocation};
-use crate::substituter::Substituter;
-use crate::transport::{Admission, TlsIdentity, TransportError};
+use crate::serve::admin::{Admin, Listeners};
+use crate::serve::http;
+use crate::serve::http_cache::HttpCache;
+use crate::serve::substituter::Substituter;
+use crate::store::db::{Store, StoreError, StoreLocation};
+use crate::store::share::SharePolicy;
+use crate::store::shared::SharedStore;
 
 #[derive(Debug, Error)]
 pub enum AgentError {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::NodeId;
+use crate::mesh::identity::NodeId;
 
 /// No successful ping for this long: still used, but last.
 pub const SUSPECT_AFTER: Duration = Duration::from_millis(2000);

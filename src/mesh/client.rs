@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::mesh::protocol::{Request, Response};
+use crate::mesh::transport::{self, FrameReadError};
 use crate::nix::{HashPart, NarInfo, Sha256Hash};
-use crate::protocol::{Request, Response};
-use crate::transport::{self, FrameReadError};
 
 #[derive(Debug, Error)]
 pub enum PeerError {

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{OnceCell, Semaphore};
 
-use crate::identity::NodeId;
-use crate::mesh::Mesh;
+use crate::fetch::race::{Answer, Decision, Race, TrustPolicy};
+use crate::mesh::client;
+use crate::mesh::identity::NodeId;
+use crate::mesh::node::Mesh;
 use crate::nix::{HashPart, NarInfo};
-use crate::peer_client;
-use crate::race::{Answer, Decision, Race, TrustPolicy};
 
 /// How long a found path is remembered.
 pub const POSITIVE_MEMO: Duration = Duration::from_secs(30);
@@ -63,7 +63,7 @@ pub struct RaceStats {
     pub hits: std::sync::atomic::AtomicU64,
     pub misses: std::sync::atomic::AtomicU64,
     pub rejected: std::sync::atomic::AtomicU64,
-    pub latency: crate::metrics::Histogram,
+    pub latency: crate::serve::metrics::Histogram,
 }
 
 impl Resolver {
@@ -150,7 +150,7 @@ impl Resolver {
     }
 
     /// Usable peers; right after start, waits a little for the first one.
-    async fn peers_to_ask(&self) -> Vec<crate::peers::Peer> {
+    async fn peers_to_ask(&self) -> Vec<crate::mesh::peers::Peer> {
         let until = Instant::now() + WARMUP_WAIT;
         loop {
             let peers = self.mesh.usable_peers();
@@ -179,7 +179,7 @@ impl Resolver {
                 async move {
                     let answer = async {
                         let conn = mesh.connection(node).await.map_err(|e| e.to_string())?;
-                        peer_client::path_info(&conn, mesh.store_dir(), &hash, self.deadline)
+                        client::path_info(&conn, mesh.store_dir(), &hash, self.deadline)
                             .await
                             .map_err(|e| e.to_string())
                     }
@@ -246,16 +246,18 @@ impl Resolver {
                             .connection(peer.node)
                             .await
                             .map_err(|e| e.to_string())?;
-                        peer_client::path_info(&conn, mesh.store_dir(), &hash, self.deadline)
+                        client::path_info(&conn, mesh.store_dir(), &hash, self.deadline)
                             .await
                             .map_err(|e| e.to_string())
                     }
                     .await;
                     let answer = match answer {
-                        Ok(Some(info)) => match crate::race::judge(&hash, &info, &self.policy) {
-                            Ok(()) => "has it".to_string(),
-                            Err(r) => format!("has it, but rejected: {r}"),
-                        },
+                        Ok(Some(info)) => {
+                            match crate::fetch::race::judge(&hash, &info, &self.policy) {
+                                Ok(()) => "has it".to_string(),
+                                Err(r) => format!("has it, but rejected: {r}"),
+                            }
+                        }
                         Ok(None) => "does not have it".to_string(),
                         Err(e) => format!("failed: {e}"),
                     };
@@ -295,7 +297,7 @@ impl Resolver {
                 let hashes = vec![hash.clone()];
                 async move {
                     let conn = mesh.connection(node).await.ok()?;
-                    let have = peer_client::have(&conn, hashes, self.deadline).await.ok()?;
+                    let have = client::have(&conn, hashes, self.deadline).await.ok()?;
                     have.first().copied().unwrap_or(false).then_some(node)
                 }
             })

@@ -16,11 +16,11 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::identity::NodeId;
+use crate::fetch::resolver::{Found, Resolver};
+use crate::mesh::client;
+use crate::mesh::identity::NodeId;
+use crate::mesh::protocol::code;
 use crate::nix::NarInfo;
-use crate::peer_client;
-use crate::protocol::code;
-use crate::resolver::{Found, Resolver};
 
 /// A holder that sends nothing for this long is stalled.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -297,7 +297,7 @@ async fn from_holder(
         Ok(c) => c,
         Err(e) => return HolderEnd::Failed(e.to_string()),
     };
-    let opened = peer_client::nar(
+    let opened = client::nar(
         &conn,
         &info.path.hash_part(),
         &info.nar_hash,
@@ -341,7 +341,7 @@ async fn from_holder(
             Ok(Err(e)) => {
                 // The bytes a holder sent before saying its copy is
                 // corrupt are as suspect as the rest of that copy.
-                return match peer_client::reset_code(&e) {
+                return match client::reset_code(&e) {
                     Some(code::CORRUPT) if *offset == start => HolderEnd::Disowned,
                     Some(code::CORRUPT) => HolderEnd::Lied("said its own store copy is corrupt"),
                     _ => HolderEnd::Failed(e.to_string()),

@@ -8,7 +8,7 @@
 
 use thiserror::Error;
 
-use crate::identity::NodeId;
+use crate::mesh::identity::NodeId;
 use crate::nix::{HashPart, NarInfo, PublicKey};
 
 /// Largest NAR we believe a peer about.

@@ -1,52 +1,11 @@
-//! The commands that talk to a running agent through its admin API:
-//! `nixmesh peers` and `nixmesh status`. Rendering is pure and tested; the
-//! HTTP request is the only I/O.
+//! What `nixmesh peers`, `status` and `why` print, from the admin API's
+//! JSON views. Pure and tested.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
-
-use crate::admin::StatusView;
-use crate::peers::PeerView;
-use crate::resolver::SurveyRow;
-
-const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest admin answer read.
-const MAX_ADMIN_BODY: usize = 16 << 20;
-
-/// GET `path` from the admin API and return the body.
-pub async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<Vec<u8>> {
-    let fetch = async {
-        let stream = tokio::net::TcpStream::connect(admin)
-            .await
-            .with_context(|| {
-                format!("is the agent running? cannot reach its admin API at {admin}")
-            })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = hyper::Request::get(path)
-            .header(hyper::header::HOST, admin.to_string())
-            .body(Empty::<bytes::Bytes>::new())?;
-        let resp = sender.send_request(req).await?;
-        if !resp.status().is_success() {
-            bail!("admin API answered {} for {path}", resp.status());
-        }
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_ADMIN_BODY)
-            .collect()
-            .await
-            .map_err(|e| anyhow!("reading the admin answer: {e}"))?
-            .to_bytes();
-        Ok(body.to_vec())
-    };
-    tokio::time::timeout(ADMIN_TIMEOUT, fetch)
-        .await
-        .map_err(|_| anyhow!("the admin API at {admin} did not answer within {ADMIN_TIMEOUT:?}"))?
-}
+use crate::fetch::resolver::SurveyRow;
+use crate::mesh::peers::PeerView;
+use crate::serve::admin::StatusView;
 
 pub fn render_peers(peers: &[PeerView]) -> String {
     if peers.is_empty() {
@@ -171,7 +130,7 @@ fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peers::{PeerCounters, PeerSource, PeerState};
+    use crate::mesh::peers::{PeerCounters, PeerSource, PeerState};
 
     #[test]
     fn hash_parts_from_paths_and_hashes() {

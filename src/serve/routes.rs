@@ -1,15 +1,11 @@
-//! The URL layout of the Nix HTTP binary-cache API as nixmesh serves it, both
-//! on the LAN endpoint and on the localhost substituter. Pure: a request
-//! path in, a route out.
-//!
-//! NAR URLs are `nar/<store hash part>-<nar hash, nix32>.nar`: they do not
-//! depend on which peer holds the path, they still find the path after the
-//! agent restarts (Nix caches narinfos for a month), and they pin the exact
-//! bytes.
+//! The requests of the Nix HTTP binary-cache API as nixmesh serves them,
+//! both on the LAN endpoint and on the localhost substituter. Pure: a
+//! request path in, a route out. The URLs themselves are made in
+//! `nix::binary_cache`.
 
 use hyper::StatusCode;
 
-use crate::nix::{HashPart, NarInfo, PathInfo, Sha256Hash};
+use crate::nix::{HashPart, Sha256Hash};
 
 /// Longest request path accepted; real ones are under 100 bytes.
 pub const MAX_PATH_LEN: usize = 512;
@@ -25,30 +21,6 @@ pub enum Route {
     },
     /// Answer with this status and nothing else.
     Refuse(StatusCode),
-}
-
-/// The `.narinfo` text nixmesh serves for `info`: uncompressed, at
-/// `nar_url`.
-pub fn narinfo_text(info: PathInfo) -> String {
-    NarInfo {
-        url: nar_url(&info),
-        compression: "none".into(),
-        info,
-    }
-    .render()
-}
-
-pub fn nar_url(info: &PathInfo) -> String {
-    format!(
-        "nar/{}-{}.nar",
-        info.path.hash_part(),
-        info.nar_hash.nix32_digest()
-    )
-}
-
-/// Body of `/nix-cache-info`.
-pub fn cache_info(store_dir: &str, priority: u32) -> String {
-    format!("StoreDir: {store_dir}\nWantMassQuery: 1\nPriority: {priority}\n")
 }
 
 pub fn route(path: &str) -> Route {

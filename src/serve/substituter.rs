@@ -10,13 +10,14 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
-use crate::byte_range::RangeAnswer;
-use crate::cache_api::{self, Route};
-use crate::http::{self, Body};
-use crate::nar_fetch::{self, FetchStats, Purpose};
+use crate::fetch::prefetch::{Prefetched, Prefetcher};
+use crate::fetch::relay::{self, FetchStats, Purpose};
+use crate::fetch::resolver::{Found, Resolver};
+use crate::nix::binary_cache;
 use crate::nix::{narinfo, HashPart, Sha256Hash};
-use crate::prefetch::{Prefetched, Prefetcher};
-use crate::resolver::{Found, Resolver};
+use crate::serve::byte_range::RangeAnswer;
+use crate::serve::http::{self, Body};
+use crate::serve::routes::{self, Route};
 
 /// Chunks buffered between a peer stream and Nix.
 const RELAY_DEPTH: usize = 8;
@@ -58,18 +59,18 @@ impl Substituter {
             Method::HEAD => true,
             _ => return http::empty(StatusCode::METHOD_NOT_ALLOWED),
         };
-        match cache_api::route(req.uri().path()) {
+        match routes::route(req.uri().path()) {
             Route::CacheInfo => http::text(
                 StatusCode::OK,
                 "text/x-nix-cache-info",
-                cache_api::cache_info(&self.store_dir, self.priority),
+                binary_cache::cache_info(&self.store_dir, self.priority),
             ),
             Route::NarInfo(hash) => match self.resolver.resolve(&hash).await {
                 Some(found) => {
                     if !head_only {
                         self.prefetch.offer(&found);
                     }
-                    let text = cache_api::narinfo_text(found.narinfo.info);
+                    let text = binary_cache::narinfo_text(found.narinfo.info);
                     http::text(StatusCode::OK, narinfo::CONTENT_TYPE, text)
                 }
                 None => http::empty(StatusCode::NOT_FOUND),
@@ -116,7 +117,7 @@ impl Substituter {
         let window = range.window(size);
         let body = (!head_only && !window.is_empty()).then(|| {
             let (tx, rx) = mpsc::channel(RELAY_DEPTH);
-            tokio::spawn(nar_fetch::relay(
+            tokio::spawn(relay::relay(
                 self.resolver.clone(),
                 self.fetch_stats.clone(),
                 found,

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::nix::nar::{self, NarSink};
 use crate::nix::PathInfo;
-use crate::store::Store;
+use crate::store::db::Store;
 
 /// Chunks in flight per stream; with `nar::CHUNK` this bounds memory per
 /// stream.

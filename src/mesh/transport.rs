@@ -15,9 +15,9 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use thiserror::Error;
 
-use crate::identity::{MeshSecret, NodeId};
+use crate::mesh::identity::{MeshSecret, NodeId};
+use crate::mesh::protocol::{self, FrameError};
 use crate::nix::SecretKey;
-use crate::protocol::{self, FrameError};
 
 /// The server name clients ask for; identity is checked by key, not name.
 pub const SERVER_NAME: &str = "nixmesh";

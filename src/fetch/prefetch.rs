@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::identity::NodeId;
-use crate::nar_fetch::{self, FetchStats, Purpose};
+use crate::fetch::relay::{self, FetchStats, Purpose};
+use crate::fetch::resolver::{Found, Resolver};
+use crate::mesh::identity::NodeId;
 use crate::nix::{HashPart, Sha256Hash, StorePath};
-use crate::resolver::{Found, Resolver};
 
 /// NARs bigger than this are never fetched ahead.
 pub const MAX_NAR: u64 = 4 << 20;
@@ -205,7 +205,7 @@ impl Prefetcher {
         tx.send_replace(Phase::Fetching);
         let size = found.narinfo.info.nar_size;
         let (chunks_tx, chunks_rx) = mpsc::channel(DEPTH);
-        let relay = nar_fetch::relay(
+        let relay = relay::relay(
             self.resolver.clone(),
             self.fetch_stats.clone(),
             found,
@@ -318,7 +318,7 @@ async fn until_released(
 /// relay allows only once they matched the NAR's hash. Stops early when
 /// nobody wants the NAR any more.
 async fn collect(
-    mut chunks: mpsc::Receiver<Result<Bytes, nar_fetch::FetchError>>,
+    mut chunks: mpsc::Receiver<Result<Bytes, relay::FetchError>>,
     size: u64,
     wanted: &watch::Sender<Phase>,
 ) -> Option<Bytes> {

@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use crate::nar_stream::{self, NarStream};
 use crate::nix::{HashPart, PathInfo};
-use crate::share::SharePolicy;
-use crate::store::Store;
+use crate::store::db::Store;
+use crate::store::nar_stream::{self, NarStream};
+use crate::store::share::SharePolicy;
 
 pub struct SharedStore {
     store: Arc<Store>,

@@ -2,6 +2,8 @@
 //! `config.example.toml`. Parsing only: turning keys and paths into live
 //! objects happens in `agent`. Errors name the key and the line.
 
+pub mod keys;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -259,7 +261,7 @@ impl Config {
             ));
         }
         for (i, p) in self.mesh.static_peers.iter().enumerate() {
-            if crate::identity::NodeId::parse(&p.key).is_none() {
+            if crate::mesh::identity::NodeId::parse(&p.key).is_none() {
                 let key = format!("mesh.static_peers[{i}].key");
                 return Err(ConfigError::Invalid {
                     file: file.to_string(),
@@ -270,7 +272,7 @@ impl Config {
             }
         }
         for k in self.mesh.allowed_peers.iter().flatten() {
-            if crate::identity::NodeId::parse(k).is_none() {
+            if crate::mesh::identity::NodeId::parse(k).is_none() {
                 return Err(ConfigError::Invalid {
                     file: file.to_string(),
                     line: line_of_text(text, k),
@@ -318,7 +320,7 @@ mod tests {
 
     #[test]
     fn example_file_loads_and_shows_the_defaults() {
-        let text = include_str!("../config.example.toml");
+        let text = include_str!("../../config.example.toml");
         let parsed = Config::parse("config.example.toml", text).unwrap();
         assert_eq!(parsed, Config::default());
     }

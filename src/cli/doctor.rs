@@ -7,11 +7,11 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use crate::admin::StatusView;
-use crate::cli;
+use crate::cli::admin_client;
 use crate::config::Config;
+use crate::mesh::peers::{PeerSource, PeerState, PeerView};
 use crate::nix::conf::NixConf;
-use crate::peers::{PeerSource, PeerState, PeerView};
+use crate::serve::admin::StatusView;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -206,7 +206,7 @@ pub fn judge_peers(peers: &[PeerView], mdns: bool, static_peers: usize) -> Vec<F
 
 /// The socket buffer the agent asks for each way, which the kernel grants
 /// without CAP_NET_ADMIN only up to `net.core.{r,w}mem_max`.
-const UDP_BUFFER_WANTED: u64 = crate::mesh::UDP_BUFFER as u64;
+const UDP_BUFFER_WANTED: u64 = crate::mesh::node::UDP_BUFFER as u64;
 
 /// Are the kernel's socket buffer limits (`None`: unreadable) high enough
 /// for the agent's QUIC socket?
@@ -258,7 +258,7 @@ pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
     } else {
         let db = location.db.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            crate::store::Store::open(location).and_then(|s| s.path_count())
+            crate::store::db::Store::open(location).and_then(|s| s.path_count())
         })
         .await;
         match opened {
@@ -309,7 +309,7 @@ pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
     }
 
     // The running agent.
-    let status = cli::admin_get(config.admin.listen, "/status").await;
+    let status = admin_client::admin_get(config.admin.listen, "/status").await;
     let Ok(body) = status else {
         out.push(fail(
             format!(
@@ -331,7 +331,7 @@ pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
         )),
     }
     if config.substituter.enable {
-        match cli::admin_get(config.substituter.listen, "/nix-cache-info").await {
+        match admin_client::admin_get(config.substituter.listen, "/nix-cache-info").await {
             Ok(body) if String::from_utf8_lossy(&body).contains("StoreDir:") => out.push(ok(
                 format!("the substituter answers on {}", config.substituter.listen),
             )),
@@ -345,7 +345,7 @@ pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
         }
     }
     if config.mesh.enable {
-        match cli::admin_get(config.admin.listen, "/peers")
+        match admin_client::admin_get(config.admin.listen, "/peers")
             .await
             .map(|b| serde_json::from_slice::<Vec<PeerView>>(&b))
         {

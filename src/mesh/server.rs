@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 
-use crate::cache_api;
-use crate::identity::NodeId;
-use crate::nar_stream::NarStreamError;
-use crate::peers::PeerTable;
-use crate::protocol::{code, Request, Response};
-use crate::shared_store::SharedStore;
-use crate::transport::{self, REQUEST_TIMEOUT};
+use crate::mesh::identity::NodeId;
+use crate::mesh::peers::PeerTable;
+use crate::mesh::protocol::{code, Request, Response};
+use crate::mesh::transport::{self, REQUEST_TIMEOUT};
+use crate::nix::binary_cache;
+use crate::store::nar_stream::NarStreamError;
+use crate::store::shared::SharedStore;
 
 /// NAR streams served at once, to all peers together.
 pub const MAX_NAR_STREAMS: usize = 64;
@@ -35,7 +35,7 @@ impl PeerServer {
         })
     }
 
-    fn count(&self, node: &NodeId, f: impl FnOnce(&mut crate::peers::PeerCounters)) {
+    fn count(&self, node: &NodeId, f: impl FnOnce(&mut crate::mesh::peers::PeerCounters)) {
         if let Ok(mut t) = self.table.lock() {
             if let Some(c) = t.counters_mut(node) {
                 f(c);
@@ -88,7 +88,7 @@ impl PeerServer {
             Request::PathInfo { hash } => {
                 let resp = match self.shared.info(hash).await {
                     Some(info) => Response::PathInfo {
-                        narinfo: cache_api::narinfo_text(info),
+                        narinfo: binary_cache::narinfo_text(info),
                     },
                     None => Response::NotFound,
                 };

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::byte_range::RangeAnswer;
-use crate::cache_api::{self, Route};
-use crate::http::{self, Body};
+use crate::nix::binary_cache;
 use crate::nix::{narinfo, PathInfo};
-use crate::shared_store::SharedStore;
+use crate::serve::byte_range::RangeAnswer;
+use crate::serve::http::{self, Body};
+use crate::serve::routes::{self, Route};
+use crate::store::shared::SharedStore;
 
 pub struct HttpCache {
     shared: Arc<SharedStore>,
@@ -31,15 +32,15 @@ impl HttpCache {
             Method::HEAD => true,
             _ => return http::empty(StatusCode::METHOD_NOT_ALLOWED),
         };
-        let resp = match cache_api::route(req.uri().path()) {
+        let resp = match routes::route(req.uri().path()) {
             Route::CacheInfo => http::text(
                 StatusCode::OK,
                 "text/x-nix-cache-info",
-                cache_api::cache_info(self.shared.store().store_dir(), self.priority),
+                binary_cache::cache_info(self.shared.store().store_dir(), self.priority),
             ),
             Route::NarInfo(hash) => match self.shared.info(hash).await {
                 Some(info) => {
-                    let text = cache_api::narinfo_text(info);
+                    let text = binary_cache::narinfo_text(info);
                     http::text(StatusCode::OK, narinfo::CONTENT_TYPE, text)
                 }
                 None => http::empty(StatusCode::NOT_FOUND),

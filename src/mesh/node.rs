@@ -13,12 +13,12 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::discovery::DiscoveryEvent;
-use crate::identity::NodeId;
-use crate::peer_client;
-use crate::peer_server::PeerServer;
-use crate::peers::{Peer, PeerSource, PeerTable};
-use crate::transport::{self, Admission, TlsIdentity, TransportError};
+use crate::mesh::client;
+use crate::mesh::discovery::DiscoveryEvent;
+use crate::mesh::identity::NodeId;
+use crate::mesh::peers::{Peer, PeerSource, PeerTable};
+use crate::mesh::server::PeerServer;
+use crate::mesh::transport::{self, Admission, TlsIdentity, TransportError};
 
 pub const PING_INTERVAL: Duration = Duration::from_millis(1000);
 /// How often peer states are re-evaluated.
@@ -319,7 +319,7 @@ impl Mesh {
         }
         let result = async {
             let conn = self.connection(node).await?;
-            peer_client::ping(&conn, PING_TIMEOUT)
+            client::ping(&conn, PING_TIMEOUT)
                 .await
                 .map_err(|e| MeshError::Unreachable {
                     peer: node,

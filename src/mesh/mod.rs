@@ -1,0 +1,13 @@
+//! The peers of this node: who they are (`identity`), how they are found
+//! (`discovery`), the live table of them (`peers`), the QUIC link to them
+//! (`transport`, `protocol`), this node's end of it (`node`), and both
+//! sides of a request: `client` asks a peer, `server` answers one.
+
+pub mod client;
+pub mod discovery;
+pub mod identity;
+pub mod node;
+pub mod peers;
+pub mod protocol;
+pub mod server;
+pub mod transport;

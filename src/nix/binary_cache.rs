@@ -1,0 +1,34 @@
+//! The binary-cache texts nixmesh serves, on the LAN endpoint, on the
+//! localhost substituter and to peers: the narinfo (always uncompressed),
+//! its NAR URL, and `/nix-cache-info`.
+//!
+//! NAR URLs are `nar/<store hash part>-<nar hash, nix32>.nar`: they do not
+//! depend on which peer holds the path, they still find the path after the
+//! agent restarts (Nix caches narinfos for a month), and they pin the exact
+//! bytes. `serve::routes` parses them back.
+
+use super::{NarInfo, PathInfo};
+
+/// The `.narinfo` text nixmesh serves for `info`: uncompressed, at
+/// `nar_url`.
+pub fn narinfo_text(info: PathInfo) -> String {
+    NarInfo {
+        url: nar_url(&info),
+        compression: "none".into(),
+        info,
+    }
+    .render()
+}
+
+pub fn nar_url(info: &PathInfo) -> String {
+    format!(
+        "nar/{}-{}.nar",
+        info.path.hash_part(),
+        info.nar_hash.nix32_digest()
+    )
+}
+
+/// Body of `/nix-cache-info`.
+pub fn cache_info(store_dir: &str, priority: u32) -> String {
+    format!("StoreDir: {store_dir}\nWantMassQuery: 1\nPriority: {priority}\n")
+}

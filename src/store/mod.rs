@@ -1,0 +1,9 @@
+//! The serve flow's source: this host's Nix store. `db` reads path
+//! metadata from the store's SQLite DB, `nar_stream` serializes a path's
+//! NAR from the filesystem, `share` decides what may leave this host, and
+//! `shared` is the store as the outside sees it (policy applied).
+
+pub mod db;
+pub mod nar_stream;
+pub mod share;
+pub mod shared;
