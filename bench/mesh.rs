@@ -1171,6 +1171,7 @@ fn process_tree(pid: u32) -> Vec<u32> {
 /// User plus system CPU time of `pids` so far, seconds.
 fn cpu_secs(pids: &[u32]) -> f64 {
     // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     pids.iter()
         .map(|pid| {

@@ -19,6 +19,7 @@ fn start_activated(node: &MeshNode, listener: &TcpListener, log: &std::path::Pat
     let fd = listener.as_raw_fd();
     // Let the fd survive exec; the shell then moves it to 3.
     // SAFETY: fcntl on an fd this process owns.
+    #[allow(unsafe_code)]
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFD);
         libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);

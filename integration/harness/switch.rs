@@ -12,6 +12,10 @@
 //! thread sleeps until the oldest frame is due.
 //!
 //! Dropping the switch stops it and puts the veths back on the bridge.
+//!
+//! Raw packet sockets have no safe wrapper in the dependencies: the libc
+//! calls here are the harness's one use of unsafe code.
+#![allow(unsafe_code)]
 
 use std::collections::HashMap;
 use std::ffi::CString;

@@ -5,7 +5,8 @@
 //! protocol; parsing is pure, taking ownership of the fds is the edge.
 
 use std::collections::HashMap;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The first inherited fd, by the protocol.
 const FIRST_FD: RawFd = 3;
@@ -46,9 +47,17 @@ pub fn parse(
     out
 }
 
-/// The inherited listeners of this process, by name. The environment
-/// variables are removed so child processes do not inherit them.
-pub fn inherited() -> HashMap<String, RawFd> {
+/// Set once the inherited fds have been taken.
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// The inherited listeners of this process, by name, owned: they close
+/// when dropped. Only the first call takes them; a later call gets none
+/// (so no fd is ever owned twice). The environment variables are removed
+/// so child processes do not inherit them.
+pub fn inherited() -> HashMap<String, OwnedFd> {
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return HashMap::new();
+    }
     let get = |k: &str| std::env::var(k).ok();
     let found = parse(
         get("LISTEN_PID").as_deref(),
@@ -60,16 +69,21 @@ pub fn inherited() -> HashMap<String, RawFd> {
         std::env::remove_var(k);
     }
     found
+        .into_iter()
+        .map(|(name, fd)| {
+            // SAFETY: the service manager handed `fd` to this process under
+            // the LISTEN_FDS protocol (`parse` checked LISTEN_PID is ours);
+            // TAKEN makes this the only place that ever owns it.
+            #[allow(unsafe_code)]
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            (name, owned)
+        })
+        .collect()
 }
 
-/// Takes the inherited socket `fd` as a TCP listener.
-///
-/// Only call with an fd from `inherited()`, once per fd: the listener owns
-/// and closes it.
-pub fn tcp_listener(fd: RawFd) -> std::io::Result<tokio::net::TcpListener> {
-    // SAFETY: `fd` was handed to this process by its service manager under
-    // the LISTEN_FDS protocol and is taken exactly once.
-    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+/// Takes an inherited socket as a TCP listener.
+pub fn tcp_listener(fd: OwnedFd) -> std::io::Result<tokio::net::TcpListener> {
+    let std_listener = std::net::TcpListener::from(fd);
     // A non-socket or non-listening fd fails here rather than later.
     std_listener.local_addr()?;
     std_listener.set_nonblocking(true)?;
@@ -104,5 +118,17 @@ mod tests {
             parse(Some("7"), Some("2"), None, 7).is_empty(),
             "two unnamed"
         );
+    }
+
+    #[test]
+    fn inherited_fds_are_taken_once() {
+        // Whatever this process inherited (nothing, in a test), a second
+        // call can never hand out the same fds again.
+        let _first = inherited();
+        std::env::set_var("LISTEN_PID", std::process::id().to_string());
+        std::env::set_var("LISTEN_FDS", "1");
+        assert!(inherited().is_empty());
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
     }
 }

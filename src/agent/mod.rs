@@ -9,41 +9,32 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::keys::{self, KeyFileError};
+use crate::config::keys;
+use crate::config::settings::{
+    allowed_peers, mesh_secret, node_name, share_policy, store_location, trust_policy,
+    SettingsError,
+};
 use crate::config::Config;
-use crate::fetch::race::TrustPolicy;
 use crate::fetch::resolver::Resolver;
 use crate::mesh::discovery::{self, Announcement, DiscoveryConfig, DiscoveryError};
-use crate::mesh::identity::{MeshSecret, NodeId};
+use crate::mesh::identity::NodeId;
 use crate::mesh::node::{Mesh, MeshError};
 use crate::mesh::peers::PeerTable;
 use crate::mesh::server::PeerServer;
 use crate::mesh::transport::{Admission, TlsIdentity, TransportError};
-use crate::nix::conf::NixConf;
-use crate::nix::{PublicKey, SecretKey};
 use crate::serve::admin::{Admin, Listeners};
 use crate::serve::http;
 use crate::serve::http_cache::HttpCache;
 use crate::serve::substituter::Substituter;
-use crate::store::db::{Store, StoreError, StoreLocation};
-use crate::store::share::SharePolicy;
+use crate::store::db::{Store, StoreError};
 use crate::store::shared::SharedStore;
 
 #[derive(Debug, Error)]
 pub enum AgentError {
-    #[error("{key}: {source}")]
-    Key {
-        key: &'static str,
-        source: KeyFileError,
-    },
-    #[error("share.trusted_keys: {0}")]
-    TrustedKey(String),
-    #[error("substituter.trusted_keys: {0}")]
-    SubstituterKey(String),
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    #[error("mesh.secret_file: {0}")]
-    MeshSecret(String),
     #[error("mesh: {0}")]
     Mesh(#[from] MeshError),
     #[error("mesh: {0}")]
@@ -58,134 +49,22 @@ pub enum AgentError {
     },
 }
 
-/// This node's human name: `mesh.name`, else the host name.
-pub fn node_name(config: &Config) -> String {
-    config.mesh.name.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "nixmesh".into())
-    })
-}
-
-pub fn mesh_secret(config: &Config) -> Result<MeshSecret, AgentError> {
-    let Some(path) = &config.mesh.secret_file else {
-        return Ok(MeshSecret::new(None));
-    };
-    let text = std::fs::read(path)
-        .map_err(|e| AgentError::MeshSecret(format!("{}: {e}", path.display())))?;
-    let trimmed = String::from_utf8_lossy(&text).trim().as_bytes().to_vec();
-    if trimmed.is_empty() {
-        return Err(AgentError::MeshSecret(format!(
-            "{} is empty",
-            path.display()
-        )));
-    }
-    Ok(MeshSecret::new(Some(trimmed)))
-}
-
-/// `mesh.allowed_peers`, already checked by the config parser.
-pub fn allowed_peers(config: &Config) -> Option<Vec<NodeId>> {
-    config
-        .mesh
-        .allowed_peers
-        .as_ref()
-        .map(|list| list.iter().filter_map(|k| NodeId::parse(k)).collect())
-}
-
-pub fn store_location(config: &Config) -> StoreLocation {
-    let mut loc = StoreLocation::under_root(&config.store.root, &config.store.store_dir);
-    loc.db = config.db_path();
-    loc
-}
-
-pub fn signing_key(config: &Config) -> Result<Option<SecretKey>, AgentError> {
-    config
-        .signing_key_file
-        .as_deref()
-        .map(keys::read_secret_key)
-        .transpose()
-        .map_err(|source| AgentError::Key {
-            key: "signing_key_file",
-            source,
-        })
-}
-
-/// Keys whose signatures make a path shareable: `share.trusted_keys`, or
-/// what this host's Nix trusts.
-pub fn trusted_keys(config: &Config) -> Result<Vec<PublicKey>, AgentError> {
-    match &config.share.trusted_keys {
-        Some(list) => list
-            .iter()
-            .map(|k| PublicKey::parse(k).map_err(|e| AgentError::TrustedKey(format!("{k:?}: {e}"))))
-            .collect(),
-        None => Ok(parse_keys_leniently(
-            &NixConf::load(&config.store.nix_conf).trusted_public_keys(),
-        )),
-    }
-}
-
-/// What the local Nix will demand of a narinfo, so the substituter never
-/// offers one it would reject: `substituter.*`, else this host's nix.conf.
-pub fn trust_policy(config: &Config) -> Result<TrustPolicy, AgentError> {
-    let nix_conf = NixConf::load(&config.store.nix_conf);
-    let require_sigs = config
-        .substituter
-        .require_sigs
-        .unwrap_or_else(|| nix_conf.require_sigs());
-    let trusted_keys = match &config.substituter.trusted_keys {
-        Some(list) => list
-            .iter()
-            .map(|k| {
-                PublicKey::parse(k).map_err(|e| AgentError::SubstituterKey(format!("{k:?}: {e}")))
-            })
-            .collect::<Result<_, _>>()?,
-        None => parse_keys_leniently(&nix_conf.trusted_public_keys()),
-    };
-    Ok(TrustPolicy {
-        require_sigs,
-        trusted_keys,
-    })
-}
-
-fn parse_keys_leniently(keys: &[String]) -> Vec<PublicKey> {
-    keys.iter()
-        .filter_map(|k| match PublicKey::parse(k) {
-            Ok(key) => Some(key),
-            Err(e) => {
-                tracing::warn!(key = %k, error = %e, "ignoring a malformed key in nix.conf");
-                None
-            }
-        })
-        .collect()
-}
-
-pub fn share_policy(config: &Config) -> Result<SharePolicy, AgentError> {
-    Ok(SharePolicy {
-        trusted_keys: trusted_keys(config)?,
-        signing_key: signing_key(config)?,
-        sign_local_builds: config.share.sign_local_builds,
-        content_addressed: config.share.content_addressed,
-        all: config.share.all,
-    })
-}
-
 /// The listener for `key`: inherited from the service manager when it
 /// passed one under `name`, else bound to `addr`.
 async fn listen(
-    inherited: &mut std::collections::HashMap<String, std::os::fd::RawFd>,
+    inherited: &mut std::collections::HashMap<String, std::os::fd::OwnedFd>,
     name: &str,
     key: &'static str,
     addr: std::net::SocketAddr,
 ) -> Result<TcpListener, AgentError> {
     if let Some(fd) = inherited.remove(name) {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         let listener = activation::tcp_listener(fd).map_err(|source| AgentError::Bind {
             key,
-            addr: format!("inherited fd {fd}"),
+            addr: format!("inherited fd {raw}"),
             source,
         })?;
-        tracing::info!(%name, fd, "using a socket passed by the service manager");
+        tracing::info!(%name, fd = raw, "using a socket passed by the service manager");
         return Ok(listener);
     }
     bind(key, addr).await
@@ -227,7 +106,7 @@ fn raise_open_file_limit() {
 /// sockets passed by the service manager (see `activation`).
 pub async fn run(
     config: Config,
-    mut inherited: std::collections::HashMap<String, std::os::fd::RawFd>,
+    mut inherited: std::collections::HashMap<String, std::os::fd::OwnedFd>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     raise_open_file_limit();
@@ -243,7 +122,7 @@ pub async fn run(
     let shared = SharedStore::new(store.clone(), policy.clone());
     let mut tasks = tokio::task::JoinSet::new();
     let node_key =
-        keys::load_or_create_node_key(&config.state_dir).map_err(|source| AgentError::Key {
+        keys::load_or_create_node_key(&config.state_dir).map_err(|source| SettingsError::Key {
             key: "state_dir",
             source,
         })?;

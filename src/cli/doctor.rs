@@ -249,7 +249,7 @@ pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
     let nix_conf = NixConf::load(&config.store.nix_conf);
 
     // The store DB.
-    let location = crate::agent::store_location(config);
+    let location = crate::config::settings::store_location(config);
     if !location.db.exists() {
         out.push(fail(
             format!("the store DB {} does not exist", location.db.display()),
@@ -278,7 +278,7 @@ pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
     if config.substituter.enable {
         out.push(judge_substituters(&nix_conf, config.substituter.listen));
     }
-    let signing_public = match crate::agent::signing_key(config) {
+    let signing_public = match crate::config::settings::signing_key(config) {
         Ok(k) => k.map(|k| k.public().to_nix_string()),
         Err(e) => {
             out.push(fail(format!("{e}"), "point signing_key_file at a key from `nixmesh keygen` or `nix-store --generate-binary-cache-key`"));

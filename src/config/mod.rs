@@ -3,6 +3,7 @@
 //! objects happens in `agent`. Errors name the key and the line.
 
 pub mod keys;
+pub mod settings;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1045,6 +1045,7 @@ mod live_tests {
     /// Moves the calling thread (and the threads it starts) into a new,
     /// empty network namespace whose loopback is up. (Linux loops multicast
     /// back on `lo` even without its MULTICAST flag.)
+    #[allow(unsafe_code)] // unshare(2): no safe wrapper in the dependencies.
     fn private_loopback() -> Result<(), String> {
         // SAFETY: unshare(2) takes a flag word and touches no memory of ours.
         if unsafe { unshare(CLONE_NEWNET) } != 0 {

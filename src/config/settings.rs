@@ -1,0 +1,145 @@
+//! What the config file turns into: keys, policies, the store location,
+//! this node's name. Read by the agent when it starts and by `doctor`
+//! when it checks a setup; errors name the config key.
+
+use thiserror::Error;
+
+use crate::config::keys::{self, KeyFileError};
+use crate::config::Config;
+use crate::fetch::race::TrustPolicy;
+use crate::mesh::identity::{MeshSecret, NodeId};
+use crate::nix::conf::NixConf;
+use crate::nix::{PublicKey, SecretKey};
+use crate::store::db::StoreLocation;
+use crate::store::share::SharePolicy;
+
+#[derive(Debug, Error)]
+pub enum SettingsError {
+    #[error("{key}: {source}")]
+    Key {
+        key: &'static str,
+        source: KeyFileError,
+    },
+    #[error("share.trusted_keys: {0}")]
+    TrustedKey(String),
+    #[error("substituter.trusted_keys: {0}")]
+    SubstituterKey(String),
+    #[error("mesh.secret_file: {0}")]
+    MeshSecret(String),
+}
+
+/// This node's human name: `mesh.name`, else the host name.
+pub fn node_name(config: &Config) -> String {
+    config.mesh.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "nixmesh".into())
+    })
+}
+
+pub fn mesh_secret(config: &Config) -> Result<MeshSecret, SettingsError> {
+    let Some(path) = &config.mesh.secret_file else {
+        return Ok(MeshSecret::new(None));
+    };
+    let text = std::fs::read(path)
+        .map_err(|e| SettingsError::MeshSecret(format!("{}: {e}", path.display())))?;
+    let trimmed = String::from_utf8_lossy(&text).trim().as_bytes().to_vec();
+    if trimmed.is_empty() {
+        return Err(SettingsError::MeshSecret(format!(
+            "{} is empty",
+            path.display()
+        )));
+    }
+    Ok(MeshSecret::new(Some(trimmed)))
+}
+
+/// `mesh.allowed_peers`, already checked by the config parser.
+pub fn allowed_peers(config: &Config) -> Option<Vec<NodeId>> {
+    config
+        .mesh
+        .allowed_peers
+        .as_ref()
+        .map(|list| list.iter().filter_map(|k| NodeId::parse(k)).collect())
+}
+
+pub fn store_location(config: &Config) -> StoreLocation {
+    let mut loc = StoreLocation::under_root(&config.store.root, &config.store.store_dir);
+    loc.db = config.db_path();
+    loc
+}
+
+pub fn signing_key(config: &Config) -> Result<Option<SecretKey>, SettingsError> {
+    config
+        .signing_key_file
+        .as_deref()
+        .map(keys::read_secret_key)
+        .transpose()
+        .map_err(|source| SettingsError::Key {
+            key: "signing_key_file",
+            source,
+        })
+}
+
+/// Keys whose signatures make a path shareable: `share.trusted_keys`, or
+/// what this host's Nix trusts.
+pub fn trusted_keys(config: &Config) -> Result<Vec<PublicKey>, SettingsError> {
+    match &config.share.trusted_keys {
+        Some(list) => list
+            .iter()
+            .map(|k| {
+                PublicKey::parse(k).map_err(|e| SettingsError::TrustedKey(format!("{k:?}: {e}")))
+            })
+            .collect(),
+        None => Ok(parse_keys_leniently(
+            &NixConf::load(&config.store.nix_conf).trusted_public_keys(),
+        )),
+    }
+}
+
+/// What the local Nix will demand of a narinfo, so the substituter never
+/// offers one it would reject: `substituter.*`, else this host's nix.conf.
+pub fn trust_policy(config: &Config) -> Result<TrustPolicy, SettingsError> {
+    let nix_conf = NixConf::load(&config.store.nix_conf);
+    let require_sigs = config
+        .substituter
+        .require_sigs
+        .unwrap_or_else(|| nix_conf.require_sigs());
+    let trusted_keys = match &config.substituter.trusted_keys {
+        Some(list) => list
+            .iter()
+            .map(|k| {
+                PublicKey::parse(k)
+                    .map_err(|e| SettingsError::SubstituterKey(format!("{k:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+        None => parse_keys_leniently(&nix_conf.trusted_public_keys()),
+    };
+    Ok(TrustPolicy {
+        require_sigs,
+        trusted_keys,
+    })
+}
+
+fn parse_keys_leniently(keys: &[String]) -> Vec<PublicKey> {
+    keys.iter()
+        .filter_map(|k| match PublicKey::parse(k) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::warn!(key = %k, error = %e, "ignoring a malformed key in nix.conf");
+                None
+            }
+        })
+        .collect()
+}
+
+pub fn share_policy(config: &Config) -> Result<SharePolicy, SettingsError> {
+    Ok(SharePolicy {
+        trusted_keys: trusted_keys(config)?,
+        signing_key: signing_key(config)?,
+        sign_local_builds: config.share.sign_local_builds,
+        content_addressed: config.share.content_addressed,
+        all: config.share.all,
+    })
+}
