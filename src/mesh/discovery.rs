@@ -244,11 +244,7 @@ fn parse_name(text: &str) -> Result<String, TxtError> {
 
 /// The mDNS instance name of the node with `key`: unique per node.
 pub fn instance_name(key: &[u8; 32]) -> String {
-    let mut hex = String::with_capacity(INSTANCE_HEX_CHARS);
-    for b in &key[..INSTANCE_HEX_CHARS / 2] {
-        hex.push_str(&format!("{b:02x}"));
-    }
-    hex
+    crate::nix::base16::encode(&key[..INSTANCE_HEX_CHARS / 2])
 }
 
 fn instance_fullname(key: &[u8; 32]) -> String {

@@ -10,6 +10,8 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use crate::nix::base16;
+
 const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// A node's ed25519 public key.
@@ -31,10 +33,7 @@ impl NodeId {
 
     /// Short, stable, readable: the first 16 hex digits of SHA-256(key).
     pub fn fingerprint(&self) -> String {
-        Sha256::digest(self.0)[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        base16::encode(&Sha256::digest(self.0)[..8])
     }
 }
 
@@ -72,7 +71,7 @@ impl MeshSecret {
                 let mut h = Sha256::new();
                 h.update(b"nixmesh mesh id\0");
                 h.update(s);
-                hex(&h.finalize()[..8])
+                base16::encode(&h.finalize()[..8])
             }
         }
     }
@@ -84,7 +83,7 @@ impl MeshSecret {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).ok()?;
         mac.update(b"nixmesh admission\0");
         mac.update(&node.0);
-        Some(hex(&mac.finalize().into_bytes()[..16]))
+        Some(base16::encode(&mac.finalize().into_bytes()[..16]))
     }
 
     /// The DNS name the certificate of `node` carries in this mesh.
@@ -102,10 +101,6 @@ impl fmt::Debug for MeshSecret {
             if self.is_set() { "set" } else { "open" }
         )
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

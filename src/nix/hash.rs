@@ -72,12 +72,7 @@ impl fmt::Display for Sha256Hash {
 }
 
 fn decode_base16(text: &str) -> Option<Sha256Hash> {
-    let mut out = [0u8; 32];
-    for (i, pair) in text.as_bytes().chunks_exact(2).enumerate() {
-        let pair = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(pair, 16).ok()?;
-    }
-    Some(Sha256Hash(out))
+    super::base16::decode(text).map(Sha256Hash)
 }
 
 fn decode_base64(text: &str) -> Option<Sha256Hash> {
@@ -101,6 +96,19 @@ mod tests {
         assert_eq!(Sha256Hash::parse(SRI).unwrap(), a);
         assert_eq!(a.to_nix32(), NIX32);
         assert_eq!(a.to_sri(), SRI);
+    }
+
+    #[test]
+    fn signs_are_not_hex_digits() {
+        let plus = format!("sha256:{}", "+f".repeat(32));
+        assert!(Sha256Hash::parse(&plus).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(text in "(sha256[:-])?[ -~]{0,70}") {
+            let _ = Sha256Hash::parse(&text);
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! reads or writes in a Nix format goes through here. Pure code; the only I/O
 //! is `nar::encode` reading the tree it is given.
 
+pub mod base16;
 pub mod base32;
 pub mod binary_cache;
 pub mod conf;
