@@ -24,11 +24,13 @@
 //! - `config`: the config file and what it turns into (keys, policies).
 //! - `agent`: wires the parts into a running agent; `cli`: the commands that
 //!   talk to one (`peers`, `status`, `why`, `doctor`).
+//! - `lock`: the one policy for poisoned mutexes.
 
 pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod fetch;
+pub mod lock;
 pub mod mesh;
 pub mod nix;
 pub mod serve;

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::fetch::relay::{self, FetchStats, Purpose};
 use crate::fetch::resolver::{Found, Resolver};
+use crate::lock::lock;
 use crate::mesh::identity::NodeId;
 use crate::nix::{HashPart, Sha256Hash, StorePath};
 
@@ -172,9 +173,7 @@ impl Prefetcher {
     /// and there is room.
     pub fn offer(self: &Arc<Self>, found: &Found) {
         let info = &found.narinfo.info;
-        let Ok(mut table) = self.table.lock() else {
-            return;
-        };
+        let mut table = lock(&self.table);
         let now = Instant::now();
         let swept = table.sweep(now);
         self.stats.unused.fetch_add(swept, Relaxed);
@@ -229,9 +228,7 @@ impl Prefetcher {
                     self.stats.failed.fetch_add(1, Relaxed);
                 }
                 tx.send_replace(Phase::Failed);
-                if let Ok(mut table) = self.table.lock() {
-                    table.remove(&hash, Some(id));
-                }
+                lock(&self.table).remove(&hash, Some(id));
             }
         }
     }
@@ -259,7 +256,7 @@ impl Prefetcher {
         // The entry stays in the table, and keeps its bytes reserved, while
         // its fetch runs: a waiting request does not free budget early.
         let (id, path, mut phase) = {
-            let table = self.table.lock().ok()?;
+            let table = lock(&self.table);
             let entry = table.entries.get(hash)?;
             if entry.nar_hash != *nar_hash {
                 return None;
@@ -272,9 +269,7 @@ impl Prefetcher {
             .ok()?
             .clone();
         // Taken, failed, or left to Nix: either way no longer ahead.
-        if let Ok(mut table) = self.table.lock() {
-            table.remove(hash, Some(id));
-        }
+        lock(&self.table).remove(hash, Some(id));
         match settled {
             Phase::Ready { nar, peer } => {
                 self.stats.served.fetch_add(1, Relaxed);
@@ -305,11 +300,7 @@ async fn until_released(
         return false;
     }
     // `is_some` drops the entry, and its receiver, right here.
-    let dropped = table
-        .lock()
-        .ok()
-        .and_then(|mut t| t.remove(hash, Some(id)))
-        .is_some();
+    let dropped = lock(table).remove(hash, Some(id)).is_some();
     tx.closed().await;
     dropped
 }

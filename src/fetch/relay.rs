@@ -255,9 +255,7 @@ fn in_window(at: u64, mut chunk: Bytes, window: &Range<u64>) -> Bytes {
 
 fn quarantine(resolver: &Resolver, node: NodeId, why: &str) {
     tracing::error!(peer = %node, reason = why, "quarantining a peer");
-    if let Ok(mut t) = resolver.mesh().table().lock() {
-        t.quarantine(&node, QUARANTINE, Instant::now());
-    }
+    resolver.mesh().quarantine(&node, QUARANTINE);
 }
 
 /// How far a relay has come, across holders.
@@ -313,18 +311,8 @@ async fn from_holder(
         Ok(None) => return HolderEnd::Failed("no longer has it".into()),
         Err(e) => return HolderEnd::Failed(e.to_string()),
     };
-    let count = |n: u64| {
-        if let Ok(mut t) = mesh.table().lock() {
-            if let Some(c) = t.counters_mut(&node) {
-                c.bytes_fetched += n;
-            }
-        }
-    };
-    if let Ok(mut t) = mesh.table().lock() {
-        if let Some(c) = t.counters_mut(&node) {
-            c.requests_made += 1;
-        }
-    }
+    let count = |n: u64| mesh.count(&node, |c| c.bytes_fetched += n);
+    mesh.count(&node, |c| c.requests_made += 1);
     // QUIC hands data over one packet's worth (about 1.4 KiB) at a time;
     // reading into a large buffer takes all that has arrived at once, so
     // hashing, counting and Nix's HTTP stream work on big pieces.

@@ -11,6 +11,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::fetch::race::{Answer, Decision, Race, TrustPolicy};
+use crate::lock::lock;
 use crate::mesh::client;
 use crate::mesh::identity::NodeId;
 use crate::mesh::node::Mesh;
@@ -84,7 +85,7 @@ impl Resolver {
     }
 
     fn memo_get(&self, hash: &HashPart) -> Option<Option<Found>> {
-        let memo = self.memo.lock().ok()?;
+        let memo = lock(&self.memo);
         let (at, found) = memo.get(hash)?;
         let ttl = if found.is_some() {
             POSITIVE_MEMO
@@ -95,30 +96,27 @@ impl Resolver {
     }
 
     fn memo_put(&self, hash: HashPart, found: Option<Found>) {
-        if let Ok(mut memo) = self.memo.lock() {
+        let mut memo = lock(&self.memo);
+        if memo.len() >= MAX_MEMO {
+            let now = Instant::now();
+            memo.retain(|_, (at, f)| {
+                let ttl = if f.is_some() {
+                    POSITIVE_MEMO
+                } else {
+                    NEGATIVE_MEMO
+                };
+                now.duration_since(*at) < ttl
+            });
             if memo.len() >= MAX_MEMO {
-                let now = Instant::now();
-                memo.retain(|_, (at, f)| {
-                    let ttl = if f.is_some() {
-                        POSITIVE_MEMO
-                    } else {
-                        NEGATIVE_MEMO
-                    };
-                    now.duration_since(*at) < ttl
-                });
-                if memo.len() >= MAX_MEMO {
-                    memo.clear();
-                }
+                memo.clear();
             }
-            memo.insert(hash, (Instant::now(), found));
         }
+        memo.insert(hash, (Instant::now(), found));
     }
 
     /// Forget what is known about `hash` (a holder turned out wrong).
     pub fn forget(&self, hash: &HashPart) {
-        if let Ok(mut memo) = self.memo.lock() {
-            memo.remove(hash);
-        }
+        lock(&self.memo).remove(hash);
     }
 
     /// Who has `hash`, within the race deadline. Never an error: a failure
@@ -127,12 +125,10 @@ impl Resolver {
         if let Some(found) = self.memo_get(hash) {
             return found;
         }
-        let slot: Slot = {
-            let Ok(mut inflight) = self.inflight.lock() else {
-                return None;
-            };
-            inflight.entry(hash.clone()).or_default().clone()
-        };
+        let slot: Slot = lock(&self.inflight)
+            .entry(hash.clone())
+            .or_default()
+            .clone();
         let found = slot
             .get_or_init(|| async {
                 let found = self.race(hash).await;
@@ -141,10 +137,9 @@ impl Resolver {
             })
             .await
             .clone();
-        if let Ok(mut inflight) = self.inflight.lock() {
-            if inflight.get(hash).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-                inflight.remove(hash);
-            }
+        let mut inflight = lock(&self.inflight);
+        if inflight.get(hash).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+            inflight.remove(hash);
         }
         found
     }

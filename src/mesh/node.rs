@@ -13,10 +13,11 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::lock::lock;
 use crate::mesh::client;
 use crate::mesh::discovery::DiscoveryEvent;
 use crate::mesh::identity::NodeId;
-use crate::mesh::peers::{Peer, PeerSource, PeerTable};
+use crate::mesh::peers::{Peer, PeerCounters, PeerSource, PeerTable, PeerView};
 use crate::mesh::server::PeerServer;
 use crate::mesh::transport::{self, Admission, TlsIdentity, TransportError};
 
@@ -116,16 +117,28 @@ impl Mesh {
         self.endpoint.local_addr().ok()
     }
 
-    pub fn table(&self) -> &Arc<Mutex<PeerTable>> {
-        &self.table
+    /// What `nixmesh peers` shows: every peer in the table, now.
+    pub fn views(&self) -> Vec<PeerView> {
+        self.with_table(|t| t.views(Instant::now()))
+    }
+
+    /// Leaves `node` out of races and fetches for `period`: it sent bytes
+    /// that did not verify.
+    pub fn quarantine(&self, node: &NodeId, period: Duration) {
+        self.with_table(|t| t.quarantine(node, period, Instant::now()));
+    }
+
+    /// Adds to what is counted for `node` (requests, bytes), if it is known.
+    pub fn count(&self, node: &NodeId, f: impl FnOnce(&mut PeerCounters)) {
+        self.with_table(|t| t.counters_mut(node).map(f));
     }
 
     pub fn store_dir(&self) -> &str {
         &self.store_dir
     }
 
-    fn with_table<R>(&self, f: impl FnOnce(&mut PeerTable) -> R) -> Option<R> {
-        self.table.lock().ok().map(|mut t| f(&mut t))
+    fn with_table<R>(&self, f: impl FnOnce(&mut PeerTable) -> R) -> R {
+        f(&mut lock(&self.table))
     }
 
     pub fn add_static_peer(&self, node: NodeId, addr: SocketAddr) {
@@ -138,11 +151,9 @@ impl Mesh {
             match event {
                 DiscoveryEvent::Found { key, name, addrs } => {
                     let node = NodeId(key);
-                    let new = self
-                        .with_table(|t| {
-                            t.upsert(node, &name, addrs.clone(), PeerSource::Mdns, Instant::now())
-                        })
-                        .unwrap_or(false);
+                    let new = self.with_table(|t| {
+                        t.upsert(node, &name, addrs.clone(), PeerSource::Mdns, Instant::now())
+                    });
                     if new {
                         tracing::info!(peer = %node, %name, ?addrs, "discovered a peer");
                     }
@@ -160,9 +171,7 @@ impl Mesh {
 
     fn forget(&self, node: &NodeId) {
         self.with_table(|t| t.remove(node));
-        if let Ok(mut conns) = self.conns.lock() {
-            conns.remove(node);
-        }
+        lock(&self.conns).remove(node);
     }
 
     /// Tells every peer this node is going away, and waits (briefly) for the
@@ -207,9 +216,9 @@ impl Mesh {
                 this.with_table(|t| {
                     t.upsert(node, "", vec![remote], PeerSource::Inbound, Instant::now())
                 });
-                if let Ok(mut conns) = this.conns.lock() {
-                    conns.entry(node).or_insert_with(|| conn.clone());
-                }
+                lock(&this.conns)
+                    .entry(node)
+                    .or_insert_with(|| conn.clone());
                 this.watch_close(node, conn.clone());
                 this.server.clone().serve_connection(conn, node).await;
             });
@@ -219,9 +228,7 @@ impl Mesh {
     /// True the first time a handshake from `ip` is refused, so a stranger
     /// retrying every second is logged once, not forever.
     fn first_refusal(&self, ip: std::net::IpAddr) -> bool {
-        let Ok(mut seen) = self.refused.lock() else {
-            return false;
-        };
+        let mut seen = lock(&self.refused);
         if seen.len() >= MAX_REFUSALS_REMEMBERED {
             seen.clear();
         }
@@ -241,13 +248,12 @@ impl Mesh {
                     return;
                 }
             }
-            if let Ok(mut conns) = this.conns.lock() {
-                if conns
-                    .get(&node)
-                    .is_some_and(|c| c.stable_id() == conn.stable_id())
-                {
-                    conns.remove(&node);
-                }
+            let mut conns = lock(&this.conns);
+            if conns
+                .get(&node)
+                .is_some_and(|c| c.stable_id() == conn.stable_id())
+            {
+                conns.remove(&node);
             }
         });
     }
@@ -257,19 +263,17 @@ impl Mesh {
         self: &Arc<Self>,
         node: NodeId,
     ) -> Result<quinn::Connection, MeshError> {
-        if let Some(c) = self.conns.lock().ok().and_then(|c| c.get(&node).cloned()) {
+        let cached = lock(&self.conns).get(&node).cloned();
+        if let Some(c) = cached {
             if c.close_reason().is_none() {
                 return Ok(c);
             }
         }
         let peer = self
             .with_table(|t| t.get(&node).cloned())
-            .flatten()
             .ok_or(MeshError::UnknownPeer(node))?;
         let conn = self.dial(&peer).await?;
-        if let Ok(mut conns) = self.conns.lock() {
-            conns.insert(node, conn.clone());
-        }
+        lock(&self.conns).insert(node, conn.clone());
         self.watch_close(node, conn.clone());
         let server = self.server.clone();
         let served = conn.clone();
@@ -309,11 +313,7 @@ impl Mesh {
     }
 
     async fn ping_peer(self: Arc<Self>, node: NodeId) {
-        let first = self
-            .pinging
-            .lock()
-            .map(|mut p| p.insert(node))
-            .unwrap_or(false);
+        let first = lock(&self.pinging).insert(node);
         if !first {
             return;
         }
@@ -333,9 +333,7 @@ impl Mesh {
             }
             Err(e) => tracing::debug!(peer = %node, error = %e, "ping failed"),
         }
-        if let Ok(mut p) = self.pinging.lock() {
-            p.remove(&node);
-        }
+        lock(&self.pinging).remove(&node);
     }
 
     /// Ages the table every `AGE_INTERVAL` and pings every peer every
@@ -350,12 +348,10 @@ impl Mesh {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let peers = self
-                .with_table(|t| {
-                    t.tick(Instant::now());
-                    t.all()
-                })
-                .unwrap_or_default();
+            let peers = self.with_table(|t| {
+                t.tick(Instant::now());
+                t.all()
+            });
             if last_round.is_some_and(|t| t.elapsed() < PING_INTERVAL) {
                 continue;
             }
@@ -374,7 +370,6 @@ impl Mesh {
     /// Usable peers, fastest first.
     pub fn usable_peers(&self) -> Vec<Peer> {
         self.with_table(|t| t.usable(Instant::now()))
-            .unwrap_or_default()
     }
 }
 

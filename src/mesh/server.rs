@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 
+use crate::lock::lock;
 use crate::mesh::identity::NodeId;
 use crate::mesh::peers::PeerTable;
 use crate::mesh::protocol::{code, Request, Response};
@@ -36,10 +37,8 @@ impl PeerServer {
     }
 
     fn count(&self, node: &NodeId, f: impl FnOnce(&mut crate::mesh::peers::PeerCounters)) {
-        if let Ok(mut t) = self.table.lock() {
-            if let Some(c) = t.counters_mut(node) {
-                f(c);
-            }
+        if let Some(c) = lock(&self.table).counters_mut(node) {
+            f(c);
         }
     }
 

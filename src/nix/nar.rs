@@ -21,7 +21,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RawDir, CWD};
@@ -413,7 +413,7 @@ impl Pool {
     /// A `CHUNK`-sized buffer.
     fn take(&self) -> Vec<u8> {
         // A panic while holding this lock leaves a plain Vec behind: fine.
-        let reused = self.0.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let reused = crate::lock::lock(&self.0).pop();
         reused.unwrap_or_else(|| vec![0; CHUNK])
     }
 
@@ -421,7 +421,7 @@ impl Pool {
         if buf.len() != CHUNK {
             return;
         }
-        let mut free = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut free = crate::lock::lock(&self.0);
         if free.len() < POOL_MAX {
             free.push(buf);
         }

@@ -60,10 +60,7 @@ impl Admin {
         let Some(mesh) = &self.mesh else {
             return Vec::new();
         };
-        mesh.table()
-            .lock()
-            .map(|t| t.views(Instant::now()))
-            .unwrap_or_default()
+        mesh.views()
     }
 
     pub async fn status(&self) -> StatusView {

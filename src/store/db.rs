@@ -11,6 +11,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use thiserror::Error;
 
+use crate::lock::lock;
 use crate::nix::{HashPart, PathInfo, Sha256Hash, StorePath};
 
 /// Connections kept open for reuse; more are opened under load and dropped.
@@ -147,7 +148,7 @@ impl Store {
     }
 
     fn take(&self) -> Result<Connection, StoreError> {
-        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let idle = lock(&self.idle).pop();
         match idle {
             Some(conn) => Ok(conn),
             None => self.connect(),
@@ -155,10 +156,9 @@ impl Store {
     }
 
     fn put_back(&self, conn: Connection) {
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < IDLE_CONNECTIONS {
-                idle.push(conn);
-            }
+        let mut idle = lock(&self.idle);
+        if idle.len() < IDLE_CONNECTIONS {
+            idle.push(conn);
         }
     }
 
