@@ -336,8 +336,8 @@ fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>
          (its {m} small paths and the text file referring to them) is on peer k, so Nix asks {avg:.1} \
          caches per small path on average; the large paths are on peers {large_at:?}. The client \
          realises the {g} group files and the {l} large paths ({w} arguments; Nix finds the rest \
-         through references). Nix settings: Nix's defaults (max-jobs 1: one substitution at a \
-         time; narinfo-cache-negative-ttl 3600) and the harness's (require-sigs, no sandbox); \
+         through references). Nix settings: Nix {version}'s defaults ({parallel}; \
+         narinfo-cache-negative-ttl 3600) and the harness's (require-sigs, no sandbox); \
          {extra}. Seconds per round (mesh / plain): dry {} / {}; \
          realise {} / {}.",
         unshaped.dry.list(Side::Mesh),
@@ -353,6 +353,12 @@ fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>
         g = groups.len(),
         l = larges.len(),
         w = wanted.len(),
+        version = integration::harness::nix_under_test::selected().version,
+        parallel = if integration::harness::nix_under_test::selected().version == "2.8" {
+            "max-jobs 1: one substitution at a time"
+        } else {
+            "max-substitution-jobs 16: 16 substitutions at once; http-connections 25"
+        },
         extra = if s.nix_extra.is_empty() {
             "nothing else".to_string()
         } else {

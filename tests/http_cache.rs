@@ -467,3 +467,42 @@ fn an_unprivileged_agent_still_serves_the_store() {
         agent.log_text()
     );
 }
+
+/// A peer's `Have` of up to 1024 hashes is answered on a blocking thread:
+/// on a one-thread runtime, the batch is still running after the task
+/// that asked for it yielded once (inline, it would have run to its end
+/// before anything else could run).
+#[test]
+fn a_batch_lookup_leaves_the_async_workers_free() {
+    use nixmesh::store::{db::Store, db::StoreLocation, share::SharePolicy, shared::SharedStore};
+    let store = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("here.txt"), "here\n").unwrap();
+    let here = store.add(&src.path().join("here.txt"));
+    let db = Store::open(StoreLocation::under_root(store.root(), "/nix/store")).unwrap();
+    let policy = SharePolicy {
+        trusted_keys: Vec::new(),
+        signing_key: None,
+        sign_local_builds: false,
+        content_addressed: false,
+        all: true,
+    };
+    let shared = SharedStore::new(db, std::sync::Arc::new(policy));
+    let here_hash = nixmesh::nix::HashPart::parse(hash_part(&here)).unwrap();
+    let absent = nixmesh::nix::HashPart::parse(&"0".repeat(32)).unwrap();
+    let mut hashes = vec![absent; 1023];
+    hashes.push(here_hash);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let batch = tokio::spawn(async move { shared.have_many(hashes).await });
+        tokio::task::yield_now().await;
+        assert!(!batch.is_finished(), "the batch ran on the async worker");
+        let present = batch.await.unwrap();
+        assert_eq!(present.len(), 1024);
+        assert_eq!(present.iter().filter(|p| **p).count(), 1);
+        assert!(present[1023]);
+    });
+}

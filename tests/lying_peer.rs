@@ -36,7 +36,12 @@ async fn run_liar(endpoint: quinn::Endpoint, narinfo: String, nar: Arc<Vec<u8>>,
                 let narinfo = narinfo.clone();
                 let nar = nar.clone();
                 tokio::spawn(async move {
-                    let Ok(body) = transport::read_frame(&mut recv, Duration::from_secs(5)).await
+                    let Ok(body) = transport::read_frame(
+                        &mut recv,
+                        nixmesh::mesh::protocol::MAX_REQUEST_FRAME,
+                        Duration::from_secs(5),
+                    )
+                    .await
                     else {
                         return;
                     };

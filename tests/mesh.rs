@@ -190,6 +190,8 @@ fn bad_frames_reset_the_stream_and_nothing_else() {
             Ok(Response::Pong { nonce: 5, .. })
         ));
         let oversized = (64u32 << 20).to_be_bytes();
+        // Under the old shared 2 MiB limit, over the request limit.
+        let big_request = (100u32 << 10).to_be_bytes();
         let unknown = [0, 0, 0, 1, 200];
         let truncated = [0, 0, 0, 9, 1, 0, 0];
         let mut bad_hash = vec![0, 0, 0, 33, 2];
@@ -200,6 +202,7 @@ fn bad_frames_reset_the_stream_and_nothing_else() {
         let zero = [0, 0, 0, 0];
         let cases: Vec<(&[u8], u32)> = vec![
             (&oversized, code::TOO_LARGE),
+            (&big_request, code::TOO_LARGE),
             (&unknown, code::UNKNOWN_KIND),
             (&truncated, code::MALFORMED),
             (&bad_hash, code::MALFORMED),
@@ -230,7 +233,7 @@ fn bad_frames_reset_the_stream_and_nothing_else() {
     });
     let peers = node.peers();
     let errors: u64 = peers.iter().map(|p| p["errors"].as_u64().unwrap()).sum();
-    assert_eq!(errors, 6, "bad frames counted against the peer: {peers:?}");
+    assert_eq!(errors, 7, "bad frames counted against the peer: {peers:?}");
     drop(agent);
 }
 

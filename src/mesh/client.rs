@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::mesh::protocol::{Request, Response};
+use crate::mesh::protocol::{self, Request, Response};
 use crate::mesh::transport::{self, FrameReadError};
 use crate::nix::{HashPart, NarInfo, Sha256Hash};
 
@@ -37,7 +37,7 @@ async fn exchange(
         .await
         .map_err(|e| PeerError::Write(e.to_string()))?;
     let _ = send.finish();
-    let body = transport::read_frame(&mut recv, timeout).await?;
+    let body = transport::read_frame(&mut recv, protocol::MAX_RESPONSE_FRAME, timeout).await?;
     let resp = Response::decode(&body).map_err(|e| {
         let _ = recv.stop(e.code().into());
         PeerError::Malformed(e.to_string())

@@ -21,6 +21,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::mesh::identity::MAX_NODE_NAME;
+use crate::mesh::peers;
+
 pub const SERVICE_TYPE: &str = "_nixmesh._udp.local.";
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -29,8 +32,6 @@ const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::
 /// One TXT string (`key=value`) is at most 255 bytes on the wire.
 pub const MAX_TXT_ENTRY: usize = 255;
 pub const MAX_MESH_ID: usize = 64;
-/// A DNS label's limit, so a host name fits one.
-pub const MAX_NAME: usize = 63;
 /// Base64 of 32 bytes, with padding.
 const KEY_B64_LEN: usize = 44;
 const MAX_VERSION_DIGITS: usize = 10;
@@ -40,8 +41,6 @@ const MAX_PORT_DIGITS: usize = 5;
 const INSTANCE_HEX_CHARS: usize = 16;
 /// Addresses kept from one announcement; more is a hostile record.
 pub const MAX_ADDRS: usize = 16;
-/// Peers tracked at once; announcements beyond this are ignored.
-pub const MAX_PEERS: usize = 4096;
 /// Instances remembered as already warned about.
 const MAX_WARNED: usize = 4096;
 
@@ -68,7 +67,7 @@ pub struct Announcement {
     /// Short id of the mesh, derived by the caller from the mesh secret;
     /// printable ASCII, at most `MAX_MESH_ID` bytes.
     pub mesh_id: String,
-    /// Human host name, at most `MAX_NAME` bytes, no control characters.
+    /// Human host name, at most `MAX_NODE_NAME` bytes, no control characters.
     pub name: String,
 }
 
@@ -229,11 +228,11 @@ fn parse_mesh_id(text: &str) -> Result<String, TxtError> {
 /// The name is shown in `nixmesh peers` and logs: no control characters,
 /// so a record cannot rewrite the operator's terminal.
 fn parse_name(text: &str) -> Result<String, TxtError> {
-    if text.len() > MAX_NAME {
+    if text.len() > MAX_NODE_NAME {
         return Err(TxtError::TooLong {
             key: TXT_NAME,
             len: text.len(),
-            max: MAX_NAME,
+            max: MAX_NODE_NAME,
         });
     }
     if text.is_empty() || text.chars().any(char::is_control) {
@@ -366,7 +365,7 @@ impl AnnouncedPeers {
         if self.peers.get(&fullname) == Some(&record) {
             return None;
         }
-        if !self.peers.contains_key(&fullname) && self.peers.len() >= MAX_PEERS {
+        if !self.peers.contains_key(&fullname) && self.peers.len() >= peers::MAX_PEERS {
             self.warn_once(&fullname, "too many peers announced; ignored");
             return None;
         }
@@ -716,7 +715,7 @@ mod tests {
         ));
         // Below the TXT limit, each field has its own.
         assert!(matches!(
-            parse_txt(&with(&a, "name", &"n".repeat(MAX_NAME + 1))),
+            parse_txt(&with(&a, "name", &"n".repeat(MAX_NODE_NAME + 1))),
             Err(TxtError::TooLong { key: "name", .. })
         ));
         assert!(matches!(
@@ -842,7 +841,7 @@ mod tests {
                 mesh_id,
                 name,
             })
-            .prop_filter("name fits", |a| a.name.len() <= MAX_NAME)
+            .prop_filter("name fits", |a| a.name.len() <= MAX_NODE_NAME)
     }
 
     proptest! {

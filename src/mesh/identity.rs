@@ -12,6 +12,10 @@ use sha2::{Digest, Sha256};
 
 use crate::nix::base16;
 
+/// Longest node name (a host name, carried in mDNS TXT records and in
+/// pongs): a DNS label's limit.
+pub const MAX_NODE_NAME: usize = 63;
+
 const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// A node's ed25519 public key.

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod discovery;
 pub mod identity;
+pub mod inbound;
 pub mod node;
 pub mod peers;
 pub mod protocol;

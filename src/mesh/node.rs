@@ -17,6 +17,7 @@ use crate::lock::lock;
 use crate::mesh::client;
 use crate::mesh::discovery::DiscoveryEvent;
 use crate::mesh::identity::NodeId;
+use crate::mesh::inbound::InboundGate;
 use crate::mesh::peers::{Peer, PeerCounters, PeerSource, PeerTable, PeerView};
 use crate::mesh::server::PeerServer;
 use crate::mesh::transport::{self, Admission, TlsIdentity, TransportError};
@@ -56,6 +57,7 @@ pub struct Mesh {
     conns: Mutex<HashMap<NodeId, quinn::Connection>>,
     pinging: Mutex<HashSet<NodeId>>,
     refused: Mutex<HashSet<std::net::IpAddr>>,
+    inbound: InboundGate,
     server: Arc<PeerServer>,
     store_dir: String,
     started: Instant,
@@ -100,6 +102,7 @@ impl Mesh {
             conns: Mutex::new(HashMap::new()),
             pinging: Mutex::new(HashSet::new()),
             refused: Mutex::new(HashSet::new()),
+            inbound: InboundGate::default(),
             server,
             store_dir,
             started: Instant::now(),
@@ -191,10 +194,20 @@ impl Mesh {
                     None => return,
                 },
             };
+            let Some(mut admitted) = self.inbound.admit() else {
+                let remote = incoming.remote_address();
+                if self.first_refusal(remote.ip()) {
+                    tracing::warn!(%remote, "refused a connection: too many handshakes or connections at once");
+                }
+                incoming.refuse();
+                continue;
+            };
             let this = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                let conn = match incoming.await {
+                let handshake = incoming.await;
+                admitted.handshake_done();
+                let conn = match handshake {
                     Ok(c) => c,
                     Err(e) => {
                         if this.first_refusal(remote.ip()) {

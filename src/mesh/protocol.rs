@@ -9,17 +9,20 @@
 
 use thiserror::Error;
 
+use crate::mesh::identity::MAX_NODE_NAME;
 use crate::nix::{HashPart, Sha256Hash};
 
 /// ALPN of protocol version 1; a peer that speaks no common version fails
 /// the TLS handshake instead of sending frames we cannot read.
 pub const ALPN_V1: &[u8] = b"nixmesh/1";
-/// Largest frame body; a narinfo is at most 1 MiB.
-pub const MAX_FRAME: usize = 2 << 20;
+/// Largest request body: a `Have` of `MAX_HAVE_BATCH` hash parts is about
+/// 33 KiB, every other request under 100 bytes. The server allocates this
+/// much per stream at most, on up to 128 streams per peer.
+pub const MAX_REQUEST_FRAME: usize = 64 << 10;
+/// Largest response body; a narinfo is at most 1 MiB.
+pub const MAX_RESPONSE_FRAME: usize = 2 << 20;
 /// Most hashes in one `Have` request.
 pub const MAX_HAVE_BATCH: usize = 1024;
-/// Longest node name carried in a pong.
-pub const MAX_NAME: usize = 63;
 /// Longest error message carried in a frame.
 pub const MAX_MESSAGE: usize = 1024;
 
@@ -194,10 +197,11 @@ impl<'a> Reader<'a> {
 }
 
 /// Length of the frame body announced by a 4-byte header, checked against
-/// the limit before anything is read.
-pub fn body_len(header: [u8; 4]) -> Result<usize, FrameError> {
+/// `max` (`MAX_REQUEST_FRAME` or `MAX_RESPONSE_FRAME`) before anything is
+/// read.
+pub fn body_len(header: [u8; 4], max: usize) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(FrameError::TooLarge(len));
     }
     if len == 0 {
@@ -244,7 +248,7 @@ impl Request {
 
     /// Decodes a frame body (without its length header).
     pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
-        if body.len() > MAX_FRAME {
+        if body.len() > MAX_REQUEST_FRAME {
             return Err(FrameError::TooLarge(body.len()));
         }
         let mut r = Reader(body);
@@ -284,7 +288,7 @@ impl Response {
             Response::Pong { nonce, name } => {
                 let mut w = Writer::new(kind::PONG);
                 w.u64(*nonce);
-                let end = floor_char_boundary(name, MAX_NAME);
+                let end = floor_char_boundary(name, MAX_NODE_NAME);
                 w.bytes(&name.as_bytes()[..end]);
                 w.finish()
             }
@@ -316,14 +320,14 @@ impl Response {
     }
 
     pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
-        if body.len() > MAX_FRAME {
+        if body.len() > MAX_RESPONSE_FRAME {
             return Err(FrameError::TooLarge(body.len()));
         }
         let mut r = Reader(body);
         let resp = match r.u8()? {
             kind::PONG => Response::Pong {
                 nonce: r.u64()?,
-                name: r.text(MAX_NAME, "name")?.to_string(),
+                name: r.text(MAX_NODE_NAME, "name")?.to_string(),
             },
             kind::PATH_INFO_REPLY => Response::PathInfo {
                 narinfo: r
@@ -374,7 +378,7 @@ mod tests {
     }
 
     fn body(frame: &[u8]) -> &[u8] {
-        let len = body_len(frame[..4].try_into().unwrap()).unwrap();
+        let len = body_len(frame[..4].try_into().unwrap(), MAX_RESPONSE_FRAME).unwrap();
         assert_eq!(len, frame.len() - 4);
         &frame[4..]
     }
@@ -424,11 +428,21 @@ mod tests {
 
     #[test]
     fn bad_frames_are_named() {
-        assert_eq!(
-            body_len((MAX_FRAME as u32 + 1).to_be_bytes()),
-            Err(FrameError::TooLarge(MAX_FRAME + 1))
-        );
-        assert_eq!(body_len([0; 4]), Err(FrameError::Truncated));
+        for max in [MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME] {
+            assert_eq!(
+                body_len((max as u32 + 1).to_be_bytes(), max),
+                Err(FrameError::TooLarge(max + 1))
+            );
+            assert_eq!(body_len((max as u32).to_be_bytes(), max), Ok(max));
+            assert_eq!(body_len([0; 4], max), Err(FrameError::Truncated));
+        }
+        // The largest request there is fits its limit.
+        let have = Request::Have {
+            hashes: vec![HashPart::parse(&"a".repeat(32)).unwrap(); MAX_HAVE_BATCH],
+        };
+        let frame = have.encode();
+        assert!(frame.len() - 4 <= MAX_REQUEST_FRAME, "{}", frame.len());
+        assert_eq!(Request::decode(&frame[4..]), Ok(have));
         assert_eq!(Request::decode(&[99]), Err(FrameError::UnknownKind(99)));
         assert_eq!(
             Request::decode(&[kind::PING, 0, 0]),

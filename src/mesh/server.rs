@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use crate::lock::lock;
 use crate::mesh::identity::NodeId;
 use crate::mesh::peers::PeerTable;
-use crate::mesh::protocol::{code, Request, Response};
+use crate::mesh::protocol::{self, code, Request, Response};
 use crate::mesh::transport::{self, REQUEST_TIMEOUT};
 use crate::nix::binary_cache;
 use crate::store::nar_stream::NarStreamError;
@@ -63,10 +63,13 @@ impl PeerServer {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let request = match transport::read_frame(&mut recv, REQUEST_TIMEOUT).await {
-            Ok(body) => Request::decode(&body).map_err(|e| (e.code(), e.to_string())),
-            Err(e) => Err((e.code(), e.to_string())),
-        };
+        let request =
+            match transport::read_frame(&mut recv, protocol::MAX_REQUEST_FRAME, REQUEST_TIMEOUT)
+                .await
+            {
+                Ok(body) => Request::decode(&body).map_err(|e| (e.code(), e.to_string())),
+                Err(e) => Err((e.code(), e.to_string())),
+            };
         let request = match request {
             Ok(r) => r,
             Err((code, reason)) => {
@@ -94,10 +97,7 @@ impl PeerServer {
                 write_response(&mut send, &resp).await
             }
             Request::Have { hashes } => {
-                let mut present = Vec::with_capacity(hashes.len());
-                for h in hashes {
-                    present.push(self.shared.info(h).await.is_some());
-                }
+                let present = self.shared.have_many(hashes).await;
                 write_response(&mut send, &Response::Have { present }).await
             }
             Request::Nar {

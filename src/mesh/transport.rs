@@ -340,9 +340,11 @@ pub fn peer_node(conn: &quinn::Connection) -> Option<NodeId> {
     node_of_cert(certs.first()?).ok()
 }
 
-/// Reads one length-prefixed frame body, bounded in size and time.
+/// Reads one length-prefixed frame body of at most `max` bytes, bounded in
+/// time.
 pub async fn read_frame(
     recv: &mut quinn::RecvStream,
+    max: usize,
     timeout: Duration,
 ) -> Result<Vec<u8>, FrameReadError> {
     let read = async {
@@ -350,7 +352,7 @@ pub async fn read_frame(
         recv.read_exact(&mut header)
             .await
             .map_err(|e| FrameReadError::Read(e.to_string()))?;
-        let len = protocol::body_len(header)?;
+        let len = protocol::body_len(header, max)?;
         let mut body = vec![0u8; len];
         recv.read_exact(&mut body)
             .await

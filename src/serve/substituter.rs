@@ -1,8 +1,11 @@
 //! The one substituter Nix talks to, on localhost: `/nix-cache-info`,
 //! narinfos raced across the mesh, and NARs relayed from peers with
 //! failover. Plumbing between the route table, the resolver, the
-//! prefetcher and the NAR relay. A narinfo request is answered 200 or 404 within the race
-//! deadline, never 5xx: Nix ≤ 2.31 aborts a whole substitution on a 5xx.
+//! prefetcher and the NAR relay. A narinfo request is answered 200 or 404,
+//! never 5xx (Nix ≤ 2.31 aborts a whole substitution on a 5xx; 2.35 backs
+//! off 60 s on a 503), within the race deadline once the mesh is up; in
+//! the agent's first seconds the resolver first waits up to `WARMUP_WAIT`
+//! (3 s) for a first usable peer.
 
 use std::sync::Arc;
 

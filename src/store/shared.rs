@@ -26,7 +26,29 @@ impl SharedStore {
     /// The path's info if it exists and may leave this host. A failed lookup
     /// is logged and treated as absent: callers answer "not found".
     pub async fn info(&self, hash: HashPart) -> Option<PathInfo> {
-        // Inline: a lookup is cheaper than a hop to a blocking thread.
+        // Inline: one lookup is cheaper than a hop to a blocking thread.
+        self.info_now(hash)
+    }
+
+    /// Which of `hashes` exist and may leave this host. A batch is up to
+    /// `MAX_HAVE_BATCH` DB look-ups (and signatures): it runs on a blocking
+    /// thread, never on the async workers that serve everyone else.
+    pub async fn have_many(self: &Arc<Self>, hashes: Vec<HashPart>) -> Vec<bool> {
+        let n = hashes.len();
+        let this = self.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            hashes
+                .into_iter()
+                .map(|h| this.info_now(h).is_some())
+                .collect()
+        });
+        found.await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "a batch look-up failed; answering not found");
+            vec![false; n]
+        })
+    }
+
+    fn info_now(&self, hash: HashPart) -> Option<PathInfo> {
         match self.store.path_info(&hash) {
             Ok(info) => self.policy.prepare(info?),
             Err(e) => {
