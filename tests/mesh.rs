@@ -60,6 +60,10 @@ fn peers_appear_and_leave_as_they_should() {
         took < Duration::from_millis(1500),
         "clean stop took {took:?} to notice"
     );
+    // And the stopped agent knew every task it had started was over.
+    wait_for(Duration::from_secs(12), "a's tasks all ended", || {
+        stopped.log_text().contains("every task has ended")
+    });
     drop(stopped);
 
     // A crash is noticed within 5 s.

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::keys;
 use crate::config::settings::{
@@ -18,7 +19,7 @@ use crate::config::Config;
 use crate::fetch::resolver::Resolver;
 use crate::mesh::discovery::{self, Announcement, DiscoveryConfig, DiscoveryError};
 use crate::mesh::identity::NodeId;
-use crate::mesh::node::{Mesh, MeshError};
+use crate::mesh::node::{Mesh, MeshError, MeshSetup};
 use crate::mesh::peers::PeerTable;
 use crate::mesh::server::PeerServer;
 use crate::mesh::transport::{Admission, TlsIdentity, TransportError};
@@ -120,7 +121,9 @@ pub async fn run(
         "store opened"
     );
     let shared = SharedStore::new(store.clone(), policy.clone());
+    // The listeners, drained first at shutdown; then everything else.
     let mut tasks = tokio::task::JoinSet::new();
+    let detached = TaskTracker::new();
     let node_key =
         keys::load_or_create_node_key(&config.state_dir).map_err(|source| SettingsError::Key {
             key: "state_dir",
@@ -138,16 +141,19 @@ pub async fn run(
             allowed: allowed_peers(&config),
         };
         let table = Arc::new(Mutex::new(PeerTable::new()));
-        let server = PeerServer::new(name.clone(), shared.clone(), table.clone());
-        let mesh = Mesh::start(
-            config.mesh.listen,
+        let server = PeerServer::new(
+            name.clone(),
+            shared.clone(),
+            table.clone(),
+            detached.clone(),
+        );
+        let setup = MeshSetup {
+            listen: config.mesh.listen,
             identity,
             admission,
-            table,
-            server,
-            config.store.store_dir.clone(),
-            shutdown.clone(),
-        )?;
+            store_dir: config.store.store_dir.clone(),
+        };
+        let mesh = Mesh::start(setup, table, server, detached.clone(), shutdown.clone())?;
         for p in &config.mesh.static_peers {
             if let Some(key) = NodeId::parse(&p.key) {
                 mesh.add_static_peer(key, p.address);
@@ -171,7 +177,7 @@ pub async fn run(
                 ipv6: config.mesh.ipv6,
             };
             discovery = Some(discovery::start(own, disc_config, tx, shutdown.clone())?);
-            tokio::spawn(mesh.clone().intake(rx));
+            detached.spawn(mesh.clone().intake(rx));
         }
         Some(mesh)
     } else {
@@ -204,6 +210,7 @@ pub async fn run(
             config.store.store_dir.clone(),
             config.substituter.priority,
             config.substituter.prefetch_mib << 20,
+            detached.clone(),
         );
         let listener = listen(
             &mut inherited,
@@ -266,6 +273,20 @@ pub async fn run(
     }
     if let Some(m) = &mesh {
         m.close().await;
+    }
+    // Relays, fetches ahead, peer streams and health checks end once the
+    // mesh is closed; say so if some do not.
+    detached.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, detached.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = detached.len(),
+            "tasks still running after {DRAIN_TIMEOUT:?}; stopping anyway"
+        );
+    } else {
+        tracing::info!("every task has ended");
     }
     Ok(())
 }

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch, Semaphore};
 
+use tokio_util::task::TaskTracker;
+
 use crate::fetch::relay::{self, FetchStats, Purpose};
 use crate::fetch::resolver::{Found, Resolver};
 use crate::lock::lock;
@@ -154,11 +156,17 @@ pub struct Prefetcher {
     table: Mutex<Table>,
     slots: Semaphore,
     pub stats: PrefetchStats,
+    tasks: TaskTracker,
 }
 
 impl Prefetcher {
     /// `budget` bytes may be held at once; 0 turns fetching ahead off.
-    pub fn new(resolver: Arc<Resolver>, fetch_stats: Arc<FetchStats>, budget: u64) -> Arc<Self> {
+    pub fn new(
+        resolver: Arc<Resolver>,
+        fetch_stats: Arc<FetchStats>,
+        budget: u64,
+        tasks: TaskTracker,
+    ) -> Arc<Self> {
         Arc::new(Self {
             resolver,
             fetch_stats,
@@ -166,6 +174,7 @@ impl Prefetcher {
             table: Mutex::new(Table::default()),
             slots: Semaphore::new(PARALLEL),
             stats: PrefetchStats::default(),
+            tasks,
         })
     }
 
@@ -184,7 +193,8 @@ impl Prefetcher {
         };
         self.stats.started.fetch_add(1, Relaxed);
         let hash = info.path.hash_part();
-        tokio::spawn(self.clone().fetch(id, hash, found.clone(), tx));
+        self.tasks
+            .spawn(self.clone().fetch(id, hash, found.clone(), tx));
     }
 
     async fn fetch(
@@ -219,7 +229,8 @@ impl Prefetcher {
                 tx.send_replace(Phase::Ready { nar, peer });
                 // Still in the table: the bytes count until Nix takes them
                 // or they age out.
-                tokio::spawn(self.clone().release_when_gone(id, hash, tx, size));
+                self.tasks
+                    .spawn(self.clone().release_when_gone(id, hash, tx, size));
             }
             _ => {
                 // Nobody wanting it any more (swept, or claimed before its

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
 use crate::mesh::client;
@@ -59,6 +60,7 @@ pub struct Mesh {
     refused: Mutex<HashSet<std::net::IpAddr>>,
     inbound: InboundGate,
     server: Arc<PeerServer>,
+    tasks: TaskTracker,
     store_dir: String,
     started: Instant,
 }
@@ -68,17 +70,31 @@ pub struct Mesh {
 /// is cached by Nix for an hour).
 pub const WARMUP: Duration = Duration::from_secs(5);
 
+/// Who this node is on the mesh and where it listens.
+pub struct MeshSetup {
+    pub listen: SocketAddr,
+    pub identity: TlsIdentity,
+    pub admission: Admission,
+    /// The store dir peers must share (`/nix/store`).
+    pub store_dir: String,
+}
+
 impl Mesh {
     /// Binds the endpoint and starts accepting peers and checking health.
+    /// Every task it starts is tracked by `tasks` and ends after `shutdown`.
     pub fn start(
-        listen: SocketAddr,
-        identity: TlsIdentity,
-        admission: Admission,
+        setup: MeshSetup,
         table: Arc<Mutex<PeerTable>>,
         server: Arc<PeerServer>,
-        store_dir: String,
+        tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MeshError> {
+        let MeshSetup {
+            listen,
+            identity,
+            admission,
+            store_dir,
+        } = setup;
         let server_config = transport::server_config(&identity, admission.clone())?;
         let socket = bind_udp(listen).map_err(|source| MeshError::Bind {
             addr: listen,
@@ -104,11 +120,12 @@ impl Mesh {
             refused: Mutex::new(HashSet::new()),
             inbound: InboundGate::default(),
             server,
+            tasks: tasks.clone(),
             store_dir,
             started: Instant::now(),
         });
-        tokio::spawn(mesh.clone().accept_loop(shutdown.clone()));
-        tokio::spawn(mesh.clone().health_loop(shutdown));
+        tasks.spawn(mesh.clone().accept_loop(shutdown.clone()));
+        tasks.spawn(mesh.clone().health_loop(shutdown));
         Ok(mesh)
     }
 
@@ -161,7 +178,7 @@ impl Mesh {
                         tracing::info!(peer = %node, %name, ?addrs, "discovered a peer");
                     }
                     // Reach it now rather than at the next health round.
-                    tokio::spawn(self.clone().ping_peer(node));
+                    self.tasks.spawn(self.clone().ping_peer(node));
                 }
                 DiscoveryEvent::Lost { key } => {
                     let node = NodeId(key);
@@ -203,7 +220,7 @@ impl Mesh {
                 continue;
             };
             let this = self.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let remote = incoming.remote_address();
                 let handshake = incoming.await;
                 admitted.handshake_done();
@@ -252,7 +269,7 @@ impl Mesh {
     /// gone at once, like an mDNS goodbye.
     fn watch_close(self: &Arc<Self>, node: NodeId, conn: quinn::Connection) {
         let this = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let reason = conn.closed().await;
             if let quinn::ConnectionError::ApplicationClosed(close) = &reason {
                 if close.error_code == CLOSE_SHUTDOWN.into() {
@@ -291,7 +308,8 @@ impl Mesh {
         let server = self.server.clone();
         let served = conn.clone();
         // Peers may ask us things on the connection we opened, too.
-        tokio::spawn(async move { server.serve_connection(served, node).await });
+        self.tasks
+            .spawn(async move { server.serve_connection(served, node).await });
         Ok(conn)
     }
 
@@ -370,7 +388,7 @@ impl Mesh {
             }
             last_round = Some(Instant::now());
             for p in peers {
-                tokio::spawn(self.clone().ping_peer(p.node));
+                self.tasks.spawn(self.clone().ping_peer(p.node));
             }
         }
     }

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 
+use tokio_util::task::TaskTracker;
+
 use crate::lock::lock;
 use crate::mesh::identity::NodeId;
 use crate::mesh::peers::PeerTable;
@@ -24,15 +26,22 @@ pub struct PeerServer {
     shared: Arc<SharedStore>,
     table: Arc<Mutex<PeerTable>>,
     nar_slots: Arc<Semaphore>,
+    tasks: TaskTracker,
 }
 
 impl PeerServer {
-    pub fn new(name: String, shared: Arc<SharedStore>, table: Arc<Mutex<PeerTable>>) -> Arc<Self> {
+    pub fn new(
+        name: String,
+        shared: Arc<SharedStore>,
+        table: Arc<Mutex<PeerTable>>,
+        tasks: TaskTracker,
+    ) -> Arc<Self> {
         Arc::new(Self {
             name,
             shared,
             table,
             nar_slots: Arc::new(Semaphore::new(MAX_NAR_STREAMS)),
+            tasks,
         })
     }
 
@@ -53,7 +62,8 @@ impl PeerServer {
                 }
             };
             let this = self.clone();
-            tokio::spawn(async move { this.serve_stream(node, send, recv).await });
+            self.tasks
+                .spawn(async move { this.serve_stream(node, send, recv).await });
         }
     }
 

@@ -13,6 +13,8 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
+use tokio_util::task::TaskTracker;
+
 use crate::fetch::prefetch::{Prefetched, Prefetcher};
 use crate::fetch::relay::{self, FetchStats, Purpose};
 use crate::fetch::resolver::{Found, Resolver};
@@ -31,6 +33,7 @@ pub struct Substituter {
     pub prefetch: Arc<Prefetcher>,
     store_dir: String,
     priority: u32,
+    tasks: TaskTracker,
 }
 
 impl Substituter {
@@ -40,15 +43,22 @@ impl Substituter {
         store_dir: String,
         priority: u32,
         prefetch_bytes: u64,
+        tasks: TaskTracker,
     ) -> Arc<Self> {
         let fetch_stats = Arc::new(FetchStats::default());
-        let prefetch = Prefetcher::new(resolver.clone(), fetch_stats.clone(), prefetch_bytes);
+        let prefetch = Prefetcher::new(
+            resolver.clone(),
+            fetch_stats.clone(),
+            prefetch_bytes,
+            tasks.clone(),
+        );
         Arc::new(Self {
             resolver,
             fetch_stats,
             prefetch,
             store_dir,
             priority,
+            tasks,
         })
     }
 
@@ -120,7 +130,7 @@ impl Substituter {
         let window = range.window(size);
         let body = (!head_only && !window.is_empty()).then(|| {
             let (tx, rx) = mpsc::channel(RELAY_DEPTH);
-            tokio::spawn(relay::relay(
+            self.tasks.spawn(relay::relay(
                 self.resolver.clone(),
                 self.fetch_stats.clone(),
                 found,
