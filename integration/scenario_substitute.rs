@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use nixmesh::api::SurveyAnswer;
 use nixmesh::fetch::resolver::NEGATIVE_MEMO;
 use nixmesh::mesh::node::WARMUP;
 
@@ -78,9 +79,9 @@ fn a_nix_client_substitutes_from_two_neighbours_through_its_agent() {
                 .find(|r| r.name == name)
                 .unwrap_or_else(|| panic!("{name} not in {rows:#?}"))
         };
-        assert_eq!(answer(holder).answer, "has it", "{rows:#?}");
+        assert_eq!(answer(holder).answer, SurveyAnswer::Has, "{rows:#?}");
         assert!(answer(holder).would_win, "{rows:#?}");
-        assert_eq!(answer(other).answer, "does not have it", "{rows:#?}");
+        assert_eq!(answer(other).answer, SurveyAnswer::NotFound, "{rows:#?}");
     }
     assert!(agent_b.metric("nixmesh_nar_completed_total") >= 4.0);
 }
@@ -106,7 +107,7 @@ fn unsigned_builds_stay_home_until_the_office_key_signs_them() {
     let rows = agent_b.why(&top);
     assert!(
         rows.iter()
-            .any(|r| r.name == "h0" && r.answer == "does not have it"),
+            .any(|r| r.name == "h0" && r.answer == SurveyAnswer::NotFound),
         "{rows:#?}"
     );
 
@@ -146,7 +147,7 @@ fn a_peer_signing_with_an_untrusted_key_gets_nothing_in() {
     }
     let rows = agent_b.why(&top);
     let row = rows.iter().find(|r| r.name == "h0").expect("h0 asked");
-    assert!(row.answer.starts_with("has it, but rejected"), "{rows:#?}");
+    assert!(matches!(row.answer, SurveyAnswer::Rejected(_)), "{rows:#?}");
     assert!(!row.would_win, "{rows:#?}");
     assert!(agent_b.metric("nixmesh_narinfo_rejected_total") >= 1.0);
     assert_eq!(agent_b.metric("nixmesh_narinfo_hits_total"), 0.0);

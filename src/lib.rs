@@ -24,9 +24,11 @@
 //! - `config`: the config file and what it turns into (keys, policies).
 //! - `agent`: wires the parts into a running agent; `cli`: the commands that
 //!   talk to one (`peers`, `status`, `why`, `doctor`).
+//! - `api`: the JSON views the admin API serves and the CLI reads.
 //! - `lock`: the one policy for poisoned mutexes.
 
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod fetch;

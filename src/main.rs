@@ -163,7 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", String::from_utf8_lossy(&body));
             } else {
-                let peers: Vec<nixmesh::mesh::peers::PeerView> = serde_json::from_slice(&body)?;
+                let peers: Vec<nixmesh::api::PeerView> = serde_json::from_slice(&body)?;
                 print!("{}", render::render_peers(&peers));
             }
             Ok(ExitCode::SUCCESS)
@@ -177,7 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", String::from_utf8_lossy(&body));
             } else {
-                let status: nixmesh::serve::admin::StatusView = serde_json::from_slice(&body)?;
+                let status: nixmesh::api::StatusView = serde_json::from_slice(&body)?;
                 print!("{}", render::render_status(&status));
             }
             Ok(ExitCode::SUCCESS)
@@ -224,7 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", String::from_utf8_lossy(&body));
             } else {
-                let rows: Vec<nixmesh::fetch::resolver::SurveyRow> = serde_json::from_slice(&body)?;
+                let rows: Vec<nixmesh::api::SurveyRow> = serde_json::from_slice(&body)?;
                 print!("{}", render::render_why(&rows));
             }
             Ok(ExitCode::SUCCESS)

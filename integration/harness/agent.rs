@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
+use nixmesh::api::{PeerView, SurveyRow};
 use nixmesh::config::Config;
-use nixmesh::fetch::resolver::SurveyRow;
-use nixmesh::mesh::peers::PeerView;
 
 use super::host::{read_lossy, Host};
 

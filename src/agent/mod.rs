@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::Listeners;
 use crate::config::keys;
 use crate::config::settings::{
     allowed_peers, mesh_secret, node_name, share_policy, store_location, trust_policy,
@@ -23,7 +24,7 @@ use crate::mesh::node::{Mesh, MeshError, MeshSetup};
 use crate::mesh::peers::PeerTable;
 use crate::mesh::server::PeerServer;
 use crate::mesh::transport::{Admission, TlsIdentity, TransportError};
-use crate::serve::admin::{Admin, Listeners};
+use crate::serve::admin::Admin;
 use crate::serve::http;
 use crate::serve::http_cache::HttpCache;
 use crate::serve::substituter::Substituter;

@@ -7,11 +7,12 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use crate::api::PeerView;
+use crate::api::StatusView;
 use crate::cli::admin_client;
 use crate::config::Config;
-use crate::mesh::peers::{PeerSource, PeerState, PeerView};
+use crate::mesh::peers::{PeerSource, PeerState};
 use crate::nix::conf::NixConf;
-use crate::serve::admin::StatusView;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {

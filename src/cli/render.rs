@@ -3,9 +3,9 @@
 
 use std::fmt::Write as _;
 
-use crate::fetch::resolver::SurveyRow;
-use crate::mesh::peers::PeerView;
-use crate::serve::admin::StatusView;
+use crate::api::PeerView;
+use crate::api::StatusView;
+use crate::api::SurveyRow;
 
 pub fn render_peers(peers: &[PeerView]) -> String {
     if peers.is_empty() {

@@ -8,13 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use thiserror::Error;
 use tokio::sync::{OnceCell, Semaphore};
 
+use crate::api::{SurveyAnswer, SurveyRow};
 use crate::fetch::race::{Answer, Decision, Race, TrustPolicy};
 use crate::lock::lock;
-use crate::mesh::client;
+use crate::mesh::client::{self, PeerError};
 use crate::mesh::identity::NodeId;
-use crate::mesh::node::Mesh;
+use crate::mesh::node::{Mesh, MeshError};
 use crate::nix::{HashPart, NarInfo};
 
 /// How long a found path is remembered.
@@ -35,15 +37,24 @@ pub struct Found {
     pub holders: Vec<NodeId>,
 }
 
-/// One peer's answer in a `nixmesh why` survey.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct SurveyRow {
-    pub name: String,
-    pub fingerprint: String,
-    pub rtt_ms: Option<f64>,
-    pub answer_ms: f64,
-    pub answer: String,
-    pub would_win: bool,
+/// Why a peer gave no answer.
+#[derive(Debug, Error)]
+pub enum AskError {
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+}
+
+/// `node`'s narinfo for `hash`: `None` when it has no such path.
+async fn ask(
+    mesh: &Arc<Mesh>,
+    node: NodeId,
+    hash: &HashPart,
+    timeout: Duration,
+) -> Result<Option<NarInfo>, AskError> {
+    let conn = mesh.connection(node).await?;
+    Ok(client::path_info(&conn, mesh.store_dir(), hash, timeout).await?)
 }
 
 type Slot = Arc<OnceCell<Option<Found>>>;
@@ -171,16 +182,7 @@ impl Resolver {
                 let node = p.node;
                 let mesh = self.mesh.clone();
                 let hash = hash.clone();
-                async move {
-                    let answer = async {
-                        let conn = mesh.connection(node).await.map_err(|e| e.to_string())?;
-                        client::path_info(&conn, mesh.store_dir(), &hash, self.deadline)
-                            .await
-                            .map_err(|e| e.to_string())
-                    }
-                    .await;
-                    (node, answer)
-                }
+                async move { (node, ask(&mesh, node, &hash, self.deadline).await) }
             })
             .collect();
         let result = loop {
@@ -236,25 +238,15 @@ impl Resolver {
                 let hash = hash.clone();
                 async move {
                     let start = Instant::now();
-                    let answer = async {
-                        let conn = mesh
-                            .connection(peer.node)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        client::path_info(&conn, mesh.store_dir(), &hash, self.deadline)
-                            .await
-                            .map_err(|e| e.to_string())
-                    }
-                    .await;
-                    let answer = match answer {
+                    let answer = match ask(&mesh, peer.node, &hash, self.deadline).await {
                         Ok(Some(info)) => {
                             match crate::fetch::race::judge(&hash, &info, &self.policy) {
-                                Ok(()) => "has it".to_string(),
-                                Err(r) => format!("has it, but rejected: {r}"),
+                                Ok(()) => SurveyAnswer::Has,
+                                Err(r) => SurveyAnswer::Rejected(r.to_string()),
                             }
                         }
-                        Ok(None) => "does not have it".to_string(),
-                        Err(e) => format!("failed: {e}"),
+                        Ok(None) => SurveyAnswer::NotFound,
+                        Err(e) => SurveyAnswer::Failed(e.to_string()),
                     };
                     SurveyRow {
                         name: peer.name.clone(),
@@ -269,7 +261,7 @@ impl Resolver {
             .collect();
         let mut rows: Vec<SurveyRow> = asks.collect().await;
         rows.sort_by(|a, b| a.answer_ms.total_cmp(&b.answer_ms));
-        if let Some(first) = rows.iter_mut().find(|r| r.answer == "has it") {
+        if let Some(first) = rows.iter_mut().find(|r| r.answer == SurveyAnswer::Has) {
             first.would_win = true;
         }
         rows

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::mesh::protocol::{self, Request, Response};
+use crate::mesh::protocol::{self, FrameError, Request, Response};
 use crate::mesh::transport::{self, FrameReadError};
+use crate::nix::narinfo::NarInfoError;
 use crate::nix::{HashPart, NarInfo, Sha256Hash};
 
 #[derive(Debug, Error)]
@@ -16,11 +17,13 @@ pub enum PeerError {
     #[error("opening a stream: {0}")]
     Connection(#[from] quinn::ConnectionError),
     #[error("sending the request: {0}")]
-    Write(String),
+    Write(#[from] quinn::WriteError),
     #[error("reading the answer: {0}")]
     Read(#[from] FrameReadError),
     #[error("malformed answer: {0}")]
-    Malformed(String),
+    Malformed(#[from] FrameError),
+    #[error("malformed narinfo: {0}")]
+    BadNarInfo(#[from] NarInfoError),
     #[error("peer error {code}: {message}")]
     Remote { code: u32, message: String },
     #[error("unexpected answer {0}")]
@@ -33,14 +36,12 @@ async fn exchange(
     timeout: Duration,
 ) -> Result<(quinn::RecvStream, Response), PeerError> {
     let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&req.encode())
-        .await
-        .map_err(|e| PeerError::Write(e.to_string()))?;
+    send.write_all(&req.encode()).await?;
     let _ = send.finish();
     let body = transport::read_frame(&mut recv, protocol::MAX_RESPONSE_FRAME, timeout).await?;
     let resp = Response::decode(&body).map_err(|e| {
         let _ = recv.stop(e.code().into());
-        PeerError::Malformed(e.to_string())
+        PeerError::Malformed(e)
     })?;
     if let Response::Error { code, message } = resp {
         return Err(PeerError::Remote { code, message });
@@ -73,7 +74,7 @@ pub async fn path_info(
         (_, Response::NotFound) => Ok(None),
         (_, Response::PathInfo { narinfo }) => NarInfo::parse(store_dir, &narinfo)
             .map(Some)
-            .map_err(|e| PeerError::Malformed(e.to_string())),
+            .map_err(PeerError::BadNarInfo),
         _ => Err(PeerError::Unexpected("to path info")),
     }
 }

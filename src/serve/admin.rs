@@ -8,40 +8,16 @@ use std::time::Instant;
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use crate::api::{Listeners, PeerView, StatusView};
 use crate::mesh::node::Mesh;
-use crate::mesh::peers::{PeerState, PeerView};
+use crate::mesh::peers::PeerState;
 use crate::nix::HashPart;
 use crate::serve::http::{self, Body};
 use crate::serve::metrics;
 use crate::serve::substituter::Substituter;
 use crate::store::db::Store;
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Listeners {
-    pub quic: Option<String>,
-    pub substituter: Option<String>,
-    pub http_cache: Option<String>,
-    pub admin: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct StatusView {
-    pub name: String,
-    pub node_key: String,
-    pub fingerprint: String,
-    pub mesh_id: String,
-    pub version: String,
-    pub listeners: Listeners,
-    pub store_dir: String,
-    pub store_db: String,
-    pub store_paths: Option<u64>,
-    pub peers_alive: usize,
-    pub peers_suspect: usize,
-    pub peers_gone: usize,
-    pub uptime_s: u64,
-}
 
 pub struct Admin {
     pub substituter: Option<Arc<Substituter>>,
