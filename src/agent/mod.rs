@@ -156,9 +156,7 @@ pub async fn run(
         };
         let mesh = Mesh::start(setup, table, server, detached.clone(), shutdown.clone())?;
         for p in &config.mesh.static_peers {
-            if let Some(key) = NodeId::parse(&p.key) {
-                mesh.add_static_peer(key, p.address);
-            }
+            mesh.add_static_peer(p.key.node(), p.address);
         }
         let port = mesh
             .local_addr()

@@ -1,7 +1,10 @@
 //! The agent's configuration: one TOML file, every key documented once in
 //! `config.example.toml`. Parsing only: turning keys and paths into live
-//! objects happens in `agent`. Errors name the key and the line.
+//! objects happens in `settings`. Values with rules of their own are
+//! checked as they are parsed (`checked`), so every error names the key and
+//! the line the TOML parser found it on.
 
+pub mod checked;
 pub mod keys;
 pub mod settings;
 
@@ -13,8 +16,7 @@ use thiserror::Error;
 
 /// Where `nixmesh agent` looks when no `--config` is given.
 pub const DEFAULT_PATH: &str = "/etc/nixmesh/config.toml";
-/// Largest `substituter.prefetch_mib`: 16 GiB of NARs held ahead.
-pub const MAX_PREFETCH_MIB: u64 = 16 * 1024;
+pub use checked::{NodeKey, MAX_PREFETCH_MIB};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -48,6 +50,7 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
+    #[serde(deserialize_with = "checked::store_dir")]
     pub store_dir: String,
     pub root: PathBuf,
     pub db: Option<PathBuf>,
@@ -81,7 +84,7 @@ pub struct MeshConfig {
     pub interfaces: Vec<String>,
     pub ipv6: bool,
     pub secret_file: Option<PathBuf>,
-    pub allowed_peers: Option<Vec<String>>,
+    pub allowed_peers: Option<Vec<NodeKey>>,
     pub static_peers: Vec<StaticPeer>,
 }
 
@@ -89,12 +92,13 @@ pub struct MeshConfig {
 #[serde(deny_unknown_fields)]
 pub struct StaticPeer {
     pub address: SocketAddr,
-    pub key: String,
+    pub key: NodeKey,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
+    #[serde(deserialize_with = "checked::loopback")]
     pub listen: SocketAddr,
 }
 
@@ -104,7 +108,9 @@ pub struct SubstituterConfig {
     pub enable: bool,
     pub listen: SocketAddr,
     pub priority: u32,
+    #[serde(deserialize_with = "checked::race_timeout_ms")]
     pub race_timeout_ms: u64,
+    #[serde(deserialize_with = "checked::prefetch_mib")]
     pub prefetch_mib: u64,
     pub require_sigs: Option<bool>,
     pub trusted_keys: Option<Vec<String>>,
@@ -217,7 +223,6 @@ impl Config {
                 message: inner.message().to_string(),
             }
         })?;
-        config.check(file, text)?;
         Ok(config)
     }
 
@@ -235,56 +240,6 @@ impl Config {
         Self::parse(&path.display().to_string(), &text)
     }
 
-    fn check(&self, file: &str, text: &str) -> Result<(), ConfigError> {
-        let invalid = |key: &str, message: &str| ConfigError::Invalid {
-            file: file.to_string(),
-            line: line_of_key(text, key),
-            key: key.to_string(),
-            message: message.to_string(),
-        };
-        let dir = &self.store.store_dir;
-        if !dir.starts_with('/') || dir.ends_with('/') || dir.contains("//") {
-            return Err(invalid(
-                "store.store_dir",
-                "must be an absolute path without a trailing slash",
-            ));
-        }
-        if !self.admin.listen.ip().is_loopback() {
-            return Err(invalid("admin.listen", "must be a loopback address"));
-        }
-        if self.substituter.race_timeout_ms == 0 || self.substituter.race_timeout_ms > 60_000 {
-            return Err(invalid("substituter.race_timeout_ms", "must be 1 to 60000"));
-        }
-        if self.substituter.prefetch_mib > MAX_PREFETCH_MIB {
-            return Err(invalid(
-                "substituter.prefetch_mib",
-                &format!("must be 0 to {MAX_PREFETCH_MIB}"),
-            ));
-        }
-        for (i, p) in self.mesh.static_peers.iter().enumerate() {
-            if crate::mesh::identity::NodeId::parse(&p.key).is_none() {
-                let key = format!("mesh.static_peers[{i}].key");
-                return Err(ConfigError::Invalid {
-                    file: file.to_string(),
-                    line: line_of_text(text, &p.key),
-                    key,
-                    message: "not a 32-byte base64 node key".into(),
-                });
-            }
-        }
-        for k in self.mesh.allowed_peers.iter().flatten() {
-            if crate::mesh::identity::NodeId::parse(k).is_none() {
-                return Err(ConfigError::Invalid {
-                    file: file.to_string(),
-                    line: line_of_text(text, k),
-                    key: "mesh.allowed_peers".into(),
-                    message: format!("{k:?} is not a 32-byte base64 node key"),
-                });
-            }
-        }
-        Ok(())
-    }
-
     /// The store DB: `store.db`, else the standard place under `store.root`.
     pub fn db_path(&self) -> PathBuf {
         self.store
@@ -292,27 +247,6 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.store.root.join("nix/var/nix/db/db.sqlite"))
     }
-}
-
-/// Best-effort line of `section.key` for errors found after parsing.
-fn line_of_key(text: &str, dotted: &str) -> usize {
-    let (section, key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
-    let mut current = String::new();
-    for (n, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if let Some(name) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-            current = name.trim().to_string();
-        } else if current == section && t.split('=').next().map(str::trim) == Some(key) {
-            return n + 1;
-        }
-    }
-    1
-}
-
-fn line_of_text(text: &str, needle: &str) -> usize {
-    text.lines()
-        .position(|l| l.contains(needle))
-        .map_or(1, |n| n + 1)
 }
 
 #[cfg(test)]
@@ -381,5 +315,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("c.toml:2:"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_list_entry_names_its_own_line() {
+        let good = "nixmesh-node:".to_string() + &"A".repeat(43) + "=";
+        let text = format!(
+            "# keys must not be short\n[mesh]\nallowed_peers = [\n  {good:?},\n  \"short\",\n]\n"
+        );
+        let err = Config::parse("c.toml", &text).unwrap_err().to_string();
+        assert!(err.starts_with("c.toml:5: mesh.allowed_peers[1]:"), "{err}");
+    }
+
+    #[test]
+    fn limits_name_key_and_line() {
+        for (text, want) in [
+            (
+                "[substituter]\nrace_timeout_ms = 0\n",
+                "c.toml:2: substituter.race_timeout_ms:",
+            ),
+            (
+                "\n[substituter]\nprefetch_mib = 99999\n",
+                "c.toml:3: substituter.prefetch_mib:",
+            ),
+        ] {
+            let err = Config::parse("c.toml", text).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 use thiserror::Error;
 
 use crate::config::keys::{self, KeyFileError};
-use crate::config::Config;
+use crate::config::{Config, NodeKey};
 use crate::fetch::race::TrustPolicy;
 use crate::mesh::identity::{MeshSecret, NodeId};
 use crate::nix::conf::NixConf;
@@ -61,7 +61,7 @@ pub fn allowed_peers(config: &Config) -> Option<Vec<NodeId>> {
         .mesh
         .allowed_peers
         .as_ref()
-        .map(|list| list.iter().filter_map(|k| NodeId::parse(k)).collect())
+        .map(|list| list.iter().map(NodeKey::node).collect())
 }
 
 pub fn store_location(config: &Config) -> StoreLocation {

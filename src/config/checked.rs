@@ -1,0 +1,101 @@
+//! Config values that carry their own rules, checked while the TOML is
+//! parsed: a value that breaks its rule fails right there, so the error
+//! names the key and the line the parser saw it on (`config::Config::parse`)
+//! instead of a line found afterwards by searching the text.
+
+use std::net::SocketAddr;
+
+use serde::de::{Deserializer, Error};
+use serde::Deserialize;
+
+use crate::mesh::identity::NodeId;
+
+/// Largest `substituter.prefetch_mib`: 16 GiB of NARs held ahead.
+pub const MAX_PREFETCH_MIB: u64 = 16 * 1024;
+/// Largest `substituter.race_timeout_ms`.
+pub const MAX_RACE_TIMEOUT_MS: u64 = 60_000;
+
+/// `store.store_dir`: an absolute path without a trailing slash.
+pub fn store_dir<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let dir = String::deserialize(d)?;
+    if !dir.starts_with('/') || dir.ends_with('/') || dir.contains("//") {
+        return Err(D::Error::custom(
+            "must be an absolute path without a trailing slash",
+        ));
+    }
+    Ok(dir)
+}
+
+/// `admin.listen`: the admin API answers this host only.
+pub fn loopback<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let addr = SocketAddr::deserialize(d)?;
+    if !addr.ip().is_loopback() {
+        return Err(D::Error::custom("must be a loopback address"));
+    }
+    Ok(addr)
+}
+
+/// `substituter.race_timeout_ms`: 1 to 60000.
+pub fn race_timeout_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let ms = u64::deserialize(d)?;
+    if ms == 0 || ms > MAX_RACE_TIMEOUT_MS {
+        return Err(D::Error::custom(format!(
+            "must be 1 to {MAX_RACE_TIMEOUT_MS}"
+        )));
+    }
+    Ok(ms)
+}
+
+/// `substituter.prefetch_mib`: 0 (off) to `MAX_PREFETCH_MIB`.
+pub fn prefetch_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let mib = u64::deserialize(d)?;
+    if mib > MAX_PREFETCH_MIB {
+        return Err(D::Error::custom(format!("must be 0 to {MAX_PREFETCH_MIB}")));
+    }
+    Ok(mib)
+}
+
+/// A node key as the config writes it (`nixmesh id` prints it): 32 bytes
+/// of base64, optionally behind a `name:`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeKey {
+    text: String,
+    node: NodeId,
+}
+
+impl NodeKey {
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Checked inside the visitor, so the parser puts the span of this
+        // very value (not of the list around it) on the error.
+        d.deserialize_str(NodeKeyVisitor)
+    }
+}
+
+struct NodeKeyVisitor;
+
+impl serde::de::Visitor<'_> for NodeKeyVisitor {
+    type Value = NodeKey;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a node key (32 bytes of base64)")
+    }
+
+    fn visit_str<E: Error>(self, text: &str) -> Result<NodeKey, E> {
+        let node = NodeId::parse(text)
+            .ok_or_else(|| E::custom(format!("{text:?} is not a 32-byte base64 node key")))?;
+        Ok(NodeKey {
+            text: text.to_string(),
+            node,
+        })
+    }
+}
