@@ -48,6 +48,22 @@ fn peers_appear_and_leave_as_they_should() {
     let text = String::from_utf8_lossy(&table.stdout).to_string();
     assert!(text.starts_with("NAME"), "{text}");
     assert_eq!(text.lines().count(), 3, "{text}");
+    // One gauge family by state; per-peer counters labelled by name and key.
+    let metrics = get(a.admin_addr(), "/metrics").text();
+    assert!(
+        metrics.contains("nixmesh_peers{state=\"alive\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nixmesh_peers{state=\"gone\"} 0\n"),
+        "{metrics}"
+    );
+    let fp_b = a.peers().iter().find(|p| p["name"] == "b").unwrap()["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let errors_b = format!("nixmesh_peer_errors_total{{peer=\"b\",key=\"{fp_b}\"}} 0\n");
+    assert!(metrics.contains(&errors_b), "{metrics}");
 
     // A clean stop is noticed at once.
     let stopped = agents.remove(0);

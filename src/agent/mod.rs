@@ -10,6 +10,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use prometheus_client::registry::Registry;
+
 use crate::api::Listeners;
 use crate::config::keys;
 use crate::config::settings::{
@@ -27,6 +29,7 @@ use crate::mesh::transport::{Admission, TlsIdentity, TransportError};
 use crate::serve::admin::Admin;
 use crate::serve::http;
 use crate::serve::http_cache::HttpCache;
+use crate::serve::metrics::PeerCollector;
 use crate::serve::substituter::Substituter;
 use crate::store::db::{Store, StoreError};
 use crate::store::shared::SharedStore;
@@ -241,6 +244,15 @@ pub async fn run(
             .then(|| config.http_cache.listen.to_string()),
         admin: config.admin.listen.to_string(),
     };
+    let mut metrics = Registry::default();
+    if let Some(sub) = &substituter {
+        sub.resolver().stats.register(&mut metrics);
+        sub.fetch_stats.register(&mut metrics);
+        sub.prefetch.stats.register(&mut metrics);
+    }
+    if let Some(mesh) = &mesh {
+        metrics.register_collector(PeerCollector::new(mesh.clone()));
+    }
     let admin = Arc::new(Admin {
         substituter: substituter.clone(),
         name,
@@ -251,6 +263,7 @@ pub async fn run(
         node_key: node_key.public().to_nix_string(),
         fingerprint: node.fingerprint(),
         started: std::time::Instant::now(),
+        metrics,
     });
     let listener = listen(&mut inherited, "admin", "admin.listen", config.admin.listen).await?;
     tasks.spawn(http::serve(

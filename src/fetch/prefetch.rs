@@ -12,7 +12,7 @@
 //! everything else.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,10 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use tokio_util::task::TaskTracker;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use crate::fetch::relay::{self, FetchStats, Purpose};
 use crate::fetch::resolver::{Found, Resolver};
@@ -40,14 +44,49 @@ const DEPTH: usize = 8;
 
 #[derive(Default)]
 pub struct PrefetchStats {
-    pub started: AtomicU64,
+    pub started: Counter,
     /// NARs Nix got out of memory.
-    pub served: AtomicU64,
-    pub failed: AtomicU64,
+    pub served: Counter,
+    pub failed: Counter,
     /// Fetched but never asked for, or dropped before their turn came.
-    pub unused: AtomicU64,
+    pub unused: Counter,
     /// Bytes held now.
-    pub held_bytes: AtomicU64,
+    pub held_bytes: Gauge<u64, AtomicU64>,
+}
+
+impl PrefetchStats {
+    pub fn register(&self, registry: &mut Registry) {
+        let counters = [
+            (
+                "nixmesh_prefetch_started",
+                "Small NARs fetched ahead of Nix",
+                &self.started,
+            ),
+            (
+                "nixmesh_prefetch_served",
+                "NARs Nix got from memory, fetched ahead",
+                &self.served,
+            ),
+            (
+                "nixmesh_prefetch_failed",
+                "Fetches ahead that did not deliver a verified NAR",
+                &self.failed,
+            ),
+            (
+                "nixmesh_prefetch_unused",
+                "NARs fetched ahead that Nix never asked for in time",
+                &self.unused,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "nixmesh_prefetch_held_bytes",
+            "Bytes of NARs fetched ahead held in memory now",
+            self.held_bytes.clone(),
+        );
+    }
 }
 
 #[derive(Clone)]
@@ -185,13 +224,13 @@ impl Prefetcher {
         let mut table = lock(&self.table);
         let now = Instant::now();
         let swept = table.sweep(now);
-        self.stats.unused.fetch_add(swept, Relaxed);
+        self.stats.unused.inc_by(swept);
         let admitted = table.admit(&info.path, info.nar_hash, info.nar_size, self.budget, now);
         drop(table);
         let Some((id, tx)) = admitted else {
             return;
         };
-        self.stats.started.fetch_add(1, Relaxed);
+        self.stats.started.inc();
         let hash = info.path.hash_part();
         self.tasks
             .spawn(self.clone().fetch(id, hash, found.clone(), tx));
@@ -225,7 +264,7 @@ impl Prefetcher {
         let (peer, nar) = tokio::join!(relay, collect(chunks_rx, size, &tx));
         match (peer, nar) {
             (Some(peer), Some(nar)) => {
-                self.stats.held_bytes.fetch_add(size, Relaxed);
+                self.stats.held_bytes.inc_by(size);
                 tx.send_replace(Phase::Ready { nar, peer });
                 // Still in the table: the bytes count until Nix takes them
                 // or they age out.
@@ -236,7 +275,7 @@ impl Prefetcher {
                 // Nobody wanting it any more (swept, or claimed before its
                 // turn) is already counted as unused.
                 if !tx.is_closed() {
-                    self.stats.failed.fetch_add(1, Relaxed);
+                    self.stats.failed.inc();
                 }
                 tx.send_replace(Phase::Failed);
                 lock(&self.table).remove(&hash, Some(id));
@@ -256,9 +295,9 @@ impl Prefetcher {
         size: u64,
     ) {
         if until_released(&self.table, id, &hash, &tx, KEEP).await {
-            self.stats.unused.fetch_add(1, Relaxed);
+            self.stats.unused.inc();
         }
-        self.stats.held_bytes.fetch_sub(size, Relaxed);
+        self.stats.held_bytes.dec_by(size);
     }
 
     /// The NAR of `hash`, if it was fetched ahead and verified against
@@ -283,13 +322,13 @@ impl Prefetcher {
         lock(&self.table).remove(hash, Some(id));
         match settled {
             Phase::Ready { nar, peer } => {
-                self.stats.served.fetch_add(1, Relaxed);
+                self.stats.served.inc();
                 Some(Prefetched { path, nar, peer })
             }
             // Not started: Nix streams it itself, and the fetch, once
             // nobody holds a receiver, does not bother.
             Phase::Queued => {
-                self.stats.unused.fetch_add(1, Relaxed);
+                self.stats.unused.inc();
                 None
             }
             Phase::Failed | Phase::Fetching => None,

@@ -7,7 +7,7 @@
 //! bytes did not verify is quarantined.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,10 @@ use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::mpsc;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use crate::fetch::resolver::{Found, Resolver};
 use crate::mesh::client;
@@ -50,10 +54,35 @@ pub enum FetchError {
 
 #[derive(Default)]
 pub struct FetchStats {
-    pub failovers: AtomicU64,
-    pub verify_failures: AtomicU64,
-    pub in_flight: AtomicU64,
-    pub completed: AtomicU64,
+    pub failovers: Counter,
+    pub verify_failures: Counter,
+    pub in_flight: Gauge<u64, AtomicU64>,
+    pub completed: Counter,
+}
+
+impl FetchStats {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "nixmesh_nar_completed",
+            "NARs relayed to Nix and verified",
+            self.completed.clone(),
+        );
+        registry.register(
+            "nixmesh_nar_failovers",
+            "Times a NAR stream moved to another holder",
+            self.failovers.clone(),
+        );
+        registry.register(
+            "nixmesh_nar_verify_failures",
+            "NARs from the mesh that did not verify",
+            self.verify_failures.clone(),
+        );
+        registry.register(
+            "nixmesh_nar_streams_in_flight",
+            "NAR streams being relayed now",
+            self.in_flight.clone(),
+        );
+    }
 }
 
 enum HolderEnd {
@@ -93,7 +122,7 @@ pub async fn relay(
     purpose: Purpose,
 ) -> Option<NodeId> {
     let Found { narinfo, holders } = found;
-    stats.in_flight.fetch_add(1, Relaxed);
+    stats.in_flight.inc();
     let started = Instant::now();
     let info = &narinfo.info;
     let hash = info.path.hash_part();
@@ -120,7 +149,7 @@ pub async fn relay(
         };
         queue.remove(0);
         if !tried.is_empty() {
-            stats.failovers.fetch_add(1, Relaxed);
+            stats.failovers.inc();
             tracing::warn!(path = %info.path, peer = %node, offset = progress.offset, "failing over to another holder");
         }
         tried.push(node);
@@ -132,12 +161,12 @@ pub async fn relay(
                 break;
             }
             HolderEnd::ClientGone => {
-                stats.in_flight.fetch_sub(1, Relaxed);
+                stats.in_flight.dec();
                 return None;
             }
             HolderEnd::Lied(why) => {
                 quarantine(&resolver, node, why);
-                stats.verify_failures.fetch_add(1, Relaxed);
+                stats.verify_failures.inc();
                 // What it sent so far is suspect and Nix already has it: cut
                 // the response off; Nix's next try avoids this peer.
                 resolver.forget(&hash);
@@ -146,7 +175,7 @@ pub async fn relay(
                         path: info.path.to_string(),
                     }))
                     .await;
-                stats.in_flight.fetch_sub(1, Relaxed);
+                stats.in_flight.dec();
                 return None;
             }
             HolderEnd::Failed(reason) => {
@@ -154,7 +183,7 @@ pub async fn relay(
             }
             HolderEnd::Disowned => {
                 quarantine(&resolver, node, "its own store copy is corrupt");
-                stats.verify_failures.fetch_add(1, Relaxed);
+                stats.verify_failures.inc();
             }
         }
     }
@@ -169,13 +198,13 @@ pub async fn relay(
     let verified = offset == size && digest == info.nar_hash.0;
     if client_gone {
         if outcome.is_some() && !verified {
-            stats.verify_failures.fetch_add(1, Relaxed);
+            stats.verify_failures.inc();
             for node in &contributors {
                 quarantine(&resolver, *node, "NAR did not match its hash");
             }
             resolver.forget(&hash);
         }
-        stats.in_flight.fetch_sub(1, Relaxed);
+        stats.in_flight.dec();
         return None;
     }
     let mut finished_by = None;
@@ -188,14 +217,14 @@ pub async fn relay(
             let ms = started.elapsed().as_millis() as u64;
             let peers = contributors.len();
             if purpose == Purpose::Nix {
-                stats.completed.fetch_add(1, Relaxed);
+                stats.completed.inc();
                 tracing::info!(path = %info.path, peer = %node, peers, bytes = size, ms, "substituted");
             } else {
                 tracing::debug!(path = %info.path, peer = %node, peers, bytes = size, ms, "prefetched");
             }
         }
         (Some(_), false) => {
-            stats.verify_failures.fetch_add(1, Relaxed);
+            stats.verify_failures.inc();
             for node in &contributors {
                 quarantine(&resolver, *node, "NAR did not match its hash");
             }
@@ -217,7 +246,7 @@ pub async fn relay(
                 .await;
         }
     }
-    stats.in_flight.fetch_sub(1, Relaxed);
+    stats.in_flight.dec();
     finished_by
 }
 

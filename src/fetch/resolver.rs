@@ -11,6 +11,10 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use thiserror::Error;
 use tokio::sync::{OnceCell, Semaphore};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
 use crate::api::{SurveyAnswer, SurveyRow};
 use crate::fetch::race::{Answer, Decision, Race, TrustPolicy};
 use crate::lock::lock;
@@ -70,12 +74,52 @@ pub struct Resolver {
 }
 
 /// Counters for metrics.
-#[derive(Default)]
 pub struct RaceStats {
-    pub hits: std::sync::atomic::AtomicU64,
-    pub misses: std::sync::atomic::AtomicU64,
-    pub rejected: std::sync::atomic::AtomicU64,
-    pub latency: crate::serve::metrics::Histogram,
+    pub hits: Counter,
+    pub misses: Counter,
+    pub rejected: Counter,
+    pub latency: Histogram,
+}
+
+/// Upper bounds of the race latency buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+impl Default for RaceStats {
+    fn default() -> Self {
+        Self {
+            hits: Counter::default(),
+            misses: Counter::default(),
+            rejected: Counter::default(),
+            latency: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
+}
+
+impl RaceStats {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "nixmesh_narinfo_hits",
+            "Narinfo races won by a peer",
+            self.hits.clone(),
+        );
+        registry.register(
+            "nixmesh_narinfo_misses",
+            "Narinfo races no peer won",
+            self.misses.clone(),
+        );
+        registry.register(
+            "nixmesh_narinfo_rejected",
+            "Peer narinfos rejected by the trust checks",
+            self.rejected.clone(),
+        );
+        registry.register(
+            "nixmesh_race_seconds",
+            "Time to decide a narinfo race",
+            self.latency.clone(),
+        );
+    }
 }
 
 impl Resolver {
@@ -211,16 +255,15 @@ impl Resolver {
         };
         // Dropping the rest cancels their streams.
         drop(asks);
-        use std::sync::atomic::Ordering::Relaxed;
         for (peer, why) in race.rejected() {
             tracing::warn!(peer = %peer, path = %hash, reason = %why, "ignored a peer's narinfo");
-            self.stats.rejected.fetch_add(1, Relaxed);
+            self.stats.rejected.inc();
         }
-        self.stats.latency.observe(start.elapsed());
+        self.stats.latency.observe(start.elapsed().as_secs_f64());
         if result.is_some() {
-            self.stats.hits.fetch_add(1, Relaxed);
+            self.stats.hits.inc();
         } else {
-            self.stats.misses.fetch_add(1, Relaxed);
+            self.stats.misses.inc();
             tracing::debug!(path = %hash, asked = peers.len(), ms = start.elapsed().as_millis() as u64, "no peer has it");
         }
         result

@@ -10,6 +10,8 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
+use prometheus_client::registry::Registry;
+
 use crate::api::{Listeners, PeerView, StatusView};
 use crate::mesh::node::Mesh;
 use crate::mesh::peers::PeerState;
@@ -29,6 +31,8 @@ pub struct Admin {
     pub node_key: String,
     pub fingerprint: String,
     pub started: Instant,
+    /// Everything `/metrics` shows.
+    pub metrics: Registry,
 }
 
 impl Admin {
@@ -78,7 +82,11 @@ impl Admin {
         match req.uri().path() {
             "/peers" => json(&self.peers()),
             "/status" => json(&self.status().await),
-            "/metrics" => http::text(StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
+            "/metrics" => http::text(
+                StatusCode::OK,
+                metrics::CONTENT_TYPE,
+                metrics::render(&self.metrics),
+            ),
             path if path.starts_with("/why/") => {
                 let Ok(hash) = HashPart::parse(&path["/why/".len()..]) else {
                     return http::empty(StatusCode::BAD_REQUEST);
@@ -90,145 +98,6 @@ impl Admin {
             }
             _ => http::empty(StatusCode::NOT_FOUND),
         }
-    }
-}
-
-impl Admin {
-    fn metrics(&self) -> String {
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut out = String::new();
-        let peers = self.peers();
-        let rows = |f: fn(&PeerView) -> u64| -> Vec<(String, u64)> {
-            peers
-                .iter()
-                .map(|p| {
-                    (
-                        format!("{} {}", p.name, p.fingerprint).trim().to_string(),
-                        f(p),
-                    )
-                })
-                .collect()
-        };
-        metrics::labelled(
-            &mut out,
-            "nixmesh_peer_bytes_fetched_total",
-            "NAR bytes received from each peer",
-            "counter",
-            "peer",
-            &rows(|p| p.counters.bytes_fetched),
-        );
-        metrics::labelled(
-            &mut out,
-            "nixmesh_peer_bytes_served_total",
-            "NAR bytes sent to each peer",
-            "counter",
-            "peer",
-            &rows(|p| p.counters.bytes_served),
-        );
-        metrics::labelled(
-            &mut out,
-            "nixmesh_peer_errors_total",
-            "Failed or malformed exchanges with each peer",
-            "counter",
-            "peer",
-            &rows(|p| p.counters.errors),
-        );
-        for (state, name) in [
-            (PeerState::Alive, "alive"),
-            (PeerState::Suspect, "suspect"),
-            (PeerState::Gone, "gone"),
-        ] {
-            let n = peers.iter().filter(|p| p.state == state).count() as u64;
-            metrics::gauge(
-                &mut out,
-                &format!("nixmesh_peers_{name}"),
-                &format!("Peers now {name}"),
-                n,
-            );
-        }
-        if let Some(sub) = &self.substituter {
-            let stats = &sub.resolver().stats;
-            metrics::counter(
-                &mut out,
-                "nixmesh_narinfo_hits_total",
-                "Narinfo races won by a peer",
-                stats.hits.load(Relaxed),
-            );
-            metrics::counter(
-                &mut out,
-                "nixmesh_narinfo_misses_total",
-                "Narinfo races no peer won",
-                stats.misses.load(Relaxed),
-            );
-            metrics::counter(
-                &mut out,
-                "nixmesh_narinfo_rejected_total",
-                "Peer narinfos rejected by the trust checks",
-                stats.rejected.load(Relaxed),
-            );
-            stats.latency.render(
-                "nixmesh_race_seconds",
-                "Time to decide a narinfo race",
-                &mut out,
-            );
-            let f = &sub.fetch_stats;
-            metrics::counter(
-                &mut out,
-                "nixmesh_nar_completed_total",
-                "NARs relayed to Nix and verified",
-                f.completed.load(Relaxed),
-            );
-            metrics::counter(
-                &mut out,
-                "nixmesh_nar_failovers_total",
-                "Times a NAR stream moved to another holder",
-                f.failovers.load(Relaxed),
-            );
-            metrics::counter(
-                &mut out,
-                "nixmesh_nar_verify_failures_total",
-                "NARs from the mesh that did not verify",
-                f.verify_failures.load(Relaxed),
-            );
-            metrics::gauge(
-                &mut out,
-                "nixmesh_nar_streams_in_flight",
-                "NAR streams being relayed now",
-                f.in_flight.load(Relaxed),
-            );
-            let p = &sub.prefetch.stats;
-            metrics::counter(
-                &mut out,
-                "nixmesh_prefetch_started_total",
-                "Small NARs fetched ahead of Nix",
-                p.started.load(Relaxed),
-            );
-            metrics::counter(
-                &mut out,
-                "nixmesh_prefetch_served_total",
-                "NARs Nix got from memory, fetched ahead",
-                p.served.load(Relaxed),
-            );
-            metrics::counter(
-                &mut out,
-                "nixmesh_prefetch_failed_total",
-                "Fetches ahead that did not deliver a verified NAR",
-                p.failed.load(Relaxed),
-            );
-            metrics::counter(
-                &mut out,
-                "nixmesh_prefetch_unused_total",
-                "NARs fetched ahead that Nix never asked for in time",
-                p.unused.load(Relaxed),
-            );
-            metrics::gauge(
-                &mut out,
-                "nixmesh_prefetch_held_bytes",
-                "Bytes of NARs fetched ahead held in memory now",
-                p.held_bytes.load(Relaxed),
-            );
-        }
-        out
     }
 }
 

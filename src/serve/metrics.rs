@@ -1,105 +1,106 @@
-//! Counters and a latency histogram, rendered in the Prometheus text format
-//! for the admin API's `/metrics`. Lock-free atomics; rendering is pure.
+//! What `/metrics` shows, in the OpenMetrics text format: one registry
+//! (`prometheus-client`) that the fetch side's stats register into when the
+//! agent starts, plus a collector that reads the peer table on each scrape
+//! (peers by state; bytes and errors by peer, labelled with the peer's name
+//! and key fingerprint).
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::sync::Arc;
 
-/// Upper bounds of the latency buckets, in seconds.
-pub const BUCKETS: [f64; 12] = [
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
-];
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
-#[derive(Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+use crate::api::PeerView;
+use crate::mesh::node::Mesh;
+use crate::mesh::peers::PeerState;
+
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The registry as text; a metric that cannot be encoded is logged and
+/// left out rather than failing the scrape.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        tracing::warn!(error = %e, "cannot encode the metrics");
+    }
+    out
 }
 
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.counts[i].fetch_add(1, Relaxed);
+/// The peer table, read at scrape time.
+pub struct PeerCollector {
+    mesh: Arc<Mesh>,
+}
+
+impl PeerCollector {
+    pub fn new(mesh: Arc<Mesh>) -> Box<Self> {
+        Box::new(Self { mesh })
+    }
+}
+
+impl std::fmt::Debug for PeerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerCollector")
+    }
+}
+
+type PeerLabels = Vec<(&'static str, String)>;
+/// A per-peer counter: its name, help, and where its value comes from.
+type PeerCounter = (&'static str, &'static str, fn(&PeerView) -> u64);
+
+fn peer_labels(p: &PeerView) -> PeerLabels {
+    vec![("peer", p.name.clone()), ("key", p.fingerprint.clone())]
+}
+
+impl Collector for PeerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let peers = self.mesh.views();
+        let by_state: Family<Vec<(&'static str, &'static str)>, Gauge> = Family::default();
+        for (state, name) in [
+            (PeerState::Alive, "alive"),
+            (PeerState::Suspect, "suspect"),
+            (PeerState::Gone, "gone"),
+        ] {
+            let n = peers.iter().filter(|p| p.state == state).count();
+            by_state
+                .get_or_create(&vec![("state", name)])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let m = encoder.encode_descriptor(
+            "nixmesh_peers",
+            "Peers in the table, by state",
+            None,
+            by_state.metric_type(),
+        )?;
+        by_state.encode(m)?;
+
+        let per_peer: [PeerCounter; 3] = [
+            (
+                "nixmesh_peer_bytes_fetched",
+                "NAR bytes received from each peer",
+                |p| p.counters.bytes_fetched,
+            ),
+            (
+                "nixmesh_peer_bytes_served",
+                "NAR bytes sent to each peer",
+                |p| p.counters.bytes_served,
+            ),
+            (
+                "nixmesh_peer_errors",
+                "Failed or malformed exchanges with each peer",
+                |p| p.counters.errors,
+            ),
+        ];
+        for (name, help, value) in per_peer {
+            let family: Family<PeerLabels, Counter> = Family::default();
+            for p in &peers {
+                family.get_or_create(&peer_labels(p)).inc_by(value(p));
             }
+            let m = encoder.encode_descriptor(name, help, None, family.metric_type())?;
+            family.encode(m)?;
         }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
-    }
-
-    pub fn render(&self, name: &str, help: &str, out: &mut String) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
-                self.counts[i].load(Relaxed)
-            );
-        }
-        let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-}
-
-pub fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} counter");
-    let _ = writeln!(out, "{name} {value}");
-}
-
-pub fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} gauge");
-    let _ = writeln!(out, "{name} {value}");
-}
-
-/// A counter family with one label, e.g. bytes per peer.
-pub fn labelled(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    kind: &str,
-    label: &str,
-    rows: &[(String, u64)],
-) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    for (l, v) in rows {
-        let escaped = l
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n");
-        let _ = writeln!(out, "{name}{{{label}=\"{escaped}\"}} {v}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::default();
-        h.observe(Duration::from_micros(500));
-        h.observe(Duration::from_millis(30));
-        let mut out = String::new();
-        h.render("race_seconds", "x", &mut out);
-        assert!(out.contains("race_seconds_bucket{le=\"0.001\"} 1\n"));
-        assert!(out.contains("race_seconds_bucket{le=\"0.05\"} 2\n"));
-        assert!(out.contains("race_seconds_bucket{le=\"+Inf\"} 2\n"));
-        assert!(out.contains("race_seconds_count 2\n"));
-    }
-
-    #[test]
-    fn labels_are_escaped() {
-        let mut out = String::new();
-        labelled(&mut out, "b", "h", "counter", "peer", &[("a\"b".into(), 3)]);
-        assert!(out.contains("b{peer=\"a\\\"b\"} 3\n"));
+        Ok(())
     }
 }

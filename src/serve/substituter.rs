@@ -117,9 +117,7 @@ impl Substituter {
     fn prefetched_response(&self, ahead: Prefetched, range: RangeAnswer) -> Response<Body> {
         let size = ahead.nar.len() as u64;
         let window = range.window(size);
-        self.fetch_stats
-            .completed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.fetch_stats.completed.inc();
         tracing::info!(path = %ahead.path, peer = %ahead.peer, peers = 1, bytes = size, prefetched = true, "substituted");
         let part = ahead.nar.slice(window.start as usize..window.end as usize);
         http::nar(size, range, Some(http::full_body(part)))
