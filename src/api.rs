@@ -1,9 +1,11 @@
 //! The JSON views the admin API serves and the CLI reads: `/status`,
-//! `/peers` and `/why/<hash>`. Plain data, one definition for both ends.
+//! `/peers` and `/why/<hash>`. Plain data, one place for both ends to
+//! import them from.
 
 use serde::{Deserialize, Serialize};
 
-use crate::mesh::peers::{PeerCounters, PeerSource, PeerState};
+/// Made by the peer table itself (`mesh::peers`), which owns its parts.
+pub use crate::mesh::peers::PeerView;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Listeners {
@@ -28,22 +30,6 @@ pub struct StatusView {
     pub peers_suspect: usize,
     pub peers_gone: usize,
     pub uptime_s: u64,
-}
-
-/// What the admin API shows of a peer.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct PeerView {
-    pub name: String,
-    pub key: String,
-    pub fingerprint: String,
-    pub addrs: Vec<String>,
-    pub source: PeerSource,
-    pub state: PeerState,
-    pub rtt_ms: Option<f64>,
-    pub last_seen_ms_ago: Option<u64>,
-    pub quarantined: bool,
-    #[serde(flatten)]
-    pub counters: PeerCounters,
 }
 
 /// One peer's answer in a `nixmesh why` survey.

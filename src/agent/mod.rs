@@ -2,6 +2,7 @@
 //! only place that knows every part; each part knows only what it is given.
 
 pub mod activation;
+mod served;
 
 use std::sync::{Arc, Mutex};
 
@@ -147,7 +148,7 @@ pub async fn run(
         let table = Arc::new(Mutex::new(PeerTable::new()));
         let server = PeerServer::new(
             name.clone(),
-            shared.clone(),
+            Arc::new(served::Served(shared.clone())),
             table.clone(),
             detached.clone(),
         );

@@ -14,13 +14,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::PeerView;
 use crate::lock::lock;
 use crate::mesh::client;
 use crate::mesh::discovery::DiscoveryEvent;
 use crate::mesh::identity::NodeId;
 use crate::mesh::inbound::InboundGate;
-use crate::mesh::peers::{Peer, PeerCounters, PeerSource, PeerTable};
+use crate::mesh::peers::{Peer, PeerCounters, PeerSource, PeerTable, PeerView};
 use crate::mesh::server::PeerServer;
 use crate::mesh::transport::{self, Admission, TlsIdentity, TransportError};
 

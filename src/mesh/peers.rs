@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::PeerView;
 use crate::mesh::identity::NodeId;
 
 /// No successful ping for this long: still used, but last.
@@ -73,6 +72,22 @@ impl Peer {
         matches!(self.state, PeerState::Alive | PeerState::Suspect)
             && self.quarantined_until.is_none_or(|t| now >= t)
     }
+}
+
+/// What the admin API shows of a peer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PeerView {
+    pub name: String,
+    pub key: String,
+    pub fingerprint: String,
+    pub addrs: Vec<String>,
+    pub source: PeerSource,
+    pub state: PeerState,
+    pub rtt_ms: Option<f64>,
+    pub last_seen_ms_ago: Option<u64>,
+    pub quarantined: bool,
+    #[serde(flatten)]
+    pub counters: PeerCounters,
 }
 
 #[derive(Default)]

@@ -1,12 +1,18 @@
-//! Answers other agents' requests from this host's shared store: one request
-//! per QUIC stream, decoded with limits. A malformed, oversized or unknown
-//! frame resets that stream with an error code and counts against the peer;
-//! the connection and the agent carry on.
+//! Answers other agents' requests from what this host lets out: one
+//! request per QUIC stream, decoded with limits. A malformed, oversized or
+//! unknown frame resets that stream with an error code and counts against
+//! the peer; the connection and the agent carry on.
+//!
+//! The paths come through `ServedPaths`, which the agent hands down (the
+//! serve flow's store side implements it), so `mesh` never reaches into
+//! `store`.
 
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{BoxStream, StreamExt};
 use tokio::sync::Semaphore;
-
 use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
@@ -14,16 +20,34 @@ use crate::mesh::identity::NodeId;
 use crate::mesh::peers::PeerTable;
 use crate::mesh::protocol::{self, code, Request, Response};
 use crate::mesh::transport::{self, REQUEST_TIMEOUT};
-use crate::nix::binary_cache;
-use crate::store::nar_stream::NarStreamError;
-use crate::store::shared::SharedStore;
+use crate::nix::{binary_cache, HashPart, PathInfo};
 
 /// NAR streams served at once, to all peers together.
 pub const MAX_NAR_STREAMS: usize = 64;
 
+/// Why a NAR stream ended before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NarFault {
+    /// This host's copy does not match its NarHash: the peer is told so
+    /// (it must not trust what it already got from us).
+    Corrupt,
+    /// It could not be read (vanished, I/O error).
+    Unreadable,
+}
+
+/// What this host lets out to peers.
+pub trait ServedPaths: Send + Sync + 'static {
+    /// The path's info, if it exists and may leave this host.
+    fn info(&self, hash: HashPart) -> Option<PathInfo>;
+    /// Which of `hashes` `info` would find; may take a while (a batch).
+    fn have_many(self: Arc<Self>, hashes: Vec<HashPart>) -> BoxFuture<'static, Vec<bool>>;
+    /// The NAR of a path `info` returned, from byte `offset`.
+    fn nar(&self, info: PathInfo, offset: u64) -> BoxStream<'static, Result<Bytes, NarFault>>;
+}
+
 pub struct PeerServer {
     name: String,
-    shared: Arc<SharedStore>,
+    shared: Arc<dyn ServedPaths>,
     table: Arc<Mutex<PeerTable>>,
     nar_slots: Arc<Semaphore>,
     tasks: TaskTracker,
@@ -32,7 +56,7 @@ pub struct PeerServer {
 impl PeerServer {
     pub fn new(
         name: String,
-        shared: Arc<SharedStore>,
+        shared: Arc<dyn ServedPaths>,
         table: Arc<Mutex<PeerTable>>,
         tasks: TaskTracker,
     ) -> Arc<Self> {
@@ -98,7 +122,7 @@ impl PeerServer {
                 write_response(&mut send, &Response::Pong { nonce, name }).await
             }
             Request::PathInfo { hash } => {
-                let resp = match self.shared.info(hash).await {
+                let resp = match self.shared.info(hash) {
                     Some(info) => Response::PathInfo {
                         narinfo: binary_cache::narinfo_text(info),
                     },
@@ -107,7 +131,7 @@ impl PeerServer {
                 write_response(&mut send, &resp).await
             }
             Request::Have { hashes } => {
-                let present = self.shared.have_many(hashes).await;
+                let present = self.shared.clone().have_many(hashes).await;
                 write_response(&mut send, &Response::Have { present }).await
             }
             Request::Nar {
@@ -134,11 +158,11 @@ impl PeerServer {
         &self,
         node: NodeId,
         send: &mut quinn::SendStream,
-        hash: crate::nix::HashPart,
+        hash: HashPart,
         nar_hash: crate::nix::Sha256Hash,
         offset: u64,
     ) -> Result<(), StreamEnd> {
-        let info = match self.shared.info(hash).await {
+        let info = match self.shared.info(hash) {
             Some(info) if info.nar_hash == nar_hash => info,
             _ => return write_response(send, &Response::NotFound).await,
         };
@@ -174,8 +198,8 @@ impl PeerServer {
         let mut stream = self.shared.nar(info, offset);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| match e {
-                NarStreamError::Corrupt { .. } => StreamEnd::Reset(code::CORRUPT),
-                _ => StreamEnd::Reset(code::INTERNAL),
+                NarFault::Corrupt => StreamEnd::Reset(code::CORRUPT),
+                NarFault::Unreadable => StreamEnd::Reset(code::INTERNAL),
             })?;
             let len = chunk.len() as u64;
             send.write_chunk(chunk)

@@ -48,7 +48,8 @@ impl SharedStore {
         })
     }
 
-    fn info_now(&self, hash: HashPart) -> Option<PathInfo> {
+    /// `info`, for callers that are not async.
+    pub fn info_now(&self, hash: HashPart) -> Option<PathInfo> {
         match self.store.path_info(&hash) {
             Ok(info) => self.policy.prepare(info?),
             Err(e) => {
