@@ -252,4 +252,95 @@ mod tests {
         assert!(NarInfo::parse("/nix/store", &other_store).is_err());
         assert!(NarInfo::parse("/nix/store", &"x".repeat(MAX_NARINFO_LEN + 1)).is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const NIX32: &str = "0123456789abcdfghijklmnpqrsvwxyz";
+
+        fn store_path() -> impl Strategy<Value = StorePath> {
+            (
+                proptest::collection::vec(proptest::sample::select(NIX32.as_bytes().to_vec()), 32),
+                "[a-zA-Z0-9+_?=-][a-zA-Z0-9+._?=-]{0,40}",
+            )
+                .prop_map(|(hash, name)| {
+                    let hash = String::from_utf8(hash).unwrap();
+                    StorePath::parse("/nix/store", &format!("/nix/store/{hash}-{name}")).unwrap()
+                })
+        }
+
+        fn narinfo() -> impl Strategy<Value = NarInfo> {
+            (
+                store_path(),
+                proptest::array::uniform32(any::<u8>()),
+                1u64..1 << 40,
+                proptest::collection::vec(store_path(), 0..6),
+                proptest::option::of(store_path()),
+                proptest::collection::vec("[a-z0-9-]{1,12}:[A-Za-z0-9+/]{4,88}={0,2}", 0..3),
+                proptest::option::of("fixed:r:sha256:[0-9a-z]{52}"),
+                prop_oneof![
+                    Just("none".to_string()),
+                    Just("xz".to_string()),
+                    Just("zstd".to_string())
+                ],
+                "nar/[a-z0-9]{1,60}\\.nar(\\.xz|\\.zst)?",
+            )
+                .prop_map(
+                    |(
+                        path,
+                        hash,
+                        nar_size,
+                        mut references,
+                        deriver,
+                        sigs,
+                        ca,
+                        compression,
+                        url,
+                    )| {
+                        references.sort();
+                        references.dedup();
+                        NarInfo {
+                            info: PathInfo {
+                                path,
+                                nar_hash: Sha256Hash(hash),
+                                nar_size,
+                                references,
+                                deriver,
+                                sigs,
+                                ca,
+                                ultimate: false,
+                            },
+                            url,
+                            compression,
+                        }
+                    },
+                )
+        }
+
+        proptest! {
+            #[test]
+            fn parse_inverts_render_for_any_narinfo(n in narinfo()) {
+                prop_assert_eq!(NarInfo::parse("/nix/store", &n.render()).unwrap(), n);
+            }
+
+            /// Hostile text: any bytes, or a real narinfo with one line
+            /// mangled, gets an error or a narinfo, never a panic.
+            #[test]
+            fn parse_never_panics(text in "(?s).{0,400}") {
+                let _ = NarInfo::parse("/nix/store", &text);
+            }
+
+            #[test]
+            fn mangled_lines_never_panic(n in narinfo(), line in 0usize..12, junk in ".{0,60}") {
+                let text: String = n
+                    .render()
+                    .lines()
+                    .enumerate()
+                    .map(|(i, l)| if i == line { format!("{junk}\n") } else { format!("{l}\n") })
+                    .collect();
+                let _ = NarInfo::parse("/nix/store", &text);
+            }
+        }
+    }
 }

@@ -165,4 +165,16 @@ mod tests {
         );
         assert!(StorePath::parse("/nix/store", &long).is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(text in "(/nix/store/)?[ -~é/]{0,260}") {
+            if let Ok(p) = StorePath::parse("/nix/store", &text) {
+                // What parses is exactly what it prints.
+                proptest::prop_assert_eq!(p.to_string(), text.clone());
+                proptest::prop_assert_eq!(p.hash_part().as_str().len(), 32);
+            }
+            let _ = HashPart::parse(&text);
+        }
+    }
 }
