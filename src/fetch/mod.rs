@@ -7,3 +7,4 @@ pub mod prefetch;
 pub mod race;
 pub mod relay;
 pub mod resolver;
+pub mod verify;

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
@@ -21,6 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::fetch::resolver::{Found, Resolver};
+use crate::fetch::verify::{NarCheck, Verdict};
 use crate::mesh::client;
 use crate::mesh::identity::NodeId;
 use crate::mesh::protocol::code;
@@ -128,10 +128,7 @@ pub async fn relay(
     let hash = info.path.hash_part();
     let size = info.nar_size;
     let mut progress = Progress {
-        offset: 0,
-        hasher: Sha256::new(),
-        pending: None,
-        window,
+        check: NarCheck::new(size, info.nar_hash, window),
         client_gone: false,
         // Only bytes Nix has seen are worth checking after it leaves.
         drain: purpose == Purpose::Nix,
@@ -150,7 +147,7 @@ pub async fn relay(
         queue.remove(0);
         if !tried.is_empty() {
             stats.failovers.inc();
-            tracing::warn!(path = %info.path, peer = %node, offset = progress.offset, "failing over to another holder");
+            tracing::warn!(path = %info.path, peer = %node, offset = progress.check.offset(), "failing over to another holder");
         }
         tried.push(node);
         contributors.push(node);
@@ -179,7 +176,7 @@ pub async fn relay(
                 return None;
             }
             HolderEnd::Failed(reason) => {
-                tracing::warn!(path = %info.path, peer = %node, offset = progress.offset, %reason, "holder failed mid-stream");
+                tracing::warn!(path = %info.path, peer = %node, offset = progress.check.offset(), %reason, "holder failed mid-stream");
             }
             HolderEnd::Disowned => {
                 quarantine(&resolver, node, "its own store copy is corrupt");
@@ -188,16 +185,11 @@ pub async fn relay(
         }
     }
     let Progress {
-        offset,
-        hasher,
-        mut pending,
-        client_gone,
-        ..
+        check, client_gone, ..
     } = progress;
-    let digest: [u8; 32] = hasher.finalize().into();
-    let verified = offset == size && digest == info.nar_hash.0;
+    let verdict = check.finish();
     if client_gone {
-        if outcome.is_some() && !verified {
+        if outcome.is_some() && verdict == Verdict::Mismatch {
             stats.verify_failures.inc();
             for node in &contributors {
                 quarantine(&resolver, *node, "NAR did not match its hash");
@@ -208,9 +200,9 @@ pub async fn relay(
         return None;
     }
     let mut finished_by = None;
-    match (outcome, verified) {
-        (Some(node), true) => {
-            if let Some(last) = pending.take() {
+    match (outcome, verdict) {
+        (Some(node), Verdict::Verified { last }) => {
+            if let Some(last) = last {
                 let _ = tx.send(Ok(last)).await;
             }
             finished_by = Some(node);
@@ -223,7 +215,7 @@ pub async fn relay(
                 tracing::debug!(path = %info.path, peer = %node, peers, bytes = size, ms, "prefetched");
             }
         }
-        (Some(_), false) => {
+        (Some(_), _) => {
             stats.verify_failures.inc();
             for node in &contributors {
                 quarantine(&resolver, *node, "NAR did not match its hash");
@@ -235,8 +227,12 @@ pub async fn relay(
                 }))
                 .await;
         }
-        (None, _) => {
+        (None, verdict) => {
             resolver.forget(&hash);
+            let offset = match verdict {
+                Verdict::Short { offset } => offset,
+                _ => size,
+            };
             let _ = tx
                 .send(Err(FetchError::NoHolder {
                     path: info.path.to_string(),
@@ -250,38 +246,6 @@ pub async fn relay(
     finished_by
 }
 
-/// Every NAR begins with the same string token, `nix-archive-1`: a holder
-/// whose first bytes differ is lying, and is caught before Nix sees them.
-fn starts_like_a_nar(offset: u64, chunk: &[u8]) -> bool {
-    if offset >= 24 {
-        return true;
-    }
-    let mut magic = Vec::with_capacity(24);
-    crate::nix::nar::push_str(&mut magic, crate::nix::nar::MAGIC.as_bytes());
-    let Ok(start) = usize::try_from(offset) else {
-        return true;
-    };
-    if start >= magic.len() {
-        return true;
-    }
-    let expected = &magic[start..];
-    let n = expected.len().min(chunk.len());
-    chunk[..n] == expected[..n]
-}
-
-/// The part of `chunk`, which starts at NAR offset `at`, that lies in
-/// `window`.
-fn in_window(at: u64, mut chunk: Bytes, window: &Range<u64>) -> Bytes {
-    let end = at + chunk.len() as u64;
-    if end <= window.start || at >= window.end {
-        return Bytes::new();
-    }
-    let from = window.start.saturating_sub(at) as usize;
-    let to = (window.end.min(end) - at) as usize;
-    chunk.truncate(to);
-    chunk.split_off(from)
-}
-
 fn quarantine(resolver: &Resolver, node: NodeId, why: &str) {
     tracing::error!(peer = %node, reason = why, "quarantining a peer");
     resolver.mesh().quarantine(&node, QUARANTINE);
@@ -289,13 +253,8 @@ fn quarantine(resolver: &Resolver, node: NodeId, why: &str) {
 
 /// How far a relay has come, across holders.
 struct Progress {
-    /// Bytes received and hashed so far.
-    offset: u64,
-    hasher: Sha256,
-    /// The newest chunk, held back until the NAR verifies.
-    pending: Option<Bytes>,
-    /// The NAR offsets the consumer asked for.
-    window: Range<u64>,
+    /// Every byte so far, checked; what may go on to the consumer.
+    check: NarCheck,
     /// Nix left; bytes are still read and hashed, not sent.
     client_gone: bool,
     /// Whether to go on reading (up to `DRAIN_LIMIT`) once the consumer left.
@@ -311,14 +270,11 @@ async fn from_holder(
 ) -> HolderEnd {
     let info = &narinfo.info;
     let Progress {
-        offset,
-        hasher,
-        pending,
-        window,
+        check,
         client_gone,
         drain,
     } = progress;
-    let start = *offset;
+    let start = check.offset();
     let mesh = resolver.mesh();
     let conn = match mesh.connection(node).await {
         Ok(c) => c,
@@ -328,7 +284,7 @@ async fn from_holder(
         &conn,
         &info.path.hash_part(),
         &info.nar_hash,
-        *offset,
+        start,
         STALL_TIMEOUT,
     )
     .await;
@@ -359,64 +315,42 @@ async fn from_holder(
                 // The bytes a holder sent before saying its copy is
                 // corrupt are as suspect as the rest of that copy.
                 return match client::reset_code(&e) {
-                    Some(code::CORRUPT) if *offset == start => HolderEnd::Disowned,
+                    Some(code::CORRUPT) if check.offset() == start => HolderEnd::Disowned,
                     Some(code::CORRUPT) => HolderEnd::Lied("said its own store copy is corrupt"),
                     _ => HolderEnd::Failed(e.to_string()),
                 };
             }
             Ok(Ok(None)) => {
-                return if *offset == info.nar_size {
+                return if check.complete() {
                     HolderEnd::Done
                 } else {
-                    HolderEnd::Failed(format!("stream ended at byte {offset}"))
+                    HolderEnd::Failed(format!("stream ended at byte {}", check.offset()))
                 };
             }
             Ok(Ok(Some(n))) => buf.split_to(n).freeze(),
         };
         let len = chunk.len() as u64;
-        if *offset + len > info.nar_size {
-            let _ = recv.stop(code::MALFORMED.into());
-            return HolderEnd::Lied("sent more bytes than the NAR has");
-        }
-        if !starts_like_a_nar(*offset, &chunk) {
-            let _ = recv.stop(code::MALFORMED.into());
-            return HolderEnd::Lied("sent bytes that are not a NAR");
-        }
-        hasher.update(&chunk);
-        let visible = in_window(*offset, chunk, window);
-        *offset += len;
+        let release = match check.on_chunk(chunk) {
+            Ok(release) => release,
+            Err(lie) => {
+                let _ = recv.stop(code::MALFORMED.into());
+                return HolderEnd::Lied(lie.reason());
+            }
+        };
         count(len);
-        if *client_gone || visible.is_empty() {
+        if *client_gone {
             continue;
         }
-        if let Some(prev) = pending.replace(visible) {
+        if let Some(prev) = release {
             if tx.send(Ok(prev)).await.is_err() {
                 // Nix left, maybe because these bytes made no sense to it.
                 // Finish checking them if that is cheap, to catch a liar.
-                if !*drain || info.nar_size - *offset > DRAIN_LIMIT {
+                if !*drain || info.nar_size - check.offset() > DRAIN_LIMIT {
                     let _ = recv.stop(code::CANCELLED.into());
                     return HolderEnd::ClientGone;
                 }
                 *client_gone = true;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn windows_cut_chunks_at_nar_offsets() {
-        let chunk = || Bytes::from_static(b"0123456789");
-        // The chunk covers NAR offsets 100..110.
-        assert_eq!(in_window(100, chunk(), &(0..1000)), chunk());
-        assert_eq!(in_window(100, chunk(), &(105..1000)), &b"56789"[..]);
-        assert_eq!(in_window(100, chunk(), &(0..103)), &b"012"[..]);
-        assert_eq!(in_window(100, chunk(), &(102..104)), &b"23"[..]);
-        assert!(in_window(100, chunk(), &(110..1000)).is_empty());
-        assert!(in_window(100, chunk(), &(0..100)).is_empty());
-        assert!(in_window(100, chunk(), &(50..50)).is_empty());
     }
 }
