@@ -1,11 +1,16 @@
-//! The race policy, pure: which peer answers to believe, and when a narinfo
-//! race is decided. The substituter runs the race; this file decides it.
+//! The narinfo race: which peer answers to believe and when a race is
+//! decided (`judge`, `Race`: pure), and the race loop itself
+//! (`race_narinfo`), which asks peers through a `NarInfoSource` so that it
+//! runs and is tested without a network, on a paused clock. The resolver
+//! gives it the QUIC mesh.
 //!
 //! An answer is offered to Nix only if Nix will accept it: the store path
 //! matches the hash asked for, the sizes are sane, the NAR is uncompressed,
 //! and, when Nix requires signatures, one verifies against a trusted key
 //! (content-addressed paths need none).
 
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use thiserror::Error;
 
 use crate::mesh::identity::NodeId;
@@ -103,6 +108,69 @@ impl Race {
     /// Peers whose positive answers were not believable, and why.
     pub fn rejected(&self) -> &[(NodeId, Rejection)] {
         &self.rejected
+    }
+}
+
+/// Asks one peer for a narinfo: `None` when it has no such path.
+pub trait NarInfoSource: Sync {
+    type Error: std::fmt::Display;
+    fn ask<'a>(
+        &'a self,
+        peer: NodeId,
+        hash: &'a HashPart,
+    ) -> BoxFuture<'a, Result<Option<NarInfo>, Self::Error>>;
+}
+
+/// How a race ended.
+#[derive(Debug)]
+pub struct RaceOutcome {
+    /// The winning answer and the peer that gave it.
+    pub won: Option<(NarInfo, NodeId)>,
+    /// Positive answers that were not believable, and why.
+    pub rejected: Vec<(NodeId, Rejection)>,
+}
+
+/// Asks every peer in `peers` at once. The first believable positive
+/// answer wins at once (the others are dropped, which cancels them); when
+/// every peer has said no, or failed, the race is lost at once; at
+/// `deadline` whatever is still out counts as no.
+pub async fn race_narinfo<S: NarInfoSource>(
+    source: &S,
+    peers: &[NodeId],
+    hash: &HashPart,
+    policy: &TrustPolicy,
+    deadline: tokio::time::Instant,
+) -> RaceOutcome {
+    let mut race = Race::new(hash.clone(), peers.len());
+    let mut asks: FuturesUnordered<_> = peers
+        .iter()
+        .map(|&peer| async move { (peer, source.ask(peer, hash).await) })
+        .collect();
+    let won = loop {
+        if peers.is_empty() {
+            break None;
+        }
+        let next = tokio::time::timeout_at(deadline, asks.next()).await;
+        let Ok(Some((peer, answer))) = next else {
+            break None;
+        };
+        let answer = match answer {
+            Ok(Some(info)) => Answer::Have(Box::new(info)),
+            Ok(None) => Answer::NotFound,
+            Err(reason) => {
+                tracing::debug!(%peer, path = %hash, %reason, "peer failed to answer");
+                Answer::Failed
+            }
+        };
+        match race.on_answer(peer, answer, policy) {
+            Decision::Win(narinfo) => break Some((*narinfo, peer)),
+            Decision::Wait => {}
+            Decision::Lose => break None,
+        }
+    };
+    RaceOutcome {
+        won,
+        rejected: race.rejected,
     }
 }
 
@@ -229,5 +297,111 @@ mod tests {
             Race::new(asked(), 0).on_answer(NodeId([1; 32]), Answer::NotFound, &policy),
             Decision::Lose
         );
+    }
+
+    mod race_loop {
+        use super::*;
+        use std::collections::HashMap;
+        use std::time::Duration;
+
+        /// Peers that answer after a delay of their own.
+        struct Scripted(HashMap<NodeId, (Duration, Result<Option<NarInfo>, String>)>);
+
+        impl NarInfoSource for Scripted {
+            type Error = String;
+            fn ask<'a>(
+                &'a self,
+                peer: NodeId,
+                _hash: &'a HashPart,
+            ) -> BoxFuture<'a, Result<Option<NarInfo>, String>> {
+                Box::pin(async move {
+                    let (delay, answer) = self.0[&peer].clone();
+                    tokio::time::sleep(delay).await;
+                    answer
+                })
+            }
+        }
+
+        fn peer(n: u8) -> NodeId {
+            NodeId([n; 32])
+        }
+
+        fn ms(n: u64) -> Duration {
+            Duration::from_millis(n)
+        }
+
+        async fn run(
+            script: Vec<(u8, u64, Result<Option<NarInfo>, String>)>,
+        ) -> (RaceOutcome, Duration) {
+            let peers: Vec<NodeId> = script.iter().map(|(n, ..)| peer(*n)).collect();
+            let source = Scripted(
+                script
+                    .into_iter()
+                    .map(|(n, delay, a)| (peer(n), (ms(delay), a)))
+                    .collect(),
+            );
+            let office = SecretKey::from_seed("office-1", [1; 32]);
+            let policy = TrustPolicy {
+                require_sigs: true,
+                trusted_keys: vec![office.public()],
+            };
+            let start = tokio::time::Instant::now();
+            let outcome = race_narinfo(&source, &peers, &asked(), &policy, start + ms(400)).await;
+            (outcome, start.elapsed())
+        }
+
+        fn good() -> NarInfo {
+            answer(Some(&SecretKey::from_seed("office-1", [1; 32])))
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn the_first_believable_answer_wins_without_waiting_for_the_rest() {
+            let (out, took) = run(vec![
+                (1, 5, Ok(None)),
+                (2, 30, Ok(Some(good()))),
+                (3, 300, Ok(Some(good()))),
+            ])
+            .await;
+            assert_eq!(out.won.map(|(_, p)| p), Some(peer(2)));
+            assert_eq!(took, ms(30));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn unbelievable_answers_are_passed_over() {
+            let (out, took) = run(vec![
+                (1, 5, Ok(Some(answer(None)))),
+                (2, 50, Ok(Some(good()))),
+            ])
+            .await;
+            assert_eq!(out.won.map(|(_, p)| p), Some(peer(2)));
+            assert_eq!(took, ms(50));
+            assert_eq!(out.rejected, vec![(peer(1), Rejection::Unsigned)]);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_miss_is_known_as_soon_as_everyone_said_no() {
+            let (out, took) = run(vec![
+                (1, 5, Ok(None)),
+                (2, 20, Err("reset".into())),
+                (3, 60, Ok(None)),
+            ])
+            .await;
+            assert!(out.won.is_none());
+            assert_eq!(took, ms(60));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_slow_peer_costs_the_deadline_and_no_more() {
+            let (out, took) = run(vec![(1, 5, Ok(None)), (2, 10_000, Ok(Some(good())))]).await;
+            assert!(out.won.is_none());
+            assert_eq!(took, ms(400));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn no_peers_is_a_miss_at_once() {
+            let (out, took) = run(vec![]).await;
+            assert!(out.won.is_none());
+            assert_eq!(took, ms(0));
+        }
     }
 }

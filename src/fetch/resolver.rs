@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use thiserror::Error;
 use tokio::sync::{OnceCell, Semaphore};
@@ -16,7 +17,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::api::{SurveyAnswer, SurveyRow};
-use crate::fetch::race::{Answer, Decision, Race, TrustPolicy};
+use crate::fetch::race::{race_narinfo, NarInfoSource, TrustPolicy};
 use crate::lock::lock;
 use crate::mesh::client::{self, PeerError};
 use crate::mesh::identity::NodeId;
@@ -48,6 +49,23 @@ pub enum AskError {
     Mesh(#[from] MeshError),
     #[error(transparent)]
     Peer(#[from] PeerError),
+}
+
+/// The race's peers, asked over QUIC.
+struct QuicSource<'m> {
+    mesh: &'m Arc<Mesh>,
+    timeout: Duration,
+}
+
+impl NarInfoSource for QuicSource<'_> {
+    type Error = AskError;
+    fn ask<'a>(
+        &'a self,
+        peer: NodeId,
+        hash: &'a HashPart,
+    ) -> BoxFuture<'a, Result<Option<NarInfo>, AskError>> {
+        Box::pin(ask(self.mesh, peer, hash, self.timeout))
+    }
 }
 
 /// `node`'s narinfo for `hash`: `None` when it has no such path.
@@ -219,43 +237,17 @@ impl Resolver {
             .await
             .ok()?
             .ok()?;
-        let mut race = Race::new(hash.clone(), peers.len());
-        let mut asks: FuturesUnordered<_> = peers
-            .iter()
-            .map(|p| {
-                let node = p.node;
-                let mesh = self.mesh.clone();
-                let hash = hash.clone();
-                async move { (node, ask(&mesh, node, &hash, self.deadline).await) }
-            })
-            .collect();
-        let result = loop {
-            let next = tokio::time::timeout_at(deadline, asks.next()).await;
-            let Ok(Some((node, answer))) = next else {
-                break None;
-            };
-            let answer = match answer {
-                Ok(Some(info)) => Answer::Have(Box::new(info)),
-                Ok(None) => Answer::NotFound,
-                Err(reason) => {
-                    tracing::debug!(peer = %node, path = %hash, %reason, "peer failed to answer");
-                    Answer::Failed
-                }
-            };
-            match race.on_answer(node, answer, &self.policy) {
-                Decision::Win(narinfo) => {
-                    break Some(Found {
-                        narinfo: *narinfo,
-                        holders: vec![node],
-                    })
-                }
-                Decision::Wait => {}
-                Decision::Lose => break None,
-            }
+        let nodes: Vec<NodeId> = peers.iter().map(|p| p.node).collect();
+        let source = QuicSource {
+            mesh: &self.mesh,
+            timeout: self.deadline,
         };
-        // Dropping the rest cancels their streams.
-        drop(asks);
-        for (peer, why) in race.rejected() {
+        let outcome = race_narinfo(&source, &nodes, hash, &self.policy, deadline).await;
+        let result = outcome.won.map(|(narinfo, node)| Found {
+            narinfo,
+            holders: vec![node],
+        });
+        for (peer, why) in &outcome.rejected {
             tracing::warn!(peer = %peer, path = %hash, reason = %why, "ignored a peer's narinfo");
             self.stats.rejected.inc();
         }
