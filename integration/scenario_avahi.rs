@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use nixmesh::mesh::discovery::instance_name;
+use nixmesh::mesh::discovery::txt::instance_name;
 use nixmesh::mesh::identity::NodeId;
 
 use crate::harness::{wait_until, Host, Lan};
