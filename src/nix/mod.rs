@@ -1,6 +1,6 @@
 //! Nix's formats, each in its own file, and nothing else: every byte nixmesh
-//! reads or writes in a Nix format goes through here. Pure code; the only I/O
-//! is `nar::encode` reading the tree it is given.
+//! reads or writes in a Nix format goes through here. Pure code, no I/O (a
+//! tree is walked into a NAR by `store::nar_encode`).
 
 pub mod base16;
 pub mod base32;

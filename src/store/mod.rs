@@ -3,7 +3,9 @@
 //! NAR from the filesystem, `share` decides what may leave this host, and
 //! `shared` is the store as the outside sees it (policy applied).
 
+pub mod chunk_pool;
 pub mod db;
+pub mod nar_encode;
 pub mod nar_stream;
 pub mod share;
 pub mod shared;

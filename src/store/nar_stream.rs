@@ -12,9 +12,9 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::nix::nar::{self, NarSink};
 use crate::nix::PathInfo;
 use crate::store::db::Store;
+use crate::store::nar_encode::{self as nar, NarSink};
 
 /// Chunks in flight per stream; with `nar::CHUNK` this bounds memory per
 /// stream.
@@ -247,8 +247,8 @@ impl NarSink for VerifyingSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nix::nar::CHUNK;
     use crate::nix::{Sha256Hash, StorePath};
+    use crate::store::nar_encode::CHUNK;
 
     fn info_for(nar: &[u8]) -> PathInfo {
         PathInfo {
