@@ -28,6 +28,8 @@
 //! `unshare`, `flock`) and Debian's `nix-bin`.
 
 mod agent;
+#[path = "../tests/common/agent_process.rs"]
+mod agent_process;
 mod exec;
 mod host;
 mod network;

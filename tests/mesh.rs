@@ -157,7 +157,7 @@ fn strangers_get_nothing() {
         .map(|p| p["name"].as_str().unwrap_or("").to_string())
         .collect();
     assert_eq!(alive, ["b"], "a admits only b");
-    let log = std::fs::read_to_string(&_agents[0].log).unwrap();
+    let log = _agents[0].log_text();
     assert!(log.contains("refused a peer at the handshake"), "{log}");
 }
 

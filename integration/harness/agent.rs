@@ -3,15 +3,15 @@
 //! and metrics through its admin API inside the host, signalled, stopped
 //! with SIGTERM or killed with SIGKILL. Dropping the handle kills the agent.
 
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 use nixmesh::api::{PeerView, SurveyRow};
 use nixmesh::config::Config;
 
-use super::host::{read_lossy, Host};
+use super::agent_process::AgentProcess;
+use super::host::Host;
 
 /// Longest an agent may take to listen after it starts.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -28,11 +28,10 @@ enum Protocol {
 }
 
 pub struct AgentHandle {
-    child: Child,
+    process: AgentProcess,
     host: String,
     shell_pid: u32,
     config: Config,
-    log_path: PathBuf,
 }
 
 impl AgentHandle {
@@ -53,58 +52,42 @@ impl AgentHandle {
                 toml::Value::String(state_dir.display().to_string())
             )
         };
-        let config_path = host.dir().join(format!("agent-{n}.toml"));
-        let log_path = host.dir().join(format!("agent-{n}.log"));
-        fs::write(&config_path, &text)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
         // What the agent itself will make of it decides what to wait for;
         // a config it rejects is the agent's to report, in its log.
-        let config = Config::parse(&config_path.display().to_string(), &text).unwrap_or_default();
-        let log = fs::File::create(&log_path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
-        let config_arg = config_path.display().to_string();
-        let mut cmd = host.command(&[
-            env!("CARGO_BIN_EXE_nixmesh"),
-            "agent",
-            "--config",
-            &config_arg,
-        ]);
-        cmd.env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info,nixmesh=debug".into()),
-        )
-        .stdout(log.try_clone().expect("log file handle"))
-        .stderr(log);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: cannot start nixmesh agent: {e}", host.name()));
+        let config = Config::parse("agent config", &text).unwrap_or_default();
+        let process = AgentProcess::spawn(
+            host.dir(),
+            &format!("agent-{n}"),
+            &text,
+            Path::new(env!("CARGO_BIN_EXE_nixmesh")),
+            |argv| host.command(argv),
+        );
         AgentHandle {
-            child,
+            process,
             host: host.name().to_string(),
             shell_pid: host.shell_pid(),
             config,
-            log_path,
         }
     }
 
     pub fn log_path(&self) -> &Path {
-        &self.log_path
+        self.process.log_path()
     }
 
     /// Everything the agent has logged so far.
     pub fn log(&self) -> String {
-        read_lossy(&self.log_path)
+        self.process.log()
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.exited().is_none()
     }
 
     /// Sends `signal` (`STOP`, `CONT`, …) to the agent (`nsenter` execs
     /// the agent, so the child's pid is the agent's).
     pub fn signal(&self, signal: &str) {
         super::exec::checked(
-            Command::new("kill").args([format!("-{signal}"), self.child.id().to_string()]),
+            Command::new("kill").args([format!("-{signal}"), self.process.pid().to_string()]),
         );
     }
 
@@ -209,7 +192,7 @@ impl AgentHandle {
             Protocol::Udp => "-Hlun",
         };
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = self.process.exited() {
                 panic!(
                     "{}: nixmesh agent exited ({status}) before listening on {protocol:?} port {port}:\n{}",
                     self.host,
@@ -237,26 +220,25 @@ impl AgentHandle {
 
     /// SIGKILL: the agent gets no chance to clean up.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 
     /// SIGTERM, then waits for the agent to exit; panics if it takes longer
     /// than ten seconds.
     pub fn stop(&mut self) -> ExitStatus {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Some(status) = self.process.exited() {
             return status;
         }
-        let pid = self.child.id().to_string();
+        let pid = self.process.pid().to_string();
         let _ = Command::new("sh")
             .args(["-c", "kill -TERM \"$1\"", "kill", &pid])
             .status();
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return status,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
-                _ => {
+            match self.process.exited() {
+                Some(status) => return status,
+                None if Instant::now() < deadline => std::thread::sleep(POLL),
+                None => {
                     self.kill();
                     panic!(
                         "{}: nixmesh agent did not exit within {STOP_TIMEOUT:?} of SIGTERM:\n{}",
