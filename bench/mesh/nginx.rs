@@ -1,0 +1,85 @@
+//! nginx on a host, serving a `file://` binary cache: the baseline that
+//! sends the same NAR bytes as a static file.
+
+use super::*;
+
+/// nginx inside a host, serving `root` on its LAN address.
+pub(crate) struct Nginx {
+    pub(crate) child: Child,
+}
+
+impl Nginx {
+    pub(crate) fn start(host: &Host, root: &Path) -> Nginx {
+        let dir = host.dir().join("nginx");
+        fs::create_dir_all(dir.join("tmp")).expect("mkdir nginx");
+        let d = dir.display();
+        let conf = format!(
+            "user root;
+worker_processes auto;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    types {{
+        text/x-nix-narinfo narinfo;
+        text/x-nix-cache-info nix-cache-info;
+        application/x-nix-nar nar;
+    }}
+    default_type application/octet-stream;
+    server {{
+        listen {}:{NGINX_PORT};
+        root {};
+    }}
+}}
+",
+            host.addr(),
+            root.display()
+        );
+        let conf_path = dir.join("nginx.conf");
+        fs::write(&conf_path, conf).expect("write nginx.conf");
+        let log = fs::File::create(dir.join("stderr.log")).expect("nginx log");
+        let child = host
+            .command(&[
+                "nginx",
+                "-p",
+                &dir.display().to_string(),
+                "-c",
+                &conf_path.display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nginx");
+        let mut nginx = Nginx { child };
+        let url = format!("http://{}:{NGINX_PORT}/nix-cache-info", host.addr());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while host.http_status(&url).0 != 200 {
+            if let Ok(Some(status)) = nginx.child.try_wait() {
+                panic!(
+                    "nginx exited ({status}): {}",
+                    fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "nginx does not answer at {url}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nginx
+    }
+
+    pub(crate) fn stop(&mut self) {
+        // SIGTERM: the master takes its workers with it.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,97 @@
+//! What /proc says about the agents: their pids, CPU time, peak memory,
+//! and the machine's load.
+
+use super::*;
+
+pub(crate) fn agent_pid(agent: &AgentHandle) -> u32 {
+    let config = agent.log_path().with_extension("toml");
+    let config = config.display().to_string();
+    let procs = fs::read_dir("/proc").expect("/proc");
+    let mut found = Vec::new();
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let is_agent = args.contains(&b"agent".as_slice())
+            && args.contains(&config.as_bytes())
+            && args.first().is_some_and(|a| a.ends_with(b"nixmesh"));
+        if is_agent {
+            found.push(pid);
+        }
+    }
+    match found[..] {
+        [pid] => pid,
+        _ => panic!("expected one agent process with {config}, found {found:?}"),
+    }
+}
+
+pub(crate) fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        let tasks = fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for task in tasks {
+            let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            all.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    all
+}
+
+pub(crate) fn cpu_secs(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    pids.iter()
+        .map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+            // Fields 14 and 15 of proc(5), after `pid (comm) `.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().collect())
+                .unwrap_or_default();
+            let field = |n: usize| -> f64 {
+                fields
+                    .get(n - 3)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or_else(|| panic!("/proc/{pid}/stat: no field {n}: {stat}"))
+            };
+            (field(14) + field(15)) / ticks
+        })
+        .sum()
+}
+
+pub(crate) fn vm_hwm(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM for {pid}:\n{status}"))
+}
+
+pub(crate) fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
