@@ -594,6 +594,38 @@ fn a_cut_nar_download_resumes_where_it_stopped() {
     assert_eq!(resumed.status, 206, "{nars:?}");
 }
 
+/// A NAR fetched ahead and never claimed would be held for two minutes;
+/// an agent told to stop lets it go and ends every task at once.
+#[test]
+fn a_stopping_agent_does_not_wait_for_what_it_fetched_ahead() {
+    let (office, holder_settings, client_settings) = office_settings();
+    let a = MeshNode::new("a", &holder_settings);
+    let b = MeshNode::new("b", &client_settings);
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("kept.txt"), "never claimed\n").unwrap();
+    let kept = a.store.add(&src.path().join("kept.txt"));
+    a.store.sign(&office.secret, &kept);
+    let mut agents = full_mesh(&[&a, &b], &[holder_settings, client_settings]);
+    wait_for(Duration::from_secs(10), "b sees a", || {
+        all_alive(&b, &["a"])
+    });
+    let reply = get(
+        b.substituter_addr(),
+        &format!("/{}.narinfo", hash_part(&kept)),
+    );
+    assert_eq!(reply.status, 200);
+    wait_for(Duration::from_secs(10), "the NAR held ahead", || {
+        metric(&b, "nixmesh_prefetch_held_bytes") > 0
+    });
+    let stopping = agents.remove(1);
+    run_ok(std::process::Command::new("kill").args(["-TERM", &stopping.pid().to_string()]));
+    let took = wait_for(Duration::from_secs(15), "b's tasks all ended", || {
+        stopping.log_text().contains("every task has ended")
+    });
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+    assert!(!stopping.log_text().contains("still running"));
+}
+
 #[test]
 fn fetching_ahead_can_be_turned_off() {
     let holder = NodeSettings {

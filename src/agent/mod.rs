@@ -214,6 +214,7 @@ pub async fn run(
             config.substituter.priority,
             config.substituter.prefetch_mib << 20,
             detached.clone(),
+            shutdown.clone(),
         );
         let listener = listen(
             &mut inherited,

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch, Semaphore};
 
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use prometheus_client::metrics::counter::Counter;
@@ -196,6 +197,8 @@ pub struct Prefetcher {
     slots: Semaphore,
     pub stats: PrefetchStats,
     tasks: TaskTracker,
+    /// When the agent stops, NARs held for Nix are let go at once.
+    shutdown: CancellationToken,
 }
 
 impl Prefetcher {
@@ -205,6 +208,7 @@ impl Prefetcher {
         fetch_stats: Arc<FetchStats>,
         budget: u64,
         tasks: TaskTracker,
+        shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
             resolver,
@@ -214,6 +218,7 @@ impl Prefetcher {
             slots: Semaphore::new(PARALLEL),
             stats: PrefetchStats::default(),
             tasks,
+            shutdown,
         })
     }
 
@@ -294,7 +299,12 @@ impl Prefetcher {
         tx: watch::Sender<Phase>,
         size: u64,
     ) {
-        if until_released(&self.table, id, &hash, &tx, KEEP).await {
+        let unused = tokio::select! {
+            unused = until_released(&self.table, id, &hash, &tx, KEEP) => unused,
+            // The agent is stopping: nobody will claim it now.
+            _ = self.shutdown.cancelled() => true,
+        };
+        if unused {
             self.stats.unused.inc();
         }
         self.stats.held_bytes.dec_by(size);

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::fetch::prefetch::{Prefetched, Prefetcher};
@@ -44,6 +45,7 @@ impl Substituter {
         priority: u32,
         prefetch_bytes: u64,
         tasks: TaskTracker,
+        shutdown: CancellationToken,
     ) -> Arc<Self> {
         let fetch_stats = Arc::new(FetchStats::default());
         let prefetch = Prefetcher::new(
@@ -51,6 +53,7 @@ impl Substituter {
             fetch_stats.clone(),
             prefetch_bytes,
             tasks.clone(),
+            shutdown,
         );
         Arc::new(Self {
             resolver,
