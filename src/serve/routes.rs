@@ -106,6 +106,19 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Every URL `nix::binary_cache` writes routes back to what it names.
+        #[test]
+        fn written_urls_route_back(
+            hash in "[0-9abcdfghijklmnpqrsvwxyz]{32}",
+            digest in proptest::array::uniform32(proptest::prelude::any::<u8>()),
+        ) {
+            let hash = HashPart::parse(&hash).unwrap();
+            let nar_hash = Sha256Hash(digest);
+            let url = format!("/nar/{hash}-{}.nar", nar_hash.nix32_digest());
+            proptest::prop_assert_eq!(route(&url), Route::Nar { hash: hash.clone(), nar_hash });
+            proptest::prop_assert_eq!(route(&format!("/{hash}.narinfo")), Route::NarInfo(hash));
+        }
+
         /// Nix ≤ 2.31 aborts a substitution on a 5xx and 2.35 backs off
         /// 60 s on a 503: no request path, however odd, routes to one.
         #[test]
