@@ -7,9 +7,17 @@
 //!   mesh::discovery ─▶ mesh::peers ─▶ fetch::resolver (fetch::race) ─▶ fetch::relay ─▶ serve::substituter ─▶ Nix
 //!                                                          fetch::prefetch ┘
 //! serve (a neighbour wants one of ours):
-//!   store::db ─▶ store::share ─▶ store::nar_stream ─▶ mesh::server ─▶ peer
-//!                                              └─────▶ serve::http_cache ─▶ a host without an agent
+//!   store::db ─▶ store::share ─▶ store::nar_encode ─▶ store::nar_stream ─▶ mesh::server ─▶ peer
+//!                                                                   └─────▶ serve::http_cache ─▶ a host without an agent
 //! ```
+//!
+//! The folders depend one way: `nix` on nothing; `store` on `nix`; `mesh`
+//! on `nix`; `fetch` on `mesh`; `serve` on `fetch` and `store`. Where a lower
+//! part must act on a higher one it does so through a narrow method or a
+//! trait handed down: the peer server reads the store through
+//! `mesh::server::ServedPaths` (implemented in `agent`), the race asks peers
+//! through `fetch::race::NarInfoSource`, the relay quarantines and counts
+//! through `Mesh` methods.
 //!
 //! - `nix`: the Nix formats (NAR, narinfo, hashes, signatures, store paths,
 //!   nix.conf, the binary-cache text); nothing else parses or prints them.
