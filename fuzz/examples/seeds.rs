@@ -1,0 +1,119 @@
+//! Writes the fuzz targets' seed corpora (`fuzz/seeds/<target>/`) from
+//! real data: frames made by the real encoders, a narinfo written by
+//! `nix copy --to file://` (`seed-data/`), the repo's own nix.conf and config
+//! examples, the URLs the agent serves. Run from `fuzz/`:
+//! `cargo run --example seeds`.
+
+use std::fs;
+use std::path::Path;
+
+use nixmesh::mesh::discovery::txt::to_txt;
+use nixmesh::mesh::discovery::{Announcement, PROTOCOL_VERSION};
+use nixmesh::mesh::protocol::{Request, Response};
+use nixmesh::nix::{HashPart, NarInfo, Sha256Hash};
+
+const NIX_COPY_NARINFO: &str = include_str!("../seed-data/nix-copy.narinfo");
+const CONFIG_EXAMPLE: &str = include_str!("../../config.example.toml");
+const NIX_CONF_EXAMPLE: &str = include_str!("../../docs/systemd/nix.conf");
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new("seeds").join(target);
+    fs::create_dir_all(&dir).expect("corpus dir");
+    fs::write(dir.join(name), bytes).expect("seed file");
+}
+
+fn body(frame: Vec<u8>) -> Vec<u8> {
+    frame[4..].to_vec()
+}
+
+fn main() {
+    let narinfo = NarInfo::parse("/nix/store", NIX_COPY_NARINFO).expect("a real narinfo parses");
+    let hash: HashPart = narinfo.info.path.hash_part();
+    let nar_hash: Sha256Hash = narinfo.info.nar_hash;
+
+    let requests = [
+        Request::Ping { nonce: 7 },
+        Request::PathInfo { hash: hash.clone() },
+        Request::Nar {
+            hash: hash.clone(),
+            nar_hash,
+            offset: 96,
+        },
+        Request::Have {
+            hashes: vec![hash.clone(); 3],
+        },
+    ];
+    for (i, r) in requests.iter().enumerate() {
+        write("wire_request", &format!("seed-{i}"), &body(r.encode()));
+    }
+
+    let responses = [
+        Response::Pong {
+            nonce: 7,
+            name: "build-7".into(),
+        },
+        Response::PathInfo {
+            narinfo: NIX_COPY_NARINFO.to_string(),
+        },
+        Response::NotFound,
+        Response::NarFollows { nar_size: 144 },
+        Response::Have {
+            present: vec![true, false, true],
+        },
+        Response::Error {
+            code: 5,
+            message: "too many NAR streams".into(),
+        },
+    ];
+    for (i, r) in responses.iter().enumerate() {
+        write("wire_response", &format!("seed-{i}"), &body(r.encode()));
+    }
+
+    let own = Announcement {
+        version: PROTOCOL_VERSION,
+        key: [0x5a; 32],
+        quic_port: 5182,
+        mesh_id: "open".into(),
+        name: "build-7".into(),
+    };
+    let txt: Vec<String> = to_txt(&own).into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    write("mdns_txt", "seed-0", txt.join("\0").as_bytes());
+
+    write("narinfo", "seed-0", NIX_COPY_NARINFO.as_bytes());
+    write("narinfo", "seed-1", narinfo.render().as_bytes());
+
+    write("nix_conf", "seed-0", NIX_CONF_EXAMPLE.as_bytes());
+    write(
+        "nix_conf",
+        "seed-1",
+        b"extra-trusted-public-keys = office-1:AAAA\ninclude more.conf\n!include absent.conf\nsubstituters = http://127.0.0.1:5181 https://cache.nixos.org\nrequire-sigs = true\n",
+    );
+
+    let nar_url = format!("/nar/{hash}-{}.nar", nar_hash.nix32_digest());
+    for (i, (path, range)) in [
+        ("/nix-cache-info", ""),
+        (&*format!("/{hash}.narinfo"), ""),
+        (&*nar_url, "bytes=96-"),
+        (&*nar_url, "bytes=-16"),
+        (&*nar_url, "bytes=0-1,4-5"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut seed = 144u64.to_le_bytes().to_vec();
+        seed.extend_from_slice(path.as_bytes());
+        if !range.is_empty() {
+            seed.push(b'\n');
+            seed.extend_from_slice(range.as_bytes());
+        }
+        write("http_request", &format!("seed-{i}"), &seed);
+    }
+
+    write("agent_config", "seed-0", CONFIG_EXAMPLE.as_bytes());
+    write(
+        "agent_config",
+        "seed-1",
+        b"[mesh]\nallowed_peers = [\n  \"nixmesh-node:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\",\n]\n[substituter]\nprefetch_mib = 64\n",
+    );
+    println!("seed corpora written under seeds/");
+}
