@@ -76,7 +76,10 @@ fn main() {
         mesh_id: "open".into(),
         name: "build-7".into(),
     };
-    let txt: Vec<String> = to_txt(&own).into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let txt: Vec<String> = to_txt(&own)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     write("mdns_txt", "seed-0", txt.join("\0").as_bytes());
 
     write("narinfo", "seed-0", NIX_COPY_NARINFO.as_bytes());

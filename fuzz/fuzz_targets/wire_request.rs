@@ -13,6 +13,10 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(req) = Request::decode(data) {
         let frame = req.encode();
-        assert_eq!(&frame[4..], data, "a decoded request re-encodes to its bytes");
+        assert_eq!(
+            &frame[4..],
+            data,
+            "a decoded request re-encodes to its bytes"
+        );
     }
 });
