@@ -277,6 +277,45 @@ fn office_settings() -> (NixKey, NodeSettings, NodeSettings) {
     (office, holder, client)
 }
 
+/// Two agents of one office: `a` holds `files` (name, bytes), each signed
+/// with the office key; `b` trusts that key; both run and `b` sees `a`.
+struct OfficePair {
+    office: NixKey,
+    a: MeshNode,
+    b: MeshNode,
+    agents: Vec<Agent>,
+    /// The store paths of `files`, in order.
+    paths: Vec<String>,
+}
+
+fn office_pair(files: &[(&str, &[u8])]) -> OfficePair {
+    let (office, holder_settings, client_settings) = office_settings();
+    let a = MeshNode::new("a", &holder_settings);
+    let b = MeshNode::new("b", &client_settings);
+    let src = tempfile::tempdir().unwrap();
+    let paths = files
+        .iter()
+        .map(|(name, bytes)| {
+            let file = src.path().join(name);
+            std::fs::write(&file, bytes).unwrap();
+            let path = a.store.add(&file);
+            a.store.sign(&office.secret, &path);
+            path
+        })
+        .collect();
+    let agents = full_mesh(&[&a, &b], &[holder_settings, client_settings]);
+    wait_for(Duration::from_secs(10), "b sees a", || {
+        all_alive(&b, &["a"])
+    });
+    OfficePair {
+        office,
+        a,
+        b,
+        agents,
+        paths,
+    }
+}
+
 #[test]
 fn nix_substitutes_a_closure_spread_over_two_peers() {
     let (office, holder_settings, client_settings) = office_settings();
@@ -421,22 +460,21 @@ fn metric(node: &MeshNode, name: &str) -> u64 {
 
 #[test]
 fn small_nars_are_fetched_ahead_and_outlive_their_holder() {
-    let (office, holder_settings, client_settings) = office_settings();
-    let a = MeshNode::new("a", &holder_settings);
-    let b = MeshNode::new("b", &client_settings);
     // One NAR small enough to fetch ahead, one too big for it.
-    let src = tempfile::tempdir().unwrap();
-    std::fs::write(src.path().join("small.txt"), "fetched ahead\n").unwrap();
     let big_len = (nixmesh::fetch::prefetch::MAX_NAR + 1) as usize;
-    std::fs::write(src.path().join("big.bin"), vec![7u8; big_len]).unwrap();
-    let small = a.store.add(&src.path().join("small.txt"));
-    let big = a.store.add(&src.path().join("big.bin"));
-    a.store.sign(&office.secret, &small);
-    a.store.sign(&office.secret, &big);
-    let mut agents = full_mesh(&[&a, &b], &[holder_settings, client_settings]);
-    wait_for(Duration::from_secs(10), "b sees a", || {
-        all_alive(&b, &["a"])
-    });
+    // Every field bound: one left to `..` would be dropped here, and with
+    // it an agent or a store.
+    let OfficePair {
+        office,
+        a: _a,
+        b,
+        mut agents,
+        paths,
+    } = office_pair(&[
+        ("small.txt", b"fetched ahead\n"),
+        ("big.bin", &vec![7u8; big_len]),
+    ]);
+    let (small, big) = (&paths[0], &paths[1]);
 
     // Nix asks for narinfos first; b fetches the small NAR right away.
     for path in [&small, &big] {
@@ -459,14 +497,14 @@ fn small_nars_are_fetched_ahead_and_outlive_their_holder() {
     let out = b.store.substitute(
         &format!("http://{}", b.substituter_addr()),
         Some(&office.public),
-        &[&small],
+        &[small],
     );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    run_ok(b.store.cmd("nix-store").args(["--verify-path", &small]));
+    run_ok(b.store.cmd("nix-store").args(["--verify-path", small]));
     assert_eq!(metric(&b, "nixmesh_prefetch_served_total"), 1);
     assert_eq!(metric(&b, "nixmesh_prefetch_held_bytes"), 0);
     let log = agents[0].log_text();
@@ -478,34 +516,28 @@ fn small_nars_are_fetched_ahead_and_outlive_their_holder() {
     let out = b.store.substitute(
         &format!("http://{}", b.substituter_addr()),
         Some(&office.public),
-        &[&big],
+        &[big],
     );
     assert!(!out.status.success(), "the big NAR came from nowhere");
-    assert!(!b.store.is_valid(&big));
+    assert!(!b.store.is_valid(big));
 }
 
 /// Through the substituter, a NAR relayed from a peer and one fetched ahead
 /// answer `Range` alike; the relay still checks every byte.
 #[test]
 fn the_substituter_answers_byte_ranges() {
-    let (office, holder_settings, client_settings) = office_settings();
-    let a = MeshNode::new("a", &holder_settings);
-    let b = MeshNode::new("b", &client_settings);
-    let src = tempfile::tempdir().unwrap();
     let small_bytes: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
-    std::fs::write(src.path().join("small.bin"), small_bytes).unwrap();
     let big_len = (nixmesh::fetch::prefetch::MAX_NAR + 1) as usize;
     let big_bytes: Vec<u8> = (0..big_len as u32).map(|i| (i * 13 % 241) as u8).collect();
-    std::fs::write(src.path().join("big.bin"), big_bytes).unwrap();
-    let small = a.store.add(&src.path().join("small.bin"));
-    let big = a.store.add(&src.path().join("big.bin"));
-    a.store.sign(&office.secret, &small);
-    a.store.sign(&office.secret, &big);
-    let _agents = full_mesh(&[&a, &b], &[holder_settings, client_settings]);
-    wait_for(Duration::from_secs(10), "b sees a", || {
-        all_alive(&b, &["a"])
-    });
-    for path in [&big, &small] {
+    let OfficePair {
+        office: _office,
+        a,
+        b,
+        agents: _agents,
+        paths,
+    } = office_pair(&[("small.bin", &small_bytes), ("big.bin", &big_bytes)]);
+    let (small, big) = (&paths[0], &paths[1]);
+    for path in [big, small] {
         let reply = get(
             b.substituter_addr(),
             &format!("/{}.narinfo", hash_part(path)),
@@ -514,7 +546,7 @@ fn the_substituter_answers_byte_ranges() {
         let info = nixmesh::nix::NarInfo::parse("/nix/store", &reply.text()).unwrap();
         let url = format!("/{}", info.url);
         let nar = a.store.dump(path);
-        if path == &small {
+        if path == small {
             // Its first request takes the copy fetched ahead.
             wait_for(
                 Duration::from_secs(10),
@@ -542,25 +574,22 @@ fn the_substituter_answers_byte_ranges() {
 /// `Range`; there the cut must still leave no invalid or corrupt path.
 #[test]
 fn a_cut_nar_download_resumes_where_it_stopped() {
-    let (office, holder_settings, client_settings) = office_settings();
-    let a = MeshNode::new("a", &holder_settings);
-    let b = MeshNode::new("b", &client_settings);
-    let src = tempfile::tempdir().unwrap();
     let len = 6 << 20;
     let bytes: Vec<u8> = (0..len as u32).map(|i| (i * 31 % 239) as u8).collect();
-    std::fs::write(src.path().join("cut.bin"), bytes).unwrap();
-    let path = a.store.add(&src.path().join("cut.bin"));
-    a.store.sign(&office.secret, &path);
-    let _agents = full_mesh(&[&a, &b], &[holder_settings, client_settings]);
-    wait_for(Duration::from_secs(10), "b sees a", || {
-        all_alive(&b, &["a"])
-    });
+    let OfficePair {
+        office,
+        a: _a,
+        b,
+        agents: _agents,
+        paths,
+    } = office_pair(&[("cut.bin", &bytes)]);
+    let path = &paths[0];
     let cut_after = 2 << 20;
     let proxy = cut_proxy::CuttingProxy::start(b.substituter_addr(), "/nar/", cut_after);
     let out = b.store.substitute(
         &format!("http://{}", proxy.addr),
         Some(&office.public),
-        &[&path],
+        &[path],
     );
     let nars: Vec<_> = proxy
         .seen()
@@ -569,8 +598,8 @@ fn a_cut_nar_download_resumes_where_it_stopped() {
         .collect();
     assert!(nars.first().is_some_and(|r| r.cut), "{nars:?}");
     if nix_under_test::selected().version == "2.8" {
-        if b.store.is_valid(&path) {
-            run_ok(b.store.cmd("nix-store").args(["--verify-path", &path]));
+        if b.store.is_valid(path) {
+            run_ok(b.store.cmd("nix-store").args(["--verify-path", path]));
         }
         return;
     }
@@ -579,7 +608,7 @@ fn a_cut_nar_download_resumes_where_it_stopped() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    run_ok(b.store.cmd("nix-store").args(["--verify-path", &path]));
+    run_ok(b.store.cmd("nix-store").args(["--verify-path", path]));
     let resumed = nars.iter().find(|r| r.range.is_some());
     let resumed = resumed.unwrap_or_else(|| panic!("Nix never resumed: {nars:?}"));
     // From what Nix had written, which is at most what it was sent.
@@ -598,20 +627,17 @@ fn a_cut_nar_download_resumes_where_it_stopped() {
 /// an agent told to stop lets it go and ends every task at once.
 #[test]
 fn a_stopping_agent_does_not_wait_for_what_it_fetched_ahead() {
-    let (office, holder_settings, client_settings) = office_settings();
-    let a = MeshNode::new("a", &holder_settings);
-    let b = MeshNode::new("b", &client_settings);
-    let src = tempfile::tempdir().unwrap();
-    std::fs::write(src.path().join("kept.txt"), "never claimed\n").unwrap();
-    let kept = a.store.add(&src.path().join("kept.txt"));
-    a.store.sign(&office.secret, &kept);
-    let mut agents = full_mesh(&[&a, &b], &[holder_settings, client_settings]);
-    wait_for(Duration::from_secs(10), "b sees a", || {
-        all_alive(&b, &["a"])
-    });
+    let OfficePair {
+        office: _office,
+        a: _a,
+        b,
+        mut agents,
+        paths,
+    } = office_pair(&[("kept.txt", b"never claimed\n")]);
+    let kept = &paths[0];
     let reply = get(
         b.substituter_addr(),
-        &format!("/{}.narinfo", hash_part(&kept)),
+        &format!("/{}.narinfo", hash_part(kept)),
     );
     assert_eq!(reply.status, 200);
     wait_for(Duration::from_secs(10), "the NAR held ahead", || {
