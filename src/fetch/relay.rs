@@ -62,21 +62,26 @@ pub struct FetchStats {
 
 impl FetchStats {
     pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "nixmesh_nar_completed",
-            "NARs relayed to Nix and verified",
-            self.completed.clone(),
-        );
-        registry.register(
-            "nixmesh_nar_failovers",
-            "Times a NAR stream moved to another holder",
-            self.failovers.clone(),
-        );
-        registry.register(
-            "nixmesh_nar_verify_failures",
-            "NARs from the mesh that did not verify",
-            self.verify_failures.clone(),
-        );
+        let counters = [
+            (
+                "nixmesh_nar_completed",
+                "NARs relayed to Nix and verified",
+                &self.completed,
+            ),
+            (
+                "nixmesh_nar_failovers",
+                "Times a NAR stream moved to another holder",
+                &self.failovers,
+            ),
+            (
+                "nixmesh_nar_verify_failures",
+                "NARs from the mesh that did not verify",
+                &self.verify_failures,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
         registry.register(
             "nixmesh_nar_streams_in_flight",
             "NAR streams being relayed now",

@@ -117,21 +117,26 @@ impl Default for RaceStats {
 
 impl RaceStats {
     pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "nixmesh_narinfo_hits",
-            "Narinfo races won by a peer",
-            self.hits.clone(),
-        );
-        registry.register(
-            "nixmesh_narinfo_misses",
-            "Narinfo races no peer won",
-            self.misses.clone(),
-        );
-        registry.register(
-            "nixmesh_narinfo_rejected",
-            "Peer narinfos rejected by the trust checks",
-            self.rejected.clone(),
-        );
+        let counters = [
+            (
+                "nixmesh_narinfo_hits",
+                "Narinfo races won by a peer",
+                &self.hits,
+            ),
+            (
+                "nixmesh_narinfo_misses",
+                "Narinfo races no peer won",
+                &self.misses,
+            ),
+            (
+                "nixmesh_narinfo_rejected",
+                "Peer narinfos rejected by the trust checks",
+                &self.rejected,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
         registry.register(
             "nixmesh_race_seconds",
             "Time to decide a narinfo race",
