@@ -56,18 +56,7 @@ impl Lan {
     /// Builds a LAN of `n_hosts` hosts, `h0` … `h{n-1}`, each with an empty
     /// store and a running nix-daemon that knows no substituter.
     pub fn new(n_hosts: usize) -> Lan {
-        preflight();
-        let run = Run::claim();
-        // From here on, dropping `lan` (also while panicking) cleans up.
-        let mut lan = Lan {
-            run,
-            hosts: Vec::with_capacity(n_hosts),
-        };
-        network::create_bridge(&lan.run.bridge());
-        for i in 0..n_hosts {
-            let host = Host::start(&lan.run, i);
-            lan.hosts.push(host);
-        }
+        let lan = Lan::build(n_hosts, true);
         if let Some(h0) = lan.hosts.first() {
             // A wrong NIXMESH_TEST_NIX (or a root that holds another
             // version) must not pass silently.
@@ -76,6 +65,30 @@ impl Lan {
                 String::from_utf8_lossy(&out.stdout).trim(),
                 &String::from_utf8_lossy(&out.stderr),
             );
+        }
+        lan
+    }
+
+    /// A LAN of `n_hosts` hosts for agents alone: no nix-daemon runs, each
+    /// store is empty and stays so. For scenarios about the mesh itself at
+    /// office scale, where 50 daemons would only cost time and memory.
+    pub fn agents_only(n_hosts: usize) -> Lan {
+        Lan::build(n_hosts, false)
+    }
+
+    fn build(n_hosts: usize, with_daemons: bool) -> Lan {
+        preflight();
+        let run = Run::claim();
+        // From here on, dropping `lan` (also while panicking) cleans up.
+        let mut lan = Lan {
+            run,
+            hosts: Vec::with_capacity(n_hosts),
+        };
+        network::make_room_for_neighbours(n_hosts);
+        network::create_bridge(&lan.run.bridge());
+        for i in 0..n_hosts {
+            let host = Host::start(&lan.run, i, with_daemons);
+            lan.hosts.push(host);
         }
         lan
     }
@@ -95,6 +108,15 @@ impl Lan {
         DelaySwitch::start(&self.run.bridge(), &veths, one_way)
     }
 
+    /// Makes every host lose `per_mille` of the frames that reach it, each
+    /// on its own (so a multicast frame may reach some hosts and not
+    /// others), as on a lossy medium such as Wi-Fi. 0 ends the loss.
+    pub fn lose_frames(&self, per_mille: u32) {
+        for host in &self.hosts {
+            host.lose_frames(per_mille);
+        }
+    }
+
     /// `nmtNNN`: the prefix of every name this Lan made on the machine.
     pub fn name(&self) -> &str {
         &self.run.name
@@ -110,6 +132,9 @@ impl Lan {
                     log.display(),
                     host::read_lossy(&log)
                 );
+            }
+            if !host.daemon_log().exists() {
+                continue;
             }
             let daemon = host::read_lossy(&host.daemon_log());
             let tail: Vec<&str> = daemon
@@ -186,6 +211,7 @@ fn preflight() {
             ("nsenter", "util-linux", &machine_path),
             ("unshare", "util-linux", &machine_path),
             ("flock", "util-linux", &machine_path),
+            ("nft", "nftables", "/usr/sbin:/sbin"),
             ("timeout", "coreutils", host::PATH),
             ("nix-daemon", "nix-bin", host::PATH),
             ("nix-store", "nix-bin", host::PATH),

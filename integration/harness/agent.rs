@@ -79,6 +79,11 @@ impl AgentHandle {
         self.process.log()
     }
 
+    /// The agent's process id on the machine.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.process.exited().is_none()
     }

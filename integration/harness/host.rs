@@ -83,8 +83,9 @@ pub struct Host {
 }
 
 impl Host {
-    /// Wires host `index` of `run`, mounts its `/nix`, starts its daemon.
-    pub(super) fn start(run: &Run, index: usize) -> Host {
+    /// Wires host `index` of `run`, mounts its `/nix`, and starts its
+    /// daemon if `with_daemon`.
+    pub(super) fn start(run: &Run, index: usize, with_daemon: bool) -> Host {
         let name = format!("h{index}");
         let dir = run.dir.join(&name);
         for sub in ["nix", "etc-nix", "home", "tmp", "files", "keys", "nixmesh"] {
@@ -106,7 +107,9 @@ impl Host {
             agent_logs: Mutex::new(Vec::new()),
             files_made: AtomicUsize::new(0),
         };
-        host.start_daemon();
+        if with_daemon {
+            host.start_daemon();
+        }
         host
     }
 
@@ -365,6 +368,11 @@ impl Host {
     /// Limits this host's link to `bits_per_sec` in each direction.
     pub fn shape(&self, bits_per_sec: u64) {
         network::shape(&self.netns, &self.veth, bits_per_sec);
+    }
+
+    /// Loses `per_mille` of the frames that reach this host (0: none).
+    pub fn lose_frames(&self, per_mille: u32) {
+        network::lose_frames(&self.netns, per_mille);
     }
 
     /// Starts `nixmesh agent` here with `config_toml` and returns once it

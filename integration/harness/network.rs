@@ -11,6 +11,33 @@ use super::exec::{self, ip};
 /// The host's end of its veth, inside its namespace.
 pub const HOST_IF: &str = "eth0";
 
+/// The machine's ARP table is one for all network namespaces: its limits
+/// (`gc_thresh1..3`, by default 128 / 512 / 1024 entries) count the
+/// entries of every host of every Lan together. A LAN of `n` hosts that all
+/// talk to each other needs about `n * (n - 1)` of them; past the hard
+/// limit the kernel drops packets to new neighbours ("neighbor table
+/// overflow"), which real machines, each with its own table, never see.
+/// Raises the limits (never lowers them) to fit `n_hosts`, with room for a
+/// few Lans at once.
+pub fn make_room_for_neighbours(n_hosts: usize) {
+    let needed = (n_hosts * n_hosts.saturating_sub(1) * 4).max(1024);
+    for (knob, value) in [
+        ("gc_thresh1", needed / 4),
+        ("gc_thresh2", needed / 2),
+        ("gc_thresh3", needed),
+    ] {
+        let path = format!("/proc/sys/net/ipv4/neigh/default/{knob}");
+        let now: usize = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if now < value {
+            std::fs::write(&path, value.to_string())
+                .unwrap_or_else(|e| panic!("cannot raise {path} to {value}: {e}"));
+        }
+    }
+}
+
 pub fn create_bridge(bridge: &str) {
     // No snooping, so multicast (mDNS) reaches every port without IGMP; no
     // netfilter, so the machine's firewall rules never see LAN traffic.
@@ -82,6 +109,57 @@ pub fn shape(netns: &str, veth: &str, bits_per_sec: u64) {
     };
     tc(&["-n", netns], HOST_IF);
     tc(&[], veth);
+}
+
+/// Drops `per_mille` of the frames that arrive at `netns`'s `eth0`, each
+/// on its own draw (nftables, at the device's ingress, before anything in
+/// the host sees them); 0 removes the rule. The kernel here has no
+/// `netem`, but nftables' random number generator does this job.
+pub fn lose_frames(netns: &str, per_mille: u32) {
+    assert!(per_mille <= 1000, "{per_mille} per mille is not a share");
+    let _ = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "nft",
+            "delete",
+            "table",
+            "netdev",
+            "nixmesh_loss",
+        ])
+        .output();
+    if per_mille == 0 {
+        return;
+    }
+    let rules = format!(
+        "table netdev nixmesh_loss {{\n\
+           chain ingress {{\n\
+             type filter hook ingress device {HOST_IF} priority 0; policy accept;\n\
+             numgen random mod 1000 < {per_mille} drop\n\
+           }}\n\
+         }}\n"
+    );
+    let mut nft = Command::new("ip");
+    nft.args(["netns", "exec", netns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = nft
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run nft in {netns} (Debian package nftables): {e}"));
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write as _;
+        stdin
+            .write_all(rules.as_bytes())
+            .unwrap_or_else(|e| panic!("nft in {netns}: {e}"));
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("nft in {netns}: {e}"));
+    if !out.status.success() {
+        panic!("{}", exec::failure(&nft, &out));
+    }
 }
 
 fn no_ipv6_on_machine(link: &str) {

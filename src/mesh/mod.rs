@@ -1,9 +1,11 @@
 //! The peers of this node: who they are (`identity`), how they are found
 //! (`discovery`), the live table of them (`peers`), the QUIC link to them
-//! (`transport`, `protocol`), this node's end of it (`node`), and both
-//! sides of a request: `client` asks a peer, `server` answers one.
+//! (`transport`, `protocol`), this node's end of it (`node`) and when it
+//! dials whom (`dial_plan`), and both sides of a request: `client` asks a
+//! peer, `server` answers one.
 
 pub mod client;
+pub mod dial_plan;
 pub mod discovery;
 pub mod identity;
 pub mod inbound;

@@ -1,8 +1,18 @@
 //! The mesh as this node sees it: one QUIC endpoint (serving and dialling on
 //! the same UDP port), one cached connection per peer, the health checker
-//! that pings every peer each second and ages the peer table, and the
-//! intake of discovery events and static peers. The substituter asks it
-//! for connections to usable peers; the admin API reads its table.
+//! that ages the peer table and dials the peers that have no connection
+//! (as `dial_plan` says), and the intake of discovery events and static
+//! peers. The substituter asks it for connections to usable peers; the
+//! admin API reads its table.
+//!
+//! A peer is alive while its connection carries traffic: QUIC's own
+//! keep-alives (`transport::KEEP_ALIVE`) make every connection hear from
+//! the other side about once a second, and the health checker reads the
+//! connection's receive counter each `AGE_INTERVAL`, so liveness costs no
+//! request of ours. A request-level ping goes over each connection once
+//! when it opens (it tells the peer's name) and then every
+//! `APP_PING_INTERVAL`, to find an agent whose QUIC answers but whose
+//! server does not.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -16,6 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
 use crate::mesh::client;
+use crate::mesh::dial_plan::DialPlan;
 use crate::mesh::discovery::DiscoveryEvent;
 use crate::mesh::identity::NodeId;
 use crate::mesh::inbound::InboundGate;
@@ -23,11 +34,19 @@ use crate::mesh::peers::{Peer, PeerCounters, PeerSource, PeerTable, PeerView};
 use crate::mesh::server::PeerServer;
 use crate::mesh::transport::{self, Admission, TlsIdentity, TransportError};
 
-pub const PING_INTERVAL: Duration = Duration::from_millis(1000);
-/// How often peer states are re-evaluated.
+/// How often each connected peer is asked to answer a request.
+pub const APP_PING_INTERVAL: Duration = Duration::from_secs(15);
+/// How often peer states are re-evaluated and connections looked at.
 pub const AGE_INTERVAL: Duration = Duration::from_millis(250);
 pub const PING_TIMEOUT: Duration = Duration::from_millis(1500);
 pub const DIAL_TIMEOUT: Duration = Duration::from_millis(2000);
+/// Handshakes this node runs as a client at once. When a whole office
+/// starts together, each agent learns of every other within a second; all
+/// those handshakes at once starve each other past `DIAL_TIMEOUT`.
+pub const MAX_DIALS_IN_FLIGHT: usize = 8;
+/// QUIC application close code for a connection whose peer did not answer
+/// a ping: the next dial starts afresh.
+pub const CLOSE_UNRESPONSIVE: u32 = 0x11;
 /// Addresses remembered as refused before the list starts over.
 const MAX_REFUSALS_REMEMBERED: usize = 1024;
 /// Socket buffer asked for each way: a few ms of a fast LAN's datagrams.
@@ -56,6 +75,12 @@ pub struct Mesh {
     admission: Admission,
     table: Arc<Mutex<PeerTable>>,
     conns: Mutex<HashMap<NodeId, quinn::Connection>>,
+    /// Per connection (by stable id): datagrams received when last looked.
+    heard: Mutex<HashMap<usize, u64>>,
+    /// When each peer last answered (or was asked) a request-level ping.
+    app_pinged: Mutex<HashMap<NodeId, Instant>>,
+    plan: Mutex<DialPlan>,
+    dials: tokio::sync::Semaphore,
     pinging: Mutex<HashSet<NodeId>>,
     refused: Mutex<HashSet<std::net::IpAddr>>,
     inbound: InboundGate,
@@ -110,12 +135,17 @@ impl Mesh {
             addr: listen,
             source,
         })?;
+        let own = identity.node;
         let mesh = Arc::new(Self {
             endpoint,
             identity,
             admission,
             table,
             conns: Mutex::new(HashMap::new()),
+            heard: Mutex::new(HashMap::new()),
+            app_pinged: Mutex::new(HashMap::new()),
+            plan: Mutex::new(DialPlan::new(own)),
+            dials: tokio::sync::Semaphore::new(MAX_DIALS_IN_FLIGHT),
             pinging: Mutex::new(HashSet::new()),
             refused: Mutex::new(HashSet::new()),
             inbound: InboundGate::default(),
@@ -177,11 +207,26 @@ impl Mesh {
                     if new {
                         tracing::info!(peer = %node, %name, ?addrs, "discovered a peer");
                     }
+                    let now = Instant::now();
+                    let due = {
+                        let mut plan = lock(&self.plan);
+                        plan.announced(node, now);
+                        plan.is_due(&node, now)
+                    };
                     // Reach it now rather than at the next health round.
-                    self.tasks.spawn(self.clone().ping_peer(node));
+                    if due && !self.has_open_connection(&node) {
+                        self.tasks.spawn(self.clone().ping_peer(node));
+                    }
                 }
                 DiscoveryEvent::Lost { key } => {
                     let node = NodeId(key);
+                    // An mDNS record can expire while the peer is there (its
+                    // refreshes lost on a lossy LAN); a peer still talking
+                    // on its connection stays. One shutting down closes it.
+                    if self.heard_lately(&node) {
+                        tracing::debug!(peer = %node, "mDNS record gone, but the peer is connected; keeping it");
+                        continue;
+                    }
                     tracing::info!(peer = %node, "peer said goodbye");
                     self.forget(&node);
                 }
@@ -192,6 +237,24 @@ impl Mesh {
     fn forget(&self, node: &NodeId) {
         self.with_table(|t| t.remove(node));
         lock(&self.conns).remove(node);
+        lock(&self.plan).forget(node);
+        lock(&self.app_pinged).remove(node);
+    }
+
+    fn has_open_connection(&self, node: &NodeId) -> bool {
+        lock(&self.conns)
+            .get(node)
+            .is_some_and(|c| c.close_reason().is_none())
+    }
+
+    /// Whether the peer's connection carried traffic within `SUSPECT_AFTER`.
+    fn heard_lately(&self, node: &NodeId) -> bool {
+        self.has_open_connection(node)
+            && self.with_table(|t| {
+                t.get(node)
+                    .and_then(|p| p.last_seen)
+                    .is_some_and(|s| s.elapsed() < crate::mesh::peers::SUSPECT_AFTER)
+            })
     }
 
     /// Tells every peer this node is going away, and waits (briefly) for the
@@ -243,12 +306,25 @@ impl Mesh {
                 let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
                 tracing::debug!(peer = %node, %remote, "peer connected");
                 // The peer dials from its listening port: that is its address.
+                let now = Instant::now();
                 this.with_table(|t| {
-                    t.upsert(node, "", vec![remote], PeerSource::Inbound, Instant::now())
+                    t.upsert(node, "", vec![remote], PeerSource::Inbound, now);
+                    t.record_heard(&node, conn.rtt(), now);
                 });
-                lock(&this.conns)
-                    .entry(node)
-                    .or_insert_with(|| conn.clone());
+                lock(&this.plan).connected(node, now);
+                let adopted = {
+                    let mut conns = lock(&this.conns);
+                    let open = conns.get(&node).is_some_and(|c| c.close_reason().is_none());
+                    if !open {
+                        conns.insert(node, conn.clone());
+                    }
+                    !open
+                };
+                if adopted {
+                    // Learn its name now (an inbound peer may not be
+                    // announced to us at all).
+                    this.tasks.spawn(this.clone().ping_peer(node));
+                }
                 this.watch_close(node, conn.clone());
                 this.server.clone().serve_connection(conn, node).await;
             });
@@ -278,6 +354,7 @@ impl Mesh {
                     return;
                 }
             }
+            lock(&this.heard).remove(&conn.stable_id());
             let mut conns = lock(&this.conns);
             if conns
                 .get(&node)
@@ -302,7 +379,22 @@ impl Mesh {
         let peer = self
             .with_table(|t| t.get(&node).cloned())
             .ok_or(MeshError::UnknownPeer(node))?;
-        let conn = self.dial(&peer).await?;
+        lock(&self.plan).dialling(node, Instant::now());
+        let dialled = match self.dials.acquire().await {
+            Ok(_permit) => self.dial(&peer).await,
+            Err(_) => Err(MeshError::Unreachable {
+                peer: node,
+                reason: "shutting down".into(),
+            }),
+        };
+        let conn = match dialled {
+            Ok(conn) => conn,
+            Err(e) => {
+                lock(&self.plan).failed(node, Instant::now(), jitter());
+                return Err(e);
+            }
+        };
+        lock(&self.plan).connected(node, Instant::now());
         lock(&self.conns).insert(node, conn.clone());
         self.watch_close(node, conn.clone());
         let server = self.server.clone();
@@ -358,37 +450,74 @@ impl Mesh {
                 })
         }
         .await;
+        lock(&self.app_pinged).insert(node, Instant::now());
         match result {
             Ok((rtt, name)) => {
                 self.with_table(|t| t.record_pong(&node, rtt, &name, Instant::now()));
             }
-            Err(e) => tracing::debug!(peer = %node, error = %e, "ping failed"),
+            Err(e) => {
+                tracing::debug!(peer = %node, error = %e, "ping failed");
+                // QUIC may still answer for an agent whose server does
+                // not; that connection must not keep the peer alive.
+                let open = lock(&self.conns).remove(&node);
+                if let Some(conn) = open {
+                    conn.close(CLOSE_UNRESPONSIVE.into(), b"no answer to a ping");
+                }
+            }
         }
         lock(&self.pinging).remove(&node);
     }
 
-    /// Ages the table every `AGE_INTERVAL` and pings every peer every
-    /// `PING_INTERVAL`, so a silent peer is gone within
-    /// `GONE_AFTER + AGE_INTERVAL` of its last answer.
+    /// Every `AGE_INTERVAL`: a peer whose connection received anything
+    /// since the last look is alive; the table ages the others, so a silent
+    /// peer is gone within `GONE_AFTER + AGE_INTERVAL` of its last packet.
+    /// Peers without a connection are dialled when the plan says so, and
+    /// connected ones pinged every `APP_PING_INTERVAL`.
     async fn health_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(AGE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_round: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let now = Instant::now();
+            let conns: Vec<(NodeId, quinn::Connection)> = lock(&self.conns)
+                .iter()
+                .filter(|(_, c)| c.close_reason().is_none())
+                .map(|(n, c)| (*n, c.clone()))
+                .collect();
+            let heard: Vec<(NodeId, Duration)> = {
+                let mut seen = lock(&self.heard);
+                conns
+                    .iter()
+                    .filter_map(|(node, conn)| {
+                        let received = conn.stats().udp_rx.datagrams;
+                        let before = seen.insert(conn.stable_id(), received);
+                        (before != Some(received)).then(|| (*node, conn.rtt()))
+                    })
+                    .collect()
+            };
             let peers = self.with_table(|t| {
-                t.tick(Instant::now());
+                for (node, rtt) in &heard {
+                    t.record_heard(node, *rtt, now);
+                }
+                t.tick(now);
                 t.all()
             });
-            if last_round.is_some_and(|t| t.elapsed() < PING_INTERVAL) {
-                continue;
-            }
-            last_round = Some(Instant::now());
+            lock(&self.plan).retain(|n| peers.iter().any(|p| p.node == *n));
+            let connected: HashSet<NodeId> = conns.iter().map(|(n, _)| *n).collect();
             for p in peers {
-                self.tasks.spawn(self.clone().ping_peer(p.node));
+                let due = if connected.contains(&p.node) {
+                    lock(&self.app_pinged)
+                        .get(&p.node)
+                        .is_none_or(|t| now.saturating_duration_since(*t) >= APP_PING_INTERVAL)
+                } else {
+                    lock(&self.plan).is_due(&p.node, now)
+                };
+                if due {
+                    self.tasks.spawn(self.clone().ping_peer(p.node));
+                }
             }
         }
     }
@@ -402,6 +531,15 @@ impl Mesh {
     pub fn usable_peers(&self) -> Vec<Peer> {
         self.with_table(|t| t.usable(Instant::now()))
     }
+}
+
+/// A number in [0, 1) to spread retries, from the clock's low bits (no
+/// need for more randomness than that).
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    f64::from(nanos % 1_000_000) / 1_000_000.0
 }
 
 /// A UDP socket on `addr`; for `[::]` also reachable over IPv4. Its

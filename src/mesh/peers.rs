@@ -176,6 +176,20 @@ impl PeerTable {
         }
     }
 
+    /// Traffic came from the peer's connection: it is alive. `rtt` is the
+    /// connection's own estimate of the round trip.
+    pub fn record_heard(&mut self, node: &NodeId, rtt: Duration, now: Instant) {
+        if let Some(p) = self.peers.get_mut(node) {
+            p.srtt = Some(rtt);
+            p.last_seen = Some(now);
+            p.state = PeerState::Alive;
+        }
+    }
+
+    pub fn contains(&self, node: &NodeId) -> bool {
+        self.peers.contains_key(node)
+    }
+
     /// Moves peers along Alive → Suspect → Gone by silence; forgets long-gone
     /// discovered peers.
     pub fn tick(&mut self, now: Instant) {

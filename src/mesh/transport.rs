@@ -25,6 +25,7 @@ pub const SERVER_NAME: &str = "nixmesh";
 /// well before it, so only a vanished peer reaches it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub const KEEP_ALIVE: Duration = Duration::from_millis(1000);
+pub const INITIAL_RTT: Duration = Duration::from_millis(100);
 /// Concurrent requests a peer may have open on one connection.
 pub const MAX_STREAMS_PER_PEER: u32 = 128;
 /// A request frame must arrive within this after its stream opened.
@@ -277,6 +278,10 @@ pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    // A LAN's round trip is a few ms, not the 333 ms QUIC assumes before
+    // it has measured one: a lost handshake packet is sent again after
+    // about 3 x this, well inside `DIAL_TIMEOUT`, not after a second.
+    t.initial_rtt(INITIAL_RTT);
     t.max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into());
     t.max_concurrent_uni_streams(0u32.into());
     // Room for a LAN's bandwidth-delay product on bulk NAR streams.

@@ -100,8 +100,11 @@ impl AnnouncedPeers {
         addrs.dedup();
         addrs.truncate(MAX_ADDRS);
         if addrs.is_empty() {
-            tracing::debug!(%fullname, "mDNS: peer has no dialable address");
-            return self.drop_peer(&fullname);
+            // An answer that came without the host's A record (it travels
+            // in another packet, or was lost): the daemon asks for it
+            // again. A peer already known keeps the addresses it had.
+            tracing::debug!(%fullname, "mDNS: peer has no dialable address (yet)");
+            return None;
         }
         let record = PeerRecord {
             key: announcement.key,
@@ -282,6 +285,24 @@ mod tests {
             None
         );
         assert!(peers.peers.is_empty());
+    }
+
+    #[test]
+    fn an_answer_without_an_address_keeps_a_known_peer() {
+        let mut peers = view();
+        let b = announcement(2);
+        let name = fullname_of(&b);
+        assert!(peers
+            .on_resolved(&name, Ok(to_txt(&b)), [ip("10.9.0.2")])
+            .is_some());
+        assert_eq!(
+            peers.on_resolved(&name, Ok(to_txt(&b)), [ip("fe80::2")]),
+            None
+        );
+        assert_eq!(
+            peers.on_removed(&name),
+            Some(DiscoveryEvent::Lost { key: b.key })
+        );
     }
 
     #[test]

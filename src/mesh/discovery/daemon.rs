@@ -6,7 +6,10 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use mdns_sd::{DaemonEvent, IfKind, ServiceDaemon, ServiceEvent, ServiceInfo, UnregisterStatus};
+use mdns_sd::{
+    DaemonEvent, IfKind, ResolvedService, ServiceDaemon, ServiceEvent, ServiceInfo,
+    UnregisterStatus,
+};
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -40,8 +43,8 @@ pub enum DiscoveryError {
 
 /// TXT properties of a received record as strings; a non-UTF-8 value makes
 /// the whole record malformed, and a key with no value reads as empty.
-fn txt_of(info: &ServiceInfo) -> Result<Vec<(String, String)>, TxtError> {
-    info.get_properties()
+fn txt_of(info: &ResolvedService) -> Result<Vec<(String, String)>, TxtError> {
+    info.txt_properties
         .iter()
         .map(|p| {
             let value = std::str::from_utf8(p.val().unwrap_or_default())
@@ -168,8 +171,8 @@ async fn run(
         };
         let out = match event {
             ServiceEvent::ServiceResolved(info) => {
-                let ips: Vec<IpAddr> = info.get_addresses().iter().copied().collect();
-                peers.on_resolved(info.get_fullname(), txt_of(&info), ips)
+                let ips: Vec<IpAddr> = info.addresses.iter().map(|a| a.to_ip_addr()).collect();
+                peers.on_resolved(&info.fullname, txt_of(&info), ips)
             }
             ServiceEvent::ServiceRemoved(_, fullname) => peers.on_removed(&fullname),
             _ => None,

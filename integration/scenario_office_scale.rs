@@ -1,0 +1,216 @@
+//! The mesh at office scale: 50 agents with default settings on one LAN
+//! find each other by mDNS alone, find each other again after five of
+//! them crash and come back, and do both on a LAN that loses frames.
+//! Prints the figures (convergence time, idle CPU and memory per agent).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use nixmesh::mesh::peers::PeerState;
+
+use crate::harness::{AgentHandle, Host, Lan};
+
+/// Agents on the LAN; `NIXMESH_OFFICE_AGENTS` runs another size by hand.
+fn office_size() -> usize {
+    std::env::var("NIXMESH_OFFICE_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+}
+
+/// The promise on a clean LAN: every agent sees every other alive within
+/// this long of the last start.
+const CONVERGE_CLEAN: Duration = Duration::from_secs(10);
+/// The same with 2 % of frames lost.
+const CONVERGE_LOSSY: Duration = Duration::from_secs(20);
+
+#[test]
+fn fifty_agents_converge_and_reconverge_after_crashes_and_with_loss() {
+    let n = office_size();
+    let lan = Lan::agents_only(n);
+    let hosts: Vec<&Host> = lan.hosts().iter().collect();
+
+    let (mut agents, last_start) = start_all(&hosts);
+    let took = converge(
+        &hosts,
+        &agents,
+        last_start,
+        CONVERGE_CLEAN,
+        "a fresh office",
+    );
+    eprintln!("office scale: {n} agents all alive to each other {took:?} after the last start");
+    idle_figures(&agents);
+
+    // Five crash and come back; everyone must see them alive again.
+    let crashed: Vec<usize> = (0..5).map(|i| i * n / 5).collect();
+    for &i in &crashed {
+        agents[i].kill();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let mut restarted = Instant::now();
+    for &i in &crashed {
+        agents[i] = hosts[i].spawn_agent("");
+        restarted = Instant::now();
+    }
+    for &i in &crashed {
+        agents[i].wait_ready();
+    }
+    let took = converge(
+        &hosts,
+        &agents,
+        restarted,
+        CONVERGE_CLEAN,
+        "five agents restarted after SIGKILL",
+    );
+    eprintln!("office scale: after 5 SIGKILLs and restarts, all alive again {took:?} after the last restart");
+
+    // A lossy LAN (2 % of frames to each host lost on their own): stop
+    // everyone cleanly, impair the LAN, start everyone again.
+    for a in &mut agents {
+        a.stop();
+    }
+    lan.lose_frames(20);
+    let (agents, last_start) = start_all(&hosts);
+    let took = converge(
+        &hosts,
+        &agents,
+        last_start,
+        CONVERGE_LOSSY,
+        "a fresh office with 2 % frame loss",
+    );
+    eprintln!("office scale: {n} agents with 2 % frame loss all alive to each other {took:?} after the last start");
+}
+
+/// Spawns an agent with an empty config on every host, then waits until
+/// each listens. Returns them and when the last one was spawned.
+fn start_all(hosts: &[&Host]) -> (Vec<AgentHandle>, Instant) {
+    let mut agents: Vec<AgentHandle> = Vec::with_capacity(hosts.len());
+    let mut last = Instant::now();
+    for h in hosts {
+        agents.push(h.spawn_agent(""));
+        last = Instant::now();
+    }
+    for a in &mut agents {
+        a.wait_ready();
+    }
+    (agents, last)
+}
+
+/// How many of the other hosts each agent sees alive, asked of all agents
+/// at once (a few at a time; each answer is a process in the host).
+fn alive_counts(hosts: &[&Host], agents: &[AgentHandle]) -> Vec<usize> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = agents
+            .chunks(agents.len().div_ceil(8).max(1))
+            .zip(hosts.chunks(agents.len().div_ceil(8).max(1)))
+            .map(|(agents, hosts)| {
+                s.spawn(move || {
+                    agents
+                        .iter()
+                        .zip(hosts)
+                        .map(|(agent, me)| {
+                            let alive: HashSet<String> = agent
+                                .peers()
+                                .into_iter()
+                                .filter(|p| p.state == PeerState::Alive && p.name != me.name())
+                                .map(|p| p.name)
+                                .collect();
+                            alive.len()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a polling thread"))
+            .collect()
+    })
+}
+
+/// Waits until every agent sees every other alive, counting from `since`;
+/// then checks once more that it stays so. Returns the time of the first
+/// complete round.
+fn converge(
+    hosts: &[&Host],
+    agents: &[AgentHandle],
+    since: Instant,
+    limit: Duration,
+    what: &str,
+) -> Duration {
+    let want = hosts.len() - 1;
+    loop {
+        let counts = alive_counts(hosts, agents);
+        let took = since.elapsed();
+        if counts.iter().all(|&c| c == want) {
+            std::thread::sleep(Duration::from_secs(2));
+            let again = alive_counts(hosts, agents);
+            assert!(
+                again.iter().all(|&c| c == want),
+                "{what}: converged after {took:?}, but 2 s later the agents see {again:?} of {want}"
+            );
+            return took;
+        }
+        let complete = counts.iter().filter(|&&c| c == want).count();
+        assert!(
+            took <= limit,
+            "{what}: after {took:?} only {complete} of {} agents see all {want} others alive; counts {counts:?}",
+            hosts.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Prints CPU used over 10 idle seconds and the resident memory of each
+/// agent: min, median and max.
+fn idle_figures(agents: &[AgentHandle]) {
+    let window = Duration::from_secs(10);
+    let before: Vec<u64> = agents.iter().map(|a| cpu_ticks(a.pid())).collect();
+    std::thread::sleep(window);
+    let after: Vec<u64> = agents.iter().map(|a| cpu_ticks(a.pid())).collect();
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    let mut cpu: Vec<f64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (a - b) as f64 / ticks_per_sec / window.as_secs_f64() * 100.0)
+        .collect();
+    let mut rss: Vec<u64> = agents.iter().map(|a| rss_kib(a.pid())).collect();
+    cpu.sort_by(f64::total_cmp);
+    rss.sort_unstable();
+    let mid = agents.len() / 2;
+    eprintln!(
+        "office scale: idle CPU per agent (% of a core) min {:.2} median {:.2} max {:.2}; RSS MiB min {:.1} median {:.1} max {:.1}",
+        cpu[0],
+        cpu[mid],
+        cpu[cpu.len() - 1],
+        rss[0] as f64 / 1024.0,
+        rss[mid] as f64 / 1024.0,
+        rss[rss.len() - 1] as f64 / 1024.0
+    );
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    // Fields after the command name, which ends at the last ')'.
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    field(11) + field(12)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
