@@ -178,6 +178,7 @@ pub async fn run(
             let disc_config = DiscoveryConfig {
                 interfaces: config.mesh.interfaces.clone(),
                 ipv6: config.mesh.ipv6,
+                ..DiscoveryConfig::default()
             };
             discovery = Some(discovery::start(own, disc_config, tx, shutdown.clone())?);
             detached.spawn(mesh.clone().intake(rx));

@@ -37,16 +37,41 @@ use crate::mesh::transport::{self, Admission, TlsIdentity, TransportError};
 /// How often each connected peer is asked to answer a request.
 pub const APP_PING_INTERVAL: Duration = Duration::from_secs(15);
 /// How often peer states are re-evaluated and connections looked at.
-pub const AGE_INTERVAL: Duration = Duration::from_millis(250);
+pub const AGE_INTERVAL: Duration = Duration::from_millis(500);
 pub const PING_TIMEOUT: Duration = Duration::from_millis(1500);
 pub const DIAL_TIMEOUT: Duration = Duration::from_millis(2000);
 /// Handshakes this node runs as a client at once. When a whole office
 /// starts together, each agent learns of every other within a second; all
 /// those handshakes at once starve each other past `DIAL_TIMEOUT`.
 pub const MAX_DIALS_IN_FLIGHT: usize = 8;
+/// A ping that failed is tried again this soon.
+pub const APP_PING_RETRY: Duration = Duration::from_secs(2);
+/// Pings in a row without an answer before the connection is given up. One
+/// is not enough: a peer busy for a moment (a whole office starting at once
+/// on small machines) answers late, and its connection is fine.
+pub const APP_PING_TRIES: u32 = 3;
 /// QUIC application close code for a connection whose peer did not answer
-/// a ping: the next dial starts afresh.
+/// `APP_PING_TRIES` pings: the next dial starts afresh.
 pub const CLOSE_UNRESPONSIVE: u32 = 0x11;
+
+/// The request-level pings of one peer.
+#[derive(Clone, Copy, Debug)]
+struct AppPings {
+    last: Instant,
+    /// Failed in a row.
+    failures: u32,
+}
+
+impl AppPings {
+    fn due(&self, now: Instant) -> bool {
+        let wait = if self.failures > 0 {
+            APP_PING_RETRY
+        } else {
+            APP_PING_INTERVAL
+        };
+        now.saturating_duration_since(self.last) >= wait
+    }
+}
 /// Addresses remembered as refused before the list starts over.
 const MAX_REFUSALS_REMEMBERED: usize = 1024;
 /// Socket buffer asked for each way: a few ms of a fast LAN's datagrams.
@@ -78,7 +103,7 @@ pub struct Mesh {
     /// Per connection (by stable id): datagrams received when last looked.
     heard: Mutex<HashMap<usize, u64>>,
     /// When each peer last answered (or was asked) a request-level ping.
-    app_pinged: Mutex<HashMap<NodeId, Instant>>,
+    app_pinged: Mutex<HashMap<NodeId, AppPings>>,
     plan: Mutex<DialPlan>,
     dials: tokio::sync::Semaphore,
     pinging: Mutex<HashSet<NodeId>>,
@@ -312,15 +337,14 @@ impl Mesh {
                     t.record_heard(&node, conn.rtt(), now);
                 });
                 lock(&this.plan).connected(node, now);
-                let adopted = {
-                    let mut conns = lock(&this.conns);
-                    let open = conns.get(&node).is_some_and(|c| c.close_reason().is_none());
-                    if !open {
-                        conns.insert(node, conn.clone());
-                    }
-                    !open
-                };
-                if adopted {
+                // The newest connection wins: a peer dials only when it
+                // has no connection to us, so one we still hold is most
+                // likely to a process that has died (and restarted with
+                // the same key); it would linger until its idle timeout.
+                let had_one = lock(&this.conns)
+                    .insert(node, conn.clone())
+                    .is_some_and(|c| c.close_reason().is_none());
+                if !had_one {
                     // Learn its name now (an inbound peer may not be
                     // announced to us at all).
                     this.tasks.spawn(this.clone().ping_peer(node));
@@ -440,28 +464,48 @@ impl Mesh {
         if !first {
             return;
         }
-        let result = async {
-            let conn = self.connection(node).await?;
-            client::ping(&conn, PING_TIMEOUT)
-                .await
-                .map_err(|e| MeshError::Unreachable {
-                    peer: node,
-                    reason: e.to_string(),
-                })
-        }
-        .await;
-        lock(&self.app_pinged).insert(node, Instant::now());
+        let conn = match self.connection(node).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // The plan has counted it.
+                tracing::debug!(peer = %node, error = %e, "dial failed");
+                lock(&self.pinging).remove(&node);
+                return;
+            }
+        };
+        let result = client::ping(&conn, PING_TIMEOUT).await;
+        let failures = {
+            let mut pings = lock(&self.app_pinged);
+            let entry = pings.entry(node).or_insert(AppPings {
+                last: Instant::now(),
+                failures: 0,
+            });
+            entry.last = Instant::now();
+            entry.failures = if result.is_ok() {
+                0
+            } else {
+                entry.failures + 1
+            };
+            entry.failures
+        };
         match result {
             Ok((rtt, name)) => {
                 self.with_table(|t| t.record_pong(&node, rtt, &name, Instant::now()));
             }
             Err(e) => {
-                tracing::debug!(peer = %node, error = %e, "ping failed");
+                tracing::debug!(peer = %node, error = %e, failures, "ping failed");
                 // QUIC may still answer for an agent whose server does
                 // not; that connection must not keep the peer alive.
-                let open = lock(&self.conns).remove(&node);
-                if let Some(conn) = open {
-                    conn.close(CLOSE_UNRESPONSIVE.into(), b"no answer to a ping");
+                if failures >= APP_PING_TRIES {
+                    let mut conns = lock(&self.conns);
+                    if conns
+                        .get(&node)
+                        .is_some_and(|c| c.stable_id() == conn.stable_id())
+                    {
+                        conns.remove(&node);
+                    }
+                    conn.close(CLOSE_UNRESPONSIVE.into(), b"no answer to pings");
+                    lock(&self.app_pinged).remove(&node);
                 }
             }
         }
@@ -511,7 +555,7 @@ impl Mesh {
                 let due = if connected.contains(&p.node) {
                     lock(&self.app_pinged)
                         .get(&p.node)
-                        .is_none_or(|t| now.saturating_duration_since(*t) >= APP_PING_INTERVAL)
+                        .is_none_or(|pings| pings.due(now))
                 } else {
                     lock(&self.plan).is_due(&p.node, now)
                 };

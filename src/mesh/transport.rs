@@ -274,9 +274,20 @@ impl ClientCertVerifier for PeerVerifier {
     }
 }
 
-pub fn transport_config() -> quinn::TransportConfig {
+/// Which end of a connection a config is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Dialler,
+    Acceptor,
+}
+
+/// Only the dialling end sends keep-alives: each is acknowledged, so both
+/// ends hear from the other about once per `KEEP_ALIVE` (which is what the
+/// health check looks for), at half the packets and wake-ups of both ends
+/// sending their own. An older agent still sends its own either way.
+pub fn transport_config(role: Role) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.keep_alive_interval((role == Role::Dialler).then_some(KEEP_ALIVE));
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
     // A LAN's round trip is a few ms, not the 333 ms QUIC assumes before
     // it has measured one: a lost handshake packet is sent again after
@@ -309,7 +320,7 @@ pub fn server_config(
     tls.alpn_protocols = vec![protocol::ALPN_V1.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(Arc::new(transport_config()));
+    config.transport_config(Arc::new(transport_config(Role::Acceptor)));
     Ok(config)
 }
 
@@ -334,7 +345,7 @@ pub fn client_config(
     tls.alpn_protocols = vec![protocol::ALPN_V1.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(Arc::new(transport_config()));
+    config.transport_config(Arc::new(transport_config(Role::Dialler)));
     Ok(config)
 }
 

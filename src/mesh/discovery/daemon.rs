@@ -1,6 +1,14 @@
 //! The `mdns-sd` daemon: advertises this node, browses for the others,
 //! feeds what it hears through `AnnouncedPeers`, and says goodbye on
 //! shutdown. The only part of discovery with I/O.
+//!
+//! The daemon's browse queries back off (1 s, 2 s, 4 s, … up to an hour),
+//! and an instance it has found without an address it keeps asking about
+//! only on those queries. So the browse is started again every
+//! `REBROWSE_INTERVAL`: a fresh cycle of queries makes good an
+//! announcement or answer lost on a lossy LAN within that time. Each query
+//! lists the answers already known, and peers we know stay silent, so on a
+//! converged LAN a re-browse costs one query packet or so.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -28,6 +36,8 @@ const UNREGISTER_TIMEOUT: Duration = Duration::from_secs(1);
 /// mdns-sd repeats the goodbye 120 ms after the first; let it go out too.
 const GOODBYE_REPEAT_WAIT: Duration = Duration::from_millis(200);
 const DAEMON_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the browse starts again with a fresh cycle of queries.
+pub const REBROWSE_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum DiscoveryError {
@@ -127,7 +137,7 @@ pub fn start(
     let task = runtime.spawn(run(
         daemon,
         own_fullname,
-        browse,
+        (browse, config.rebrowse),
         monitor,
         peers,
         events,
@@ -139,16 +149,38 @@ pub fn start(
 async fn run(
     daemon: ServiceDaemon,
     own_fullname: String,
-    browse: mdns_sd::Receiver<ServiceEvent>,
+    (mut browse, rebrowse_every): (mdns_sd::Receiver<ServiceEvent>, Duration),
     monitor: mdns_sd::Receiver<DaemonEvent>,
     mut peers: AnnouncedPeers,
     events: mpsc::Sender<DiscoveryEvent>,
     shutdown: CancellationToken,
 ) {
     let mut monitor_open = true;
+    let mut rebrowse = tokio::time::interval(rebrowse_every);
+    rebrowse.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    rebrowse.tick().await;
+    // After a re-browse, the receiver it replaced, until the daemon has
+    // closed it: what it still holds is read, not lost.
+    let mut replaced: Option<mdns_sd::Receiver<ServiceEvent>> = None;
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = rebrowse.tick() => {
+                match daemon.browse(SERVICE_TYPE) {
+                    Ok(fresh) => replaced = Some(std::mem::replace(&mut browse, fresh)),
+                    Err(e) => tracing::warn!("mDNS: cannot browse again: {e}"),
+                }
+                continue;
+            }
+            event = async { replaced.as_ref()?.recv_async().await.ok() }, if replaced.is_some() => {
+                match event {
+                    Some(event) => event,
+                    None => {
+                        replaced = None;
+                        continue;
+                    }
+                }
+            }
             event = browse.recv_async() => match event {
                 Ok(event) => event,
                 Err(_) => {
@@ -295,9 +327,11 @@ mod live_tests {
     }
 
     async fn find_and_lose() {
+        // Browsing again every second: no event may be lost or repeated.
         let config = DiscoveryConfig {
             interfaces: vec!["lo".into()],
             ipv6: false,
+            rebrowse: Duration::from_secs(1),
         };
         let (a_tx, mut a_rx) = mpsc::channel(16);
         let (b_tx, mut b_rx) = mpsc::channel(16);
@@ -324,6 +358,9 @@ mod live_tests {
             }
         );
         eprintln!("both Found within {:?}", started.elapsed());
+        // Three re-browses later: nothing new to say.
+        let quiet = tokio::time::timeout(Duration::from_millis(3500), a_rx.recv()).await;
+        assert!(quiet.is_err(), "a re-browse repeated an event: {quiet:?}");
 
         let stopping = std::time::Instant::now();
         b_stop.cancel();

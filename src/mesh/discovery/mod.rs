@@ -50,10 +50,22 @@ pub enum DiscoveryEvent {
     Lost { key: [u8; 32] },
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct DiscoveryConfig {
     /// Interface names to use; empty means all of them.
     pub interfaces: Vec<String>,
     /// Also use IPv6.
     pub ipv6: bool,
+    /// How often the browse starts again (`daemon::REBROWSE_INTERVAL`).
+    pub rebrowse: std::time::Duration,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            ipv6: false,
+            rebrowse: daemon::REBROWSE_INTERVAL,
+        }
+    }
 }
