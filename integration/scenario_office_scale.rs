@@ -102,9 +102,10 @@ fn start_all(hosts: &[&Host]) -> (Vec<AgentHandle>, Instant) {
     (agents, last)
 }
 
-/// How many of the other hosts each agent sees alive, asked of all agents
-/// at once (a few at a time; each answer is a process in the host).
-fn alive_counts(hosts: &[&Host], agents: &[AgentHandle]) -> Vec<usize> {
+/// How many of the other hosts each agent sees in one of `states`, asked of
+/// all agents at once (a few at a time; each answer is a process in the
+/// host).
+fn counts_in(hosts: &[&Host], agents: &[AgentHandle], states: &[PeerState]) -> Vec<usize> {
     std::thread::scope(|s| {
         let handles: Vec<_> = agents
             .chunks(agents.len().div_ceil(8).max(1))
@@ -118,7 +119,7 @@ fn alive_counts(hosts: &[&Host], agents: &[AgentHandle]) -> Vec<usize> {
                             let alive: HashSet<String> = agent
                                 .peers()
                                 .into_iter()
-                                .filter(|p| p.state == PeerState::Alive && p.name != me.name())
+                                .filter(|p| states.contains(&p.state) && p.name != me.name())
                                 .map(|p| p.name)
                                 .collect();
                             alive.len()
@@ -135,8 +136,11 @@ fn alive_counts(hosts: &[&Host], agents: &[AgentHandle]) -> Vec<usize> {
 }
 
 /// Waits until every agent sees every other alive, counting from `since`;
-/// then checks once more that it stays so. Returns the time of the first
-/// complete round.
+/// then checks, 2 s later, that none has dropped a peer since. (Alive or
+/// suspect then: fifty agents share two cores here, and one starved of CPU
+/// for two seconds is suspect to its peers for a moment; still used, and
+/// nothing like the gone or unlisted peers this test is about.) Returns
+/// the time of the first complete round.
 fn converge(
     hosts: &[&Host],
     agents: &[AgentHandle],
@@ -146,14 +150,15 @@ fn converge(
 ) -> Duration {
     let want = hosts.len() - 1;
     loop {
-        let counts = alive_counts(hosts, agents);
+        let counts = counts_in(hosts, agents, &[PeerState::Alive]);
         let took = since.elapsed();
         if counts.iter().all(|&c| c == want) {
             std::thread::sleep(Duration::from_secs(2));
-            let again = alive_counts(hosts, agents);
+            let usable = [PeerState::Alive, PeerState::Suspect];
+            let again = counts_in(hosts, agents, &usable);
             assert!(
                 again.iter().all(|&c| c == want),
-                "{what}: converged after {took:?}, but 2 s later the agents see {again:?} of {want}"
+                "{what}: converged after {took:?}, but 2 s later the agents use {again:?} of {want}"
             );
             return took;
         }

@@ -44,6 +44,9 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_millis(2000);
 /// starts together, each agent learns of every other within a second; all
 /// those handshakes at once starve each other past `DIAL_TIMEOUT`.
 pub const MAX_DIALS_IN_FLIGHT: usize = 8;
+/// A connection not heard from for this long (one and a half keep-alive
+/// periods) gives way to a new one from the same peer.
+pub const QUIET_AFTER: Duration = Duration::from_millis(1500);
 /// A ping that failed is tried again this soon.
 pub const APP_PING_RETRY: Duration = Duration::from_secs(2);
 /// Pings in a row without an answer before the connection is given up. One
@@ -274,12 +277,15 @@ impl Mesh {
 
     /// Whether the peer's connection carried traffic within `SUSPECT_AFTER`.
     fn heard_lately(&self, node: &NodeId) -> bool {
-        self.has_open_connection(node)
-            && self.with_table(|t| {
-                t.get(node)
-                    .and_then(|p| p.last_seen)
-                    .is_some_and(|s| s.elapsed() < crate::mesh::peers::SUSPECT_AFTER)
-            })
+        self.has_open_connection(node) && self.heard_within(node, crate::mesh::peers::SUSPECT_AFTER)
+    }
+
+    fn heard_within(&self, node: &NodeId, within: Duration) -> bool {
+        self.with_table(|t| {
+            t.get(node)
+                .and_then(|p| p.last_seen)
+                .is_some_and(|s| s.elapsed() < within)
+        })
     }
 
     /// Tells every peer this node is going away, and waits (briefly) for the
@@ -337,13 +343,23 @@ impl Mesh {
                     t.record_heard(&node, conn.rtt(), now);
                 });
                 lock(&this.plan).connected(node, now);
-                // The newest connection wins: a peer dials only when it
-                // has no connection to us, so one we still hold is most
-                // likely to a process that has died (and restarted with
-                // the same key); it would linger until its idle timeout.
-                let had_one = lock(&this.conns)
-                    .insert(node, conn.clone())
-                    .is_some_and(|c| c.close_reason().is_none());
+                // A connection from another run of the peer's agent (it
+                // died and came back with the same key) replaces the one
+                // we hold at once, rather than wait out its idle timeout.
+                // From the same run, the new one replaces ours only if ours
+                // has gone quiet: it may be a dial the peer is about to give
+                // up on (both ends dialled at once).
+                let quiet = !this.heard_within(&node, QUIET_AFTER);
+                let had_one = {
+                    let mut conns = lock(&this.conns);
+                    let held = conns.get(&node).filter(|c| c.close_reason().is_none());
+                    let replace = held.is_none_or(|c| quiet || !transport::same_run(c, &conn));
+                    let open = held.is_some();
+                    if replace {
+                        conns.insert(node, conn.clone());
+                    }
+                    open
+                };
                 if !had_one {
                     // Learn its name now (an inbound peer may not be
                     // announced to us at all).

@@ -137,7 +137,16 @@ impl TlsIdentity {
             rcgen::KeyPair::try_from(pkcs8.as_bytes()).map_err(|e| cert_err(e.to_string()))?;
         let mut names = vec![SERVER_NAME.to_string()];
         names.extend(mesh.admission_name(&node));
-        let params = rcgen::CertificateParams::new(names).map_err(|e| cert_err(e.to_string()))?;
+        let mut params =
+            rcgen::CertificateParams::new(names).map_err(|e| cert_err(e.to_string()))?;
+        // A serial number of its own for each run of the agent: peers check
+        // only the key, but a peer that sees a connection with another
+        // certificate than the one it holds knows this node restarted
+        // (`same_run`), and drops the old connection at once.
+        let mut serial = [0u8; 16];
+        getrandom::getrandom(&mut serial).map_err(|e| cert_err(e.to_string()))?;
+        serial[0] &= 0x7f;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let cert = params
             .self_signed(&key_pair)
             .map_err(|e| cert_err(e.to_string()))?;
@@ -350,6 +359,22 @@ pub fn client_config(
 }
 
 /// The key the other side of an established connection proved it holds.
+/// Whether two connections come from the same run of the peer's agent:
+/// each run presents a certificate with its own serial number.
+pub fn same_run(a: &quinn::Connection, b: &quinn::Connection) -> bool {
+    let cert = |c: &quinn::Connection| {
+        c.peer_identity()?
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .ok()?
+            .first()
+            .cloned()
+    };
+    match (cert(a), cert(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
+}
+
 pub fn peer_node(conn: &quinn::Connection) -> Option<NodeId> {
     let identity = conn.peer_identity()?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
