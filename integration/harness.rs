@@ -33,6 +33,7 @@ mod agent_process;
 mod exec;
 mod host;
 mod network;
+mod nginx;
 #[path = "../tests/common/nix_under_test.rs"]
 pub mod nix_under_test;
 mod run;
@@ -43,6 +44,7 @@ use std::time::{Duration, Instant};
 
 pub use agent::AgentHandle;
 pub use host::Host;
+pub use nginx::Nginx;
 pub use switch::DelaySwitch;
 
 use run::Run;

@@ -9,6 +9,7 @@ mod scenario_failover;
 mod scenario_lan;
 mod scenario_mesh;
 mod scenario_office_scale;
+mod scenario_pull_through;
 mod scenario_slow_lan;
 mod scenario_store;
 mod scenario_substitute;

@@ -238,7 +238,9 @@ fn with_no_peer_left_nix_falls_back_to_the_next_cache_at_once() {
     ));
 
     let mut agent_a = a.start_agent("");
-    let agent_b = b.start_agent("");
+    // Not pulling from U itself (which it would, U being in its nix.conf):
+    // this is about Nix's own fallback when the agent cannot help.
+    let agent_b = b.start_agent("[upstream]\ncaches = []\n");
     let b_started = Instant::now();
     wait_all_alive(&[(a, &agent_a), (b, &agent_b)]);
     assert!(agent_b.peer("h2").is_none(), "U is not in the mesh");

@@ -63,7 +63,6 @@ use integration::harness;
 
 mod closure;
 mod host_cmds;
-mod nginx;
 mod noise;
 mod pair;
 mod procfs;
@@ -75,12 +74,11 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::{AgentHandle, Host, Lan};
+use harness::{AgentHandle, Host, Lan, Nginx};
 use integration::office::{CACHE_PORT, CONVERGE, SUBSTITUTER};
 
 use closure::*;
 use host_cmds::*;
-use nginx::*;
 use nixmesh::mesh::peers::PeerState;
 use noise::*;
 use pair::*;

@@ -29,7 +29,7 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
             &big,
         ],
     );
-    let mut nginx = Nginx::start(server, &export);
+    let mut nginx = Nginx::start(server, &export, NGINX_PORT);
     let nginx_base = format!("http://{}:{NGINX_PORT}", server.addr());
     let cache_base = format!("http://{}:{CACHE_PORT}", server.addr());
 

@@ -17,10 +17,11 @@ use crate::api::Listeners;
 use crate::config::keys;
 use crate::config::settings::{
     allowed_peers, mesh_secret, node_name, share_policy, store_location, trust_policy,
-    SettingsError,
+    upstream_caches, SettingsError,
 };
 use crate::config::Config;
 use crate::fetch::resolver::Resolver;
+use crate::fetch::upstream::{UpstreamClient, Upstreams};
 use crate::mesh::discovery::{self, Announcement, DiscoveryConfig, DiscoveryError};
 use crate::mesh::identity::NodeId;
 use crate::mesh::node::{Mesh, MeshError, MeshSetup};
@@ -208,7 +209,23 @@ pub async fn run(
     if let (true, Some(mesh)) = (config.substituter.enable, &mesh) {
         let policy = trust_policy(&config)?;
         let deadline = std::time::Duration::from_millis(config.substituter.race_timeout_ms);
-        let resolver = Resolver::new(mesh.clone(), policy, deadline);
+        let caches = upstream_caches(&config);
+        let upstreams = if caches.is_empty() {
+            None
+        } else {
+            let client = UpstreamClient::new(config.upstream.ca_file.as_deref())
+                .map_err(SettingsError::from)?;
+            tracing::info!(caches = ?caches.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "pulling what no peer has from upstream");
+            Some(Arc::new(Upstreams::new(
+                caches,
+                client,
+                std::time::Duration::from_millis(config.upstream.timeout_ms),
+                std::time::Duration::from_millis(config.upstream.skip_ms),
+                config.store.store_dir.clone(),
+                policy.clone(),
+            )))
+        };
+        let resolver = Resolver::new(mesh.clone(), upstreams, policy, deadline);
         let sub = Substituter::new(
             resolver,
             config.store.store_dir.clone(),
@@ -252,6 +269,9 @@ pub async fn run(
         sub.resolver().stats.register(&mut metrics);
         sub.fetch_stats.register(&mut metrics);
         sub.prefetch.stats.register(&mut metrics);
+        if let Some(up) = sub.resolver().upstreams() {
+            up.stats.register(&mut metrics);
+        }
     }
     if let Some(mesh) = &mesh {
         metrics.register_collector(PeerCollector::new(mesh.clone()));

@@ -46,6 +46,35 @@ pub fn race_timeout_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error>
     Ok(ms)
 }
 
+/// Longest `upstream.*_ms` value: ten minutes.
+pub const MAX_UPSTREAM_MS: u64 = 600_000;
+/// Most upstream caches.
+pub const MAX_UPSTREAM_CACHES: usize = 16;
+
+/// `upstream.timeout_ms`, `upstream.skip_ms`: 1 to `MAX_UPSTREAM_MS`.
+pub fn upstream_timeout_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let ms = u64::deserialize(d)?;
+    if ms == 0 || ms > MAX_UPSTREAM_MS {
+        return Err(D::Error::custom(format!("must be 1 to {MAX_UPSTREAM_MS}")));
+    }
+    Ok(ms)
+}
+
+/// `upstream.caches`: at most `MAX_UPSTREAM_CACHES` `http://` or
+/// `https://` URLs with a host, without query or fragment.
+pub fn upstream_caches<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    if list.len() > MAX_UPSTREAM_CACHES {
+        return Err(D::Error::custom(format!(
+            "at most {MAX_UPSTREAM_CACHES} caches"
+        )));
+    }
+    for url in &list {
+        crate::fetch::upstream::CacheUrl::parse(url).map_err(D::Error::custom)?;
+    }
+    Ok(Some(list))
+}
+
 /// `substituter.prefetch_mib`: 0 (off) to `MAX_PREFETCH_MIB`.
 pub fn prefetch_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let mib = u64::deserialize(d)?;

@@ -45,6 +45,30 @@ pub struct Config {
     pub mesh: MeshConfig,
     pub admin: AdminConfig,
     pub substituter: SubstituterConfig,
+    pub upstream: UpstreamConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    #[serde(default, deserialize_with = "checked::upstream_caches")]
+    pub caches: Option<Vec<String>>,
+    #[serde(deserialize_with = "checked::upstream_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(deserialize_with = "checked::upstream_timeout_ms")]
+    pub skip_ms: u64,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            caches: None,
+            timeout_ms: 5000,
+            skip_ms: 30_000,
+            ca_file: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -165,6 +189,7 @@ impl Default for Config {
             mesh: MeshConfig::default(),
             admin: AdminConfig::default(),
             substituter: SubstituterConfig::default(),
+            upstream: UpstreamConfig::default(),
         }
     }
 }

@@ -7,6 +7,7 @@ use thiserror::Error;
 use crate::config::keys::{self, KeyFileError};
 use crate::config::{Config, NodeKey};
 use crate::fetch::race::TrustPolicy;
+use crate::fetch::upstream::CacheUrl;
 use crate::mesh::identity::{MeshSecret, NodeId};
 use crate::nix::conf::NixConf;
 use crate::nix::{PublicKey, SecretKey};
@@ -26,6 +27,42 @@ pub enum SettingsError {
     SubstituterKey(String),
     #[error("mesh.secret_file: {0}")]
     MeshSecret(String),
+    #[error("{0}")]
+    Upstream(#[from] crate::fetch::upstream::UpstreamError),
+}
+
+/// The upstream caches to pull from: `upstream.caches`, else the HTTP(S)
+/// substituters of this host's nix.conf other than this agent's own.
+pub fn upstream_caches(config: &Config) -> Vec<CacheUrl> {
+    if let Some(list) = &config.upstream.caches {
+        // Checked when the config was parsed.
+        return list
+            .iter()
+            .filter_map(|u| CacheUrl::parse(u).ok())
+            .collect();
+    }
+    let own = config.substituter.listen;
+    let own_urls: Vec<String> = {
+        let port = own.port();
+        let mut v = vec![format!("http://{own}"), format!("http://localhost:{port}")];
+        if own.ip().is_unspecified() || own.ip().is_loopback() {
+            v.push(format!("http://127.0.0.1:{port}"));
+            v.push(format!("http://[::1]:{port}"));
+        }
+        v
+    };
+    NixConf::load(&config.store.nix_conf)
+        .list("substituters")
+        .iter()
+        .filter(|s| !own_urls.iter().any(|o| s.trim_end_matches('/') == o))
+        .filter_map(|s| match CacheUrl::parse(s) {
+            Ok(url) => Some(url),
+            Err(_) => {
+                tracing::debug!(substituter = %s, "not an HTTP cache; the agent does not pull from it");
+                None
+            }
+        })
+        .collect()
 }
 
 /// This node's human name: `mesh.name`, else the host name.

@@ -199,6 +199,8 @@ mod tests {
             info,
             url: "nar/x.nar".into(),
             compression: "none".into(),
+            file_hash: None,
+            file_size: None,
         }
     }
 

@@ -126,7 +126,9 @@ pub async fn relay(
     tx: mpsc::Sender<Result<Bytes, FetchError>>,
     purpose: Purpose,
 ) -> Option<NodeId> {
-    let Found { narinfo, holders } = found;
+    let Found {
+        narinfo, holders, ..
+    } = found;
     stats.in_flight.inc();
     let started = Instant::now();
     let info = &narinfo.info;

@@ -18,6 +18,7 @@ use prometheus_client::registry::Registry;
 
 use crate::api::{SurveyAnswer, SurveyRow};
 use crate::fetch::race::{race_narinfo, NarInfoSource, TrustPolicy};
+use crate::fetch::upstream::{UpstreamFile, Upstreams};
 use crate::lock::lock;
 use crate::mesh::client::{self, PeerError};
 use crate::mesh::identity::NodeId;
@@ -40,6 +41,8 @@ pub struct Found {
     pub narinfo: NarInfo,
     /// Peers known to hold it, the race winner first.
     pub holders: Vec<NodeId>,
+    /// No peer has it, an upstream cache does: this file of it.
+    pub upstream: Option<UpstreamFile>,
 }
 
 /// Why a peer gave no answer.
@@ -83,6 +86,7 @@ type Slot = Arc<OnceCell<Option<Found>>>;
 
 pub struct Resolver {
     mesh: Arc<Mesh>,
+    upstreams: Option<Arc<Upstreams>>,
     policy: TrustPolicy,
     deadline: Duration,
     memo: Mutex<HashMap<HashPart, (Instant, Option<Found>)>>,
@@ -146,9 +150,16 @@ impl RaceStats {
 }
 
 impl Resolver {
-    pub fn new(mesh: Arc<Mesh>, policy: TrustPolicy, deadline: Duration) -> Arc<Self> {
+    /// `upstreams`: where to look when no peer has a path (none: nowhere).
+    pub fn new(
+        mesh: Arc<Mesh>,
+        upstreams: Option<Arc<Upstreams>>,
+        policy: TrustPolicy,
+        deadline: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             mesh,
+            upstreams,
             policy,
             deadline,
             memo: Mutex::new(HashMap::new()),
@@ -160,6 +171,10 @@ impl Resolver {
 
     pub fn mesh(&self) -> &Arc<Mesh> {
         &self.mesh
+    }
+
+    pub fn upstreams(&self) -> Option<&Arc<Upstreams>> {
+        self.upstreams.as_ref()
     }
 
     fn memo_get(&self, hash: &HashPart) -> Option<Option<Found>> {
@@ -251,6 +266,7 @@ impl Resolver {
         let result = outcome.won.map(|(narinfo, node)| Found {
             narinfo,
             holders: vec![node],
+            upstream: None,
         });
         for (peer, why) in &outcome.rejected {
             tracing::warn!(peer = %peer, path = %hash, reason = %why, "ignored a peer's narinfo");
@@ -263,7 +279,17 @@ impl Resolver {
             self.stats.misses.inc();
             tracing::debug!(path = %hash, asked = peers.len(), ms = start.elapsed().as_millis() as u64, "no peer has it");
         }
-        result
+        if result.is_some() {
+            return result;
+        }
+        let upstreams = self.upstreams.as_ref()?;
+        let (narinfo, file) = upstreams.narinfo(hash).await?;
+        tracing::debug!(path = %hash, url = %file.url, "an upstream cache has it");
+        Some(Found {
+            narinfo,
+            holders: Vec::new(),
+            upstream: Some(file),
+        })
     }
 
     /// Asks every usable peer about `hash` and reports each answer, for

@@ -15,6 +15,8 @@ pub fn narinfo_text(info: PathInfo) -> String {
     NarInfo {
         url: nar_url(&info),
         compression: "none".into(),
+        file_hash: None,
+        file_size: None,
         info,
     }
     .render()
@@ -25,6 +27,15 @@ pub fn nar_url(info: &PathInfo) -> String {
         "nar/{}-{}.nar",
         info.path.hash_part(),
         info.nar_hash.nix32_digest()
+    )
+}
+
+/// Where the substituter serves a file it relays from an upstream cache.
+pub fn upstream_url(info: &PathInfo, file_hash: &crate::nix::Sha256Hash) -> String {
+    format!(
+        "upstream/{}-{}",
+        info.path.hash_part(),
+        file_hash.nix32_digest()
     )
 }
 

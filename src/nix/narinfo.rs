@@ -20,6 +20,7 @@ pub const MAX_NARINFO_LEN: usize = 1 << 20;
 pub const MAX_REFERENCES: usize = 16_384;
 pub const MAX_SIGNATURES: usize = 64;
 pub const MAX_URL_LEN: usize = 1024;
+pub const MAX_COMPRESSION_LEN: usize = 16;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum NarInfoError {
@@ -39,6 +40,10 @@ pub struct NarInfo {
     /// Relative to the cache root, e.g. `nar/<…>.nar`.
     pub url: String,
     pub compression: String,
+    /// Hash and size of the file at `url` (the compressed NAR), when they
+    /// are not simply the NAR's (`Compression: none`).
+    pub file_hash: Option<Sha256Hash>,
+    pub file_size: Option<u64>,
 }
 
 impl NarInfo {
@@ -49,9 +54,15 @@ impl NarInfo {
         let _ = writeln!(out, "StorePath: {}", info.path);
         let _ = writeln!(out, "URL: {}", self.url);
         let _ = writeln!(out, "Compression: {}", self.compression);
-        if self.compression == "none" {
+        if let Some(h) = &self.file_hash {
+            let _ = writeln!(out, "FileHash: {}", h.to_nix32());
+        } else if self.compression == "none" {
             // What `nix copy --to file://…?compression=none` writes too.
             let _ = writeln!(out, "FileHash: {}", info.nar_hash.to_nix32());
+        }
+        if let Some(size) = self.file_size {
+            let _ = writeln!(out, "FileSize: {size}");
+        } else if self.compression == "none" {
             let _ = writeln!(out, "FileSize: {}", info.nar_size);
         }
         let _ = writeln!(out, "NarHash: {}", info.nar_hash.to_nix32());
@@ -87,6 +98,8 @@ impl NarInfo {
         let mut compression = None;
         let mut nar_hash = None;
         let mut nar_size = None;
+        let mut file_hash = None;
+        let mut file_size = None;
         let mut references = Vec::new();
         let mut deriver = None;
         let mut sigs = Vec::new();
@@ -121,7 +134,23 @@ impl NarInfo {
                     }
                     url = Some(value.to_string());
                 }
-                "Compression" => compression = Some(value.to_string()),
+                "Compression" => {
+                    if value.is_empty() || value.len() > MAX_COMPRESSION_LEN {
+                        return Err(bad("Compression", "empty or too long".into()));
+                    }
+                    compression = Some(value.to_string())
+                }
+                "FileHash" => {
+                    file_hash =
+                        Some(Sha256Hash::parse(value).map_err(|e| bad("FileHash", e.to_string()))?)
+                }
+                "FileSize" => {
+                    file_size = Some(
+                        value
+                            .parse::<u64>()
+                            .map_err(|_| bad("FileSize", format!("{value:?} is not a number")))?,
+                    )
+                }
                 "NarHash" => {
                     nar_hash =
                         Some(Sha256Hash::parse(value).map_err(|e| bad("NarHash", e.to_string()))?)
@@ -173,10 +202,22 @@ impl NarInfo {
             ca,
             ultimate: false,
         };
+        let compression = compression.unwrap_or_else(|| "bzip2".to_string());
+        // Uncompressed, the file is the NAR: what render writes anyway.
+        if compression == "none" {
+            if file_hash.as_ref() == Some(&info.nar_hash) {
+                file_hash = None;
+            }
+            if file_size == Some(info.nar_size) {
+                file_size = None;
+            }
+        }
         Ok(Self {
             info,
             url: url.ok_or(NarInfoError::Missing("URL"))?,
-            compression: compression.unwrap_or_else(|| "bzip2".to_string()),
+            compression,
+            file_hash,
+            file_size,
         })
     }
 }
@@ -201,6 +242,8 @@ mod tests {
             },
             url: "nar/x.nar".into(),
             compression: "none".into(),
+            file_hash: None,
+            file_size: None,
         }
     }
 
@@ -336,6 +379,8 @@ mod tests {
                                 ultimate: false,
                             },
                             url,
+                            file_hash: (compression != "none").then_some(Sha256Hash([7; 32])),
+                            file_size: (compression != "none").then_some(nar_size / 2 + 1),
                             compression,
                         }
                     },

@@ -52,6 +52,8 @@ impl HttpCache {
                 }
                 _ => http::empty(StatusCode::NOT_FOUND),
             },
+            // Only the substituter relays upstream files, to its own Nix.
+            Route::UpstreamFile { .. } => http::empty(StatusCode::NOT_FOUND),
             Route::Refuse(status) => http::empty(status),
         };
         // For HEAD, hyper sends the headers (Content-Length included) and

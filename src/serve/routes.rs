@@ -19,6 +19,12 @@ pub enum Route {
         hash: HashPart,
         nar_hash: Sha256Hash,
     },
+    /// A file of an upstream cache, relayed by the substituter:
+    /// `/upstream/<hash>-<FileHash digest>` (`nix::binary_cache::upstream_url`).
+    UpstreamFile {
+        hash: HashPart,
+        file_hash: Sha256Hash,
+    },
     /// Answer with this status and nothing else.
     Refuse(StatusCode),
 }
@@ -46,18 +52,27 @@ pub fn route(path: &str) -> Route {
         .strip_prefix("/nar/")
         .and_then(|p| p.strip_suffix(".nar"))
     {
-        let parsed = name.split_once('-').and_then(|(hash, digest)| {
-            let hash = HashPart::parse(hash).ok()?;
-            // Only the nix32 form that `nar_url` writes.
-            if digest.len() != NIX32_SHA256_LEN {
-                return None;
-            }
-            let nar_hash = Sha256Hash::parse(&format!("sha256:{digest}")).ok()?;
-            Some(Route::Nar { hash, nar_hash })
-        });
-        return parsed.unwrap_or(Route::Refuse(StatusCode::BAD_REQUEST));
+        return hash_and_digest(name)
+            .map(|(hash, nar_hash)| Route::Nar { hash, nar_hash })
+            .unwrap_or(Route::Refuse(StatusCode::BAD_REQUEST));
+    }
+    if let Some(name) = path.strip_prefix("/upstream/") {
+        return hash_and_digest(name)
+            .map(|(hash, file_hash)| Route::UpstreamFile { hash, file_hash })
+            .unwrap_or(Route::Refuse(StatusCode::BAD_REQUEST));
     }
     Route::Refuse(StatusCode::NOT_FOUND)
+}
+
+/// `<hash part>-<nix32 sha256 digest>`, the form `binary_cache` writes.
+fn hash_and_digest(name: &str) -> Option<(HashPart, Sha256Hash)> {
+    let (hash, digest) = name.split_once('-')?;
+    let hash = HashPart::parse(hash).ok()?;
+    if digest.len() != NIX32_SHA256_LEN {
+        return None;
+    }
+    let digest = Sha256Hash::parse(&format!("sha256:{digest}")).ok()?;
+    Some((hash, digest))
 }
 
 #[cfg(test)]
@@ -78,6 +93,14 @@ mod tests {
             route(&format!("/nar/{H}-{N}.nar")),
             Route::Nar { .. }
         ));
+        assert!(matches!(
+            route(&format!("/upstream/{H}-{N}")),
+            Route::UpstreamFile { .. }
+        ));
+        assert_eq!(
+            route(&format!("/upstream/{H}-{N}.nar")),
+            Route::Refuse(StatusCode::BAD_REQUEST)
+        );
     }
 
     #[test]

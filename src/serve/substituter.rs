@@ -19,8 +19,9 @@ use tokio_util::task::TaskTracker;
 use crate::fetch::prefetch::{Prefetched, Prefetcher};
 use crate::fetch::relay::{self, FetchStats, Purpose};
 use crate::fetch::resolver::{Found, Resolver};
+use crate::fetch::upstream::{UpstreamFile, Upstreams};
 use crate::nix::binary_cache;
-use crate::nix::{narinfo, HashPart, Sha256Hash};
+use crate::nix::{narinfo, HashPart, NarInfo, Sha256Hash};
 use crate::serve::byte_range::RangeAnswer;
 use crate::serve::http::{self, Body};
 use crate::serve::routes::{self, Route};
@@ -83,14 +84,41 @@ impl Substituter {
             ),
             Route::NarInfo(hash) => match self.resolver.resolve(&hash).await {
                 Some(found) => {
-                    if !head_only {
-                        self.prefetch.offer(&found);
-                    }
-                    let text = binary_cache::narinfo_text(found.narinfo.info);
+                    let text = match found.upstream {
+                        // The upstream's file, compressed as it is, from here.
+                        Some(file) => NarInfo {
+                            url: binary_cache::upstream_url(&found.narinfo.info, &file.file_hash),
+                            compression: file.compression,
+                            file_hash: Some(file.file_hash),
+                            file_size: Some(file.file_size),
+                            info: found.narinfo.info,
+                        }
+                        .render(),
+                        None => {
+                            if !head_only {
+                                self.prefetch.offer(&found);
+                            }
+                            binary_cache::narinfo_text(found.narinfo.info)
+                        }
+                    };
                     http::text(StatusCode::OK, narinfo::CONTENT_TYPE, text)
                 }
                 None => http::empty(StatusCode::NOT_FOUND),
             },
+            Route::UpstreamFile { hash, file_hash } => {
+                let file = self
+                    .resolver
+                    .resolve(&hash)
+                    .await
+                    .and_then(|f| f.upstream)
+                    .filter(|f| f.file_hash == file_hash);
+                match (file, self.resolver.upstreams()) {
+                    (Some(file), Some(upstreams)) => {
+                        self.upstream_response(upstreams.clone(), file, head_only)
+                    }
+                    _ => http::empty(StatusCode::NOT_FOUND),
+                }
+            }
             Route::Nar { hash, nar_hash } => {
                 if !head_only {
                     if let Some(ahead) = self.prefetch.claim(&hash, &nar_hash).await {
@@ -108,6 +136,24 @@ impl Substituter {
             }
             Route::Refuse(status) => http::empty(status),
         }
+    }
+
+    /// The upstream file, checked on the way (`Upstreams::relay`). Range
+    /// requests get the whole file: the check needs every byte.
+    fn upstream_response(
+        &self,
+        upstreams: Arc<Upstreams>,
+        file: UpstreamFile,
+        head_only: bool,
+    ) -> Response<Body> {
+        let size = file.file_size;
+        let body = (!head_only).then(|| {
+            let (tx, rx) = mpsc::channel(RELAY_DEPTH);
+            self.tasks
+                .spawn(async move { upstreams.relay(&file, tx).await });
+            http::channel_body(rx)
+        });
+        http::nar(size, RangeAnswer::Whole, body)
     }
 
     async fn find_nar(&self, hash: &HashPart, nar_hash: &Sha256Hash) -> Option<Found> {

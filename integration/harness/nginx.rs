@@ -1,15 +1,23 @@
-//! nginx on a host, serving a `file://` binary cache: the baseline that
-//! sends the same NAR bytes as a static file.
+//! nginx on a host, serving a `file://` binary cache (what `nix copy --to
+//! file://…` writes): the upstream cache of the pull-through scenarios, and
+//! the bench's baseline that sends the same NAR bytes as a static file.
 
-use super::*;
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use super::host::Host;
 
 /// nginx inside a host, serving `root` on its LAN address.
-pub(crate) struct Nginx {
-    pub(crate) child: Child,
+pub struct Nginx {
+    child: Child,
 }
 
 impl Nginx {
-    pub(crate) fn start(host: &Host, root: &Path) -> Nginx {
+    /// Starts nginx on `host`'s address at `port` and waits until it
+    /// answers.
+    pub fn start(host: &Host, root: &Path, port: u16) -> Nginx {
         let dir = host.dir().join("nginx");
         fs::create_dir_all(dir.join("tmp")).expect("mkdir nginx");
         let d = dir.display();
@@ -36,7 +44,7 @@ http {{
     }}
     default_type application/octet-stream;
     server {{
-        listen {}:{NGINX_PORT};
+        listen {}:{port};
         root {};
     }}
 }}
@@ -60,7 +68,7 @@ http {{
             .spawn()
             .expect("start nginx");
         let mut nginx = Nginx { child };
-        let url = format!("http://{}:{NGINX_PORT}/nix-cache-info", host.addr());
+        let url = format!("http://{}:{port}/nix-cache-info", host.addr());
         let deadline = Instant::now() + Duration::from_secs(10);
         while host.http_status(&url).0 != 200 {
             if let Ok(Some(status)) = nginx.child.try_wait() {
@@ -75,11 +83,17 @@ http {{
         nginx
     }
 
-    pub(crate) fn stop(&mut self) {
+    pub fn stop(&mut self) {
         // SIGTERM: the master takes its workers with it.
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -1,0 +1,150 @@
+//! Pulling from upstream through the agent: an upstream host U serves a
+//! real compressed binary cache (`nix copy --to 'file://…?compression=…'`,
+//! served by nginx); office host A's Nix lists only its agent, whose
+//! `[upstream]` names U. What no peer has comes from U through the agent,
+//! compressed as U stores it and checked against FileHash and FileSize on
+//! the way; a corrupt file never becomes a valid path; an unreachable
+//! upstream costs its timeout once and then nothing.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{Host, Lan, Nginx};
+use crate::office::*;
+
+const NGINX_PORT: u16 = 8080;
+
+/// Exports `path`'s closure from `host` as a `file://` cache compressed
+/// with `compression`, serves it with nginx, and returns the server and
+/// the export's directory.
+fn serve_export(host: &Host, path: &str, compression: &str) -> (Nginx, std::path::PathBuf) {
+    let export = host.dir().join(format!("export-{compression}"));
+    host.run_ok(&[
+        "nix",
+        "copy",
+        "--to",
+        &format!("file://{}?compression={compression}", export.display()),
+        path,
+    ]);
+    (Nginx::start(host, &export, NGINX_PORT), export)
+}
+
+fn upstream_config(u: &Host, extra: &str) -> String {
+    format!(
+        "[upstream]\ncaches = [\"http://{}:{NGINX_PORT}\"]\n{extra}",
+        u.addr()
+    )
+}
+
+#[test]
+fn what_no_peer_has_comes_from_upstream_through_the_agent_compressed_and_checked() {
+    let lan = Lan::new(2);
+    let (a, u) = (lan.host(0), lan.host(1));
+    let key = u.generate_key("upstream-1");
+    let zstd_top = u.build(&closure_expr("pull-zstd", 3 << 20));
+    let xz_top = u.build(&closure_expr("pull-xz", 1 << 20));
+    // Another size than the others: files are named by their hash, and the
+    // corrupted one must be its own.
+    let bad_top = u.build(&closure_expr("pull-bad", (1 << 20) + 1));
+    for top in [&zstd_top, &xz_top, &bad_top] {
+        let closure = u.closure(top);
+        let refs: Vec<&str> = closure.iter().map(String::as_str).collect();
+        u.sign(&refs, &key.secret_file);
+    }
+    let (_nginx, export) = serve_export(u, &zstd_top, "zstd");
+    // The xz and the corrupt closures go into the same cache dir.
+    u.run_ok(&[
+        "nix",
+        "copy",
+        "--to",
+        &format!("file://{}?compression=xz", export.display()),
+        &xz_top,
+        &bad_top,
+    ]);
+    // Flip a byte in the middle of the biggest file of the bad closure.
+    let bad_dep = u
+        .closure(&bad_top)
+        .into_iter()
+        .find(|p| p.ends_with("-dep"))
+        .expect("a dep");
+    let narinfo = std::fs::read_to_string(export.join(format!("{}.narinfo", hash_part(&bad_dep))))
+        .expect("the bad dep's narinfo");
+    let url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .expect("URL");
+    let file = export.join(url);
+    let mut bytes = std::fs::read(&file).expect("the bad dep's file");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&file, &bytes).expect("write");
+
+    a.configure_nix(&nix_conf(SUBSTITUTER, &[&key.public]));
+    let agent = a.start_agent(&upstream_config(u, ""));
+
+    // zstd and xz closures: every path valid and verified on A, and every
+    // file came through the agent.
+    for top in [&zstd_top, &xz_top] {
+        realise(a, &[top]);
+        for path in u.closure(top) {
+            assert_verified(a, &path);
+        }
+    }
+    let files = agent.metric("nixmesh_upstream_files_total");
+    assert_eq!(files, 4.0, "two closures of two paths each");
+    assert!(agent.metric("nixmesh_upstream_bytes_total") > 0.0);
+
+    // The corrupt file: cut off before its end, so Nix never gets the path.
+    let out = a.run(&["nix-store", "--realise", &bad_top]);
+    assert!(!out.status.success(), "the corrupt closure was substituted");
+    assert!(!a.has_path(&bad_dep), "a corrupt {bad_dep} is valid on A");
+    assert_absent_or_intact(a, &bad_top);
+    assert!(agent.metric("nixmesh_upstream_file_failures_total") >= 1.0);
+    assert!(
+        agent.log().contains("upstream file cut off"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn an_unreachable_upstream_costs_its_timeout_once() {
+    let lan = Lan::new(1);
+    let a = lan.host(0);
+    // No host has this address: every request to it times out.
+    let nowhere = format!("{}", a.addr())
+        .rsplit_once('.')
+        .map(|(net, _)| format!("{net}.250"))
+        .expect("an address");
+    let agent = a.start_agent(&format!(
+        "[upstream]\ncaches = [\"http://{nowhere}:{NGINX_PORT}\"]\ntimeout_ms = 1500\nskip_ms = 60000\n"
+    ));
+    let narinfo = |n: u8| {
+        format!(
+            "{SUBSTITUTER}/{}.narinfo",
+            format!("{n}")
+                .repeat(32)
+                .chars()
+                .take(32)
+                .collect::<String>()
+        )
+    };
+    // Past the agent's first seconds, in which a race waits for a first peer.
+    std::thread::sleep(nixmesh::mesh::node::WARMUP);
+    let started = Instant::now();
+    let (status, _) = a.http_status(&narinfo(1));
+    let first = started.elapsed();
+    assert_eq!(status, 404);
+    assert!(
+        first >= Duration::from_millis(1400),
+        "answered in {first:?}: was the upstream asked?"
+    );
+    let started = Instant::now();
+    for n in 2..7 {
+        assert_eq!(a.http_status(&narinfo(n)).0, 404);
+    }
+    let rest = started.elapsed();
+    eprintln!("unreachable upstream: first miss {first:?}, five more {rest:?}");
+    assert!(rest < Duration::from_secs(3), "later misses took {rest:?}");
+    assert_eq!(agent.metric("nixmesh_upstream_skipped"), 1.0);
+    assert!(agent.log().contains("skipping it for a while"));
+}
