@@ -28,6 +28,30 @@ fn serve_export(host: &Host, path: &str, compression: &str) -> (Nginx, std::path
     (Nginx::start(host, &export, NGINX_PORT), export)
 }
 
+/// The substituter's URL for `path`'s file (from the narinfo it offers
+/// Nix), and that file in U's export.
+fn upstream_nar(a: &Host, export: &std::path::Path, path: &str) -> (String, std::path::PathBuf) {
+    let narinfo = a.run_ok(&[
+        "curl",
+        "-sSf",
+        &format!("{SUBSTITUTER}/{}.narinfo", hash_part(path)),
+    ]);
+    let field = |text: &str, key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .to_string()
+    };
+    let ours = field(&narinfo, "URL: ");
+    assert!(ours.starts_with("upstream/"), "{narinfo}");
+    let theirs = std::fs::read_to_string(export.join(format!("{}.narinfo", hash_part(path))))
+        .expect("U's narinfo");
+    (
+        format!("{SUBSTITUTER}/{ours}"),
+        export.join(field(&theirs, "URL: ")),
+    )
+}
+
 fn upstream_config(u: &Host, extra: &str) -> String {
     format!(
         "[upstream]\ncaches = [\"http://{}:{NGINX_PORT}\"]\n{extra}",
@@ -45,7 +69,9 @@ fn what_no_peer_has_comes_from_upstream_through_the_agent_compressed_and_checked
     // Another size than the others: files are named by their hash, and the
     // corrupted one must be its own.
     let bad_top = u.build(&closure_expr("pull-bad", (1 << 20) + 1));
-    for top in [&zstd_top, &xz_top, &bad_top] {
+    // Random bytes do not compress: a file big enough to take a while.
+    let single_top = u.add_path(&random_file(&u.dir().join("files"), "single", 6 << 20));
+    for top in [&zstd_top, &xz_top, &bad_top, &single_top] {
         let closure = u.closure(top);
         let refs: Vec<&str> = closure.iter().map(String::as_str).collect();
         u.sign(&refs, &key.secret_file);
@@ -59,6 +85,7 @@ fn what_no_peer_has_comes_from_upstream_through_the_agent_compressed_and_checked
         &format!("file://{}?compression=xz", export.display()),
         &xz_top,
         &bad_top,
+        &single_top,
     ]);
     // Flip a byte in the middle of the biggest file of the bad closure.
     let bad_dep = u
@@ -91,7 +118,46 @@ fn what_no_peer_has_comes_from_upstream_through_the_agent_compressed_and_checked
     }
     let files = agent.metric("nixmesh_upstream_files_total");
     assert_eq!(files, 4.0, "two closures of two paths each");
+    assert_eq!(agent.metric("nixmesh_upstream_downloads_total"), 4.0);
+    // `nixmesh why` names the upstream as where the path would come from.
+    let rows = agent.why(&xz_top);
+    let up = rows
+        .iter()
+        .find(|r| r.name.starts_with("upstream http://"))
+        .unwrap_or_else(|| panic!("no upstream row: {rows:#?}"));
+    assert_eq!(up.answer, nixmesh::api::SurveyAnswer::Has, "{rows:#?}");
+    assert!(up.would_win, "{rows:#?}");
     assert!(agent.metric("nixmesh_upstream_bytes_total") > 0.0);
+
+    // Two requests for the same file at once, over a slow uplink: one
+    // download, and both get the whole file as U stores it.
+    u.shape(8_000_000);
+    let (url, upstream_file) = upstream_nar(a, &export, &single_top);
+    let downloads = agent.metric("nixmesh_upstream_downloads_total");
+    let fetch = |name: &str| {
+        let out = a.dir().join(name);
+        a.command(&["curl", "-sSf", "-o", &out.display().to_string(), &url])
+            .spawn()
+            .expect("curl")
+    };
+    let (mut first, mut second) = (fetch("one"), fetch("two"));
+    assert!(first.wait().expect("curl").success());
+    assert!(second.wait().expect("curl").success());
+    let want = std::fs::read(&upstream_file).expect("U's file");
+    for name in ["one", "two"] {
+        let got = std::fs::read(a.dir().join(name)).expect("downloaded");
+        assert!(
+            got == want,
+            "{name}: {} bytes, not U's {}",
+            got.len(),
+            want.len()
+        );
+    }
+    assert_eq!(
+        agent.metric("nixmesh_upstream_downloads_total"),
+        downloads + 1.0
+    );
+    assert!(agent.metric("nixmesh_upstream_joins_total") >= 1.0);
 
     // The corrupt file: cut off before its end, so Nix never gets the path.
     let out = a.run(&["nix-store", "--realise", &bad_top]);

@@ -21,7 +21,7 @@ use crate::config::settings::{
 };
 use crate::config::Config;
 use crate::fetch::resolver::Resolver;
-use crate::fetch::upstream::{UpstreamClient, Upstreams};
+use crate::fetch::upstream::{Spool, UpstreamClient, Upstreams};
 use crate::mesh::discovery::{self, Announcement, DiscoveryConfig, DiscoveryError};
 use crate::mesh::identity::NodeId;
 use crate::mesh::node::{Mesh, MeshError, MeshSetup};
@@ -215,10 +215,26 @@ pub async fn run(
         } else {
             let client = UpstreamClient::new(config.upstream.ca_file.as_deref())
                 .map_err(SettingsError::from)?;
+            let spool = match config.upstream.spool_mib {
+                0 => None,
+                mib => {
+                    let dir = config.state_dir.join("spool");
+                    match Spool::new(dir.clone(), mib << 20) {
+                        Ok(spool) => Some(spool),
+                        Err(e) => {
+                            // Not fatal: files then stream past the spool.
+                            tracing::warn!(dir = %dir.display(), error = %e, "upstream.spool_mib: cannot use the spool dir; going without");
+                            None
+                        }
+                    }
+                }
+            };
             tracing::info!(caches = ?caches.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "pulling what no peer has from upstream");
             Some(Arc::new(Upstreams::new(
                 caches,
                 client,
+                spool,
+                detached.clone(),
                 std::time::Duration::from_millis(config.upstream.timeout_ms),
                 std::time::Duration::from_millis(config.upstream.skip_ms),
                 config.store.store_dir.clone(),

@@ -75,6 +75,18 @@ pub fn upstream_caches<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Str
     Ok(Some(list))
 }
 
+/// Largest upstream spool: 1 TiB.
+pub const MAX_SPOOL_MIB: u64 = 1 << 20;
+
+/// `upstream.spool_mib`: 0 (off) to `MAX_SPOOL_MIB`.
+pub fn spool_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let mib = u64::deserialize(d)?;
+    if mib > MAX_SPOOL_MIB {
+        return Err(D::Error::custom(format!("must be 0 to {MAX_SPOOL_MIB}")));
+    }
+    Ok(mib)
+}
+
 /// `substituter.prefetch_mib`: 0 (off) to `MAX_PREFETCH_MIB`.
 pub fn prefetch_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let mib = u64::deserialize(d)?;

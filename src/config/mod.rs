@@ -58,6 +58,8 @@ pub struct UpstreamConfig {
     #[serde(deserialize_with = "checked::upstream_timeout_ms")]
     pub skip_ms: u64,
     pub ca_file: Option<PathBuf>,
+    #[serde(deserialize_with = "checked::spool_mib")]
+    pub spool_mib: u64,
 }
 
 impl Default for UpstreamConfig {
@@ -67,6 +69,7 @@ impl Default for UpstreamConfig {
             timeout_ms: 5000,
             skip_ms: 30_000,
             ca_file: None,
+            spool_mib: 1024,
         }
     }
 }

@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 
 use crate::api::{SurveyAnswer, SurveyRow};
 use crate::fetch::race::{race_narinfo, NarInfoSource, TrustPolicy};
-use crate::fetch::upstream::{UpstreamFile, Upstreams};
+use crate::fetch::upstream::{Answer as UpstreamAnswer, UpstreamFile, Upstreams};
 use crate::lock::lock;
 use crate::mesh::client::{self, PeerError};
 use crate::mesh::identity::NodeId;
@@ -327,6 +327,30 @@ impl Resolver {
             .collect();
         let mut rows: Vec<SurveyRow> = asks.collect().await;
         rows.sort_by(|a, b| a.answer_ms.total_cmp(&b.answer_ms));
+        // Upstreams are asked only when no peer has it: their rows come
+        // after the peers', and one wins only if no peer would.
+        if let Some(upstreams) = &self.upstreams {
+            let mut up: Vec<SurveyRow> = upstreams
+                .survey(hash)
+                .await
+                .into_iter()
+                .map(|(url, answer, ms)| SurveyRow {
+                    name: format!("upstream {url}"),
+                    fingerprint: "-".into(),
+                    rtt_ms: None,
+                    answer_ms: ms,
+                    answer: match answer {
+                        Ok(UpstreamAnswer::Has(..)) => SurveyAnswer::Has,
+                        Ok(UpstreamAnswer::NotFound) => SurveyAnswer::NotFound,
+                        Ok(UpstreamAnswer::Rejected(why)) => SurveyAnswer::Rejected(why),
+                        Err(e) => SurveyAnswer::Failed(e.to_string()),
+                    },
+                    would_win: false,
+                })
+                .collect();
+            up.sort_by(|a, b| a.answer_ms.total_cmp(&b.answer_ms));
+            rows.extend(up);
+        }
         if let Some(first) = rows.iter_mut().find(|r| r.answer == SurveyAnswer::Has) {
             first.would_win = true;
         }

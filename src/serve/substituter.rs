@@ -149,8 +149,7 @@ impl Substituter {
         let size = file.file_size;
         let body = (!head_only).then(|| {
             let (tx, rx) = mpsc::channel(RELAY_DEPTH);
-            self.tasks
-                .spawn(async move { upstreams.relay(&file, tx).await });
+            self.tasks.spawn(upstreams.relay(file, tx));
             http::channel_body(rx)
         });
         http::nar(size, RangeAnswer::Whole, body)

@@ -16,6 +16,7 @@ pub mod cache_url;
 pub mod client;
 pub mod file_check;
 pub mod judge;
+pub mod spool;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,6 +36,11 @@ pub use cache_url::CacheUrl;
 pub use client::{UpstreamClient, UpstreamError};
 pub use file_check::{FileCheck, FileError};
 pub use judge::UpstreamFile;
+pub use spool::Spool;
+
+use spool::{Claim, Writer};
+use std::sync::Arc;
+use tokio_util::task::TaskTracker;
 
 use crate::fetch::race::TrustPolicy;
 use crate::lock::lock;
@@ -55,6 +61,20 @@ pub enum RelayError {
     Stalled(Duration),
     #[error("reading the upstream file: {0}")]
     Body(String),
+    #[error("writing the spool: {0}")]
+    Spool(std::io::Error),
+}
+
+/// After a spool write fails (disk full), files go around the spool this
+/// long.
+pub const SPOOL_PAUSE: Duration = Duration::from_secs(60);
+
+/// What one upstream said about a path.
+pub enum Answer {
+    Has(Box<NarInfo>, UpstreamFile),
+    NotFound,
+    /// It has the path, but its narinfo is not offered to Nix (why).
+    Rejected(String),
 }
 
 struct Cache {
@@ -70,6 +90,8 @@ pub struct UpstreamStats {
     pub narinfo_rejected: Counter,
     pub errors: Counter,
     pub files: Counter,
+    pub downloads: Counter,
+    pub joins: Counter,
     pub file_failures: Counter,
     pub bytes: Counter,
     pub skipped: Gauge,
@@ -100,8 +122,18 @@ impl UpstreamStats {
             ),
             (
                 "nixmesh_upstream_files",
-                "Files relayed whole from upstream caches",
+                "Files from upstream caches relayed whole to Nix",
                 &self.files,
+            ),
+            (
+                "nixmesh_upstream_downloads",
+                "Files downloaded whole from upstream caches",
+                &self.downloads,
+            ),
+            (
+                "nixmesh_upstream_joins",
+                "Requests served by a download under way or spooled (single flight)",
+                &self.joins,
             ),
             (
                 "nixmesh_upstream_file_failures",
@@ -128,6 +160,9 @@ impl UpstreamStats {
 pub struct Upstreams {
     caches: Vec<Cache>,
     client: UpstreamClient,
+    spool: Option<Arc<Spool>>,
+    spool_paused_until: Mutex<Option<Instant>>,
+    tasks: TaskTracker,
     timeout: Duration,
     skip: Duration,
     store_dir: String,
@@ -136,9 +171,14 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
+    /// `spool`: where files are kept while and after they arrive, shared by
+    /// every request for them (none: each request streams its own).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         caches: Vec<CacheUrl>,
         client: UpstreamClient,
+        spool: Option<Arc<Spool>>,
+        tasks: TaskTracker,
         timeout: Duration,
         skip: Duration,
         store_dir: String,
@@ -153,6 +193,9 @@ impl Upstreams {
                 })
                 .collect(),
             client,
+            spool,
+            spool_paused_until: Mutex::new(None),
+            tasks,
             timeout,
             skip,
             store_dir,
@@ -178,11 +221,11 @@ impl Upstreams {
         let mut found = None;
         while let Some((cache, answer)) = asks.next().await {
             match answer {
-                Ok(Some(hit)) => {
-                    found = Some(hit);
+                Ok(Answer::Has(narinfo, file)) => {
+                    found = Some((*narinfo, file));
                     break;
                 }
-                Ok(None) => {}
+                Ok(Answer::NotFound | Answer::Rejected(_)) => {}
                 Err(e) => {
                     tracing::debug!(upstream = %cache.url, %hash, error = %e, "upstream narinfo")
                 }
@@ -197,11 +240,29 @@ impl Upstreams {
         found
     }
 
-    async fn ask(
+    /// Every upstream's answer for `hash`, skipped ones too, for
+    /// `nixmesh why`: (cache, answer or why none, milliseconds).
+    pub async fn survey(
         &self,
-        cache: &Cache,
         hash: &HashPart,
-    ) -> Result<Option<(NarInfo, UpstreamFile)>, UpstreamError> {
+    ) -> Vec<(String, Result<Answer, UpstreamError>, f64)> {
+        let asks: FuturesUnordered<_> = self
+            .caches
+            .iter()
+            .map(|c| async move {
+                let start = Instant::now();
+                let answer = self.ask(c, hash).await;
+                (
+                    c.url.to_string(),
+                    answer,
+                    start.elapsed().as_secs_f64() * 1e3,
+                )
+            })
+            .collect();
+        asks.collect().await
+    }
+
+    async fn ask(&self, cache: &Cache, hash: &HashPart) -> Result<Answer, UpstreamError> {
         let answer = self
             .client
             .get_text(&cache.url.narinfo(hash), MAX_NARINFO_LEN, self.timeout)
@@ -222,22 +283,22 @@ impl Upstreams {
             }
         };
         let Some(text) = text else {
-            return Ok(None);
+            return Ok(Answer::NotFound);
         };
         let narinfo = match NarInfo::parse(&self.store_dir, &text) {
             Ok(n) => n,
             Err(e) => {
                 self.stats.narinfo_rejected.inc();
                 tracing::warn!(upstream = %cache.url, %hash, error = %e, "refused a malformed upstream narinfo");
-                return Ok(None);
+                return Ok(Answer::Rejected(e.to_string()));
             }
         };
         match judge::judge(hash, &cache.url, &narinfo, &self.policy) {
-            Ok(file) => Ok(Some((narinfo, file))),
+            Ok(file) => Ok(Answer::Has(Box::new(narinfo), file)),
             Err(e) => {
                 self.stats.narinfo_rejected.inc();
                 tracing::warn!(upstream = %cache.url, %hash, reason = %e, "refused an upstream narinfo");
-                Ok(None)
+                Ok(Answer::Rejected(e.to_string()))
             }
         }
     }
@@ -252,22 +313,100 @@ impl Upstreams {
         self.stats.skipped.set(open as i64);
     }
 
-    /// Streams `file` into `tx`, checking it on the way: every chunk is
-    /// passed on only after the next one arrived (or the end did), and the
-    /// last one only when size and hash are right; otherwise the channel
-    /// gets an error instead, which cuts the response to Nix short.
-    pub async fn relay(&self, file: &UpstreamFile, tx: mpsc::Sender<Result<Bytes, RelayError>>) {
-        let result = self.relay_checked(file, &tx).await;
+    /// Streams `file` into `tx`, checked on the way: through the spool
+    /// when there is room (one download, however many ask), else straight
+    /// from upstream. Either way no chunk goes out before the one after it
+    /// arrived, and the last only when size and hash are right; otherwise
+    /// the channel gets an error instead, which cuts the response to Nix
+    /// short.
+    pub async fn relay(
+        self: Arc<Self>,
+        file: UpstreamFile,
+        tx: mpsc::Sender<Result<Bytes, RelayError>>,
+    ) {
+        let result = match self.claim(&file) {
+            Some(Claim::Start(entry, writer)) => {
+                let this = self.clone();
+                let download = file.clone();
+                self.tasks
+                    .spawn(async move { this.download(&download, writer).await });
+                entry.read_into(&tx, STALL).await
+            }
+            Some(Claim::Existing(entry)) => {
+                self.stats.joins.inc();
+                entry.read_into(&tx, STALL).await
+            }
+            Some(Claim::NoRoom) | None => {
+                let direct = self.relay_checked(&file, &tx).await;
+                if direct.is_err() {
+                    self.stats.file_failures.inc();
+                }
+                direct
+            }
+        };
         match result {
             Ok(()) => {
                 self.stats.files.inc();
             }
             Err(e) => {
-                self.stats.file_failures.inc();
                 tracing::warn!(url = %file.url, error = %e, "upstream file cut off");
                 let _ = tx.send(Err(e)).await;
             }
         };
+    }
+
+    fn claim(&self, file: &UpstreamFile) -> Option<Claim> {
+        let spool = self.spool.as_ref()?;
+        let paused = lock(&self.spool_paused_until).is_some_and(|t| Instant::now() < t);
+        (!paused).then(|| spool.claim(file))
+    }
+
+    /// Downloads `file` into the spool; a wrong or failed file leaves it.
+    async fn download(&self, file: &UpstreamFile, mut writer: Writer) {
+        match self.download_checked(file, &mut writer).await {
+            Ok(()) => {
+                self.stats.downloads.inc();
+                writer.done().await;
+            }
+            Err(e) => {
+                self.stats.file_failures.inc();
+                if let RelayError::Spool(io) = &e {
+                    tracing::warn!(error = %io, pause = ?SPOOL_PAUSE, "cannot write the upstream spool; files go around it for a while");
+                    *lock(&self.spool_paused_until) = Some(Instant::now() + SPOOL_PAUSE);
+                }
+                tracing::warn!(url = %file.url, error = %e, "upstream download failed");
+                // Dropping the writer fails the entry: its readers stop.
+            }
+        }
+    }
+
+    async fn download_checked(
+        &self,
+        file: &UpstreamFile,
+        writer: &mut Writer,
+    ) -> Result<(), RelayError> {
+        let resp = self.client.get(&file.url, self.timeout).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(UpstreamError::Status(resp.status()).into());
+        }
+        let mut body = resp.into_body();
+        let mut check = FileCheck::new(file.file_size, file.file_hash);
+        loop {
+            let frame = match tokio::time::timeout(STALL, body.frame()).await {
+                Err(_) => return Err(RelayError::Stalled(STALL)),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(RelayError::Body(e.to_string())),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            check.feed(&data)?;
+            self.stats.bytes.inc_by(data.len() as u64);
+            writer.write(&data).await.map_err(RelayError::Spool)?;
+        }
+        check.finish()?;
+        Ok(())
     }
 
     async fn relay_checked(
@@ -305,6 +444,7 @@ impl Upstreams {
             }
         }
         check.finish()?;
+        self.stats.downloads.inc();
         if let Some(last) = held {
             let _ = tx.send(Ok(last)).await;
         }
