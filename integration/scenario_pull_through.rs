@@ -127,6 +127,17 @@ fn what_no_peer_has_comes_from_upstream_through_the_agent_compressed_and_checked
         .unwrap_or_else(|| panic!("no upstream row: {rows:#?}"));
     assert_eq!(up.answer, nixmesh::api::SurveyAnswer::Has, "{rows:#?}");
     assert!(up.would_win, "{rows:#?}");
+    // `nixmesh doctor` checks that the upstream answers.
+    let config = agent.config_path().display().to_string();
+    let doctor = a.run(&[env!("CARGO_BIN_EXE_nixmesh"), "doctor", "--config", &config]);
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        report.contains(&format!(
+            "upstream http://{}:{NGINX_PORT} answers",
+            u.addr()
+        )),
+        "{report}"
+    );
     assert!(agent.metric("nixmesh_upstream_bytes_total") > 0.0);
 
     // Two requests for the same file at once, over a slow uplink: one

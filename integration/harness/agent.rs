@@ -79,6 +79,11 @@ impl AgentHandle {
         self.process.log()
     }
 
+    /// The config file the agent runs with.
+    pub fn config_path(&self) -> &Path {
+        self.process.config_path()
+    }
+
     /// The agent's process id on the machine.
     pub fn pid(&self) -> u32 {
         self.process.pid()

@@ -309,6 +309,10 @@ pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
         }
     }
 
+    if config.substituter.enable {
+        out.extend(check_upstreams(config).await);
+    }
+
     // The running agent.
     let status = admin_client::admin_get(config.admin.listen, "/status").await;
     let Ok(body) = status else {
@@ -356,6 +360,48 @@ pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
                 config.mesh.static_peers.len(),
             )),
             _ => out.push(fail("cannot read the peer table", "")),
+        }
+    }
+    out
+}
+
+/// Whether each upstream cache answers `/nix-cache-info` for our store dir.
+async fn check_upstreams(config: &Config) -> Vec<Finding> {
+    use crate::fetch::upstream::UpstreamClient;
+    let caches = crate::config::settings::upstream_caches(config);
+    if caches.is_empty() {
+        return vec![ok("no upstream caches: the agent pulls only from peers")];
+    }
+    let client = match UpstreamClient::new(config.upstream.ca_file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![fail(
+                e.to_string(),
+                "point upstream.ca_file at a PEM file of CA certificates",
+            )]
+        }
+    };
+    let timeout = std::time::Duration::from_millis(config.upstream.timeout_ms);
+    let want = format!("StoreDir: {}", config.store.store_dir);
+    let mut out = Vec::new();
+    for cache in caches {
+        let url = format!("{cache}/nix-cache-info");
+        match client.get_text(&url, 64 * 1024, timeout).await {
+            Ok(Some(text)) if text.lines().any(|l| l.trim() == want) => {
+                out.push(ok(format!("upstream {cache} answers")))
+            }
+            Ok(Some(_)) => out.push(fail(
+                format!("upstream {cache} is not a cache for {}", config.store.store_dir),
+                "remove it from upstream.caches (or nix.conf's substituters)",
+            )),
+            Ok(None) => out.push(fail(
+                format!("upstream {cache} has no /nix-cache-info"),
+                "check the URL in upstream.caches (or nix.conf's substituters)",
+            )),
+            Err(e) => out.push(warn(
+                format!("upstream {cache} does not answer: {e}"),
+                "fine for an offline office (the agent skips it after one try); otherwise check the URL and the network",
+            )),
         }
     }
     out
