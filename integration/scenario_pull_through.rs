@@ -225,3 +225,97 @@ fn an_unreachable_upstream_costs_its_timeout_once() {
     assert_eq!(agent.metric("nixmesh_upstream_skipped"), 1.0);
     assert!(agent.log().contains("skipping it for a while"));
 }
+
+/// Sum of the FileSize of `paths` in a `file://` cache's directory.
+fn file_bytes(export: &std::path::Path, paths: &[String]) -> u64 {
+    paths
+        .iter()
+        .map(|p| {
+            let narinfo = std::fs::read_to_string(export.join(format!("{}.narinfo", hash_part(p))))
+                .unwrap_or_else(|e| panic!("narinfo of {p}: {e}"));
+            narinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("FileSize: "))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no FileSize in {narinfo}"))
+        })
+        .sum()
+}
+
+#[test]
+fn the_office_downloads_each_path_from_upstream_once() {
+    const OFFICE: usize = 4;
+    let lan = Lan::new(OFFICE + 1);
+    let u = lan.host(OFFICE);
+    let office: Vec<&Host> = (0..OFFICE).map(|i| lan.host(i)).collect();
+    let key = u.generate_key("upstream-1");
+    // A closure of a few paths, one of them 8 MiB of random bytes (they do
+    // not compress, so the uplink's bytes say how often it crossed).
+    let files = u.dir().join("files");
+    let mut paths: Vec<String> = (0..4)
+        .map(|i| u.add_path(&random_file(&files, &format!("part-{i}"), 256 << 10)))
+        .collect();
+    paths.push(u.add_path(&random_file(&files, "big", 8 << 20)));
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    u.sign(&refs, &key.secret_file);
+    let export = u.dir().join("export-office");
+    let mut copy = vec!["nix".to_string(), "copy".into(), "--to".into()];
+    copy.push(format!("file://{}?compression=zstd", export.display()));
+    copy.extend(paths.iter().cloned());
+    let copy: Vec<&str> = copy.iter().map(String::as_str).collect();
+    u.run_ok(&copy);
+    let _nginx = Nginx::start(u, &export, NGINX_PORT);
+    let once = file_bytes(&export, &paths);
+    // The office's uplink: slow enough that the downloads overlap.
+    u.shape(40_000_000);
+
+    let agents: Vec<_> = office
+        .iter()
+        .map(|h| {
+            h.configure_nix(&nix_conf(SUBSTITUTER, &[&key.public]));
+            h.start_agent(&upstream_config(u, ""))
+        })
+        .collect();
+    let pairs: Vec<_> = office.iter().copied().zip(agents.iter()).collect();
+    wait_all_alive(&pairs);
+
+    let before = u.link_bytes();
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for h in &office {
+            let refs = refs.clone();
+            s.spawn(move || realise(h, &refs));
+        }
+    });
+    let took = started.elapsed();
+    let sent = u.link_bytes().sent - before.sent;
+    let downloads: f64 = agents
+        .iter()
+        .map(|a| a.metric("nixmesh_upstream_downloads_total"))
+        .sum();
+    let from_owner: f64 = agents
+        .iter()
+        .map(|a| a.metric("nixmesh_upstream_from_owner_total"))
+        .sum();
+    eprintln!(
+        "office of {OFFICE}: {} paths, {once} file bytes once; the uplink sent {sent} bytes \
+         ({:.2}x) in {took:?}; {downloads} upstream downloads, {from_owner} files from their owner",
+        paths.len(),
+        sent as f64 / once as f64,
+    );
+    for h in &office {
+        for p in &paths {
+            assert_verified(h, p);
+        }
+    }
+    assert!(
+        sent <= once + once / 20 + 256 * 1024,
+        "the uplink carried {sent} bytes for {once} bytes of files"
+    );
+    assert!(
+        downloads <= paths.len() as f64,
+        "{downloads} downloads of {} paths",
+        paths.len()
+    );
+    assert!(from_owner >= 1.0, "no file came from its owner");
+}

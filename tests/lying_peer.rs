@@ -54,6 +54,7 @@ async fn run_liar(endpoint: quinn::Endpoint, narinfo: String, nar: Arc<Vec<u8>>,
                         Ok(Request::Have { hashes }) => Response::Have {
                             present: vec![true; hashes.len()],
                         },
+                        Ok(Request::UpstreamFile { .. }) => Response::NotFound,
                         Ok(Request::Nar { offset, .. }) => {
                             let mut bytes = nar.to_vec();
                             match lie {

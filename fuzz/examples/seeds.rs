@@ -42,6 +42,10 @@ fn main() {
         Request::Have {
             hashes: vec![hash.clone(); 3],
         },
+        Request::UpstreamFile {
+            hash: hash.clone(),
+            file_hash: nar_hash,
+        },
     ];
     for (i, r) in requests.iter().enumerate() {
         write("wire_request", &format!("seed-{i}"), &body(r.encode()));
@@ -57,6 +61,7 @@ fn main() {
         },
         Response::NotFound,
         Response::NarFollows { nar_size: 144 },
+        Response::FileFollows { file_size: 96 },
         Response::Have {
             present: vec![true, false, true],
         },

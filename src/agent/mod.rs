@@ -21,6 +21,7 @@ use crate::config::settings::{
 };
 use crate::config::Config;
 use crate::fetch::resolver::Resolver;
+use crate::fetch::upstream::office::ForPeers;
 use crate::fetch::upstream::{Spool, UpstreamClient, Upstreams};
 use crate::mesh::discovery::{self, Announcement, DiscoveryConfig, DiscoveryError};
 use crate::mesh::identity::NodeId;
@@ -241,7 +242,12 @@ pub async fn run(
                 policy.clone(),
             )))
         };
+        let pulls = upstreams.is_some();
         let resolver = Resolver::new(mesh.clone(), upstreams, policy, deadline);
+        if pulls {
+            // Peers may ask this agent for the upstream files it owns.
+            mesh.server().serve_upstream(ForPeers::new(&resolver));
+        }
         let sub = Substituter::new(
             resolver,
             config.store.store_dir.clone(),

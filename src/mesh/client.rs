@@ -113,6 +113,26 @@ pub async fn nar(
     }
 }
 
+/// (Protocol version 2.) Asks the peer for an upstream file it downloads
+/// for the office: the stream then carries exactly `file_size` bytes.
+/// `None` when the peer has no such file to offer.
+pub async fn upstream_file(
+    conn: &quinn::Connection,
+    hash: &HashPart,
+    file_hash: &Sha256Hash,
+    timeout: Duration,
+) -> Result<Option<(u64, quinn::RecvStream)>, PeerError> {
+    let req = Request::UpstreamFile {
+        hash: hash.clone(),
+        file_hash: *file_hash,
+    };
+    match exchange(conn, &req, timeout).await? {
+        (_, Response::NotFound) => Ok(None),
+        (recv, Response::FileFollows { file_size }) => Ok(Some((file_size, recv))),
+        _ => Err(PeerError::Unexpected("to upstream file")),
+    }
+}
+
 fn rand_nonce() -> u64 {
     let mut b = [0u8; 8];
     // A repeated nonce only weakens the pong check; no need to fail.

@@ -191,6 +191,11 @@ impl Mesh {
         self.identity.node
     }
 
+    /// The server that answers this node's peers.
+    pub fn server(&self) -> &Arc<PeerServer> {
+        &self.server
+    }
+
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.endpoint.local_addr().ok()
     }
@@ -585,6 +590,22 @@ impl Mesh {
     /// True in the first seconds after start, while peers are being found.
     pub fn warming_up(&self) -> bool {
         self.started.elapsed() < WARMUP
+    }
+
+    /// Usable peers whose connection to this node speaks protocol
+    /// version 2: the candidates to download from upstream for the office.
+    pub fn peers_speaking_v2(&self) -> Vec<NodeId> {
+        let usable = self.usable_peers();
+        let conns = lock(&self.conns);
+        usable
+            .into_iter()
+            .filter(|p| {
+                conns
+                    .get(&p.node)
+                    .is_some_and(|c| c.close_reason().is_none() && transport::speaks_v2(c))
+            })
+            .map(|p| p.node)
+            .collect()
     }
 
     /// Usable peers, fastest first.

@@ -15,6 +15,13 @@ use crate::nix::{HashPart, Sha256Hash};
 /// ALPN of protocol version 1; a peer that speaks no common version fails
 /// the TLS handshake instead of sending frames we cannot read.
 pub const ALPN_V1: &[u8] = b"nixmesh/1";
+/// Version 2 adds `UpstreamFile`/`FileFollows` (the office-wide single
+/// flight of upstream downloads). Both ends offer both versions, newest
+/// first; on a connection that settled on version 1 the new request is
+/// never sent.
+pub const ALPN_V2: &[u8] = b"nixmesh/2";
+/// What this node offers and accepts, in order of preference.
+pub const ALPNS: [&[u8]; 2] = [ALPN_V2, ALPN_V1];
 /// Largest request body: a `Have` of `MAX_HAVE_BATCH` hash parts is about
 /// 33 KiB, every other request under 100 bytes. The server allocates this
 /// much per stream at most, on up to 128 streams per peer.
@@ -84,6 +91,13 @@ pub enum Request {
     Have {
         hashes: Vec<HashPart>,
     },
+    /// (Version 2.) The upstream cache's file of this path, whose FileHash
+    /// is `file_hash`, downloaded by the asked agent (once for the whole
+    /// office) and streamed as it arrives.
+    UpstreamFile {
+        hash: HashPart,
+        file_hash: Sha256Hash,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +119,11 @@ pub enum Response {
     Have {
         present: Vec<bool>,
     },
+    /// (Version 2.) The file's `file_size` bytes follow, then the stream
+    /// ends; a stream reset before that means the file was wrong or failed.
+    FileFollows {
+        file_size: u64,
+    },
     Error {
         code: u32,
         message: String,
@@ -116,12 +135,14 @@ mod kind {
     pub const PATH_INFO: u8 = 2;
     pub const NAR: u8 = 3;
     pub const HAVE: u8 = 4;
+    pub const UPSTREAM_FILE: u8 = 5;
     pub const PONG: u8 = 65;
     pub const PATH_INFO_REPLY: u8 = 66;
     pub const NOT_FOUND: u8 = 67;
     pub const NAR_FOLLOWS: u8 = 68;
     pub const HAVE_REPLY: u8 = 69;
     pub const ERROR: u8 = 70;
+    pub const FILE_FOLLOWS: u8 = 71;
 }
 
 struct Writer(Vec<u8>);
@@ -243,6 +264,12 @@ impl Request {
                 }
                 w.finish()
             }
+            Request::UpstreamFile { hash, file_hash } => {
+                let mut w = Writer::new(kind::UPSTREAM_FILE);
+                w.0.extend_from_slice(hash.as_str().as_bytes());
+                w.0.extend_from_slice(&file_hash.0);
+                w.finish()
+            }
         }
     }
 
@@ -274,6 +301,15 @@ impl Request {
                 }
                 let hashes = (0..n).map(|_| r.hash_part()).collect::<Result<_, _>>()?;
                 Request::Have { hashes }
+            }
+            kind::UPSTREAM_FILE => {
+                let hash = r.hash_part()?;
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(r.take(32)?);
+                Request::UpstreamFile {
+                    hash,
+                    file_hash: Sha256Hash(digest),
+                }
             }
             other => return Err(FrameError::UnknownKind(other)),
         };
@@ -309,6 +345,11 @@ impl Response {
                 w.0.extend(present.iter().map(|p| u8::from(*p)));
                 w.finish()
             }
+            Response::FileFollows { file_size } => {
+                let mut w = Writer::new(kind::FILE_FOLLOWS);
+                w.u64(*file_size);
+                w.finish()
+            }
             Response::Error { code, message } => {
                 let mut w = Writer::new(kind::ERROR);
                 w.u32(*code);
@@ -336,6 +377,9 @@ impl Response {
             },
             kind::NOT_FOUND => Response::NotFound,
             kind::NAR_FOLLOWS => Response::NarFollows { nar_size: r.u64()? },
+            kind::FILE_FOLLOWS => Response::FileFollows {
+                file_size: r.u64()?,
+            },
             kind::HAVE_REPLY => {
                 let n = r.u32()? as usize;
                 if n > MAX_HAVE_BATCH {
@@ -397,6 +441,10 @@ mod tests {
                 hashes: vec![hp('c'), hp('d')],
             },
             Request::Have { hashes: vec![] },
+            Request::UpstreamFile {
+                hash: hp('f'),
+                file_hash: Sha256Hash([3; 32]),
+            },
         ] {
             assert_eq!(Request::decode(body(&req.encode())).unwrap(), req);
         }
@@ -414,6 +462,7 @@ mod tests {
             },
             Response::NotFound,
             Response::NarFollows { nar_size: 120 },
+            Response::FileFollows { file_size: 7 },
             Response::Have {
                 present: vec![true, false],
             },

@@ -7,12 +7,12 @@
 //! serve flow's store side implements it), so `mesh` never reaches into
 //! `store`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, StreamExt};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
@@ -20,7 +20,7 @@ use crate::mesh::identity::NodeId;
 use crate::mesh::peers::PeerTable;
 use crate::mesh::protocol::{self, code, Request, Response};
 use crate::mesh::transport::{self, REQUEST_TIMEOUT};
-use crate::nix::{binary_cache, HashPart, PathInfo};
+use crate::nix::{binary_cache, HashPart, PathInfo, Sha256Hash};
 
 /// NAR streams served at once, to all peers together.
 pub const MAX_NAR_STREAMS: usize = 64;
@@ -45,9 +45,25 @@ pub trait ServedPaths: Send + Sync + 'static {
     fn nar(&self, info: PathInfo, offset: u64) -> BoxStream<'static, Result<Bytes, NarFault>>;
 }
 
+/// Files this agent downloads from upstream caches for its peers: the
+/// owner's side of the office-wide single flight. The fetch flow implements
+/// it and hands it down once it exists (`PeerServer::serve_upstream`).
+pub trait UpstreamFiles: Send + Sync + 'static {
+    /// The upstream file of `hash` whose FileHash is `file_hash`: its size,
+    /// and its bytes as they arrive (an error ends it early). `None` when
+    /// this agent has no such upstream file to offer.
+    #[allow(clippy::type_complexity)]
+    fn file(
+        self: Arc<Self>,
+        hash: HashPart,
+        file_hash: Sha256Hash,
+    ) -> BoxFuture<'static, Option<(u64, mpsc::Receiver<Result<Bytes, String>>)>>;
+}
+
 pub struct PeerServer {
     name: String,
     shared: Arc<dyn ServedPaths>,
+    upstream: OnceLock<Arc<dyn UpstreamFiles>>,
     table: Arc<Mutex<PeerTable>>,
     nar_slots: Arc<Semaphore>,
     tasks: TaskTracker,
@@ -63,6 +79,7 @@ impl PeerServer {
         Arc::new(Self {
             name,
             shared,
+            upstream: OnceLock::new(),
             table,
             nar_slots: Arc::new(Semaphore::new(MAX_NAR_STREAMS)),
             tasks,
@@ -73,6 +90,11 @@ impl PeerServer {
         if let Some(c) = lock(&self.table).counters_mut(node) {
             f(c);
         }
+    }
+
+    /// From now on, peers' `UpstreamFile` requests go to `files`.
+    pub fn serve_upstream(&self, files: Arc<dyn UpstreamFiles>) {
+        let _ = self.upstream.set(files);
     }
 
     /// Serves every stream the peer opens until the connection ends.
@@ -142,6 +164,10 @@ impl PeerServer {
                 self.serve_nar(node, &mut send, hash, nar_hash, offset)
                     .await
             }
+            Request::UpstreamFile { hash, file_hash } => {
+                self.serve_upstream_file(node, &mut send, hash, file_hash)
+                    .await
+            }
         };
         match result {
             Ok(()) => {
@@ -200,6 +226,47 @@ impl PeerServer {
             let chunk = chunk.map_err(|e| match e {
                 NarFault::Corrupt => StreamEnd::Reset(code::CORRUPT),
                 NarFault::Unreadable => StreamEnd::Reset(code::INTERNAL),
+            })?;
+            let len = chunk.len() as u64;
+            send.write_chunk(chunk)
+                .await
+                .map_err(|_| StreamEnd::PeerGone)?;
+            self.count(&node, |c| c.bytes_served += len);
+        }
+        Ok(())
+    }
+}
+
+impl PeerServer {
+    async fn serve_upstream_file(
+        &self,
+        node: NodeId,
+        send: &mut quinn::SendStream,
+        hash: HashPart,
+        file_hash: Sha256Hash,
+    ) -> Result<(), StreamEnd> {
+        let Some(files) = self.upstream.get().cloned() else {
+            return write_response(send, &Response::NotFound).await;
+        };
+        let Ok(_slot) = self.nar_slots.clone().try_acquire_owned() else {
+            let message = "too many file streams".to_string();
+            return write_response(
+                send,
+                &Response::Error {
+                    code: code::OVERLOADED,
+                    message,
+                },
+            )
+            .await;
+        };
+        let Some((file_size, mut bytes)) = files.file(hash, file_hash).await else {
+            return write_response(send, &Response::NotFound).await;
+        };
+        write_response(send, &Response::FileFollows { file_size }).await?;
+        while let Some(chunk) = bytes.recv().await {
+            let chunk = chunk.map_err(|e| {
+                tracing::debug!(peer = %node, error = %e, "upstream file for a peer cut off");
+                StreamEnd::Reset(code::CORRUPT)
             })?;
             let len = chunk.len() as u64;
             send.write_chunk(chunk)

@@ -326,7 +326,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
-    tls.alpn_protocols = vec![protocol::ALPN_V1.to_vec()];
+    tls.alpn_protocols = protocol::ALPNS.iter().map(|p| p.to_vec()).collect();
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(transport_config(Role::Acceptor)));
@@ -351,7 +351,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)?;
-    tls.alpn_protocols = vec![protocol::ALPN_V1.to_vec()];
+    tls.alpn_protocols = protocol::ALPNS.iter().map(|p| p.to_vec()).collect();
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(transport_config(Role::Dialler)));
@@ -359,6 +359,14 @@ pub fn client_config(
 }
 
 /// The key the other side of an established connection proved it holds.
+/// Whether the connection settled on protocol version 2 (or later).
+pub fn speaks_v2(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == protocol::ALPN_V2)
+}
+
 /// Whether two connections come from the same run of the peer's agent:
 /// each run presents a certificate with its own serial number.
 pub fn same_run(a: &quinn::Connection, b: &quinn::Connection) -> bool {

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::fetch::prefetch::{Prefetched, Prefetcher};
 use crate::fetch::relay::{self, FetchStats, Purpose};
 use crate::fetch::resolver::{Found, Resolver};
-use crate::fetch::upstream::{UpstreamFile, Upstreams};
+use crate::fetch::upstream::{office, UpstreamFile, Upstreams};
 use crate::nix::binary_cache;
 use crate::nix::{narinfo, HashPart, NarInfo, Sha256Hash};
 use crate::serve::byte_range::RangeAnswer;
@@ -114,7 +114,7 @@ impl Substituter {
                     .filter(|f| f.file_hash == file_hash);
                 match (file, self.resolver.upstreams()) {
                     (Some(file), Some(upstreams)) => {
-                        self.upstream_response(upstreams.clone(), file, head_only)
+                        self.upstream_response(upstreams.clone(), hash, file, head_only)
                     }
                     _ => http::empty(StatusCode::NOT_FOUND),
                 }
@@ -143,13 +143,20 @@ impl Substituter {
     fn upstream_response(
         &self,
         upstreams: Arc<Upstreams>,
+        hash: HashPart,
         file: UpstreamFile,
         head_only: bool,
     ) -> Response<Body> {
         let size = file.file_size;
         let body = (!head_only).then(|| {
             let (tx, rx) = mpsc::channel(RELAY_DEPTH);
-            self.tasks.spawn(upstreams.relay(file, tx));
+            self.tasks.spawn(office::fetch_for_nix(
+                self.resolver.mesh().clone(),
+                upstreams,
+                hash,
+                file,
+                tx,
+            ));
             http::channel_body(rx)
         });
         http::nar(size, RangeAnswer::Whole, body)

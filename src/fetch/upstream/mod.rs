@@ -16,6 +16,8 @@ pub mod cache_url;
 pub mod client;
 pub mod file_check;
 pub mod judge;
+pub mod office;
+pub mod owner;
 pub mod spool;
 
 use std::sync::Mutex;
@@ -65,6 +67,12 @@ pub enum RelayError {
     Spool(std::io::Error),
 }
 
+impl From<RelayError> for String {
+    fn from(e: RelayError) -> String {
+        e.to_string()
+    }
+}
+
 /// After a spool write fails (disk full), files go around the spool this
 /// long.
 pub const SPOOL_PAUSE: Duration = Duration::from_secs(60);
@@ -92,6 +100,8 @@ pub struct UpstreamStats {
     pub files: Counter,
     pub downloads: Counter,
     pub joins: Counter,
+    pub for_peers: Counter,
+    pub from_owner: Counter,
     pub file_failures: Counter,
     pub bytes: Counter,
     pub skipped: Gauge,
@@ -129,6 +139,16 @@ impl UpstreamStats {
                 "nixmesh_upstream_downloads",
                 "Files downloaded whole from upstream caches",
                 &self.downloads,
+            ),
+            (
+                "nixmesh_upstream_for_peers",
+                "Upstream files sent to peers that asked this agent, their owner",
+                &self.for_peers,
+            ),
+            (
+                "nixmesh_upstream_from_owner",
+                "Upstream files received whole from the agent that owns their download",
+                &self.from_owner,
             ),
             (
                 "nixmesh_upstream_joins",
@@ -319,10 +339,10 @@ impl Upstreams {
     /// arrived, and the last only when size and hash are right; otherwise
     /// the channel gets an error instead, which cuts the response to Nix
     /// short.
-    pub async fn relay(
+    pub async fn relay<E: From<RelayError> + Send>(
         self: Arc<Self>,
         file: UpstreamFile,
-        tx: mpsc::Sender<Result<Bytes, RelayError>>,
+        tx: mpsc::Sender<Result<Bytes, E>>,
     ) {
         let result = match self.claim(&file) {
             Some(Claim::Start(entry, writer)) => {
@@ -350,9 +370,14 @@ impl Upstreams {
             }
             Err(e) => {
                 tracing::warn!(url = %file.url, error = %e, "upstream file cut off");
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send(Err(e.into())).await;
             }
         };
+    }
+
+    /// Runs `work` as a task of the agent's.
+    pub fn spawn(self: Arc<Self>, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(work);
     }
 
     fn claim(&self, file: &UpstreamFile) -> Option<Claim> {
@@ -409,10 +434,10 @@ impl Upstreams {
         Ok(())
     }
 
-    async fn relay_checked(
+    async fn relay_checked<E>(
         &self,
         file: &UpstreamFile,
-        tx: &mpsc::Sender<Result<Bytes, RelayError>>,
+        tx: &mpsc::Sender<Result<Bytes, E>>,
     ) -> Result<(), RelayError> {
         let resp = self.client.get(&file.url, self.timeout).await?;
         if resp.status() != StatusCode::OK {

@@ -212,9 +212,9 @@ impl Entry {
     /// Sends the file into `tx` as it arrives: everything but its last
     /// byte while it is being written, the rest once it is done. Gives up
     /// when nothing new comes for `stall`.
-    pub async fn read_into(
+    pub async fn read_into<E>(
         &self,
-        tx: &mpsc::Sender<Result<Bytes, RelayError>>,
+        tx: &mpsc::Sender<Result<Bytes, E>>,
         stall: Duration,
     ) -> Result<(), RelayError> {
         let mut progress = self.progress.subscribe();

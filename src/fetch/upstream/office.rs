@@ -1,0 +1,176 @@
+//! One download per path for the whole office. For a path no peer holds,
+//! one agent, its owner (`owner`: rendezvous hashing over the live agents
+//! that speak protocol version 2), downloads the file from upstream into
+//! its spool; every other agent that wants it asks the owner
+//! (`UpstreamFile`) and gets the bytes as they arrive, checking FileSize
+//! and FileHash itself on the way (the owner may lie). If the owner cannot
+//! help before sending anything (it has no upstream file for the path, it
+//! is gone, it does not answer), the agent downloads the file itself; if
+//! the owner fails after sending some of it, the transfer to Nix is cut
+//! off and Nix's retry starts afresh (by then the owner is gone from the
+//! peer set, or has the file whole).
+//!
+//! `ForPeers` is the owner's side, handed down to the mesh's peer server;
+//! `fetch_for_nix` the asker's.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use super::{owner, FileCheck, RelayError, UpstreamFile, Upstreams, STALL};
+use crate::fetch::resolver::Resolver;
+use crate::mesh::client;
+use crate::mesh::identity::NodeId;
+use crate::mesh::node::Mesh;
+use crate::mesh::server::UpstreamFiles;
+use crate::nix::{HashPart, Sha256Hash};
+
+/// Chunks buffered between the download and a peer's stream.
+const DEPTH: usize = 8;
+/// How long the owner may take to start sending: its own narinfo race and
+/// the upstream's answer come first.
+const OWNER_ANSWER: Duration = Duration::from_secs(10);
+
+/// The owner's side: files this agent downloads, for its peers.
+pub struct ForPeers {
+    resolver: Weak<Resolver>,
+}
+
+impl ForPeers {
+    pub fn new(resolver: &Arc<Resolver>) -> Arc<Self> {
+        Arc::new(Self {
+            resolver: Arc::downgrade(resolver),
+        })
+    }
+}
+
+impl UpstreamFiles for ForPeers {
+    fn file(
+        self: Arc<Self>,
+        hash: HashPart,
+        file_hash: Sha256Hash,
+    ) -> BoxFuture<'static, Option<(u64, mpsc::Receiver<Result<Bytes, String>>)>> {
+        Box::pin(async move {
+            let resolver = self.resolver.upgrade()?;
+            let upstreams = resolver.upstreams()?.clone();
+            let file = resolver
+                .resolve(&hash)
+                .await?
+                .upstream
+                .filter(|f| f.file_hash == file_hash)?;
+            let size = file.file_size;
+            let (tx, rx) = mpsc::channel(DEPTH);
+            upstreams.stats.for_peers.inc();
+            upstreams.clone().spawn(upstreams.clone().relay(file, tx));
+            Some((size, rx))
+        })
+    }
+}
+
+/// Why a transfer from the owner ended.
+enum FromOwner {
+    /// Nothing reached Nix yet: get the file another way.
+    Before(String),
+    /// Part of it reached Nix: cut the transfer off.
+    During(RelayError),
+}
+
+/// The asker's side: `file` for this agent's Nix, from its owner if that
+/// is another agent, else (or if the owner cannot help) downloaded here.
+pub async fn fetch_for_nix(
+    mesh: Arc<Mesh>,
+    upstreams: Arc<Upstreams>,
+    hash: HashPart,
+    file: UpstreamFile,
+    tx: mpsc::Sender<Result<Bytes, RelayError>>,
+) {
+    let own = mesh.node();
+    let chosen = owner::owner(hash.as_str().as_bytes(), own, &mesh.peers_speaking_v2());
+    if chosen != own {
+        match from_owner(&mesh, chosen, &hash, &file, &tx).await {
+            Ok(()) => {
+                upstreams.stats.from_owner.inc();
+                upstreams.stats.files.inc();
+                return;
+            }
+            Err(FromOwner::During(e)) => {
+                tracing::warn!(peer = %chosen, path = %hash, error = %e, "upstream file from its owner cut off");
+                upstreams.stats.file_failures.inc();
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+            Err(FromOwner::Before(why)) => {
+                tracing::info!(peer = %chosen, path = %hash, reason = %why, "the owner cannot send the upstream file; downloading it here");
+            }
+        }
+    }
+    upstreams.relay(file, tx).await;
+}
+
+async fn from_owner(
+    mesh: &Arc<Mesh>,
+    owner: NodeId,
+    hash: &HashPart,
+    file: &UpstreamFile,
+    tx: &mpsc::Sender<Result<Bytes, RelayError>>,
+) -> Result<(), FromOwner> {
+    let before = |e: String| FromOwner::Before(e);
+    let conn = mesh
+        .connection(owner)
+        .await
+        .map_err(|e| before(e.to_string()))?;
+    let (size, mut recv) = client::upstream_file(&conn, hash, &file.file_hash, OWNER_ANSWER)
+        .await
+        .map_err(|e| before(e.to_string()))?
+        .ok_or_else(|| before("it has no upstream file for the path".into()))?;
+    if size != file.file_size {
+        return Err(before(format!(
+            "it offers {size} bytes, not {}",
+            file.file_size
+        )));
+    }
+    mesh.count(&owner, |c| c.requests_made += 1);
+    let mut check = FileCheck::new(file.file_size, file.file_hash);
+    let mut held: Option<Bytes> = None;
+    let mut sent_any = false;
+    let fail = |sent: bool, e: RelayError| {
+        if sent {
+            FromOwner::During(e)
+        } else {
+            FromOwner::Before(e.to_string())
+        }
+    };
+    loop {
+        let chunk = match tokio::time::timeout(STALL, recv.read_chunk(256 * 1024, true)).await {
+            Err(_) => return Err(fail(sent_any, RelayError::Stalled(STALL))),
+            Ok(Err(e)) => {
+                return Err(fail(
+                    sent_any,
+                    RelayError::Body(format!("from the owner: {e}")),
+                ))
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(c))) => c.bytes,
+        };
+        check
+            .feed(&chunk)
+            .map_err(|e| fail(sent_any, RelayError::File(e)))?;
+        mesh.count(&owner, |c| c.bytes_fetched += chunk.len() as u64);
+        if let Some(prev) = held.replace(chunk) {
+            sent_any = true;
+            if tx.send(Ok(prev)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    check
+        .finish()
+        .map_err(|e| fail(sent_any, RelayError::File(e)))?;
+    if let Some(last) = held {
+        let _ = tx.send(Ok(last)).await;
+    }
+    Ok(())
+}
