@@ -8,7 +8,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{Host, Lan, Nginx};
+use nixmesh::fetch::upstream::owner::owner;
+use nixmesh::mesh::identity::NodeId;
+
+use crate::harness::{wait_until, Host, Lan, Nginx};
 use crate::office::*;
 
 const NGINX_PORT: u16 = 8080;
@@ -318,4 +321,85 @@ fn the_office_downloads_each_path_from_upstream_once() {
         paths.len()
     );
     assert!(from_owner >= 1.0, "no file came from its owner");
+}
+
+#[test]
+fn a_killed_owner_leaves_the_download_to_go_on_from_upstream() {
+    let lan = Lan::new(4);
+    let u = lan.host(3);
+    let office: Vec<&Host> = (0..3).map(|i| lan.host(i)).collect();
+    let key = u.generate_key("upstream-1");
+    let big = u.add_path(&random_file(&u.dir().join("files"), "big", 256 << 20));
+    u.sign(&[&big], &key.secret_file);
+    let (_nginx, export) = serve_export(u, &big, "zstd");
+    let file_size = file_bytes(&export, std::slice::from_ref(&big));
+    u.shape(400_000_000);
+
+    // Who owns the path's download, and an asker that is not it.
+    let ids: Vec<NodeId> = office
+        .iter()
+        .map(|h| NodeId::parse(&h.node_key()).expect("a node key"))
+        .collect();
+    let owner_id = owner(hash_part(&big).as_bytes(), ids[0], &ids[1..]);
+    let owner_at = ids.iter().position(|i| *i == owner_id).expect("an owner");
+    let asker_at = (owner_at + 1) % office.len();
+    let (owner_host, asker) = (office[owner_at], office[asker_at]);
+
+    let mut agents: Vec<_> = office
+        .iter()
+        .map(|h| {
+            h.configure_nix(&nix_conf(SUBSTITUTER, &[&key.public]));
+            h.start_agent(&upstream_config(u, ""))
+        })
+        .collect();
+    let pairs: Vec<_> = office.iter().copied().zip(agents.iter()).collect();
+    wait_all_alive(&pairs);
+
+    let before = u.link_bytes();
+    let nix = asker
+        .command(&["nix-store", "--realise", &big])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nix-store");
+    // Kill the owner once a quarter of the file has reached the asker.
+    wait_until(
+        Duration::from_secs(60),
+        "a quarter of the file from its owner",
+        || {
+            agents[asker_at]
+                .peer(owner_host.name())
+                .is_some_and(|p| p.counters.bytes_fetched >= file_size / 4)
+        },
+    );
+    agents[owner_at].kill();
+    let out = nix.wait_with_output().expect("nix-store");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_verified(asker, &big);
+    let sent = u.link_bytes().sent - before.sent;
+    eprintln!(
+        "killed owner: the uplink sent {sent} bytes for a {file_size}-byte file ({:.2}x)",
+        sent as f64 / file_size as f64
+    );
+    let asker_agent = &agents[asker_at];
+    assert!(
+        asker_agent
+            .log()
+            .contains("the owner stopped sending; going on from upstream"),
+        "{}",
+        asker_agent.log()
+    );
+    assert_eq!(
+        asker_agent.metric("nixmesh_upstream_file_failures_total"),
+        0.0
+    );
+    // The owner's download up to its death, and the rest: not two files.
+    assert!(
+        sent < file_size + file_size / 2,
+        "the uplink carried {sent} bytes for {file_size}"
+    );
 }

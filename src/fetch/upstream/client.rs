@@ -83,11 +83,25 @@ impl UpstreamClient {
         url: &str,
         timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let req = Request::get(url)
-            .header(
-                hyper::header::USER_AGENT,
-                concat!("nixmesh/", env!("CARGO_PKG_VERSION")),
-            )
+        self.get_from(url, 0, timeout).await
+    }
+
+    /// GET `url` from byte `from` on (a `Range` request when `from` > 0;
+    /// a server may still answer 200 with the whole file).
+    pub async fn get_from(
+        &self,
+        url: &str,
+        from: u64,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut req = Request::get(url).header(
+            hyper::header::USER_AGENT,
+            concat!("nixmesh/", env!("CARGO_PKG_VERSION")),
+        );
+        if from > 0 {
+            req = req.header(hyper::header::RANGE, format!("bytes={from}-"));
+        }
+        let req = req
             .body(Empty::new())
             .map_err(|_| UpstreamError::Url(url.to_string()))?;
         match tokio::time::timeout(timeout, self.inner.request(req)).await {

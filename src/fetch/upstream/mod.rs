@@ -439,13 +439,31 @@ impl Upstreams {
         file: &UpstreamFile,
         tx: &mpsc::Sender<Result<Bytes, E>>,
     ) -> Result<(), RelayError> {
-        let resp = self.client.get(&file.url, self.timeout).await?;
-        if resp.status() != StatusCode::OK {
-            return Err(UpstreamError::Status(resp.status()).into());
-        }
+        let check = FileCheck::new(file.file_size, file.file_hash);
+        self.resume_direct(file, check, None, tx).await
+    }
+
+    /// Streams the rest of `file` straight from upstream into `tx`, after
+    /// the bytes `check` has seen (of which `held`, the last chunk, has not
+    /// been passed on yet): a `Range` request from there, or, if the
+    /// upstream answers with the whole file, the whole file with those
+    /// bytes skipped. The same rules as `relay`: the last chunk only when
+    /// size and hash are right.
+    pub async fn resume_direct<E>(
+        &self,
+        file: &UpstreamFile,
+        mut check: FileCheck,
+        mut held: Option<Bytes>,
+        tx: &mpsc::Sender<Result<Bytes, E>>,
+    ) -> Result<(), RelayError> {
+        let from = check.seen();
+        let resp = self.client.get_from(&file.url, from, self.timeout).await?;
+        let mut skip = match resp.status() {
+            StatusCode::OK => from,
+            StatusCode::PARTIAL_CONTENT if from > 0 => 0,
+            s => return Err(UpstreamError::Status(s).into()),
+        };
         let mut body = resp.into_body();
-        let mut check = FileCheck::new(file.file_size, file.file_hash);
-        let mut held: Option<Bytes> = None;
         loop {
             let frame = match tokio::time::timeout(STALL, body.frame()).await {
                 Err(_) => return Err(RelayError::Stalled(STALL)),
@@ -453,14 +471,19 @@ impl Upstreams {
                 Ok(Some(Err(e))) => return Err(RelayError::Body(e.to_string())),
                 Ok(Some(Ok(frame))) => frame,
             };
-            let Ok(data) = frame.into_data() else {
+            let Ok(mut data) = frame.into_data() else {
                 continue;
             };
+            self.stats.bytes.inc_by(data.len() as u64);
+            if skip > 0 {
+                let n = skip.min(data.len() as u64);
+                let _ = data.split_to(n as usize);
+                skip -= n;
+            }
             if data.is_empty() {
                 continue;
             }
             check.feed(&data)?;
-            self.stats.bytes.inc_by(data.len() as u64);
             if let Some(prev) = held.replace(data) {
                 if tx.send(Ok(prev)).await.is_err() {
                     // Nix went away.

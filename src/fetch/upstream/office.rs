@@ -6,9 +6,11 @@
 //! and FileHash itself on the way (the owner may lie). If the owner cannot
 //! help before sending anything (it has no upstream file for the path, it
 //! is gone, it does not answer), the agent downloads the file itself; if
-//! the owner fails after sending some of it, the transfer to Nix is cut
-//! off and Nix's retry starts afresh (by then the owner is gone from the
-//! peer set, or has the file whole).
+//! the owner stops after sending some of it (killed, frozen, cut off), the
+//! agent goes on from upstream at the byte where the owner stopped (a
+//! `Range` request), so Nix sees one unbroken download. An owner whose
+//! bytes turn out wrong is quarantined, like a peer with a bad NAR, and
+//! that transfer is cut off.
 //!
 //! `ForPeers` is the owner's side, handed down to the mesh's peer server;
 //! `fetch_for_nix` the asker's.
@@ -20,7 +22,8 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use super::{owner, FileCheck, RelayError, UpstreamFile, Upstreams, STALL};
+use super::{owner, FileCheck, FileError, RelayError, UpstreamFile, Upstreams, STALL};
+use crate::fetch::relay::QUARANTINE;
 use crate::fetch::resolver::Resolver;
 use crate::mesh::client;
 use crate::mesh::identity::NodeId;
@@ -74,8 +77,15 @@ impl UpstreamFiles for ForPeers {
 enum FromOwner {
     /// Nothing reached Nix yet: get the file another way.
     Before(String),
-    /// Part of it reached Nix: cut the transfer off.
-    During(RelayError),
+    /// It stopped after part of the file reached Nix: what was received so
+    /// far, to go on from (`held`, the last chunk, not passed on yet).
+    During {
+        error: RelayError,
+        check: FileCheck,
+        held: Option<Bytes>,
+    },
+    /// What it sent is not the file.
+    Lied(RelayError),
 }
 
 /// The asker's side: `file` for this agent's Nix, from its owner if that
@@ -90,22 +100,42 @@ pub async fn fetch_for_nix(
     let own = mesh.node();
     let chosen = owner::owner(hash.as_str().as_bytes(), own, &mesh.peers_speaking_v2());
     if chosen != own {
-        match from_owner(&mesh, chosen, &hash, &file, &tx).await {
+        let outcome = match from_owner(&mesh, chosen, &hash, &file, &tx).await {
             Ok(()) => {
                 upstreams.stats.from_owner.inc();
-                upstreams.stats.files.inc();
-                return;
-            }
-            Err(FromOwner::During(e)) => {
-                tracing::warn!(peer = %chosen, path = %hash, error = %e, "upstream file from its owner cut off");
-                upstreams.stats.file_failures.inc();
-                let _ = tx.send(Err(e)).await;
-                return;
+                Ok(())
             }
             Err(FromOwner::Before(why)) => {
                 tracing::info!(peer = %chosen, path = %hash, reason = %why, "the owner cannot send the upstream file; downloading it here");
+                return upstreams.relay(file, tx).await;
+            }
+            Err(FromOwner::During { error, check, held }) => {
+                tracing::warn!(peer = %chosen, path = %hash, error = %error, at = check.seen(), "the owner stopped sending; going on from upstream");
+                let resumed = upstreams.resume_direct(&file, check, held, &tx).await;
+                if matches!(resumed, Err(RelayError::File(FileError::WrongHash))) {
+                    // Upstream's part is checked against the same hash; the
+                    // owner's part is the suspect.
+                    mesh.quarantine(&chosen, QUARANTINE);
+                }
+                resumed
+            }
+            Err(FromOwner::Lied(e)) => {
+                tracing::warn!(peer = %chosen, path = %hash, error = %e, "the owner sent a wrong upstream file; quarantining it");
+                mesh.quarantine(&chosen, QUARANTINE);
+                Err(e)
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                upstreams.stats.files.inc();
+            }
+            Err(e) => {
+                upstreams.stats.file_failures.inc();
+                tracing::warn!(path = %hash, error = %e, "upstream file cut off");
+                let _ = tx.send(Err(e)).await;
             }
         }
+        return;
     }
     upstreams.relay(file, tx).await;
 }
@@ -136,39 +166,37 @@ async fn from_owner(
     let mut check = FileCheck::new(file.file_size, file.file_hash);
     let mut held: Option<Bytes> = None;
     let mut sent_any = false;
-    let fail = |sent: bool, e: RelayError| {
-        if sent {
-            FromOwner::During(e)
-        } else {
-            FromOwner::Before(e.to_string())
-        }
-    };
     loop {
-        let chunk = match tokio::time::timeout(STALL, recv.read_chunk(256 * 1024, true)).await {
-            Err(_) => return Err(fail(sent_any, RelayError::Stalled(STALL))),
-            Ok(Err(e)) => {
-                return Err(fail(
-                    sent_any,
-                    RelayError::Body(format!("from the owner: {e}")),
-                ))
-            }
+        let read = tokio::time::timeout(STALL, recv.read_chunk(256 * 1024, true)).await;
+        let error = match read {
             Ok(Ok(None)) => break,
-            Ok(Ok(Some(c))) => c.bytes,
-        };
-        check
-            .feed(&chunk)
-            .map_err(|e| fail(sent_any, RelayError::File(e)))?;
-        mesh.count(&owner, |c| c.bytes_fetched += chunk.len() as u64);
-        if let Some(prev) = held.replace(chunk) {
-            sent_any = true;
-            if tx.send(Ok(prev)).await.is_err() {
-                return Ok(());
+            Ok(Ok(Some(c))) => {
+                let chunk = c.bytes;
+                if let Err(e) = check.feed(&chunk) {
+                    return Err(FromOwner::Lied(e.into()));
+                }
+                mesh.count(&owner, |c| c.bytes_fetched += chunk.len() as u64);
+                if let Some(prev) = held.replace(chunk) {
+                    sent_any = true;
+                    if tx.send(Ok(prev)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                continue;
             }
-        }
+            Err(_) => RelayError::Stalled(STALL),
+            Ok(Err(e)) => RelayError::Body(format!("from the owner: {e}")),
+        };
+        let _ = recv.stop(0u32.into());
+        return Err(if sent_any {
+            FromOwner::During { error, check, held }
+        } else {
+            FromOwner::Before(error.to_string())
+        });
     }
-    check
-        .finish()
-        .map_err(|e| fail(sent_any, RelayError::File(e)))?;
+    if let Err(e) = check.finish() {
+        return Err(FromOwner::Lied(e.into()));
+    }
     if let Some(last) = held {
         let _ = tx.send(Ok(last)).await;
     }
