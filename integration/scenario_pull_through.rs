@@ -403,3 +403,77 @@ fn a_killed_owner_leaves_the_download_to_go_on_from_upstream() {
         "the uplink carried {sent} bytes for {file_size}"
     );
 }
+
+#[test]
+fn an_agent_of_protocol_version_1_gets_the_closure_too_without_owning_downloads() {
+    let lan = Lan::new(4);
+    let u = lan.host(3);
+    let office: Vec<&Host> = (0..3).map(|i| lan.host(i)).collect();
+    let key = u.generate_key("upstream-1");
+    let files = u.dir().join("files");
+    let paths: Vec<String> = (0..6)
+        .map(|i| u.add_path(&random_file(&files, &format!("p-{i}"), 512 << 10)))
+        .collect();
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    u.sign(&refs, &key.secret_file);
+    let export = u.dir().join("export-mixed");
+    let mut copy = vec!["nix".to_string(), "copy".into(), "--to".into()];
+    copy.push(format!("file://{}?compression=zstd", export.display()));
+    copy.extend(paths.iter().cloned());
+    let copy: Vec<&str> = copy.iter().map(String::as_str).collect();
+    u.run_ok(&copy);
+    let _nginx = Nginx::start(u, &export, NGINX_PORT);
+    let once = file_bytes(&export, &paths);
+    u.shape(40_000_000);
+
+    // h2 speaks only version 1, as an agent from before version 2 does;
+    // it also pulls nothing from upstream itself.
+    let agents: Vec<_> = office
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            h.configure_nix(&nix_conf(SUBSTITUTER, &[&key.public]));
+            let config = if i == 2 {
+                "[mesh]\nmax_protocol = 1\n[upstream]\ncaches = []\n".to_string()
+            } else {
+                upstream_config(u, "")
+            };
+            h.start_agent(&config)
+        })
+        .collect();
+    let pairs: Vec<_> = office.iter().copied().zip(agents.iter()).collect();
+    wait_all_alive(&pairs);
+
+    let before = u.link_bytes();
+    std::thread::scope(|s| {
+        for h in &office[..2] {
+            let refs = refs.clone();
+            s.spawn(move || realise(h, &refs));
+        }
+    });
+    // The old agent gets the closure from its new neighbours, by the mesh.
+    realise(office[2], &refs);
+    let sent = u.link_bytes().sent - before.sent;
+    eprintln!(
+        "mixed office: the uplink sent {sent} bytes for {once} bytes of files ({:.2}x)",
+        sent as f64 / once as f64
+    );
+    for h in &office {
+        for p in &paths {
+            assert_verified(h, p);
+        }
+    }
+    // Two new agents shared one download per path; the old one was never
+    // asked to own one.
+    assert!(
+        sent <= once + once / 20 + 256 * 1024,
+        "{sent} bytes for {once}"
+    );
+    assert_eq!(agents[2].metric("nixmesh_peers{state=\"alive\"}"), 2.0);
+    let old_fetched: u64 = agents[2]
+        .peers()
+        .iter()
+        .map(|p| p.counters.bytes_fetched)
+        .sum();
+    assert!(old_fetched > 0, "the old agent got nothing over the mesh");
+}

@@ -146,6 +146,7 @@ pub async fn run(
         let admission = Admission {
             mesh: secret.clone(),
             allowed: allowed_peers(&config),
+            max_protocol: config.mesh.max_protocol,
         };
         let table = Arc::new(Mutex::new(PeerTable::new()));
         let server = PeerServer::new(

@@ -87,6 +87,16 @@ pub fn spool_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     Ok(mib)
 }
 
+/// `mesh.max_protocol`: 1 to the newest version this agent speaks.
+pub fn max_protocol<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = u32::deserialize(d)?;
+    let newest = crate::mesh::protocol::NEWEST;
+    if v == 0 || v > newest {
+        return Err(D::Error::custom(format!("must be 1 to {newest}")));
+    }
+    Ok(v)
+}
+
 /// `substituter.prefetch_mib`: 0 (off) to `MAX_PREFETCH_MIB`.
 pub fn prefetch_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let mib = u64::deserialize(d)?;

@@ -113,6 +113,8 @@ pub struct MeshConfig {
     pub secret_file: Option<PathBuf>,
     pub allowed_peers: Option<Vec<NodeKey>>,
     pub static_peers: Vec<StaticPeer>,
+    #[serde(deserialize_with = "checked::max_protocol")]
+    pub max_protocol: u32,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -155,6 +157,7 @@ impl Default for MeshConfig {
             secret_file: None,
             allowed_peers: None,
             static_peers: Vec::new(),
+            max_protocol: crate::mesh::protocol::NEWEST,
         }
     }
 }

@@ -20,6 +20,8 @@ pub const ALPN_V1: &[u8] = b"nixmesh/1";
 /// first; on a connection that settled on version 1 the new request is
 /// never sent.
 pub const ALPN_V2: &[u8] = b"nixmesh/2";
+/// The newest protocol version.
+pub const NEWEST: u32 = 2;
 /// What this node offers and accepts, in order of preference.
 pub const ALPNS: [&[u8]; 2] = [ALPN_V2, ALPN_V1];
 /// Largest request body: a `Have` of `MAX_HAVE_BATCH` hash parts is about

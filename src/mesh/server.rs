@@ -99,6 +99,7 @@ impl PeerServer {
 
     /// Serves every stream the peer opens until the connection ends.
     pub async fn serve_connection(self: Arc<Self>, conn: quinn::Connection, node: NodeId) {
+        let v2 = transport::speaks_v2(&conn);
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -109,13 +110,14 @@ impl PeerServer {
             };
             let this = self.clone();
             self.tasks
-                .spawn(async move { this.serve_stream(node, send, recv).await });
+                .spawn(async move { this.serve_stream(node, v2, send, recv).await });
         }
     }
 
     async fn serve_stream(
         &self,
         node: NodeId,
+        v2: bool,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
@@ -126,6 +128,15 @@ impl PeerServer {
                 Ok(body) => Request::decode(&body).map_err(|e| (e.code(), e.to_string())),
                 Err(e) => Err((e.code(), e.to_string())),
             };
+        let request = match request {
+            // A version 1 connection knows no version 2 request, as an
+            // agent of version 1 would not.
+            Ok(Request::UpstreamFile { .. }) if !v2 => Err((
+                code::UNKNOWN_KIND,
+                "a version 2 request on a version 1 connection".to_string(),
+            )),
+            other => other,
+        };
         let request = match request {
             Ok(r) => r,
             Err((code, reason)) => {

@@ -68,11 +68,36 @@ impl FrameReadError {
 }
 
 /// Who may talk to this node.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Admission {
     pub mesh: MeshSecret,
     /// When set, only these keys are admitted.
     pub allowed: Option<Vec<NodeId>>,
+    /// The newest protocol version offered and accepted (`mesh.max_protocol`).
+    pub max_protocol: u32,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            mesh: MeshSecret::default(),
+            allowed: None,
+            max_protocol: protocol::NEWEST,
+        }
+    }
+}
+
+impl Admission {
+    /// The ALPNs this node offers and accepts, newest first.
+    fn alpns(&self) -> Vec<Vec<u8>> {
+        let oldest = protocol::ALPNS.len() as u32;
+        protocol::ALPNS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| oldest - (*i as u32) <= self.max_protocol.max(1))
+            .map(|(_, p)| p.to_vec())
+            .collect()
+    }
 }
 
 impl Admission {
@@ -316,6 +341,7 @@ pub fn server_config(
     admission: Admission,
 ) -> Result<quinn::ServerConfig, TransportError> {
     let provider = provider();
+    let alpns = admission.alpns();
     let verifier = Arc::new(PeerVerifier {
         admission,
         expected: None,
@@ -326,7 +352,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
-    tls.alpn_protocols = protocol::ALPNS.iter().map(|p| p.to_vec()).collect();
+    tls.alpn_protocols = alpns;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(transport_config(Role::Acceptor)));
@@ -340,6 +366,7 @@ pub fn client_config(
     expected: NodeId,
 ) -> Result<quinn::ClientConfig, TransportError> {
     let provider = provider();
+    let alpns = admission.alpns();
     let verifier = Arc::new(PeerVerifier {
         admission,
         expected: Some(expected),
@@ -351,7 +378,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)?;
-    tls.alpn_protocols = protocol::ALPNS.iter().map(|p| p.to_vec()).collect();
+    tls.alpn_protocols = alpns;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(transport_config(Role::Dialler)));
@@ -417,4 +444,23 @@ pub async fn read_frame(
 pub fn reset_stream(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: u32) {
     let _ = send.reset(code.into());
     let _ = recv.stop(code.into());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_offers_every_version_up_to_its_newest() {
+        let newest = Admission::default();
+        assert_eq!(
+            newest.alpns(),
+            vec![protocol::ALPN_V2.to_vec(), protocol::ALPN_V1.to_vec()]
+        );
+        let held = Admission {
+            max_protocol: 1,
+            ..Admission::default()
+        };
+        assert_eq!(held.alpns(), vec![protocol::ALPN_V1.to_vec()]);
+    }
 }
