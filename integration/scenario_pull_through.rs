@@ -477,3 +477,43 @@ fn an_agent_of_protocol_version_1_gets_the_closure_too_without_owning_downloads(
         .sum();
     assert!(old_fetched > 0, "the old agent got nothing over the mesh");
 }
+
+#[test]
+fn with_the_spool_off_paths_still_arrive_whole() {
+    let lan = Lan::new(3);
+    let u = lan.host(2);
+    let office = [lan.host(0), lan.host(1)];
+    let key = u.generate_key("upstream-1");
+    let top = u.build(&closure_expr("no-spool", 2 << 20));
+    let closure = u.closure(&top);
+    let refs: Vec<&str> = closure.iter().map(String::as_str).collect();
+    u.sign(&refs, &key.secret_file);
+    let (_nginx, _export) = serve_export(u, &top, "zstd");
+    let agents: Vec<_> = office
+        .iter()
+        .map(|h| {
+            h.configure_nix(&nix_conf(SUBSTITUTER, &[&key.public]));
+            h.start_agent(&upstream_config(u, "spool_mib = 0\n"))
+        })
+        .collect();
+    let pairs: Vec<_> = office.iter().copied().zip(agents.iter()).collect();
+    wait_all_alive(&pairs);
+    let top = top.as_str();
+    std::thread::scope(|s| {
+        for h in office {
+            s.spawn(move || realise(h, &[top]));
+        }
+    });
+    for h in office {
+        for p in &closure {
+            assert_verified(h, p);
+        }
+    }
+    for a in &agents {
+        assert_eq!(
+            a.metric("nixmesh_upstream_joins_total"),
+            0.0,
+            "no spool, no joins"
+        );
+    }
+}
