@@ -43,7 +43,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use agent::AgentHandle;
-pub use host::Host;
+pub use host::{Host, SigningKey};
 pub use nginx::Nginx;
 pub use switch::DelaySwitch;
 

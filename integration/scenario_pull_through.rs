@@ -11,24 +11,58 @@ use std::time::{Duration, Instant};
 use nixmesh::fetch::upstream::owner::owner;
 use nixmesh::mesh::identity::NodeId;
 
-use crate::harness::{wait_until, Host, Lan, Nginx};
+use crate::harness::{wait_until, AgentHandle, Host, Lan, Nginx, SigningKey};
 use crate::office::*;
 
 const NGINX_PORT: u16 = 8080;
 
-/// Exports `path`'s closure from `host` as a `file://` cache compressed
-/// with `compression`, serves it with nginx, and returns the server and
-/// the export's directory.
-fn serve_export(host: &Host, path: &str, compression: &str) -> (Nginx, std::path::PathBuf) {
-    let export = host.dir().join(format!("export-{compression}"));
-    host.run_ok(&[
-        "nix",
-        "copy",
-        "--to",
-        &format!("file://{}?compression={compression}", export.display()),
-        path,
-    ]);
+/// Exports the closures of `paths` from `host` as a `file://` cache
+/// compressed with `compression` in `export-<name>`, serves it with nginx,
+/// and returns the server and the export's directory.
+fn serve_export(
+    host: &Host,
+    paths: &[&str],
+    compression: &str,
+    name: &str,
+) -> (Nginx, std::path::PathBuf) {
+    let export = host.dir().join(format!("export-{name}"));
+    let to = format!("file://{}?compression={compression}", export.display());
+    let mut argv = vec!["nix", "copy", "--to", &to];
+    argv.extend_from_slice(paths);
+    host.run_ok(&argv);
     (Nginx::start(host, &export, NGINX_PORT), export)
+}
+
+/// `n` store paths of `size` random bytes on `host` (random bytes do not
+/// compress, so an uplink's bytes say how often a file crossed), signed.
+fn random_paths(host: &Host, key: &SigningKey, name: &str, n: usize, size: u64) -> Vec<String> {
+    let files = host.dir().join("files");
+    let paths: Vec<String> = (0..n)
+        .map(|i| host.add_path(&random_file(&files, &format!("{name}-{i}"), size)))
+        .collect();
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    host.sign(&refs, &key.secret_file);
+    paths
+}
+
+/// Agents on `office` whose Nix lists only them and trusts `key`, each
+/// configured with `config(i)`; returns once all see each other.
+fn start_office(
+    office: &[&Host],
+    key: &SigningKey,
+    config: impl Fn(usize) -> String,
+) -> Vec<AgentHandle> {
+    let agents: Vec<AgentHandle> = office
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            h.configure_nix(&nix_conf(SUBSTITUTER, &[&key.public]));
+            h.start_agent(&config(i))
+        })
+        .collect();
+    let pairs: Vec<_> = office.iter().copied().zip(agents.iter()).collect();
+    wait_all_alive(&pairs);
+    agents
 }
 
 /// The substituter's URL for `path`'s file (from the narinfo it offers
@@ -79,7 +113,7 @@ fn what_no_peer_has_comes_from_upstream_through_the_agent_compressed_and_checked
         let refs: Vec<&str> = closure.iter().map(String::as_str).collect();
         u.sign(&refs, &key.secret_file);
     }
-    let (_nginx, export) = serve_export(u, &zstd_top, "zstd");
+    let (_nginx, export) = serve_export(u, &[&zstd_top], "zstd", "zstd");
     // The xz and the corrupt closures go into the same cache dir.
     u.run_ok(&[
         "nix",
@@ -254,33 +288,14 @@ fn the_office_downloads_each_path_from_upstream_once() {
     let key = u.generate_key("upstream-1");
     // A closure of a few paths, one of them 8 MiB of random bytes (they do
     // not compress, so the uplink's bytes say how often it crossed).
-    let files = u.dir().join("files");
-    let mut paths: Vec<String> = (0..4)
-        .map(|i| u.add_path(&random_file(&files, &format!("part-{i}"), 256 << 10)))
-        .collect();
-    paths.push(u.add_path(&random_file(&files, "big", 8 << 20)));
+    let mut paths = random_paths(u, &key, "part", 4, 256 << 10);
+    paths.extend(random_paths(u, &key, "big", 1, 8 << 20));
     let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-    u.sign(&refs, &key.secret_file);
-    let export = u.dir().join("export-office");
-    let mut copy = vec!["nix".to_string(), "copy".into(), "--to".into()];
-    copy.push(format!("file://{}?compression=zstd", export.display()));
-    copy.extend(paths.iter().cloned());
-    let copy: Vec<&str> = copy.iter().map(String::as_str).collect();
-    u.run_ok(&copy);
-    let _nginx = Nginx::start(u, &export, NGINX_PORT);
+    let (_nginx, export) = serve_export(u, &refs, "zstd", "office");
     let once = file_bytes(&export, &paths);
     // The office's uplink: slow enough that the downloads overlap.
     u.shape(40_000_000);
-
-    let agents: Vec<_> = office
-        .iter()
-        .map(|h| {
-            h.configure_nix(&nix_conf(SUBSTITUTER, &[&key.public]));
-            h.start_agent(&upstream_config(u, ""))
-        })
-        .collect();
-    let pairs: Vec<_> = office.iter().copied().zip(agents.iter()).collect();
-    wait_all_alive(&pairs);
+    let agents = start_office(&office, &key, |_| upstream_config(u, ""));
 
     let before = u.link_bytes();
     let started = Instant::now();
@@ -329,9 +344,8 @@ fn a_killed_owner_leaves_the_download_to_go_on_from_upstream() {
     let u = lan.host(3);
     let office: Vec<&Host> = (0..3).map(|i| lan.host(i)).collect();
     let key = u.generate_key("upstream-1");
-    let big = u.add_path(&random_file(&u.dir().join("files"), "big", 256 << 20));
-    u.sign(&[&big], &key.secret_file);
-    let (_nginx, export) = serve_export(u, &big, "zstd");
+    let big = random_paths(u, &key, "big", 1, 256 << 20).remove(0);
+    let (_nginx, export) = serve_export(u, &[&big], "zstd", "big");
     let file_size = file_bytes(&export, std::slice::from_ref(&big));
     u.shape(400_000_000);
 
@@ -345,15 +359,7 @@ fn a_killed_owner_leaves_the_download_to_go_on_from_upstream() {
     let asker_at = (owner_at + 1) % office.len();
     let (owner_host, asker) = (office[owner_at], office[asker_at]);
 
-    let mut agents: Vec<_> = office
-        .iter()
-        .map(|h| {
-            h.configure_nix(&nix_conf(SUBSTITUTER, &[&key.public]));
-            h.start_agent(&upstream_config(u, ""))
-        })
-        .collect();
-    let pairs: Vec<_> = office.iter().copied().zip(agents.iter()).collect();
-    wait_all_alive(&pairs);
+    let mut agents = start_office(&office, &key, |_| upstream_config(u, ""));
 
     let before = u.link_bytes();
     let nix = asker
@@ -410,39 +416,21 @@ fn an_agent_of_protocol_version_1_gets_the_closure_too_without_owning_downloads(
     let u = lan.host(3);
     let office: Vec<&Host> = (0..3).map(|i| lan.host(i)).collect();
     let key = u.generate_key("upstream-1");
-    let files = u.dir().join("files");
-    let paths: Vec<String> = (0..6)
-        .map(|i| u.add_path(&random_file(&files, &format!("p-{i}"), 512 << 10)))
-        .collect();
+    let paths = random_paths(u, &key, "p", 6, 512 << 10);
     let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-    u.sign(&refs, &key.secret_file);
-    let export = u.dir().join("export-mixed");
-    let mut copy = vec!["nix".to_string(), "copy".into(), "--to".into()];
-    copy.push(format!("file://{}?compression=zstd", export.display()));
-    copy.extend(paths.iter().cloned());
-    let copy: Vec<&str> = copy.iter().map(String::as_str).collect();
-    u.run_ok(&copy);
-    let _nginx = Nginx::start(u, &export, NGINX_PORT);
+    let (_nginx, export) = serve_export(u, &refs, "zstd", "mixed");
     let once = file_bytes(&export, &paths);
     u.shape(40_000_000);
 
     // h2 speaks only version 1, as an agent from before version 2 does;
     // it also pulls nothing from upstream itself.
-    let agents: Vec<_> = office
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            h.configure_nix(&nix_conf(SUBSTITUTER, &[&key.public]));
-            let config = if i == 2 {
-                "[mesh]\nmax_protocol = 1\n[upstream]\ncaches = []\n".to_string()
-            } else {
-                upstream_config(u, "")
-            };
-            h.start_agent(&config)
-        })
-        .collect();
-    let pairs: Vec<_> = office.iter().copied().zip(agents.iter()).collect();
-    wait_all_alive(&pairs);
+    let agents = start_office(&office, &key, |i| {
+        if i == 2 {
+            "[mesh]\nmax_protocol = 1\n[upstream]\ncaches = []\n".to_string()
+        } else {
+            upstream_config(u, "")
+        }
+    });
 
     let before = u.link_bytes();
     std::thread::scope(|s| {
@@ -488,16 +476,8 @@ fn with_the_spool_off_paths_still_arrive_whole() {
     let closure = u.closure(&top);
     let refs: Vec<&str> = closure.iter().map(String::as_str).collect();
     u.sign(&refs, &key.secret_file);
-    let (_nginx, _export) = serve_export(u, &top, "zstd");
-    let agents: Vec<_> = office
-        .iter()
-        .map(|h| {
-            h.configure_nix(&nix_conf(SUBSTITUTER, &[&key.public]));
-            h.start_agent(&upstream_config(u, "spool_mib = 0\n"))
-        })
-        .collect();
-    let pairs: Vec<_> = office.iter().copied().zip(agents.iter()).collect();
-    wait_all_alive(&pairs);
+    let (_nginx, _export) = serve_export(u, &[&top], "zstd", "no-spool");
+    let agents = start_office(&office, &key, |_| upstream_config(u, "spool_mib = 0\n"));
     let top = top.as_str();
     std::thread::scope(|s| {
         for h in office {

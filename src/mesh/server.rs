@@ -215,15 +215,7 @@ impl PeerServer {
             .await;
         }
         let Ok(_slot) = self.nar_slots.clone().try_acquire_owned() else {
-            let message = "too many NAR streams".to_string();
-            return write_response(
-                send,
-                &Response::Error {
-                    code: code::OVERLOADED,
-                    message,
-                },
-            )
-            .await;
+            return overloaded(send, "too many NAR streams").await;
         };
         write_response(
             send,
@@ -260,15 +252,7 @@ impl PeerServer {
             return write_response(send, &Response::NotFound).await;
         };
         let Ok(_slot) = self.nar_slots.clone().try_acquire_owned() else {
-            let message = "too many file streams".to_string();
-            return write_response(
-                send,
-                &Response::Error {
-                    code: code::OVERLOADED,
-                    message,
-                },
-            )
-            .await;
+            return overloaded(send, "too many file streams").await;
         };
         let Some((file_size, mut bytes)) = files.file(hash, file_hash).await else {
             return write_response(send, &Response::NotFound).await;
@@ -292,6 +276,15 @@ impl PeerServer {
 enum StreamEnd {
     Reset(u32),
     PeerGone,
+}
+
+/// The answer when every stream slot is taken.
+async fn overloaded(send: &mut quinn::SendStream, why: &str) -> Result<(), StreamEnd> {
+    let resp = Response::Error {
+        code: code::OVERLOADED,
+        message: why.to_string(),
+    };
+    write_response(send, &resp).await
 }
 
 async fn write_response(send: &mut quinn::SendStream, resp: &Response) -> Result<(), StreamEnd> {

@@ -416,16 +416,7 @@ impl Upstreams {
         }
         let mut body = resp.into_body();
         let mut check = FileCheck::new(file.file_size, file.file_hash);
-        loop {
-            let frame = match tokio::time::timeout(STALL, body.frame()).await {
-                Err(_) => return Err(RelayError::Stalled(STALL)),
-                Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(RelayError::Body(e.to_string())),
-                Ok(Some(Ok(frame))) => frame,
-            };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
+        while let Some(data) = next_data(&mut body).await? {
             check.feed(&data)?;
             self.stats.bytes.inc_by(data.len() as u64);
             writer.write(&data).await.map_err(RelayError::Spool)?;
@@ -464,16 +455,7 @@ impl Upstreams {
             s => return Err(UpstreamError::Status(s).into()),
         };
         let mut body = resp.into_body();
-        loop {
-            let frame = match tokio::time::timeout(STALL, body.frame()).await {
-                Err(_) => return Err(RelayError::Stalled(STALL)),
-                Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(RelayError::Body(e.to_string())),
-                Ok(Some(Ok(frame))) => frame,
-            };
-            let Ok(mut data) = frame.into_data() else {
-                continue;
-            };
+        while let Some(mut data) = next_data(&mut body).await? {
             self.stats.bytes.inc_by(data.len() as u64);
             if skip > 0 {
                 let n = skip.min(data.len() as u64);
@@ -497,5 +479,23 @@ impl Upstreams {
             let _ = tx.send(Ok(last)).await;
         }
         Ok(())
+    }
+}
+
+/// The next bytes of an upstream answer; `None` at its end. Nothing for
+/// `STALL` is an error.
+async fn next_data(body: &mut hyper::body::Incoming) -> Result<Option<Bytes>, RelayError> {
+    loop {
+        let frame = match tokio::time::timeout(STALL, body.frame()).await {
+            Err(_) => return Err(RelayError::Stalled(STALL)),
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(e))) => return Err(RelayError::Body(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if !data.is_empty() {
+                return Ok(Some(data));
+            }
+        }
     }
 }
