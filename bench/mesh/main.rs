@@ -19,7 +19,11 @@
 //!    through the client's agent, against nginx on the serving host sending
 //!    the same NAR as a static file (`nix copy --to file://…`), over the
 //!    same link, unshaped and then shaped by `tbf`.
-//! 3. **Agent memory.** Peak RSS (`VmHWM`) of the serving and the client
+//! 3. **The office behind a slow uplink** (`PARTS=uplink`, see `uplink.rs`):
+//!    K hosts (`UPLINK_KS` [2,4,6]) realise one closure of real binaries at
+//!    once through a `UPLINK_MBIT` [50] uplink, through their agents (one
+//!    download per path for the office) against U as a plain substituter.
+//! 4. **Agent memory.** Peak RSS (`VmHWM`) of the serving and the client
 //!    agent after Nix substitutes one NAR through them (256 MiB, 1 GiB and
 //!    4 GiB, each with freshly started agents): it should not grow with
 //!    the NAR.
@@ -66,12 +70,12 @@ mod host_cmds;
 mod noise;
 mod pair;
 mod procfs;
+mod uplink;
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write as _;
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::{AgentHandle, Host, Lan, Nginx};
@@ -193,6 +197,9 @@ fn main() {
     }
     if runs("pair") {
         two_hosts(&s, &mut rows, &mut notes);
+    }
+    if runs("uplink") {
+        uplink::office_uplink(&mut rows, &mut notes);
     }
 
     println!();

@@ -58,7 +58,7 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
         cache_nar: &cache_nar,
         server_agent: agent_pid(&server_agent),
         client_agent: agent_pid(&client_agent),
-        nginx: nginx.child.id(),
+        nginx: nginx.pid(),
     };
     throughput(s, &pair, &format!("{label}, unshaped veth"), rows);
 

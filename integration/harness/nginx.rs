@@ -83,6 +83,11 @@ http {{
         nginx
     }
 
+    /// The nginx master's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stop(&mut self) {
         // SIGTERM: the master takes its workers with it.
         let _ = std::process::Command::new("kill")
