@@ -1,8 +1,9 @@
 //! The office behind a slow uplink: an upstream cache U (outside the mesh)
 //! sits behind a shaped link, and every office host's Nix asks its agent
 //! first and U second. The first host to need a closure pulls it over the
-//! uplink; the others get it from that host over the LAN, so the uplink
-//! carries the closure once, not once per host.
+//! uplink (through the agent that owns each path's download); the others
+//! get it from that host over the LAN, so the uplink carries the closure
+//! once, not once per host.
 
 use crate::harness::Lan;
 use crate::office::*;
@@ -77,7 +78,13 @@ fn the_uplink_carries_a_closure_once_for_the_whole_office() {
     let from_mesh = |agent: &crate::harness::AgentHandle| -> u64 {
         agent.peers().iter().map(|p| p.counters.bytes_fetched).sum()
     };
-    assert_eq!(from_mesh(&agents[0]), 0, "A fetched from the mesh");
+    // A's files crossed the uplink once, either to A's agent or to the
+    // agent that owns their download for the office (which passed them on).
+    let a_from_mesh = from_mesh(&agents[0]);
+    assert!(
+        a_from_mesh == 0 || a_from_mesh == closure_bytes,
+        "A fetched {a_from_mesh} bytes from the mesh"
+    );
     assert_eq!(from_mesh(&agents[1]), closure_bytes);
     assert_eq!(from_mesh(&agents[2]), closure_bytes);
     assert!(agents[1].peer("h0").expect("h0").counters.bytes_fetched >= DEP_BYTES);

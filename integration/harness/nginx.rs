@@ -83,7 +83,8 @@ http {{
         nginx
     }
 
-    /// The nginx master's process id.
+    /// The nginx master's process id (the bench reads its CPU time).
+    #[allow(dead_code)] // Not every user of the harness needs it.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
