@@ -8,7 +8,8 @@
 //! hosts (a new LAN), and which side goes first alternates with K.
 //!
 //! The closure is made of real binaries (this machine's `/usr/bin`, which
-//! compress about 3x like real closures), in `UPLINK_PATHS` store paths.
+//! compress about 3x like real closures), in `UPLINK_PATHS` [20] store
+//! paths, and one of 4 MiB of random bytes.
 
 use super::*;
 use integration::office::{nix_conf, random_file, SUBSTITUTER};
@@ -30,7 +31,7 @@ impl UplinkSettings {
         UplinkSettings {
             ks: numbers("UPLINK_KS", "2,4,6"),
             mbit: numbers("UPLINK_MBIT", "50").first().copied().unwrap_or(50),
-            paths: numbers("UPLINK_PATHS", "40").first().copied().unwrap_or(40) as usize,
+            paths: numbers("UPLINK_PATHS", "20").first().copied().unwrap_or(20) as usize,
         }
     }
 }
@@ -41,7 +42,8 @@ enum Side {
     Plain,
 }
 
-/// The largest files of /usr/bin, up to `n`, copied to `dir`.
+/// The largest files of /usr/bin of at most 4 MiB, up to `n`, copied to
+/// `dir`.
 fn real_binaries(dir: &Path, n: usize) -> Vec<std::path::PathBuf> {
     fs::create_dir_all(dir).expect("mkdir");
     let mut found: Vec<(u64, std::path::PathBuf)> = fs::read_dir("/usr/bin")
@@ -49,7 +51,8 @@ fn real_binaries(dir: &Path, n: usize) -> Vec<std::path::PathBuf> {
         .flatten()
         .filter_map(|e| {
             let m = fs::metadata(e.path()).ok()?;
-            (m.is_file() && m.len() > 64 * 1024).then(|| (m.len(), e.path()))
+            let size = m.len();
+            (m.is_file() && size > 64 * 1024 && size <= 4 * MIB).then(|| (size, e.path()))
         })
         .collect();
     found.sort_by_key(|f| std::cmp::Reverse(f.0));
