@@ -24,6 +24,7 @@ use crate::fetch::verify::{NarCheck, Verdict};
 use crate::mesh::client;
 use crate::mesh::identity::NodeId;
 use crate::mesh::protocol::code;
+use crate::mesh::transport::FrameReadError;
 use crate::nix::NarInfo;
 
 /// A holder that sends nothing for this long is stalled.
@@ -301,6 +302,10 @@ async fn from_holder(
             return HolderEnd::Failed(format!("says the NAR has {nar_size} bytes"))
         }
         Ok(None) => return HolderEnd::Failed("no longer has it".into()),
+        // It found its copy corrupt before its answer got out.
+        Err(client::PeerError::Read(FrameReadError::Reset(code::CORRUPT))) => {
+            return HolderEnd::Disowned
+        }
         Err(e) => return HolderEnd::Failed(e.to_string()),
     };
     let count = |n: u64| mesh.count(&node, |c| c.bytes_fetched += n);

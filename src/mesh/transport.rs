@@ -53,6 +53,8 @@ pub enum FrameReadError {
     Frame(#[from] FrameError),
     #[error("stream read failed: {0}")]
     Read(String),
+    #[error("stream reset by the peer with code {0}")]
+    Reset(u32),
     #[error("no frame within {0:?}")]
     Timeout(Duration),
 }
@@ -61,7 +63,7 @@ impl FrameReadError {
     pub fn code(&self) -> u32 {
         match self {
             FrameReadError::Frame(f) => f.code(),
-            FrameReadError::Read(_) => protocol::code::MALFORMED,
+            FrameReadError::Read(_) | FrameReadError::Reset(_) => protocol::code::MALFORMED,
             FrameReadError::Timeout(_) => protocol::code::TIMEOUT,
         }
     }
@@ -386,6 +388,15 @@ pub fn client_config(
 }
 
 /// The key the other side of an established connection proved it holds.
+fn read_error(e: quinn::ReadExactError) -> FrameReadError {
+    if let quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)) = &e {
+        if let Ok(code) = u32::try_from(code.into_inner()) {
+            return FrameReadError::Reset(code);
+        }
+    }
+    FrameReadError::Read(e.to_string())
+}
+
 /// Whether the connection settled on protocol version 2 (or later).
 pub fn speaks_v2(conn: &quinn::Connection) -> bool {
     conn.handshake_data()
@@ -418,6 +429,9 @@ pub fn peer_node(conn: &quinn::Connection) -> Option<NodeId> {
 
 /// Reads one length-prefixed frame body of at most `max` bytes, bounded in
 /// time.
+///
+/// A stream the peer reset keeps its code (`FrameReadError::Reset`): a
+/// holder that finds its own copy corrupt may reset before its answer.
 pub async fn read_frame(
     recv: &mut quinn::RecvStream,
     max: usize,
@@ -425,14 +439,10 @@ pub async fn read_frame(
 ) -> Result<Vec<u8>, FrameReadError> {
     let read = async {
         let mut header = [0u8; 4];
-        recv.read_exact(&mut header)
-            .await
-            .map_err(|e| FrameReadError::Read(e.to_string()))?;
+        recv.read_exact(&mut header).await.map_err(read_error)?;
         let len = protocol::body_len(header, max)?;
         let mut body = vec![0u8; len];
-        recv.read_exact(&mut body)
-            .await
-            .map_err(|e| FrameReadError::Read(e.to_string()))?;
+        recv.read_exact(&mut body).await.map_err(read_error)?;
         Ok(body)
     };
     tokio::time::timeout(timeout, read)
