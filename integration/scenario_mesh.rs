@@ -25,6 +25,19 @@ fn agents_find_each_other_by_mdns_and_notice_stops_and_crashes() {
     let pairs: Vec<(&Host, &AgentHandle)> = hosts.iter().copied().zip(agents.iter()).collect();
     let took = wait_all_alive(&pairs);
     eprintln!("discovery: 4 hosts all alive to each other after {took:?}");
+    // A peer whose connection came in before its own announcement did is
+    // listed as learned from that connection until mDNS names it too; every
+    // host announces, so every peer must end up known through mDNS.
+    let by_mdns = wait_until(Duration::from_secs(5), "every peer seen by mDNS", || {
+        pairs.iter().all(|(_, agent)| {
+            let peers = agent.peers();
+            peers.len() == 3
+                && peers
+                    .iter()
+                    .all(|p| p.source == nixmesh::mesh::peers::PeerSource::Mdns)
+        })
+    });
+    eprintln!("discovery: every peer known through mDNS after another {by_mdns:?}");
     for (host, agent) in &pairs {
         let peers = agent.peers();
         assert_eq!(peers.len(), 3, "{}: {peers:#?}", host.name());
