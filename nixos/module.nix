@@ -18,11 +18,20 @@ let
   credentials = "/run/credentials/nixmesh.service";
   substituterUrl = "http://127.0.0.1:${toString cfg.port}";
 
+  # The agent pulls what no peer holds from the host's other HTTP(S)
+  # substituters (cache.nixos.org by default), once for the whole office;
+  # Nix keeps them after the agent as its fallback.
+  baseUrl = s: lib.removeSuffix "/" (builtins.head (lib.splitString "?" s));
+  upstreamCaches = builtins.filter
+    (s: (lib.hasPrefix "http://" s || lib.hasPrefix "https://" s) && s != substituterUrl)
+    (map baseUrl config.nix.settings.substituters);
+
   finalSettings = lib.recursiveUpdate
     ({
       state_dir = "/var/lib/nixmesh";
       substituter.listen = "127.0.0.1:${toString cfg.port}";
       mesh.listen = "[::]:${toString cfg.quicPort}";
+      upstream.caches = upstreamCaches;
     } // lib.optionalAttrs (cfg.signingKeyFile != null) {
       signing_key_file = "${credentials}/signing-key";
     } // lib.optionalAttrs (cfg.meshSecretFile != null) {

@@ -13,6 +13,7 @@ use crate::cli::admin_client;
 use crate::config::Config;
 use crate::mesh::peers::{PeerSource, PeerState};
 use crate::nix::conf::NixConf;
+use crate::nix::store_url::{self, StoreUrl};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -83,7 +84,7 @@ pub fn judge_substituters(nix_conf: &NixConf, listen: SocketAddr) -> Finding {
     let subs = nix_conf.list("substituters");
     let port = listen.port();
     let ours = |s: &String| {
-        let s = s.trim_end_matches('/');
+        let s = StoreUrl::split(s).base;
         s == format!("http://127.0.0.1:{port}") || s == format!("http://localhost:{port}")
     };
     match subs.iter().position(ours) {
@@ -97,6 +98,50 @@ pub fn judge_substituters(nix_conf: &NixConf, listen: SocketAddr) -> Finding {
             "put it first; its Priority 30 already puts it ahead of cache.nixos.org (40), but not of caches with a lower priority",
         ),
     }
+}
+
+/// One of nix.conf's substituters, as Nix will order it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ranked {
+    pub url: String,
+    /// Its place in nix.conf's list.
+    pub position: usize,
+    /// The URL's `?priority=`, else its `/nix-cache-info` Priority, else 0.
+    pub priority: i64,
+}
+
+/// Does Nix ask the mesh before every upstream it pulls through? Nix sorts
+/// its substituters by priority, keeping nix.conf's order among equals,
+/// and stops at the first that has a path: an upstream ahead of the mesh
+/// gets every path itself, past the peers and the office's single
+/// download.
+pub fn judge_priorities(mesh: &Ranked, upstreams: &[Ranked]) -> Finding {
+    let ahead: Vec<&Ranked> = upstreams
+        .iter()
+        .filter(|u| (u.priority, u.position) < (mesh.priority, mesh.position))
+        .collect();
+    let Some(lowest) = ahead.iter().map(|u| u.priority).min() else {
+        return ok(format!(
+            "Nix asks the mesh (priority {}) before its upstreams",
+            mesh.priority
+        ));
+    };
+    let names: Vec<String> = ahead
+        .iter()
+        .map(|u| format!("{} (priority {})", u.url, u.priority))
+        .collect();
+    warn(
+        format!(
+            "Nix asks {} before the mesh (priority {}): what it fetches there skips the peers and the office's single download",
+            names.join(", "),
+            mesh.priority
+        ),
+        format!(
+            "give the mesh a lower priority in nix.conf: substituters = {}?priority={} ...",
+            StoreUrl::split(&mesh.url).base,
+            lowest - 1
+        ),
+    )
 }
 
 fn show(list: &[String]) -> String {
@@ -310,7 +355,7 @@ pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
     }
 
     if config.substituter.enable {
-        out.extend(check_upstreams(config).await);
+        out.extend(check_upstreams(config, &nix_conf).await);
     }
 
     // The running agent.
@@ -366,7 +411,8 @@ pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
 }
 
 /// Whether each upstream cache answers `/nix-cache-info` for our store dir.
-async fn check_upstreams(config: &Config) -> Vec<Finding> {
+/// Also judges the order Nix asks them and the mesh in.
+async fn check_upstreams(config: &Config, nix_conf: &NixConf) -> Vec<Finding> {
     use crate::fetch::upstream::UpstreamClient;
     let caches = crate::config::settings::upstream_caches(config);
     if caches.is_empty() {
@@ -383,12 +429,40 @@ async fn check_upstreams(config: &Config) -> Vec<Finding> {
     };
     let timeout = std::time::Duration::from_millis(config.upstream.timeout_ms);
     let want = format!("StoreDir: {}", config.store.store_dir);
+    let substituters = nix_conf.list("substituters");
+    let listed = |base: &str| {
+        substituters
+            .iter()
+            .enumerate()
+            .find(|(_, s)| StoreUrl::split(s).base == base)
+            .map(|(i, s)| (i, StoreUrl::split(s).priority()))
+    };
+    let port = config.substituter.listen.port();
+    let mesh = [
+        format!("http://127.0.0.1:{port}"),
+        format!("http://localhost:{port}"),
+    ]
+    .iter()
+    .find_map(|u| Some((u, listed(u)?)))
+    .map(|(u, (position, priority))| Ranked {
+        url: u.clone(),
+        position,
+        priority: priority.unwrap_or(i64::from(config.substituter.priority)),
+    });
+    let mut ranked = Vec::new();
     let mut out = Vec::new();
     for cache in caches {
         let url = format!("{cache}/nix-cache-info");
         match client.get_text(&url, 64 * 1024, timeout).await {
             Ok(Some(text)) if text.lines().any(|l| l.trim() == want) => {
-                out.push(ok(format!("upstream {cache} answers")))
+                out.push(ok(format!("upstream {cache} answers")));
+                if let Some((position, priority)) = listed(cache.as_str()) {
+                    ranked.push(Ranked {
+                        url: cache.to_string(),
+                        position,
+                        priority: priority.unwrap_or_else(|| store_url::cache_info_priority(&text)),
+                    });
+                }
             }
             Ok(Some(_)) => out.push(fail(
                 format!("upstream {cache} is not a cache for {}", config.store.store_dir),
@@ -403,6 +477,9 @@ async fn check_upstreams(config: &Config) -> Vec<Finding> {
                 "fine for an offline office (the agent skips it after one try); otherwise check the URL and the network",
             )),
         }
+    }
+    if let Some(mesh) = mesh {
+        out.push(judge_priorities(&mesh, &ranked));
     }
     out
 }
@@ -458,6 +535,44 @@ mod tests {
             .verdict,
             Verdict::Warn
         );
+    }
+
+    #[test]
+    fn upstreams_nix_asks_before_the_mesh() {
+        let at = |url: &str, position, priority| Ranked {
+            url: url.into(),
+            position,
+            priority,
+        };
+        let mesh = at("http://127.0.0.1:5181", 0, 30);
+        let nixos = at("https://cache.nixos.org", 1, 40);
+        assert_eq!(
+            judge_priorities(&mesh, std::slice::from_ref(&nixos)).verdict,
+            Verdict::Ok
+        );
+        // Equal priorities keep nix.conf's order.
+        let equal_after = at("http://nas:5000", 1, 30);
+        assert_eq!(judge_priorities(&mesh, &[equal_after]).verdict, Verdict::Ok);
+        let mesh_second = at("http://127.0.0.1:5181", 1, 30);
+        let equal_before = at("http://nas:5000", 0, 30);
+        let f = judge_priorities(&mesh_second, &[equal_before]);
+        assert_eq!(f.verdict, Verdict::Warn);
+        assert!(
+            f.fix.contains("http://127.0.0.1:5181?priority=29"),
+            "{}",
+            f.fix
+        );
+        // A cache without a Priority in its /nix-cache-info has 0.
+        let file_share = at("http://nas:8080", 2, 0);
+        let f = judge_priorities(&mesh, &[nixos, file_share]);
+        assert_eq!(f.verdict, Verdict::Warn);
+        assert!(
+            f.what.contains("http://nas:8080 (priority 0)"),
+            "{}",
+            f.what
+        );
+        assert!(!f.what.contains("cache.nixos.org"), "{}", f.what);
+        assert!(f.fix.contains("?priority=-1"), "{}", f.fix);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! this node's name. Read by the agent when it starts and by `doctor`
 //! when it checks a setup; errors name the config key.
 
+use std::net::SocketAddr;
+
 use thiserror::Error;
 
 use crate::config::keys::{self, KeyFileError};
@@ -10,6 +12,7 @@ use crate::fetch::race::TrustPolicy;
 use crate::fetch::upstream::CacheUrl;
 use crate::mesh::identity::{MeshSecret, NodeId};
 use crate::nix::conf::NixConf;
+use crate::nix::store_url::StoreUrl;
 use crate::nix::{PublicKey, SecretKey};
 use crate::store::db::StoreLocation;
 use crate::store::share::SharePolicy;
@@ -41,20 +44,24 @@ pub fn upstream_caches(config: &Config) -> Vec<CacheUrl> {
             .filter_map(|u| CacheUrl::parse(u).ok())
             .collect();
     }
-    let own = config.substituter.listen;
-    let own_urls: Vec<String> = {
-        let port = own.port();
-        let mut v = vec![format!("http://{own}"), format!("http://localhost:{port}")];
-        if own.ip().is_unspecified() || own.ip().is_loopback() {
-            v.push(format!("http://127.0.0.1:{port}"));
-            v.push(format!("http://[::1]:{port}"));
-        }
-        v
-    };
-    NixConf::load(&config.store.nix_conf)
-        .list("substituters")
+    let substituters = NixConf::load(&config.store.nix_conf).list("substituters");
+    caches_among(&substituters, config.substituter.listen)
+}
+
+/// The HTTP(S) caches among nix.conf's `substituters` other than the
+/// agent's own (listening on `own`); store settings after `?` (such as
+/// `priority=`) are Nix's and dropped. Pure.
+pub fn caches_among(substituters: &[String], own: SocketAddr) -> Vec<CacheUrl> {
+    let port = own.port();
+    let mut own_urls = vec![format!("http://{own}"), format!("http://localhost:{port}")];
+    if own.ip().is_unspecified() || own.ip().is_loopback() {
+        own_urls.push(format!("http://127.0.0.1:{port}"));
+        own_urls.push(format!("http://[::1]:{port}"));
+    }
+    substituters
         .iter()
-        .filter(|s| !own_urls.iter().any(|o| s.trim_end_matches('/') == o))
+        .map(|s| StoreUrl::split(s).base)
+        .filter(|base| !own_urls.iter().any(|o| base == o))
         .filter_map(|s| match CacheUrl::parse(s) {
             Ok(url) => Some(url),
             Err(_) => {
@@ -179,4 +186,30 @@ pub fn share_policy(config: &Config) -> Result<SharePolicy, SettingsError> {
         content_addressed: config.share.content_addressed,
         all: config.share.all,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstreams_are_the_other_http_substituters() {
+        let own: SocketAddr = "127.0.0.1:5181".parse().unwrap();
+        let subs: Vec<String> = [
+            "http://127.0.0.1:5181?priority=10",
+            "http://localhost:5181/",
+            "https://cache.nixos.org/",
+            "http://nas.lan:8080?priority=20&trusted=1",
+            "ssh://builder",
+            "file:///mnt/cache",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let caches: Vec<String> = caches_among(&subs, own)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(caches, ["https://cache.nixos.org", "http://nas.lan:8080"]);
+    }
 }

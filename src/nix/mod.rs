@@ -12,6 +12,7 @@ pub mod narinfo;
 pub mod path_info;
 pub mod signature;
 pub mod store_path;
+pub mod store_url;
 
 pub use hash::Sha256Hash;
 pub use narinfo::NarInfo;
