@@ -340,6 +340,21 @@ fn the_office_downloads_each_path_from_upstream_once() {
 
 #[test]
 fn a_killed_owner_leaves_the_download_to_go_on_from_upstream() {
+    owner_fails_mid_file("killed", false);
+}
+
+/// A frozen owner (SIGSTOP: its connections stay open, nothing comes)
+/// is the same as a dead one once the mesh finds it unresponsive.
+#[test]
+fn a_frozen_owner_leaves_the_download_to_go_on_from_upstream() {
+    owner_fails_mid_file("frozen", true);
+}
+
+/// The owner of a 256 MiB download is killed (or, with `freeze`, stopped
+/// and resumed at the end) once a quarter of the file reached an asker:
+/// the asker's Nix still gets the path, the rest of it from upstream, and
+/// the uplink carries well under two files.
+fn owner_fails_mid_file(how: &str, freeze: bool) {
     let lan = Lan::new(4);
     let u = lan.host(3);
     let office: Vec<&Host> = (0..3).map(|i| lan.host(i)).collect();
@@ -378,8 +393,17 @@ fn a_killed_owner_leaves_the_download_to_go_on_from_upstream() {
                 .is_some_and(|p| p.counters.bytes_fetched >= file_size / 4)
         },
     );
-    agents[owner_at].kill();
+    let failed = Instant::now();
+    if freeze {
+        agents[owner_at].signal("STOP");
+    } else {
+        agents[owner_at].kill();
+    }
     let out = nix.wait_with_output().expect("nix-store");
+    let done = failed.elapsed();
+    if freeze {
+        agents[owner_at].signal("CONT");
+    }
     assert!(
         out.status.success(),
         "{}",
@@ -388,7 +412,8 @@ fn a_killed_owner_leaves_the_download_to_go_on_from_upstream() {
     assert_verified(asker, &big);
     let sent = u.link_bytes().sent - before.sent;
     eprintln!(
-        "killed owner: the uplink sent {sent} bytes for a {file_size}-byte file ({:.2}x)",
+        "{how} owner: the uplink sent {sent} bytes for a {file_size}-byte file ({:.2}x); \
+         Nix done {done:?} after the owner failed",
         sent as f64 / file_size as f64
     );
     let asker_agent = &agents[asker_at];
