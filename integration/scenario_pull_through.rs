@@ -25,12 +25,23 @@ fn serve_export(
     compression: &str,
     name: &str,
 ) -> (Nginx, std::path::PathBuf) {
+    serve_export_on(host, paths, compression, name, NGINX_PORT)
+}
+
+/// `serve_export` on `port`.
+fn serve_export_on(
+    host: &Host,
+    paths: &[&str],
+    compression: &str,
+    name: &str,
+    port: u16,
+) -> (Nginx, std::path::PathBuf) {
     let export = host.dir().join(format!("export-{name}"));
     let to = format!("file://{}?compression={compression}", export.display());
     let mut argv = vec!["nix", "copy", "--to", &to];
     argv.extend_from_slice(paths);
     host.run_ok(&argv);
-    (Nginx::start(host, &export, NGINX_PORT), export)
+    (Nginx::start(host, &export, port), export)
 }
 
 /// `n` store paths of `size` random bytes on `host` (random bytes do not
@@ -279,24 +290,111 @@ fn file_bytes(export: &std::path::Path, paths: &[String]) -> u64 {
         .sum()
 }
 
+/// Adds `files` to `host`'s store in one `nix-store --add`.
+fn add_paths(host: &Host, files: &[std::path::PathBuf]) -> Vec<String> {
+    let mut argv = vec!["nix-store".to_string(), "--add".to_string()];
+    argv.extend(files.iter().map(|f| f.display().to_string()));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let paths: Vec<String> = host.run_ok(&argv).lines().map(str::to_string).collect();
+    assert_eq!(paths.len(), files.len(), "one store path per file");
+    paths
+}
+
+/// Every one of `paths` is valid on `host` and matches its NarHash.
+fn assert_all_verified(host: &Host, paths: &[String]) {
+    let mut argv = vec!["nix-store", "--check-validity"];
+    argv.extend(paths.iter().map(String::as_str));
+    host.run_ok(&argv);
+    argv[1] = "--verify-path";
+    host.run_ok(&argv);
+}
+
+/// Appends `Priority: 40` (cache.nixos.org's) to an export's
+/// `/nix-cache-info`, which `nix copy` writes without one.
+fn say_priority_40(export: &std::path::Path) {
+    let info = export.join("nix-cache-info");
+    let text = std::fs::read_to_string(&info).expect("nix-cache-info");
+    std::fs::write(&info, format!("{text}Priority: 40\n")).expect("nix-cache-info");
+}
+
+/// The issue's office: U serves a closure of a few hundred paths (a few
+/// large) from two real binary caches (zstd and xz, two nginx servers)
+/// behind a shaped uplink; 6 hosts realise all of it at the same moment,
+/// each Nix listing its agent first and U's caches after it, each agent
+/// with the default config (upstreams from nix.conf). Each path crosses
+/// the uplink once: one upstream download per path in the whole office.
 #[test]
-fn the_office_downloads_each_path_from_upstream_once() {
-    const OFFICE: usize = 4;
+fn six_hosts_pull_a_closure_of_hundreds_of_paths_over_the_uplink_once() {
+    const OFFICE: usize = 6;
+    const XZ_PORT: u16 = 8081;
     let lan = Lan::new(OFFICE + 1);
     let u = lan.host(OFFICE);
     let office: Vec<&Host> = (0..OFFICE).map(|i| lan.host(i)).collect();
     let key = u.generate_key("upstream-1");
-    // A closure of a few paths, one of them 8 MiB of random bytes (they do
-    // not compress, so the uplink's bytes say how often it crossed).
-    let mut paths = random_paths(u, &key, "part", 4, 256 << 10);
-    paths.extend(random_paths(u, &key, "big", 1, 8 << 20));
+    // Random bytes (they do not compress, so the uplink's bytes say how
+    // often a file crossed), 16 to 64 KiB each, and three of 6 MiB.
+    let dir = u.dir().join("files");
+    let mut files: Vec<std::path::PathBuf> = (0..240u64)
+        .map(|i| {
+            random_file(
+                &dir,
+                &format!("small-{i}"),
+                (16 << 10) + (i * 7919) % (48 << 10),
+            )
+        })
+        .collect();
+    files.extend((0..3).map(|i| random_file(&dir, &format!("large-{i}"), 6 << 20)));
+    let paths = add_paths(u, &files);
     let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-    let (_nginx, export) = serve_export(u, &refs, "zstd", "office");
-    let once = file_bytes(&export, &paths);
-    // The office's uplink: slow enough that the downloads overlap.
-    u.shape(40_000_000);
-    let agents = start_office(&office, &key, |_| upstream_config(u, ""));
+    u.sign(&refs, &key.secret_file);
+    // Every second path (one large one among them) in an xz cache, the
+    // others in a zstd cache.
+    let xz_refs: Vec<&str> = refs.iter().copied().skip(1).step_by(2).collect();
+    let zstd_refs: Vec<&str> = refs.iter().copied().step_by(2).collect();
+    let (_zstd_nginx, zstd) = serve_export_on(u, &zstd_refs, "zstd", "zstd", NGINX_PORT);
+    let (_xz_nginx, xz) = serve_export_on(u, &xz_refs, "xz", "xz", XZ_PORT);
+    let owned = |v: &[&str]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+    let once = file_bytes(&zstd, &owned(&zstd_refs)) + file_bytes(&xz, &owned(&xz_refs));
 
+    let caches = [
+        format!("http://{}:{NGINX_PORT}", u.addr()),
+        format!("http://{}:{XZ_PORT}", u.addr()),
+    ];
+    for h in &office {
+        h.configure_nix(&nix_conf(
+            &format!("{SUBSTITUTER} {}", caches.join(" ")),
+            &[&key.public],
+        ));
+    }
+    let agents: Vec<AgentHandle> = office.iter().map(|h| h.start_agent("")).collect();
+    let pairs: Vec<_> = office.iter().copied().zip(agents.iter()).collect();
+    wait_all_alive(&pairs);
+
+    // As `nix copy` wrote them, U's caches state no priority, which Nix
+    // takes as 0, ahead of the agent's 30: doctor says so, and how to fix
+    // it. With cache.nixos.org's 40 the agent comes first.
+    let doctor = |h: &Host, a: &AgentHandle| {
+        let config = a.config_path().display().to_string();
+        let out = h.run(&[env!("CARGO_BIN_EXE_nixmesh"), "doctor", "--config", &config]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let report = doctor(office[0], &agents[0]);
+    assert!(
+        report.contains(&format!("{} (priority 0)", caches[0]))
+            && report.contains(&format!("{} (priority 0)", caches[1]))
+            && report.contains("substituters = http://127.0.0.1:5181?priority=-1"),
+        "{report}"
+    );
+    say_priority_40(&zstd);
+    say_priority_40(&xz);
+    let report = doctor(office[0], &agents[0]);
+    assert!(
+        report.contains("Nix asks the mesh (priority 30) before its upstreams"),
+        "{report}"
+    );
+
+    // The office's uplink: slow enough that the downloads overlap.
+    u.shape(100_000_000);
     let before = u.link_bytes();
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -307,35 +405,42 @@ fn the_office_downloads_each_path_from_upstream_once() {
     });
     let took = started.elapsed();
     let sent = u.link_bytes().sent - before.sent;
-    let downloads: f64 = agents
-        .iter()
-        .map(|a| a.metric("nixmesh_upstream_downloads_total"))
-        .sum();
-    let from_owner: f64 = agents
-        .iter()
-        .map(|a| a.metric("nixmesh_upstream_from_owner_total"))
-        .sum();
+    let sum = |name: &str| -> f64 { agents.iter().map(|a| a.metric(name)).sum() };
+    let downloads = sum("nixmesh_upstream_downloads_total");
     eprintln!(
         "office of {OFFICE}: {} paths, {once} file bytes once; the uplink sent {sent} bytes \
-         ({:.2}x) in {took:?}; {downloads} upstream downloads, {from_owner} files from their owner",
+         ({:.3}x) in {took:?}; {downloads} upstream downloads, {} files from their owner, \
+         {} joins; {} narinfo requests upstream, {} narinfos from their owner",
         paths.len(),
         sent as f64 / once as f64,
+        sum("nixmesh_upstream_from_owner_total"),
+        sum("nixmesh_upstream_joins_total"),
+        sum("nixmesh_upstream_narinfo_requests_total"),
+        sum("nixmesh_upstream_narinfo_from_owner_total"),
     );
     for h in &office {
-        for p in &paths {
-            assert_verified(h, p);
-        }
+        assert_all_verified(h, &paths);
     }
-    assert!(
-        sent <= once + once / 20 + 256 * 1024,
-        "the uplink carried {sent} bytes for {once} bytes of files"
-    );
-    assert!(
-        downloads <= paths.len() as f64,
-        "{downloads} downloads of {} paths",
+    assert_eq!(
+        downloads,
+        paths.len() as f64,
+        "upstream downloads in the whole office, for {} paths",
         paths.len()
     );
-    assert!(from_owner >= 1.0, "no file came from its owner");
+    assert_eq!(sum("nixmesh_upstream_file_failures_total"), 0.0);
+    // Narinfos too are looked up once for the office, by each path's
+    // owner, at both caches at once.
+    let requests = sum("nixmesh_upstream_narinfo_requests_total");
+    assert!(
+        requests <= (2 * paths.len()) as f64,
+        "{requests} narinfo requests upstream for {} paths at 2 caches",
+        paths.len()
+    );
+    // Narinfos, HTTP heads and TCP/IP overhead on top of the files.
+    assert!(
+        sent <= once + once / 20,
+        "the uplink carried {sent} bytes for {once} bytes of files"
+    );
 }
 
 #[test]

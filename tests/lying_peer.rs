@@ -55,6 +55,9 @@ async fn run_liar(endpoint: quinn::Endpoint, narinfo: String, nar: Arc<Vec<u8>>,
                             present: vec![true; hashes.len()],
                         },
                         Ok(Request::UpstreamFile { .. }) => Response::NotFound,
+                        Ok(Request::UpstreamNarinfo { .. }) => {
+                            Response::UpstreamMiss { asked: Vec::new() }
+                        }
                         Ok(Request::Nar { offset, .. }) => {
                             let mut bytes = nar.to_vec();
                             match lie {

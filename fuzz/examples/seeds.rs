@@ -46,6 +46,7 @@ fn main() {
             hash: hash.clone(),
             file_hash: nar_hash,
         },
+        Request::UpstreamNarinfo { hash: hash.clone() },
     ];
     for (i, r) in requests.iter().enumerate() {
         write("wire_request", &format!("seed-{i}"), &body(r.encode()));
@@ -62,6 +63,13 @@ fn main() {
         Response::NotFound,
         Response::NarFollows { nar_size: 144 },
         Response::FileFollows { file_size: 96 },
+        Response::UpstreamHit {
+            cache: "https://cache.nixos.org".into(),
+            narinfo: NIX_COPY_NARINFO.to_string(),
+        },
+        Response::UpstreamMiss {
+            asked: vec!["https://cache.nixos.org".into(), "http://nas.lan:8080".into()],
+        },
         Response::Have {
             present: vec![true, false, true],
         },

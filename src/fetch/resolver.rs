@@ -283,7 +283,8 @@ impl Resolver {
             return result;
         }
         let upstreams = self.upstreams.as_ref()?;
-        let (narinfo, file) = upstreams.narinfo(hash).await?;
+        let (narinfo, file) =
+            crate::fetch::upstream::office::narinfo_for_nix(&self.mesh, upstreams, hash).await?;
         tracing::debug!(path = %hash, url = %file.url, "an upstream cache has it");
         Some(Found {
             narinfo,

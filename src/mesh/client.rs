@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::mesh::protocol::{self, FrameError, Request, Response};
+use crate::mesh::server::UpstreamLookup;
 use crate::mesh::transport::{self, FrameReadError};
 use crate::nix::narinfo::NarInfoError;
 use crate::nix::{HashPart, NarInfo, Sha256Hash};
@@ -130,6 +131,20 @@ pub async fn upstream_file(
         (_, Response::NotFound) => Ok(None),
         (recv, Response::FileFollows { file_size }) => Ok(Some((file_size, recv))),
         _ => Err(PeerError::Unexpected("to upstream file")),
+    }
+}
+
+/// (Version 2.) What `conn`'s agent's upstream caches say about `hash`.
+pub async fn upstream_narinfo(
+    conn: &quinn::Connection,
+    hash: &HashPart,
+    timeout: Duration,
+) -> Result<UpstreamLookup, PeerError> {
+    let req = Request::UpstreamNarinfo { hash: hash.clone() };
+    match exchange(conn, &req, timeout).await? {
+        (_, Response::UpstreamHit { cache, narinfo }) => Ok(UpstreamLookup::Hit { cache, narinfo }),
+        (_, Response::UpstreamMiss { asked }) => Ok(UpstreamLookup::Miss { asked }),
+        _ => Err(PeerError::Unexpected("to upstream narinfo")),
     }
 }
 

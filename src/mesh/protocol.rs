@@ -15,8 +15,9 @@ use crate::nix::{HashPart, Sha256Hash};
 /// ALPN of protocol version 1; a peer that speaks no common version fails
 /// the TLS handshake instead of sending frames we cannot read.
 pub const ALPN_V1: &[u8] = b"nixmesh/1";
-/// Version 2 adds `UpstreamFile`/`FileFollows` (the office-wide single
-/// flight of upstream downloads). Both ends offer both versions, newest
+/// Version 2 adds `UpstreamFile`/`FileFollows` and `UpstreamNarinfo`/
+/// `UpstreamHit`/`UpstreamMiss` (the office-wide single flight of upstream
+/// downloads and narinfo look-ups). Both ends offer both versions, newest
 /// first; on a connection that settled on version 1 the new request is
 /// never sent.
 pub const ALPN_V2: &[u8] = b"nixmesh/2";
@@ -34,6 +35,10 @@ pub const MAX_RESPONSE_FRAME: usize = 2 << 20;
 pub const MAX_HAVE_BATCH: usize = 1024;
 /// Longest error message carried in a frame.
 pub const MAX_MESSAGE: usize = 1024;
+/// Longest upstream cache URL in a frame (as `upstream.caches` allows).
+pub const MAX_CACHE_URL: usize = 512;
+/// Most caches an `UpstreamMiss` lists.
+pub const MAX_CACHES: usize = 32;
 
 /// QUIC stream error codes this protocol resets streams with.
 pub mod code {
@@ -100,6 +105,11 @@ pub enum Request {
         hash: HashPart,
         file_hash: Sha256Hash,
     },
+    /// (Version 2.) The narinfo of this path from the asked agent's
+    /// upstream caches (looked up once for the whole office).
+    UpstreamNarinfo {
+        hash: HashPart,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,6 +136,16 @@ pub enum Response {
     FileFollows {
         file_size: u64,
     },
+    /// (Version 2.) Upstream cache `cache` has the path: its narinfo.
+    UpstreamHit {
+        cache: String,
+        narinfo: String,
+    },
+    /// (Version 2.) None of the caches `asked` has the path (the asker
+    /// still asks its own caches that are not among them).
+    UpstreamMiss {
+        asked: Vec<String>,
+    },
     Error {
         code: u32,
         message: String,
@@ -138,6 +158,7 @@ mod kind {
     pub const NAR: u8 = 3;
     pub const HAVE: u8 = 4;
     pub const UPSTREAM_FILE: u8 = 5;
+    pub const UPSTREAM_NARINFO: u8 = 6;
     pub const PONG: u8 = 65;
     pub const PATH_INFO_REPLY: u8 = 66;
     pub const NOT_FOUND: u8 = 67;
@@ -145,6 +166,8 @@ mod kind {
     pub const HAVE_REPLY: u8 = 69;
     pub const ERROR: u8 = 70;
     pub const FILE_FOLLOWS: u8 = 71;
+    pub const UPSTREAM_HIT: u8 = 72;
+    pub const UPSTREAM_MISS: u8 = 73;
 }
 
 struct Writer(Vec<u8>);
@@ -272,6 +295,11 @@ impl Request {
                 w.0.extend_from_slice(&file_hash.0);
                 w.finish()
             }
+            Request::UpstreamNarinfo { hash } => {
+                let mut w = Writer::new(kind::UPSTREAM_NARINFO);
+                w.0.extend_from_slice(hash.as_str().as_bytes());
+                w.finish()
+            }
         }
     }
 
@@ -313,6 +341,9 @@ impl Request {
                     file_hash: Sha256Hash(digest),
                 }
             }
+            kind::UPSTREAM_NARINFO => Request::UpstreamNarinfo {
+                hash: r.hash_part()?,
+            },
             other => return Err(FrameError::UnknownKind(other)),
         };
         r.end()?;
@@ -352,6 +383,20 @@ impl Response {
                 w.u64(*file_size);
                 w.finish()
             }
+            Response::UpstreamHit { cache, narinfo } => {
+                let mut w = Writer::new(kind::UPSTREAM_HIT);
+                w.bytes(cache.as_bytes());
+                w.bytes(narinfo.as_bytes());
+                w.finish()
+            }
+            Response::UpstreamMiss { asked } => {
+                let mut w = Writer::new(kind::UPSTREAM_MISS);
+                w.u32(asked.len() as u32);
+                for cache in asked {
+                    w.bytes(cache.as_bytes());
+                }
+                w.finish()
+            }
             Response::Error { code, message } => {
                 let mut w = Writer::new(kind::ERROR);
                 w.u32(*code);
@@ -382,6 +427,22 @@ impl Response {
             kind::FILE_FOLLOWS => Response::FileFollows {
                 file_size: r.u64()?,
             },
+            kind::UPSTREAM_HIT => Response::UpstreamHit {
+                cache: r.text(MAX_CACHE_URL, "cache")?.to_string(),
+                narinfo: r
+                    .text(crate::nix::narinfo::MAX_NARINFO_LEN, "narinfo")?
+                    .to_string(),
+            },
+            kind::UPSTREAM_MISS => {
+                let n = r.u32()? as usize;
+                if n > MAX_CACHES {
+                    return Err(FrameError::BadField("cache count"));
+                }
+                let asked = (0..n)
+                    .map(|_| Ok(r.text(MAX_CACHE_URL, "cache")?.to_string()))
+                    .collect::<Result<_, FrameError>>()?;
+                Response::UpstreamMiss { asked }
+            }
             kind::HAVE_REPLY => {
                 let n = r.u32()? as usize;
                 if n > MAX_HAVE_BATCH {
@@ -447,6 +508,7 @@ mod tests {
                 hash: hp('f'),
                 file_hash: Sha256Hash([3; 32]),
             },
+            Request::UpstreamNarinfo { hash: hp('g') },
         ] {
             assert_eq!(Request::decode(body(&req.encode())).unwrap(), req);
         }
@@ -465,6 +527,14 @@ mod tests {
             Response::NotFound,
             Response::NarFollows { nar_size: 120 },
             Response::FileFollows { file_size: 7 },
+            Response::UpstreamHit {
+                cache: "https://cache.nixos.org".into(),
+                narinfo: "StorePath: x\n".into(),
+            },
+            Response::UpstreamMiss {
+                asked: vec!["http://a".into(), "https://b".into()],
+            },
+            Response::UpstreamMiss { asked: vec![] },
             Response::Have {
                 present: vec![true, false],
             },
@@ -521,6 +591,17 @@ mod tests {
             Err(FrameError::BadField("narinfo"))
         );
         assert_eq!(Request::decode(&[]), Err(FrameError::Truncated));
+        // An upstream miss listing too many caches, or too long a URL.
+        let mut many = vec![kind::UPSTREAM_MISS];
+        many.extend_from_slice(&(MAX_CACHES as u32 + 1).to_be_bytes());
+        assert_eq!(
+            Response::decode(&many),
+            Err(FrameError::BadField("cache count"))
+        );
+        let mut long = vec![kind::UPSTREAM_HIT];
+        long.extend_from_slice(&(MAX_CACHE_URL as u32 + 1).to_be_bytes());
+        long.extend(std::iter::repeat_n(b'a', MAX_CACHE_URL + 1));
+        assert_eq!(Response::decode(&long), Err(FrameError::BadField("cache")));
     }
 
     #[test]

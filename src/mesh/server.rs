@@ -58,7 +58,25 @@ pub trait UpstreamFiles: Send + Sync + 'static {
         hash: HashPart,
         file_hash: Sha256Hash,
     ) -> BoxFuture<'static, Option<(u64, mpsc::Receiver<Result<Bytes, String>>)>>;
+
+    /// The narinfo of `hash` from this agent's upstream caches: looked up
+    /// once however many peers (and this agent's own Nix) ask at once.
+    fn narinfo(self: Arc<Self>, hash: HashPart) -> BoxFuture<'static, UpstreamLookup>;
 }
+
+/// What an agent's upstream caches say about a path, for a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamLookup {
+    /// `cache` has it: its narinfo (signatures as the cache sent them).
+    Hit { cache: String, narinfo: String },
+    /// None of the caches `asked` has it.
+    Miss { asked: Vec<String> },
+}
+
+/// Upstream narinfo look-ups for peers running at once; more are answered
+/// "overloaded" (the asker then asks upstream itself), so that no peer can
+/// make this agent flood its upstreams.
+const MAX_UPSTREAM_LOOKUPS: usize = 64;
 
 pub struct PeerServer {
     name: String,
@@ -66,6 +84,7 @@ pub struct PeerServer {
     upstream: OnceLock<Arc<dyn UpstreamFiles>>,
     table: Arc<Mutex<PeerTable>>,
     nar_slots: Arc<Semaphore>,
+    lookup_slots: Arc<Semaphore>,
     tasks: TaskTracker,
 }
 
@@ -82,6 +101,7 @@ impl PeerServer {
             upstream: OnceLock::new(),
             table,
             nar_slots: Arc::new(Semaphore::new(MAX_NAR_STREAMS)),
+            lookup_slots: Arc::new(Semaphore::new(MAX_UPSTREAM_LOOKUPS)),
             tasks,
         })
     }
@@ -131,7 +151,7 @@ impl PeerServer {
         let request = match request {
             // A version 1 connection knows no version 2 request, as an
             // agent of version 1 would not.
-            Ok(Request::UpstreamFile { .. }) if !v2 => Err((
+            Ok(Request::UpstreamFile { .. } | Request::UpstreamNarinfo { .. }) if !v2 => Err((
                 code::UNKNOWN_KIND,
                 "a version 2 request on a version 1 connection".to_string(),
             )),
@@ -179,6 +199,7 @@ impl PeerServer {
                 self.serve_upstream_file(node, &mut send, hash, file_hash)
                     .await
             }
+            Request::UpstreamNarinfo { hash } => self.serve_upstream_narinfo(&mut send, hash).await,
         };
         match result {
             Ok(()) => {
@@ -270,6 +291,30 @@ impl PeerServer {
             self.count(&node, |c| c.bytes_served += len);
         }
         Ok(())
+    }
+}
+
+impl PeerServer {
+    async fn serve_upstream_narinfo(
+        &self,
+        send: &mut quinn::SendStream,
+        hash: HashPart,
+    ) -> Result<(), StreamEnd> {
+        let Some(upstream) = self.upstream.get().cloned() else {
+            let none = Response::UpstreamMiss { asked: Vec::new() };
+            return write_response(send, &none).await;
+        };
+        let Ok(_slot) = self.lookup_slots.clone().try_acquire_owned() else {
+            return overloaded(send, "too many upstream look-ups").await;
+        };
+        let resp = match upstream.narinfo(hash).await {
+            UpstreamLookup::Hit { cache, narinfo } => Response::UpstreamHit { cache, narinfo },
+            UpstreamLookup::Miss { mut asked } => {
+                asked.truncate(protocol::MAX_CACHES);
+                Response::UpstreamMiss { asked }
+            }
+        };
+        write_response(send, &resp).await
     }
 }
 

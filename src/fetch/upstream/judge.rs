@@ -79,11 +79,12 @@ pub fn judge(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// What `nix copy --to 'file://…?compression=zstd'` wrote (Nix 2.34).
-    const ZSTD: &str = "StorePath: /nix/store/0c8kkjmc5s0mvbdbrqqcbi9yzg9ly8hn-hello\n\
+    pub(in crate::fetch::upstream) const ZSTD: &str =
+        "StorePath: /nix/store/0c8kkjmc5s0mvbdbrqqcbi9yzg9ly8hn-hello\n\
         URL: nar/1w8pjwz0xn2hf6a2ar1zqf1m3jn0jwbdrp5jwaw8zy3dmw2hvkb7.nar.zst\n\
         Compression: zstd\n\
         FileHash: sha256:1w8pjwz0xn2hf6a2ar1zqf1m3jn0jwbdrp5jwaw8zy3dmw2hvkb7\n\

@@ -16,6 +16,7 @@ pub mod cache_url;
 pub mod client;
 pub mod file_check;
 pub mod judge;
+pub mod lookups;
 pub mod office;
 pub mod owner;
 pub mod spool;
@@ -38,6 +39,7 @@ pub use cache_url::CacheUrl;
 pub use client::{UpstreamClient, UpstreamError};
 pub use file_check::{FileCheck, FileError};
 pub use judge::UpstreamFile;
+pub use lookups::{Hit, Lookup, Lookups};
 pub use spool::Spool;
 
 use spool::{Claim, Writer};
@@ -96,6 +98,9 @@ pub struct UpstreamStats {
     pub narinfo_hits: Counter,
     pub narinfo_misses: Counter,
     pub narinfo_rejected: Counter,
+    pub narinfo_requests: Counter,
+    pub narinfo_for_peers: Counter,
+    pub narinfo_from_owner: Counter,
     pub errors: Counter,
     pub files: Counter,
     pub downloads: Counter,
@@ -124,6 +129,21 @@ impl UpstreamStats {
                 "nixmesh_upstream_narinfo_rejected",
                 "Upstream narinfos refused by the trust checks",
                 &self.narinfo_rejected,
+            ),
+            (
+                "nixmesh_upstream_narinfo_requests",
+                "Narinfo requests sent to upstream caches",
+                &self.narinfo_requests,
+            ),
+            (
+                "nixmesh_upstream_narinfo_for_peers",
+                "Upstream narinfo look-ups answered for peers that asked this agent, their owner",
+                &self.narinfo_for_peers,
+            ),
+            (
+                "nixmesh_upstream_narinfo_from_owner",
+                "Upstream narinfos received from the agent that owns their look-up",
+                &self.narinfo_from_owner,
             ),
             (
                 "nixmesh_upstream_errors",
@@ -187,6 +207,7 @@ pub struct Upstreams {
     skip: Duration,
     store_dir: String,
     policy: TrustPolicy,
+    lookups: Lookups,
     pub stats: UpstreamStats,
 }
 
@@ -220,6 +241,7 @@ impl Upstreams {
             skip,
             store_dir,
             policy,
+            lookups: Lookups::default(),
             stats: UpstreamStats::default(),
         }
     }
@@ -228,21 +250,87 @@ impl Upstreams {
         self.caches.iter().map(|c| c.url.to_string()).collect()
     }
 
+    /// How long an upstream request may take to answer.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The first narinfo for `hash` that an upstream has and that passes
-    /// the checks, asking every upstream not being skipped at once.
+    /// the checks, asking every upstream not being skipped at once; shared
+    /// with everyone asking at the same moment (`lookups`).
     pub async fn narinfo(&self, hash: &HashPart) -> Option<(NarInfo, UpstreamFile)> {
+        match self.lookup(hash).await {
+            Lookup::Hit(hit) => Some((hit.narinfo.clone(), hit.file.clone())),
+            Lookup::Miss { .. } => None,
+        }
+    }
+
+    /// What the upstreams say about `hash`, looked up once for everyone
+    /// asking at the same moment, hits remembered for a while.
+    pub async fn lookup(&self, hash: &HashPart) -> Lookup {
+        self.lookups.get_or_run(hash, self.ask_all(hash, &[])).await
+    }
+
+    /// `narinfo`, asking only the upstreams not in `asked` (another agent
+    /// asked those already); not shared.
+    pub async fn narinfo_except(
+        &self,
+        hash: &HashPart,
+        asked: &[String],
+    ) -> Option<(NarInfo, UpstreamFile)> {
+        let asked: Vec<CacheUrl> = asked
+            .iter()
+            .filter_map(|c| CacheUrl::parse(c).ok())
+            .collect();
+        match self.ask_all(hash, &asked).await {
+            Lookup::Hit(hit) => Some((hit.narinfo.clone(), hit.file.clone())),
+            Lookup::Miss { .. } => None,
+        }
+    }
+
+    /// Checks a narinfo another agent got from upstream `cache` as if this
+    /// agent had got it: the cache must be one of this agent's (so no peer
+    /// can send it anywhere else), the narinfo must parse and pass the
+    /// same trust checks.
+    pub fn accept(
+        &self,
+        hash: &HashPart,
+        cache: &str,
+        text: &str,
+    ) -> Result<(NarInfo, UpstreamFile), String> {
+        let cache = CacheUrl::parse(cache)?;
+        if !self.caches.iter().any(|c| c.url == cache) {
+            return Err(format!(
+                "{cache} is not one of this agent's upstream caches"
+            ));
+        }
+        let narinfo = NarInfo::parse(&self.store_dir, text).map_err(|e| e.to_string())?;
+        let file = judge::judge(hash, &cache, &narinfo, &self.policy).map_err(|e| e.to_string())?;
+        Ok((narinfo, file))
+    }
+
+    /// Asks every upstream not being skipped and not in `except` at once;
+    /// the first answer that passes the checks wins.
+    async fn ask_all(&self, hash: &HashPart, except: &[CacheUrl]) -> Lookup {
         let now = Instant::now();
-        let mut asks: FuturesUnordered<_> = self
+        let asking: Vec<&Cache> = self
             .caches
             .iter()
-            .filter(|c| lock(&c.breaker).allows(now))
-            .map(|c| async move { (c, self.ask(c, hash).await) })
+            .filter(|c| !except.contains(&c.url) && lock(&c.breaker).allows(now))
+            .collect();
+        let mut asks: FuturesUnordered<_> = asking
+            .iter()
+            .map(|c| async move { (*c, self.ask(c, hash).await) })
             .collect();
         let mut found = None;
         while let Some((cache, answer)) = asks.next().await {
             match answer {
                 Ok(Answer::Has(narinfo, file)) => {
-                    found = Some((*narinfo, file));
+                    found = Some(Hit {
+                        cache: cache.url.clone(),
+                        narinfo: *narinfo,
+                        file,
+                    });
                     break;
                 }
                 Ok(Answer::NotFound | Answer::Rejected(_)) => {}
@@ -252,12 +340,18 @@ impl Upstreams {
             }
         }
         self.update_skipped();
-        if found.is_some() {
-            self.stats.narinfo_hits.inc();
-        } else {
-            self.stats.narinfo_misses.inc();
+        match found {
+            Some(hit) => {
+                self.stats.narinfo_hits.inc();
+                Lookup::Hit(Arc::new(hit))
+            }
+            None => {
+                self.stats.narinfo_misses.inc();
+                Lookup::Miss {
+                    asked: asking.iter().map(|c| c.url.clone()).collect(),
+                }
+            }
         }
-        found
     }
 
     /// Every upstream's answer for `hash`, skipped ones too, for
@@ -283,6 +377,7 @@ impl Upstreams {
     }
 
     async fn ask(&self, cache: &Cache, hash: &HashPart) -> Result<Answer, UpstreamError> {
+        self.stats.narinfo_requests.inc();
         let answer = self
             .client
             .get_text(&cache.url.narinfo(hash), MAX_NARINFO_LEN, self.timeout)
@@ -497,5 +592,56 @@ async fn next_data(body: &mut hyper::body::Incoming) -> Result<Option<Bytes>, Re
                 return Ok(Some(data));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::{PublicKey, SecretKey};
+
+    use judge::tests::ZSTD as NARINFO;
+
+    fn upstreams(trusted: Vec<PublicKey>) -> Upstreams {
+        Upstreams::new(
+            vec![CacheUrl::parse("http://u:8080").unwrap()],
+            UpstreamClient::new(None).unwrap(),
+            None,
+            TaskTracker::new(),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            "/nix/store".into(),
+            TrustPolicy {
+                require_sigs: true,
+                trusted_keys: trusted,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn an_owners_narinfo_is_checked_as_if_fetched_here() {
+        let key = SecretKey::generate("upstream-1").unwrap();
+        let hash = HashPart::parse("0c8kkjmc5s0mvbdbrqqcbi9yzg9ly8hn").unwrap();
+        let mut signed = NarInfo::parse("/nix/store", NARINFO).unwrap();
+        signed.info.add_signature(&key);
+        let ups = upstreams(vec![key.public()]);
+        let (narinfo, file) = ups
+            .accept(&hash, "http://u:8080/", &signed.render())
+            .unwrap();
+        assert_eq!(narinfo, signed);
+        assert_eq!(
+            file.url,
+            "http://u:8080/nar/1w8pjwz0xn2hf6a2ar1zqf1m3jn0jwbdrp5jwaw8zy3dmw2hvkb7.nar.zst"
+        );
+        // A cache this agent does not use: the owner cannot send it there.
+        let elsewhere = ups.accept(&hash, "http://169.254.169.254", &signed.render());
+        assert!(elsewhere.unwrap_err().contains("not one of this agent's"));
+        // Unsigned, for another path, or not a narinfo at all.
+        assert!(ups.accept(&hash, "http://u:8080", NARINFO).is_err());
+        let other = HashPart::parse("1c8kkjmc5s0mvbdbrqqcbi9yzg9ly8hn").unwrap();
+        assert!(ups
+            .accept(&other, "http://u:8080", &signed.render())
+            .is_err());
+        assert!(ups.accept(&hash, "http://u:8080", "garbage").is_err());
     }
 }

@@ -22,14 +22,14 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use super::{owner, FileCheck, FileError, RelayError, UpstreamFile, Upstreams, STALL};
+use super::{owner, FileCheck, FileError, Lookup, RelayError, UpstreamFile, Upstreams, STALL};
 use crate::fetch::relay::QUARANTINE;
 use crate::fetch::resolver::Resolver;
 use crate::mesh::client;
 use crate::mesh::identity::NodeId;
 use crate::mesh::node::Mesh;
-use crate::mesh::server::UpstreamFiles;
-use crate::nix::{HashPart, Sha256Hash};
+use crate::mesh::server::{UpstreamFiles, UpstreamLookup};
+use crate::nix::{HashPart, NarInfo, Sha256Hash};
 
 /// Chunks buffered between the download and a peer's stream.
 const DEPTH: usize = 8;
@@ -71,6 +71,70 @@ impl UpstreamFiles for ForPeers {
             Some((size, rx))
         })
     }
+
+    fn narinfo(self: Arc<Self>, hash: HashPart) -> BoxFuture<'static, UpstreamLookup> {
+        Box::pin(async move {
+            let Some(upstreams) = self.resolver.upgrade().and_then(|r| r.upstreams().cloned())
+            else {
+                return UpstreamLookup::Miss { asked: Vec::new() };
+            };
+            upstreams.stats.narinfo_for_peers.inc();
+            match upstreams.lookup(&hash).await {
+                Lookup::Hit(hit) => UpstreamLookup::Hit {
+                    cache: hit.cache.to_string(),
+                    narinfo: hit.narinfo.render(),
+                },
+                Lookup::Miss { asked } => UpstreamLookup::Miss {
+                    asked: asked.iter().map(|c| c.to_string()).collect(),
+                },
+            }
+        })
+    }
+}
+
+/// The asker's side of a narinfo look-up: for a path no peer holds, the
+/// upstreams' narinfo through its owner if that is another agent (one
+/// look-up for the office; the answer is checked here as if this agent had
+/// got it from upstream), else, or if the owner cannot help, from the
+/// upstreams directly. An owner's miss is taken for the caches it asked;
+/// this agent asks only the others it has.
+pub async fn narinfo_for_nix(
+    mesh: &Arc<Mesh>,
+    upstreams: &Upstreams,
+    hash: &HashPart,
+) -> Option<(NarInfo, UpstreamFile)> {
+    let own = mesh.node();
+    let chosen = owner::owner(hash.as_str().as_bytes(), own, &mesh.peers_speaking_v2());
+    if chosen == own {
+        return upstreams.narinfo(hash).await;
+    }
+    let asked = async {
+        let conn = mesh.connection(chosen).await.map_err(|e| e.to_string())?;
+        client::upstream_narinfo(&conn, hash, upstreams.timeout())
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match asked.await {
+        Ok(UpstreamLookup::Hit { cache, narinfo }) => {
+            match upstreams.accept(hash, &cache, &narinfo) {
+                Ok(found) => {
+                    upstreams.stats.narinfo_from_owner.inc();
+                    upstreams.stats.narinfo_hits.inc();
+                    return Some(found);
+                }
+                Err(why) => {
+                    tracing::warn!(peer = %chosen, path = %hash, reason = %why, "refused the owner's upstream narinfo; asking upstream here");
+                }
+            }
+        }
+        Ok(UpstreamLookup::Miss { asked }) => {
+            return upstreams.narinfo_except(hash, &asked).await;
+        }
+        Err(why) => {
+            tracing::debug!(peer = %chosen, path = %hash, reason = %why, "the owner did not look the path up; asking upstream here");
+        }
+    }
+    upstreams.narinfo(hash).await
 }
 
 /// Why a transfer from the owner ended.
