@@ -627,3 +627,41 @@ fn with_the_spool_off_paths_still_arrive_whole() {
         );
     }
 }
+
+/// The spool's disk is small (a 40 MiB tmpfs) and two 24 MiB files are
+/// wanted at once: the first is spooled, the second would not fit beside
+/// it and streams straight from upstream instead. No request fails for
+/// want of disk, and the spool never fills the disk.
+#[test]
+fn a_spool_disk_without_room_costs_no_request() {
+    let lan = Lan::new(2);
+    let (a, u) = (lan.host(0), lan.host(1));
+    let key = u.generate_key("upstream-1");
+    let paths = random_paths(u, &key, "roomy", 2, 24 << 20);
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let (_nginx, _export) = serve_export(u, &refs, "zstd", "roomy");
+    let spool = a.dir().join("nixmesh").join("spool");
+    std::fs::create_dir_all(&spool).expect("mkdir spool");
+    let spool = spool.display().to_string();
+    a.run_ok(&["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", &spool]);
+    u.shape(200_000_000);
+    let agent = start_office(&[a], &key, |_| upstream_config(u, ""))
+        .pop()
+        .expect("an agent");
+    realise(a, &refs);
+    for p in &paths {
+        assert_verified(a, p);
+    }
+    let log = agent.log();
+    assert!(!log.contains("cannot write the upstream spool"), "{log}");
+    assert_eq!(agent.metric("nixmesh_upstream_file_failures_total"), 0.0);
+    assert_eq!(agent.metric("nixmesh_upstream_downloads_total"), 2.0);
+    // What is left in the spool fits its disk with room to spare.
+    let df = a.run_ok(&["df", "--output=avail", "-B1", &spool]);
+    let avail: u64 = df
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("df: {df}"));
+    assert!(avail >= 4 << 20, "the spool left {avail} bytes free");
+}

@@ -6,7 +6,9 @@
 //! download has checked its size and hash, so a bad file is never a
 //! complete transfer. Bounded by `upstream.spool_mib`: the least recently
 //! used complete files go first; a file that does not fit is not spooled
-//! (the request streams it straight from upstream instead).
+//! (the request streams it straight from upstream instead). Nor is one
+//! that the disk has no room for (`disk_has_room`), counting what the
+//! files being written still need, so a full disk costs a request nothing.
 //!
 //! This is the single flight inside one agent, and what an agent serves
 //! its peers from while a download it owns is under way.
@@ -29,6 +31,28 @@ use crate::nix::Sha256Hash;
 
 /// Bytes read from a spooled file at a time.
 const READ_CHUNK: usize = 256 * 1024;
+/// Free space the spool never takes: this, or a tenth of a smaller disk.
+pub const DISK_RESERVE: u64 = 256 << 20;
+
+/// Whether a file of `size` bytes may be spooled on a disk of `total`
+/// bytes with `free` free, while the files being written still need
+/// `pending` more: the disk keeps `DISK_RESERVE` (a tenth of a small one)
+/// free after all of them. Pure.
+pub fn disk_has_room(free: u64, total: u64, pending: u64, size: u64) -> bool {
+    let reserve = DISK_RESERVE.min(total / 10);
+    free.saturating_sub(pending).saturating_sub(reserve) >= size
+}
+
+/// (free, total) bytes of the file system holding `dir`; `None` if it
+/// cannot be asked.
+fn disk_space(dir: &std::path::Path) -> Option<(u64, u64)> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    let block = st.f_frsize;
+    Some((
+        st.f_bavail.saturating_mul(block),
+        st.f_blocks.saturating_mul(block),
+    ))
+}
 
 /// How far a spooled file has come.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +87,9 @@ struct State {
     entries: HashMap<Sha256Hash, Arc<Entry>>,
     /// Bytes reserved by the entries (their full sizes).
     used: u64,
+    /// Whether to ask the disk for its free space (tests of the
+    /// accounting alone say no).
+    check_disk: bool,
     clock: u64,
 }
 
@@ -86,6 +113,7 @@ impl Spool {
             state: Mutex::new(State {
                 entries: HashMap::new(),
                 used: 0,
+                check_disk: true,
                 clock: 0,
             }),
         }))
@@ -118,6 +146,25 @@ impl Spool {
                 state.used -= gone.size;
                 // Readers that have it open read on; the name goes now.
                 let _ = std::fs::remove_file(&gone.path);
+            }
+        }
+        if state.check_disk {
+            let pending: u64 = state
+                .entries
+                .values()
+                .map(|e| match *e.progress.borrow() {
+                    Progress::Writing(w) => e.size.saturating_sub(w),
+                    _ => 0,
+                })
+                .sum();
+            let room = disk_space(&self.dir)
+                .is_some_and(|(free, total)| disk_has_room(free, total, pending, file.file_size));
+            if !room {
+                tracing::debug!(
+                    size = file.file_size,
+                    "spool: no room on the disk; streaming the file past it"
+                );
+                return Claim::NoRoom;
             }
         }
         let path = self.dir.join(file.file_hash.nix32_digest());
@@ -359,6 +406,7 @@ mod tests {
     #[tokio::test]
     async fn complete_files_are_evicted_oldest_first_and_big_ones_are_not_spooled() {
         let spool = Spool::new(scratch("evict"), 10).unwrap();
+        lock(&spool.state).check_disk = false;
         for n in [1u8, 2] {
             let Claim::Start(_, mut w) = spool.claim(&file(n, 5)) else {
                 panic!("start {n}");
@@ -381,5 +429,43 @@ mod tests {
         // Everything is being written: no room for more.
         assert!(matches!(spool.claim(&file(1, 5)), Claim::NoRoom));
         assert!(matches!(spool.claim(&file(4, 11)), Claim::NoRoom));
+    }
+
+    #[test]
+    fn the_disk_keeps_its_reserve_and_room_for_files_being_written() {
+        const MIB: u64 = 1 << 20;
+        // A big disk keeps 256 MiB free.
+        assert!(disk_has_room(1024 * MIB, 100_000 * MIB, 0, 768 * MIB));
+        assert!(!disk_has_room(1024 * MIB, 100_000 * MIB, 0, 769 * MIB));
+        // Files under way still need 500 MiB of it.
+        assert!(!disk_has_room(
+            1024 * MIB,
+            100_000 * MIB,
+            500 * MIB,
+            300 * MIB
+        ));
+        assert!(disk_has_room(
+            1024 * MIB,
+            100_000 * MIB,
+            500 * MIB,
+            268 * MIB
+        ));
+        // A small disk keeps a tenth.
+        assert!(disk_has_room(40 * MIB, 40 * MIB, 0, 36 * MIB));
+        assert!(!disk_has_room(40 * MIB, 40 * MIB, 24 * MIB, 24 * MIB));
+        // A full one takes nothing, and nothing overflows.
+        assert!(!disk_has_room(0, 40 * MIB, 24 * MIB, 1));
+        assert!(disk_has_room(u64::MAX, u64::MAX, 0, 1));
+    }
+
+    #[test]
+    fn a_real_disk_is_asked() {
+        let dir = scratch("disk");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (free, total) = disk_space(&dir).expect("statvfs");
+        assert!(total > 0 && free <= total);
+        // Nothing fits a spool bigger than the disk.
+        let spool = Spool::new(dir, u64::MAX).unwrap();
+        assert!(matches!(spool.claim(&file(9, total + 1)), Claim::NoRoom));
     }
 }
