@@ -393,6 +393,32 @@ fn six_hosts_pull_a_closure_of_hundreds_of_paths_over_the_uplink_once() {
         "{report}"
     );
 
+    // `nixmesh why` names the agent that would download a path for the
+    // office.
+    let ids: Vec<NodeId> = office
+        .iter()
+        .map(|h| NodeId::parse(&h.node_key()).expect("a node key"))
+        .collect();
+    let first = hash_part(&paths[0]);
+    let owner_at = ids
+        .iter()
+        .position(|i| *i == owner(first.as_bytes(), ids[0], &ids[1..]))
+        .expect("an owner");
+    let rows = agents[0].why(&paths[0]);
+    let want = if owner_at == 0 {
+        "downloaded by this agent".to_string()
+    } else {
+        format!("downloaded by {} for the office", office[owner_at].name())
+    };
+    assert!(
+        rows.iter()
+            .any(|r| r.name.starts_with("upstream http://") && r.name.ends_with(&want)),
+        "{want}: {rows:#?}"
+    );
+
+    let sum = |name: &str| -> f64 { agents.iter().map(|a| a.metric(name)).sum() };
+    let requests_before = sum("nixmesh_upstream_narinfo_requests_total");
+
     // The office's uplink: slow enough that the downloads overlap.
     u.shape(100_000_000);
     let before = u.link_bytes();
@@ -405,7 +431,6 @@ fn six_hosts_pull_a_closure_of_hundreds_of_paths_over_the_uplink_once() {
     });
     let took = started.elapsed();
     let sent = u.link_bytes().sent - before.sent;
-    let sum = |name: &str| -> f64 { agents.iter().map(|a| a.metric(name)).sum() };
     let downloads = sum("nixmesh_upstream_downloads_total");
     eprintln!(
         "office of {OFFICE}: {} paths, {once} file bytes once; the uplink sent {sent} bytes \
@@ -415,7 +440,7 @@ fn six_hosts_pull_a_closure_of_hundreds_of_paths_over_the_uplink_once() {
         sent as f64 / once as f64,
         sum("nixmesh_upstream_from_owner_total"),
         sum("nixmesh_upstream_joins_total"),
-        sum("nixmesh_upstream_narinfo_requests_total"),
+        sum("nixmesh_upstream_narinfo_requests_total") - requests_before,
         sum("nixmesh_upstream_narinfo_from_owner_total"),
     );
     for h in &office {
@@ -430,7 +455,7 @@ fn six_hosts_pull_a_closure_of_hundreds_of_paths_over_the_uplink_once() {
     assert_eq!(sum("nixmesh_upstream_file_failures_total"), 0.0);
     // Narinfos too are looked up once for the office, by each path's
     // owner, at both caches at once.
-    let requests = sum("nixmesh_upstream_narinfo_requests_total");
+    let requests = sum("nixmesh_upstream_narinfo_requests_total") - requests_before;
     assert!(
         requests <= (2 * paths.len()) as f64,
         "{requests} narinfo requests upstream for {} paths at 2 caches",

@@ -330,14 +330,34 @@ impl Resolver {
         rows.sort_by(|a, b| a.answer_ms.total_cmp(&b.answer_ms));
         // Upstreams are asked only when no peer has it: their rows come
         // after the peers', and one wins only if no peer would.
+        // Which agent would download it for the office.
         if let Some(upstreams) = &self.upstreams {
+            let own = self.mesh.node();
+            let chosen = crate::fetch::upstream::owner::owner(
+                hash.as_str().as_bytes(),
+                own,
+                &self.mesh.peers_speaking_v2(),
+            );
+            let via = if chosen == own {
+                "downloaded by this agent".to_string()
+            } else {
+                let name = self
+                    .mesh
+                    .usable_peers()
+                    .into_iter()
+                    .find(|p| p.node == chosen)
+                    .map(|p| p.name)
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| chosen.fingerprint());
+                format!("downloaded by {name} for the office")
+            };
             let mut up: Vec<SurveyRow> = upstreams
                 .survey(hash)
                 .await
                 .into_iter()
                 .map(|(url, answer, ms)| SurveyRow {
-                    name: format!("upstream {url}"),
-                    fingerprint: "-".into(),
+                    name: format!("upstream {url}, {via}"),
+                    fingerprint: chosen.fingerprint(),
                     rtt_ms: None,
                     answer_ms: ms,
                     answer: match answer {
