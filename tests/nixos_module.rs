@@ -40,6 +40,11 @@ fn every_nix_file_parses() {
 }
 
 fn eval(user: Value) -> Value {
+    eval_with(user, json!(["https://cache.nixos.org/"]))
+}
+
+/// `eval` with `others`: the substituters other modules set.
+fn eval_with(user: Value, others: Value) -> Value {
     let out = nix_command("nix-instantiate")
         .args([
             "--eval",
@@ -47,8 +52,10 @@ fn eval(user: Value) -> Value {
             "--json",
             "tests/nixos/eval.nix",
             "--argstr",
-            "userJson",
+            "othersJson",
         ])
+        .arg(others.to_string())
+        .args(["--argstr", "userJson"])
         .arg(user.to_string())
         .output()
         .expect("nix-instantiate");
@@ -165,6 +172,32 @@ fn module_makes_socket_service_and_nix_settings() {
         Some(Path::new("/run/credentials/nixmesh.service/mesh-secret"))
     );
     assert_eq!(settings.state_dir, Path::new("/var/lib/nixmesh"));
+    // The agent pulls from the host's other substituters.
+    assert_eq!(
+        settings.upstream.caches,
+        Some(vec!["https://cache.nixos.org".to_string()])
+    );
+}
+
+#[test]
+fn module_fills_upstream_caches_from_the_other_http_substituters() {
+    let out = eval_with(
+        json!({ "enable": true }),
+        json!([
+            "https://cache.nixos.org/",
+            "http://nas.lan:8080?priority=10",
+            "ssh://builder",
+            "http://127.0.0.1:5181"
+        ]),
+    );
+    let settings = parsed_settings(&out["config"]);
+    assert_eq!(
+        settings.upstream.caches,
+        Some(vec![
+            "https://cache.nixos.org".to_string(),
+            "http://nas.lan:8080".to_string()
+        ])
+    );
 }
 
 #[test]

@@ -1,12 +1,14 @@
 # Evaluates nixos/module.nix against a minimal stand-in of the NixOS option
 # system (no nixpkgs here): option defaults, the user's settings on top,
 # then mkIf / mkBefore / mkDefault resolved into plain values, printed as
-# JSON for tests/nixos_module.rs to check.
-{ userJson }:
+# JSON for tests/nixos_module.rs to check. `othersJson`: the substituters
+# other modules set (NixOS's default is cache.nixos.org), which NixOS merges
+# after the module's mkBefore'd own.
+{ userJson, othersJson ? ''["https://cache.nixos.org/"]'' }:
 
 let
   user = builtins.fromJSON userJson;
-  inherit (builtins) isAttrs isList mapAttrs filter attrNames listToAttrs;
+  inherit (builtins) isAttrs isList mapAttrs filter attrNames listToAttrs substring stringLength;
 
   types = {
     bool = "bool";
@@ -26,6 +28,14 @@ let
     mkBefore = content: { _type = "order"; priority = 500; inherit content; };
     mkDefault = content: { _type = "override"; priority = 1000; inherit content; };
     optional = c: x: if c then [ x ] else [ ];
+    hasPrefix = p: s: substring 0 (stringLength p) s == p;
+    removeSuffix = suffix: s:
+      let n = stringLength s; k = stringLength suffix;
+      in if k <= n && substring (n - k) k s == suffix then substring 0 (n - k) s else s;
+    # Literal separators only: each character in a bracket expression.
+    splitString = sep: s:
+      let chars = builtins.genList (i: "[${substring i 1 sep}]") (stringLength sep);
+      in filter builtins.isString (builtins.split (builtins.concatStringsSep "" chars) s);
     optionalAttrs = c: a: if c then a else { };
     recursiveUpdate = a: b:
       a // mapAttrs
@@ -46,7 +56,14 @@ let
   options = (module { config = { }; inherit lib pkgs; }).options.services.nixmesh;
   defaults = mapAttrs (n: o: o.default or null) options;
   cfg = defaults // { package = "/nix/store/11111111111111111111111111111111-nixmesh"; } // user;
-  config = (module { config.services.nixmesh = cfg; inherit lib pkgs; }).config;
+  # NixOS's merge of nix.settings.substituters: the module's own (it
+  # orders them first) and then the others'.
+  own = (resolve config).nix.settings.substituters.value or [ ];
+  merged = own ++ builtins.fromJSON othersJson;
+  config = (module {
+    config = { services.nixmesh = cfg; nix.settings.substituters = merged; };
+    inherit lib pkgs;
+  }).config;
 
   resolve = v:
     if isAttrs v then
