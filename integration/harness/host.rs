@@ -404,6 +404,27 @@ impl Host {
         self.dir.join("nix-daemon.log")
     }
 
+    /// Runs `work` on a thread of this process that has entered this
+    /// host's network namespace: the sockets it opens (a tokio runtime
+    /// made inside it included) are this host's. For traffic generators
+    /// that are not programs of their own (a flood of QUIC handshakes).
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let ns = format!("/proc/{}/ns/net", self.shell_pid());
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+            use std::os::fd::AsFd;
+            let file = fs::File::open(&ns).unwrap_or_else(|e| panic!("{ns}: {e}"));
+            // setns changes only this thread's network namespace.
+            move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))
+                .unwrap_or_else(|e| panic!("entering {name}'s network namespace: {e}"));
+            work()
+        })
+    }
+
     /// The host shell's pid: `nsenter -t` it to enter this host.
     pub(super) fn shell_pid(&self) -> u32 {
         self.shell.id()

@@ -18,11 +18,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::serve::byte_range::RangeAnswer;
+use crate::serve::conn_slots::ConnSlots;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// Open connections per listener; more wait in the kernel's backlog.
+/// Open connections per listener; past it a new one takes the slot of the
+/// one idle longest (`conn_slots`), or waits if all are answering.
 const MAX_CONNECTIONS: usize = 1024;
 /// Request head (line plus headers) size limit; real heads are under 1 KiB
 /// (hyper's own minimum is 8 KiB).
@@ -146,17 +148,11 @@ where
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let live = Arc::new(ConnSlots::default());
     let mut conns = tokio::task::JoinSet::new();
     loop {
         // Reap finished connection tasks so the set stays small.
         while conns.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -169,15 +165,47 @@ where
                 }
             },
         };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if !live.evict_idlest() {
+                    tracing::debug!(%peer, "every HTTP connection is answering a request; this one waits");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let shutdown = shutdown.clone();
+        let live = live.clone();
         conns.spawn(async move {
             let _permit = permit;
-            let service = hyper::service::service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req, peer).await) }
-            });
+            let (id, me) = live.join();
+            let service = {
+                let (live, me) = (live.clone(), me.clone());
+                hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    let busy = live.busy(&me);
+                    async move {
+                        let resp = handler(req, peer).await;
+                        // Busy until the body is sent: the closure owns the
+                        // guard, and the body owns the closure.
+                        Ok::<_, Infallible>(resp.map(|body| {
+                            body.map_frame(move |frame| {
+                                let _ = &busy;
+                                frame
+                            })
+                            .boxed()
+                        }))
+                    }
+                })
+            };
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
@@ -194,7 +222,13 @@ where
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
+                // Idle, and its slot is wanted: dropped, not drained (it
+                // may be half-way through a slow request head).
+                _ = me.evicted.notified() => {
+                    tracing::debug!(%peer, "closed an idle HTTP connection to make room");
+                }
             }
+            live.leave(id);
         });
     }
     drop(listener);

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod byte_range;
+pub mod conn_slots;
 pub mod http;
 pub mod http_cache;
 pub mod metrics;
