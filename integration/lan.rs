@@ -6,6 +6,7 @@ mod harness;
 mod office;
 mod scenario_avahi;
 mod scenario_failover;
+mod scenario_fault_campaign;
 mod scenario_floods;
 mod scenario_lan;
 mod scenario_mesh;

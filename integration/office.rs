@@ -154,3 +154,22 @@ pub fn assert_absent_or_intact(host: &Host, path: &str) {
         assert_verified(host, path);
     }
 }
+
+/// Adds `files` to `host`'s store in one `nix-store --add`.
+pub fn add_paths(host: &Host, files: &[std::path::PathBuf]) -> Vec<String> {
+    let mut argv = vec!["nix-store".to_string(), "--add".to_string()];
+    argv.extend(files.iter().map(|f| f.display().to_string()));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let paths: Vec<String> = host.run_ok(&argv).lines().map(str::to_string).collect();
+    assert_eq!(paths.len(), files.len(), "one store path per file");
+    paths
+}
+
+/// Every one of `paths` is valid on `host` and matches its NarHash.
+pub fn assert_all_verified(host: &Host, paths: &[String]) {
+    let mut argv = vec!["nix-store", "--check-validity"];
+    argv.extend(paths.iter().map(String::as_str));
+    host.run_ok(&argv);
+    argv[1] = "--verify-path";
+    host.run_ok(&argv);
+}

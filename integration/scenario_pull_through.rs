@@ -290,25 +290,6 @@ fn file_bytes(export: &std::path::Path, paths: &[String]) -> u64 {
         .sum()
 }
 
-/// Adds `files` to `host`'s store in one `nix-store --add`.
-fn add_paths(host: &Host, files: &[std::path::PathBuf]) -> Vec<String> {
-    let mut argv = vec!["nix-store".to_string(), "--add".to_string()];
-    argv.extend(files.iter().map(|f| f.display().to_string()));
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let paths: Vec<String> = host.run_ok(&argv).lines().map(str::to_string).collect();
-    assert_eq!(paths.len(), files.len(), "one store path per file");
-    paths
-}
-
-/// Every one of `paths` is valid on `host` and matches its NarHash.
-fn assert_all_verified(host: &Host, paths: &[String]) {
-    let mut argv = vec!["nix-store", "--check-validity"];
-    argv.extend(paths.iter().map(String::as_str));
-    host.run_ok(&argv);
-    argv[1] = "--verify-path";
-    host.run_ok(&argv);
-}
-
 /// Appends `Priority: 40` (cache.nixos.org's) to an export's
 /// `/nix-cache-info`, which `nix copy` writes without one.
 fn say_priority_40(export: &std::path::Path) {

@@ -8,6 +8,16 @@
 //! matches the hash asked for, the sizes are sane, the NAR is uncompressed,
 //! and, when Nix requires signatures, one verifies against a trusted key
 //! (content-addressed paths need none).
+//!
+//! An answer signed by a trusted key wins at once: the signature covers
+//! NarHash, NarSize and References. One that passes without such a
+//! signature (a content-addressed path, or Nix not requiring signatures)
+//! has fields nobody vouches for, and Nix keeps a narinfo it was given for
+//! a long time (its narinfo cache): a peer that lied about NarSize would
+//! make the path fail on that host for weeks. So such an answer wins only
+//! when a second peer says the same, or when every peer has answered (or
+//! the deadline came) and it has the most votes among the answers, alone.
+//! Answers that disagree with no majority are all refused.
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -36,6 +46,8 @@ pub enum Rejection {
     Compression(String),
     #[error("no signature from a trusted key")]
     Unsigned,
+    #[error("other peers say otherwise about the NAR, and no signature settles it")]
+    Disputed,
 }
 
 pub fn judge(asked: &HashPart, answer: &NarInfo, policy: &TrustPolicy) -> Result<(), Rejection> {
@@ -65,13 +77,25 @@ pub struct Race {
     asked: HashPart,
     waiting: usize,
     rejected: Vec<(NodeId, Rejection)>,
+    /// Believable answers no trusted signature vouches for, in order.
+    unvouched: Vec<(NodeId, Box<NarInfo>)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
-    Win(Box<NarInfo>),
+    /// This answer, from this peer.
+    Win(Box<NarInfo>, NodeId),
     Wait,
     Lose,
+}
+
+/// Whether two answers describe the same NAR.
+fn same_nar(a: &NarInfo, b: &NarInfo) -> bool {
+    let (a, b) = (&a.info, &b.info);
+    a.nar_hash == b.nar_hash
+        && a.nar_size == b.nar_size
+        && a.references == b.references
+        && a.ca == b.ca
 }
 
 /// What one peer said.
@@ -87,6 +111,7 @@ impl Race {
             asked,
             waiting: peers,
             rejected: Vec::new(),
+            unvouched: Vec::new(),
         }
     }
 
@@ -94,15 +119,53 @@ impl Race {
         self.waiting = self.waiting.saturating_sub(1);
         if let Answer::Have(info) = answer {
             match judge(&self.asked, &info, policy) {
-                Ok(()) => return Decision::Win(info),
+                Ok(()) if info.info.is_signed_by_any(&policy.trusted_keys) => {
+                    return Decision::Win(info, peer)
+                }
+                Ok(()) => {
+                    let agreeing = self.unvouched.iter().find(|(_, c)| same_nar(c, &info));
+                    if let Some((first, _)) = agreeing {
+                        return Decision::Win(info, *first);
+                    }
+                    self.unvouched.push((peer, info));
+                }
                 Err(r) => self.rejected.push((peer, r)),
             }
         }
         if self.waiting == 0 {
-            Decision::Lose
+            self.settle()
         } else {
             Decision::Wait
         }
+    }
+
+    /// The decision once no more answers will come (all in, or the
+    /// deadline): the unvouched answer most peers gave, if one did.
+    pub fn settle(&mut self) -> Decision {
+        let votes = |info: &NarInfo| {
+            self.unvouched
+                .iter()
+                .filter(|(_, c)| same_nar(c, info))
+                .count()
+        };
+        let most = self.unvouched.iter().map(|(_, c)| votes(c)).max();
+        let Some(most) = most else {
+            return Decision::Lose;
+        };
+        let leaders: Vec<&(NodeId, Box<NarInfo>)> = self
+            .unvouched
+            .iter()
+            .filter(|(_, c)| votes(c) == most)
+            .collect();
+        let alone = leaders.iter().all(|(_, c)| same_nar(c, &leaders[0].1));
+        if alone {
+            let (node, info) = leaders[0].clone();
+            return Decision::Win(info, node);
+        }
+        for (node, _) in std::mem::take(&mut self.unvouched) {
+            self.rejected.push((node, Rejection::Disputed));
+        }
+        Decision::Lose
     }
 
     /// Peers whose positive answers were not believable, and why.
@@ -152,7 +215,11 @@ pub async fn race_narinfo<S: NarInfoSource>(
         }
         let next = tokio::time::timeout_at(deadline, asks.next()).await;
         let Ok(Some((peer, answer))) = next else {
-            break None;
+            // The deadline: what came in decides.
+            match race.settle() {
+                Decision::Win(narinfo, node) => break Some((*narinfo, node)),
+                _ => break None,
+            }
         };
         let answer = match answer {
             Ok(Some(info)) => Answer::Have(Box::new(info)),
@@ -163,7 +230,7 @@ pub async fn race_narinfo<S: NarInfoSource>(
             }
         };
         match race.on_answer(peer, answer, policy) {
-            Decision::Win(narinfo) => break Some((*narinfo, peer)),
+            Decision::Win(narinfo, node) => break Some((*narinfo, node)),
             Decision::Wait => {}
             Decision::Lose => break None,
         }
@@ -278,7 +345,7 @@ mod tests {
                 Answer::Have(Box::new(answer(Some(&office)))),
                 &policy
             ),
-            Decision::Win(_)
+            Decision::Win(..)
         ));
         assert_eq!(race.rejected().len(), 1);
     }
@@ -390,6 +457,66 @@ mod tests {
             .await;
             assert!(out.won.is_none());
             assert_eq!(took, ms(60));
+        }
+
+        /// A content-addressed answer: believable without a signature.
+        fn ca(nar_size: u64) -> NarInfo {
+            let mut info = answer(None);
+            info.info.ca =
+                Some("fixed:r:sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw".into());
+            info.info.nar_size = nar_size;
+            info
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_unsigned_answer_wins_when_a_second_peer_agrees() {
+            let (out, took) = run(vec![
+                (1, 5, Ok(Some(ca(560)))),
+                (2, 20, Ok(Some(ca(560)))),
+                (3, 300, Ok(None)),
+            ])
+            .await;
+            let (info, from) = out.won.expect("a winner");
+            assert_eq!((info.info.nar_size, from), (560, peer(1)));
+            assert_eq!(took, ms(20), "no need to wait for the third");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_unsigned_answer_alone_wins_once_everyone_answered() {
+            let (out, took) = run(vec![(1, 5, Ok(Some(ca(560)))), (2, 60, Ok(None))]).await;
+            assert_eq!(out.won.map(|(_, p)| p), Some(peer(1)));
+            assert_eq!(took, ms(60));
+            // And at the deadline, if someone never answers.
+            let (out, took) = run(vec![(1, 5, Ok(Some(ca(560)))), (2, 9_000, Ok(None))]).await;
+            assert_eq!(out.won.map(|(_, p)| p), Some(peer(1)));
+            assert_eq!(took, ms(400));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_lying_size_loses_to_the_majority_or_to_a_signature() {
+            // The liar answers first; two honest peers outvote it.
+            let (out, _) = run(vec![
+                (1, 1, Ok(Some(ca(561)))),
+                (2, 5, Ok(Some(ca(560)))),
+                (3, 9, Ok(Some(ca(560)))),
+            ])
+            .await;
+            let (info, from) = out.won.expect("a winner");
+            assert_eq!((info.info.nar_size, from), (560, peer(2)));
+            // One against one: nobody is believed.
+            let (out, _) = run(vec![(1, 1, Ok(Some(ca(561)))), (2, 5, Ok(Some(ca(560))))]).await;
+            assert!(out.won.is_none());
+            assert_eq!(
+                out.rejected,
+                vec![
+                    (peer(1), Rejection::Disputed),
+                    (peer(2), Rejection::Disputed)
+                ]
+            );
+            // A signed answer settles it at once.
+            let (out, took) = run(vec![(1, 1, Ok(Some(ca(561)))), (2, 5, Ok(Some(good())))]).await;
+            assert_eq!(out.won.map(|(_, p)| p), Some(peer(2)));
+            assert_eq!(took, ms(5));
         }
 
         #[tokio::test(start_paused = true)]

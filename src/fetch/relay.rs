@@ -96,6 +96,9 @@ enum HolderEnd {
     Done,
     /// It failed; try the next one from the current offset.
     Failed(String),
+    /// It says the NAR has another size than the narinfo: one of them
+    /// lies (try the next holder).
+    OtherSize(u64),
     /// It said its own copy is corrupt before sending a byte: nothing it
     /// sent needs undoing, but it must not be asked again.
     Disowned,
@@ -128,7 +131,10 @@ pub async fn relay(
     purpose: Purpose,
 ) -> Option<NodeId> {
     let Found {
-        narinfo, holders, ..
+        narinfo,
+        holders,
+        narinfo_from,
+        ..
     } = found;
     stats.in_flight.inc();
     let started = Instant::now();
@@ -144,6 +150,9 @@ pub async fn relay(
     let mut queue = holders;
     let mut tried: Vec<NodeId> = Vec::new();
     let mut contributors: Vec<NodeId> = Vec::new();
+    // Holders other than the narinfo's source that say the NAR has
+    // another size than the narinfo.
+    let mut disagree: Vec<NodeId> = Vec::new();
     let mut outcome = None;
     while tried.len() < MAX_ATTEMPTS {
         if queue.is_empty() {
@@ -185,6 +194,22 @@ pub async fn relay(
             }
             HolderEnd::Failed(reason) => {
                 tracing::warn!(path = %info.path, peer = %node, offset = progress.check.offset(), %reason, "holder failed mid-stream");
+            }
+            HolderEnd::OtherSize(nar_size) => {
+                tracing::warn!(path = %info.path, peer = %node, nar_size, narinfo_size = size, "holder says the NAR has another size than the narinfo");
+                // The narinfo's source lied about its size if its own NAR
+                // disagrees, or two other holders do (one might be the
+                // liar, framing it). Content-addressed narinfos need no
+                // signature, so NarSize is what a peer can lie about.
+                if Some(node) != narinfo_from {
+                    disagree.push(node);
+                }
+                if let Some(source) = narinfo_from {
+                    if Some(node) == narinfo_from || disagree.len() >= 2 {
+                        quarantine(&resolver, source, "its narinfo's NarSize is not its NAR's");
+                        resolver.forget(&hash);
+                    }
+                }
             }
             HolderEnd::Disowned => {
                 quarantine(&resolver, node, "its own store copy is corrupt");
@@ -298,9 +323,7 @@ async fn from_holder(
     .await;
     let mut recv = match opened {
         Ok(Some((nar_size, recv))) if nar_size == info.nar_size => recv,
-        Ok(Some((nar_size, _))) => {
-            return HolderEnd::Failed(format!("says the NAR has {nar_size} bytes"))
-        }
+        Ok(Some((nar_size, _))) => return HolderEnd::OtherSize(nar_size),
         Ok(None) => return HolderEnd::Failed("no longer has it".into()),
         // It found its copy corrupt before its answer got out.
         Err(client::PeerError::Read(FrameReadError::Reset(code::CORRUPT))) => {

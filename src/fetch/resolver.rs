@@ -41,6 +41,8 @@ pub struct Found {
     pub narinfo: NarInfo,
     /// Peers known to hold it, the race winner first.
     pub holders: Vec<NodeId>,
+    /// The peer whose narinfo this is (the race winner).
+    pub narinfo_from: Option<NodeId>,
     /// No peer has it, an upstream cache does: this file of it.
     pub upstream: Option<UpstreamFile>,
 }
@@ -266,6 +268,7 @@ impl Resolver {
         let result = outcome.won.map(|(narinfo, node)| Found {
             narinfo,
             holders: vec![node],
+            narinfo_from: Some(node),
             upstream: None,
         });
         for (peer, why) in &outcome.rejected {
@@ -289,6 +292,7 @@ impl Resolver {
         Some(Found {
             narinfo,
             holders: Vec::new(),
+            narinfo_from: None,
             upstream: Some(file),
         })
     }
