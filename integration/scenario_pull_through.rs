@@ -671,3 +671,94 @@ fn a_spool_disk_without_room_costs_no_request() {
         .unwrap_or_else(|| panic!("df: {df}"));
     assert!(avail >= 4 << 20, "the spool left {avail} bytes free");
 }
+
+/// Upstream stops sending in the middle of a file (every frame that
+/// reaches it is dropped, so its TCP waits for acknowledgements that never
+/// come): the agent cuts the file off after `stall_ms`, Nix sees failed
+/// downloads, not a hung one, and gives up within its retries; once the
+/// upstream is back, the path comes through.
+#[test]
+fn an_upstream_that_stalls_mid_file_is_cut_off_and_nothing_hangs() {
+    let lan = Lan::new(2);
+    let (a, u) = (lan.host(0), lan.host(1));
+    let key = u.generate_key("upstream-1");
+    let path = random_paths(u, &key, "stalled", 1, 32 << 20).remove(0);
+    let (_nginx, _export) = serve_export(u, &[&path], "zstd", "stalled");
+    // At 16 Mbit/s the file takes about 16 s: it is cut in the middle.
+    u.shape(16_000_000);
+    let agent = start_office(&[a], &key, |_| {
+        upstream_config(u, "timeout_ms = 2000\nskip_ms = 1000\nstall_ms = 2000\n")
+    })
+    .pop()
+    .expect("an agent");
+    let started = Instant::now();
+    let nix = a
+        .command(&["nix-store", "--realise", &path])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nix-store");
+    wait_until(Duration::from_secs(20), "the download under way", || {
+        agent.metric("nixmesh_upstream_bytes_total") >= (1 << 20) as f64
+    });
+    u.lose_frames(1000);
+    let out = nix.wait_with_output().expect("nix-store");
+    let took = started.elapsed();
+    eprintln!(
+        "stalled upstream: Nix gave up after {took:?}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "Nix got a path upstream never sent");
+    assert!(!a.has_path(&path));
+    assert!(took < Duration::from_secs(90), "Nix waited {took:?}");
+    let log = agent.log();
+    assert!(log.contains("sent nothing for"), "{log}");
+    assert!(agent.metric("nixmesh_upstream_file_failures_total") >= 1.0);
+
+    // Upstream is back: the path comes through, whole.
+    u.lose_frames(0);
+    std::thread::sleep(Duration::from_millis(1500));
+    realise(a, &[&path]);
+    assert_verified(a, &path);
+}
+
+/// Upstream stops sending for a few seconds in the middle of a file: the
+/// agent cuts the file off after `stall_ms`, Nix asks again from the byte
+/// it got to (a `Range` request), the agent sends that part of the file,
+/// checked like the whole, and the path arrives intact.
+#[test]
+fn a_download_cut_by_a_brief_upstream_stall_is_resumed_with_a_range() {
+    let lan = Lan::new(2);
+    let (a, u) = (lan.host(0), lan.host(1));
+    let key = u.generate_key("upstream-1");
+    let path = random_paths(u, &key, "resumed", 1, 32 << 20).remove(0);
+    let (_nginx, _export) = serve_export(u, &[&path], "zstd", "resumed");
+    u.shape(16_000_000);
+    let agent = start_office(&[a], &key, |_| {
+        upstream_config(u, "timeout_ms = 2000\nskip_ms = 1000\nstall_ms = 2000\n")
+    })
+    .pop()
+    .expect("an agent");
+    let nix = a
+        .command(&["nix-store", "--realise", &path])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nix-store");
+    wait_until(Duration::from_secs(20), "the download under way", || {
+        agent.metric("nixmesh_upstream_bytes_total") >= (4 << 20) as f64
+    });
+    u.lose_frames(1000);
+    wait_until(
+        Duration::from_secs(20),
+        "the agent to cut the file off",
+        || agent.log().contains("sent nothing for"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    u.lose_frames(0);
+    let out = nix.wait_with_output().expect("nix-store");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("retrying from offset"), "{stderr}");
+    assert_verified(a, &path);
+}

@@ -132,11 +132,17 @@ pub fn lose_frames(netns: &str, per_mille: u32) {
     if per_mille == 0 {
         return;
     }
+    // nftables' comparison takes 0..999: all of them is a plain drop.
+    let rule = if per_mille == 1000 {
+        "drop".to_string()
+    } else {
+        format!("numgen random mod 1000 < {per_mille} drop")
+    };
     let rules = format!(
         "table netdev nixmesh_loss {{\n\
            chain ingress {{\n\
              type filter hook ingress device {HOST_IF} priority 0; policy accept;\n\
-             numgen random mod 1000 < {per_mille} drop\n\
+             {rule}\n\
            }}\n\
          }}\n"
     );

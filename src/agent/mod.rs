@@ -237,8 +237,11 @@ pub async fn run(
                 client,
                 spool,
                 detached.clone(),
-                std::time::Duration::from_millis(config.upstream.timeout_ms),
-                std::time::Duration::from_millis(config.upstream.skip_ms),
+                crate::fetch::upstream::Timing {
+                    answer: std::time::Duration::from_millis(config.upstream.timeout_ms),
+                    skip: std::time::Duration::from_millis(config.upstream.skip_ms),
+                    stall: std::time::Duration::from_millis(config.upstream.stall_ms),
+                },
                 config.store.store_dir.clone(),
                 policy.clone(),
             )))

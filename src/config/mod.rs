@@ -57,6 +57,8 @@ pub struct UpstreamConfig {
     pub timeout_ms: u64,
     #[serde(deserialize_with = "checked::upstream_timeout_ms")]
     pub skip_ms: u64,
+    #[serde(deserialize_with = "checked::upstream_timeout_ms")]
+    pub stall_ms: u64,
     pub ca_file: Option<PathBuf>,
     #[serde(deserialize_with = "checked::spool_mib")]
     pub spool_mib: u64,
@@ -68,6 +70,7 @@ impl Default for UpstreamConfig {
             caches: None,
             timeout_ms: 5000,
             skip_ms: 30_000,
+            stall_ms: 30_000,
             ca_file: None,
             spool_mib: 1024,
         }

@@ -120,22 +120,46 @@ pub fn channel_body_limited<E>(
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    let stream = futures_util::stream::unfold((rx, limit), |(mut rx, left)| async move {
-        if left == 0 {
-            return None;
-        }
-        let item = match rx.recv().await? {
-            Ok(mut chunk) => {
-                if chunk.len() as u64 > left {
-                    chunk.truncate(left as usize);
-                }
-                let left = left - chunk.len() as u64;
-                return Some((Ok(Frame::data(chunk)), (rx, left)));
+    channel_body_window(rx, 0..limit)
+}
+
+/// Like `channel_body`, for the bytes `window` of what the channel
+/// carries: the ones before it are read and dropped (a producer that
+/// checks the whole still sees them all), and the body ends at its end.
+pub fn channel_body_window<E>(
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, E>>,
+    window: std::ops::Range<u64>,
+) -> Body
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let skip = window.start;
+    let left = window.end.saturating_sub(window.start);
+    let stream =
+        futures_util::stream::unfold((rx, skip, left), |(mut rx, mut skip, left)| async move {
+            if left == 0 {
+                return None;
             }
-            Err(e) => Err(Box::new(e) as BoxError),
-        };
-        Some((item, (rx, left)))
-    });
+            loop {
+                let item = match rx.recv().await? {
+                    Ok(mut chunk) => {
+                        if skip >= chunk.len() as u64 {
+                            skip -= chunk.len() as u64;
+                            continue;
+                        }
+                        let _ = chunk.split_to(skip as usize);
+                        skip = 0;
+                        if chunk.len() as u64 > left {
+                            chunk.truncate(left as usize);
+                        }
+                        let left = left - chunk.len() as u64;
+                        return Some((Ok(Frame::data(chunk)), (rx, skip, left)));
+                    }
+                    Err(e) => Err(Box::new(e) as BoxError),
+                };
+                return Some((item, (rx, skip, left)));
+            }
+        });
     BodyExt::boxed(StreamBody::new(stream))
 }
 
@@ -233,4 +257,49 @@ where
     }
     drop(listener);
     while conns.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn collect(body: Body) -> (Vec<u8>, bool) {
+        let mut body = body;
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => out.extend_from_slice(&f.into_data().unwrap_or_default()),
+                Err(_) => return (out, false),
+            }
+        }
+        (out, true)
+    }
+
+    #[tokio::test]
+    async fn a_window_skips_what_comes_before_it_and_ends_at_its_end() {
+        let all: Vec<u8> = (0u8..30).collect();
+        for (window, chunk) in [(5..15, 10), (0..30, 7), (29..30, 4), (10..10, 3)] {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+            for c in all.chunks(chunk) {
+                tx.send(Ok(Bytes::copy_from_slice(c))).await.unwrap();
+            }
+            drop(tx);
+            let (got, whole) = collect(channel_body_window(rx, window.clone())).await;
+            assert!(whole);
+            assert_eq!(
+                got,
+                all[window.start as usize..window.end as usize],
+                "{window:?}"
+            );
+        }
+        // An error inside the window cuts the body off.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+        tx.send(Ok(Bytes::from_static(b"abcdef"))).await.unwrap();
+        tx.send(Err(std::io::Error::other("bad file")))
+            .await
+            .unwrap();
+        drop(tx);
+        let (got, whole) = collect(channel_body_window(rx, 2..20)).await;
+        assert_eq!((got.as_slice(), whole), (&b"cdef"[..], false));
+    }
 }

@@ -114,7 +114,8 @@ impl Substituter {
                     .filter(|f| f.file_hash == file_hash);
                 match (file, self.resolver.upstreams()) {
                     (Some(file), Some(upstreams)) => {
-                        self.upstream_response(upstreams.clone(), hash, file, head_only)
+                        let range = http::range_of(&req, file.file_size);
+                        self.upstream_response(upstreams.clone(), hash, file, range, head_only)
                     }
                     _ => http::empty(StatusCode::NOT_FOUND),
                 }
@@ -138,17 +139,21 @@ impl Substituter {
         }
     }
 
-    /// The upstream file, checked on the way (`Upstreams::relay`). Range
-    /// requests get the whole file: the check needs every byte.
+    /// The upstream file, checked on the way (`Upstreams::relay`). A range
+    /// (Nix resuming a cut download) still reads the whole file, since the
+    /// check needs every byte, and sends only the range; its last byte, if
+    /// it is the file's, only once the file checked out.
     fn upstream_response(
         &self,
         upstreams: Arc<Upstreams>,
         hash: HashPart,
         file: UpstreamFile,
+        range: RangeAnswer,
         head_only: bool,
     ) -> Response<Body> {
         let size = file.file_size;
-        let body = (!head_only).then(|| {
+        let window = range.window(size);
+        let body = (!head_only && !window.is_empty()).then(|| {
             let (tx, rx) = mpsc::channel(RELAY_DEPTH);
             self.tasks.spawn(office::fetch_for_nix(
                 self.resolver.mesh().clone(),
@@ -157,9 +162,9 @@ impl Substituter {
                 file,
                 tx,
             ));
-            http::channel_body(rx)
+            http::channel_body_window(rx, window)
         });
-        http::nar(size, RangeAnswer::Whole, body)
+        http::nar(size, range, body)
     }
 
     async fn find_nar(&self, hash: &HashPart, nar_hash: &Sha256Hash) -> Option<Found> {

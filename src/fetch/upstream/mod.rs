@@ -51,8 +51,17 @@ use crate::lock::lock;
 use crate::nix::narinfo::MAX_NARINFO_LEN;
 use crate::nix::{HashPart, NarInfo};
 
-/// Longest wait for the next bytes of a file before it counts as stalled.
-pub const STALL: Duration = Duration::from_secs(30);
+/// How long upstream requests may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// To answer (a narinfo, or a file's first bytes).
+    pub answer: Duration,
+    /// An upstream that failed is left alone this long.
+    pub skip: Duration,
+    /// The longest wait for a file's next bytes, from upstream or from the
+    /// agent that owns its download, before it counts as stalled.
+    pub stall: Duration,
+}
 
 /// Why a file did not arrive whole.
 #[derive(Debug, Error)]
@@ -205,6 +214,7 @@ pub struct Upstreams {
     tasks: TaskTracker,
     timeout: Duration,
     skip: Duration,
+    stall: Duration,
     store_dir: String,
     policy: TrustPolicy,
     lookups: Lookups,
@@ -220,11 +230,15 @@ impl Upstreams {
         client: UpstreamClient,
         spool: Option<Arc<Spool>>,
         tasks: TaskTracker,
-        timeout: Duration,
-        skip: Duration,
+        timing: Timing,
         store_dir: String,
         policy: TrustPolicy,
     ) -> Self {
+        let Timing {
+            answer: timeout,
+            skip,
+            stall,
+        } = timing;
         Self {
             caches: caches
                 .into_iter()
@@ -239,6 +253,7 @@ impl Upstreams {
             tasks,
             timeout,
             skip,
+            stall,
             store_dir,
             policy,
             lookups: Lookups::default(),
@@ -253,6 +268,11 @@ impl Upstreams {
     /// How long an upstream request may take to answer.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The longest wait for a file's next bytes.
+    pub fn stall(&self) -> Duration {
+        self.stall
     }
 
     /// The first narinfo for `hash` that an upstream has and that passes
@@ -445,11 +465,11 @@ impl Upstreams {
                 let download = file.clone();
                 self.tasks
                     .spawn(async move { this.download(&download, writer).await });
-                entry.read_into(&tx, STALL).await
+                entry.read_into(&tx, self.stall).await
             }
             Some(Claim::Existing(entry)) => {
                 self.stats.joins.inc();
-                entry.read_into(&tx, STALL).await
+                entry.read_into(&tx, self.stall).await
             }
             Some(Claim::NoRoom) | None => {
                 let direct = self.relay_checked(&file, &tx).await;
@@ -511,7 +531,7 @@ impl Upstreams {
         }
         let mut body = resp.into_body();
         let mut check = FileCheck::new(file.file_size, file.file_hash);
-        while let Some(data) = next_data(&mut body).await? {
+        while let Some(data) = next_data(&mut body, self.stall).await? {
             check.feed(&data)?;
             self.stats.bytes.inc_by(data.len() as u64);
             writer.write(&data).await.map_err(RelayError::Spool)?;
@@ -550,7 +570,7 @@ impl Upstreams {
             s => return Err(UpstreamError::Status(s).into()),
         };
         let mut body = resp.into_body();
-        while let Some(mut data) = next_data(&mut body).await? {
+        while let Some(mut data) = next_data(&mut body, self.stall).await? {
             self.stats.bytes.inc_by(data.len() as u64);
             if skip > 0 {
                 let n = skip.min(data.len() as u64);
@@ -578,11 +598,14 @@ impl Upstreams {
 }
 
 /// The next bytes of an upstream answer; `None` at its end. Nothing for
-/// `STALL` is an error.
-async fn next_data(body: &mut hyper::body::Incoming) -> Result<Option<Bytes>, RelayError> {
+/// `stall` is an error.
+async fn next_data(
+    body: &mut hyper::body::Incoming,
+    stall: Duration,
+) -> Result<Option<Bytes>, RelayError> {
     loop {
-        let frame = match tokio::time::timeout(STALL, body.frame()).await {
-            Err(_) => return Err(RelayError::Stalled(STALL)),
+        let frame = match tokio::time::timeout(stall, body.frame()).await {
+            Err(_) => return Err(RelayError::Stalled(stall)),
             Ok(None) => return Ok(None),
             Ok(Some(Err(e))) => return Err(RelayError::Body(e.to_string())),
             Ok(Some(Ok(frame))) => frame,
@@ -608,8 +631,11 @@ mod tests {
             UpstreamClient::new(None).unwrap(),
             None,
             TaskTracker::new(),
-            Duration::from_secs(1),
-            Duration::from_secs(1),
+            Timing {
+                answer: Duration::from_secs(1),
+                skip: Duration::from_secs(1),
+                stall: Duration::from_secs(1),
+            },
             "/nix/store".into(),
             TrustPolicy {
                 require_sigs: true,

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use super::{owner, FileCheck, FileError, Lookup, RelayError, UpstreamFile, Upstreams, STALL};
+use super::{owner, FileCheck, FileError, Lookup, RelayError, UpstreamFile, Upstreams};
 use crate::fetch::relay::QUARANTINE;
 use crate::fetch::resolver::Resolver;
 use crate::mesh::client;
@@ -164,7 +164,7 @@ pub async fn fetch_for_nix(
     let own = mesh.node();
     let chosen = owner::owner(hash.as_str().as_bytes(), own, &mesh.peers_speaking_v2());
     if chosen != own {
-        let outcome = match from_owner(&mesh, chosen, &hash, &file, &tx).await {
+        let outcome = match from_owner(&mesh, chosen, &hash, &file, upstreams.stall(), &tx).await {
             Ok(()) => {
                 upstreams.stats.from_owner.inc();
                 Ok(())
@@ -209,6 +209,7 @@ async fn from_owner(
     owner: NodeId,
     hash: &HashPart,
     file: &UpstreamFile,
+    stall: Duration,
     tx: &mpsc::Sender<Result<Bytes, RelayError>>,
 ) -> Result<(), FromOwner> {
     let before = |e: String| FromOwner::Before(e);
@@ -231,7 +232,7 @@ async fn from_owner(
     let mut held: Option<Bytes> = None;
     let mut sent_any = false;
     loop {
-        let read = tokio::time::timeout(STALL, recv.read_chunk(256 * 1024, true)).await;
+        let read = tokio::time::timeout(stall, recv.read_chunk(256 * 1024, true)).await;
         let error = match read {
             Ok(Ok(None)) => break,
             Ok(Ok(Some(c))) => {
@@ -248,7 +249,7 @@ async fn from_owner(
                 }
                 continue;
             }
-            Err(_) => RelayError::Stalled(STALL),
+            Err(_) => RelayError::Stalled(stall),
             Ok(Err(e)) => RelayError::Body(format!("from the owner: {e}")),
         };
         let _ = recv.stop(0u32.into());
