@@ -218,15 +218,8 @@ where
                     let busy = live.busy(&me);
                     async move {
                         let resp = handler(req, peer).await;
-                        // Busy until the body is sent: the closure owns the
-                        // guard, and the body owns the closure.
-                        Ok::<_, Infallible>(resp.map(|body| {
-                            body.map_frame(move |frame| {
-                                let _ = &busy;
-                                frame
-                            })
-                            .boxed()
-                        }))
+                        // Busy until the body is sent.
+                        Ok::<_, Infallible>(resp.map(|inner| BusyBody { inner, _busy: busy }))
                     }
                 })
             };
@@ -259,6 +252,34 @@ where
     while conns.join_next().await.is_some() {}
 }
 
+/// A response body that keeps its connection marked busy until it is
+/// sent or dropped; its length and end are the inner body's (so a
+/// response keeps its Content-Length).
+struct BusyBody {
+    inner: Body,
+    _busy: crate::serve::conn_slots::Busy,
+}
+
+impl hyper::body::Body for BusyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +294,21 @@ mod tests {
             }
         }
         (out, true)
+    }
+
+    #[test]
+    fn a_busy_body_keeps_the_length_of_its_body() {
+        use hyper::body::Body as _;
+        let slots = ConnSlots::default();
+        let (_, conn) = slots.join();
+        let body = BusyBody {
+            inner: full_body(Bytes::from_static(b"0123456789")),
+            _busy: slots.busy(&conn),
+        };
+        assert_eq!(body.size_hint().exact(), Some(10));
+        assert!(!slots.evict_idlest(), "busy while its body lives");
+        drop(body);
+        assert!(slots.evict_idlest(), "idle once it is gone");
     }
 
     #[tokio::test]
