@@ -672,19 +672,22 @@ fn a_spool_disk_without_room_costs_no_request() {
     assert!(avail >= 4 << 20, "the spool left {avail} bytes free");
 }
 
-/// Upstream stops sending in the middle of a file (every frame that
-/// reaches it is dropped, so its TCP waits for acknowledgements that never
-/// come): the agent cuts the file off after `stall_ms`, Nix sees failed
-/// downloads, not a hung one, and gives up within its retries; once the
-/// upstream is back, the path comes through.
-#[test]
-fn an_upstream_that_stalls_mid_file_is_cut_off_and_nothing_hangs() {
-    let lan = Lan::new(2);
-    let (a, u) = (lan.host(0), lan.host(1));
+/// A download of a 32 MiB path from U (shaped to 16 Mbit/s, so it takes
+/// about 16 s) that A's Nix has started and that has brought `under_way`
+/// bytes, through an agent whose upstream timings are short; then U's
+/// nginx hangs (SIGSTOP: its connections stay open, nothing comes).
+struct StalledDownload {
+    path: String,
+    agent: AgentHandle,
+    nix: std::process::Child,
+    started: Instant,
+    _nginx: Nginx,
+}
+
+fn stall_a_download(a: &Host, u: &Host, name: &str, under_way: u64) -> StalledDownload {
     let key = u.generate_key("upstream-1");
-    let path = random_paths(u, &key, "stalled", 1, 32 << 20).remove(0);
-    let (_nginx, _export) = serve_export(u, &[&path], "zstd", "stalled");
-    // At 16 Mbit/s the file takes about 16 s: it is cut in the middle.
+    let path = random_paths(u, &key, name, 1, 32 << 20).remove(0);
+    let (nginx, _export) = serve_export(u, &[&path], "zstd", name);
     u.shape(16_000_000);
     let agent = start_office(&[a], &key, |_| {
         upstream_config(u, "timeout_ms = 2000\nskip_ms = 1000\nstall_ms = 2000\n")
@@ -699,9 +702,33 @@ fn an_upstream_that_stalls_mid_file_is_cut_off_and_nothing_hangs() {
         .spawn()
         .expect("nix-store");
     wait_until(Duration::from_secs(20), "the download under way", || {
-        agent.metric("nixmesh_upstream_bytes_total") >= (1 << 20) as f64
+        agent.metric("nixmesh_upstream_bytes_total") >= under_way as f64
     });
-    u.lose_frames(1000);
+    nginx.signal("STOP");
+    StalledDownload {
+        path,
+        agent,
+        nix,
+        started,
+        _nginx: nginx,
+    }
+}
+
+/// Upstream hangs in the middle of a file: the agent cuts the file
+/// off after `stall_ms`, Nix sees failed downloads, not a hung one, and
+/// gives up within its retries; once the upstream is back, the path comes
+/// through.
+#[test]
+fn an_upstream_that_stalls_mid_file_is_cut_off_and_nothing_hangs() {
+    let lan = Lan::new(2);
+    let (a, u) = (lan.host(0), lan.host(1));
+    let StalledDownload {
+        path,
+        agent,
+        nix,
+        started,
+        _nginx: nginx,
+    } = stall_a_download(a, u, "stalled", 1 << 20);
     let out = nix.wait_with_output().expect("nix-store");
     let took = started.elapsed();
     eprintln!(
@@ -716,13 +743,13 @@ fn an_upstream_that_stalls_mid_file_is_cut_off_and_nothing_hangs() {
     assert!(agent.metric("nixmesh_upstream_file_failures_total") >= 1.0);
 
     // Upstream is back: the path comes through, whole.
-    u.lose_frames(0);
+    nginx.signal("CONT");
     std::thread::sleep(Duration::from_millis(1500));
     realise(a, &[&path]);
     assert_verified(a, &path);
 }
 
-/// Upstream stops sending for a few seconds in the middle of a file: the
+/// Upstream hangs for a few seconds in the middle of a file: the
 /// agent cuts the file off after `stall_ms`, Nix asks again from the byte
 /// it got to (a `Range` request), the agent sends that part of the file,
 /// checked like the whole, and the path arrives intact.
@@ -730,32 +757,20 @@ fn an_upstream_that_stalls_mid_file_is_cut_off_and_nothing_hangs() {
 fn a_download_cut_by_a_brief_upstream_stall_is_resumed_with_a_range() {
     let lan = Lan::new(2);
     let (a, u) = (lan.host(0), lan.host(1));
-    let key = u.generate_key("upstream-1");
-    let path = random_paths(u, &key, "resumed", 1, 32 << 20).remove(0);
-    let (_nginx, _export) = serve_export(u, &[&path], "zstd", "resumed");
-    u.shape(16_000_000);
-    let agent = start_office(&[a], &key, |_| {
-        upstream_config(u, "timeout_ms = 2000\nskip_ms = 1000\nstall_ms = 2000\n")
-    })
-    .pop()
-    .expect("an agent");
-    let nix = a
-        .command(&["nix-store", "--realise", &path])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("nix-store");
-    wait_until(Duration::from_secs(20), "the download under way", || {
-        agent.metric("nixmesh_upstream_bytes_total") >= (4 << 20) as f64
-    });
-    u.lose_frames(1000);
+    let StalledDownload {
+        path,
+        agent,
+        nix,
+        _nginx: nginx,
+        ..
+    } = stall_a_download(a, u, "resumed", 4 << 20);
     wait_until(
         Duration::from_secs(20),
         "the agent to cut the file off",
         || agent.log().contains("sent nothing for"),
     );
     std::thread::sleep(Duration::from_secs(1));
-    u.lose_frames(0);
+    nginx.signal("CONT");
     let out = nix.wait_with_output().expect("nix-store");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");

@@ -89,6 +89,21 @@ http {{
         self.child.id()
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the master and its workers: a
+    /// stopped server keeps its connections and takes new ones into the
+    /// kernel's backlog, but sends nothing, as a hung server does.
+    #[allow(dead_code)] // Not every user of the harness needs it.
+    pub fn signal(&self, signal: &str) {
+        let master = self.child.id().to_string();
+        let flag = format!("-{signal}");
+        let _ = std::process::Command::new("pkill")
+            .args([flag.as_str(), "-P", &master])
+            .status();
+        let _ = std::process::Command::new("kill")
+            .args([flag.as_str(), &master])
+            .status();
+    }
+
     pub fn stop(&mut self) {
         // SIGTERM: the master takes its workers with it.
         let _ = std::process::Command::new("kill")
