@@ -131,11 +131,10 @@ pub async fn relay(
     purpose: Purpose,
 ) -> Option<NodeId> {
     let Found {
-        narinfo,
-        holders,
-        narinfo_from,
-        ..
+        narinfo, holders, ..
     } = found;
+    // The race winner, whose narinfo this is.
+    let narinfo_from = holders.first().copied();
     stats.in_flight.inc();
     let started = Instant::now();
     let info = &narinfo.info;

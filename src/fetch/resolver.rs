@@ -39,10 +39,9 @@ pub const MAX_MEMO: usize = 65_536;
 #[derive(Clone, Debug)]
 pub struct Found {
     pub narinfo: NarInfo,
-    /// Peers known to hold it, the race winner first.
+    /// Peers known to hold it, the race winner (whose narinfo this is)
+    /// first.
     pub holders: Vec<NodeId>,
-    /// The peer whose narinfo this is (the race winner).
-    pub narinfo_from: Option<NodeId>,
     /// No peer has it, an upstream cache does: this file of it.
     pub upstream: Option<UpstreamFile>,
 }
@@ -268,7 +267,6 @@ impl Resolver {
         let result = outcome.won.map(|(narinfo, node)| Found {
             narinfo,
             holders: vec![node],
-            narinfo_from: Some(node),
             upstream: None,
         });
         for (peer, why) in &outcome.rejected {
@@ -292,7 +290,6 @@ impl Resolver {
         Some(Found {
             narinfo,
             holders: Vec::new(),
-            narinfo_from: None,
             upstream: Some(file),
         })
     }
@@ -333,16 +330,11 @@ impl Resolver {
         let mut rows: Vec<SurveyRow> = asks.collect().await;
         rows.sort_by(|a, b| a.answer_ms.total_cmp(&b.answer_ms));
         // Upstreams are asked only when no peer has it: their rows come
-        // after the peers', and one wins only if no peer would.
-        // Which agent would download it for the office.
+        // after the peers', and one wins only if no peer would. Each says
+        // which agent would download the path for the office.
         if let Some(upstreams) = &self.upstreams {
-            let own = self.mesh.node();
-            let chosen = crate::fetch::upstream::owner::owner(
-                hash.as_str().as_bytes(),
-                own,
-                &self.mesh.peers_speaking_v2(),
-            );
-            let via = if chosen == own {
+            let chosen = crate::fetch::upstream::office::owner_of(&self.mesh, hash);
+            let via = if chosen == self.mesh.node() {
                 "downloaded by this agent".to_string()
             } else {
                 let name = self

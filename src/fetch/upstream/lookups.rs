@@ -38,6 +38,16 @@ pub enum Lookup {
     },
 }
 
+impl Lookup {
+    /// The narinfo and file of a hit.
+    pub fn found(&self) -> Option<(NarInfo, UpstreamFile)> {
+        match self {
+            Lookup::Hit(hit) => Some((hit.narinfo.clone(), hit.file.clone())),
+            Lookup::Miss { .. } => None,
+        }
+    }
+}
+
 type Slot = Arc<OnceCell<Lookup>>;
 
 #[derive(Default)]

@@ -279,10 +279,7 @@ impl Upstreams {
     /// the checks, asking every upstream not being skipped at once; shared
     /// with everyone asking at the same moment (`lookups`).
     pub async fn narinfo(&self, hash: &HashPart) -> Option<(NarInfo, UpstreamFile)> {
-        match self.lookup(hash).await {
-            Lookup::Hit(hit) => Some((hit.narinfo.clone(), hit.file.clone())),
-            Lookup::Miss { .. } => None,
-        }
+        self.lookup(hash).await.found()
     }
 
     /// What the upstreams say about `hash`, looked up once for everyone
@@ -302,10 +299,7 @@ impl Upstreams {
             .iter()
             .filter_map(|c| CacheUrl::parse(c).ok())
             .collect();
-        match self.ask_all(hash, &asked).await {
-            Lookup::Hit(hit) => Some((hit.narinfo.clone(), hit.file.clone())),
-            Lookup::Miss { .. } => None,
-        }
+        self.ask_all(hash, &asked).await.found()
     }
 
     /// Checks a narinfo another agent got from upstream `cache` as if this

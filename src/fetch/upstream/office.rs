@@ -92,6 +92,16 @@ impl UpstreamFiles for ForPeers {
     }
 }
 
+/// The agent that looks `hash` up and downloads it for the office: this
+/// one or a usable peer speaking protocol version 2.
+pub fn owner_of(mesh: &Mesh, hash: &HashPart) -> NodeId {
+    owner::owner(
+        hash.as_str().as_bytes(),
+        mesh.node(),
+        &mesh.peers_speaking_v2(),
+    )
+}
+
 /// The asker's side of a narinfo look-up: for a path no peer holds, the
 /// upstreams' narinfo through its owner if that is another agent (one
 /// look-up for the office; the answer is checked here as if this agent had
@@ -103,9 +113,8 @@ pub async fn narinfo_for_nix(
     upstreams: &Upstreams,
     hash: &HashPart,
 ) -> Option<(NarInfo, UpstreamFile)> {
-    let own = mesh.node();
-    let chosen = owner::owner(hash.as_str().as_bytes(), own, &mesh.peers_speaking_v2());
-    if chosen == own {
+    let chosen = owner_of(mesh, hash);
+    if chosen == mesh.node() {
         return upstreams.narinfo(hash).await;
     }
     let asked = async {
@@ -161,9 +170,8 @@ pub async fn fetch_for_nix(
     file: UpstreamFile,
     tx: mpsc::Sender<Result<Bytes, RelayError>>,
 ) {
-    let own = mesh.node();
-    let chosen = owner::owner(hash.as_str().as_bytes(), own, &mesh.peers_speaking_v2());
-    if chosen != own {
+    let chosen = owner_of(&mesh, &hash);
+    if chosen != mesh.node() {
         let outcome = match from_owner(&mesh, chosen, &hash, &file, upstreams.stall(), &tx).await {
             Ok(()) => {
                 upstreams.stats.from_owner.inc();
