@@ -8,9 +8,15 @@
 //! SIGSTOPs and resumes them, and restarts them cleanly (at most two of
 //! h1..h5 disturbed at once), and a liar L, a static peer of both
 //! clients, answers with h0's real narinfos (half of them with a wrong
-//! NarSize) and NARs with one byte flipped. Counted: corrupt store paths on either client (must be 0),
-//! Nix clients that hang past a deadline (0), substitutions that failed
-//! (at most 1 %: an honest holder was alive for every one).
+//! NarSize) and NARs with one byte flipped. A further 30 paths are on no
+//! peer, only in an upstream cache U (nginx serving a `nix copy --to
+//! file://` cache) that every agent lists, and the chaos driver cuts U's
+//! link (every frame dropped) for 2 to 4 s at a time. Counted: corrupt
+//! store paths on either client (must be 0), Nix clients that hang past a
+//! deadline (0), substitutions that failed while an honest source was
+//! reachable (at most 1 %: h0 for every path of the closure, U for its
+//! paths outside a cut and the agent's time to notice it ended), and, apart,
+//! upstream paths that failed during a cut.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,10 +29,18 @@ use nixmesh::mesh::protocol::{Request, Response, MAX_REQUEST_FRAME};
 use nixmesh::mesh::transport::{self, Admission, TlsIdentity};
 use nixmesh::nix::{HashPart, SecretKey};
 
-use crate::harness::{AgentHandle, Host, Lan};
+use crate::harness::{AgentHandle, Host, Lan, Nginx};
 use crate::office::*;
 
 const PATHS: usize = 120;
+/// Paths only upstream has.
+const UPSTREAM_PATHS: usize = 30;
+/// How long after a cut of the uplink ends an upstream path may still
+/// fail: the agents' `timeout_ms` (a look-up that began in the cut),
+/// `skip_ms` (U left alone after it failed) and `stall_ms` (a file cut
+/// off mid-way) below, and a margin for Nix's own retries.
+const AFTER_CUT: Duration = Duration::from_secs(2 + 2 + 3 + 3);
+const UPSTREAM: &str = "timeout_ms = 2000\nskip_ms = 2000\nstall_ms = 3000\n";
 /// The campaign runs at least this long, and at least `PATHS`
 /// substitutions per client.
 const CAMPAIGN: Duration = Duration::from_secs(45);
@@ -156,6 +170,9 @@ async fn lie_about_nar(
 /// whether the path was then valid and intact.
 struct Outcome {
     path: String,
+    upstream: bool,
+    began: Instant,
+    ended: Instant,
     code: Option<i32>,
     stderr: String,
     intact: Option<bool>,
@@ -178,6 +195,8 @@ enum Chaos {
     Kill,
     Freeze,
     Restart,
+    /// U's link: every frame dropped.
+    CutUplink,
 }
 
 /// Tiny deterministic generator: the campaign is the same every run.
@@ -195,10 +214,11 @@ impl Lcg {
 
 #[test]
 fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
-    let lan = Lan::new(9);
+    let lan = Lan::new(10);
     let holders: Vec<&Host> = (0..6).map(|i| lan.host(i)).collect();
     let clients = [lan.host(6), lan.host(7)];
     let liar_host = lan.host(8);
+    let uplink = lan.host(9);
     let key = holders[0].generate_key("office-1");
 
     // The closure: random bytes, 16 KiB to 1 MiB a path.
@@ -224,7 +244,34 @@ fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
         h.sign(&added, &key.secret_file);
     }
 
-    let holder_config = "[share]\nall = true\n";
+    // U: paths no peer has, as a zstd `file://` cache behind nginx.
+    let upstream_files: Vec<std::path::PathBuf> = (0..UPSTREAM_PATHS)
+        .map(|i| {
+            random_file(
+                &uplink.dir().join("files"),
+                &format!("upstream-{i}"),
+                16 << 10 | (rng.next(1 << 20) as u64),
+            )
+        })
+        .collect();
+    let upstream_paths = add_paths(uplink, &upstream_files);
+    let upstream_refs: Vec<&str> = upstream_paths.iter().map(String::as_str).collect();
+    uplink.sign(&upstream_refs, &key.secret_file);
+    let export = uplink.dir().join("export");
+    let to = format!("file://{}?compression=zstd", export.display());
+    let mut argv = vec!["nix", "copy", "--to", &to];
+    argv.extend_from_slice(&upstream_refs);
+    uplink.run_ok(&argv);
+    let _nginx = Nginx::start(uplink, &export, 8080);
+    let upstream = format!(
+        "[upstream]\ncaches = [\"http://{}:8080\"]\n{UPSTREAM}",
+        uplink.addr()
+    );
+
+    // Holders list U too: any agent may be the one that downloads a path
+    // for the office, and chaos falls on those.
+    let holder_config = format!("[share]\nall = true\n{upstream}");
+    let holder_config = holder_config.as_str();
     let mut holder_agents: Vec<Option<AgentHandle>> = holders
         .iter()
         .map(|h| Some(h.start_agent(holder_config)))
@@ -250,8 +297,9 @@ fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
             rt.block_on(run_liar(liar_key, liar_at, h0, lies));
         });
     }
-    let client_config =
-        format!("[mesh]\nstatic_peers = [{{ address = \"{liar_at}\", key = \"{liar_node}\" }}]\n");
+    let client_config = format!(
+        "[mesh]\nstatic_peers = [{{ address = \"{liar_at}\", key = \"{liar_node}\" }}]\n{upstream}"
+    );
     let client_agents: Vec<AgentHandle> = clients
         .iter()
         .map(|c| {
@@ -273,19 +321,47 @@ fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
     // Chaos on h1..h5 until both clients are done.
     let done = Arc::new(AtomicBool::new(false));
     let actions = Arc::new(Mutex::new(Vec::<(Chaos, String)>::new()));
+    // When U's link was cut: (from, to).
+    let cuts = Arc::new(Mutex::new(Vec::<(Instant, Instant)>::new()));
     let started = Instant::now();
     let outcomes = std::thread::scope(|s| {
         let chaos = {
-            let (done, actions) = (done.clone(), actions.clone());
+            let (done, actions, cuts) = (done.clone(), actions.clone(), cuts.clone());
             let holders = &holders;
             let agents = &mut holder_agents;
             s.spawn(move || {
                 let mut rng = Lcg(11);
                 // (holder, when it is to be made whole again, what was done)
                 let mut disturbed: Vec<(usize, Instant, Chaos)> = Vec::new();
+                // When the cut of U's link, if any, is to end.
+                let mut cut: Option<(Instant, Instant)> = None;
+                let mend = |cut: (Instant, Instant)| {
+                    uplink.lose_frames(0);
+                    cuts.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((cut.0, Instant::now()));
+                };
                 while !done.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(700));
                     let now = Instant::now();
+                    match cut {
+                        Some(c) if now >= c.1 => {
+                            mend(c);
+                            cut = None;
+                        }
+                        None if rng.next(14) == 0 => {
+                            uplink.lose_frames(1000);
+                            cut = Some((
+                                now,
+                                now + Duration::from_millis(2000 + 500 * rng.next(5) as u64),
+                            ));
+                            actions
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push((Chaos::CutUplink, uplink.name().to_string()));
+                        }
+                        _ => {}
+                    }
                     disturbed.retain(|&(i, until, what)| {
                         if now < until {
                             return true;
@@ -296,7 +372,7 @@ fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
                                     a.signal("CONT");
                                 }
                             }
-                            Chaos::Kill | Chaos::Restart => {
+                            Chaos::Kill | Chaos::Restart | Chaos::CutUplink => {
                                 agents[i] = Some(holders[i].spawn_agent(holder_config));
                             }
                         }
@@ -319,7 +395,7 @@ fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
                             agents[i] = None;
                         }
                         Chaos::Freeze => agent.signal("STOP"),
-                        Chaos::Restart => {
+                        Chaos::Restart | Chaos::CutUplink => {
                             agent.stop();
                             agents[i] = None;
                         }
@@ -341,13 +417,18 @@ fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
                         _ => agents[i] = Some(holders[i].spawn_agent(holder_config)),
                     }
                 }
+                if let Some(c) = cut {
+                    mend(c);
+                }
             })
         };
         let runs: Vec<_> = clients
             .iter()
             .enumerate()
             .map(|(n, c)| {
-                let refs = refs.clone();
+                let upstream_refs = &upstream_refs;
+                let mut refs = refs.clone();
+                refs.extend_from_slice(upstream_refs);
                 let done = done.clone();
                 s.spawn(move || {
                     // A client that panics stops the chaos, or the scope
@@ -357,7 +438,7 @@ fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
                     let mut rng = Lcg(100 + n as u64);
                     let timeout = HANG.as_secs().to_string();
                     let mut outcomes = Vec::new();
-                    while outcomes.len() < PATHS || started.elapsed() < CAMPAIGN {
+                    while outcomes.len() < PATHS + UPSTREAM_PATHS || started.elapsed() < CAMPAIGN {
                         let p = refs[rng.next(refs.len())];
                         // Still here from an earlier round: Nix keeps a
                         // path a process has open (the agent may be
@@ -365,7 +446,9 @@ fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
                         if c.has_path(p) && !c.run(&["nix-store", "--delete", p]).status.success() {
                             continue;
                         }
+                        let began = Instant::now();
                         let out = c.run(&["timeout", &timeout, "nix-store", "--realise", p]);
+                        let ended = Instant::now();
                         // A valid path must be intact; it goes before it
                         // comes again.
                         let intact = c
@@ -373,6 +456,9 @@ fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
                             .then(|| c.run(&["nix-store", "--verify-path", p]).status.success());
                         outcomes.push(Outcome {
                             path: p.to_string(),
+                            upstream: upstream_refs.contains(&p),
+                            began,
+                            ended,
                             code: out.status.code(),
                             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
                             intact,
@@ -395,9 +481,18 @@ fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
     let substitutions: usize = outcomes.iter().map(Vec::len).sum();
     let all = || outcomes.iter().flatten();
     let hangs: Vec<&Outcome> = all().filter(|o| o.code == Some(124)).collect();
-    let failures: Vec<&Outcome> = all()
-        .filter(|o| o.code != Some(0) && o.code != Some(124))
-        .collect();
+    let cuts = cuts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let in_cut = |o: &Outcome| {
+        o.upstream
+            && cuts
+                .iter()
+                .any(|&(from, to)| o.began < to + AFTER_CUT && from < o.ended)
+    };
+    let failed = |o: &&Outcome| o.code != Some(0) && o.code != Some(124);
+    let failures: Vec<&Outcome> = all().filter(failed).filter(|o| !in_cut(o)).collect();
+    let cut_off = all().filter(failed).filter(|o| in_cut(o)).count();
+    let from_upstream = all().filter(|o| o.upstream).count();
+    let upstream_during_cuts = all().filter(|o| in_cut(o)).count();
     let corrupt = all().filter(|o| o.intact == Some(false)).count();
     let missing = all()
         .filter(|o| o.code == Some(0) && o.intact.is_none())
@@ -409,12 +504,14 @@ fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
         .filter(|a| a.peer("liar").is_some_and(|p| p.quarantined))
         .count();
     eprintln!(
-        "fault campaign: {substitutions} substitutions in {took:?}; chaos: {} SIGKILLs, {} SIGSTOPs, {} restarts; \
-         the liar told {} lies (NARs and narinfos) and is quarantined on {quarantined} of 2 clients; \
-         corrupt paths {corrupt}, hangs {}, failures {} ({:.1} %)",
+        "fault campaign: {substitutions} substitutions in {took:?} ({from_upstream} of paths only upstream has, \
+         {upstream_during_cuts} of them during or just after a cut); chaos: {} SIGKILLs, {} SIGSTOPs, {} restarts, \
+         {} uplink cuts; the liar told {} lies (NARs and narinfos) and is quarantined on {quarantined} of 2 clients; \
+         corrupt paths {corrupt}, hangs {}, failures {} ({:.1} %), upstream paths failed during a cut {cut_off}",
         count(|a| matches!(a, Chaos::Kill)),
         count(|a| matches!(a, Chaos::Freeze)),
         count(|a| matches!(a, Chaos::Restart)),
+        count(|a| matches!(a, Chaos::CutUplink)),
         lies.load(Ordering::SeqCst),
         hangs.len(),
         failures.len(),
@@ -426,7 +523,18 @@ fn a_fault_campaign_corrupts_nothing_hangs_nothing_and_fails_almost_nothing() {
             o.path, o.code, o.stderr
         );
     }
-    assert!(substitutions >= 2 * PATHS, "{substitutions} substitutions");
+    assert!(
+        substitutions >= 2 * (PATHS + UPSTREAM_PATHS),
+        "{substitutions} substitutions"
+    );
+    assert!(
+        count(|a| matches!(a, Chaos::CutUplink)) >= 2,
+        "the uplink was cut too rarely: {actions:?}"
+    );
+    assert!(
+        from_upstream > upstream_during_cuts,
+        "no upstream path outside a cut"
+    );
     assert_eq!(missing, 0, "Nix said yes, but the path is not valid");
     assert!(actions.len() >= 5, "too little chaos: {actions:?}");
     assert_eq!(corrupt, 0, "corrupt store paths");

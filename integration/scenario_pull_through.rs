@@ -274,6 +274,32 @@ fn an_unreachable_upstream_costs_its_timeout_once() {
     assert!(agent.log().contains("skipping it for a while"));
 }
 
+/// Nix keeps a narinfo for 30 days and asks for its URL again without
+/// asking for the narinfo. A's Nix got P from upstream (its narinfo names
+/// the upstream file); later only peer B has P, and A's Nix, deleting and
+/// wanting P again, asks for that upstream file straight away: the agent
+/// still serves it.
+#[test]
+fn a_narinfo_nix_kept_still_gets_its_upstream_file_when_a_peer_has_the_path_now() {
+    let lan = Lan::new(3);
+    let (a, b, u) = (lan.host(0), lan.host(1), lan.host(2));
+    let key = u.generate_key("upstream-1");
+    let p = random_paths(u, &key, "kept", 1, 1 << 20).remove(0);
+    let (_nginx, _export) = serve_export(u, &[&p], "zstd", "kept");
+    let mut agents = start_office(&[a, b], &key, |_| upstream_config(u, ""));
+    realise(a, &[&p]);
+    realise(b, &[&p]);
+    a.run_ok(&["nix-store", "--delete", &p]);
+    // A's agent restarts (an upgrade, a reboot): what it remembered of P
+    // is gone, Nix's narinfo is not. B holds P now: the agent's race finds
+    // B, not the upstream.
+    agents[0].stop();
+    agents[0] = a.start_agent(&upstream_config(u, ""));
+    wait_all_alive(&[(a, &agents[0]), (b, &agents[1])]);
+    realise(a, &[&p]);
+    assert_verified(a, &p);
+}
+
 /// Sum of the FileSize of `paths` in a `file://` cache's directory.
 fn file_bytes(export: &std::path::Path, paths: &[String]) -> u64 {
     paths

@@ -106,13 +106,10 @@ impl Substituter {
                 None => http::empty(StatusCode::NOT_FOUND),
             },
             Route::UpstreamFile { hash, file_hash } => {
-                let file = self
-                    .resolver
-                    .resolve(&hash)
-                    .await
-                    .and_then(|f| f.upstream)
-                    .filter(|f| f.file_hash == file_hash);
-                match (file, self.resolver.upstreams()) {
+                match (
+                    self.find_upstream_file(&hash, &file_hash).await,
+                    self.resolver.upstreams(),
+                ) {
                     (Some(file), Some(upstreams)) => {
                         let range = http::range_of(&req, file.file_size);
                         self.upstream_response(upstreams.clone(), hash, file, range, head_only)
@@ -167,9 +164,34 @@ impl Substituter {
         http::nar(size, range, body)
     }
 
+    /// The upstream file Nix asks for by the URL of a narinfo this agent
+    /// gave it, perhaps long ago (Nix keeps narinfos for 30 days). If a
+    /// peer has the path by now, the race finds that peer, not the file:
+    /// the file is then looked up upstream on its own, as the URL promised.
+    async fn find_upstream_file(
+        &self,
+        hash: &HashPart,
+        file_hash: &Sha256Hash,
+    ) -> Option<UpstreamFile> {
+        let raced = self.resolver.resolve(hash).await.and_then(|f| f.upstream);
+        let file = match raced {
+            Some(file) => file,
+            None => {
+                let upstreams = self.resolver.upstreams()?;
+                office::narinfo_for_nix(self.resolver.mesh(), upstreams, hash)
+                    .await?
+                    .1
+            }
+        };
+        (file.file_hash == *file_hash).then_some(file)
+    }
+
+    /// Peers holding the NAR Nix asks for. None if only an upstream has
+    /// the path by now (a narinfo Nix kept from when a peer had it): the
+    /// agent serves upstream files only as they are, compressed.
     async fn find_nar(&self, hash: &HashPart, nar_hash: &Sha256Hash) -> Option<Found> {
         let found = self.resolver.resolve(hash).await?;
-        (found.narinfo.info.nar_hash == *nar_hash).then_some(found)
+        (found.narinfo.info.nar_hash == *nar_hash && !found.holders.is_empty()).then_some(found)
     }
 
     /// A NAR fetched ahead and verified: one line in the log, as for a

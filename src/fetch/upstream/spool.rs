@@ -330,10 +330,12 @@ mod tests {
         }
     }
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("nixmesh-spool-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
+    /// A directory removed when the test ends, and a path in it for the
+    /// spool (which makes its own directory).
+    fn scratch() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        (dir, spool)
     }
 
     async fn collect(mut rx: mpsc::Receiver<Result<Bytes, RelayError>>) -> (Vec<u8>, bool) {
@@ -350,7 +352,8 @@ mod tests {
 
     #[tokio::test]
     async fn readers_joining_early_and_late_get_the_whole_file_once_it_is_done() {
-        let spool = Spool::new(scratch("join"), 1 << 20).unwrap();
+        let (_dir, spool_dir) = scratch();
+        let spool = Spool::new(spool_dir, 1 << 20).unwrap();
         let f = file(1, 10);
         let Claim::Start(entry, mut writer) = spool.claim(&f) else {
             panic!("first claim must start");
@@ -380,7 +383,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_download_never_gives_the_last_byte_and_leaves_the_spool() {
-        let spool = Spool::new(scratch("fail"), 1 << 20).unwrap();
+        let (_dir, spool_dir) = scratch();
+        let spool = Spool::new(spool_dir, 1 << 20).unwrap();
         let f = file(2, 4);
         let Claim::Start(entry, mut writer) = spool.claim(&f) else {
             panic!("start");
@@ -405,7 +409,8 @@ mod tests {
 
     #[tokio::test]
     async fn complete_files_are_evicted_oldest_first_and_big_ones_are_not_spooled() {
-        let spool = Spool::new(scratch("evict"), 10).unwrap();
+        let (_dir, spool_dir) = scratch();
+        let spool = Spool::new(spool_dir, 10).unwrap();
         lock(&spool.state).check_disk = false;
         for n in [1u8, 2] {
             let Claim::Start(_, mut w) = spool.claim(&file(n, 5)) else {
@@ -460,7 +465,7 @@ mod tests {
 
     #[test]
     fn a_real_disk_is_asked() {
-        let dir = scratch("disk");
+        let (_dir, dir) = scratch();
         std::fs::create_dir_all(&dir).unwrap();
         let (free, total) = disk_space(&dir).expect("statvfs");
         assert!(total > 0 && free <= total);
