@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use nixmesh::mesh::client;
 use nixmesh::mesh::identity::{MeshSecret, NodeId};
+use nixmesh::mesh::nar_chunks::{self, Packer};
 use nixmesh::mesh::protocol::{Request, Response, MAX_REQUEST_FRAME};
 use nixmesh::mesh::transport::{self, Admission, TlsIdentity};
 use nixmesh::nix::{HashPart, SecretKey};
@@ -119,7 +120,18 @@ async fn run_liar(
                             nar_hash,
                             offset,
                         }) => {
-                            lie_about_nar(&to_h0, &hash, &nar_hash, offset, &mut send).await;
+                            lie_about_nar(&to_h0, &hash, &nar_hash, offset, None, &mut send).await;
+                            lies.fetch_add(1, Ordering::SeqCst);
+                            None
+                        }
+                        Ok(Request::NarChunks {
+                            hash,
+                            nar_hash,
+                            offset,
+                            level,
+                        }) => {
+                            let level = Some(level);
+                            lie_about_nar(&to_h0, &hash, &nar_hash, offset, level, &mut send).await;
                             lies.fetch_add(1, Ordering::SeqCst);
                             None
                         }
@@ -139,12 +151,14 @@ async fn run_liar(
     }
 }
 
-/// h0's NAR of `hash` from `offset`, with its middle byte flipped.
+/// h0's NAR of `hash` from `offset`, with its middle byte flipped; in
+/// chunk frames compressed at `level` if one is given.
 async fn lie_about_nar(
     to_h0: &quinn::Connection,
     hash: &HashPart,
     nar_hash: &nixmesh::nix::Sha256Hash,
     offset: u64,
+    level: Option<u8>,
     send: &mut quinn::SendStream,
 ) {
     let Ok(Some((nar_size, mut recv))) = client::nar(to_h0, hash, nar_hash, offset, ASK).await
@@ -163,7 +177,17 @@ async fn lie_about_nar(
     let _ = send
         .write_all(&Response::NarFollows { nar_size }.encode())
         .await;
-    let _ = send.write_all(&bytes).await;
+    match level {
+        None => {
+            let _ = send.write_all(&bytes).await;
+        }
+        Some(level) => {
+            let mut packer = Packer::new(level);
+            for chunk in bytes.chunks(nar_chunks::CHUNK) {
+                let _ = send.write_all(&packer.pack(chunk)).await;
+            }
+        }
+    }
 }
 
 /// One substitution: the exit code of `timeout nix-store --realise`, and

@@ -1,6 +1,9 @@
 //! A peer that lies: it speaks the protocol correctly but sends NAR bytes
-//! that do not match the narinfo it gave. Real Nix must never end up with
-//! the path, and the liar must be quarantined.
+//! that do not match the narinfo it gave, raw or in compressed chunk frames
+//! (protocol version 3, what agents ask for by default), or chunk frames
+//! that are not what they say (a compression bomb, a frame longer than its
+//! NAR bytes). Real Nix must never end up with the path, and the liar must
+//! be quarantined.
 
 mod common;
 
@@ -10,6 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use nixmesh::mesh::identity::{MeshSecret, NodeId};
+use nixmesh::mesh::nar_chunks::{self, Packer};
 use nixmesh::mesh::protocol::{Request, Response};
 use nixmesh::mesh::transport::{self, Admission, TlsIdentity};
 use nixmesh::nix::{NarInfo, SecretKey};
@@ -23,6 +27,52 @@ enum Lie {
     FlippedByte,
     /// The real NAR, then more.
     Overlong,
+    /// Asked for chunks: a first frame that says 4 KiB of NAR and inflates
+    /// to 1 MiB. (Asked for raw bytes: the truth, so that only an agent
+    /// that asked for chunks and refused the bomb passes.)
+    Bomb,
+    /// Asked for chunks: a frame whose wire length exceeds its NAR bytes
+    /// (asked for raw bytes: the truth).
+    Inflated,
+}
+
+/// What the liar sends after `NarFollows`: `nar` from `offset`, raw or,
+/// with a `level`, in chunk frames; lied about as `lie` says.
+fn lie_about(nar: &[u8], offset: usize, level: Option<u8>, lie: Lie) -> Vec<u8> {
+    let mut bytes = nar.to_vec();
+    match lie {
+        Lie::Garbage => bytes.fill(0x5a),
+        Lie::FlippedByte => {
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 1;
+        }
+        Lie::Overlong => bytes.extend_from_slice(&[0; 4096]),
+        Lie::Bomb | Lie::Inflated => {}
+    }
+    let Some(level) = level else {
+        return bytes[offset..].to_vec();
+    };
+    let mut out = Vec::new();
+    match lie {
+        Lie::Bomb => {
+            let bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 19).unwrap();
+            out.extend_from_slice(&4096u32.to_be_bytes());
+            out.extend_from_slice(&(bomb.len() as u32).to_be_bytes());
+            out.extend_from_slice(&bomb);
+        }
+        Lie::Inflated => {
+            out.extend_from_slice(&100u32.to_be_bytes());
+            out.extend_from_slice(&101u32.to_be_bytes());
+            out.extend_from_slice(&[0; 101]);
+        }
+        _ => {
+            let mut packer = Packer::new(level);
+            for chunk in bytes[offset..].chunks(nar_chunks::CHUNK) {
+                out.extend_from_slice(&packer.pack(chunk));
+            }
+        }
+    }
+    out
 }
 
 /// Serves `narinfo` for its path and a NAR that is `lie`d about.
@@ -58,21 +108,24 @@ async fn run_liar(endpoint: quinn::Endpoint, narinfo: String, nar: Arc<Vec<u8>>,
                         Ok(Request::UpstreamNarinfo { .. }) => {
                             Response::UpstreamMiss { asked: Vec::new() }
                         }
-                        Ok(Request::Nar { offset, .. }) => {
-                            let mut bytes = nar.to_vec();
-                            match lie {
-                                Lie::Garbage => bytes.fill(0x5a),
-                                Lie::FlippedByte => {
-                                    let mid = bytes.len() / 2;
-                                    bytes[mid] ^= 1;
-                                }
-                                Lie::Overlong => bytes.extend_from_slice(&[0; 4096]),
-                            }
+                        Ok(Request::Nar { offset, .. } | Request::NarChunks { offset, .. })
+                            if offset as usize > nar.len() =>
+                        {
+                            Response::NotFound
+                        }
+                        Ok(
+                            req @ (Request::Nar { offset, .. } | Request::NarChunks { offset, .. }),
+                        ) => {
+                            let level = match req {
+                                Request::NarChunks { level, .. } => Some(level),
+                                _ => None,
+                            };
+                            let bytes = lie_about(&nar, offset as usize, level, lie);
                             let nar_size = nar.len() as u64;
                             let _ = send
                                 .write_all(&Response::NarFollows { nar_size }.encode())
                                 .await;
-                            let _ = send.write_all(&bytes[offset as usize..]).await;
+                            let _ = send.write_all(&bytes).await;
                             let _ = send.finish();
                             return;
                         }
@@ -169,4 +222,14 @@ fn a_nar_with_one_byte_changed_never_reaches_the_store() {
 #[test]
 fn too_many_bytes_never_reach_the_store() {
     liar_scenario(Lie::Overlong);
+}
+
+#[test]
+fn a_compression_bomb_never_reaches_the_store() {
+    liar_scenario(Lie::Bomb);
+}
+
+#[test]
+fn a_chunk_frame_longer_than_its_bytes_never_reaches_the_store() {
+    liar_scenario(Lie::Inflated);
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use nixmesh::mesh::discovery::txt::to_txt;
 use nixmesh::mesh::discovery::{Announcement, PROTOCOL_VERSION};
+use nixmesh::mesh::nar_chunks::Packer;
 use nixmesh::mesh::protocol::{Request, Response};
 use nixmesh::nix::{HashPart, NarInfo, Sha256Hash};
 
@@ -47,6 +48,12 @@ fn main() {
             file_hash: nar_hash,
         },
         Request::UpstreamNarinfo { hash: hash.clone() },
+        Request::NarChunks {
+            hash: hash.clone(),
+            nar_hash,
+            offset: 96,
+            level: 1,
+        },
     ];
     for (i, r) in requests.iter().enumerate() {
         write("wire_request", &format!("seed-{i}"), &body(r.encode()));
@@ -124,6 +131,16 @@ fn main() {
         }
         write("http_request", &format!("seed-{i}"), &seed);
     }
+
+    // Chunk frames of real text (this repo's config example) at level 1:
+    // one that compresses, one of random-looking bytes that goes raw.
+    let mut packer = Packer::new(1);
+    let mut frames = packer.pack(CONFIG_EXAMPLE.as_bytes());
+    frames.extend(packer.pack(&nar_hash.0));
+    write("nar_chunks", "seed-0", &frames);
+    let mut level_and_raw = vec![3u8];
+    level_and_raw.extend_from_slice(NIX_COPY_NARINFO.as_bytes());
+    write("nar_chunks", "seed-1", &level_and_raw);
 
     write("agent_config", "seed-0", CONFIG_EXAMPLE.as_bytes());
     write(

@@ -247,7 +247,13 @@ pub async fn run(
             )))
         };
         let pulls = upstreams.is_some();
-        let resolver = Resolver::new(mesh.clone(), upstreams, policy, deadline);
+        let resolver = Resolver::new(
+            mesh.clone(),
+            upstreams,
+            policy,
+            deadline,
+            config.mesh.compression,
+        );
         if pulls {
             // Peers may ask this agent for the upstream files it owns.
             mesh.server().serve_upstream(ForPeers::new(&resolver));

@@ -118,6 +118,7 @@ pub struct MeshConfig {
     pub static_peers: Vec<StaticPeer>,
     #[serde(deserialize_with = "checked::max_protocol")]
     pub max_protocol: u32,
+    pub compression: crate::fetch::compression::Compression,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -161,6 +162,7 @@ impl Default for MeshConfig {
             allowed_peers: None,
             static_peers: Vec::new(),
             max_protocol: crate::mesh::protocol::NEWEST,
+            compression: crate::fetch::compression::Compression::Auto,
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The fetch flow: a path this host's Nix wants, found in the mesh and
 //! streamed from its holders. `race` decides which narinfo answer wins,
 //! `resolver` runs the race across live peers, `relay` streams and verifies
-//! the NAR with failover, `prefetch` fetches small NARs ahead of Nix, and
+//! the NAR with failover (compressed at the level `compression` picks for
+//! the link), `prefetch` fetches small NARs ahead of Nix, and
 //! `upstream` pulls what no peer holds from the upstream caches.
 
+pub mod compression;
 pub mod prefetch;
 pub mod race;
 pub mod relay;

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
@@ -19,10 +19,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::fetch::compression;
 use crate::fetch::resolver::{Found, Resolver};
 use crate::fetch::verify::{NarCheck, Verdict};
 use crate::mesh::client;
 use crate::mesh::identity::NodeId;
+use crate::mesh::nar_reader::{NarReadError, NarReader};
 use crate::mesh::protocol::code;
 use crate::mesh::transport::FrameReadError;
 use crate::nix::NarInfo;
@@ -31,10 +33,6 @@ use crate::nix::NarInfo;
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a peer that sent bad bytes is left out.
 pub const QUARANTINE: Duration = Duration::from_secs(600);
-/// Largest piece read off a QUIC stream at once.
-const READ_CHUNK: usize = 256 * 1024;
-/// A read buffer with less room left than this is replaced by a new one.
-const MIN_READ: usize = 16 * 1024;
 /// After Nix leaves mid-NAR, up to this many remaining bytes are still read
 /// and hashed, so a peer whose bytes made Nix give up is caught.
 const DRAIN_LIMIT: u64 = 64 << 20;
@@ -312,16 +310,21 @@ async fn from_holder(
         Ok(c) => c,
         Err(e) => return HolderEnd::Failed(e.to_string()),
     };
-    let opened = client::nar(
+    let link = mesh
+        .peer_counters(&node)
+        .map_or(0, |c| c.link_bytes_per_sec);
+    let level = resolver.compression().level(link);
+    let opened = client::open_nar(
         &conn,
         &info.path.hash_part(),
         &info.nar_hash,
         start,
+        level,
         STALL_TIMEOUT,
     )
     .await;
-    let mut recv = match opened {
-        Ok(Some((nar_size, recv))) if nar_size == info.nar_size => recv,
+    let mut reader = match opened {
+        Ok(Some((nar_size, reader))) if nar_size == info.nar_size => reader,
         Ok(Some((nar_size, _))) => return HolderEnd::OtherSize(nar_size),
         Ok(None) => return HolderEnd::Failed("no longer has it".into()),
         // It found its copy corrupt before its answer got out.
@@ -332,20 +335,21 @@ async fn from_holder(
     };
     let count = |n: u64| mesh.count(&node, |c| c.bytes_fetched += n);
     mesh.count(&node, |c| c.requests_made += 1);
-    // QUIC hands data over one packet's worth (about 1.4 KiB) at a time;
-    // reading into a large buffer takes all that has arrived at once, so
-    // hashing, counting and Nix's HTTP stream work on big pieces.
-    let mut buf = BytesMut::new();
+    let began = Instant::now();
+    let measure = |reader: &NarReader, nar_bytes: u64| {
+        let wire = reader.wire_bytes().unwrap_or(nar_bytes);
+        let secs = began.elapsed().as_secs_f64();
+        mesh.count(&node, |c| {
+            c.link_bytes_per_sec = compression::measure(c.link_bytes_per_sec, wire, secs)
+        });
+    };
     loop {
-        if buf.len() < MIN_READ {
-            buf = BytesMut::zeroed(READ_CHUNK);
-        }
-        let chunk = match tokio::time::timeout(STALL_TIMEOUT, recv.read(&mut buf)).await {
+        let chunk = match tokio::time::timeout(STALL_TIMEOUT, reader.next()).await {
             Err(_) => {
-                let _ = recv.stop(code::CANCELLED.into());
+                reader.stop(code::CANCELLED);
                 return HolderEnd::Failed(format!("stalled for {STALL_TIMEOUT:?}"));
             }
-            Ok(Err(e)) => {
+            Ok(Err(NarReadError::Read(e))) => {
                 // The bytes a holder sent before saying its copy is
                 // corrupt are as suspect as the rest of that copy.
                 return match client::reset_code(&e) {
@@ -354,20 +358,26 @@ async fn from_holder(
                     _ => HolderEnd::Failed(e.to_string()),
                 };
             }
+            Ok(Err(e)) => {
+                reader.stop(code::MALFORMED);
+                tracing::warn!(peer = %node, path = %info.path, error = %e, "a holder sent a malformed chunk");
+                return HolderEnd::Lied("sent a malformed NAR chunk");
+            }
             Ok(Ok(None)) => {
+                measure(&reader, check.offset() - start);
                 return if check.complete() {
                     HolderEnd::Done
                 } else {
                     HolderEnd::Failed(format!("stream ended at byte {}", check.offset()))
                 };
             }
-            Ok(Ok(Some(n))) => buf.split_to(n).freeze(),
+            Ok(Ok(Some(chunk))) => chunk,
         };
         let len = chunk.len() as u64;
         let release = match check.on_chunk(chunk) {
             Ok(release) => release,
             Err(lie) => {
-                let _ = recv.stop(code::MALFORMED.into());
+                reader.stop(code::MALFORMED);
                 return HolderEnd::Lied(lie.reason());
             }
         };
@@ -380,7 +390,7 @@ async fn from_holder(
                 // Nix left, maybe because these bytes made no sense to it.
                 // Finish checking them if that is cheap, to catch a liar.
                 if !*drain || info.nar_size - check.offset() > DRAIN_LIMIT {
-                    let _ = recv.stop(code::CANCELLED.into());
+                    reader.stop(code::CANCELLED);
                     return HolderEnd::ClientGone;
                 }
                 *client_gone = true;

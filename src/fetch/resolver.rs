@@ -17,6 +17,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::api::{SurveyAnswer, SurveyRow};
+use crate::fetch::compression::Compression;
 use crate::fetch::race::{race_narinfo, NarInfoSource, TrustPolicy};
 use crate::fetch::upstream::{Answer as UpstreamAnswer, UpstreamFile, Upstreams};
 use crate::lock::lock;
@@ -90,6 +91,7 @@ pub struct Resolver {
     upstreams: Option<Arc<Upstreams>>,
     policy: TrustPolicy,
     deadline: Duration,
+    compression: Compression,
     memo: Mutex<HashMap<HashPart, (Instant, Option<Found>)>>,
     inflight: Mutex<HashMap<HashPart, Slot>>,
     slots: Semaphore,
@@ -151,18 +153,21 @@ impl RaceStats {
 }
 
 impl Resolver {
-    /// `upstreams`: where to look when no peer has a path (none: nowhere).
+    /// `upstreams`: where to look when no peer has a path (none: nowhere);
+    /// `compression`: how NARs are to come from holders.
     pub fn new(
         mesh: Arc<Mesh>,
         upstreams: Option<Arc<Upstreams>>,
         policy: TrustPolicy,
         deadline: Duration,
+        compression: Compression,
     ) -> Arc<Self> {
         Arc::new(Self {
             mesh,
             upstreams,
             policy,
             deadline,
+            compression,
             memo: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             slots: Semaphore::new(MAX_RACES),
@@ -172,6 +177,10 @@ impl Resolver {
 
     pub fn mesh(&self) -> &Arc<Mesh> {
         &self.mesh
+    }
+
+    pub fn compression(&self) -> Compression {
+        self.compression
     }
 
     pub fn upstreams(&self) -> Option<&Arc<Upstreams>> {

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::mesh::nar_chunks;
+use crate::mesh::nar_reader::NarReader;
 use crate::mesh::protocol::{self, FrameError, Request, Response};
 use crate::mesh::server::UpstreamLookup;
 use crate::mesh::transport::{self, FrameReadError};
@@ -111,6 +113,36 @@ pub async fn nar(
         (_, Response::NotFound) => Ok(None),
         (recv, Response::NarFollows { nar_size }) => Ok(Some((nar_size, recv))),
         _ => Err(PeerError::Unexpected("to NAR")),
+    }
+}
+
+/// Opens the NAR from `offset` for reading as plain bytes: in chunk
+/// frames compressed at `level` if the connection speaks version 3 and a
+/// level is given (`Some(0)`: frames, never compressed), else raw. The
+/// reader then yields exactly `nar_size - offset` bytes from an honest
+/// peer. `None` when the peer no longer has it.
+pub async fn open_nar(
+    conn: &quinn::Connection,
+    hash: &HashPart,
+    nar_hash: &Sha256Hash,
+    offset: u64,
+    level: Option<u8>,
+    timeout: Duration,
+) -> Result<Option<(u64, NarReader)>, PeerError> {
+    let Some(level) = level.filter(|_| transport::version(conn) >= 3) else {
+        let opened = nar(conn, hash, nar_hash, offset, timeout).await?;
+        return Ok(opened.map(|(size, recv)| (size, NarReader::raw(recv))));
+    };
+    let req = Request::NarChunks {
+        hash: hash.clone(),
+        nar_hash: *nar_hash,
+        offset,
+        level: level.min(nar_chunks::MAX_LEVEL),
+    };
+    match exchange(conn, &req, timeout).await? {
+        (_, Response::NotFound) => Ok(None),
+        (recv, Response::NarFollows { nar_size }) => Ok(Some((nar_size, NarReader::chunks(recv)))),
+        _ => Err(PeerError::Unexpected("to NAR chunks")),
     }
 }
 

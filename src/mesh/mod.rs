@@ -1,6 +1,7 @@
 //! The peers of this node: who they are (`identity`), how they are found
 //! (`discovery`), the live table of them (`peers`), the QUIC link to them
-//! (`transport`, `protocol`), this node's end of it (`node`) and when it
+//! (`transport`, `protocol`, NAR chunk frames in `nar_chunks`,
+//! read back by `nar_reader`), this node's end of it (`node`) and when it
 //! dials whom (`dial_plan`), and both sides of a request: `client` asks a
 //! peer, `server` answers one.
 
@@ -9,6 +10,8 @@ pub mod dial_plan;
 pub mod discovery;
 pub mod identity;
 pub mod inbound;
+pub mod nar_chunks;
+pub mod nar_reader;
 pub mod node;
 pub mod peers;
 pub mod protocol;

@@ -216,6 +216,11 @@ impl Mesh {
         self.with_table(|t| t.counters_mut(node).map(f));
     }
 
+    /// The peer's counters as they are now.
+    pub fn peer_counters(&self, node: &NodeId) -> Option<PeerCounters> {
+        self.with_table(|t| t.counters_mut(node).map(|c| c.clone()))
+    }
+
     pub fn store_dir(&self) -> &str {
         &self.store_dir
     }

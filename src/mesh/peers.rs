@@ -50,6 +50,10 @@ pub struct PeerCounters {
     pub bytes_fetched: u64,
     /// Failed or malformed exchanges, either way.
     pub errors: u64,
+    /// Bytes per second on the wire of NARs from the peer, as measured
+    /// (a moving average over transfers of 1 MiB or more; 0: not yet).
+    #[serde(default)]
+    pub link_bytes_per_sec: u64,
 }
 
 #[derive(Clone, Debug)]

@@ -1,7 +1,8 @@
 //! The peer-to-peer wire protocol, as pure encode/decode over byte slices.
 //! One request per bidirectional QUIC stream: the client writes one request
 //! frame and finishes its side; the server answers with one response frame,
-//! followed for a NAR by the raw NAR bytes up to the end of the stream.
+//! followed for a NAR by the raw NAR bytes (or, for `NarChunks`, chunk
+//! frames: `nar_chunks`) up to the end of the stream.
 //! See docs/protocol.md. Every length is bounded here, before any allocation.
 //!
 //! Frame: `u32 BE body length`, then the body: `u8 kind`, then the fields.
@@ -21,10 +22,13 @@ pub const ALPN_V1: &[u8] = b"nixmesh/1";
 /// first; on a connection that settled on version 1 the new request is
 /// never sent.
 pub const ALPN_V2: &[u8] = b"nixmesh/2";
+/// Version 3 adds `NarChunks`: the NAR in chunk frames, each compressed
+/// with zstd at the level the asker chose, or raw if it does not compress.
+pub const ALPN_V3: &[u8] = b"nixmesh/3";
 /// The newest protocol version.
-pub const NEWEST: u32 = 2;
+pub const NEWEST: u32 = 3;
 /// What this node offers and accepts, in order of preference.
-pub const ALPNS: [&[u8]; 2] = [ALPN_V2, ALPN_V1];
+pub const ALPNS: [&[u8]; 3] = [ALPN_V3, ALPN_V2, ALPN_V1];
 /// Largest request body: a `Have` of `MAX_HAVE_BATCH` hash parts is about
 /// 33 KiB, every other request under 100 bytes. The server allocates this
 /// much per stream at most, on up to 128 streams per peer.
@@ -98,6 +102,15 @@ pub enum Request {
     Have {
         hashes: Vec<HashPart>,
     },
+    /// (Version 3.) As `Nar`, the bytes in chunk frames (`nar_chunks`),
+    /// compressed at zstd `level` (0: none; at most `nar_chunks::MAX_LEVEL`)
+    /// where that makes them smaller.
+    NarChunks {
+        hash: HashPart,
+        nar_hash: Sha256Hash,
+        offset: u64,
+        level: u8,
+    },
     /// (Version 2.) The upstream cache's file of this path, whose FileHash
     /// is `file_hash`, downloaded by the asked agent (once for the whole
     /// office) and streamed as it arrives.
@@ -159,6 +172,7 @@ mod kind {
     pub const HAVE: u8 = 4;
     pub const UPSTREAM_FILE: u8 = 5;
     pub const UPSTREAM_NARINFO: u8 = 6;
+    pub const NAR_CHUNKS: u8 = 7;
     pub const PONG: u8 = 65;
     pub const PATH_INFO_REPLY: u8 = 66;
     pub const NOT_FOUND: u8 = 67;
@@ -300,6 +314,19 @@ impl Request {
                 w.0.extend_from_slice(hash.as_str().as_bytes());
                 w.finish()
             }
+            Request::NarChunks {
+                hash,
+                nar_hash,
+                offset,
+                level,
+            } => {
+                let mut w = Writer::new(kind::NAR_CHUNKS);
+                w.0.extend_from_slice(hash.as_str().as_bytes());
+                w.0.extend_from_slice(&nar_hash.0);
+                w.u64(*offset);
+                w.0.push(*level);
+                w.finish()
+            }
         }
     }
 
@@ -344,6 +371,22 @@ impl Request {
             kind::UPSTREAM_NARINFO => Request::UpstreamNarinfo {
                 hash: r.hash_part()?,
             },
+            kind::NAR_CHUNKS => {
+                let hash = r.hash_part()?;
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(r.take(32)?);
+                let offset = r.u64()?;
+                let level = r.u8()?;
+                if level > crate::mesh::nar_chunks::MAX_LEVEL {
+                    return Err(FrameError::BadField("level"));
+                }
+                Request::NarChunks {
+                    hash,
+                    nar_hash: Sha256Hash(digest),
+                    offset,
+                    level,
+                }
+            }
             other => return Err(FrameError::UnknownKind(other)),
         };
         r.end()?;
@@ -509,6 +552,12 @@ mod tests {
                 file_hash: Sha256Hash([3; 32]),
             },
             Request::UpstreamNarinfo { hash: hp('g') },
+            Request::NarChunks {
+                hash: hp('h'),
+                nar_hash: Sha256Hash([4; 32]),
+                offset: 5,
+                level: 3,
+            },
         ] {
             assert_eq!(Request::decode(body(&req.encode())).unwrap(), req);
         }

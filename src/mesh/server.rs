@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, StreamExt};
 use tokio::sync::{mpsc, Semaphore};
@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
 use crate::mesh::identity::NodeId;
+use crate::mesh::nar_chunks::{self, Packer};
 use crate::mesh::peers::PeerTable;
 use crate::mesh::protocol::{self, code, Request, Response};
 use crate::mesh::transport::{self, REQUEST_TIMEOUT};
@@ -34,6 +35,9 @@ pub enum NarFault {
     /// It could not be read (vanished, I/O error).
     Unreadable,
 }
+
+/// A NAR's bytes as `ServedPaths::nar` gives them.
+type NarBytes = BoxStream<'static, Result<Bytes, NarFault>>;
 
 /// What this host lets out to peers.
 pub trait ServedPaths: Send + Sync + 'static {
@@ -119,7 +123,7 @@ impl PeerServer {
 
     /// Serves every stream the peer opens until the connection ends.
     pub async fn serve_connection(self: Arc<Self>, conn: quinn::Connection, node: NodeId) {
-        let v2 = transport::speaks_v2(&conn);
+        let version = transport::version(&conn);
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -130,14 +134,14 @@ impl PeerServer {
             };
             let this = self.clone();
             self.tasks
-                .spawn(async move { this.serve_stream(node, v2, send, recv).await });
+                .spawn(async move { this.serve_stream(node, version, send, recv).await });
         }
     }
 
     async fn serve_stream(
         &self,
         node: NodeId,
-        v2: bool,
+        version: u32,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
@@ -149,11 +153,17 @@ impl PeerServer {
                 Err(e) => Err((e.code(), e.to_string())),
             };
         let request = match request {
-            // A version 1 connection knows no version 2 request, as an
-            // agent of version 1 would not.
-            Ok(Request::UpstreamFile { .. } | Request::UpstreamNarinfo { .. }) if !v2 => Err((
+            // A connection knows no request of a later version than its
+            // own, as an agent of that version would not.
+            Ok(Request::UpstreamFile { .. } | Request::UpstreamNarinfo { .. }) if version < 2 => {
+                Err((
+                    code::UNKNOWN_KIND,
+                    "a version 2 request on a version 1 connection".to_string(),
+                ))
+            }
+            Ok(Request::NarChunks { .. }) if version < 3 => Err((
                 code::UNKNOWN_KIND,
-                "a version 2 request on a version 1 connection".to_string(),
+                format!("a version 3 request on a version {version} connection"),
             )),
             other => other,
         };
@@ -192,7 +202,17 @@ impl PeerServer {
                 nar_hash,
                 offset,
             } => {
-                self.serve_nar(node, &mut send, hash, nar_hash, offset)
+                self.serve_nar(node, &mut send, hash, nar_hash, offset, None)
+                    .await
+            }
+            Request::NarChunks {
+                hash,
+                nar_hash,
+                offset,
+                level,
+            } => {
+                let packer = Packer::new(level);
+                self.serve_nar(node, &mut send, hash, nar_hash, offset, Some(packer))
                     .await
             }
             Request::UpstreamFile { hash, file_hash } => {
@@ -219,6 +239,7 @@ impl PeerServer {
         hash: HashPart,
         nar_hash: crate::nix::Sha256Hash,
         offset: u64,
+        packer: Option<Packer>,
     ) -> Result<(), StreamEnd> {
         let info = match self.shared.info(hash) {
             Some(info) if info.nar_hash == nar_hash => info,
@@ -245,17 +266,63 @@ impl PeerServer {
             },
         )
         .await?;
-        let mut stream = self.shared.nar(info, offset);
+        let stream = self.shared.nar(info, offset);
+        match packer {
+            None => self.send_raw(node, send, stream).await,
+            Some(packer) => self.send_chunks(node, send, stream, packer).await,
+        }
+    }
+
+    async fn send_raw(
+        &self,
+        node: NodeId,
+        send: &mut quinn::SendStream,
+        mut stream: NarBytes,
+    ) -> Result<(), StreamEnd> {
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| match e {
-                NarFault::Corrupt => StreamEnd::Reset(code::CORRUPT),
-                NarFault::Unreadable => StreamEnd::Reset(code::INTERNAL),
-            })?;
+            let chunk = chunk.map_err(nar_fault)?;
             let len = chunk.len() as u64;
             send.write_chunk(chunk)
                 .await
                 .map_err(|_| StreamEnd::PeerGone)?;
             self.count(&node, |c| c.bytes_served += len);
+        }
+        Ok(())
+    }
+
+    /// The NAR in chunk frames of `nar_chunks::CHUNK` bytes (the last one
+    /// shorter). Compression runs on the blocking pool, off the workers
+    /// that move every peer's bytes.
+    async fn send_chunks(
+        &self,
+        node: NodeId,
+        send: &mut quinn::SendStream,
+        mut stream: NarBytes,
+        mut packer: Packer,
+    ) -> Result<(), StreamEnd> {
+        let mut pending = BytesMut::with_capacity(nar_chunks::CHUNK);
+        let mut ended = false;
+        while !ended {
+            match stream.next().await {
+                Some(chunk) => pending.extend_from_slice(&chunk.map_err(nar_fault)?),
+                None => ended = true,
+            }
+            while pending.len() >= nar_chunks::CHUNK || (ended && !pending.is_empty()) {
+                let n = pending.len().min(nar_chunks::CHUNK);
+                let raw = pending.split_to(n).freeze();
+                let (back, frame) = tokio::task::spawn_blocking(move || {
+                    let frame = packer.pack(&raw);
+                    (packer, frame)
+                })
+                .await
+                .map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
+                packer = back;
+                let len = frame.len() as u64;
+                send.write_chunk(Bytes::from(frame))
+                    .await
+                    .map_err(|_| StreamEnd::PeerGone)?;
+                self.count(&node, |c| c.bytes_served += len);
+            }
         }
         Ok(())
     }
@@ -315,6 +382,13 @@ impl PeerServer {
             }
         };
         write_response(send, &resp).await
+    }
+}
+
+fn nar_fault(e: NarFault) -> StreamEnd {
+    match e {
+        NarFault::Corrupt => StreamEnd::Reset(code::CORRUPT),
+        NarFault::Unreadable => StreamEnd::Reset(code::INTERNAL),
     }
 }
 

@@ -397,12 +397,20 @@ fn read_error(e: quinn::ReadExactError) -> FrameReadError {
     FrameReadError::Read(e.to_string())
 }
 
+/// The protocol version the connection settled on (1 if it cannot tell).
+pub fn version(conn: &quinn::Connection) -> u32 {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    let oldest = protocol::ALPNS.len() as u32;
+    alpn.and_then(|p| protocol::ALPNS.iter().position(|a| *a == p.as_slice()))
+        .map_or(1, |i| oldest - i as u32)
+}
+
 /// Whether the connection settled on protocol version 2 (or later).
 pub fn speaks_v2(conn: &quinn::Connection) -> bool {
-    conn.handshake_data()
-        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|d| d.protocol)
-        .is_some_and(|p| p == protocol::ALPN_V2)
+    version(conn) >= 2
 }
 
 /// Whether two connections come from the same run of the peer's agent:
@@ -465,6 +473,18 @@ mod tests {
         let newest = Admission::default();
         assert_eq!(
             newest.alpns(),
+            vec![
+                protocol::ALPN_V3.to_vec(),
+                protocol::ALPN_V2.to_vec(),
+                protocol::ALPN_V1.to_vec()
+            ]
+        );
+        let two = Admission {
+            max_protocol: 2,
+            ..Admission::default()
+        };
+        assert_eq!(
+            two.alpns(),
             vec![protocol::ALPN_V2.to_vec(), protocol::ALPN_V1.to_vec()]
         );
         let held = Admission {
