@@ -75,7 +75,10 @@ fn main() {
             narinfo: NIX_COPY_NARINFO.to_string(),
         },
         Response::UpstreamMiss {
-            asked: vec!["https://cache.nixos.org".into(), "http://nas.lan:8080".into()],
+            asked: vec![
+                "https://cache.nixos.org".into(),
+                "http://nas.lan:8080".into(),
+            ],
         },
         Response::Have {
             present: vec![true, false, true],
