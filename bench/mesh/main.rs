@@ -41,11 +41,14 @@
 //!
 //! Knobs, from the environment (defaults in brackets): `PEERS` [10],
 //! `SMALL_PER_PEER` [30], `LARGE_COUNT` [4], `LARGE_MIB` [64], `ROUNDS` [3],
-//! `BIG_MIB` [1024] (the throughput NAR), `SHAPE_MBIT` [1000] (0: no shaped
+//! `BIG_MIB` [1024] (the throughput NAR), `CORPUS` [noise] (what it holds:
+//! `noise`, random bytes, or `real`, up to `BIG_MIB` of this machine's
+//! libraries and binaries), `SHAPE_MBIT` [1000] (0: no shaped
 //! runs), `DELAYS_US` [250,2000] (one-way delays of the slow-LAN closure
 //! runs; empty: none), `MEM_MIBS` [256,1024,4096] (empty: no memory check), `NIX_EXTRA`
 //! (more nix.conf lines for the closure client, e.g. `max-jobs = 8`),
-//! `CLIENT_CONFIG` (the closure client agent's config, TOML),
+//! `CLIENT_CONFIG` (the client agent's config, TOML, in the closure and
+//! pair parts),
 //! `PARTS` [closure,pair]. A quick look: `PEERS=4 SMALL_PER_PEER=10
 //! LARGE_MIB=8 BIG_MIB=64 MEM_MIBS= SHAPE_MBIT=0 ROUNDS=1`.
 //!
@@ -111,6 +114,10 @@ struct Settings {
     rounds: usize,
     /// The NAR of the throughput comparison.
     big_mib: u64,
+    /// What that NAR holds: `noise` (random bytes, which do not compress)
+    /// or `real` (this machine's shared libraries and binaries, which
+    /// compress about 3x, as real closures do).
+    corpus: String,
     /// The shaped link's rate; 0 skips the shaped comparison.
     shape_mbit: u64,
     /// One-way delays of the slow-LAN closure runs (µs, comma separated;
@@ -122,8 +129,8 @@ struct Settings {
     /// More nix.conf lines for the closure client, both sides
     /// (e.g. `max-jobs = 4`).
     nix_extra: String,
-    /// The closure client's agent config (TOML), e.g. to turn a feature
-    /// off.
+    /// The client's agent config (TOML) in the closure and pair parts,
+    /// e.g. to turn a feature off (`[mesh]` `compression = "off"`).
     client_config: String,
     /// Which parts run: `closure`, `pair` (throughput and memory), or both
     /// (the default), comma separated.
@@ -147,6 +154,7 @@ impl Settings {
             large_mib: get("LARGE_MIB", 64),
             rounds: get("ROUNDS", 3).max(1) as usize,
             big_mib: get("BIG_MIB", 1024),
+            corpus: std::env::var("CORPUS").unwrap_or_else(|_| "noise".into()),
             shape_mbit: get("SHAPE_MBIT", 1000),
             delays_us: numbers("DELAYS_US", "250,2000"),
             mem_mibs: numbers("MEM_MIBS", "256,1024,4096"),

@@ -9,12 +9,20 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
     let (client, server) = (lan.host(0), lan.host(1));
 
     let big_file = server.dir().join("bench/big");
-    write_noise(&big_file, s.big_mib * MIB, 7);
+    match s.corpus.as_str() {
+        "noise" => write_noise(&big_file, s.big_mib * MIB, 7),
+        "real" => copy_real_files(&big_file, s.big_mib * MIB),
+        other => panic!("CORPUS={other:?}: noise or real"),
+    }
     let big = one_line(&long_ok(
         server,
         &["nix-store", "--add", &big_file.display().to_string()],
     ));
-    fs::remove_file(&big_file).ok();
+    if big_file.is_dir() {
+        fs::remove_dir_all(&big_file).ok();
+    } else {
+        fs::remove_file(&big_file).ok();
+    }
     let big_nar = nar_size_sum(server, std::slice::from_ref(&big));
 
     // nginx on the server, serving what `nix copy --to file://` writes.
@@ -38,7 +46,7 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
         server.addr()
     );
     let mut server_agent = server.start_agent(&server_config);
-    let mut client_agent = client.start_agent("");
+    let mut client_agent = client.start_agent(&s.client_config);
     wait_sees_peers(&client_agent, &[server]);
 
     let nginx_nar = format!("{nginx_base}/{}", nar_url(client, &nginx_base, &big));
@@ -47,7 +55,7 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
     curl_get(client, &nginx_nar);
     curl_get(client, &cache_nar);
 
-    let label = format!("{} MiB NAR", big_nar / MIB);
+    let label = format!("{} MiB NAR ({})", big_nar / MIB, s.corpus);
     let pair = Pair {
         client,
         server,
@@ -332,4 +340,39 @@ pub(crate) fn forget(client: &Host, paths: &[String], nix_conf: &str) {
     if !nix_conf.is_empty() {
         client.configure_nix(nix_conf);
     }
+}
+
+/// Regular files of this machine's /usr/lib/x86_64-linux-gnu, /usr/bin and
+/// /usr/libexec (shared libraries and binaries, as a closure holds them),
+/// copied into the directory `dir` until about `budget` bytes.
+fn copy_real_files(dir: &Path, budget: u64) {
+    fs::create_dir_all(dir).expect("mkdir");
+    let mut total = 0u64;
+    let mut n = 0usize;
+    let mut todo: Vec<std::path::PathBuf> =
+        ["/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/libexec"]
+            .iter()
+            .map(Into::into)
+            .collect();
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for path in entries {
+            let Ok(m) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if m.is_dir() {
+                todo.push(path);
+            } else if m.is_file() && m.len() > 0 && total < budget {
+                n += 1;
+                if fs::copy(&path, dir.join(format!("f{n}"))).is_ok() {
+                    total += m.len();
+                }
+            }
+        }
+    }
+    eprintln!("real corpus: {n} files, {} MiB", total / MIB);
 }
