@@ -317,11 +317,11 @@ impl PeerServer {
                 .await
                 .map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
                 packer = back;
-                let len = frame.len() as u64;
                 send.write_chunk(Bytes::from(frame))
                     .await
                     .map_err(|_| StreamEnd::PeerGone)?;
-                self.count(&node, |c| c.bytes_served += len);
+                // NAR bytes, as the receiver counts them.
+                self.count(&node, |c| c.bytes_served += n as u64);
             }
         }
         Ok(())
