@@ -310,10 +310,8 @@ async fn from_holder(
         Ok(c) => c,
         Err(e) => return HolderEnd::Failed(e.to_string()),
     };
-    let link = mesh
-        .peer_counters(&node)
-        .map_or(0, |c| c.link_bytes_per_sec);
-    let level = resolver.compression().level(link);
+    let link = mesh.peer_counters(&node).unwrap_or_default().link;
+    let level = resolver.compression().level(&link);
     let opened = client::open_nar(
         &conn,
         &info.path.hash_part(),
@@ -339,8 +337,9 @@ async fn from_holder(
     let measure = |reader: &NarReader, nar_bytes: u64| {
         let wire = reader.wire_bytes().unwrap_or(nar_bytes);
         let secs = began.elapsed().as_secs_f64();
+        let packed = level.is_some_and(|l| l > 0) && reader.wire_bytes().is_some();
         mesh.count(&node, |c| {
-            c.link_bytes_per_sec = compression::measure(c.link_bytes_per_sec, wire, secs)
+            compression::record(&mut c.link, packed, nar_bytes, wire, secs)
         });
     };
     loop {

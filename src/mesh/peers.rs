@@ -50,10 +50,24 @@ pub struct PeerCounters {
     pub bytes_fetched: u64,
     /// Failed or malformed exchanges, either way.
     pub errors: u64,
-    /// Bytes per second on the wire of NARs from the peer, as measured
-    /// (a moving average over transfers of 1 MiB or more; 0: not yet).
+    /// What NARs from the peer achieved, for choosing how to ask for the
+    /// next (`fetch::compression`).
     #[serde(default)]
-    pub link_bytes_per_sec: u64,
+    pub link: LinkStats,
+}
+
+/// Moving averages over NAR transfers of 1 MiB or more from a peer, in
+/// bytes per second (0: none measured yet).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStats {
+    /// Bytes on the wire.
+    pub wire: u64,
+    /// NAR bytes, of transfers in compressed chunk frames.
+    pub packed: u64,
+    /// NAR bytes, of raw transfers.
+    pub raw: u64,
+    /// Such transfers so far.
+    pub transfers: u64,
 }
 
 #[derive(Clone, Debug)]
