@@ -136,6 +136,7 @@ async fn run_liar(
                             None
                         }
                         Ok(Request::UpstreamFile { .. }) => Some(Response::NotFound),
+                        Ok(Request::BadNar { .. }) => Some(Response::Noted),
                         Ok(Request::UpstreamNarinfo { .. }) => {
                             Some(Response::UpstreamMiss { asked: Vec::new() })
                         }

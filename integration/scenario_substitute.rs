@@ -187,18 +187,38 @@ fn a_corrupt_copy_never_becomes_a_valid_path() {
     assert!(agent_b.metric("nixmesh_nar_verify_failures_total") >= 1.0);
     let a_row = agent_b.peer("h0").expect("h0");
     assert!(a_row.quarantined, "A is not quarantined: {a_row:#?}");
-    assert!(agent_a.log().contains("refusing to serve a corrupt NAR"));
+    // A sent its copy unhashed (B hashes it); B told A, A hashed its copy
+    // and shares it no more: B afresh (no quarantine) finds no one.
+    wait_until(Duration::from_secs(10), "A finds its copy corrupt", || {
+        agent_a
+            .log()
+            .contains("the store copy is corrupt; no longer sharing it")
+    });
+    assert!(agent_a
+        .log()
+        .contains("a peer says a NAR from here did not match its hash"));
+    drop(agent_b);
+    let agent_b = b.start_agent("");
+    wait_all_alive(&[(a, &agent_a), (b, &agent_b)]);
+    let narinfo = format!("{SUBSTITUTER}/{}.narinfo", hash_part(&path));
+    assert_eq!(
+        b.http_status(&narinfo).0,
+        404,
+        "A still offers its corrupt copy"
+    );
 
-    // An honest holder C joins, and B starts afresh (no quarantine). A
-    // wins the narinfo race (C is paused for it), so the NAR comes from A
+    // A restarts (it remembers corrupt copies only while it runs) and
+    // offers the copy again. An honest holder C joins, and B starts afresh.
+    // A wins the narinfo race (C is paused for it), so the NAR comes from A
     // first: B must end with the intact path from C, or fail cleanly and
     // then get it from C; A is left out, C is not blamed.
     drop(agent_b);
+    drop(agent_a);
+    let agent_a = a.start_agent("");
     let agent_b = b.start_agent("");
     let agent_c = c.start_agent("");
     wait_all_alive(&[(a, &agent_a), (b, &agent_b), (c, &agent_c)]);
     agent_c.signal("STOP");
-    let narinfo = format!("{SUBSTITUTER}/{}.narinfo", hash_part(&path));
     let (status, _) = b.http_status(&narinfo);
     agent_c.signal("CONT");
     assert_eq!(status, 200);

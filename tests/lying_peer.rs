@@ -105,6 +105,7 @@ async fn run_liar(endpoint: quinn::Endpoint, narinfo: String, nar: Arc<Vec<u8>>,
                             present: vec![true; hashes.len()],
                         },
                         Ok(Request::UpstreamFile { .. }) => Response::NotFound,
+                        Ok(Request::BadNar { .. }) => Response::Noted,
                         Ok(Request::UpstreamNarinfo { .. }) => {
                             Response::UpstreamMiss { asked: Vec::new() }
                         }

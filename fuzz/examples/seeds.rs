@@ -54,6 +54,10 @@ fn main() {
             offset: 96,
             level: 1,
         },
+        Request::BadNar {
+            hash: hash.clone(),
+            nar_hash,
+        },
     ];
     for (i, r) in requests.iter().enumerate() {
         write("wire_request", &format!("seed-{i}"), &body(r.encode()));

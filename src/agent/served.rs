@@ -9,7 +9,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::{self, BoxStream, StreamExt};
 
 use crate::mesh::server::{NarFault, ServedPaths};
-use crate::nix::{HashPart, PathInfo};
+use crate::nix::{HashPart, PathInfo, Sha256Hash};
 use crate::store::nar_stream::NarStreamError;
 use crate::store::shared::SharedStore;
 
@@ -34,5 +34,10 @@ impl ServedPaths for Served {
             Some((item, rx))
         })
         .boxed()
+    }
+
+    fn bad_nar(&self, hash: HashPart, nar_hash: Sha256Hash, reporter: &str) {
+        let outcome = self.0.recheck(hash.clone(), nar_hash, reporter);
+        tracing::debug!(path = %hash, peer = reporter, ?outcome, "a peer reported a bad NAR");
     }
 }

@@ -224,6 +224,7 @@ pub async fn relay(
             for node in &contributors {
                 quarantine(&resolver, *node, "NAR did not match its hash");
             }
+            tell_holders(&resolver, &contributors, info);
             resolver.forget(&hash);
         }
         stats.in_flight.dec();
@@ -250,6 +251,7 @@ pub async fn relay(
             for node in &contributors {
                 quarantine(&resolver, *node, "NAR did not match its hash");
             }
+            tell_holders(&resolver, &contributors, info);
             resolver.forget(&hash);
             let _ = tx
                 .send(Err(FetchError::HashMismatch {
@@ -274,6 +276,24 @@ pub async fn relay(
     }
     stats.in_flight.dec();
     finished_by
+}
+
+/// Tells the holders that sent parts of a NAR that did not match its hash
+/// (holders do not hash what they send): each checks its copy and stops
+/// sharing it if it is corrupt. A liar learns nothing it did not know.
+fn tell_holders(resolver: &Resolver, holders: &[NodeId], info: &crate::nix::PathInfo) {
+    for node in holders.iter().copied() {
+        let mesh = resolver.mesh().clone();
+        let (hash, nar_hash) = (info.path.hash_part(), info.nar_hash);
+        tokio::spawn(async move {
+            let Ok(conn) = mesh.connection(node).await else {
+                return;
+            };
+            if let Err(e) = client::bad_nar(&conn, &hash, &nar_hash, STALL_TIMEOUT).await {
+                tracing::debug!(peer = %node, path = %hash, error = %e, "could not tell a holder its NAR was bad");
+            }
+        });
+    }
 }
 
 fn quarantine(resolver: &Resolver, node: NodeId, why: &str) {

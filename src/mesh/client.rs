@@ -146,6 +146,27 @@ pub async fn open_nar(
     }
 }
 
+/// (Version 3.) Tells the peer the NAR of `hash` it sent did not match
+/// `nar_hash`. Nothing to do on a connection of an older version.
+pub async fn bad_nar(
+    conn: &quinn::Connection,
+    hash: &HashPart,
+    nar_hash: &Sha256Hash,
+    timeout: Duration,
+) -> Result<(), PeerError> {
+    if transport::version(conn) < 3 {
+        return Ok(());
+    }
+    let req = Request::BadNar {
+        hash: hash.clone(),
+        nar_hash: *nar_hash,
+    };
+    match exchange(conn, &req, timeout).await? {
+        (_, Response::Noted) => Ok(()),
+        _ => Err(PeerError::Unexpected("to a bad NAR report")),
+    }
+}
+
 /// (Protocol version 2.) Asks the peer for an upstream file it downloads
 /// for the office: the stream then carries exactly `file_size` bytes.
 /// `None` when the peer has no such file to offer.

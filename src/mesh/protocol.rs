@@ -24,6 +24,9 @@ pub const ALPN_V1: &[u8] = b"nixmesh/1";
 pub const ALPN_V2: &[u8] = b"nixmesh/2";
 /// Version 3 adds `NarChunks`: the NAR in chunk frames, each compressed
 /// with zstd at the level the asker chose, or raw if it does not compress.
+/// It also adds `BadNar`/`Noted`: holders no longer hash what they send
+/// (the receiver does), so a receiver tells the holder when a NAR did not
+/// match its hash.
 pub const ALPN_V3: &[u8] = b"nixmesh/3";
 /// The newest protocol version.
 pub const NEWEST: u32 = 3;
@@ -111,6 +114,13 @@ pub enum Request {
         offset: u64,
         level: u8,
     },
+    /// (Version 3.) The NAR of this path with this NarHash that the asker
+    /// got from the asked agent did not match it: the holder should check
+    /// its copy.
+    BadNar {
+        hash: HashPart,
+        nar_hash: Sha256Hash,
+    },
     /// (Version 2.) The upstream cache's file of this path, whose FileHash
     /// is `file_hash`, downloaded by the asked agent (once for the whole
     /// office) and streamed as it arrives.
@@ -163,6 +173,9 @@ pub enum Response {
         code: u32,
         message: String,
     },
+    /// (Version 3.) A `BadNar` report was heard (whether the copy gets
+    /// checked now is the holder's business).
+    Noted,
 }
 
 mod kind {
@@ -173,6 +186,7 @@ mod kind {
     pub const UPSTREAM_FILE: u8 = 5;
     pub const UPSTREAM_NARINFO: u8 = 6;
     pub const NAR_CHUNKS: u8 = 7;
+    pub const BAD_NAR: u8 = 8;
     pub const PONG: u8 = 65;
     pub const PATH_INFO_REPLY: u8 = 66;
     pub const NOT_FOUND: u8 = 67;
@@ -182,6 +196,7 @@ mod kind {
     pub const FILE_FOLLOWS: u8 = 71;
     pub const UPSTREAM_HIT: u8 = 72;
     pub const UPSTREAM_MISS: u8 = 73;
+    pub const NOTED: u8 = 74;
 }
 
 struct Writer(Vec<u8>);
@@ -314,6 +329,12 @@ impl Request {
                 w.0.extend_from_slice(hash.as_str().as_bytes());
                 w.finish()
             }
+            Request::BadNar { hash, nar_hash } => {
+                let mut w = Writer::new(kind::BAD_NAR);
+                w.0.extend_from_slice(hash.as_str().as_bytes());
+                w.0.extend_from_slice(&nar_hash.0);
+                w.finish()
+            }
             Request::NarChunks {
                 hash,
                 nar_hash,
@@ -371,6 +392,15 @@ impl Request {
             kind::UPSTREAM_NARINFO => Request::UpstreamNarinfo {
                 hash: r.hash_part()?,
             },
+            kind::BAD_NAR => {
+                let hash = r.hash_part()?;
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(r.take(32)?);
+                Request::BadNar {
+                    hash,
+                    nar_hash: Sha256Hash(digest),
+                }
+            }
             kind::NAR_CHUNKS => {
                 let hash = r.hash_part()?;
                 let mut digest = [0u8; 32];
@@ -410,6 +440,7 @@ impl Response {
                 w.finish()
             }
             Response::NotFound => Writer::new(kind::NOT_FOUND).finish(),
+            Response::Noted => Writer::new(kind::NOTED).finish(),
             Response::NarFollows { nar_size } => {
                 let mut w = Writer::new(kind::NAR_FOLLOWS);
                 w.u64(*nar_size);
@@ -466,6 +497,7 @@ impl Response {
                     .to_string(),
             },
             kind::NOT_FOUND => Response::NotFound,
+            kind::NOTED => Response::Noted,
             kind::NAR_FOLLOWS => Response::NarFollows { nar_size: r.u64()? },
             kind::FILE_FOLLOWS => Response::FileFollows {
                 file_size: r.u64()?,
@@ -558,6 +590,10 @@ mod tests {
                 offset: 5,
                 level: 3,
             },
+            Request::BadNar {
+                hash: hp('i'),
+                nar_hash: Sha256Hash([5; 32]),
+            },
         ] {
             assert_eq!(Request::decode(body(&req.encode())).unwrap(), req);
         }
@@ -576,6 +612,7 @@ mod tests {
             Response::NotFound,
             Response::NarFollows { nar_size: 120 },
             Response::FileFollows { file_size: 7 },
+            Response::Noted,
             Response::UpstreamHit {
                 cache: "https://cache.nixos.org".into(),
                 narinfo: "StorePath: x\n".into(),

@@ -47,6 +47,9 @@ pub trait ServedPaths: Send + Sync + 'static {
     fn have_many(self: Arc<Self>, hashes: Vec<HashPart>) -> BoxFuture<'static, Vec<bool>>;
     /// The NAR of a path `info` returned, from byte `offset`.
     fn nar(&self, info: PathInfo, offset: u64) -> BoxStream<'static, Result<Bytes, NarFault>>;
+    /// Peer `reporter` says the NAR of `hash` it got from here did not
+    /// match `nar_hash`.
+    fn bad_nar(&self, hash: HashPart, nar_hash: Sha256Hash, reporter: &str);
 }
 
 /// Files this agent downloads from upstream caches for its peers: the
@@ -161,7 +164,7 @@ impl PeerServer {
                     "a version 2 request on a version 1 connection".to_string(),
                 ))
             }
-            Ok(Request::NarChunks { .. }) if version < 3 => Err((
+            Ok(Request::NarChunks { .. } | Request::BadNar { .. }) if version < 3 => Err((
                 code::UNKNOWN_KIND,
                 format!("a version 3 request on a version {version} connection"),
             )),
@@ -220,6 +223,10 @@ impl PeerServer {
                     .await
             }
             Request::UpstreamNarinfo { hash } => self.serve_upstream_narinfo(&mut send, hash).await,
+            Request::BadNar { hash, nar_hash } => {
+                self.shared.bad_nar(hash, nar_hash, &node.fingerprint());
+                write_response(&mut send, &Response::Noted).await
+            }
         };
         match result {
             Ok(()) => {

@@ -1,8 +1,11 @@
 //! Streams a store path's NAR out of the local store: a blocking thread runs
-//! the encoder, hashes every byte, and hands bounded chunks to an async
-//! consumer. The last chunk is held back until the SHA-256 and size match the
-//! DB, so a corrupted file can never produce a complete, wrong NAR: the
-//! stream ends in an error instead and the event is logged.
+//! the encoder and hands bounded chunks to an async consumer. The last chunk
+//! is held back until the size (and, with `Check::Hash`, the SHA-256)
+//! matches the DB: a file of another size never produces a complete NAR,
+//! the stream ends in an error instead and the event is logged. What is
+//! served to peers and to Nix is checked for size only, since the receiver
+//! hashes every byte anyway (a peer that finds a wrong hash says so, and
+//! the copy is then hashed here: `Check::Hash`, `store::shared`).
 
 use std::io;
 use std::sync::Arc;
@@ -46,8 +49,18 @@ impl NarStream {
     }
 }
 
-/// Starts streaming `info`'s NAR from byte `offset`.
-pub fn spawn(store: Arc<Store>, info: PathInfo, offset: u64) -> NarStream {
+/// What a stream checks before its last chunk goes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// The NAR's size against the DB's NarSize.
+    Size,
+    /// Its size and its SHA-256 against the DB's NarHash.
+    Hash,
+}
+
+/// Starts streaming `info`'s NAR from byte `offset`, checked as `check`
+/// says.
+pub fn spawn(store: Arc<Store>, info: PathInfo, offset: u64, check: Check) -> NarStream {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     if offset > info.nar_size {
         let err = NarStreamError::OffsetBeyondEnd {
@@ -57,7 +70,7 @@ pub fn spawn(store: Arc<Store>, info: PathInfo, offset: u64) -> NarStream {
         let _ = tx.try_send(Err(err));
         return NarStream { rx };
     }
-    tokio::task::spawn_blocking(move || run(&store, &info, offset, tx));
+    tokio::task::spawn_blocking(move || run(&store, &info, offset, check, tx));
     NarStream { rx }
 }
 
@@ -65,6 +78,7 @@ fn run(
     store: &Store,
     info: &PathInfo,
     offset: u64,
+    check: Check,
     tx: mpsc::Sender<Result<Bytes, NarStreamError>>,
 ) {
     let real = store.real_path(&info.path);
@@ -73,7 +87,7 @@ fn run(
         path: path.clone(),
         reason,
     };
-    let mut sink = VerifyingSink::new(tx.clone(), info.nar_size, offset);
+    let mut sink = VerifyingSink::new(tx.clone(), info.nar_size, offset, check);
     let outcome = match nar::encode(&real, &mut sink) {
         Ok(()) => sink.finish(info),
         Err(nar::NarError::Sink(_)) if sink.oversized => Err(corrupt(format!(
@@ -163,7 +177,8 @@ impl Digester {
 /// `finish`, which sends it only when the whole NAR verified.
 struct VerifyingSink {
     tx: mpsc::Sender<Result<Bytes, NarStreamError>>,
-    digester: Digester,
+    /// None: size only.
+    digester: Option<Digester>,
     expected_size: u64,
     /// Bytes taken so far: where the next chunk starts in the NAR.
     written: u64,
@@ -173,10 +188,15 @@ struct VerifyingSink {
 }
 
 impl VerifyingSink {
-    fn new(tx: mpsc::Sender<Result<Bytes, NarStreamError>>, expected_size: u64, skip: u64) -> Self {
+    fn new(
+        tx: mpsc::Sender<Result<Bytes, NarStreamError>>,
+        expected_size: u64,
+        skip: u64,
+        check: Check,
+    ) -> Self {
         Self {
             tx,
-            digester: Digester::new(expected_size),
+            digester: (check == Check::Hash).then(|| Digester::new(expected_size)),
             expected_size,
             written: 0,
             skip,
@@ -188,7 +208,9 @@ impl VerifyingSink {
     /// Hashes `chunk` (which starts at `start`) and queues what of it lies
     /// past `skip`; the previously held piece goes out.
     fn take_chunk(&mut self, chunk: Bytes, start: u64) -> io::Result<()> {
-        self.digester.update(&chunk);
+        if let Some(d) = &mut self.digester {
+            d.update(&chunk);
+        }
         let end = start + chunk.len() as u64;
         if end <= self.skip {
             return Ok(());
@@ -214,9 +236,10 @@ impl VerifyingSink {
                 self.written, self.expected_size
             )));
         }
-        let digest = self.digester.finish();
-        if digest != Some(info.nar_hash.0) {
-            return Err(corrupt("hash differs".into()));
+        if let Some(d) = self.digester.take() {
+            if d.finish() != Some(info.nar_hash.0) {
+                return Err(corrupt("hash differs".into()));
+            }
         }
         if let Some(last) = self.held.take() {
             // A consumer that left before the last chunk is no fault of the
@@ -270,8 +293,17 @@ mod tests {
     /// Feeds `nar` through a sink in uneven pieces; returns what came out
     /// and how `finish` ended.
     fn stream(nar: &[u8], info: &PathInfo, skip: u64) -> (Vec<u8>, Result<(), NarStreamError>) {
+        stream_checked(nar, info, skip, Check::Hash)
+    }
+
+    fn stream_checked(
+        nar: &[u8],
+        info: &PathInfo,
+        skip: u64,
+        check: Check,
+    ) -> (Vec<u8>, Result<(), NarStreamError>) {
         let (tx, mut rx) = mpsc::channel(4096);
-        let mut sink = VerifyingSink::new(tx, info.nar_size, skip);
+        let mut sink = VerifyingSink::new(tx, info.nar_size, skip, check);
         for piece in nar.chunks(100_003) {
             sink.chunk(Bytes::copy_from_slice(piece)).unwrap();
         }
@@ -306,6 +338,21 @@ mod tests {
             let (out, end) = stream(&nar, &info, 0);
             assert!(matches!(end, Err(NarStreamError::Corrupt { .. })));
             assert!(out.len() < size, "a wrong NAR was sent whole");
+            // Checked for size only, it goes out whole: the receiver's
+            // hash is what catches it.
+            let (out, end) = stream_checked(&nar, &info, 0, Check::Size);
+            assert!(end.is_ok());
+            assert_eq!(out.len(), size);
         }
+    }
+
+    #[test]
+    fn a_size_check_withholds_the_end_of_a_short_nar() {
+        let nar = vec![3u8; 5000];
+        let mut info = info_for(&nar);
+        info.nar_size += 1;
+        let (out, end) = stream_checked(&nar, &info, 0, Check::Size);
+        assert!(matches!(end, Err(NarStreamError::Corrupt { .. })));
+        assert!(out.len() < nar.len());
     }
 }

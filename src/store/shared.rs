@@ -1,22 +1,60 @@
 //! This host's store as the outside sees it: only the paths the share policy
 //! lets out, with this host's signature added. Both the LAN HTTP endpoint and
 //! the peer server serve through it, so the policy is applied in one place.
+//! NARs go out checked for size only (their receivers hash them); a peer
+//! that found one wrong says so (`recheck`), the copy is then hashed here,
+//! and a corrupt one is no longer shared.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::nix::{HashPart, PathInfo};
+use tokio::sync::Semaphore;
+
+use crate::lock::lock;
+use crate::nix::{HashPart, PathInfo, Sha256Hash};
 use crate::store::db::Store;
-use crate::store::nar_stream::{self, NarStream};
+use crate::store::nar_stream::{self, Check, NarStream};
 use crate::store::share::SharePolicy;
+
+/// Copies hashed at once after reports of corruption.
+const CHECKS_AT_ONCE: usize = 2;
+/// A path is hashed again after a report at most this often: reports cost
+/// the reporter nothing and the holder a read of the whole NAR.
+const RECHECK_EVERY: Duration = Duration::from_secs(600);
+/// Paths remembered as recently checked, at most.
+const MAX_CHECKED: usize = 4096;
 
 pub struct SharedStore {
     store: Arc<Store>,
     policy: Arc<SharePolicy>,
+    /// Paths whose copy here failed its NarHash: not shared until the
+    /// agent restarts (Nix's `--repair-path` mends them).
+    corrupt: Mutex<HashSet<HashPart>>,
+    checked: Mutex<HashMap<HashPart, Instant>>,
+    check_slots: Arc<Semaphore>,
+}
+
+/// What became of a report that a NAR from here was wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recheck {
+    /// The copy is being hashed.
+    Started,
+    /// Not now: checked lately, or enough checks under way.
+    Later,
+    /// No such path is shared (or not with that NarHash).
+    NotShared,
 }
 
 impl SharedStore {
     pub fn new(store: Arc<Store>, policy: Arc<SharePolicy>) -> Arc<Self> {
-        Arc::new(Self { store, policy })
+        Arc::new(Self {
+            store,
+            policy,
+            corrupt: Mutex::new(HashSet::new()),
+            checked: Mutex::new(HashMap::new()),
+            check_slots: Arc::new(Semaphore::new(CHECKS_AT_ONCE)),
+        })
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -50,6 +88,9 @@ impl SharedStore {
 
     /// `info`, for callers that are not async.
     pub fn info_now(&self, hash: HashPart) -> Option<PathInfo> {
+        if lock(&self.corrupt).contains(&hash) {
+            return None;
+        }
         match self.store.path_info(&hash) {
             Ok(info) => self.policy.prepare(info?),
             Err(e) => {
@@ -59,8 +100,73 @@ impl SharedStore {
         }
     }
 
-    /// Streams the NAR of a path `info` returned, from byte `offset`.
+    /// Streams the NAR of a path `info` returned, from byte `offset`,
+    /// checked for size only: the receiver hashes it.
     pub fn nar(&self, info: PathInfo, offset: u64) -> NarStream {
-        nar_stream::spawn(self.store.clone(), info, offset)
+        nar_stream::spawn(self.store.clone(), info, offset, Check::Size)
+    }
+
+    /// `reporter` says the NAR of `hash` it got from here did not match
+    /// `nar_hash`: hashes this host's copy in the background and stops
+    /// sharing it if it is corrupt.
+    pub fn recheck(
+        self: &Arc<Self>,
+        hash: HashPart,
+        nar_hash: Sha256Hash,
+        reporter: &str,
+    ) -> Recheck {
+        let Some(info) = self
+            .info_now(hash.clone())
+            .filter(|i| i.nar_hash == nar_hash)
+        else {
+            return Recheck::NotShared;
+        };
+        {
+            let mut checked = lock(&self.checked);
+            if checked
+                .get(&hash)
+                .is_some_and(|at| at.elapsed() < RECHECK_EVERY)
+            {
+                return Recheck::Later;
+            }
+            if checked.len() >= MAX_CHECKED {
+                checked.retain(|_, at| at.elapsed() < RECHECK_EVERY);
+            }
+            if checked.len() >= MAX_CHECKED {
+                return Recheck::Later;
+            }
+            checked.insert(hash.clone(), Instant::now());
+        }
+        let Ok(slot) = self.check_slots.clone().try_acquire_owned() else {
+            lock(&self.checked).remove(&hash);
+            return Recheck::Later;
+        };
+        tracing::warn!(path = %info.path, peer = reporter, "a peer says a NAR from here did not match its hash; checking the store copy");
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let path = info.path.to_string();
+            // Every byte hashed, none sent: the stream ends in an error if
+            // the copy is wrong.
+            let mut stream =
+                nar_stream::spawn(this.store.clone(), info.clone(), info.nar_size, Check::Hash);
+            let mut outcome = Ok(());
+            while let Some(item) = stream.next().await {
+                if let Err(e) = item {
+                    outcome = Err(e);
+                }
+            }
+            match outcome {
+                Err(e @ nar_stream::NarStreamError::Corrupt { .. }) => {
+                    tracing::error!(path = %path, error = %e, "the store copy is corrupt; no longer sharing it (nix-store --repair-path mends it)");
+                    lock(&this.corrupt).insert(hash);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path, error = %e, "could not check the store copy")
+                }
+                Ok(()) => tracing::info!(path = %path, "the store copy is intact"),
+            }
+        });
+        Recheck::Started
     }
 }
