@@ -14,5 +14,6 @@ mod scenario_office_scale;
 mod scenario_pull_through;
 mod scenario_slow_lan;
 mod scenario_store;
+mod scenario_stripes;
 mod scenario_substitute;
 mod scenario_uplink;

@@ -52,7 +52,9 @@ fn failover(loss: Loss) {
     }
     b.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
     let mut agents = [a.start_agent(""), c.start_agent("")];
-    let agent_b = b.start_agent("");
+    // One holder at a time: this is the failover of a single stream (striping
+    // has its own scenario, scenario_stripes).
+    let agent_b = b.start_agent("[mesh]\nstripe_from_mib = 0\n");
     wait_all_alive(&[(a, &agents[0]), (b, &agent_b), (c, &agents[1])]);
     a.shape(RATE);
     c.shape(RATE);
@@ -134,7 +136,7 @@ fn failover(loss: Loss) {
 
 /// `nix-store --realise path` on `host`, in the background; its output goes
 /// to `nix-realise.log` in the host's dir.
-fn spawn_realise(host: &Host, path: &str) -> Child {
+pub(crate) fn spawn_realise(host: &Host, path: &str) -> Child {
     let log = std::fs::File::create(host.dir().join("nix-realise.log")).expect("log file");
     host.command(&["nix-store", "--realise", path])
         .stdout(log.try_clone().expect("log file"))
@@ -144,15 +146,15 @@ fn spawn_realise(host: &Host, path: &str) -> Child {
         .expect("nix-store runs")
 }
 
-fn nix_output(host: &Host) -> String {
+pub(crate) fn nix_output(host: &Host) -> String {
     std::fs::read_to_string(host.dir().join("nix-realise.log")).unwrap_or_default()
 }
 
-fn exited(child: &mut Child) -> bool {
+pub(crate) fn exited(child: &mut Child) -> bool {
     matches!(child.try_wait(), Ok(Some(_)))
 }
 
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + limit;
     loop {
         if let Ok(Some(status)) = child.try_wait() {

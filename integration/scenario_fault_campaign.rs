@@ -129,6 +129,7 @@ async fn run_liar(
                             nar_hash,
                             offset,
                             level,
+                            ..
                         }) => {
                             let level = Some(level);
                             lie_about_nar(&to_h0, &hash, &nar_hash, offset, level, &mut send).await;

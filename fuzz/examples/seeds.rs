@@ -52,6 +52,7 @@ fn main() {
             hash: hash.clone(),
             nar_hash,
             offset: 96,
+            end: 4096,
             level: 1,
         },
         Request::BadNar {

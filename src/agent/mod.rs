@@ -20,7 +20,7 @@ use crate::config::settings::{
     upstream_caches, SettingsError,
 };
 use crate::config::Config;
-use crate::fetch::resolver::Resolver;
+use crate::fetch::resolver::{Resolver, Transfer};
 use crate::fetch::upstream::office::ForPeers;
 use crate::fetch::upstream::{Spool, UpstreamClient, Upstreams};
 use crate::mesh::discovery::{self, Announcement, DiscoveryConfig, DiscoveryError};
@@ -252,7 +252,11 @@ pub async fn run(
             upstreams,
             policy,
             deadline,
-            config.mesh.compression,
+            Transfer {
+                compression: config.mesh.compression,
+                stripe_from: (config.mesh.stripe_from_mib > 0)
+                    .then_some(config.mesh.stripe_from_mib << 20),
+            },
         );
         if pulls {
             // Peers may ask this agent for the upstream files it owns.

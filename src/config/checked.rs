@@ -97,6 +97,15 @@ pub fn max_protocol<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     Ok(v)
 }
 
+/// `mesh.stripe_from_mib`: 0 (never) to 1 TiB.
+pub fn stripe_from_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let mib = u64::deserialize(d)?;
+    if mib > 1 << 20 {
+        return Err(D::Error::custom("must be 0 to 1048576"));
+    }
+    Ok(mib)
+}
+
 /// `substituter.prefetch_mib`: 0 (off) to `MAX_PREFETCH_MIB`.
 pub fn prefetch_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let mib = u64::deserialize(d)?;

@@ -119,6 +119,8 @@ pub struct MeshConfig {
     #[serde(deserialize_with = "checked::max_protocol")]
     pub max_protocol: u32,
     pub compression: crate::fetch::compression::Compression,
+    #[serde(deserialize_with = "checked::stripe_from_mib")]
+    pub stripe_from_mib: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -163,6 +165,7 @@ impl Default for MeshConfig {
             static_peers: Vec::new(),
             max_protocol: crate::mesh::protocol::NEWEST,
             compression: crate::fetch::compression::Compression::Auto,
+            stripe_from_mib: 32,
         }
     }
 }

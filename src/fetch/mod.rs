@@ -2,7 +2,8 @@
 //! streamed from its holders. `race` decides which narinfo answer wins,
 //! `resolver` runs the race across live peers, `relay` streams and verifies
 //! the NAR with failover (compressed at the level `compression` picks for
-//! the link), `prefetch` fetches small NARs ahead of Nix, and
+//! the link; a large NAR several peers hold in `stripes` from all of them),
+//! `prefetch` fetches small NARs ahead of Nix, and
 //! `upstream` pulls what no peer holds from the upstream caches.
 
 pub mod compression;
@@ -10,5 +11,6 @@ pub mod prefetch;
 pub mod race;
 pub mod relay;
 pub mod resolver;
+pub mod stripes;
 pub mod upstream;
 pub mod verify;

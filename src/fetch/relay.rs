@@ -6,9 +6,10 @@
 //! left, or a hash mismatch, the response is cut off instead. A peer whose
 //! bytes did not verify is quarantined.
 
+use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,12 +22,15 @@ use prometheus_client::registry::Registry;
 
 use crate::fetch::compression;
 use crate::fetch::resolver::{Found, Resolver};
+use crate::fetch::stripes;
 use crate::fetch::verify::{NarCheck, Verdict};
+use crate::lock::lock;
 use crate::mesh::client;
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_reader::{NarReadError, NarReader};
 use crate::mesh::protocol::code;
 use crate::mesh::transport::FrameReadError;
+use crate::nix::HashPart;
 use crate::nix::NarInfo;
 
 /// A holder that sends nothing for this long is stalled.
@@ -57,9 +61,27 @@ pub struct FetchStats {
     pub verify_failures: Counter,
     pub in_flight: Gauge<u64, AtomicU64>,
     pub completed: Counter,
+    /// NARs whose striped fetch did not verify: fetched one holder at a
+    /// time from then on, which tells the liar apart.
+    unstriped: Mutex<HashSet<HashPart>>,
 }
 
+/// NARs remembered as not to be striped, at most.
+const MAX_UNSTRIPED: usize = 1024;
+
 impl FetchStats {
+    fn unstriped(&self, hash: &HashPart) -> bool {
+        lock(&self.unstriped).contains(hash)
+    }
+
+    fn stop_striping(&self, hash: HashPart) {
+        let mut set = lock(&self.unstriped);
+        if set.len() >= MAX_UNSTRIPED {
+            set.clear();
+        }
+        set.insert(hash);
+    }
+
     pub fn register(&self, registry: &mut Registry) {
         let counters = [
             (
@@ -139,11 +161,21 @@ pub async fn relay(
     let hash = info.path.hash_part();
     let size = info.nar_size;
     let mut progress = Progress {
-        check: NarCheck::new(size, info.nar_hash, window),
+        check: NarCheck::new(size, info.nar_hash, window.clone()),
         client_gone: false,
         // Only bytes Nix has seen are worth checking after it leaves.
         drain: purpose == Purpose::Nix,
     };
+    let stripe = resolver.stripe_from().is_some_and(|from| size >= from);
+    if purpose == Purpose::Nix && stripe && !stats.unstriped(&hash) {
+        let mut all = holders.clone();
+        all.extend(resolver.more_holders(&hash, &all).await);
+        if all.len() >= 2 {
+            let outcome = stripes::fetch_striped(&resolver, &narinfo, all, window, &tx).await;
+            stats.in_flight.dec();
+            return striped_end(&resolver, &stats, info, outcome, started, &tx).await;
+        }
+    }
     let mut queue = holders;
     let mut tried: Vec<NodeId> = Vec::new();
     let mut contributors: Vec<NodeId> = Vec::new();
@@ -276,6 +308,48 @@ pub async fn relay(
     }
     stats.in_flight.dec();
     finished_by
+}
+
+/// What a striped fetch's end means for Nix, the metrics and the holders.
+async fn striped_end(
+    resolver: &Resolver,
+    stats: &FetchStats,
+    info: &crate::nix::PathInfo,
+    outcome: stripes::Striped,
+    started: Instant,
+    tx: &mpsc::Sender<Result<Bytes, FetchError>>,
+) -> Option<NodeId> {
+    let hash = info.path.hash_part();
+    let error = match outcome {
+        stripes::Striped::Done(holders) => {
+            stats.completed.inc();
+            let ms = started.elapsed().as_millis() as u64;
+            let first = holders.first().copied()?;
+            tracing::info!(path = %info.path, peer = %first, peers = holders.len(), bytes = info.nar_size, ms, striped = true, "substituted");
+            return Some(first);
+        }
+        stripes::Striped::ClientGone => return None,
+        // Which holder lied is not known: each is told, each checks its
+        // copy, and Nix's next try fetches from one holder at a time, which
+        // finds the liar.
+        stripes::Striped::Mismatch(holders) => {
+            stats.verify_failures.inc();
+            stats.stop_striping(hash.clone());
+            tell_holders(resolver, &holders, info);
+            FetchError::HashMismatch {
+                path: info.path.to_string(),
+            }
+        }
+        stripes::Striped::NoHolder { offset } => FetchError::NoHolder {
+            path: info.path.to_string(),
+            offset,
+            size: info.nar_size,
+        },
+    };
+    tracing::warn!(path = %info.path, error = %error, "striped fetch failed");
+    resolver.forget(&hash);
+    let _ = tx.send(Err(error)).await;
+    None
 }
 
 /// Tells the holders that sent parts of a NAR that did not match its hash

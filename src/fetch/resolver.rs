@@ -91,11 +91,18 @@ pub struct Resolver {
     upstreams: Option<Arc<Upstreams>>,
     policy: TrustPolicy,
     deadline: Duration,
-    compression: Compression,
+    transfer: Transfer,
     memo: Mutex<HashMap<HashPart, (Instant, Option<Found>)>>,
     inflight: Mutex<HashMap<HashPart, Slot>>,
     slots: Semaphore,
     pub stats: RaceStats,
+}
+
+/// How NARs come from holders (`mesh.compression`, `mesh.stripe_from_mib`).
+#[derive(Clone, Copy, Debug)]
+pub struct Transfer {
+    pub compression: Compression,
+    pub stripe_from: Option<u64>,
 }
 
 /// Counters for metrics.
@@ -154,20 +161,20 @@ impl RaceStats {
 
 impl Resolver {
     /// `upstreams`: where to look when no peer has a path (none: nowhere);
-    /// `compression`: how NARs are to come from holders.
+    /// `transfer`: how NARs are to come from holders.
     pub fn new(
         mesh: Arc<Mesh>,
         upstreams: Option<Arc<Upstreams>>,
         policy: TrustPolicy,
         deadline: Duration,
-        compression: Compression,
+        transfer: Transfer,
     ) -> Arc<Self> {
         Arc::new(Self {
             mesh,
             upstreams,
             policy,
             deadline,
-            compression,
+            transfer,
             memo: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             slots: Semaphore::new(MAX_RACES),
@@ -180,7 +187,13 @@ impl Resolver {
     }
 
     pub fn compression(&self) -> Compression {
-        self.compression
+        self.transfer.compression
+    }
+
+    /// NARs at least this big come in stripes from several holders
+    /// (`None`: never).
+    pub fn stripe_from(&self) -> Option<u64> {
+        self.transfer.stripe_from
     }
 
     pub fn upstreams(&self) -> Option<&Arc<Upstreams>> {

@@ -129,7 +129,26 @@ pub async fn open_nar(
     level: Option<u8>,
     timeout: Duration,
 ) -> Result<Option<(u64, NarReader)>, PeerError> {
+    open_nar_part(conn, hash, nar_hash, offset..u64::MAX, level, timeout).await
+}
+
+/// `open_nar` for the bytes in `part` only (its end at most the NAR's
+/// size; `u64::MAX`: to the end). A part that ends early needs version 3.
+pub async fn open_nar_part(
+    conn: &quinn::Connection,
+    hash: &HashPart,
+    nar_hash: &Sha256Hash,
+    part: std::ops::Range<u64>,
+    level: Option<u8>,
+    timeout: Duration,
+) -> Result<Option<(u64, NarReader)>, PeerError> {
+    let offset = part.start;
     let Some(level) = level.filter(|_| transport::version(conn) >= 3) else {
+        if part.end != u64::MAX {
+            return Err(PeerError::Unexpected(
+                "a part of a NAR from an agent before version 3",
+            ));
+        }
         let opened = nar(conn, hash, nar_hash, offset, timeout).await?;
         return Ok(opened.map(|(size, recv)| (size, NarReader::raw(recv))));
     };
@@ -137,6 +156,7 @@ pub async fn open_nar(
         hash: hash.clone(),
         nar_hash: *nar_hash,
         offset,
+        end: part.end,
         level: level.min(nar_chunks::MAX_LEVEL),
     };
     match exchange(conn, &req, timeout).await? {

@@ -105,13 +105,15 @@ pub enum Request {
     Have {
         hashes: Vec<HashPart>,
     },
-    /// (Version 3.) As `Nar`, the bytes in chunk frames (`nar_chunks`),
-    /// compressed at zstd `level` (0: none; at most `nar_chunks::MAX_LEVEL`)
-    /// where that makes them smaller.
+    /// (Version 3.) As `Nar`, the bytes from `offset` up to `end` (at
+    /// most the NAR's size), in chunk frames (`nar_chunks`) compressed at
+    /// zstd `level` (0: none; at most `nar_chunks::MAX_LEVEL`) where that
+    /// makes them smaller.
     NarChunks {
         hash: HashPart,
         nar_hash: Sha256Hash,
         offset: u64,
+        end: u64,
         level: u8,
     },
     /// (Version 3.) The NAR of this path with this NarHash that the asker
@@ -339,12 +341,14 @@ impl Request {
                 hash,
                 nar_hash,
                 offset,
+                end,
                 level,
             } => {
                 let mut w = Writer::new(kind::NAR_CHUNKS);
                 w.0.extend_from_slice(hash.as_str().as_bytes());
                 w.0.extend_from_slice(&nar_hash.0);
                 w.u64(*offset);
+                w.u64(*end);
                 w.0.push(*level);
                 w.finish()
             }
@@ -406,14 +410,19 @@ impl Request {
                 let mut digest = [0u8; 32];
                 digest.copy_from_slice(r.take(32)?);
                 let offset = r.u64()?;
+                let end = r.u64()?;
                 let level = r.u8()?;
                 if level > crate::mesh::nar_chunks::MAX_LEVEL {
                     return Err(FrameError::BadField("level"));
+                }
+                if end < offset {
+                    return Err(FrameError::BadField("end"));
                 }
                 Request::NarChunks {
                     hash,
                     nar_hash: Sha256Hash(digest),
                     offset,
+                    end,
                     level,
                 }
             }
@@ -588,6 +597,7 @@ mod tests {
                 hash: hp('h'),
                 nar_hash: Sha256Hash([4; 32]),
                 offset: 5,
+                end: 1 << 33,
                 level: 3,
             },
             Request::BadNar {

@@ -205,17 +205,18 @@ impl PeerServer {
                 nar_hash,
                 offset,
             } => {
-                self.serve_nar(node, &mut send, hash, nar_hash, offset, None)
+                self.serve_nar(node, &mut send, hash, nar_hash, offset..u64::MAX, None)
                     .await
             }
             Request::NarChunks {
                 hash,
                 nar_hash,
                 offset,
+                end,
                 level,
             } => {
                 let packer = Packer::new(level);
-                self.serve_nar(node, &mut send, hash, nar_hash, offset, Some(packer))
+                self.serve_nar(node, &mut send, hash, nar_hash, offset..end, Some(packer))
                     .await
             }
             Request::UpstreamFile { hash, file_hash } => {
@@ -245,15 +246,18 @@ impl PeerServer {
         send: &mut quinn::SendStream,
         hash: HashPart,
         nar_hash: crate::nix::Sha256Hash,
-        offset: u64,
+        part: std::ops::Range<u64>,
         packer: Option<Packer>,
     ) -> Result<(), StreamEnd> {
+        let offset = part.start;
         let info = match self.shared.info(hash) {
             Some(info) if info.nar_hash == nar_hash => info,
             _ => return write_response(send, &Response::NotFound).await,
         };
-        if offset > info.nar_size {
-            let message = format!("offset {offset} beyond {} bytes", info.nar_size);
+        // `u64::MAX`: to the end.
+        let end = part.end.min(info.nar_size);
+        if offset > end || (part.end != u64::MAX && part.end > info.nar_size) {
+            let message = format!("bytes {offset}..{} beyond {}", part.end, info.nar_size);
             return write_response(
                 send,
                 &Response::Error {
@@ -273,7 +277,7 @@ impl PeerServer {
             },
         )
         .await?;
-        let stream = self.shared.nar(info, offset);
+        let stream = take_bytes(self.shared.nar(info, offset), end - offset);
         match packer {
             None => self.send_raw(node, send, stream).await,
             Some(packer) => self.send_chunks(node, send, stream, packer).await,
@@ -390,6 +394,26 @@ impl PeerServer {
         };
         write_response(send, &resp).await
     }
+}
+
+/// The first `len` bytes of `stream`.
+fn take_bytes(stream: NarBytes, len: u64) -> NarBytes {
+    stream
+        .scan(len, |left, item| {
+            let item = match item {
+                Ok(_) if *left == 0 => None,
+                Ok(mut b) => {
+                    if b.len() as u64 > *left {
+                        b.truncate(*left as usize);
+                    }
+                    *left -= b.len() as u64;
+                    Some(Ok(b))
+                }
+                Err(e) => Some(Err(e)),
+            };
+            futures_util::future::ready(item)
+        })
+        .boxed()
 }
 
 fn nar_fault(e: NarFault) -> StreamEnd {

@@ -1,0 +1,84 @@
+//! A large NAR that several peers hold comes in stripes from all of them at
+//! once: Nix on C substitutes a 256 MiB path held by three holders, each
+//! behind a 300 Mbit/s link; every holder sends part of it, and one of them
+//! SIGKILLed half-way leaves its stripes to the others (the first missing
+//! stripe is also asked of an idle holder, so the dead one's is usually
+//! there before its stream is found dead). Nix sees one download, and the
+//! path verifies.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{wait_until, Lan};
+use crate::office::*;
+use crate::scenario_failover::{exited, nix_output, spawn_realise, wait_exit};
+
+const SIZE: u64 = 256 << 20;
+/// Each holder's link.
+const RATE: u64 = 300_000_000;
+/// NAR bytes C has (from all holders) when one holder is killed.
+const CUT_AT: u64 = 96 << 20;
+
+#[test]
+fn a_large_nar_comes_in_stripes_from_every_holder_and_survives_losing_one() {
+    let lan = Lan::new(4);
+    let client = lan.host(0);
+    let holders = [lan.host(1), lan.host(2), lan.host(3)];
+    let office = client.generate_key("office-1");
+    let source = random_file(&holders[0].dir().join("files"), "striped.bin", SIZE);
+    let path = holders[0].add_path(&source);
+    for h in &holders[1..] {
+        assert_eq!(h.add_path(&source), path);
+    }
+    std::fs::remove_file(&source).expect("remove the source file");
+    for h in holders {
+        h.configure_nix(&nix_conf("", &[&office.public]));
+        h.sign(&[&path], &office.secret_file);
+    }
+    client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
+    let mut agents: Vec<_> = holders.iter().map(|h| h.start_agent("")).collect();
+    let agent_c = client.start_agent("");
+    let mut all: Vec<_> = holders.iter().copied().zip(agents.iter()).collect();
+    all.push((client, &agent_c));
+    wait_all_alive(&all);
+    drop(all);
+    for h in holders {
+        h.shape(RATE);
+    }
+
+    let fetched = |name: &str| agent_c.peer(name).map_or(0, |p| p.counters.bytes_fetched);
+    let names = ["h1", "h2", "h3"];
+    let started = Instant::now();
+    let mut nix = spawn_realise(client, &path);
+    wait_until(
+        Duration::from_secs(60),
+        "C fetching from every holder",
+        || {
+            let total: u64 = names.iter().map(|n| fetched(n)).sum();
+            (total >= CUT_AT && names.iter().all(|n| fetched(n) > 0)) || exited(&mut nix)
+        },
+    );
+    let before: Vec<u64> = names.iter().map(|n| fetched(n)).collect();
+    assert!(
+        before.iter().all(|&b| b > 0),
+        "not every holder sent a stripe: {before:?}; {}",
+        nix_output(client)
+    );
+    agents[0].kill();
+    let status = wait_exit(&mut nix, Duration::from_secs(120));
+    let took = started.elapsed();
+    assert!(
+        status.success(),
+        "nix-store -r failed:\n{}",
+        nix_output(client)
+    );
+    assert_verified(client, &path);
+    let after: Vec<u64> = names.iter().map(|n| fetched(n)).collect();
+    eprintln!(
+        "striped: {} MiB in {took:?}; per holder when h1 was killed {before:?}, at the end {after:?}",
+        SIZE >> 20
+    );
+    assert!(after[1] > before[1] && after[2] > before[2], "{after:?}");
+    let log = agent_c.log();
+    assert!(log.contains("striped=true"), "{log}");
+    assert_eq!(agent_c.metric("nixmesh_nar_verify_failures_total"), 0.0);
+}

@@ -1,0 +1,378 @@
+//! Striped NAR fetches: a large NAR that several peers hold comes in
+//! stripes from all of them at once. Each holder takes the next stripe as
+//! soon as it is free, so faster holders send more; a stripe whose holder
+//! fails goes back for another; stripes are put in order and hashed before
+//! Nix sees them, so Nix still gets one in-order stream. At most `WINDOW`
+//! stripes past the first missing one are fetched or held at once, which
+//! bounds memory; a holder left idle by that bound fetches the first missing
+//! stripe too (whichever copy comes first is taken), so one slow holder
+//! cannot hold everyone up.
+//!
+//! `StripePlan` is the pure bookkeeping; `fetch_striped` moves the bytes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::fetch::relay::{FetchError, STALL_TIMEOUT};
+use crate::fetch::resolver::Resolver;
+use crate::fetch::verify::{NarCheck, Verdict};
+use crate::mesh::client;
+use crate::mesh::identity::NodeId;
+use crate::mesh::nar_reader::NarReadError;
+use crate::mesh::protocol::code;
+use crate::mesh::transport;
+use crate::nix::NarInfo;
+
+/// NAR bytes per stripe.
+pub const STRIPE: u64 = 4 << 20;
+/// Stripes fetched or held at once, from the first missing one on.
+pub const WINDOW: u64 = 8;
+
+/// Which stripes of a NAR are done, under way and still to fetch.
+#[derive(Debug)]
+pub struct StripePlan {
+    size: u64,
+    /// The next stripe never handed out.
+    next: u64,
+    /// Stripes handed back by a holder that failed.
+    again: BTreeSet<u64>,
+    /// Stripes fetched but not yet passed on.
+    done: BTreeMap<u64, Bytes>,
+    /// Stripes under way, and how many holders fetch each.
+    under_way: BTreeMap<u64, u32>,
+    /// The first stripe not yet passed on.
+    first_missing: u64,
+}
+
+impl StripePlan {
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            next: 0,
+            again: BTreeSet::new(),
+            done: BTreeMap::new(),
+            under_way: BTreeMap::new(),
+            first_missing: 0,
+        }
+    }
+
+    pub fn stripes(&self) -> u64 {
+        self.size.div_ceil(STRIPE)
+    }
+
+    /// The NAR bytes of stripe `i`.
+    pub fn range(&self, i: u64) -> Range<u64> {
+        i * STRIPE..((i + 1) * STRIPE).min(self.size)
+    }
+
+    /// A stripe for a free holder: one handed back, else the next new one
+    /// inside the window, else (the window is full) the first missing one
+    /// if only one holder fetches it. `None`: nothing for it to do now.
+    pub fn take(&mut self) -> Option<u64> {
+        let i = if let Some(i) = self.again.pop_first() {
+            i
+        } else if self.next < self.stripes() && self.next < self.first_missing + WINDOW {
+            self.next += 1;
+            self.next - 1
+        } else if self.under_way.get(&self.first_missing) == Some(&1) {
+            self.first_missing
+        } else {
+            return None;
+        };
+        *self.under_way.entry(i).or_default() += 1;
+        Some(i)
+    }
+
+    /// Stripe `i` arrived. A copy of a stripe already in is ignored.
+    pub fn arrived(&mut self, i: u64, bytes: Bytes) {
+        self.leave(i);
+        if i >= self.first_missing {
+            self.done.entry(i).or_insert(bytes);
+            self.under_way.remove(&i);
+            self.again.remove(&i);
+        }
+    }
+
+    /// Stripe `i`'s holder failed: someone else must fetch it, unless
+    /// another holder already does or it is in.
+    pub fn failed(&mut self, i: u64) {
+        self.leave(i);
+        let wanted = i >= self.first_missing && !self.done.contains_key(&i);
+        if wanted && !self.under_way.contains_key(&i) {
+            self.again.insert(i);
+        }
+    }
+
+    fn leave(&mut self, i: u64) {
+        if let Some(n) = self.under_way.get_mut(&i) {
+            *n -= 1;
+            if *n == 0 {
+                self.under_way.remove(&i);
+            }
+        }
+    }
+
+    /// The next stripe in order, if it is in.
+    pub fn pop_ready(&mut self) -> Option<Bytes> {
+        let bytes = self.done.remove(&self.first_missing)?;
+        self.first_missing += 1;
+        Some(bytes)
+    }
+
+    pub fn finished(&self) -> bool {
+        self.first_missing == self.stripes()
+    }
+}
+
+/// How a striped fetch ended.
+pub enum Striped {
+    /// Every byte verified and went to the consumer. The holders that sent
+    /// stripes.
+    Done(Vec<NodeId>),
+    /// The NAR did not match its hash; these holders sent parts of it.
+    Mismatch(Vec<NodeId>),
+    /// The consumer left.
+    ClientGone,
+    /// No holder could send a stripe any more.
+    NoHolder { offset: u64 },
+}
+
+/// One stripe from one holder, whole, or why not.
+async fn fetch_stripe(
+    resolver: &Resolver,
+    node: NodeId,
+    narinfo: &NarInfo,
+    part: Range<u64>,
+) -> Result<Bytes, StripeError> {
+    let info = &narinfo.info;
+    let mesh = resolver.mesh();
+    let conn = mesh
+        .connection(node)
+        .await
+        .map_err(|e| StripeError::Failed(e.to_string()))?;
+    if transport::version(&conn) < 3 {
+        return Err(StripeError::Failed("it speaks no version 3".into()));
+    }
+    let link = mesh.peer_counters(&node).unwrap_or_default().link;
+    let level = resolver.compression().level(&link).or(Some(0));
+    let want = part.end - part.start;
+    let began = Instant::now();
+    let opened = client::open_nar_part(
+        &conn,
+        &info.path.hash_part(),
+        &info.nar_hash,
+        part,
+        level,
+        STALL_TIMEOUT,
+    )
+    .await;
+    let mut reader = match opened {
+        Ok(Some((size, reader))) if size == info.nar_size => reader,
+        Ok(Some(_)) => return Err(StripeError::Failed("it has another NAR size".into())),
+        Ok(None) => return Err(StripeError::Failed("no longer has it".into())),
+        Err(e) => return Err(StripeError::Failed(e.to_string())),
+    };
+    mesh.count(&node, |c| c.requests_made += 1);
+    let mut bytes = BytesMut::with_capacity(want as usize);
+    loop {
+        match tokio::time::timeout(STALL_TIMEOUT, reader.next()).await {
+            Err(_) => {
+                reader.stop(code::CANCELLED);
+                return Err(StripeError::Failed(format!(
+                    "stalled for {STALL_TIMEOUT:?}"
+                )));
+            }
+            Ok(Err(NarReadError::Read(e))) => return Err(StripeError::Failed(e.to_string())),
+            Ok(Err(e)) => {
+                reader.stop(code::MALFORMED);
+                return Err(StripeError::Lied(e.to_string()));
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(chunk))) => {
+                if bytes.len() as u64 + chunk.len() as u64 > want {
+                    reader.stop(code::MALFORMED);
+                    return Err(StripeError::Lied("more bytes than the stripe has".into()));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+        }
+    }
+    if (bytes.len() as u64) < want {
+        return Err(StripeError::Failed(format!(
+            "stripe ended after {} bytes",
+            bytes.len()
+        )));
+    }
+    let wire = reader.wire_bytes().unwrap_or(want);
+    let packed = level.is_some_and(|l| l > 0);
+    let secs = began.elapsed().as_secs_f64();
+    mesh.count(&node, |c| {
+        c.bytes_fetched += want;
+        crate::fetch::compression::record(&mut c.link, packed, want, wire, secs);
+    });
+    Ok(bytes.freeze())
+}
+
+enum StripeError {
+    Failed(String),
+    Lied(String),
+}
+
+/// Fetches `narinfo`'s NAR in stripes from `holders`, checks it, and
+/// sends the bytes inside `window` into `tx` in order (the last piece once
+/// the whole NAR verified, as the single-holder relay does).
+pub async fn fetch_striped(
+    resolver: &Resolver,
+    narinfo: &NarInfo,
+    holders: Vec<NodeId>,
+    window: Range<u64>,
+    tx: &mpsc::Sender<Result<Bytes, FetchError>>,
+) -> Striped {
+    let info = &narinfo.info;
+    let mut plan = StripePlan::new(info.nar_size);
+    let mut check = NarCheck::new(info.nar_size, info.nar_hash, window);
+    let mut idle: Vec<NodeId> = holders;
+    let mut contributors: Vec<NodeId> = Vec::new();
+    let mut fetches = FuturesUnordered::new();
+    loop {
+        while let Some(node) = idle.first().copied() {
+            let Some(i) = plan.take() else { break };
+            idle.remove(0);
+            let part = plan.range(i);
+            fetches
+                .push(async move { (node, i, fetch_stripe(resolver, node, narinfo, part).await) });
+        }
+        if fetches.is_empty() {
+            // Holders left, but none of them can take what is missing.
+            return Striped::NoHolder {
+                offset: check.offset(),
+            };
+        }
+        let Some((node, i, result)) = fetches.next().await else {
+            continue;
+        };
+        match result {
+            Ok(bytes) => {
+                plan.arrived(i, bytes);
+                if !contributors.contains(&node) {
+                    contributors.push(node);
+                }
+                idle.push(node);
+            }
+            Err(StripeError::Failed(reason)) => {
+                tracing::warn!(path = %info.path, peer = %node, stripe = i, %reason, "a holder failed a stripe; it is asked elsewhere");
+                plan.failed(i);
+            }
+            Err(StripeError::Lied(reason)) => {
+                tracing::error!(peer = %node, path = %info.path, %reason, "quarantining a peer");
+                resolver
+                    .mesh()
+                    .quarantine(&node, crate::fetch::relay::QUARANTINE);
+                plan.failed(i);
+            }
+        }
+        while let Some(stripe) = plan.pop_ready() {
+            let release = match check.on_chunk(stripe) {
+                Ok(r) => r,
+                // Too long or not a NAR: only a lie gets here, and which
+                // holder told it is known no better than for a wrong hash.
+                Err(_) => return Striped::Mismatch(contributors),
+            };
+            if let Some(piece) = release {
+                if tx.send(Ok(piece)).await.is_err() {
+                    return Striped::ClientGone;
+                }
+            }
+        }
+        if plan.finished() {
+            break;
+        }
+    }
+    // Stragglers (second copies of a stripe) are dropped with `fetches`.
+    drop(fetches);
+    match check.finish() {
+        Verdict::Verified { last } => {
+            if let Some(last) = last {
+                if tx.send(Ok(last)).await.is_err() {
+                    return Striped::ClientGone;
+                }
+            }
+            Striped::Done(contributors)
+        }
+        Verdict::Mismatch => Striped::Mismatch(contributors),
+        Verdict::Short { offset } => Striped::NoHolder { offset },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(i: u64) -> Bytes {
+        Bytes::from(vec![i as u8; 3])
+    }
+
+    #[test]
+    fn stripes_come_out_in_order_within_the_window() {
+        let mut plan = StripePlan::new(20 * STRIPE + 5);
+        assert_eq!(plan.stripes(), 21);
+        assert_eq!(plan.range(20), 20 * STRIPE..20 * STRIPE + 5);
+        let taken: Vec<u64> = (0..WINDOW).filter_map(|_| plan.take()).collect();
+        assert_eq!(taken, (0..WINDOW).collect::<Vec<_>>());
+        // Window full: the first missing one goes to a second holder, once.
+        assert_eq!(plan.take(), Some(0));
+        assert_eq!(plan.take(), None);
+        // Later stripes in first: nothing to pass on until stripe 0 is.
+        plan.arrived(1, bytes(1));
+        plan.arrived(2, bytes(2));
+        assert!(plan.pop_ready().is_none());
+        plan.arrived(0, bytes(0));
+        // The second copy of 0 comes later and is ignored.
+        plan.arrived(0, bytes(99));
+        let out: Vec<Bytes> = std::iter::from_fn(|| plan.pop_ready()).collect();
+        assert_eq!(out, vec![bytes(0), bytes(1), bytes(2)]);
+        assert_eq!(plan.take(), Some(WINDOW));
+    }
+
+    #[test]
+    fn a_failed_stripe_is_fetched_again_first() {
+        let mut plan = StripePlan::new(4 * STRIPE);
+        let a = plan.take().unwrap();
+        let b = plan.take().unwrap();
+        plan.failed(a);
+        assert_eq!(plan.take(), Some(a));
+        plan.arrived(a, bytes(a));
+        plan.arrived(b, bytes(b));
+        // A holder that fails a stripe another already delivered changes
+        // nothing.
+        plan.failed(b);
+        assert_eq!(plan.take(), Some(2));
+        assert_eq!(plan.pop_ready(), Some(bytes(0)));
+        assert_eq!(plan.pop_ready(), Some(bytes(1)));
+        assert!(!plan.finished());
+        plan.arrived(2, bytes(2));
+        assert_eq!(plan.take(), Some(3));
+        plan.arrived(3, bytes(3));
+        assert_eq!(std::iter::from_fn(|| plan.pop_ready()).count(), 2);
+        assert!(plan.finished());
+    }
+
+    #[test]
+    fn a_stripe_two_holders_fetch_is_asked_again_only_if_both_fail() {
+        let mut plan = StripePlan::new(WINDOW * STRIPE);
+        for _ in 0..WINDOW {
+            plan.take();
+        }
+        assert_eq!(plan.take(), Some(0));
+        plan.failed(0);
+        assert_eq!(plan.take(), Some(0), "one copy left under way: hedge again");
+        plan.failed(0);
+        plan.failed(0);
+        assert_eq!(plan.take(), Some(0), "both failed: fetch it again");
+    }
+}
