@@ -23,7 +23,10 @@
 //!    K hosts (`UPLINK_KS` [2,4,6]) realise one closure of real binaries at
 //!    once through a `UPLINK_MBIT` [50] uplink, through their agents (one
 //!    download per path for the office) against U as a plain substituter.
-//! 4. **Agent memory.** Peak RSS (`VmHWM`) of the serving and the client
+//! 4. **One NAR from three holders** (`PARTS=stripes`, see `stripes.rs`):
+//!    striped against one holder at a time, each holder behind
+//!    `STRIPE_HOLDER_MBIT` [300].
+//! 5. **Agent memory.** Peak RSS (`VmHWM`) of the serving and the client
 //!    agent after Nix substitutes one NAR through them (256 MiB, 1 GiB and
 //!    4 GiB, each with freshly started agents): it should not grow with
 //!    the NAR.
@@ -73,6 +76,7 @@ mod host_cmds;
 mod noise;
 mod pair;
 mod procfs;
+mod stripes;
 mod uplink;
 
 use std::collections::BTreeSet;
@@ -208,6 +212,9 @@ fn main() {
     }
     if runs("uplink") {
         uplink::office_uplink(&mut rows, &mut notes);
+    }
+    if runs("stripes") {
+        stripes::three_holders(&s, &mut rows, &mut notes);
     }
 
     println!();

@@ -345,7 +345,7 @@ pub(crate) fn forget(client: &Host, paths: &[String], nix_conf: &str) {
 /// Regular files of this machine's /usr/lib/x86_64-linux-gnu, /usr/bin and
 /// /usr/libexec (shared libraries and binaries, as a closure holds them),
 /// copied into the directory `dir` until about `budget` bytes.
-fn copy_real_files(dir: &Path, budget: u64) {
+pub(crate) fn copy_real_files(dir: &Path, budget: u64) {
     fs::create_dir_all(dir).expect("mkdir");
     let mut total = 0u64;
     let mut n = 0usize;

@@ -6,7 +6,7 @@
 //! left, or a hash mismatch, the response is cut off instead. A peer whose
 //! bytes did not verify is quarantined.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -61,25 +61,29 @@ pub struct FetchStats {
     pub verify_failures: Counter,
     pub in_flight: Gauge<u64, AtomicU64>,
     pub completed: Counter,
-    /// NARs whose striped fetch did not verify: fetched one holder at a
-    /// time from then on, which tells the liar apart.
-    unstriped: Mutex<HashSet<HashPart>>,
+    /// NARs whose striped fetch did not verify, and what it saw: fetched
+    /// one holder at a time from then on, which tells the liar apart.
+    unstriped: Mutex<HashMap<HashPart, stripes::Prefixes>>,
 }
 
 /// NARs remembered as not to be striped, at most.
 const MAX_UNSTRIPED: usize = 1024;
 
 impl FetchStats {
-    fn unstriped(&self, hash: &HashPart) -> bool {
-        lock(&self.unstriped).contains(hash)
+    fn striped_before(&self, hash: &HashPart) -> Option<stripes::Prefixes> {
+        lock(&self.unstriped).get(hash).cloned()
     }
 
-    fn stop_striping(&self, hash: HashPart) {
-        let mut set = lock(&self.unstriped);
-        if set.len() >= MAX_UNSTRIPED {
-            set.clear();
+    fn stop_striping(&self, hash: HashPart, seen: stripes::Prefixes) {
+        let mut map = lock(&self.unstriped);
+        if map.len() >= MAX_UNSTRIPED {
+            map.clear();
         }
-        set.insert(hash);
+        map.insert(hash, seen);
+    }
+
+    fn forget_striped(&self, hash: &HashPart) {
+        lock(&self.unstriped).remove(hash);
     }
 
     pub fn register(&self, registry: &mut Registry) {
@@ -160,14 +164,16 @@ pub async fn relay(
     let info = &narinfo.info;
     let hash = info.path.hash_part();
     let size = info.nar_size;
+    let striped_before = stats.striped_before(&hash);
     let mut progress = Progress {
         check: NarCheck::new(size, info.nar_hash, window.clone()),
         client_gone: false,
         // Only bytes Nix has seen are worth checking after it leaves.
         drain: purpose == Purpose::Nix,
+        stripe_ends: striped_before.as_ref().map(|_| Vec::new()),
     };
     let stripe = resolver.stripe_from().is_some_and(|from| size >= from);
-    if purpose == Purpose::Nix && stripe && !stats.unstriped(&hash) {
+    if purpose == Purpose::Nix && stripe && striped_before.is_none() {
         let mut all = holders.clone();
         all.extend(resolver.more_holders(&hash, &all).await);
         if all.len() >= 2 {
@@ -247,7 +253,10 @@ pub async fn relay(
         }
     }
     let Progress {
-        check, client_gone, ..
+        check,
+        client_gone,
+        stripe_ends,
+        ..
     } = progress;
     let verdict = check.finish();
     if client_gone {
@@ -268,6 +277,15 @@ pub async fn relay(
             if let Some(last) = last {
                 let _ = tx.send(Ok(last)).await;
             }
+            // The striped fetch before this one failed its hash: the
+            // holder whose stripe first differs from these bytes lied.
+            let liar = striped_before
+                .zip(stripe_ends)
+                .and_then(|(p, e)| p.first_liar(&e));
+            if let Some(liar) = liar {
+                quarantine(&resolver, liar, "sent a wrong stripe of a NAR");
+            }
+            stats.forget_striped(&hash);
             finished_by = Some(node);
             let ms = started.elapsed().as_millis() as u64;
             let peers = contributors.len();
@@ -332,9 +350,9 @@ async fn striped_end(
         // Which holder lied is not known: each is told, each checks its
         // copy, and Nix's next try fetches from one holder at a time, which
         // finds the liar.
-        stripes::Striped::Mismatch(holders) => {
+        stripes::Striped::Mismatch(holders, seen) => {
             stats.verify_failures.inc();
-            stats.stop_striping(hash.clone());
+            stats.stop_striping(hash.clone(), seen);
             tell_holders(resolver, &holders, info);
             FetchError::HashMismatch {
                 path: info.path.to_string(),
@@ -383,6 +401,31 @@ struct Progress {
     client_gone: bool,
     /// Whether to go on reading (up to `DRAIN_LIMIT`) once the consumer left.
     drain: bool,
+    /// After a striped fetch of this NAR failed its hash: the prefix
+    /// digests at each stripe's end, to compare with that fetch's.
+    stripe_ends: Option<Vec<[u8; 32]>>,
+}
+
+impl Progress {
+    /// Checks `chunk`; what may go to the consumer now. Cut at stripe ends
+    /// when their prefix digests are wanted.
+    fn take(&mut self, mut chunk: Bytes) -> Result<Vec<Bytes>, crate::fetch::verify::Lie> {
+        let mut out = Vec::new();
+        let Some(ends) = &mut self.stripe_ends else {
+            out.extend(self.check.on_chunk(chunk)?);
+            return Ok(out);
+        };
+        while !chunk.is_empty() {
+            let at = self.check.offset();
+            let to_end = stripes::STRIPE - at % stripes::STRIPE;
+            let piece = chunk.split_to(chunk.len().min(to_end as usize));
+            out.extend(self.check.on_chunk(piece)?);
+            if self.check.offset() % stripes::STRIPE == 0 || self.check.complete() {
+                ends.push(self.check.prefix_digest());
+            }
+        }
+        Ok(out)
+    }
 }
 
 async fn from_holder(
@@ -393,12 +436,7 @@ async fn from_holder(
     tx: &mpsc::Sender<Result<Bytes, FetchError>>,
 ) -> HolderEnd {
     let info = &narinfo.info;
-    let Progress {
-        check,
-        client_gone,
-        drain,
-    } = progress;
-    let start = check.offset();
+    let start = progress.check.offset();
     let mesh = resolver.mesh();
     let conn = match mesh.connection(node).await {
         Ok(c) => c,
@@ -446,7 +484,7 @@ async fn from_holder(
                 // The bytes a holder sent before saying its copy is
                 // corrupt are as suspect as the rest of that copy.
                 return match client::reset_code(&e) {
-                    Some(code::CORRUPT) if check.offset() == start => HolderEnd::Disowned,
+                    Some(code::CORRUPT) if progress.check.offset() == start => HolderEnd::Disowned,
                     Some(code::CORRUPT) => HolderEnd::Lied("said its own store copy is corrupt"),
                     _ => HolderEnd::Failed(e.to_string()),
                 };
@@ -457,6 +495,7 @@ async fn from_holder(
                 return HolderEnd::Lied("sent a malformed NAR chunk");
             }
             Ok(Ok(None)) => {
+                let check = &progress.check;
                 measure(&reader, check.offset() - start);
                 return if check.complete() {
                     HolderEnd::Done
@@ -467,18 +506,24 @@ async fn from_holder(
             Ok(Ok(Some(chunk))) => chunk,
         };
         let len = chunk.len() as u64;
-        let release = match check.on_chunk(chunk) {
-            Ok(release) => release,
+        let released = match progress.take(chunk) {
+            Ok(released) => released,
             Err(lie) => {
                 reader.stop(code::MALFORMED);
                 return HolderEnd::Lied(lie.reason());
             }
         };
         count(len);
+        let Progress {
+            check,
+            client_gone,
+            drain,
+            ..
+        } = &mut *progress;
         if *client_gone {
             continue;
         }
-        if let Some(prev) = release {
+        for prev in released {
             if tx.send(Ok(prev)).await.is_err() {
                 // Nix left, maybe because these bytes made no sense to it.
                 // Finish checking them if that is cheap, to catch a liar.
@@ -487,6 +532,7 @@ async fn from_holder(
                     return HolderEnd::ClientGone;
                 }
                 *client_gone = true;
+                break;
             }
         }
     }

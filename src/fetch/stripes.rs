@@ -1,6 +1,6 @@
 //! Striped NAR fetches: a large NAR that several peers hold comes in
-//! stripes from all of them at once. Each holder takes the next stripe as
-//! soon as it is free, so faster holders send more; a stripe whose holder
+//! stripes from all of them at once. Each holder has two stripes under way
+//! and takes the next as soon as one is in, so faster holders send more; a stripe whose holder
 //! fails goes back for another; stripes are put in order and hashed before
 //! Nix sees them, so Nix still gets one in-order stream. At most `WINDOW`
 //! stripes past the first missing one are fetched or held at once, which
@@ -41,8 +41,8 @@ pub struct StripePlan {
     next: u64,
     /// Stripes handed back by a holder that failed.
     again: BTreeSet<u64>,
-    /// Stripes fetched but not yet passed on.
-    done: BTreeMap<u64, Bytes>,
+    /// Stripes fetched but not yet passed on, and who sent each.
+    done: BTreeMap<u64, (Bytes, NodeId)>,
     /// Stripes under way, and how many holders fetch each.
     under_way: BTreeMap<u64, u32>,
     /// The first stripe not yet passed on.
@@ -88,11 +88,12 @@ impl StripePlan {
         Some(i)
     }
 
-    /// Stripe `i` arrived. A copy of a stripe already in is ignored.
-    pub fn arrived(&mut self, i: u64, bytes: Bytes) {
+    /// Stripe `i` arrived from `from`. A copy of a stripe already in is
+    /// ignored.
+    pub fn arrived(&mut self, i: u64, bytes: Bytes, from: NodeId) {
         self.leave(i);
         if i >= self.first_missing {
-            self.done.entry(i).or_insert(bytes);
+            self.done.entry(i).or_insert((bytes, from));
             self.under_way.remove(&i);
             self.again.remove(&i);
         }
@@ -117,8 +118,8 @@ impl StripePlan {
         }
     }
 
-    /// The next stripe in order, if it is in.
-    pub fn pop_ready(&mut self) -> Option<Bytes> {
+    /// The next stripe in order, if it is in, and who sent it.
+    pub fn pop_ready(&mut self) -> Option<(Bytes, NodeId)> {
         let bytes = self.done.remove(&self.first_missing)?;
         self.first_missing += 1;
         Some(bytes)
@@ -135,11 +136,32 @@ pub enum Striped {
     /// stripes.
     Done(Vec<NodeId>),
     /// The NAR did not match its hash; these holders sent parts of it.
-    Mismatch(Vec<NodeId>),
+    /// `Prefixes` tells the liar apart once the NAR came whole from one
+    /// holder.
+    Mismatch(Vec<NodeId>, Prefixes),
     /// The consumer left.
     ClientGone,
     /// No holder could send a stripe any more.
     NoHolder { offset: u64 },
+}
+
+/// Who sent each stripe of a striped fetch, and the SHA-256 of the NAR up
+/// to that stripe's end as it arrived. A later fetch of the whole NAR that
+/// verifies finds the first stripe where its prefix digest differs: that
+/// stripe's sender lied (`first_liar`).
+#[derive(Clone, Debug, Default)]
+pub struct Prefixes(pub Vec<(NodeId, [u8; 32])>);
+
+impl Prefixes {
+    /// Given the prefix digests of a verified copy at the same stripe
+    /// ends, the holder whose stripe first differs.
+    pub fn first_liar(&self, verified: &[[u8; 32]]) -> Option<NodeId> {
+        self.0
+            .iter()
+            .zip(verified)
+            .find(|((_, seen), good)| seen != *good)
+            .map(|((node, _), _)| *node)
+    }
 }
 
 /// One stripe from one holder, whole, or why not.
@@ -236,8 +258,11 @@ pub async fn fetch_striped(
     let info = &narinfo.info;
     let mut plan = StripePlan::new(info.nar_size);
     let mut check = NarCheck::new(info.nar_size, info.nar_hash, window);
-    let mut idle: Vec<NodeId> = holders;
+    // Two stripes under way per holder: the next request is on its way
+    // while a stripe is still arriving, so no holder's link idles.
+    let mut idle: Vec<NodeId> = holders.iter().flat_map(|&h| [h, h]).collect();
     let mut contributors: Vec<NodeId> = Vec::new();
+    let mut prefixes = Prefixes::default();
     let mut fetches = FuturesUnordered::new();
     loop {
         while let Some(node) = idle.first().copied() {
@@ -258,7 +283,7 @@ pub async fn fetch_striped(
         };
         match result {
             Ok(bytes) => {
-                plan.arrived(i, bytes);
+                plan.arrived(i, bytes, node);
                 if !contributors.contains(&node) {
                     contributors.push(node);
                 }
@@ -276,13 +301,18 @@ pub async fn fetch_striped(
                 plan.failed(i);
             }
         }
-        while let Some(stripe) = plan.pop_ready() {
+        while let Some((stripe, from)) = plan.pop_ready() {
             let release = match check.on_chunk(stripe) {
                 Ok(r) => r,
-                // Too long or not a NAR: only a lie gets here, and which
-                // holder told it is known no better than for a wrong hash.
-                Err(_) => return Striped::Mismatch(contributors),
+                // Not a NAR: only a lie gets here.
+                Err(_) => {
+                    resolver
+                        .mesh()
+                        .quarantine(&from, crate::fetch::relay::QUARANTINE);
+                    return Striped::Mismatch(contributors, prefixes);
+                }
             };
+            prefixes.0.push((from, check.prefix_digest()));
             if let Some(piece) = release {
                 if tx.send(Ok(piece)).await.is_err() {
                     return Striped::ClientGone;
@@ -304,7 +334,7 @@ pub async fn fetch_striped(
             }
             Striped::Done(contributors)
         }
-        Verdict::Mismatch => Striped::Mismatch(contributors),
+        Verdict::Mismatch => Striped::Mismatch(contributors, prefixes),
         Verdict::Short { offset } => Striped::NoHolder { offset },
     }
 }
@@ -313,8 +343,18 @@ pub async fn fetch_striped(
 mod tests {
     use super::*;
 
+    const N: NodeId = NodeId([1; 32]);
+    const M: NodeId = NodeId([2; 32]);
+
     fn bytes(i: u64) -> Bytes {
         Bytes::from(vec![i as u8; 3])
+    }
+
+    #[test]
+    fn the_first_stripe_that_differs_names_the_liar() {
+        let seen = Prefixes(vec![(N, [1; 32]), (M, [2; 32]), (N, [3; 32])]);
+        assert_eq!(seen.first_liar(&[[1; 32], [9; 32], [8; 32]]), Some(M));
+        assert_eq!(seen.first_liar(&[[1; 32], [2; 32], [3; 32]]), None);
     }
 
     #[test]
@@ -328,14 +368,14 @@ mod tests {
         assert_eq!(plan.take(), Some(0));
         assert_eq!(plan.take(), None);
         // Later stripes in first: nothing to pass on until stripe 0 is.
-        plan.arrived(1, bytes(1));
-        plan.arrived(2, bytes(2));
+        plan.arrived(1, bytes(1), N);
+        plan.arrived(2, bytes(2), N);
         assert!(plan.pop_ready().is_none());
-        plan.arrived(0, bytes(0));
+        plan.arrived(0, bytes(0), N);
         // The second copy of 0 comes later and is ignored.
-        plan.arrived(0, bytes(99));
-        let out: Vec<Bytes> = std::iter::from_fn(|| plan.pop_ready()).collect();
-        assert_eq!(out, vec![bytes(0), bytes(1), bytes(2)]);
+        plan.arrived(0, bytes(99), M);
+        let out: Vec<(Bytes, NodeId)> = std::iter::from_fn(|| plan.pop_ready()).collect();
+        assert_eq!(out, vec![(bytes(0), N), (bytes(1), N), (bytes(2), N)]);
         assert_eq!(plan.take(), Some(WINDOW));
     }
 
@@ -346,18 +386,18 @@ mod tests {
         let b = plan.take().unwrap();
         plan.failed(a);
         assert_eq!(plan.take(), Some(a));
-        plan.arrived(a, bytes(a));
-        plan.arrived(b, bytes(b));
+        plan.arrived(a, bytes(a), N);
+        plan.arrived(b, bytes(b), N);
         // A holder that fails a stripe another already delivered changes
         // nothing.
         plan.failed(b);
         assert_eq!(plan.take(), Some(2));
-        assert_eq!(plan.pop_ready(), Some(bytes(0)));
-        assert_eq!(plan.pop_ready(), Some(bytes(1)));
+        assert_eq!(plan.pop_ready(), Some((bytes(0), N)));
+        assert_eq!(plan.pop_ready(), Some((bytes(1), N)));
         assert!(!plan.finished());
-        plan.arrived(2, bytes(2));
+        plan.arrived(2, bytes(2), N);
         assert_eq!(plan.take(), Some(3));
-        plan.arrived(3, bytes(3));
+        plan.arrived(3, bytes(3), N);
         assert_eq!(std::iter::from_fn(|| plan.pop_ready()).count(), 2);
         assert!(plan.finished());
     }

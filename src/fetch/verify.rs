@@ -74,6 +74,13 @@ impl NarCheck {
         self.offset == self.size
     }
 
+    /// SHA-256 of the NAR's bytes so far (one block's work, not a pass
+    /// over them): two fetches of the same NAR agree on it at the same
+    /// offset exactly when their bytes up to there agree.
+    pub fn prefix_digest(&self) -> [u8; 32] {
+        self.hasher.clone().finalize().into()
+    }
+
     /// The next bytes of the NAR. `Ok(Some(chunk))`: send that (the chunk
     /// held back until now); `Ok(None)`: nothing to send yet; `Err`: the
     /// holder lied, and nothing of this chunk was taken.

@@ -12,7 +12,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -33,6 +33,9 @@ pub const MAX_DEPTH: usize = 512;
 /// entries are opened by their path from the deepest open directory: a deep
 /// tree cannot run the process out of descriptors.
 const HELD_DIR_DEPTH: usize = 8;
+/// File contents the sink would drop are skipped over (not read) only in
+/// runs of at least this many bytes.
+const MIN_SKIP: u64 = 64 * 1024;
 /// The buffer for bytes beyond what the sink expects.
 const OVERFLOW_BUF: usize = 4096;
 /// getdents buffer; far more than one entry (names are at most 255 bytes).
@@ -62,6 +65,16 @@ pub trait NarSink {
     fn expected_size(&self) -> Option<u64> {
         None
     }
+
+    /// How many of the next bytes the sink would drop unseen (it wants
+    /// the NAR from an offset and need not hash what lies before): file
+    /// contents in them are skipped over, not read.
+    fn skippable(&self) -> u64 {
+        0
+    }
+
+    /// `n` bytes (at most `skippable`) went by without being read.
+    fn skipped(&mut self, _n: u64) {}
 }
 
 impl NarSink for Vec<u8> {
@@ -161,10 +174,22 @@ impl<S: NarSink> Walker<'_, S> {
         self.out.write(&self.head)
     }
 
-    /// Reads `size` bytes of `file` straight into the outgoing chunks.
+    /// Reads `size` bytes of `file` straight into the outgoing chunks, or
+    /// seeks past those the sink would drop.
     fn contents(&mut self, mut file: File, size: u64) -> Result<(), NarError> {
         let mut left = size;
         while left > 0 {
+            let skip = self.out.skippable().min(left);
+            if skip >= MIN_SKIP {
+                self.out.flush()?;
+                let skip = self.out.skippable().min(left);
+                let to = i64::try_from(skip).unwrap_or(i64::MAX);
+                file.seek(io::SeekFrom::Current(to))
+                    .map_err(|e| self.io_err(e))?;
+                self.out.skipped(skip);
+                left -= skip;
+                continue;
+            }
             let room = self.out.room(usize::try_from(left).unwrap_or(usize::MAX));
             let n = match file.read(room) {
                 // Bytes appended after the fstat are not part of the NAR;
@@ -338,6 +363,17 @@ impl<'s, S: NarSink> Chunker<'s, S> {
         }
     }
 
+    /// Bytes from here on the sink would drop unseen, less what is waiting
+    /// in the chunk being filled.
+    fn skippable(&self) -> u64 {
+        self.sink.skippable().saturating_sub(self.filled as u64)
+    }
+
+    fn skipped(&mut self, n: u64) {
+        self.expected_left = self.expected_left.saturating_sub(n);
+        self.sink.skipped(n);
+    }
+
     /// Hands what is filled to the sink.
     fn flush(&mut self) -> Result<(), NarError> {
         if self.filled == 0 {
@@ -355,6 +391,63 @@ mod tests {
     use super::*;
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
+
+    /// Wants the NAR from `from` on, as a peer's request from an offset.
+    struct FromOffset {
+        from: u64,
+        seen: u64,
+        out: Vec<u8>,
+        read_past: u64,
+    }
+
+    impl NarSink for FromOffset {
+        fn chunk(&mut self, chunk: Bytes) -> io::Result<()> {
+            let start = self.seen;
+            self.seen += chunk.len() as u64;
+            let from = self.from.saturating_sub(start).min(chunk.len() as u64) as usize;
+            self.read_past += from as u64;
+            self.out.extend_from_slice(&chunk[from..]);
+            Ok(())
+        }
+        fn skippable(&self) -> u64 {
+            self.from.saturating_sub(self.seen)
+        }
+        fn skipped(&mut self, n: u64) {
+            self.seen += n;
+        }
+    }
+
+    #[test]
+    fn contents_before_the_offset_are_skipped_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        fs::create_dir(&root).unwrap();
+        let big: Vec<u8> = (0..3 * CHUNK + 5).map(|i| (i % 251) as u8).collect();
+        fs::write(root.join("a"), &big).unwrap();
+        fs::write(root.join("b"), &big[..1000]).unwrap();
+        fs::write(root.join("c"), &big).unwrap();
+        let mut whole = Vec::new();
+        encode(&root, &mut whole).unwrap();
+        let n = whole.len() as u64;
+        for from in [0, 100, CHUNK as u64 + 7, n / 2, n - 3, n] {
+            let mut sink = FromOffset {
+                from,
+                seen: 0,
+                out: Vec::new(),
+                read_past: 0,
+            };
+            encode(&root, &mut sink).unwrap();
+            assert_eq!(sink.out, &whole[from as usize..], "from {from}");
+            // Whole files before the offset were never handed over.
+            if from >= n / 2 {
+                assert!(
+                    sink.read_past < CHUNK as u64 * 2,
+                    "from {from}: {}",
+                    sink.read_past
+                );
+            }
+        }
+    }
 
     #[test]
     fn single_file_layout() {

@@ -265,6 +265,18 @@ impl NarSink for VerifyingSink {
     fn expected_size(&self) -> Option<u64> {
         Some(self.expected_size)
     }
+
+    /// What lies before the offset asked for, unless it must be hashed.
+    fn skippable(&self) -> u64 {
+        match self.digester {
+            Some(_) => 0,
+            None => self.skip.saturating_sub(self.written),
+        }
+    }
+
+    fn skipped(&mut self, n: u64) {
+        self.written += n;
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,94 @@
+//! One large NAR from three holders at once (`PARTS=stripes`): the
+//! client's Nix substitutes a `BIG_MIB` path held by three hosts, each
+//! behind a `STRIPE_HOLDER_MBIT` [300] link, through its agent with
+//! striping (the default) against the same agent taking it from one holder
+//! at a time (`stripe_from_mib = 0`), alternating which goes first; then
+//! the client agent's peak RSS after a striped run.
+
+use super::*;
+
+pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
+    eprintln!("== stripes: one NAR from three holders at once");
+    let mbit: u64 = std::env::var("STRIPE_HOLDER_MBIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let lan = Lan::new(4);
+    let client = lan.host(0);
+    let holders = [lan.host(1), lan.host(2), lan.host(3)];
+    let file = holders[0].dir().join("bench/striped");
+    match s.corpus.as_str() {
+        "real" => copy_real_files(&file, s.big_mib * MIB),
+        _ => write_noise(&file, s.big_mib * MIB, 11),
+    }
+    let add = ["nix-store", "--add", &file.display().to_string()].map(String::from);
+    let big = one_line(&long_ok_strings(holders[0], &add));
+    for h in &holders[1..] {
+        assert_eq!(one_line(&long_ok_strings(h, &add)), big);
+    }
+    if file.is_dir() {
+        fs::remove_dir_all(&file).ok();
+    } else {
+        fs::remove_file(&file).ok();
+    }
+    let nar = nar_size_sum(holders[0], std::slice::from_ref(&big));
+    let holder_config = "[share]\ncontent_addressed = true\n";
+    let _agents: Vec<AgentHandle> = holders
+        .iter()
+        .map(|h| h.start_agent(holder_config))
+        .collect();
+    for h in holders {
+        h.shape(mbit * 1_000_000);
+    }
+    let conf = format!("substituters = {SUBSTITUTER}");
+    let (mut striped, mut single) = (Vec::new(), Vec::new());
+    let mut peak_kib = 0;
+    for round in 0..s.rounds {
+        let striped_first = round % 2 == 0;
+        for striping in [striped_first, !striped_first] {
+            let config = if striping {
+                s.client_config.clone()
+            } else {
+                format!("{}\n[mesh]\nstripe_from_mib = 0\n", s.client_config)
+            };
+            let agent = client.start_agent(&config);
+            wait_sees_peers(&agent, &holders);
+            forget(client, std::slice::from_ref(&big), &conf);
+            let t = timed(client, &["nix-store", "--realise", &big]);
+            let mbps = nar as f64 / 1e6 / t.as_secs_f64();
+            eprintln!(
+                "stripes round {round}: {} {mbps:.0} MB/s",
+                if striping { "striped" } else { "one holder" }
+            );
+            if striping {
+                striped.push(mbps);
+                peak_kib = peak_kib.max(vm_hwm(agent_pid(&agent)));
+            } else {
+                single.push(mbps);
+            }
+        }
+    }
+    let (m, o) = (median(&striped), median(&single));
+    rows.push(Row {
+        what: format!(
+            "nix-store -r, {} MiB NAR ({}) from 3 holders at {mbit} Mbit/s each, MB/s",
+            nar / MIB,
+            s.corpus
+        ),
+        mesh: format!("{m:.1}"),
+        other: format!("{o:.1} (one holder)"),
+        ratio: format!("striped/one = {:.2}", m / o),
+    });
+    rows.push(Row {
+        what: format!("peak RSS, client agent, striped {} MiB NAR, MiB", nar / MIB),
+        mesh: format!("{:.1}", peak_kib as f64 / 1024.0),
+        other: String::new(),
+        ratio: String::new(),
+    });
+    notes.push(
+        "stripes: the client's Nix substitutes one path held by three hosts through its agent, \
+         striped from all three (mesh) against one holder at a time (stripe_from_mib = 0); a fresh \
+         client agent and an empty client store for every run."
+            .to_string(),
+    );
+}
