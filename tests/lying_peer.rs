@@ -36,9 +36,9 @@ enum Lie {
     Inflated,
 }
 
-/// What the liar sends after `NarFollows`: `nar` from `offset`, raw or,
-/// with a `level`, in chunk frames; lied about as `lie` says.
-fn lie_about(nar: &[u8], offset: usize, level: Option<u8>, lie: Lie) -> Vec<u8> {
+/// What the liar sends after `NarFollows`: `nar`'s bytes in `part`, raw
+/// or, with a `level`, in chunk frames; lied about as `lie` says.
+fn lie_about(nar: &[u8], part: std::ops::Range<usize>, level: Option<u8>, lie: Lie) -> Vec<u8> {
     let mut bytes = nar.to_vec();
     match lie {
         Lie::Garbage => bytes.fill(0x5a),
@@ -49,8 +49,10 @@ fn lie_about(nar: &[u8], offset: usize, level: Option<u8>, lie: Lie) -> Vec<u8> 
         Lie::Overlong => bytes.extend_from_slice(&[0; 4096]),
         Lie::Bomb | Lie::Inflated => {}
     }
+    let end = part.end.min(bytes.len());
+    let offset = part.start.min(end);
     let Some(level) = level else {
-        return bytes[offset..].to_vec();
+        return bytes[offset..end].to_vec();
     };
     let mut out = Vec::new();
     match lie {
@@ -67,7 +69,7 @@ fn lie_about(nar: &[u8], offset: usize, level: Option<u8>, lie: Lie) -> Vec<u8> 
         }
         _ => {
             let mut packer = Packer::new(level);
-            for chunk in bytes[offset..].chunks(nar_chunks::CHUNK) {
+            for chunk in bytes[offset..end].chunks(nar_chunks::CHUNK) {
                 out.extend_from_slice(&packer.pack(chunk));
             }
         }
@@ -117,11 +119,16 @@ async fn run_liar(endpoint: quinn::Endpoint, narinfo: String, nar: Arc<Vec<u8>>,
                         Ok(
                             req @ (Request::Nar { offset, .. } | Request::NarChunks { offset, .. }),
                         ) => {
-                            let level = match req {
-                                Request::NarChunks { level, .. } => Some(level),
-                                _ => None,
+                            // Overlong lies reach past the end asked for.
+                            let (level, end) = match req {
+                                Request::NarChunks { level, end, .. } => (Some(level), end),
+                                _ => (None, u64::MAX),
                             };
-                            let bytes = lie_about(&nar, offset as usize, level, lie);
+                            let end = match lie {
+                                Lie::Overlong => usize::MAX,
+                                _ => usize::try_from(end).unwrap_or(usize::MAX),
+                            };
+                            let bytes = lie_about(&nar, offset as usize..end, level, lie);
                             let nar_size = nar.len() as u64;
                             let _ = send
                                 .write_all(&Response::NarFollows { nar_size }.encode())
@@ -233,4 +240,94 @@ fn a_compression_bomb_never_reaches_the_store() {
 #[test]
 fn a_chunk_frame_longer_than_its_bytes_never_reaches_the_store() {
     liar_scenario(Lie::Inflated);
+}
+
+/// A liar among the holders of a striped download: A holds a 12 MiB
+/// content-addressed path (six 2 MiB stripes) and the liar answers with
+/// its narinfo and garbage for every stripe it is asked for; B stripes from
+/// 1 MiB. The path never becomes valid with wrong bytes; within a few of
+/// Nix's tries it arrives intact (from A), and the liar is quarantined.
+#[test]
+fn a_liar_inside_a_striped_download_is_found_and_never_gets_a_path_in() {
+    let honest = NodeSettings {
+        share: "content_addressed = true".into(),
+        ..NodeSettings::default()
+    };
+    let a = MeshNode::new("a", &honest);
+    let src = tempfile::tempdir().unwrap();
+    let mut x = 0x2545f4914f6cdd1du64;
+    let data: Vec<u8> = (0..12 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(src.path().join("striped.bin"), &data).unwrap();
+    let path = a.store.add(&src.path().join("striped.bin"));
+    let json = a.store.path_info_json(&path);
+    let narinfo = format!(
+        "StorePath: {path}\nURL: nar/x.nar\nCompression: none\nNarHash: {}\nNarSize: {}\nReferences: \nCA: {}\n",
+        json["narHash"].as_str().unwrap(),
+        json["narSize"],
+        json["ca"].as_str().unwrap(),
+    );
+    let nar = Arc::new(a.store.dump(&path));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let key = SecretKey::generate("liar").unwrap();
+    let node = NodeId(key.public().bytes());
+    let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let endpoint = {
+        let _guard = rt.enter();
+        quinn::Endpoint::server(
+            transport::server_config(&id, Admission::default()).unwrap(),
+            addr,
+        )
+        .unwrap()
+    };
+    rt.spawn(run_liar(endpoint, narinfo, nar, Lie::Garbage));
+
+    let client = NodeSettings {
+        mesh: "stripe_from_mib = 1".into(),
+        ..NodeSettings::default()
+    };
+    let b = MeshNode::new("b", &client);
+    b.write_config(&client, &[&a]);
+    let liar = format!("{{ address = \"{addr}\", key = {:?} }}, ", node.to_base64());
+    let text = std::fs::read_to_string(&b.config_path)
+        .unwrap()
+        .replace("static_peers = [", &format!("static_peers = [{liar}"));
+    std::fs::write(&b.config_path, text).unwrap();
+    let _agent_a = a.start();
+    let agent_b = b.start();
+    wait_for(Duration::from_secs(10), "b sees a and the liar", || {
+        b.peer_state("liar").as_deref() == Some("alive")
+            && b.peer_state("a").as_deref() == Some("alive")
+    });
+    let sub = format!("http://{}", b.substituter_addr());
+    let mut tries = 0;
+    while !b.store.is_valid(&path) && tries < 4 {
+        tries += 1;
+        let out = b.store.substitute(&sub, None, &[&path]);
+        eprintln!(
+            "striped liar, try {tries}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(b.store.is_valid(&path), "the path never arrived");
+    assert_eq!(
+        b.store.dump(&path),
+        a.store.dump(&path),
+        "B's copy is not A's"
+    );
+    let peers = b.peers();
+    let liar = peers.iter().find(|p| p["name"] == "liar").unwrap();
+    assert_eq!(liar["quarantined"], true, "{liar}");
+    let log = agent_b.log_text();
+    assert!(log.contains("striped"), "{log}");
+    drop(rt);
 }

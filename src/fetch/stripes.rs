@@ -29,9 +29,9 @@ use crate::mesh::transport;
 use crate::nix::NarInfo;
 
 /// NAR bytes per stripe.
-pub const STRIPE: u64 = 4 << 20;
+pub const STRIPE: u64 = 2 << 20;
 /// Stripes fetched or held at once, from the first missing one on.
-pub const WINDOW: u64 = 8;
+pub const WINDOW: u64 = 12;
 
 /// Which stripes of a NAR are done, under way and still to fetch.
 #[derive(Debug)]
