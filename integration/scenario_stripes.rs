@@ -1,7 +1,7 @@
 //! A large NAR that several peers hold comes in stripes from all of them at
 //! once: Nix on C substitutes a 256 MiB path held by three holders, each
 //! behind a 300 Mbit/s link; every holder sends part of it, and one of them
-//! SIGKILLed half-way leaves its stripes to the others (the first missing
+//! SIGKILLed (or SIGSTOPped) half-way leaves its stripes to the others (the first missing
 //! stripe is also asked of an idle holder, so the dead one's is usually
 //! there before its stream is found dead). Nix sees one download, and the
 //! path verifies.
@@ -18,8 +18,25 @@ const RATE: u64 = 300_000_000;
 /// NAR bytes C has (from all holders) when one holder is killed.
 const CUT_AT: u64 = 96 << 20;
 
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    /// SIGKILL: its streams end.
+    Crash,
+    /// SIGSTOP: its streams go silent (stalled after 3 s).
+    Freeze,
+}
+
 #[test]
 fn a_large_nar_comes_in_stripes_from_every_holder_and_survives_losing_one() {
+    striped(Loss::Crash);
+}
+
+#[test]
+fn a_striped_nar_survives_a_holder_that_freezes() {
+    striped(Loss::Freeze);
+}
+
+fn striped(loss: Loss) {
     let lan = Lan::new(4);
     let client = lan.host(0);
     let holders = [lan.host(1), lan.host(2), lan.host(3)];
@@ -63,9 +80,15 @@ fn a_large_nar_comes_in_stripes_from_every_holder_and_survives_losing_one() {
         "not every holder sent a stripe: {before:?}; {}",
         nix_output(client)
     );
-    agents[0].kill();
+    match loss {
+        Loss::Crash => agents[0].kill(),
+        Loss::Freeze => agents[0].signal("STOP"),
+    }
     let status = wait_exit(&mut nix, Duration::from_secs(120));
     let took = started.elapsed();
+    if let Loss::Freeze = loss {
+        agents[0].signal("CONT");
+    }
     assert!(
         status.success(),
         "nix-store -r failed:\n{}",
@@ -74,7 +97,7 @@ fn a_large_nar_comes_in_stripes_from_every_holder_and_survives_losing_one() {
     assert_verified(client, &path);
     let after: Vec<u64> = names.iter().map(|n| fetched(n)).collect();
     eprintln!(
-        "striped: {} MiB in {took:?}; per holder when h1 was killed {before:?}, at the end {after:?}",
+        "striped ({loss:?}): {} MiB in {took:?}; per holder when h1 was lost {before:?}, at the end {after:?}",
         SIZE >> 20
     );
     assert!(after[1] > before[1] && after[2] > before[2], "{after:?}");
