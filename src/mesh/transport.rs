@@ -331,8 +331,10 @@ pub fn transport_config(role: Role) -> quinn::TransportConfig {
     t.initial_rtt(INITIAL_RTT);
     t.max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into());
     t.max_concurrent_uni_streams(0u32.into());
-    // Room for a LAN's bandwidth-delay product on bulk NAR streams.
-    t.stream_receive_window((16u32 << 20).into());
+    // Room for a LAN's bandwidth-delay product on bulk NAR streams (10
+    // Gbit/s over a 4 ms round trip is 5 MB); what a stream may hold
+    // unread is memory the receiving agent spends when Nix reads slower.
+    t.stream_receive_window((8u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
     t
