@@ -138,6 +138,8 @@ async fn run_liar(
                         }
                         Ok(Request::UpstreamFile { .. }) => Some(Response::NotFound),
                         Ok(Request::BadNar { .. }) => Some(Response::Noted),
+                        // It keeps no summary: asked about every path.
+                        Ok(Request::Summary) => Some(Response::NotFound),
                         Ok(Request::UpstreamNarinfo { .. }) => {
                             Some(Response::UpstreamMiss { asked: Vec::new() })
                         }

@@ -41,6 +41,10 @@ pub struct SurveyRow {
     pub answer_ms: f64,
     pub answer: SurveyAnswer,
     pub would_win: bool,
+    /// Whether the peer's summary lists the path (none: it keeps none, or
+    /// not one this agent has whole).
+    #[serde(default)]
+    pub summary: Option<bool>,
 }
 
 /// What a peer said when asked for a narinfo, and what became of it.

@@ -108,6 +108,8 @@ async fn run_liar(endpoint: quinn::Endpoint, narinfo: String, nar: Arc<Vec<u8>>,
                         },
                         Ok(Request::UpstreamFile { .. }) => Response::NotFound,
                         Ok(Request::BadNar { .. }) => Response::Noted,
+                        // It keeps no summary: asked about every path.
+                        Ok(Request::Summary) => Response::NotFound,
                         Ok(Request::UpstreamNarinfo { .. }) => {
                             Response::UpstreamMiss { asked: Vec::new() }
                         }

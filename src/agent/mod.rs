@@ -34,6 +34,7 @@ use crate::serve::http;
 use crate::serve::http_cache::HttpCache;
 use crate::serve::metrics::PeerCollector;
 use crate::serve::substituter::Substituter;
+use crate::store::catalog_watch::SharedCatalog;
 use crate::store::db::{Store, StoreError};
 use crate::store::shared::SharedStore;
 
@@ -149,9 +150,13 @@ pub async fn run(
             max_protocol: config.mesh.max_protocol,
         };
         let table = Arc::new(Mutex::new(PeerTable::new()));
+        // Peers of protocol 4 subscribe to what this host shares.
+        let catalog = (config.mesh.max_protocol >= 4).then(|| {
+            SharedCatalog::start(store.clone(), policy.clone(), &detached, shutdown.clone())
+        });
         let server = PeerServer::new(
             name.clone(),
-            Arc::new(served::Served(shared.clone())),
+            Arc::new(served::Served(shared.clone(), catalog)),
             table.clone(),
             detached.clone(),
         );

@@ -8,12 +8,15 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{self, BoxStream, StreamExt};
 
-use crate::mesh::server::{NarFault, ServedPaths};
+use crate::mesh::server::{FellBehind, NarFault, ServedPaths, SummaryChange, SummaryFeed};
 use crate::nix::{HashPart, PathInfo, Sha256Hash};
+use crate::store::catalog_watch::SharedCatalog;
 use crate::store::nar_stream::NarStreamError;
 use crate::store::shared::SharedStore;
 
-pub struct Served(pub Arc<SharedStore>);
+/// The shared store, and the catalog of it that peers subscribe to (none
+/// when `mesh.summaries` is off).
+pub struct Served(pub Arc<SharedStore>, pub Option<Arc<SharedCatalog>>);
 
 impl ServedPaths for Served {
     fn info(&self, hash: HashPart) -> Option<PathInfo> {
@@ -39,5 +42,29 @@ impl ServedPaths for Served {
     fn bad_nar(&self, hash: HashPart, nar_hash: Sha256Hash, reporter: &str) {
         let outcome = self.0.recheck(hash.clone(), nar_hash, reporter);
         tracing::debug!(path = %hash, peer = reporter, ?outcome, "a peer reported a bad NAR");
+    }
+
+    fn summary(self: Arc<Self>) -> BoxFuture<'static, Option<SummaryFeed>> {
+        Box::pin(async move {
+            let catalog = self.1.clone()?;
+            let sub = catalog.subscribe().await;
+            let changes = stream::unfold(sub.changes, |mut rx| async move {
+                use tokio::sync::broadcast::error::RecvError;
+                let item = match rx.recv().await {
+                    Ok(change) => Ok(SummaryChange {
+                        added: change.added.clone(),
+                        removed: change.removed.clone(),
+                    }),
+                    Err(RecvError::Lagged(_)) => Err(FellBehind),
+                    Err(RecvError::Closed) => return None,
+                };
+                Some((item, rx))
+            })
+            .boxed();
+            Some(SummaryFeed {
+                fingerprints: sub.fingerprints,
+                changes,
+            })
+        })
     }
 }

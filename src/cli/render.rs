@@ -21,6 +21,7 @@ pub fn render_peers(peers: &[PeerView]) -> String {
         "SERVED".into(),
         "FETCHED".into(),
         "ERRORS".into(),
+        "SUMMARY".into(),
     ]];
     for p in peers {
         let state = if p.quarantined {
@@ -42,6 +43,11 @@ pub fn render_peers(peers: &[PeerView]) -> String {
             human_bytes(p.counters.bytes_served),
             human_bytes(p.counters.bytes_fetched),
             p.counters.errors.to_string(),
+            match &p.summary {
+                None => "-".into(),
+                Some(s) if !s.complete => format!("arriving ({} paths)", s.paths),
+                Some(s) => format!("{} paths, {}", s.paths, human_age(s.age_ms)),
+            },
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len())
@@ -103,13 +109,28 @@ pub fn render_why(rows: &[SurveyRow]) -> String {
         let name = if r.name.is_empty() { "-" } else { &r.name };
         let rtt = r.rtt_ms.map_or("-".to_string(), |v| format!("{v:.2}ms"));
         let mark = if r.would_win { "  <- would win" } else { "" };
+        let summary = match r.summary {
+            Some(true) => "; its summary lists it",
+            Some(false) => "; its summary does not list it (not asked in a race)",
+            None => "",
+        };
         let _ = writeln!(
             out,
-            "{name} ({}) rtt {rtt}, answered in {:.2}ms: {}{mark}",
+            "{name} ({}) rtt {rtt}, answered in {:.2}ms: {}{summary}{mark}",
             r.fingerprint, r.answer_ms, r.answer
         );
     }
     out
+}
+
+/// How long ago, roughly: "4s ago", "3m ago", "2h ago".
+fn human_age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        _ => format!("{}h ago", s / 3600),
+    }
 }
 
 fn human_bytes(n: u64) -> String {
@@ -159,10 +180,17 @@ mod tests {
                 bytes_served: 2048,
                 ..Default::default()
             },
+            summary: Some(crate::mesh::summaries::SummaryView {
+                paths: 120,
+                complete: true,
+                age_ms: 4200,
+                wrong: 0,
+            }),
         };
         let out = render_peers(&[p]);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 2);
+        assert!(lines[1].ends_with("120 paths, 4s ago"), "{}", lines[1]);
         assert!(lines[0].starts_with("NAME  KEY"));
         assert!(lines[1].contains("alive"));
         assert!(lines[1].contains("0.42ms"));

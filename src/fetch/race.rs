@@ -191,30 +191,77 @@ pub struct RaceOutcome {
     pub won: Option<(NarInfo, NodeId)>,
     /// Positive answers that were not believable, and why.
     pub rejected: Vec<(NodeId, Rejection)>,
+    /// Peers that answered that they have no such path.
+    pub said_no: Vec<NodeId>,
+    /// Peers asked.
+    pub asked: usize,
 }
 
-/// Asks every peer in `peers` at once. The first believable positive
-/// answer wins at once (the others are dropped, which cancels them); when
-/// every peer has said no, or failed, the race is lost at once; at
-/// `deadline` whatever is still out counts as no.
+/// Whom a race asks, and when.
+#[derive(Clone, Debug, Default)]
+pub struct AskPlan {
+    /// Asked at once (peers that keep no summary: any may have it).
+    pub at_once: Vec<NodeId>,
+    /// Peers whose summary lists the path, fastest first: the first is
+    /// asked at once, each next one when an answer settles nothing, or
+    /// when `hedge` passes without one.
+    pub hedged: Vec<NodeId>,
+    pub hedge: std::time::Duration,
+}
+
+impl AskPlan {
+    /// Everyone at once.
+    pub fn all_at_once(peers: &[NodeId]) -> Self {
+        Self {
+            at_once: peers.to_vec(),
+            ..Self::default()
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.at_once.len() + self.hedged.len()
+    }
+}
+
+/// Asks the peers of `plan`. The first believable positive answer wins at
+/// once (the others are dropped, which cancels them); when every peer has
+/// said no, or failed, the race is lost at once; at `deadline` whatever is
+/// still out counts as no.
 pub async fn race_narinfo<S: NarInfoSource>(
     source: &S,
-    peers: &[NodeId],
+    plan: &AskPlan,
     hash: &HashPart,
     policy: &TrustPolicy,
     deadline: tokio::time::Instant,
 ) -> RaceOutcome {
-    let mut race = Race::new(hash.clone(), peers.len());
-    let mut asks: FuturesUnordered<_> = peers
-        .iter()
-        .map(|&peer| async move { (peer, source.ask(peer, hash).await) })
-        .collect();
+    let mut race = Race::new(hash.clone(), plan.len());
+    let ask = |peer: NodeId| async move { (peer, source.ask(peer, hash).await) };
+    let mut asks: FuturesUnordered<_> = plan.at_once.iter().map(|&peer| ask(peer)).collect();
+    let mut waiting = plan.hedged.iter();
+    if let Some(&first) = waiting.next() {
+        asks.push(ask(first));
+    }
+    let mut asked = asks.len();
+    let mut said_no = Vec::new();
+    let mut next_hedge = tokio::time::Instant::now() + plan.hedge;
     let won = loop {
-        if peers.is_empty() {
+        if plan.len() == 0 {
             break None;
         }
-        let next = tokio::time::timeout_at(deadline, asks.next()).await;
-        let Ok(Some((peer, answer))) = next else {
+        let more = waiting.len() > 0;
+        let next = tokio::select! {
+            next = asks.next() => next,
+            _ = tokio::time::sleep_until(next_hedge), if more => {
+                if let Some(&peer) = waiting.next() {
+                    asks.push(ask(peer));
+                    asked += 1;
+                }
+                next_hedge = tokio::time::Instant::now() + plan.hedge;
+                continue;
+            }
+            _ = tokio::time::sleep_until(deadline) => None,
+        };
+        let Some((peer, answer)) = next else {
             // The deadline: what came in decides.
             match race.settle() {
                 Decision::Win(narinfo, node) => break Some((*narinfo, node)),
@@ -223,7 +270,10 @@ pub async fn race_narinfo<S: NarInfoSource>(
         };
         let answer = match answer {
             Ok(Some(info)) => Answer::Have(Box::new(info)),
-            Ok(None) => Answer::NotFound,
+            Ok(None) => {
+                said_no.push(peer);
+                Answer::NotFound
+            }
             Err(reason) => {
                 tracing::debug!(%peer, path = %hash, %reason, "peer failed to answer");
                 Answer::Failed
@@ -231,13 +281,22 @@ pub async fn race_narinfo<S: NarInfoSource>(
         };
         match race.on_answer(peer, answer, policy) {
             Decision::Win(narinfo, node) => break Some((*narinfo, node)),
-            Decision::Wait => {}
+            Decision::Wait => {
+                // That answer settled nothing: the next holder now.
+                if let Some(&peer) = waiting.next() {
+                    asks.push(ask(peer));
+                    asked += 1;
+                    next_hedge = tokio::time::Instant::now() + plan.hedge;
+                }
+            }
             Decision::Lose => break None,
         }
     };
     RaceOutcome {
         won,
         rejected: race.rejected,
+        said_no,
+        asked,
     }
 }
 
@@ -415,8 +474,90 @@ mod tests {
                 trusted_keys: vec![office.public()],
             };
             let start = tokio::time::Instant::now();
-            let outcome = race_narinfo(&source, &peers, &asked(), &policy, start + ms(400)).await;
+            let plan = AskPlan::all_at_once(&peers);
+            let outcome = race_narinfo(&source, &plan, &asked(), &policy, start + ms(400)).await;
             (outcome, start.elapsed())
+        }
+
+        /// As `run`, the peers asked one after another `hedge` apart
+        /// (the summaries' plan); returns how many were asked too.
+        async fn run_hedged(
+            script: Vec<(u8, u64, Result<Option<NarInfo>, String>)>,
+            hedge: u64,
+        ) -> (RaceOutcome, Duration) {
+            let peers: Vec<NodeId> = script.iter().map(|(n, ..)| peer(*n)).collect();
+            let source = Scripted(
+                script
+                    .into_iter()
+                    .map(|(n, delay, a)| (peer(n), (ms(delay), a)))
+                    .collect(),
+            );
+            let policy = TrustPolicy {
+                require_sigs: true,
+                trusted_keys: vec![SecretKey::from_seed("office-1", [1; 32]).public()],
+            };
+            let plan = AskPlan {
+                at_once: vec![],
+                hedged: peers,
+                hedge: ms(hedge),
+            };
+            let start = tokio::time::Instant::now();
+            let outcome = race_narinfo(&source, &plan, &asked(), &policy, start + ms(400)).await;
+            (outcome, start.elapsed())
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_holder_that_answers_in_time_is_the_only_one_asked() {
+            let (out, took) =
+                run_hedged(vec![(1, 3, Ok(Some(good()))), (2, 1, Ok(Some(good())))], 10).await;
+            assert_eq!(out.won.map(|(_, p)| p), Some(peer(1)));
+            assert_eq!((out.asked, took), (1, ms(3)));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_slow_holder_gets_a_second_asked_after_the_hedge() {
+            let (out, took) = run_hedged(
+                vec![(1, 300, Ok(Some(good()))), (2, 5, Ok(Some(good())))],
+                10,
+            )
+            .await;
+            assert_eq!(out.won.map(|(_, p)| p), Some(peer(2)));
+            assert_eq!((out.asked, took), (2, ms(15)));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_holder_that_says_no_sends_the_question_on_at_once() {
+            let (out, took) = run_hedged(
+                vec![
+                    (1, 2, Ok(None)),
+                    (2, 2, Err("reset".into())),
+                    (3, 2, Ok(Some(good()))),
+                ],
+                50,
+            )
+            .await;
+            assert_eq!(out.won.map(|(_, p)| p), Some(peer(3)));
+            assert_eq!((out.asked, took), (3, ms(6)));
+            assert_eq!(out.said_no, vec![peer(1)]);
+            // All say no: lost once the last has answered.
+            let (out, took) = run_hedged(vec![(1, 2, Ok(None)), (2, 2, Ok(None))], 50).await;
+            assert!(out.won.is_none());
+            assert_eq!((out.asked, took), (2, ms(4)));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_unsigned_answer_asks_the_next_holder_for_a_second_vote() {
+            let (out, took) = run_hedged(
+                vec![
+                    (1, 2, Ok(Some(ca(560)))),
+                    (2, 2, Ok(Some(ca(560)))),
+                    (3, 2, Ok(Some(ca(560)))),
+                ],
+                50,
+            )
+            .await;
+            assert_eq!(out.won.map(|(_, p)| p), Some(peer(1)));
+            assert_eq!((out.asked, took), (2, ms(4)));
         }
 
         fn good() -> NarInfo {

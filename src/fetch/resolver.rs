@@ -18,12 +18,13 @@ use prometheus_client::registry::Registry;
 
 use crate::api::{SurveyAnswer, SurveyRow};
 use crate::fetch::compression::Compression;
-use crate::fetch::race::{race_narinfo, NarInfoSource, TrustPolicy};
+use crate::fetch::race::{race_narinfo, AskPlan, NarInfoSource, TrustPolicy};
 use crate::fetch::upstream::{Answer as UpstreamAnswer, UpstreamFile, Upstreams};
 use crate::lock::lock;
 use crate::mesh::client::{self, PeerError};
 use crate::mesh::identity::NodeId;
 use crate::mesh::node::{Mesh, MeshError};
+use crate::mesh::summaries::{hedge_after, Verdict};
 use crate::nix::{HashPart, NarInfo};
 
 /// How long a found path is remembered.
@@ -81,6 +82,7 @@ async fn ask(
     timeout: Duration,
 ) -> Result<Option<NarInfo>, AskError> {
     let conn = mesh.connection(node).await?;
+    mesh.count(&node, |c| c.requests_made += 1);
     Ok(client::path_info(&conn, mesh.store_dir(), hash, timeout).await?)
 }
 
@@ -111,6 +113,10 @@ pub struct RaceStats {
     pub misses: Counter,
     pub rejected: Counter,
     pub latency: Histogram,
+    /// Narinfo requests sent to peers.
+    pub asks: Counter,
+    /// Misses that no peer was asked about: every summary said no.
+    pub summary_misses: Counter,
 }
 
 /// Upper bounds of the race latency buckets, in seconds.
@@ -125,6 +131,8 @@ impl Default for RaceStats {
             misses: Counter::default(),
             rejected: Counter::default(),
             latency: Histogram::new(LATENCY_BUCKETS),
+            asks: Counter::default(),
+            summary_misses: Counter::default(),
         }
     }
 }
@@ -146,6 +154,16 @@ impl RaceStats {
                 "nixmesh_narinfo_rejected",
                 "Peer narinfos rejected by the trust checks",
                 &self.rejected,
+            ),
+            (
+                "nixmesh_narinfo_requests",
+                "Narinfo requests sent to peers",
+                &self.asks,
+            ),
+            (
+                "nixmesh_narinfo_summary_misses",
+                "Narinfo races lost without a request: no peer's summary lists the path",
+                &self.summary_misses,
             ),
         ];
         for (name, help, counter) in counters {
@@ -280,12 +298,27 @@ impl Resolver {
             .await
             .ok()?
             .ok()?;
-        let nodes: Vec<NodeId> = peers.iter().map(|p| p.node).collect();
+        let plan = self.ask_plan(&peers, hash);
+        if plan.at_once.is_empty() && plan.hedged.is_empty() && !peers.is_empty() {
+            self.stats.summary_misses.inc();
+        }
         let source = QuicSource {
             mesh: &self.mesh,
             timeout: self.deadline,
         };
-        let outcome = race_narinfo(&source, &nodes, hash, &self.policy, deadline).await;
+        let outcome = race_narinfo(&source, &plan, hash, &self.policy, deadline).await;
+        self.stats.asks.inc_by(outcome.asked as u64);
+        // Summaries that listed the path: did their peers have it?
+        for node in &outcome.said_no {
+            if plan.hedged.contains(node) {
+                self.mesh.summary_answer(node, false);
+            }
+        }
+        if let Some((_, node)) = &outcome.won {
+            if plan.hedged.contains(node) {
+                self.mesh.summary_answer(node, true);
+            }
+        }
         let result = outcome.won.map(|(narinfo, node)| Found {
             narinfo,
             holders: vec![node],
@@ -316,6 +349,29 @@ impl Resolver {
         })
     }
 
+    /// Whom to ask about `hash`: peers whose summary lists it one after
+    /// another (fastest first), peers without a summary all at once, and
+    /// no one whose summary leaves it out.
+    fn ask_plan(&self, peers: &[crate::mesh::peers::Peer], hash: &HashPart) -> AskPlan {
+        let fingerprint = hash.fingerprint();
+        let mut plan = AskPlan::default();
+        let mut first_rtt = None;
+        for p in peers {
+            match self.mesh.summary_verdict(&p.node, fingerprint) {
+                Verdict::MayHold => {
+                    if plan.hedged.is_empty() {
+                        first_rtt = p.srtt;
+                    }
+                    plan.hedged.push(p.node);
+                }
+                Verdict::Unknown => plan.at_once.push(p.node),
+                Verdict::DoesNotHold => {}
+            }
+        }
+        plan.hedge = hedge_after(first_rtt);
+        plan
+    }
+
     /// Asks every usable peer about `hash` and reports each answer, for
     /// `nixmesh why`. Does not touch the memo.
     pub async fn survey(&self, hash: &HashPart) -> Vec<SurveyRow> {
@@ -326,6 +382,11 @@ impl Resolver {
             .map(|peer| {
                 let mesh = self.mesh.clone();
                 let hash = hash.clone();
+                let listed = match mesh.summary_verdict(&peer.node, hash.fingerprint()) {
+                    Verdict::MayHold => Some(true),
+                    Verdict::DoesNotHold => Some(false),
+                    Verdict::Unknown => None,
+                };
                 async move {
                     let start = Instant::now();
                     let answer = match ask(&mesh, peer.node, &hash, self.deadline).await {
@@ -345,6 +406,7 @@ impl Resolver {
                         answer_ms: start.elapsed().as_secs_f64() * 1e3,
                         answer,
                         would_win: false,
+                        summary: listed,
                     }
                 }
             })
@@ -385,6 +447,7 @@ impl Resolver {
                         Err(e) => SurveyAnswer::Failed(e.to_string()),
                     },
                     would_win: false,
+                    summary: None,
                 })
                 .collect();
             up.sort_by(|a, b| a.answer_ms.total_cmp(&b.answer_ms));
@@ -399,12 +462,14 @@ impl Resolver {
     /// Other usable peers that say they have `hash`, for failover; asks
     /// all of them at once with the `Have` request.
     pub async fn more_holders(&self, hash: &HashPart, exclude: &[NodeId]) -> Vec<NodeId> {
+        let fingerprint = hash.fingerprint();
         let peers: Vec<NodeId> = self
             .mesh
             .usable_peers()
             .into_iter()
             .map(|p| p.node)
             .filter(|n| !exclude.contains(n))
+            .filter(|n| self.mesh.summary_verdict(n, fingerprint) != Verdict::DoesNotHold)
             .collect();
         let asks: FuturesUnordered<_> = peers
             .into_iter()

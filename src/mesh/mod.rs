@@ -16,4 +16,6 @@ pub mod node;
 pub mod peers;
 pub mod protocol;
 pub mod server;
+pub mod summaries;
+pub mod summary_feed;
 pub mod transport;

@@ -32,6 +32,7 @@ use crate::mesh::identity::NodeId;
 use crate::mesh::inbound::InboundGate;
 use crate::mesh::peers::{Peer, PeerCounters, PeerSource, PeerTable, PeerView};
 use crate::mesh::server::PeerServer;
+use crate::mesh::summaries::{Summaries, Verdict};
 use crate::mesh::transport::{self, Admission, TlsIdentity, TransportError};
 
 /// How often each connected peer is asked to answer a request.
@@ -116,6 +117,17 @@ pub struct Mesh {
     tasks: TaskTracker,
     store_dir: String,
     started: Instant,
+    summaries: Mutex<Summaries>,
+    /// The summary feed of each peer: the connection it reads, how to stop
+    /// it and how to make it start over.
+    feeds: Mutex<HashMap<NodeId, Feed>>,
+    shutdown: CancellationToken,
+}
+
+struct Feed {
+    conn: usize,
+    cancel: CancellationToken,
+    refresh: Arc<tokio::sync::Notify>,
 }
 
 /// Just after start, peers are still being reached; a race that finds none
@@ -181,6 +193,9 @@ impl Mesh {
             tasks: tasks.clone(),
             store_dir,
             started: Instant::now(),
+            summaries: Mutex::new(Summaries::new()),
+            feeds: Mutex::new(HashMap::new()),
+            shutdown: shutdown.clone(),
         });
         tasks.spawn(mesh.clone().accept_loop(shutdown.clone()));
         tasks.spawn(mesh.clone().health_loop(shutdown));
@@ -202,7 +217,66 @@ impl Mesh {
 
     /// What `nixmesh peers` shows: every peer in the table, now.
     pub fn views(&self) -> Vec<PeerView> {
-        self.with_table(|t| t.views(Instant::now()))
+        let now = Instant::now();
+        let summaries = lock(&self.summaries);
+        self.with_table(|t| t.views(now, |node| summaries.view(node, now)))
+    }
+
+    /// Works on the peers' summaries.
+    pub fn summaries<R>(&self, f: impl FnOnce(&mut Summaries) -> R) -> R {
+        f(&mut lock(&self.summaries))
+    }
+
+    /// What `node`'s summary says of the path with this fingerprint.
+    pub fn summary_verdict(&self, node: &NodeId, fingerprint: u32) -> Verdict {
+        lock(&self.summaries).verdict(node, fingerprint)
+    }
+
+    /// `node`'s summary listed a path it then said it does not have (or,
+    /// `had`, did have).
+    pub fn summary_answer(&self, node: &NodeId, had: bool) {
+        if had {
+            lock(&self.summaries).said_yes(node);
+            return;
+        }
+        if lock(&self.summaries).said_no(node) {
+            if let Some(feed) = lock(&self.feeds).get(node) {
+                feed.refresh.notify_one();
+            }
+        }
+    }
+
+    /// Starts following `node`'s summary over `conn` (protocol 4), unless
+    /// that is already under way.
+    fn ensure_feed(self: &Arc<Self>, node: NodeId, conn: &quinn::Connection) {
+        if transport::version(conn) < 4 || conn.close_reason().is_some() {
+            return;
+        }
+        let mut feeds = lock(&self.feeds);
+        if let Some(feed) = feeds.get(&node) {
+            if feed.conn == conn.stable_id() && !feed.cancel.is_cancelled() {
+                return;
+            }
+            feed.cancel.cancel();
+        }
+        let cancel = self.shutdown.child_token();
+        let refresh = Arc::new(tokio::sync::Notify::new());
+        feeds.insert(
+            node,
+            Feed {
+                conn: conn.stable_id(),
+                cancel: cancel.clone(),
+                refresh: refresh.clone(),
+            },
+        );
+        drop(feeds);
+        self.tasks.spawn(crate::mesh::summary_feed::run(
+            self.clone(),
+            node,
+            conn.clone(),
+            cancel,
+            refresh,
+        ));
     }
 
     /// Leaves `node` out of races and fetches for `period`: it sent bytes
@@ -273,6 +347,10 @@ impl Mesh {
     }
 
     fn forget(&self, node: &NodeId) {
+        if let Some(feed) = lock(&self.feeds).remove(node) {
+            feed.cancel.cancel();
+        }
+        lock(&self.summaries).forget(node);
         self.with_table(|t| t.remove(node));
         lock(&self.conns).remove(node);
         lock(&self.plan).forget(node);
@@ -370,6 +448,12 @@ impl Mesh {
                     }
                     open
                 };
+                if lock(&this.conns)
+                    .get(&node)
+                    .is_some_and(|c| c.stable_id() == conn.stable_id())
+                {
+                    this.ensure_feed(node, &conn);
+                }
                 if !had_one {
                     // Learn its name now (an inbound peer may not be
                     // announced to us at all).
@@ -446,6 +530,7 @@ impl Mesh {
         };
         lock(&self.plan).connected(node, Instant::now());
         lock(&self.conns).insert(node, conn.clone());
+        self.ensure_feed(node, &conn);
         self.watch_close(node, conn.clone());
         let server = self.server.clone();
         let served = conn.clone();
@@ -576,6 +661,10 @@ impl Mesh {
                 t.all()
             });
             lock(&self.plan).retain(|n| peers.iter().any(|p| p.node == *n));
+            // A feed whose connection gave way follows the new one.
+            for (node, conn) in &conns {
+                self.ensure_feed(*node, conn);
+            }
             let connected: HashSet<NodeId> = conns.iter().map(|(n, _)| *n).collect();
             for p in peers {
                 let due = if connected.contains(&p.node) {

@@ -106,6 +106,9 @@ pub struct PeerView {
     pub quarantined: bool,
     #[serde(flatten)]
     pub counters: PeerCounters,
+    /// Its summary of what it shares (protocol 4), as this node holds it.
+    #[serde(default)]
+    pub summary: Option<crate::mesh::summaries::SummaryView>,
 }
 
 #[derive(Default)]
@@ -260,7 +263,12 @@ impl PeerTable {
         self.peers.values().cloned().collect()
     }
 
-    pub fn views(&self, now: Instant) -> Vec<PeerView> {
+    /// `summary`: what this node holds of each peer's summary.
+    pub fn views(
+        &self,
+        now: Instant,
+        summary: impl Fn(&NodeId) -> Option<crate::mesh::summaries::SummaryView>,
+    ) -> Vec<PeerView> {
         self.peers
             .values()
             .map(|p| PeerView {
@@ -276,6 +284,7 @@ impl PeerTable {
                     .map(|t| now.saturating_duration_since(t).as_millis() as u64),
                 quarantined: p.quarantined_until.is_some_and(|t| now < t),
                 counters: p.counters.clone(),
+                summary: summary(&p.node),
             })
             .collect()
     }

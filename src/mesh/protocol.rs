@@ -28,10 +28,15 @@ pub const ALPN_V2: &[u8] = b"nixmesh/2";
 /// (the receiver does), so a receiver tells the holder when a NAR did not
 /// match its hash.
 pub const ALPN_V3: &[u8] = b"nixmesh/3";
+/// Version 4 adds `Summary`/`SummaryPart`: the asker learns which paths
+/// the asked agent shares (32-bit fingerprints), then every change, on one
+/// stream that stays open, and asks it about a path only when it may have
+/// it.
+pub const ALPN_V4: &[u8] = b"nixmesh/4";
 /// The newest protocol version.
-pub const NEWEST: u32 = 3;
+pub const NEWEST: u32 = 4;
 /// What this node offers and accepts, in order of preference.
-pub const ALPNS: [&[u8]; 3] = [ALPN_V3, ALPN_V2, ALPN_V1];
+pub const ALPNS: [&[u8]; 4] = [ALPN_V4, ALPN_V3, ALPN_V2, ALPN_V1];
 /// Largest request body: a `Have` of `MAX_HAVE_BATCH` hash parts is about
 /// 33 KiB, every other request under 100 bytes. The server allocates this
 /// much per stream at most, on up to 128 streams per peer.
@@ -46,6 +51,9 @@ pub const MAX_MESSAGE: usize = 1024;
 pub const MAX_CACHE_URL: usize = 512;
 /// Most caches an `UpstreamMiss` lists.
 pub const MAX_CACHES: usize = 32;
+/// Most fingerprints in one `SummaryPart`, added and removed together
+/// (256 KiB of them).
+pub const MAX_SUMMARY_BATCH: usize = 65_536;
 
 /// QUIC stream error codes this protocol resets streams with.
 pub mod code {
@@ -135,6 +143,10 @@ pub enum Request {
     UpstreamNarinfo {
         hash: HashPart,
     },
+    /// (Version 4.) What the asked agent shares: answered with
+    /// `SummaryPart` frames, first its whole set, then each change, until
+    /// either side ends the stream.
+    Summary,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,6 +190,15 @@ pub enum Response {
     /// (Version 3.) A `BadNar` report was heard (whether the copy gets
     /// checked now is the holder's business).
     Noted,
+    /// (Version 4.) Fingerprints (`HashPart::fingerprint`) of paths the
+    /// sender now shares and no longer shares. `complete`: the receiver
+    /// now has the sender's whole set (the last part of the first dump,
+    /// and every part after it that ends a change).
+    SummaryPart {
+        added: Vec<u32>,
+        removed: Vec<u32>,
+        complete: bool,
+    },
 }
 
 mod kind {
@@ -189,6 +210,7 @@ mod kind {
     pub const UPSTREAM_NARINFO: u8 = 6;
     pub const NAR_CHUNKS: u8 = 7;
     pub const BAD_NAR: u8 = 8;
+    pub const SUMMARY: u8 = 9;
     pub const PONG: u8 = 65;
     pub const PATH_INFO_REPLY: u8 = 66;
     pub const NOT_FOUND: u8 = 67;
@@ -199,6 +221,7 @@ mod kind {
     pub const UPSTREAM_HIT: u8 = 72;
     pub const UPSTREAM_MISS: u8 = 73;
     pub const NOTED: u8 = 74;
+    pub const SUMMARY_PART: u8 = 75;
 }
 
 struct Writer(Vec<u8>);
@@ -217,6 +240,12 @@ impl Writer {
     fn bytes(&mut self, b: &[u8]) {
         self.u32(b.len() as u32);
         self.0.extend_from_slice(b);
+    }
+    fn u32s(&mut self, v: &[u32]) {
+        self.u32(v.len() as u32);
+        for x in v {
+            self.u32(*x);
+        }
     }
     fn finish(mut self) -> Vec<u8> {
         let len = (self.0.len() - 4) as u32;
@@ -257,6 +286,18 @@ impl<'a> Reader<'a> {
     }
     fn text(&mut self, max: usize, field: &'static str) -> Result<&'a str, FrameError> {
         std::str::from_utf8(self.bytes(max, field)?).map_err(|_| FrameError::BadField(field))
+    }
+    /// A counted list of u32s, at most `max` of them.
+    fn u32s(&mut self, max: usize, field: &'static str) -> Result<Vec<u32>, FrameError> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(FrameError::BadField(field));
+        }
+        let raw = self.take(n.checked_mul(4).ok_or(FrameError::BadField(field))?)?;
+        Ok(raw
+            .chunks_exact(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
     }
     fn hash_part(&mut self) -> Result<HashPart, FrameError> {
         let raw = self.take(crate::nix::store_path::HASH_PART_LEN)?;
@@ -331,6 +372,7 @@ impl Request {
                 w.0.extend_from_slice(hash.as_str().as_bytes());
                 w.finish()
             }
+            Request::Summary => Writer::new(kind::SUMMARY).finish(),
             Request::BadNar { hash, nar_hash } => {
                 let mut w = Writer::new(kind::BAD_NAR);
                 w.0.extend_from_slice(hash.as_str().as_bytes());
@@ -396,6 +438,7 @@ impl Request {
             kind::UPSTREAM_NARINFO => Request::UpstreamNarinfo {
                 hash: r.hash_part()?,
             },
+            kind::SUMMARY => Request::Summary,
             kind::BAD_NAR => {
                 let hash = r.hash_part()?;
                 let mut digest = [0u8; 32];
@@ -450,6 +493,17 @@ impl Response {
             }
             Response::NotFound => Writer::new(kind::NOT_FOUND).finish(),
             Response::Noted => Writer::new(kind::NOTED).finish(),
+            Response::SummaryPart {
+                added,
+                removed,
+                complete,
+            } => {
+                let mut w = Writer::new(kind::SUMMARY_PART);
+                w.0.push(u8::from(*complete));
+                w.u32s(added);
+                w.u32s(removed);
+                w.finish()
+            }
             Response::NarFollows { nar_size } => {
                 let mut w = Writer::new(kind::NAR_FOLLOWS);
                 w.u64(*nar_size);
@@ -507,6 +561,20 @@ impl Response {
             },
             kind::NOT_FOUND => Response::NotFound,
             kind::NOTED => Response::Noted,
+            kind::SUMMARY_PART => {
+                let complete = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(FrameError::BadField("complete")),
+                };
+                let added = r.u32s(MAX_SUMMARY_BATCH, "added")?;
+                let removed = r.u32s(MAX_SUMMARY_BATCH - added.len(), "removed")?;
+                Response::SummaryPart {
+                    added,
+                    removed,
+                    complete,
+                }
+            }
             kind::NAR_FOLLOWS => Response::NarFollows { nar_size: r.u64()? },
             kind::FILE_FOLLOWS => Response::FileFollows {
                 file_size: r.u64()?,
@@ -604,6 +672,7 @@ mod tests {
                 hash: hp('i'),
                 nar_hash: Sha256Hash([5; 32]),
             },
+            Request::Summary,
         ] {
             assert_eq!(Request::decode(body(&req.encode())).unwrap(), req);
         }
@@ -623,6 +692,16 @@ mod tests {
             Response::NarFollows { nar_size: 120 },
             Response::FileFollows { file_size: 7 },
             Response::Noted,
+            Response::SummaryPart {
+                added: vec![1, u32::MAX],
+                removed: vec![7],
+                complete: true,
+            },
+            Response::SummaryPart {
+                added: vec![],
+                removed: vec![],
+                complete: false,
+            },
             Response::UpstreamHit {
                 cache: "https://cache.nixos.org".into(),
                 narinfo: "StorePath: x\n".into(),
@@ -698,6 +777,42 @@ mod tests {
         long.extend_from_slice(&(MAX_CACHE_URL as u32 + 1).to_be_bytes());
         long.extend(std::iter::repeat_n(b'a', MAX_CACHE_URL + 1));
         assert_eq!(Response::decode(&long), Err(FrameError::BadField("cache")));
+    }
+
+    #[test]
+    fn summary_parts_are_bounded() {
+        // The largest part fits the response limit.
+        let full = Response::SummaryPart {
+            added: vec![9; MAX_SUMMARY_BATCH],
+            removed: vec![],
+            complete: true,
+        };
+        let frame = full.encode();
+        assert!(frame.len() - 4 <= MAX_RESPONSE_FRAME);
+        assert_eq!(Response::decode(body(&frame)), Ok(full));
+        // More than that, counting both lists, is refused by its count,
+        // before anything is read.
+        let over = Response::SummaryPart {
+            added: vec![9; MAX_SUMMARY_BATCH],
+            removed: vec![1],
+            complete: true,
+        };
+        assert_eq!(
+            Response::decode(body(&over.encode())),
+            Err(FrameError::BadField("removed"))
+        );
+        let mut huge = vec![kind::SUMMARY_PART, 1];
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(Response::decode(&huge), Err(FrameError::BadField("added")));
+        // A count with fewer numbers than it says.
+        let mut short = vec![kind::SUMMARY_PART, 0];
+        short.extend_from_slice(&3u32.to_be_bytes());
+        short.extend_from_slice(&[0; 8]);
+        assert_eq!(Response::decode(&short), Err(FrameError::Truncated));
+        assert_eq!(
+            Response::decode(&[kind::SUMMARY_PART, 2, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(FrameError::BadField("complete"))
+        );
     }
 
     #[test]

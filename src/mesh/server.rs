@@ -50,7 +50,32 @@ pub trait ServedPaths: Send + Sync + 'static {
     /// Peer `reporter` says the NAR of `hash` it got from here did not
     /// match `nar_hash`.
     fn bad_nar(&self, hash: HashPart, nar_hash: Sha256Hash, reporter: &str);
+    /// What this host shares and every change from then on (`None`: no
+    /// summary is kept).
+    fn summary(self: Arc<Self>) -> BoxFuture<'static, Option<SummaryFeed>>;
 }
+
+/// Fingerprints (`HashPart::fingerprint`) that came into and went out of
+/// the shared set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SummaryChange {
+    pub added: Vec<u32>,
+    pub removed: Vec<u32>,
+}
+
+/// The subscriber fell too far behind the changes and must start over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FellBehind;
+
+/// What a `Summary` request is answered from.
+pub struct SummaryFeed {
+    pub fingerprints: Vec<u32>,
+    pub changes: BoxStream<'static, Result<SummaryChange, FellBehind>>,
+}
+
+/// Most paths a summary sent to peers may list; a store with more is
+/// asked about each path as before (peers keep 4 bytes a path).
+pub const MAX_SUMMARY_PATHS: usize = 1 << 20;
 
 /// Files this agent downloads from upstream caches for its peers: the
 /// owner's side of the office-wide single flight. The fetch flow implements
@@ -168,6 +193,10 @@ impl PeerServer {
                 code::UNKNOWN_KIND,
                 format!("a version 3 request on a version {version} connection"),
             )),
+            Ok(Request::Summary) if version < 4 => Err((
+                code::UNKNOWN_KIND,
+                format!("a version 4 request on a version {version} connection"),
+            )),
             other => other,
         };
         let request = match request {
@@ -228,6 +257,7 @@ impl PeerServer {
                 self.shared.bad_nar(hash, nar_hash, &node.fingerprint());
                 write_response(&mut send, &Response::Noted).await
             }
+            Request::Summary => self.serve_summary(&mut send).await,
         };
         match result {
             Ok(()) => {
@@ -396,6 +426,94 @@ impl PeerServer {
     }
 }
 
+impl PeerServer {
+    /// This host's summary, then each change, until the peer stops the
+    /// stream or the connection ends.
+    async fn serve_summary(&self, send: &mut quinn::SendStream) -> Result<(), StreamEnd> {
+        let stopped = send.stopped();
+        tokio::pin!(stopped);
+        let feed = tokio::select! {
+            feed = self.shared.clone().summary() => feed,
+            _ = &mut stopped => return Err(StreamEnd::PeerGone),
+        };
+        let Some(SummaryFeed {
+            fingerprints,
+            mut changes,
+        }) = feed
+        else {
+            return write_response(send, &Response::NotFound).await;
+        };
+        if fingerprints.len() > MAX_SUMMARY_PATHS {
+            let message = format!(
+                "{} paths shared, over the summary limit of {MAX_SUMMARY_PATHS}",
+                fingerprints.len()
+            );
+            let resp = Response::Error {
+                code: code::TOO_LARGE,
+                message,
+            };
+            return write_response(send, &resp).await;
+        }
+        write_summary_parts(send, &fingerprints, &[]).await?;
+        drop(fingerprints);
+        loop {
+            let change = tokio::select! {
+                change = changes.next() => change,
+                _ = &mut stopped => return Err(StreamEnd::PeerGone),
+            };
+            match change {
+                Some(Ok(change)) => {
+                    write_summary_parts(send, &change.added, &change.removed).await?
+                }
+                Some(Err(FellBehind)) => return Err(StreamEnd::Reset(code::OVERLOADED)),
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+/// `added` and `removed` in as many `SummaryPart` frames as the frame
+/// limit needs, the last one marked complete.
+async fn write_summary_parts(
+    send: &mut quinn::SendStream,
+    added: &[u32],
+    removed: &[u32],
+) -> Result<(), StreamEnd> {
+    for part in summary_parts(added, removed) {
+        write_response(send, &part).await?;
+    }
+    Ok(())
+}
+
+/// Splits a change into frames of at most `MAX_SUMMARY_BATCH`
+/// fingerprints; the last is marked complete (an empty change is one
+/// empty, complete frame).
+pub fn summary_parts(added: &[u32], removed: &[u32]) -> Vec<Response> {
+    let batch = protocol::MAX_SUMMARY_BATCH;
+    let mut parts: Vec<Response> = added
+        .chunks(batch)
+        .map(|a| Response::SummaryPart {
+            added: a.to_vec(),
+            removed: Vec::new(),
+            complete: false,
+        })
+        .chain(removed.chunks(batch).map(|r| Response::SummaryPart {
+            added: Vec::new(),
+            removed: r.to_vec(),
+            complete: false,
+        }))
+        .collect();
+    match parts.last_mut() {
+        Some(Response::SummaryPart { complete, .. }) => *complete = true,
+        _ => parts.push(Response::SummaryPart {
+            added: Vec::new(),
+            removed: Vec::new(),
+            complete: true,
+        }),
+    }
+    parts
+}
+
 /// The first `len` bytes of `stream`.
 fn take_bytes(stream: NarBytes, len: u64) -> NarBytes {
     stream
@@ -441,4 +559,43 @@ async fn write_response(send: &mut quinn::SendStream, resp: &Response) -> Result
     send.write_all(&resp.encode())
         .await
         .map_err(|_| StreamEnd::PeerGone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_go_in_bounded_parts_the_last_complete() {
+        let batch = protocol::MAX_SUMMARY_BATCH;
+        let added: Vec<u32> = (0..(batch as u32 * 2 + 5)).collect();
+        let parts = summary_parts(&added, &[1, 2]);
+        assert_eq!(parts.len(), 4);
+        let mut got: Vec<u32> = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            let Response::SummaryPart {
+                added,
+                removed,
+                complete,
+            } = part
+            else {
+                panic!("{part:?}")
+            };
+            assert!(added.len() + removed.len() <= batch);
+            assert_eq!(*complete, i == 3);
+            got.extend(added);
+            // Each frame decodes within the limits.
+            let frame = part.encode();
+            assert_eq!(Response::decode(&frame[4..]).as_ref(), Ok(part));
+        }
+        assert_eq!(got, added);
+        assert_eq!(
+            summary_parts(&[], &[]),
+            vec![Response::SummaryPart {
+                added: vec![],
+                removed: vec![],
+                complete: true
+            }]
+        );
+    }
 }

@@ -476,6 +476,7 @@ mod tests {
         assert_eq!(
             newest.alpns(),
             vec![
+                protocol::ALPN_V4.to_vec(),
                 protocol::ALPN_V3.to_vec(),
                 protocol::ALPN_V2.to_vec(),
                 protocol::ALPN_V1.to_vec()

@@ -38,6 +38,21 @@ impl HashPart {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// 32 bits of the hash, for summaries of which paths an agent shares
+    /// (the hash is uniform: two paths of one store collide with
+    /// probability 2^-32, a path not in a store of n paths matches one of
+    /// them with probability n / 2^32).
+    pub fn fingerprint(&self) -> u32 {
+        match base32::decode::<20>(&self.0) {
+            Ok(b) => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            // Not reached: `parse` admits only decodable text.
+            Err(_) => self
+                .0
+                .bytes()
+                .fold(0u32, |h, c| h.rotate_left(5) ^ u32::from(c)),
+        }
+    }
 }
 
 impl fmt::Display for HashPart {

@@ -188,6 +188,84 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The highest row id of the valid paths and how many there are: what
+    /// tells the catalog, cheaply, that paths came or went.
+    pub fn row_stats(&self) -> Result<(i64, u64), StoreError> {
+        let conn = self.take()?;
+        let (max, n): (Option<i64>, i64) =
+            conn.query_row("select max(id), count(*) from ValidPaths", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        self.put_back(conn);
+        Ok((max.unwrap_or(0), u64::try_from(n).unwrap_or(0)))
+    }
+
+    /// Up to `limit` valid paths with row ids above `after`, by id, each
+    /// with its id. Rows that do not parse are left out (and logged): they
+    /// are not shared either.
+    pub fn paths_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, PathInfo)>, StoreError> {
+        let conn = self.take()?;
+        let rows = {
+            let mut stmt = conn.prepare_cached(
+                "select v.id, v.path, v.hash, v.deriver, v.narSize, v.ultimate, v.sigs, v.ca, \
+                   (select group_concat(p.path, ' ') from Refs r \
+                      join ValidPaths p on r.reference = p.id where r.referrer = v.id) \
+                 from ValidPaths v where v.id > ?1 order by v.id limit ?2",
+            )?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(rusqlite::params![after, limit], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    Row {
+                        path: r.get(1)?,
+                        hash: r.get(2)?,
+                        deriver: r.get(3)?,
+                        nar_size: r.get(4)?,
+                        ultimate: r.get(5)?,
+                        sigs: r.get(6)?,
+                        ca: r.get(7)?,
+                        references: r.get(8)?,
+                    },
+                ))
+            })?;
+            rows.collect::<Result<Vec<_>, _>>()
+        };
+        let rows = rows?;
+        self.put_back(conn);
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, row) in rows {
+            match row_to_info(&self.location.store_dir, row) {
+                Ok(info) => out.push((id, info)),
+                Err(e) => tracing::warn!(error = %e, "skipping a store DB row"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The row ids of every valid path (to find those collected since).
+    pub fn row_ids(&self) -> Result<Vec<i64>, StoreError> {
+        let conn = self.take()?;
+        let ids = {
+            let mut stmt = conn.prepare_cached("select id from ValidPaths")?;
+            let ids = stmt.query_map([], |r| r.get::<_, i64>(0))?;
+            ids.collect::<Result<Vec<_>, _>>()
+        };
+        let ids = ids?;
+        self.put_back(conn);
+        Ok(ids)
+    }
+
+    /// Whether the DB file exists yet (Nix creates it on first use).
+    pub fn db_exists(&self) -> bool {
+        self.location.db.exists()
+    }
+}
+
 struct Row {
     path: String,
     hash: String,

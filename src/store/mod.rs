@@ -3,6 +3,8 @@
 //! NAR from the filesystem, `share` decides what may leave this host, and
 //! `shared` is the store as the outside sees it (policy applied).
 
+pub mod catalog;
+pub mod catalog_watch;
 pub mod chunk_pool;
 pub mod db;
 pub mod nar_encode;
