@@ -64,6 +64,16 @@ struct PeerSummary {
     wrong: u64,
 }
 
+impl PeerSummary {
+    /// No summary (until a new subscription): nothing listed, memory
+    /// returned, the counts kept.
+    fn reset(&mut self) {
+        self.generation = 0;
+        self.set = HashSet::new();
+        self.complete = false;
+    }
+}
+
 /// What `nixmesh peers` shows of a peer's summary.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SummaryView {
@@ -110,10 +120,10 @@ impl Summaries {
     }
 
     /// The subscription `generation` ended: `node` is asked about every
-    /// path until a new one completes.
+    /// path until a new one completes (what it got wrong stays counted).
     pub fn end(&mut self, node: &NodeId, generation: u64) {
-        if self.current(node, generation).is_some() {
-            self.peers.remove(node);
+        if let Some(p) = self.current(node, generation) {
+            p.reset();
         }
     }
 
@@ -142,7 +152,7 @@ impl Summaries {
             p.tokens = (p.tokens + elapsed * FRAMES_PER_SECOND).min(FRAME_BURST);
             p.refilled = now;
             if p.tokens < 1.0 {
-                self.peers.remove(node);
+                p.reset();
                 return Err(SummaryError::Flood);
             }
             p.tokens -= 1.0;
@@ -152,7 +162,7 @@ impl Summaries {
         }
         p.set.extend(added);
         if p.set.len() > MAX_PATHS_PER_PEER {
-            self.peers.remove(node);
+            p.reset();
             return Err(SummaryError::TooLarge);
         }
         p.complete |= complete;
@@ -193,11 +203,6 @@ impl Summaries {
         if let Some(p) = self.peers.get_mut(node) {
             p.wrong_in_a_row = 0;
         }
-    }
-
-    /// Whether a subscription to `node` is under way (complete or not).
-    pub fn subscribed(&self, node: &NodeId) -> bool {
-        self.peers.contains_key(node)
     }
 
     pub fn forget(&mut self, node: &NodeId) {

@@ -24,6 +24,9 @@ pub struct NodeSettings {
     pub share: String,
     pub mesh: String,
     pub substituter: String,
+    /// The `[upstream]` section; empty: `caches = []` (a test agent never
+    /// reaches for the Internet's caches).
+    pub upstream: String,
 }
 
 impl MeshNode {
@@ -71,7 +74,8 @@ impl MeshNode {
              [share]\n{share}\n\
              [mesh]\nlisten = \"127.0.0.1:{quic}\"\nmdns = false\nname = {name:?}\nstatic_peers = [{statics}]\n{mesh}\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [substituter]\nlisten = \"127.0.0.1:{sub}\"\n{substituter}\n",
+             [substituter]\nlisten = \"127.0.0.1:{sub}\"\n{substituter}\n\
+             [upstream]\n{upstream}\n",
             top = s.top,
             state = self.store.root().join("state").display().to_string(),
             root = self.store.root().display().to_string(),
@@ -83,6 +87,11 @@ impl MeshNode {
             admin = self.admin,
             sub = self.substituter,
             substituter = s.substituter,
+            upstream = if s.upstream.is_empty() {
+                "caches = []"
+            } else {
+                &s.upstream
+            },
         );
         std::fs::write(&self.config_path, text).unwrap();
     }
