@@ -48,6 +48,10 @@ fn fifty_agents_converge_and_reconverge_after_crashes_and_with_loss() {
         "a fresh office",
     );
     eprintln!("office scale: {n} agents all alive to each other {took:?} after the last start");
+    let took = summaries_whole(&hosts, &agents, last_start, CONVERGE_CLEAN);
+    eprintln!(
+        "office scale: every agent holds every other's whole summary {took:?} after the last start"
+    );
     idle_figures(&agents);
 
     // Five crash and come back; everyone must see them alive again.
@@ -106,6 +110,16 @@ fn start_all(hosts: &[&Host]) -> (Vec<AgentHandle>, Instant) {
 /// all agents at once (a few at a time; each answer is a process in the
 /// host).
 fn counts_in(hosts: &[&Host], agents: &[AgentHandle], states: &[PeerState]) -> Vec<usize> {
+    counts_where(hosts, agents, |p| states.contains(&p.state))
+}
+
+/// How many of the other hosts each agent lists with `check` true.
+fn counts_where(
+    hosts: &[&Host],
+    agents: &[AgentHandle],
+    check: impl Fn(&nixmesh::api::PeerView) -> bool + Sync,
+) -> Vec<usize> {
+    let check = &check;
     std::thread::scope(|s| {
         let handles: Vec<_> = agents
             .chunks(agents.len().div_ceil(8).max(1))
@@ -119,7 +133,7 @@ fn counts_in(hosts: &[&Host], agents: &[AgentHandle], states: &[PeerState]) -> V
                             let alive: HashSet<String> = agent
                                 .peers()
                                 .into_iter()
-                                .filter(|p| states.contains(&p.state) && p.name != me.name())
+                                .filter(|p| check(p) && p.name != me.name())
                                 .map(|p| p.name)
                                 .collect();
                             alive.len()
@@ -167,6 +181,31 @@ fn converge(
             took <= limit,
             "{what}: after {took:?} only {complete} of {} agents see all {want} others alive; counts {counts:?}",
             hosts.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until every agent holds every other's summary, whole (protocol
+/// 4: which paths each shares); the time since `since`.
+fn summaries_whole(
+    hosts: &[&Host],
+    agents: &[AgentHandle],
+    since: Instant,
+    limit: Duration,
+) -> Duration {
+    let want = hosts.len() - 1;
+    loop {
+        let counts = counts_where(hosts, agents, |p| {
+            p.summary.as_ref().is_some_and(|s| s.complete)
+        });
+        let took = since.elapsed();
+        if counts.iter().all(|&c| c == want) {
+            return took;
+        }
+        assert!(
+            took <= limit,
+            "after {took:?} not every agent holds every summary; counts {counts:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }

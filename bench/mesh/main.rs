@@ -26,7 +26,12 @@
 //! 4. **One NAR from three holders** (`PARTS=stripes`, see `stripes.rs`):
 //!    striped against one holder at a time, each holder behind
 //!    `STRIPE_HOLDER_MBIT` [300].
-//! 5. **Agent memory.** Peak RSS (`VmHWM`) of the serving and the client
+//! 5. **Look-ups at office scale** (`PARTS=catalog`, see `catalog.rs`):
+//!    10 and 50 agents (`CATALOG_AGENTS`), narinfo requests per look-up,
+//!    miss latency and the narinfo phase with summaries against the
+//!    fan-out before them and against plain substituters; time until every
+//!    summary is whole; idle CPU and RSS per agent.
+//! 6. **Agent memory.** Peak RSS (`VmHWM`) of the serving and the client
 //!    agent after Nix substitutes one NAR through them (256 MiB, 1 GiB and
 //!    4 GiB, each with freshly started agents): it should not grow with
 //!    the NAR.
@@ -71,6 +76,7 @@ mod integration {
 // `office` names the harness as `crate::harness`, as in the LAN tests.
 use integration::harness;
 
+mod catalog;
 mod closure;
 mod host_cmds;
 mod noise;
@@ -215,6 +221,9 @@ fn main() {
     }
     if runs("stripes") {
         stripes::three_holders(&s, &mut rows, &mut notes);
+    }
+    if runs("catalog") {
+        catalog::office_lookups(&s, &mut rows, &mut notes);
     }
 
     println!();

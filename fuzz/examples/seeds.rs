@@ -150,6 +150,48 @@ fn main() {
     level_and_raw.extend_from_slice(NIX_COPY_NARINFO.as_bytes());
     write("nar_chunks", "seed-1", &level_and_raw);
 
+    // A summary stream as an agent sends it: the whole set in two parts,
+    // then a change; each frame after one byte of clock.
+    let mut stream = Vec::new();
+    for part in [
+        Response::SummaryPart {
+            added: vec![1, 2, 3, 0xdead_beef],
+            removed: vec![],
+            complete: false,
+        },
+        Response::SummaryPart {
+            added: vec![4],
+            removed: vec![],
+            complete: true,
+        },
+        Response::SummaryPart {
+            added: vec![5],
+            removed: vec![2],
+            complete: true,
+        },
+    ] {
+        stream.push(20);
+        stream.extend(part.encode());
+    }
+    write("summary", "seed-0", &stream);
+    write(
+        "wire_response",
+        "seed-summary",
+        &body(
+            Response::SummaryPart {
+                added: vec![9, 10],
+                removed: vec![11],
+                complete: true,
+            }
+            .encode(),
+        ),
+    );
+    write(
+        "wire_request",
+        "seed-summary",
+        &body(Request::Summary.encode()),
+    );
+
     write("agent_config", "seed-0", CONFIG_EXAMPLE.as_bytes());
     write(
         "agent_config",
