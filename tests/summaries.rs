@@ -83,6 +83,8 @@ fn a_path_added_on_one_agent_is_known_to_the_other_and_a_miss_asks_no_one() {
     });
     let before = summary_paths(&b, "a").unwrap();
     assert!(before >= 1, "a's seed path is shared");
+    assert_eq!(metric(&b, "nixmesh_summaries_complete"), 1);
+    assert_eq!(metric(&b, "nixmesh_summary_fingerprints"), before);
 
     // A path added on a: b's copy of a's summary has it within 2 s.
     let src = tempfile::tempdir().unwrap();

@@ -7,14 +7,13 @@
 //! fan-out before summaries), and Nix's narinfo phase against the peers as
 //! plain substituters. Also: how long after the last agent starts every
 //! agent sees every other alive with its summary whole, and each agent's
-//! idle CPU and memory at that size.
+//! idle CPU and memory at that size. `CATALOG_DRY_GROUPS` [all] sets how
+//! many groups the narinfo phase looks up.
 
 use super::*;
 
 /// Misses asked per side (random hash parts).
 const MISSES: usize = 200;
-/// Groups whose narinfo phase (`nix-store -r --dry-run`) is timed.
-const DRY_GROUPS: usize = 5;
 
 pub(crate) fn office_lookups(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
     let per_peer = std::env::var("CATALOG_PATHS")
@@ -22,7 +21,7 @@ pub(crate) fn office_lookups(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<
         .and_then(|v| v.parse().ok())
         .unwrap_or(20usize);
     for n in numbers("CATALOG_AGENTS", "10,50") {
-        one_office(s, n, per_peer, rows, notes);
+        one_office(s, n as usize, per_peer, rows, notes);
     }
 }
 
@@ -129,7 +128,14 @@ fn one_office(
         .iter()
         .map(|h| format!("http://{}:{CACHE_PORT}", h.addr()))
         .collect();
-    let dry_tops = &tops[..DRY_GROUPS.min(tops.len())];
+    // Groups whose narinfo phase (`nix-store -r --dry-run`) is timed:
+    // `CATALOG_DRY_GROUPS`, all by default.
+    let dry_groups = std::env::var("CATALOG_DRY_GROUPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tops.len())
+        .min(tops.len());
+    let dry_tops = &tops[..dry_groups];
     let mut costs = [Costs::default(), Costs::default()];
     let mut plain_dry = Vec::new();
     for round in 0..s.rounds {

@@ -76,6 +76,27 @@ impl Collector for PeerCollector {
         )?;
         by_state.encode(m)?;
 
+        // Summaries (protocol 4): how many peers' are whole, and the
+        // fingerprints they hold together (4 to 9 bytes each in memory).
+        let (whole, fingerprints) = self.mesh.summaries(|s| s.totals());
+        for (name, help, value) in [
+            (
+                "nixmesh_summaries_complete",
+                "Peers whose whole summary this agent holds",
+                whole,
+            ),
+            (
+                "nixmesh_summary_fingerprints",
+                "Fingerprints held in peers' summaries, all together",
+                fingerprints,
+            ),
+        ] {
+            let gauge: Gauge = Gauge::default();
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+            let m = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(m)?;
+        }
+
         let per_peer: [PeerCounter; 3] = [
             (
                 "nixmesh_peer_bytes_fetched",
