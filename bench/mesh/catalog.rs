@@ -145,12 +145,17 @@ fn one_office(
             [Lookups::FanOut, Lookups::Summaries]
         };
         for side in order {
-            client_agent.stop();
-            client_agent = client.start_agent(side.config());
-            wait_sees_peers(&client_agent, &peers);
-            if side == Lookups::Summaries {
-                wait_whole(std::slice::from_ref(&client_agent), n - 1, Instant::now());
-            }
+            // A fresh agent (no memo of earlier look-ups) with every peer
+            // and, for summaries, every summary.
+            let fresh = |agent: &mut AgentHandle| {
+                agent.stop();
+                *agent = client.start_agent(side.config());
+                wait_sees_peers(agent, &peers);
+                if side == Lookups::Summaries {
+                    wait_whole(std::slice::from_ref(agent), n - 1, Instant::now());
+                }
+            };
+            fresh(&mut client_agent);
             let c = &mut costs[side as usize];
             let (per_hit, hit_ms) = lookups(client, &client_agent, &held, true);
             c.requests_per_hit.push(per_hit);
@@ -159,6 +164,7 @@ fn one_office(
             let (per_miss, miss_ms) = lookups(client, &client_agent, &misses, false);
             c.requests_per_miss.push(per_miss);
             c.miss_ms.push(miss_ms);
+            fresh(&mut client_agent);
             c.dry_s.push(dry_run(client, SUBSTITUTER, dry_tops));
             eprintln!(
                 "catalog {n} round {round} {side:?}: {per_hit:.2} requests per hit, {per_miss:.2} per miss, miss {miss_ms:.2} ms, dry {:.2} s",
@@ -226,7 +232,7 @@ fn one_office(
          and the text file referring to them; every agent with default settings, found by mDNS. \
          Hits: the client's agent is asked (curl, one connection) for the narinfo of each of the {} \
          held paths; misses: {MISSES} random hash parts; requests counted by the agent \
-         (nixmesh_narinfo_requests_total over its races), a fresh client agent per side and round. \
+         (nixmesh_narinfo_requests_total over its races), a fresh client agent for the hits and misses and another for the narinfo phase. \
          Summaries = protocol 4 (the default); fan-out = the same agent with max_protocol = 3. \
          Narinfo phase: Nix {} `nix-store -r --dry-run` of {groups} group files (Nix finds the rest \
          through references) with an empty narinfo cache, through the agent, or with the {} peers' \
