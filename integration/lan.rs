@@ -11,6 +11,7 @@ mod scenario_floods;
 mod scenario_lan;
 mod scenario_mesh;
 mod scenario_office_scale;
+mod scenario_plain_caches;
 mod scenario_pull_through;
 mod scenario_slow_lan;
 mod scenario_store;

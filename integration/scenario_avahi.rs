@@ -13,7 +13,7 @@ use crate::harness::{wait_until, Host, Lan};
 /// Gives `host` a private `/run` and starts a system D-Bus and
 /// avahi-daemon there (both live in the host's namespaces, so the Lan's
 /// cleanup ends them).
-fn start_avahi(host: &Host) {
+pub(crate) fn start_avahi(host: &Host) {
     for (tool, package) in [
         ("avahi-daemon", "avahi-daemon"),
         ("avahi-browse", "avahi-utils"),

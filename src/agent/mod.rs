@@ -20,10 +20,12 @@ use crate::config::settings::{
     upstream_caches, SettingsError,
 };
 use crate::config::Config;
+use crate::fetch::plain::lan::host_networks;
+use crate::fetch::plain::{Origin, PlainCaches};
 use crate::fetch::resolver::{Resolver, Transfer};
 use crate::fetch::upstream::office::ForPeers;
 use crate::fetch::upstream::{Spool, UpstreamClient, Upstreams};
-use crate::mesh::discovery::{self, Announcement, DiscoveryConfig, DiscoveryError};
+use crate::mesh::discovery::{self, Announcement, CacheEvent, DiscoveryConfig, DiscoveryError};
 use crate::mesh::identity::NodeId;
 use crate::mesh::node::{Mesh, MeshError, MeshSetup};
 use crate::mesh::peers::PeerTable;
@@ -142,6 +144,8 @@ pub async fn run(
     let secret = mesh_secret(&config)?;
     let mesh_id = secret.mesh_id();
     let mut discovery = None;
+    // Plain caches announced by mDNS, until the substituter takes them.
+    let mut announced_caches = None;
     let mesh = if config.mesh.enable {
         let identity = TlsIdentity::new(&node_key, &secret)?;
         let admission = Admission {
@@ -183,9 +187,17 @@ pub async fn run(
                 mesh_id: mesh_id.clone(),
                 name: name.clone(),
             };
+            let caches = if config.mesh.browse_nix_serve && config.substituter.enable {
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                announced_caches = Some(rx);
+                Some(tx)
+            } else {
+                None
+            };
             let disc_config = DiscoveryConfig {
                 interfaces: config.mesh.interfaces.clone(),
                 ipv6: config.mesh.ipv6,
+                caches,
                 ..DiscoveryConfig::default()
             };
             discovery = Some(discovery::start(own, disc_config, tx, shutdown.clone())?);
@@ -242,19 +254,39 @@ pub async fn run(
                 client,
                 spool,
                 detached.clone(),
-                crate::fetch::upstream::Timing {
-                    answer: std::time::Duration::from_millis(config.upstream.timeout_ms),
-                    skip: std::time::Duration::from_millis(config.upstream.skip_ms),
-                    stall: std::time::Duration::from_millis(config.upstream.stall_ms),
-                },
+                upstream_timing(&config),
                 config.store.store_dir.clone(),
                 policy.clone(),
             )))
         };
         let pulls = upstreams.is_some();
+        let plain = if config.mesh.plain_caches.is_empty() && announced_caches.is_none() {
+            None
+        } else {
+            let client = UpstreamClient::new(config.upstream.ca_file.as_deref())
+                .map_err(SettingsError::from)?;
+            let plain = PlainCaches::new(
+                client,
+                detached.clone(),
+                upstream_timing(&config),
+                config.store.store_dir.clone(),
+                policy.clone(),
+            );
+            for url in &config.mesh.plain_caches {
+                // Checked when the config was parsed.
+                if let Ok(cache) = crate::fetch::upstream::CacheUrl::parse(url) {
+                    plain.add(url, cache, Origin::Config, None);
+                }
+            }
+            if let Some(rx) = announced_caches.take() {
+                detached.spawn(follow_announced_caches(plain.clone(), rx, shutdown.clone()));
+            }
+            Some(plain)
+        };
         let resolver = Resolver::new(
             mesh.clone(),
             upstreams,
+            plain,
             policy,
             deadline,
             Transfer {
@@ -313,6 +345,9 @@ pub async fn run(
         if let Some(up) = sub.resolver().upstreams() {
             up.stats.register(&mut metrics);
         }
+        if let Some(plain) = sub.resolver().plain() {
+            plain.stats.register(&mut metrics);
+        }
     }
     if let Some(mesh) = &mesh {
         metrics.register_collector(PeerCollector::new(mesh.clone()));
@@ -365,6 +400,52 @@ pub async fn run(
         tracing::info!("every task has ended");
     }
     Ok(())
+}
+
+fn upstream_timing(config: &Config) -> crate::fetch::upstream::Timing {
+    crate::fetch::upstream::Timing {
+        answer: std::time::Duration::from_millis(config.upstream.timeout_ms),
+        skip: std::time::Duration::from_millis(config.upstream.skip_ms),
+        stall: std::time::Duration::from_millis(config.upstream.stall_ms),
+    }
+}
+
+/// Adds the plain caches mDNS announces (at an address on this host's
+/// networks; others are listed as refused) and drops those that leave.
+async fn follow_announced_caches(
+    plain: Arc<PlainCaches>,
+    mut events: tokio::sync::mpsc::Receiver<CacheEvent>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+        };
+        match event {
+            CacheEvent::Found { name, addrs } => {
+                match crate::fetch::plain::lan::cache_url(&addrs, &host_networks()) {
+                    Ok(url) => plain.add(&name, url, Origin::Mdns, None),
+                    Err(why) => {
+                        // Listed, never used: visible in `nixmesh peers`,
+                        // with where the record pointed.
+                        let pointed = addrs
+                            .first()
+                            .map_or("http://unannounced.invalid".to_string(), |a| {
+                                format!("http://{a}")
+                            });
+                        if let Ok(url) = crate::fetch::upstream::CacheUrl::parse(&pointed) {
+                            plain.add(&name, url, Origin::Mdns, Some(why));
+                        }
+                    }
+                }
+            }
+            CacheEvent::Lost { name } => plain.remove(&name),
+        }
+    }
 }
 
 /// How long a stopping agent lets requests in flight finish.

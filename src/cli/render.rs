@@ -24,11 +24,14 @@ pub fn render_peers(peers: &[PeerView]) -> String {
         "SUMMARY".into(),
     ]];
     for p in peers {
-        let state = if p.quarantined {
+        let mut state = if p.quarantined {
             format!("{:?} (quarantined)", p.state).to_lowercase()
         } else {
             format!("{:?}", p.state).to_lowercase()
         };
+        if let Some(note) = p.plain_cache.as_deref().filter(|n| !n.is_empty()) {
+            state = format!("{state} ({note})");
+        }
         rows.push([
             if p.name.is_empty() {
                 "-".into()
@@ -186,6 +189,7 @@ mod tests {
                 age_ms: 4200,
                 wrong: 0,
             }),
+            plain_cache: None,
         };
         let out = render_peers(&[p]);
         let lines: Vec<&str> = out.lines().collect();

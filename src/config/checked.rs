@@ -64,15 +64,25 @@ pub fn upstream_timeout_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Er
 /// `https://` URLs with a host, without query or fragment.
 pub fn upstream_caches<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
     let list = Vec::<String>::deserialize(d)?;
-    if list.len() > MAX_UPSTREAM_CACHES {
-        return Err(D::Error::custom(format!(
-            "at most {MAX_UPSTREAM_CACHES} caches"
-        )));
-    }
-    for url in &list {
-        crate::fetch::upstream::CacheUrl::parse(url).map_err(D::Error::custom)?;
-    }
+    cache_list(&list).map_err(D::Error::custom)?;
     Ok(Some(list))
+}
+
+fn cache_list(list: &[String]) -> Result<(), String> {
+    if list.len() > MAX_UPSTREAM_CACHES {
+        return Err(format!("at most {MAX_UPSTREAM_CACHES} caches"));
+    }
+    for url in list {
+        crate::fetch::upstream::CacheUrl::parse(url)?;
+    }
+    Ok(())
+}
+
+/// `mesh.plain_caches`: as `upstream.caches`, without the "unset" case.
+pub fn plain_caches<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    cache_list(&list).map_err(D::Error::custom)?;
+    Ok(list)
 }
 
 /// Largest upstream spool: 1 TiB.

@@ -121,6 +121,13 @@ pub struct MeshConfig {
     pub compression: crate::fetch::compression::Compression,
     #[serde(deserialize_with = "checked::stripe_from_mib")]
     pub stripe_from_mib: u64,
+    /// Plain HTTP binary caches on the LAN (nix-serve, harmonia, nginx
+    /// over a `nix copy --to file://` directory) asked in the same race as
+    /// the agents.
+    #[serde(deserialize_with = "checked::plain_caches")]
+    pub plain_caches: Vec<String>,
+    /// Also find such caches by mDNS (`_nix-serve._tcp`).
+    pub browse_nix_serve: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -166,6 +173,8 @@ impl Default for MeshConfig {
             max_protocol: crate::mesh::protocol::NEWEST,
             compression: crate::fetch::compression::Compression::Auto,
             stripe_from_mib: 32,
+            plain_caches: Vec::new(),
+            browse_nix_serve: true,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! `upstream` pulls what no peer holds from the upstream caches.
 
 pub mod compression;
+pub mod plain;
 pub mod prefetch;
 pub mod race;
 pub mod relay;

@@ -18,6 +18,7 @@ use prometheus_client::registry::Registry;
 
 use crate::api::{SurveyAnswer, SurveyRow};
 use crate::fetch::compression::Compression;
+use crate::fetch::plain::PlainCaches;
 use crate::fetch::race::{race_narinfo, AskPlan, NarInfoSource, TrustPolicy};
 use crate::fetch::upstream::{Answer as UpstreamAnswer, UpstreamFile, Upstreams};
 use crate::lock::lock;
@@ -91,6 +92,7 @@ type Slot = Arc<OnceCell<Option<Found>>>;
 pub struct Resolver {
     mesh: Arc<Mesh>,
     upstreams: Option<Arc<Upstreams>>,
+    plain: Option<Arc<PlainCaches>>,
     policy: TrustPolicy,
     deadline: Duration,
     transfer: Transfer,
@@ -179,10 +181,12 @@ impl RaceStats {
 
 impl Resolver {
     /// `upstreams`: where to look when no peer has a path (none: nowhere);
+    /// `plain`: caches on the LAN asked beside the peers;
     /// `transfer`: how NARs are to come from holders.
     pub fn new(
         mesh: Arc<Mesh>,
         upstreams: Option<Arc<Upstreams>>,
+        plain: Option<Arc<PlainCaches>>,
         policy: TrustPolicy,
         deadline: Duration,
         transfer: Transfer,
@@ -190,6 +194,7 @@ impl Resolver {
         Arc::new(Self {
             mesh,
             upstreams,
+            plain,
             policy,
             deadline,
             transfer,
@@ -212,6 +217,11 @@ impl Resolver {
     /// (`None`: never).
     pub fn stripe_from(&self) -> Option<u64> {
         self.transfer.stripe_from
+    }
+
+    /// The plain caches on the LAN, if any are configured or browsed for.
+    pub fn plain(&self) -> Option<&Arc<PlainCaches>> {
+        self.plain.as_ref()
     }
 
     pub fn upstreams(&self) -> Option<&Arc<Upstreams>> {
@@ -298,7 +308,59 @@ impl Resolver {
             .await
             .ok()?
             .ok()?;
-        let plan = self.ask_plan(&peers, hash);
+        let from_peers = self.race_peers(hash, &peers, deadline);
+        let result = match self.plain.as_ref().filter(|p| !p.is_empty()) {
+            None => from_peers.await,
+            Some(plain) => {
+                // Plain caches run in the same race: the first answer that
+                // passes the checks wins, from an agent or a plain cache.
+                let from_plain = async {
+                    let found = tokio::time::timeout_at(deadline, plain.lookup(hash)).await;
+                    found.ok().flatten().map(|(narinfo, file)| Found {
+                        narinfo,
+                        holders: Vec::new(),
+                        upstream: Some(file),
+                    })
+                };
+                tokio::pin!(from_peers, from_plain);
+                tokio::select! {
+                    found = &mut from_peers => match found {
+                        Some(found) => Some(found),
+                        None => from_plain.await,
+                    },
+                    found = &mut from_plain => match found {
+                        Some(found) => Some(found),
+                        None => from_peers.await,
+                    },
+                }
+            }
+        };
+        self.stats.latency.observe(start.elapsed().as_secs_f64());
+        if result.is_some() {
+            self.stats.hits.inc();
+            return result;
+        }
+        self.stats.misses.inc();
+        tracing::debug!(path = %hash, asked = peers.len(), ms = start.elapsed().as_millis() as u64, "no peer has it");
+        let upstreams = self.upstreams.as_ref()?;
+        let (narinfo, file) =
+            crate::fetch::upstream::office::narinfo_for_nix(&self.mesh, upstreams, hash).await?;
+        tracing::debug!(path = %hash, url = %file.url, "an upstream cache has it");
+        Some(Found {
+            narinfo,
+            holders: Vec::new(),
+            upstream: Some(file),
+        })
+    }
+
+    /// The agents' part of a race.
+    async fn race_peers(
+        &self,
+        hash: &HashPart,
+        peers: &[crate::mesh::peers::Peer],
+        deadline: tokio::time::Instant,
+    ) -> Option<Found> {
+        let plan = self.ask_plan(peers, hash);
         if plan.at_once.is_empty() && plan.hedged.is_empty() && !peers.is_empty() {
             self.stats.summary_misses.inc();
         }
@@ -319,33 +381,14 @@ impl Resolver {
                 self.mesh.summary_answer(node, true);
             }
         }
-        let result = outcome.won.map(|(narinfo, node)| Found {
-            narinfo,
-            holders: vec![node],
-            upstream: None,
-        });
         for (peer, why) in &outcome.rejected {
             tracing::warn!(peer = %peer, path = %hash, reason = %why, "ignored a peer's narinfo");
             self.stats.rejected.inc();
         }
-        self.stats.latency.observe(start.elapsed().as_secs_f64());
-        if result.is_some() {
-            self.stats.hits.inc();
-        } else {
-            self.stats.misses.inc();
-            tracing::debug!(path = %hash, asked = peers.len(), ms = start.elapsed().as_millis() as u64, "no peer has it");
-        }
-        if result.is_some() {
-            return result;
-        }
-        let upstreams = self.upstreams.as_ref()?;
-        let (narinfo, file) =
-            crate::fetch::upstream::office::narinfo_for_nix(&self.mesh, upstreams, hash).await?;
-        tracing::debug!(path = %hash, url = %file.url, "an upstream cache has it");
-        Some(Found {
+        outcome.won.map(|(narinfo, node)| Found {
             narinfo,
-            holders: Vec::new(),
-            upstream: Some(file),
+            holders: vec![node],
+            upstream: None,
         })
     }
 
@@ -412,6 +455,9 @@ impl Resolver {
             })
             .collect();
         let mut rows: Vec<SurveyRow> = asks.collect().await;
+        if let Some(plain) = &self.plain {
+            rows.extend(plain.survey(hash).await);
+        }
         rows.sort_by(|a, b| a.answer_ms.total_cmp(&b.answer_ms));
         // Upstreams are asked only when no peer has it: their rows come
         // after the peers', and one wins only if no peer would. Each says

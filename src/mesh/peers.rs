@@ -109,6 +109,9 @@ pub struct PeerView {
     /// Its summary of what it shares (protocol 4), as this node holds it.
     #[serde(default)]
     pub summary: Option<crate::mesh::summaries::SummaryView>,
+    /// Set for a plain HTTP cache (no agent): why it is not used, or empty.
+    #[serde(default)]
+    pub plain_cache: Option<String>,
 }
 
 #[derive(Default)]
@@ -285,6 +288,7 @@ impl PeerTable {
                 quarantined: p.quarantined_until.is_some_and(|t| now < t),
                 counters: p.counters.clone(),
                 summary: summary(&p.node),
+                plain_cache: None,
             })
             .collect()
     }

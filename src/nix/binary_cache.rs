@@ -39,7 +39,30 @@ pub fn upstream_url(info: &PathInfo, file_hash: &crate::nix::Sha256Hash) -> Stri
     )
 }
 
+/// The `StoreDir` a `/nix-cache-info` body names, if any.
+pub fn cache_info_store_dir(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("StoreDir:"))
+        .map(str::trim)
+}
+
 /// Body of `/nix-cache-info`.
 pub fn cache_info(store_dir: &str, priority: u32) -> String {
     format!("StoreDir: {store_dir}\nWantMassQuery: 1\nPriority: {priority}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_dir_of_a_cache_info() {
+        let ours = cache_info("/nix/store", 40);
+        assert_eq!(cache_info_store_dir(&ours), Some("/nix/store"));
+        assert_eq!(
+            cache_info_store_dir("WantMassQuery: 1\nStoreDir:   /gnu/store  \n"),
+            Some("/gnu/store")
+        );
+        assert_eq!(cache_info_store_dir("Priority: 30\n"), None);
+    }
 }

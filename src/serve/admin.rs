@@ -36,15 +36,22 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The agents in the peer table, then the plain caches.
     pub fn peers(&self) -> Vec<PeerView> {
         let Some(mesh) = &self.mesh else {
             return Vec::new();
         };
-        mesh.views()
+        let mut views = mesh.views();
+        let plain = self.substituter.as_ref().and_then(|s| s.resolver().plain());
+        if let Some(plain) = plain {
+            views.extend(plain.views());
+        }
+        views
     }
 
     pub async fn status(&self) -> StatusView {
-        let peers = self.peers();
+        let mut peers = self.peers();
+        peers.retain(|p| p.plain_cache.is_none());
         let count = |s: PeerState| peers.iter().filter(|p| p.state == s).count();
         let store = self.store.clone();
         let paths = tokio::task::spawn_blocking(move || store.path_count().ok())

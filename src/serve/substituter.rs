@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::fetch::plain::{PlainCache, PlainCaches};
 use crate::fetch::prefetch::{Prefetched, Prefetcher};
 use crate::fetch::relay::{self, FetchStats, Purpose};
 use crate::fetch::resolver::{Found, Resolver};
@@ -106,15 +107,24 @@ impl Substituter {
                 None => http::empty(StatusCode::NOT_FOUND),
             },
             Route::UpstreamFile { hash, file_hash } => {
-                match (
-                    self.find_upstream_file(&hash, &file_hash).await,
-                    self.resolver.upstreams(),
-                ) {
-                    (Some(file), Some(upstreams)) => {
-                        let range = http::range_of(&req, file.file_size);
+                let Some(file) = self.find_upstream_file(&hash, &file_hash).await else {
+                    return http::empty(StatusCode::NOT_FOUND);
+                };
+                let range = http::range_of(&req, file.file_size);
+                // A plain cache's file comes from it directly; an upstream
+                // cache's through the agent that downloads it for the office.
+                let plain = self
+                    .resolver
+                    .plain()
+                    .and_then(|p| Some((p.clone(), p.owner_of(&file)?)));
+                if let Some((plain, cache)) = plain {
+                    return self.plain_response(plain, cache, file, range, head_only);
+                }
+                match self.resolver.upstreams() {
+                    Some(upstreams) => {
                         self.upstream_response(upstreams.clone(), hash, file, range, head_only)
                     }
-                    _ => http::empty(StatusCode::NOT_FOUND),
+                    None => http::empty(StatusCode::NOT_FOUND),
                 }
             }
             Route::Nar { hash, nar_hash } => {
@@ -164,6 +174,25 @@ impl Substituter {
         http::nar(size, range, body)
     }
 
+    /// A plain cache's file, checked on the way as an upstream's is.
+    fn plain_response(
+        &self,
+        plain: Arc<PlainCaches>,
+        cache: Arc<PlainCache>,
+        file: UpstreamFile,
+        range: RangeAnswer,
+        head_only: bool,
+    ) -> Response<Body> {
+        let size = file.file_size;
+        let window = range.window(size);
+        let body = (!head_only && !window.is_empty()).then(|| {
+            let (tx, rx) = mpsc::channel(RELAY_DEPTH);
+            self.tasks.spawn(plain.relay(cache, file, tx));
+            http::channel_body_window(rx, window)
+        });
+        http::nar(size, range, body)
+    }
+
     /// The upstream file Nix asks for by the URL of a narinfo this agent
     /// gave it, perhaps long ago (Nix keeps narinfos for 30 days). If a
     /// peer has the path by now, the race finds that peer, not the file:
@@ -177,6 +206,12 @@ impl Substituter {
         let file = match raced {
             Some(file) => file,
             None => {
+                if let Some(plain) = self.resolver.plain() {
+                    let kept = plain.lookup(hash).await.map(|(_, file)| file);
+                    if let Some(file) = kept.filter(|f| f.file_hash == *file_hash) {
+                        return Some(file);
+                    }
+                }
                 let upstreams = self.resolver.upstreams()?;
                 office::narinfo_for_nix(self.resolver.mesh(), upstreams, hash)
                     .await?

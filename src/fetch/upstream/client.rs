@@ -37,6 +37,7 @@ pub enum UpstreamError {
     TooLong(usize),
 }
 
+#[derive(Clone)]
 pub struct UpstreamClient {
     inner: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
 }

@@ -432,6 +432,31 @@ impl Upstreams {
         }
     }
 
+    /// A file from these caches failed its checks (or the download broke):
+    /// leave them alone for the skip time, as if they had failed to answer.
+    pub fn fail_all(&self) {
+        let now = Instant::now();
+        for c in &self.caches {
+            lock(&c.breaker).failed(now);
+        }
+        self.update_skipped();
+    }
+
+    /// Whether any of these caches is being left alone now.
+    pub fn skipping(&self) -> bool {
+        let now = Instant::now();
+        self.caches.iter().any(|c| lock(&c.breaker).is_open(now))
+    }
+
+    /// Whether `file` is one of these caches' files.
+    pub fn owns(&self, file: &UpstreamFile) -> bool {
+        self.caches.iter().any(|c| {
+            file.url
+                .strip_prefix(c.url.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
+        })
+    }
+
     fn update_skipped(&self) {
         let now = Instant::now();
         let open = self
@@ -663,5 +688,22 @@ mod tests {
             .accept(&other, "http://u:8080", &signed.render())
             .is_err());
         assert!(ups.accept(&hash, "http://u:8080", "garbage").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_file_belongs_to_the_cache_it_is_under_and_a_failure_skips_it() {
+        let ups = upstreams(vec![]);
+        let file = |url: &str| UpstreamFile {
+            url: url.into(),
+            compression: "xz".into(),
+            file_hash: crate::nix::Sha256Hash([1; 32]),
+            file_size: 1,
+        };
+        assert!(ups.owns(&file("http://u:8080/nar/x.nar.xz")));
+        assert!(!ups.owns(&file("http://u:80800/nar/x.nar.xz")));
+        assert!(!ups.owns(&file("http://v:8080/nar/x.nar.xz")));
+        assert!(!ups.skipping());
+        ups.fail_all();
+        assert!(ups.skipping());
     }
 }

@@ -27,7 +27,9 @@ use super::announced::AnnouncedPeers;
 use super::txt::{instance_name, parse_txt, to_txt, TxtError};
 #[cfg(test)]
 use super::PROTOCOL_VERSION;
-use super::{Announcement, DiscoveryConfig, DiscoveryEvent, SERVICE_TYPE};
+use super::{
+    Announcement, CacheEvent, DiscoveryConfig, DiscoveryEvent, NIX_SERVE_TYPE, SERVICE_TYPE,
+};
 #[cfg(test)]
 use std::net::SocketAddr;
 
@@ -122,9 +124,13 @@ pub fn start(
         let monitor = daemon.monitor()?;
         daemon.register(info)?;
         let browse = daemon.browse(SERVICE_TYPE)?;
-        Ok((browse, monitor))
+        let caches = match &config.caches {
+            Some(tx) => Some((daemon.browse(NIX_SERVE_TYPE)?, tx.clone())),
+            None => None,
+        };
+        Ok((browse, monitor, caches))
     };
-    let (browse, monitor) = match setup() {
+    let (browse, monitor, caches) = match setup() {
         Ok(receivers) => receivers,
         Err(e) => {
             let _ = daemon.shutdown();
@@ -134,6 +140,9 @@ pub fn start(
     tracing::info!(instance = %own_fullname, port = own.quic_port, mesh = %own.mesh_id, "mDNS: announcing");
 
     let peers = AnnouncedPeers::new(own.key, own.mesh_id);
+    if let Some((caches, tx)) = caches {
+        runtime.spawn(browse_caches(caches, tx, shutdown.clone()));
+    }
     let task = runtime.spawn(run(
         daemon,
         own_fullname,
@@ -219,6 +228,45 @@ async fn run(
         }
     }
     say_goodbye(&daemon, &own_fullname).await;
+}
+
+/// Reports plain caches announced as `NIX_SERVE_TYPE` until shutdown or
+/// until the daemon stops. Their addresses are checked by the receiver.
+async fn browse_caches(
+    browse: mdns_sd::Receiver<ServiceEvent>,
+    tx: mpsc::Sender<CacheEvent>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = browse.recv_async() => match event {
+                Ok(event) => event,
+                Err(_) => return,
+            },
+        };
+        let out = match event {
+            ServiceEvent::ServiceResolved(info) => {
+                let port = info.port;
+                let addrs = info
+                    .addresses
+                    .iter()
+                    .map(|a| std::net::SocketAddr::new(a.to_ip_addr(), port))
+                    .collect();
+                CacheEvent::Found {
+                    name: info.fullname.chars().take(255).collect(),
+                    addrs,
+                }
+            }
+            ServiceEvent::ServiceRemoved(_, fullname) => CacheEvent::Lost { name: fullname },
+            _ => continue,
+        };
+        tracing::debug!(?out, "mDNS: nix-serve");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tx.send(out) => {}
+        }
+    }
 }
 
 async fn say_goodbye(daemon: &ServiceDaemon, own_fullname: &str) {
@@ -332,6 +380,7 @@ mod live_tests {
             interfaces: vec!["lo".into()],
             ipv6: false,
             rebrowse: Duration::from_secs(1),
+            caches: None,
         };
         let (a_tx, mut a_rx) = mpsc::channel(16);
         let (b_tx, mut b_rx) = mpsc::channel(16);

@@ -19,6 +19,20 @@ use std::net::SocketAddr;
 pub use daemon::{start, DiscoveryError, DiscoveryHandle};
 
 pub const SERVICE_TYPE: &str = "_nixmesh._udp.local.";
+/// What nix-serve set-ups announce (with avahi): plain HTTP binary caches.
+pub const NIX_SERVE_TYPE: &str = "_nix-serve._tcp.local.";
+
+/// A plain HTTP binary cache announced on the LAN (`NIX_SERVE_TYPE`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheEvent {
+    /// Announced (again): its instance name and where it listens.
+    Found {
+        name: String,
+        addrs: Vec<SocketAddr>,
+    },
+    /// Said goodbye, or its record expired.
+    Lost { name: String },
+}
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// What this node announces, and what a peer's announcement says.
@@ -58,6 +72,9 @@ pub struct DiscoveryConfig {
     pub ipv6: bool,
     /// How often the browse starts again (`daemon::REBROWSE_INTERVAL`).
     pub rebrowse: std::time::Duration,
+    /// Where plain caches announced as `NIX_SERVE_TYPE` go (none: not
+    /// browsed for).
+    pub caches: Option<tokio::sync::mpsc::Sender<CacheEvent>>,
 }
 
 impl Default for DiscoveryConfig {
@@ -66,6 +83,7 @@ impl Default for DiscoveryConfig {
             interfaces: Vec::new(),
             ipv6: false,
             rebrowse: daemon::REBROWSE_INTERVAL,
+            caches: None,
         }
     }
 }
