@@ -83,6 +83,9 @@ fn plain_caches_found_by_mdns_or_listed_serve_beside_the_agents_and_a_liar_gets_
     }
     assert_eq!(h.build(&closure_expr("plain-x", 1 << 20)), x);
     assert_eq!(h.build(&closure_expr("plain-x3", (1 << 20) + 3)), x3);
+    for top in [&x, &x3] {
+        sign(h, top);
+    }
     let y = n.build(&closure_expr("plain-y", 1 << 20));
     sign(n, &y);
     let _nginx_n = Nginx::start(n, &export(n, &[&y], "export-y"), NGINX_PORT);

@@ -347,6 +347,18 @@ impl PlainCaches {
         let asks: FuturesUnordered<_> = caches
             .into_iter()
             .map(|c| async move {
+                // A refused cache is not contacted at all.
+                if let State::Refused(why) = c.state() {
+                    return vec![SurveyRow {
+                        name: format!("plain cache {}", c.url),
+                        fingerprint: "plain cache".into(),
+                        rtt_ms: None,
+                        answer_ms: 0.0,
+                        answer: SurveyAnswer::Failed(format!("not used: {why}")),
+                        would_win: false,
+                        summary: None,
+                    }];
+                }
                 let rows = c.upstreams.survey(hash).await;
                 rows.into_iter()
                     .map(|(url, answer, ms)| SurveyRow {
@@ -354,14 +366,11 @@ impl PlainCaches {
                         fingerprint: "plain cache".into(),
                         rtt_ms: None,
                         answer_ms: ms,
-                        answer: match c.state() {
-                            State::Refused(why) => SurveyAnswer::Failed(format!("not used: {why}")),
-                            _ => match answer {
-                                Ok(Answer::Has(..)) => SurveyAnswer::Has,
-                                Ok(Answer::NotFound) => SurveyAnswer::NotFound,
-                                Ok(Answer::Rejected(why)) => SurveyAnswer::Rejected(why),
-                                Err(e) => SurveyAnswer::Failed(e.to_string()),
-                            },
+                        answer: match answer {
+                            Ok(Answer::Has(..)) => SurveyAnswer::Has,
+                            Ok(Answer::NotFound) => SurveyAnswer::NotFound,
+                            Ok(Answer::Rejected(why)) => SurveyAnswer::Rejected(why),
+                            Err(e) => SurveyAnswer::Failed(e.to_string()),
                         },
                         would_win: false,
                         summary: None,
