@@ -118,7 +118,12 @@ impl Substituter {
                     .plain()
                     .and_then(|p| Some((p.clone(), p.owner_of(&file)?)));
                 if let Some((plain, cache)) = plain {
-                    return self.plain_response(plain, cache, file, range, head_only);
+                    return match plain.source_of(&hash, cache, file).await {
+                        Some((cache, file)) => {
+                            self.plain_response(plain, cache, file, range, head_only)
+                        }
+                        None => http::empty(StatusCode::NOT_FOUND),
+                    };
                 }
                 match self.resolver.upstreams() {
                     Some(upstreams) => {

@@ -74,6 +74,11 @@ impl PlainCache {
     fn state(&self) -> State {
         lock(&self.state).clone()
     }
+
+    /// Being left alone for a while (it failed or sent a bad file).
+    pub fn skipping(&self) -> bool {
+        self.upstreams.skipping()
+    }
 }
 
 /// Counters for metrics.
@@ -262,6 +267,27 @@ impl PlainCaches {
             }
         }
         None
+    }
+
+    /// Where to get `file` now: from `cache`, or, if that is being left
+    /// alone, from another ready plain cache that has the same file (the
+    /// same FileHash). `None`: no plain cache can give it now.
+    pub async fn source_of(
+        self: &Arc<Self>,
+        hash: &HashPart,
+        cache: Arc<PlainCache>,
+        file: UpstreamFile,
+    ) -> Option<(Arc<PlainCache>, UpstreamFile)> {
+        if !cache.skipping() {
+            return Some((cache, file));
+        }
+        let (_, other) = self.lookup(hash).await?;
+        if other.file_hash != file.file_hash {
+            return None;
+        }
+        let owner = self.owner_of(&other)?;
+        tracing::info!(path = %hash, from = %owner.url, instead_of = %cache.url, "a plain cache failed; the same file from another");
+        Some((owner, other))
     }
 
     /// The plain cache `file` comes from, if it is one of theirs.
