@@ -154,8 +154,9 @@ fn plain_caches_found_by_mdns_or_listed_serve_beside_the_agents_and_a_liar_gets_
     let l_url = format!("http://{}:{NGINX_PORT}", l.addr());
     let s_url = format!("http://{}:{CACHE_PORT}", s.addr());
     c.configure_nix(&nix_conf(SUBSTITUTER, &[&key.public]));
+    // A cache that fails is skipped for 8 s here (30 s by default).
     let agent_c = c.start_agent(&format!(
-        "[mesh]\nplain_caches = [\"{n_url}\", \"{other_url}\", \"{l_url}\"]\n"
+        "[mesh]\nplain_caches = [\"{n_url}\", \"{other_url}\", \"{l_url}\"]\n[upstream]\nskip_ms = 8000\n"
     ));
     let ready = |url: &str| {
         plain(&agent_c, url).is_some_and(|p| p.state == nixmesh::mesh::peers::PeerState::Alive)
@@ -212,14 +213,32 @@ fn plain_caches_found_by_mdns_or_listed_serve_beside_the_agents_and_a_liar_gets_
     let s_before = plain(&agent_c, &s_url).expect("S").counters.bytes_fetched;
     let h_before = fetched_from(&agent_c, h.name());
     agent_s.signal("STOP");
+    let started = std::time::Instant::now();
     realise(c, &[&x]);
-    agent_s.signal("CONT");
+    eprintln!("x realised from H in {:?} with S frozen", started.elapsed());
     assert_verified(c, &x);
     assert!(fetched_from(&agent_c, h.name()) > h_before, "H served x");
     assert_eq!(
         plain(&agent_c, &s_url).expect("S").counters.bytes_fetched,
         s_before
     );
+    // The frozen cache's questions time out (upstream.timeout_ms) and it is
+    // skipped: later races do not wait for it.
+    wait_until(
+        Duration::from_secs(15),
+        "the frozen plain cache to be skipped",
+        || plain(&agent_c, &s_url).is_some_and(|p| p.quarantined),
+    );
+    let (status, miss) = c.http_status(&format!("{SUBSTITUTER}/{}.narinfo", "0".repeat(32)));
+    assert_eq!(status, 404);
+    assert!(
+        miss < Duration::from_millis(300),
+        "a miss took {miss:?} with S skipped"
+    );
+    agent_s.signal("CONT");
+    wait_until(Duration::from_secs(20), "S to be used again", || {
+        plain(&agent_c, &s_url).is_some_and(|p| !p.quarantined)
+    });
     agent_h.signal("STOP");
     realise(c, &[&x3]);
     agent_h.signal("CONT");

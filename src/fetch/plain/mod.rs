@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio_util::task::TaskTracker;
@@ -249,17 +250,26 @@ impl PlainCaches {
     }
 
     /// The first believable narinfo any ready plain cache has for `hash`,
-    /// asking all at once.
+    /// asking all at once. Each question runs to its own end (the
+    /// `upstream.timeout_ms`) even when the race that asked is decided or
+    /// gives up first: a cache that stalls is then skipped for a while,
+    /// and costs the races after it nothing.
     pub async fn lookup(self: &Arc<Self>, hash: &HashPart) -> Option<(NarInfo, UpstreamFile)> {
-        let mut asks: FuturesUnordered<_> = self
-            .ready()
-            .into_iter()
-            .map(|c| async move {
-                c.counters.lock().map(|mut n| n.requests_made += 1).ok();
-                (c.upstreams.narinfo(hash).await, c)
-            })
-            .collect();
-        while let Some((found, cache)) = asks.next().await {
+        let ready = self.ready();
+        if ready.is_empty() {
+            return None;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(ready.len());
+        for cache in ready {
+            let (tx, hash) = (tx.clone(), hash.clone());
+            self.tasks.spawn(async move {
+                lock(&cache.counters).requests_made += 1;
+                let found = cache.upstreams.narinfo(&hash).await;
+                let _ = tx.send((found, cache)).await;
+            });
+        }
+        drop(tx);
+        while let Some((found, cache)) = rx.recv().await {
             if let Some(found) = found {
                 self.stats.hits.inc();
                 tracing::debug!(path = %hash, cache = %cache.url, "a plain cache has it");
