@@ -195,6 +195,26 @@ mod tests {
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 2);
         assert!(lines[1].ends_with("120 paths, 4s ago"), "{}", lines[1]);
+        // A plain cache: its URL, and why it is not used.
+        let cache = PeerView {
+            name: "nas".into(),
+            key: String::new(),
+            fingerprint: "plain cache".into(),
+            addrs: vec!["http://10.0.0.9:8080".into()],
+            source: PeerSource::Static,
+            state: PeerState::Gone,
+            rtt_ms: None,
+            last_seen_ms_ago: None,
+            quarantined: false,
+            counters: PeerCounters::default(),
+            summary: None,
+            plain_cache: Some("refused: its StoreDir is /gnu/store, not /nix/store".into()),
+        };
+        let out = render_peers(&[cache]);
+        let row = out.lines().nth(1).unwrap();
+        assert!(row.contains("plain cache"), "{row}");
+        assert!(row.contains("gone (refused: its StoreDir is /gnu/store"), "{row}");
+        assert!(row.contains("http://10.0.0.9:8080"), "{row}");
         assert!(lines[0].starts_with("NAME  KEY"));
         assert!(lines[1].contains("alive"));
         assert!(lines[1].contains("0.42ms"));
