@@ -31,7 +31,7 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
             seed += 1;
             let size = 1024 + xorshift(&mut sizes) % (15 * 1024);
             let file = dir.join(format!("small-{k}-{i}"));
-            write_noise(&file, size, seed);
+            write_payload(&file, size, seed, &s.corpus);
             files.push(file);
         }
         let list: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
@@ -49,7 +49,7 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
     for i in 0..s.large_count {
         let peer = peers[large_peer(i, s.large_count, peers.len())];
         let file = peer.dir().join("bench").join(format!("large-{i}"));
-        write_noise(&file, s.large_mib * MIB, 1000 + i as u64);
+        write_payload(&file, s.large_mib * MIB, 1000 + i as u64, &s.corpus);
         let path = long_ok(peer, &["nix-store", "--add", &file.display().to_string()]);
         let path = one_line(&path);
         fs::remove_file(&file).ok();
@@ -59,7 +59,8 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
     }
     let closure: Vec<String> = closure.into_iter().collect();
     eprintln!(
-        "closure: {} paths ({} small, {} large of {} MiB), {:.1} MiB of NAR",
+        "closure ({}): {} paths ({} small, {} large of {} MiB), {:.1} MiB of NAR",
+        s.corpus,
         closure.len(),
         closure.len() - s.large_count,
         s.large_count,
@@ -102,7 +103,8 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
     let groups = &wanted[..peers.len()];
     let larges = &wanted[peers.len()..];
     let what = format!(
-        "closure: {} paths, {:.0} MiB, {} peers",
+        "closure ({}): {} paths, {:.0} MiB, {} peers",
+        s.corpus,
         closure.len(),
         nar_bytes as f64 / MIB as f64,
         peers.len()

@@ -49,9 +49,9 @@
 //!
 //! Knobs, from the environment (defaults in brackets): `PEERS` [10],
 //! `SMALL_PER_PEER` [30], `LARGE_COUNT` [4], `LARGE_MIB` [64], `ROUNDS` [3],
-//! `BIG_MIB` [1024] (the throughput NAR), `CORPUS` [noise] (what it holds:
-//! `noise`, random bytes, or `real`, up to `BIG_MIB` of this machine's
-//! libraries and binaries), `SHAPE_MBIT` [1000] (0: no shaped
+//! `BIG_MIB` [1024] (the throughput NAR), `CORPUS` [noise] (what the
+//! closure's files and the throughput NAR hold: `noise`, random bytes, or
+//! `real`, this machine's libraries and binaries), `SHAPE_MBIT` [1000] (0: no shaped
 //! runs), `DELAYS_US` [250,2000] (one-way delays of the slow-LAN closure
 //! runs; empty: none), `MEM_MIBS` [256,1024,4096] (empty: no memory check), `NIX_EXTRA`
 //! (more nix.conf lines for the closure client, e.g. `max-jobs = 8`),

@@ -33,3 +33,56 @@ pub(crate) fn xorshift(state: &mut u64) -> u64 {
     *state = x;
     x.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }
+
+/// `size` bytes for a benchmark file: random (`corpus` "noise") or, for
+/// "real", this machine's libraries and binaries read end to end from a
+/// place chosen by `seed`, after 8 bytes of the seed (so that no two files
+/// are the same store path). Real binaries compress about 3x, as real
+/// closures do.
+pub(crate) fn write_payload(path: &Path, size: u64, seed: u64, corpus: &str) {
+    if corpus != "real" {
+        return write_noise(path, size, seed);
+    }
+    static FILES: std::sync::OnceLock<Vec<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let files = FILES.get_or_init(real_files);
+    assert!(!files.is_empty(), "no real files to read");
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+    }
+    let mut out = seed.to_le_bytes().to_vec();
+    let mut i = (seed as usize).wrapping_mul(7919) % files.len();
+    while (out.len() as u64) < size {
+        if let Ok(bytes) = fs::read(&files[i]) {
+            let want = (size - out.len() as u64) as usize;
+            out.extend_from_slice(&bytes[..bytes.len().min(want)]);
+        }
+        i = (i + 1) % files.len();
+    }
+    out.truncate(size as usize);
+    fs::write(path, out).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// The regular files `copy_real_files` takes from, sorted.
+fn real_files() -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo: Vec<std::path::PathBuf> =
+        ["/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/libexec"]
+            .iter()
+            .map(Into::into)
+            .collect();
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for path in entries {
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => todo.push(path),
+                Ok(m) if m.is_file() && m.len() > 0 => out.push(path),
+                _ => {}
+            }
+        }
+    }
+    out
+}

@@ -213,7 +213,10 @@ mod tests {
         let out = render_peers(&[cache]);
         let row = out.lines().nth(1).unwrap();
         assert!(row.contains("plain cache"), "{row}");
-        assert!(row.contains("gone (refused: its StoreDir is /gnu/store"), "{row}");
+        assert!(
+            row.contains("gone (refused: its StoreDir is /gnu/store"),
+            "{row}"
+        );
         assert!(row.contains("http://10.0.0.9:8080"), "{row}");
         assert!(lines[0].starts_with("NAME  KEY"));
         assert!(lines[1].contains("alive"));
