@@ -265,3 +265,55 @@ fn plain_caches_found_by_mdns_or_listed_serve_beside_the_agents_and_a_liar_gets_
     }
     agent_h.stop();
 }
+
+/// Two plain caches with the same file: N, whose narinfo the agent gave
+/// Nix, stops answering in the middle of things; Nix's next try of the
+/// file gets it from M (same FileHash), and the path arrives intact.
+#[test]
+fn a_plain_cache_that_hangs_is_replaced_by_another_with_the_same_file() {
+    let lan = Lan::new(3);
+    let (c, n, m) = (lan.host(0), lan.host(1), lan.host(2));
+    let key = n.generate_key("office-1");
+    let y = n.add_path(&random_file(&n.dir().join("files"), "plain-y", 4 << 20));
+    n.sign(&[&y], &key.secret_file);
+    let n_export = export(n, &[&y], "export-y");
+    // M serves a copy of the same files, at first without y's narinfo.
+    let m_export = m.dir().join("export-y");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&n_export)
+        .arg(&m_export)
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    let narinfo = m_export.join(format!("{}.narinfo", hash_part(&y)));
+    let hidden = m_export.join("hidden.narinfo.txt");
+    std::fs::rename(&narinfo, &hidden).expect("hide");
+    let nginx_n = Nginx::start(n, &n_export, NGINX_PORT);
+    let _nginx_m = Nginx::start(m, &m_export, NGINX_PORT);
+    let (n_url, m_url) = (
+        format!("http://{}:{NGINX_PORT}", n.addr()),
+        format!("http://{}:{NGINX_PORT}", m.addr()),
+    );
+    c.configure_nix(&nix_conf(SUBSTITUTER, &[&key.public]));
+    let agent_c = c.start_agent(&format!(
+        "[mesh]\nplain_caches = [\"{n_url}\", \"{m_url}\"]\n[upstream]\ntimeout_ms = 2000\nstall_ms = 2000\n"
+    ));
+    wait_until(Duration::from_secs(20), "both plain caches ready", || {
+        [&n_url, &m_url].iter().all(|u| {
+            plain(&agent_c, u).is_some_and(|p| p.state == nixmesh::mesh::peers::PeerState::Alive)
+        })
+    });
+    // The agent learns y from N (M does not list it yet), and keeps that.
+    let (status, _) = c.http_status(&format!("{SUBSTITUTER}/{}.narinfo", hash_part(&y)));
+    assert_eq!(status, 200);
+    std::fs::rename(&hidden, &narinfo).expect("unhide");
+    nginx_n.signal("STOP");
+    realise(c, &[&y]);
+    nginx_n.signal("CONT");
+    assert_verified(c, &y);
+    let from_m = plain(&agent_c, &m_url).expect("M").counters.bytes_fetched;
+    assert!(from_m > 0, "M served the file");
+    let n_view = plain(&agent_c, &n_url).expect("N");
+    assert!(n_view.quarantined, "{n_view:?}");
+}
