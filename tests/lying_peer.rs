@@ -7,16 +7,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use nixmesh::mesh::identity::{MeshSecret, NodeId};
 use nixmesh::mesh::nar_chunks::{self, Packer};
 use nixmesh::mesh::protocol::{Request, Response};
-use nixmesh::mesh::transport::{self, Admission, TlsIdentity};
-use nixmesh::nix::{NarInfo, SecretKey};
+use nixmesh::mesh::transport;
+use nixmesh::nix::NarInfo;
 
 /// How the liar lies about the NAR.
 #[derive(Clone, Copy)]
@@ -167,27 +165,11 @@ fn liar_scenario(lie: Lie) {
     assert!(NarInfo::parse("/nix/store", &narinfo).is_ok());
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let key = SecretKey::generate("liar").unwrap();
-    let node = NodeId(key.public().bytes());
-    let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let endpoint = {
-        let _guard = rt.enter();
-        quinn::Endpoint::server(
-            transport::server_config(&id, Admission::default()).unwrap(),
-            addr,
-        )
-        .unwrap()
-    };
+    let (endpoint, node, addr) = fake_peer_endpoint(&rt, "liar");
     rt.spawn(run_liar(endpoint, narinfo, nar, lie));
 
     let b = MeshNode::new("b", &NodeSettings::default());
-    let statics = format!("{{ address = \"{addr}\", key = {:?} }}", node.to_base64());
-    let text = std::fs::read_to_string(&b.config_path)
-        .unwrap()
-        .replace("static_peers = []", &format!("static_peers = [{statics}]"));
-    std::fs::write(&b.config_path, text).unwrap();
+    add_static_peer(&b, &node, addr);
     let agent = b.start();
     wait_for(Duration::from_secs(10), "b sees the liar", || {
         b.peer_state("liar").as_deref() == Some("alive")
@@ -278,18 +260,7 @@ fn a_liar_inside_a_striped_download_is_found_and_never_gets_a_path_in() {
     let nar = Arc::new(a.store.dump(&path));
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let key = SecretKey::generate("liar").unwrap();
-    let node = NodeId(key.public().bytes());
-    let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let endpoint = {
-        let _guard = rt.enter();
-        quinn::Endpoint::server(
-            transport::server_config(&id, Admission::default()).unwrap(),
-            addr,
-        )
-        .unwrap()
-    };
+    let (endpoint, node, addr) = fake_peer_endpoint(&rt, "liar");
     rt.spawn(run_liar(endpoint, narinfo, nar, Lie::Garbage));
 
     let client = NodeSettings {
@@ -298,11 +269,7 @@ fn a_liar_inside_a_striped_download_is_found_and_never_gets_a_path_in() {
     };
     let b = MeshNode::new("b", &client);
     b.write_config(&client, &[&a]);
-    let liar = format!("{{ address = \"{addr}\", key = {:?} }}, ", node.to_base64());
-    let text = std::fs::read_to_string(&b.config_path)
-        .unwrap()
-        .replace("static_peers = [", &format!("static_peers = [{liar}"));
-    std::fs::write(&b.config_path, text).unwrap();
+    add_static_peer(&b, &node, addr);
     let _agent_a = a.start();
     let agent_b = b.start();
     wait_for(Duration::from_secs(10), "b sees a and the liar", || {

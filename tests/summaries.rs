@@ -7,16 +7,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nixmesh::mesh::identity::{MeshSecret, NodeId};
 use nixmesh::mesh::protocol::{Request, Response};
-use nixmesh::mesh::transport::{self, Admission, TlsIdentity};
-use nixmesh::nix::{HashPart, SecretKey};
+use nixmesh::mesh::transport;
+use nixmesh::nix::HashPart;
 
 fn share_all() -> NodeSettings {
     NodeSettings {
@@ -256,26 +254,11 @@ fn summary_frames(summary: Summary) -> Vec<Vec<u8>> {
 /// Starts a fake peer and an agent `b` that lists it as its only peer.
 fn with_fake(summary: Summary, check: impl FnOnce(&MeshNode, &Seen)) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let key = SecretKey::generate("fake").unwrap();
-    let node = NodeId(key.public().bytes());
-    let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let endpoint = {
-        let _guard = rt.enter();
-        quinn::Endpoint::server(
-            transport::server_config(&id, Admission::default()).unwrap(),
-            addr,
-        )
-        .unwrap()
-    };
+    let (endpoint, node, addr) = fake_peer_endpoint(&rt, "fake");
     let seen = Arc::new(Seen::default());
     rt.spawn(run_fake(endpoint, summary, seen.clone()));
     let b = MeshNode::new("b", &NodeSettings::default());
-    let statics = format!("{{ address = \"{addr}\", key = {:?} }}", node.to_base64());
-    let text = std::fs::read_to_string(&b.config_path)
-        .unwrap()
-        .replace("static_peers = []", &format!("static_peers = [{statics}]"));
-    std::fs::write(&b.config_path, text).unwrap();
+    add_static_peer(&b, &node, addr);
     let agent = b.start();
     wait_for(Duration::from_secs(10), "b sees the fake peer", || {
         b.peer_state("fake").as_deref() == Some("alive")

@@ -62,8 +62,9 @@ pub(crate) fn write_payload(path: &Path, size: u64, seed: u64, corpus: &str) {
     fs::write(path, out).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
-/// The regular files `copy_real_files` takes from, sorted.
-fn real_files() -> Vec<std::path::PathBuf> {
+/// The regular files of this machine's /usr/lib/x86_64-linux-gnu, /usr/bin
+/// and /usr/libexec, in a fixed order (each directory sorted).
+pub(crate) fn real_files() -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut todo: Vec<std::path::PathBuf> =
         ["/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/libexec"]

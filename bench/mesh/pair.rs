@@ -349,29 +349,13 @@ pub(crate) fn copy_real_files(dir: &Path, budget: u64) {
     fs::create_dir_all(dir).expect("mkdir");
     let mut total = 0u64;
     let mut n = 0usize;
-    let mut todo: Vec<std::path::PathBuf> =
-        ["/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/libexec"]
-            .iter()
-            .map(Into::into)
-            .collect();
-    while let Some(d) = todo.pop() {
-        let Ok(entries) = fs::read_dir(&d) else {
-            continue;
-        };
-        let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
-        entries.sort();
-        for path in entries {
-            let Ok(m) = fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if m.is_dir() {
-                todo.push(path);
-            } else if m.is_file() && m.len() > 0 && total < budget {
-                n += 1;
-                if fs::copy(&path, dir.join(format!("f{n}"))).is_ok() {
-                    total += m.len();
-                }
-            }
+    for path in real_files() {
+        if total >= budget {
+            break;
+        }
+        n += 1;
+        if let Ok(len) = fs::copy(&path, dir.join(format!("f{n}"))) {
+            total += len;
         }
     }
     eprintln!("real corpus: {n} files, {} MiB", total / MIB);

@@ -461,6 +461,29 @@ mod tests {
         async fn run(
             script: Vec<(u8, u64, Result<Option<NarInfo>, String>)>,
         ) -> (RaceOutcome, Duration) {
+            run_plan(script, |peers| AskPlan::all_at_once(&peers)).await
+        }
+
+        /// As `run`, the peers asked one after another `hedge` apart
+        /// (the summaries' plan).
+        async fn run_hedged(
+            script: Vec<(u8, u64, Result<Option<NarInfo>, String>)>,
+            hedge: u64,
+        ) -> (RaceOutcome, Duration) {
+            run_plan(script, |peers| AskPlan {
+                at_once: vec![],
+                hedged: peers,
+                hedge: ms(hedge),
+            })
+            .await
+        }
+
+        /// Each scripted peer answers after its delay; `plan` says whom to
+        /// ask when. Returns the outcome and how long the race took.
+        async fn run_plan(
+            script: Vec<(u8, u64, Result<Option<NarInfo>, String>)>,
+            plan: impl Fn(Vec<NodeId>) -> AskPlan,
+        ) -> (RaceOutcome, Duration) {
             let peers: Vec<NodeId> = script.iter().map(|(n, ..)| peer(*n)).collect();
             let source = Scripted(
                 script
@@ -474,35 +497,8 @@ mod tests {
                 trusted_keys: vec![office.public()],
             };
             let start = tokio::time::Instant::now();
-            let plan = AskPlan::all_at_once(&peers);
-            let outcome = race_narinfo(&source, &plan, &asked(), &policy, start + ms(400)).await;
-            (outcome, start.elapsed())
-        }
-
-        /// As `run`, the peers asked one after another `hedge` apart
-        /// (the summaries' plan); returns how many were asked too.
-        async fn run_hedged(
-            script: Vec<(u8, u64, Result<Option<NarInfo>, String>)>,
-            hedge: u64,
-        ) -> (RaceOutcome, Duration) {
-            let peers: Vec<NodeId> = script.iter().map(|(n, ..)| peer(*n)).collect();
-            let source = Scripted(
-                script
-                    .into_iter()
-                    .map(|(n, delay, a)| (peer(n), (ms(delay), a)))
-                    .collect(),
-            );
-            let policy = TrustPolicy {
-                require_sigs: true,
-                trusted_keys: vec![SecretKey::from_seed("office-1", [1; 32]).public()],
-            };
-            let plan = AskPlan {
-                at_once: vec![],
-                hedged: peers,
-                hedge: ms(hedge),
-            };
-            let start = tokio::time::Instant::now();
-            let outcome = race_narinfo(&source, &plan, &asked(), &policy, start + ms(400)).await;
+            let outcome =
+                race_narinfo(&source, &plan(peers), &asked(), &policy, start + ms(400)).await;
             (outcome, start.elapsed())
         }
 

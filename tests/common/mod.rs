@@ -2,13 +2,14 @@
 //! Nix runs (`nix_under_test`), chroot stores and signing keys (`store`),
 //! the `nixmesh` binary run as an agent (`agent_process`, `agent`), a tiny
 //! HTTP/1.1 client that can tell a complete body from a cut-off one
-//! (`http`), loopback mesh nodes and their config (`mesh_node`), and a proxy
-//! that cuts responses (`cut_proxy`).
+//! (`http`), loopback mesh nodes and their config (`mesh_node`), fake peers
+//! (`fake_peer`), and a proxy that cuts responses (`cut_proxy`).
 #![allow(dead_code)]
 
 pub mod agent;
 pub mod agent_process;
 pub mod cut_proxy;
+pub mod fake_peer;
 pub mod http;
 pub mod mesh_node;
 pub mod nix_under_test;
@@ -21,6 +22,8 @@ use std::time::{Duration, Instant};
 // Each test file takes what it needs from one `use common::*`.
 #[allow(unused_imports)]
 pub use agent::Agent;
+#[allow(unused_imports)]
+pub use fake_peer::*;
 #[allow(unused_imports)]
 pub use http::*;
 #[allow(unused_imports)]
