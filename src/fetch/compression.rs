@@ -5,9 +5,14 @@
 //! (3x smaller) arrive about twice as fast; on a link faster than the two
 //! agents' CPUs (veth, 10 GbE) packing costs more than the bytes it saves.
 //! Which case a link is shows only in what transfers achieve, so `auto`
-//! keeps the NAR bytes per second of both kinds of transfer per peer, takes
-//! the faster, and tries the other kind now and then (every
-//! `EXPLORE_EVERY`th large transfer) in case things changed. A slow link
+//! keeps the NAR bytes per second of both kinds of transfer per peer and
+//! over all peers. Compression must earn its CPU: it is asked for only
+//! while packed transfers are `EARNS` faster than raw ones (on a fast link
+//! both go at Nix's pace, and raw leaves both agents' CPU to Nix). The
+//! other kind is tried now and then (every `EXPLORE_EVERY`th large
+//! transfer) in case things changed. A peer not yet measured both ways is
+//! judged by what all peers achieved: on a LAN the receiver's own link and
+//! its Nix are what most transfers share. A slow link
 //! (100 Mbit/s and under on the wire) gets level 3, which packs a little
 //! tighter for CPU the link leaves idle anyway. Data that does not compress
 //! costs little: the holder sends such chunks raw (`mesh::nar_chunks`).
@@ -27,6 +32,9 @@ pub const EXPLORE_EVERY: u64 = 8;
 /// Transfers of fewer NAR bytes say more about latency than the link and
 /// are not measured.
 pub const MEASURED: u64 = 1 << 20;
+/// Packed transfers must be this much faster than raw ones (in NAR bytes
+/// per second) to be chosen: 5/4.
+pub const EARNS: (u64, u64) = (5, 4);
 
 /// `mesh.compression`: "auto", "off", or a zstd level (1 to
 /// `mesh::nar_chunks::MAX_LEVEL`).
@@ -40,9 +48,16 @@ pub enum Compression {
 }
 
 impl Compression {
-    /// The level to ask a peer whose transfers achieved `link` for;
-    /// `None`: raw bytes, as agents before protocol version 3 send them.
-    pub fn level(self, link: &LinkStats) -> Option<u8> {
+    /// The level to ask a peer whose transfers achieved `peer` for, when
+    /// transfers from all peers achieved `all`; `None`: raw bytes, as
+    /// agents before protocol version 3 send them.
+    pub fn level(self, peer: &LinkStats, all: &LinkStats) -> Option<u8> {
+        let measured = |l: &LinkStats| l.packed > 0 && l.raw > 0;
+        let link = if measured(peer) || !measured(all) {
+            peer
+        } else {
+            all
+        };
         let packed = match self {
             Compression::Off => return None,
             Compression::Level(l) => return Some(l),
@@ -51,9 +66,13 @@ impl Compression {
         };
         let compress = match (link.packed, link.raw) {
             (0, _) => true,
-            // One of each first, then the faster, and now and then the other.
+            // One of each first, then the faster (compression only if it
+            // earns its CPU), and now and then the other.
             (_, 0) => false,
-            (p, r) => (p >= r) != (link.transfers % EXPLORE_EVERY == EXPLORE_EVERY - 1),
+            (p, r) => {
+                let earns = p * EARNS.1 > r * EARNS.0;
+                earns != (peer.transfers % EXPLORE_EVERY == EXPLORE_EVERY - 1)
+            }
         };
         compress.then_some(packed)
     }
@@ -122,7 +141,7 @@ mod tests {
         let mut link = LinkStats::default();
         (0..n)
             .map(|_| {
-                let level = Compression::Auto.level(&link);
+                let level = Compression::Auto.level(&link, &LinkStats::default());
                 let (rate, wire) = match level {
                     Some(_) => (packed, ratio),
                     None => (raw, 1.0),
@@ -159,6 +178,47 @@ mod tests {
     }
 
     #[test]
+    fn compression_must_earn_its_cpu() {
+        // Both kinds at Nix's pace (a fast link): raw, bar the explorations.
+        let paced = run(24, 200, 190, 0.38);
+        let packed = paced[2..].iter().filter(|l| l.is_some()).count();
+        assert_eq!(packed, 3, "{paced:?}");
+        // Packed clearly ahead: packed.
+        let ahead = run(24, 260, 190, 0.38);
+        let raw = ahead[2..].iter().filter(|l| l.is_none()).count();
+        assert_eq!(raw, 3, "{ahead:?}");
+    }
+
+    #[test]
+    fn a_new_peer_is_judged_by_what_all_peers_achieved() {
+        let fast_lan = LinkStats {
+            wire: 300 * MB,
+            packed: 200 * MB,
+            raw: 300 * MB,
+            transfers: 6,
+        };
+        let new = LinkStats::default();
+        assert_eq!(Compression::Auto.level(&new, &fast_lan), None);
+        let gbit = LinkStats {
+            wire: 110 * MB,
+            packed: 250 * MB,
+            raw: 119 * MB,
+            transfers: 6,
+        };
+        assert_eq!(Compression::Auto.level(&new, &gbit), Some(DEFAULT_LEVEL));
+        // Once the peer is measured both ways, its own figures count.
+        let measured = LinkStats {
+            wire: 110 * MB,
+            packed: 100 * MB,
+            raw: 119 * MB,
+            transfers: 2,
+        };
+        assert_eq!(Compression::Auto.level(&measured, &gbit), None);
+        // Nothing measured anywhere: packed first.
+        assert_eq!(Compression::Auto.level(&new, &new), Some(DEFAULT_LEVEL));
+    }
+
+    #[test]
     fn off_and_a_level_are_what_they_say() {
         let link = LinkStats {
             wire: 5 * MB,
@@ -166,9 +226,10 @@ mod tests {
             raw: 100 * MB,
             transfers: 4,
         };
-        assert_eq!(Compression::Off.level(&LinkStats::default()), None);
-        assert_eq!(Compression::Level(6).level(&link), Some(6));
-        assert_eq!(Compression::Auto.level(&link), None);
+        let none = LinkStats::default();
+        assert_eq!(Compression::Off.level(&none, &none), None);
+        assert_eq!(Compression::Level(6).level(&link, &none), Some(6));
+        assert_eq!(Compression::Auto.level(&link, &none), None);
     }
 
     #[test]

@@ -442,8 +442,8 @@ async fn from_holder(
         Ok(c) => c,
         Err(e) => return HolderEnd::Failed(e.to_string()),
     };
-    let link = mesh.peer_counters(&node).unwrap_or_default().link;
-    let level = resolver.compression().level(&link);
+    let (link, all) = mesh.links(&node);
+    let level = resolver.compression().level(&link, &all);
     let opened = client::open_nar(
         &conn,
         &info.path.hash_part(),
@@ -470,8 +470,8 @@ async fn from_holder(
         let wire = reader.wire_bytes().unwrap_or(nar_bytes);
         let secs = began.elapsed().as_secs_f64();
         let packed = level.is_some_and(|l| l > 0) && reader.wire_bytes().is_some();
-        mesh.count(&node, |c| {
-            compression::record(&mut c.link, packed, nar_bytes, wire, secs)
+        mesh.record_link(&node, |link| {
+            compression::record(link, packed, nar_bytes, wire, secs)
         });
     };
     loop {

@@ -180,8 +180,8 @@ async fn fetch_stripe(
     if transport::version(&conn) < 3 {
         return Err(StripeError::Failed("it speaks no version 3".into()));
     }
-    let link = mesh.peer_counters(&node).unwrap_or_default().link;
-    let level = resolver.compression().level(&link).or(Some(0));
+    let (link, all) = mesh.links(&node);
+    let level = resolver.compression().level(&link, &all).or(Some(0));
     let want = part.end - part.start;
     let began = Instant::now();
     let opened = client::open_nar_part(
@@ -233,9 +233,9 @@ async fn fetch_stripe(
     let wire = reader.wire_bytes().unwrap_or(want);
     let packed = level.is_some_and(|l| l > 0);
     let secs = began.elapsed().as_secs_f64();
-    mesh.count(&node, |c| {
-        c.bytes_fetched += want;
-        crate::fetch::compression::record(&mut c.link, packed, want, wire, secs);
+    mesh.count(&node, |c| c.bytes_fetched += want);
+    mesh.record_link(&node, |link| {
+        crate::fetch::compression::record(link, packed, want, wire, secs)
     });
     Ok(bytes.freeze())
 }

@@ -30,7 +30,7 @@ use crate::mesh::dial_plan::DialPlan;
 use crate::mesh::discovery::DiscoveryEvent;
 use crate::mesh::identity::NodeId;
 use crate::mesh::inbound::InboundGate;
-use crate::mesh::peers::{Peer, PeerCounters, PeerSource, PeerTable, PeerView};
+use crate::mesh::peers::{LinkStats, Peer, PeerCounters, PeerSource, PeerTable, PeerView};
 use crate::mesh::server::PeerServer;
 use crate::mesh::summaries::{Summaries, Verdict};
 use crate::mesh::transport::{self, Admission, TlsIdentity, TransportError};
@@ -288,6 +288,17 @@ impl Mesh {
     /// Adds to what is counted for `node` (requests, bytes), if it is known.
     pub fn count(&self, node: &NodeId, f: impl FnOnce(&mut PeerCounters)) {
         self.with_table(|t| t.counters_mut(node).map(f));
+    }
+
+    /// Records a NAR transfer from `node` in its link figures and in those
+    /// of all peers.
+    pub fn record_link(&self, node: &NodeId, f: impl Fn(&mut LinkStats)) {
+        self.with_table(|t| t.record_link(node, f));
+    }
+
+    /// What NAR transfers from `node` achieved, and from all peers.
+    pub fn links(&self, node: &NodeId) -> (LinkStats, LinkStats) {
+        self.with_table(|t| t.links(node))
     }
 
     /// The peer's counters as they are now.

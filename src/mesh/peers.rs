@@ -117,6 +117,8 @@ pub struct PeerView {
 #[derive(Default)]
 pub struct PeerTable {
     peers: BTreeMap<NodeId, Peer>,
+    /// What NAR transfers from all peers achieved.
+    link: LinkStats,
 }
 
 impl PeerTable {
@@ -243,6 +245,21 @@ impl PeerTable {
 
     pub fn counters_mut(&mut self, node: &NodeId) -> Option<&mut PeerCounters> {
         self.peers.get_mut(node).map(|p| &mut p.counters)
+    }
+
+    /// Applies `f` to what transfers from `node` achieved and to what
+    /// transfers from all peers achieved.
+    pub fn record_link(&mut self, node: &NodeId, f: impl Fn(&mut LinkStats)) {
+        if let Some(c) = self.counters_mut(node) {
+            f(&mut c.link);
+        }
+        f(&mut self.link);
+    }
+
+    /// What transfers from `node` achieved, and from all peers.
+    pub fn links(&self, node: &NodeId) -> (LinkStats, LinkStats) {
+        let peer = self.peers.get(node).map(|p| p.counters.link);
+        (peer.unwrap_or_default(), self.link)
     }
 
     pub fn get(&self, node: &NodeId) -> Option<&Peer> {
