@@ -95,6 +95,15 @@ impl Lan {
         lan
     }
 
+    /// Gives every link of the LAN an MTU of `mtu` (jumbo frames: 9000).
+    /// Agents started afterwards size their QUIC packets to it.
+    pub fn set_mtu(&self, mtu: u32) {
+        for h in &self.hosts {
+            h.set_mtu(mtu);
+        }
+        network::set_bridge_mtu(&self.run.bridge(), mtu);
+    }
+
     pub fn host(&self, i: usize) -> &Host {
         &self.hosts[i]
     }

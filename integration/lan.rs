@@ -8,6 +8,7 @@ mod scenario_avahi;
 mod scenario_failover;
 mod scenario_fault_campaign;
 mod scenario_floods;
+mod scenario_jumbo;
 mod scenario_lan;
 mod scenario_mesh;
 mod scenario_office_scale;

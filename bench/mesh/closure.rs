@@ -12,6 +12,9 @@ pub(crate) enum Side {
 pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
     eprintln!("== closure: a LAN of 1 client and {} peers", s.peers);
     let lan = Lan::new(1 + s.peers);
+    if s.lan_mtu != 1500 {
+        lan.set_mtu(s.lan_mtu);
+    }
     let client = lan.host(0);
     let peers: Vec<&Host> = lan.hosts()[1..].iter().collect();
 

@@ -52,7 +52,7 @@
 //! `BIG_MIB` [1024] (the throughput NAR), `CORPUS` [noise] (what the
 //! closure's files and the throughput NAR hold: `noise`, random bytes, or
 //! `real`, this machine's libraries and binaries), `SHAPE_MBIT` [1000] (0: no shaped
-//! runs), `DELAYS_US` [250,2000] (one-way delays of the slow-LAN closure
+//! runs), `LAN_MTU` [1500] (every link's MTU; 9000: jumbo frames), `DELAYS_US` [250,2000] (one-way delays of the slow-LAN closure
 //! runs; empty: none), `MEM_MIBS` [256,1024,4096] (empty: no memory check), `NIX_EXTRA`
 //! (more nix.conf lines for the closure client, e.g. `max-jobs = 8`),
 //! `CLIENT_CONFIG` (the client agent's config, TOML, in the closure and
@@ -139,6 +139,8 @@ struct Settings {
     /// More nix.conf lines for the closure client, both sides
     /// (e.g. `max-jobs = 4`).
     nix_extra: String,
+    /// The MTU of every link (1500: Ethernet; 9000: jumbo frames).
+    lan_mtu: u32,
     /// The client's agent config (TOML) in the closure and pair parts,
     /// e.g. to turn a feature off (`[mesh]` `compression = "off"`).
     client_config: String,
@@ -166,6 +168,7 @@ impl Settings {
             big_mib: get("BIG_MIB", 1024),
             corpus: std::env::var("CORPUS").unwrap_or_else(|_| "noise".into()),
             shape_mbit: get("SHAPE_MBIT", 1000),
+            lan_mtu: get("LAN_MTU", 1500) as u32,
             delays_us: numbers("DELAYS_US", "250,2000"),
             mem_mibs: numbers("MEM_MIBS", "256,1024,4096"),
             nix_extra: std::env::var("NIX_EXTRA").unwrap_or_default(),

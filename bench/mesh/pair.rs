@@ -6,6 +6,9 @@ use super::*;
 pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
     eprintln!("== two hosts: throughput and memory");
     let lan = Lan::new(2);
+    if s.lan_mtu != 1500 {
+        lan.set_mtu(s.lan_mtu);
+    }
     let (client, server) = (lan.host(0), lan.host(1));
 
     let big_file = server.dir().join("bench/big");

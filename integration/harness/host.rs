@@ -370,6 +370,11 @@ impl Host {
         network::shape(&self.netns, &self.veth, bits_per_sec);
     }
 
+    /// The MTU of this host's link, both ends.
+    pub fn set_mtu(&self, mtu: u32) {
+        network::set_host_mtu(&self.netns, &self.veth, mtu);
+    }
+
     /// Loses `per_mille` of the frames that reach this host (0: none).
     pub fn lose_frames(&self, per_mille: u32) {
         network::lose_frames(&self.netns, per_mille);

@@ -86,6 +86,18 @@ pub fn attach_host(bridge: &str, netns: &str, veth: &str, addr: Ipv4Addr, prefix
     ip(&["-n", netns, "route", "add", "224.0.0.0/4", "dev", HOST_IF]);
 }
 
+/// Sets the MTU of `veth` (machine end) and of `netns`'s `eth0`: jumbo
+/// frames (9000) for a LAN that has them.
+pub fn set_host_mtu(netns: &str, veth: &str, mtu: u32) {
+    let mtu = mtu.to_string();
+    ip(&["link", "set", veth, "mtu", &mtu]);
+    ip(&["-n", netns, "link", "set", HOST_IF, "mtu", &mtu]);
+}
+
+pub fn set_bridge_mtu(bridge: &str, mtu: u32) {
+    ip(&["link", "set", bridge, "mtu", &mtu.to_string()]);
+}
+
 /// Limits the host's link to `bits_per_sec` each way: egress of `eth0` is
 /// what the host sends, egress of the machine end what it receives.
 pub fn shape(netns: &str, veth: &str, bits_per_sec: u64) {

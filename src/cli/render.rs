@@ -177,6 +177,8 @@ mod tests {
             source: PeerSource::Mdns,
             state: PeerState::Alive,
             rtt_ms: Some(0.42),
+            udp_payload: None,
+            udp_payload_received: None,
             last_seen_ms_ago: Some(10),
             quarantined: false,
             counters: PeerCounters {
@@ -204,6 +206,8 @@ mod tests {
             source: PeerSource::Static,
             state: PeerState::Gone,
             rtt_ms: None,
+            udp_payload: None,
+            udp_payload_received: None,
             last_seen_ms_ago: None,
             quarantined: false,
             counters: PeerCounters::default(),

@@ -165,8 +165,11 @@ impl Mesh {
             addr: listen,
             source,
         })?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        // Datagrams as large as MTU discovery may find (`transport`).
+        let _ = endpoint_config.max_udp_payload_size(transport::link_payload().max(1472));
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             Some(server_config),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -218,8 +221,24 @@ impl Mesh {
     /// What `nixmesh peers` shows: every peer in the table, now.
     pub fn views(&self) -> Vec<PeerView> {
         let now = Instant::now();
+        let payloads: HashMap<String, (u16, Option<u16>)> = lock(&self.conns)
+            .iter()
+            .map(|(node, c)| {
+                let stats = c.stats();
+                let rx = stats.udp_rx;
+                let average = (rx.datagrams > 0).then(|| (rx.bytes / rx.datagrams) as u16);
+                (node.to_base64(), (stats.path.current_mtu, average))
+            })
+            .collect();
         let summaries = lock(&self.summaries);
-        self.with_table(|t| t.views(now, |node| summaries.view(node, now)))
+        let mut views = self.with_table(|t| t.views(now, |node| summaries.view(node, now)));
+        for v in &mut views {
+            if let Some(&(sent, received)) = payloads.get(&v.key) {
+                v.udp_payload = Some(sent);
+                v.udp_payload_received = received;
+            }
+        }
+        views
     }
 
     /// Works on the peers' summaries.

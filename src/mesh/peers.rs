@@ -102,6 +102,14 @@ pub struct PeerView {
     pub source: PeerSource,
     pub state: PeerState,
     pub rtt_ms: Option<f64>,
+    /// The largest UDP payload the open connection to it sends (what MTU
+    /// discovery found), if one is open.
+    #[serde(default)]
+    pub udp_payload: Option<u16>,
+    /// The average size of the UDP payloads received from it on that
+    /// connection: what its MTU discovery found, if it sent much.
+    #[serde(default)]
+    pub udp_payload_received: Option<u16>,
     pub last_seen_ms_ago: Option<u64>,
     pub quarantined: bool,
     #[serde(flatten)]
@@ -299,6 +307,8 @@ impl PeerTable {
                 source: p.source,
                 state: p.state,
                 rtt_ms: p.srtt.map(|d| (d.as_secs_f64() * 1e5).round() / 100.0),
+                udp_payload: None,
+                udp_payload_received: None,
                 last_seen_ms_ago: p
                     .last_seen
                     .map(|t| now.saturating_duration_since(t).as_millis() as u64),

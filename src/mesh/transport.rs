@@ -337,7 +337,59 @@ pub fn transport_config(role: Role) -> quinn::TransportConfig {
     t.stream_receive_window((8u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
+    // Each QUIC packet costs both agents about the same CPU whatever its
+    // size, so on a LAN with jumbo frames MTU discovery may go up to what
+    // the interfaces carry (quinn stops at 1452 unless told).
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(link_payload());
+    t.mtu_discovery_config(Some(mtu));
     t
+}
+
+/// Bytes of IPv6 and UDP header in a datagram (IPv4's are fewer).
+const UDP_OVERHEAD: u32 = 48;
+/// Jumbo frames; larger MTUs (loopback's 64 KiB) are not LANs.
+const MAX_LAN_MTU: u32 = 9000;
+/// quinn hands the kernel up to 10 datagrams in one segmented send (GSO),
+/// which may not exceed 64 KiB in all; a batch over that is dropped
+/// whole, which MTU discovery then takes for a black hole. So at most a
+/// tenth of that per datagram: 6548 bytes (still 4.5 times 1452).
+const MAX_PAYLOAD: u16 = ((65_535 - UDP_OVERHEAD) / 10) as u16;
+/// Ethernet's payload less headers: quinn's own limit.
+const ETHERNET_PAYLOAD: u16 = 1452;
+
+/// The largest UDP payload worth trying on a LAN whose up, non-loopback
+/// interfaces have `mtus`: that of the largest, within Ethernet (1500)
+/// and jumbo frames (9000), and no more than `MAX_PAYLOAD`. Pure.
+pub fn payload_limit(mtus: impl IntoIterator<Item = u32>) -> u16 {
+    let largest = mtus
+        .into_iter()
+        .filter(|&m| m <= MAX_LAN_MTU)
+        .max()
+        .map(|m| m.saturating_sub(UDP_OVERHEAD));
+    match largest {
+        Some(p) => (p as u16).clamp(ETHERNET_PAYLOAD, MAX_PAYLOAD),
+        None => ETHERNET_PAYLOAD,
+    }
+}
+
+/// `payload_limit` of this machine's interfaces, read once.
+pub fn link_payload() -> u16 {
+    static LIMIT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| payload_limit(interface_mtus()))
+}
+
+/// The MTUs of the interfaces that are up, loopback left out.
+fn interface_mtus() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
+        return Vec::new();
+    };
+    let read = |path: std::path::PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    dir.flatten()
+        .filter(|e| e.file_name() != "lo")
+        .filter(|e| read(e.path().join("operstate")).trim() != "down")
+        .filter_map(|e| read(e.path().join("mtu")).trim().parse().ok())
+        .collect()
 }
 
 pub fn server_config(
@@ -469,6 +521,24 @@ pub fn reset_stream(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_payload_limit_follows_the_lan_not_loopback() {
+        assert_eq!(payload_limit([]), 1452);
+        assert_eq!(payload_limit([1500]), 1452);
+        assert_eq!(payload_limit([1500, 9000]), 6548);
+        assert_eq!(payload_limit([4000]), 3952);
+        assert_eq!(
+            payload_limit([65536]),
+            1452,
+            "loopback-sized MTUs are no LAN"
+        );
+        assert_eq!(
+            payload_limit([1280]),
+            1452,
+            "never below what quinn does anyway"
+        );
+    }
 
     #[test]
     fn an_agent_offers_every_version_up_to_its_newest() {

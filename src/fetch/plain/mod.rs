@@ -367,6 +367,8 @@ impl PlainCaches {
                     },
                     state: peer_state,
                     rtt_ms: None,
+                    udp_payload: None,
+                    udp_payload_received: None,
                     last_seen_ms_ago: None,
                     quarantined: skipping,
                     counters: lock(&c.counters).clone(),
