@@ -48,7 +48,11 @@ fn fifty_agents_converge_and_reconverge_after_crashes_and_with_loss() {
         "a fresh office",
     );
     eprintln!("office scale: {n} agents all alive to each other {took:?} after the last start");
-    let took = summaries_whole(&hosts, &agents, last_start, CONVERGE_CLEAN);
+    // From the last start, so this includes the wait above and its 2 s
+    // check; the bench (`PARTS=catalog`) gives the figure itself. A feed
+    // that never completes (a race between a cancelled feed and its
+    // replacement once left 1 to 3 of the 2,450 stuck) fails either way.
+    let took = summaries_whole(&hosts, &agents, last_start, CONVERGE_LOSSY);
     eprintln!(
         "office scale: every agent holds every other's whole summary {took:?} after the last start"
     );
@@ -203,10 +207,57 @@ fn summaries_whole(
         if counts.iter().all(|&c| c == want) {
             return took;
         }
-        assert!(
-            took <= limit,
-            "after {took:?} not every agent holds every summary; counts {counts:?}"
-        );
+        if took > limit {
+            let mut missing = String::new();
+            for ((agent, me), &count) in agents.iter().zip(hosts).zip(&counts) {
+                if count == want {
+                    continue;
+                }
+                for p in agent.peers() {
+                    if !p.summary.as_ref().is_some_and(|s| s.complete) {
+                        missing += &format!(
+                            "{} lacks {}'s summary ({:?}, state {:?})\n",
+                            me.name(),
+                            p.name,
+                            p.summary,
+                            p.state
+                        );
+                    }
+                }
+            }
+            // What each end of a missing summary said about the other.
+            let mut prints: std::collections::HashMap<String, String> = Default::default();
+            let mut pairs = Vec::new();
+            for (agent, me) in agents.iter().zip(hosts) {
+                for p in agent.peers() {
+                    prints.insert(p.name.clone(), p.fingerprint.clone());
+                    if !p.summary.as_ref().is_some_and(|s| s.complete) {
+                        pairs.push((me.name().to_string(), p.name.clone()));
+                    }
+                }
+            }
+            let log_of = |name: &str| {
+                agents
+                    .iter()
+                    .zip(hosts)
+                    .find(|(_, h)| h.name() == name)
+                    .map(|(a, _)| a.log())
+                    .unwrap_or_default()
+            };
+            for (me, peer) in pairs {
+                for (from, about) in [(&me, &peer), (&peer, &me)] {
+                    let Some(print) = prints.get(about.as_str()) else {
+                        continue;
+                    };
+                    for line in log_of(from).lines().filter(|l| l.contains(print.as_str())) {
+                        missing += &format!("  {from} about {about}: {line}\n");
+                    }
+                }
+            }
+            panic!(
+                "after {took:?} not every agent holds every summary; counts {counts:?}\n{missing}"
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -221,7 +221,11 @@ impl Mesh {
     /// What `nixmesh peers` shows: every peer in the table, now.
     pub fn views(&self) -> Vec<PeerView> {
         let now = Instant::now();
-        let payloads: HashMap<String, (u16, Option<u16>)> = lock(&self.conns)
+        let conns: Vec<(NodeId, quinn::Connection)> = lock(&self.conns)
+            .iter()
+            .map(|(node, c)| (*node, c.clone()))
+            .collect();
+        let payloads: HashMap<String, (u16, Option<u16>)> = conns
             .iter()
             .map(|(node, c)| {
                 let stats = c.stats();

@@ -44,7 +44,15 @@ pub async fn run(
     refresh: Arc<Notify>,
 ) {
     loop {
-        let generation = mesh.summaries(|s| s.start(node, Instant::now()));
+        // A feed cancelled before it started must not start: it would
+        // take the place of the feed that replaced it, whose parts would
+        // then be ignored. Checked under the same lock as the start, so a
+        // replacement (spawned after the cancel) always starts later.
+        let started =
+            mesh.summaries(|s| (!cancel.is_cancelled()).then(|| s.start(node, Instant::now())));
+        let Some(generation) = started else {
+            return;
+        };
         let ended = tokio::select! {
             _ = cancel.cancelled() => Ended::Failed("cancelled".into()),
             _ = refresh.notified() => Ended::Refresh,
