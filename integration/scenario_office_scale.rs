@@ -46,6 +46,7 @@ fn fifty_agents_converge_and_reconverge_after_crashes_and_with_loss() {
         last_start,
         CONVERGE_CLEAN,
         "a fresh office",
+        false,
     );
     eprintln!("office scale: {n} agents all alive to each other {took:?} after the last start");
     // From the last start, so this includes the wait above and its 2 s
@@ -78,6 +79,7 @@ fn fifty_agents_converge_and_reconverge_after_crashes_and_with_loss() {
         restarted,
         CONVERGE_CLEAN,
         "five agents restarted after SIGKILL",
+        false,
     );
     eprintln!("office scale: after 5 SIGKILLs and restarts, all alive again {took:?} after the last restart");
 
@@ -90,7 +92,7 @@ fn fifty_agents_converge_and_reconverge_after_crashes_and_with_loss() {
     lan.lose_frames(loss);
     let lossy = format!("{n} agents with {:.1} % frame loss", f64::from(loss) / 10.0);
     let (agents, last_start) = start_all(&hosts);
-    let took = converge(&hosts, &agents, last_start, CONVERGE_LOSSY, &lossy);
+    let took = converge(&hosts, &agents, last_start, CONVERGE_LOSSY, &lossy, true);
     eprintln!("office scale: {lossy} all alive to each other {took:?} after the last start");
     idle_figures(&agents);
 }
@@ -157,14 +159,16 @@ fn counts_where(
 /// then checks, 2 s later, that none has dropped a peer since. (Alive or
 /// suspect then: fifty agents share two cores here, and one starved of CPU
 /// for two seconds is suspect to its peers for a moment; still used, and
-/// nothing like the gone or unlisted peers this test is about.) Returns
-/// the time of the first complete round.
+/// nothing like the gone or unlisted peers this test is about.) On a
+/// `lossy` LAN a pair that drops out then must find each other again
+/// within `limit`. Returns the time of the complete round that held.
 fn converge(
     hosts: &[&Host],
     agents: &[AgentHandle],
     since: Instant,
     limit: Duration,
     what: &str,
+    lossy: bool,
 ) -> Duration {
     let want = hosts.len() - 1;
     loop {
@@ -174,11 +178,20 @@ fn converge(
             std::thread::sleep(Duration::from_secs(2));
             let usable = [PeerState::Alive, PeerState::Suspect];
             let again = counts_in(hosts, agents, &usable);
+            if again.iter().all(|&c| c == want) {
+                return took;
+            }
+            // With frames lost, three keep-alives in a row may go missing
+            // between two of 2,450 pairs while their agents are starved of
+            // CPU: that pair must find each other again within the limit.
             assert!(
-                again.iter().all(|&c| c == want),
+                lossy && since.elapsed() <= limit,
                 "{what}: converged after {took:?}, but 2 s later the agents use {again:?} of {want}"
             );
-            return took;
+            eprintln!(
+                "{what}: converged after {took:?}, 2 s later {again:?} of {want}; waiting again"
+            );
+            continue;
         }
         let complete = counts.iter().filter(|&&c| c == want).count();
         assert!(
