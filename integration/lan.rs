@@ -5,6 +5,7 @@
 mod harness;
 mod office;
 mod scenario_avahi;
+mod scenario_bulk;
 mod scenario_failover;
 mod scenario_fault_campaign;
 mod scenario_floods;

@@ -75,7 +75,7 @@ in
     openFirewall = lib.mkOption {
       type = lib.types.bool;
       default = false;
-      description = "Open the QUIC port and mDNS (UDP 5353) in the firewall.";
+      description = "Open the mesh port (UDP for QUIC, TCP for bulk NAR connections) and mDNS (UDP 5353) in the firewall.";
     };
 
     signingKeyFile = lib.mkOption {
@@ -126,6 +126,8 @@ in
 
     networking.firewall = lib.mkIf cfg.openFirewall {
       allowedUDPPorts = [ cfg.quicPort 5353 ];
+      # Bulk NAR connections between agents (protocol version 5).
+      allowedTCPPorts = [ cfg.quicPort ];
     };
 
     # The listener outlives the agent: Nix (2.8 caches nix-cache-info forever

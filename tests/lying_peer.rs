@@ -75,6 +75,50 @@ fn lie_about(nar: &[u8], part: std::ops::Range<usize>, level: Option<u8>, lie: L
     out
 }
 
+/// What the liar writes back for the request in `body`: the answer's
+/// frame, and for a NAR the bytes it lies with. `None`: it says nothing.
+fn liar_answer(body: &[u8], narinfo: &str, nar: &[u8], lie: Lie) -> Option<Vec<u8>> {
+    let resp = match Request::decode(body) {
+        Ok(Request::Ping { nonce }) => Response::Pong {
+            nonce,
+            name: "liar".into(),
+        },
+        Ok(Request::PathInfo { .. }) => Response::PathInfo {
+            narinfo: narinfo.to_string(),
+        },
+        Ok(Request::Have { hashes }) => Response::Have {
+            present: vec![true; hashes.len()],
+        },
+        Ok(Request::UpstreamFile { .. }) => Response::NotFound,
+        Ok(Request::BadNar { .. }) => Response::Noted,
+        // It keeps no summary: asked about every path.
+        Ok(Request::Summary) => Response::NotFound,
+        Ok(Request::UpstreamNarinfo { .. }) => Response::UpstreamMiss { asked: Vec::new() },
+        Ok(Request::Nar { offset, .. } | Request::NarChunks { offset, .. })
+            if offset as usize > nar.len() =>
+        {
+            Response::NotFound
+        }
+        Ok(req @ (Request::Nar { offset, .. } | Request::NarChunks { offset, .. })) => {
+            // Overlong lies reach past the end asked for.
+            let (level, end) = match req {
+                Request::NarChunks { level, end, .. } => (Some(level), end),
+                _ => (None, u64::MAX),
+            };
+            let end = match lie {
+                Lie::Overlong => usize::MAX,
+                _ => usize::try_from(end).unwrap_or(usize::MAX),
+            };
+            let nar_size = nar.len() as u64;
+            let mut out = Response::NarFollows { nar_size }.encode();
+            out.extend(lie_about(nar, offset as usize..end, level, lie));
+            return Some(out);
+        }
+        Err(_) => return None,
+    };
+    Some(resp.encode())
+}
+
 /// Serves `narinfo` for its path and a NAR that is `lie`d about.
 async fn run_liar(endpoint: quinn::Endpoint, narinfo: String, nar: Arc<Vec<u8>>, lie: Lie) {
     while let Some(incoming) = endpoint.accept().await {
@@ -95,54 +139,39 @@ async fn run_liar(endpoint: quinn::Endpoint, narinfo: String, nar: Arc<Vec<u8>>,
                     else {
                         return;
                     };
-                    let resp = match Request::decode(&body) {
-                        Ok(Request::Ping { nonce }) => Response::Pong {
-                            nonce,
-                            name: "liar".into(),
-                        },
-                        Ok(Request::PathInfo { .. }) => Response::PathInfo { narinfo },
-                        Ok(Request::Have { hashes }) => Response::Have {
-                            present: vec![true; hashes.len()],
-                        },
-                        Ok(Request::UpstreamFile { .. }) => Response::NotFound,
-                        Ok(Request::BadNar { .. }) => Response::Noted,
-                        // It keeps no summary: asked about every path.
-                        Ok(Request::Summary) => Response::NotFound,
-                        Ok(Request::UpstreamNarinfo { .. }) => {
-                            Response::UpstreamMiss { asked: Vec::new() }
-                        }
-                        Ok(Request::Nar { offset, .. } | Request::NarChunks { offset, .. })
-                            if offset as usize > nar.len() =>
-                        {
-                            Response::NotFound
-                        }
-                        Ok(
-                            req @ (Request::Nar { offset, .. } | Request::NarChunks { offset, .. }),
-                        ) => {
-                            // Overlong lies reach past the end asked for.
-                            let (level, end) = match req {
-                                Request::NarChunks { level, end, .. } => (Some(level), end),
-                                _ => (None, u64::MAX),
-                            };
-                            let end = match lie {
-                                Lie::Overlong => usize::MAX,
-                                _ => usize::try_from(end).unwrap_or(usize::MAX),
-                            };
-                            let bytes = lie_about(&nar, offset as usize..end, level, lie);
-                            let nar_size = nar.len() as u64;
-                            let _ = send
-                                .write_all(&Response::NarFollows { nar_size }.encode())
-                                .await;
-                            let _ = send.write_all(&bytes).await;
-                            let _ = send.finish();
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let _ = send.write_all(&resp.encode()).await;
+                    if let Some(out) = liar_answer(&body, &narinfo, &nar, lie) {
+                        let _ = send.write_all(&out).await;
+                    }
                     let _ = send.finish();
                 });
             }
+        });
+    }
+}
+
+/// The liar's bulk connections (protocol version 5): the same lies over
+/// TLS on TCP.
+async fn run_bulk_liar(bulk: FakeBulk, narinfo: String, nar: Arc<Vec<u8>>, lie: Lie) {
+    use tokio::io::AsyncWriteExt;
+    while let Ok((tcp, _)) = bulk.listener.accept().await {
+        let (acceptor, narinfo, nar) = (bulk.acceptor.clone(), narinfo.clone(), nar.clone());
+        tokio::spawn(async move {
+            let Ok(mut io) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let Ok(body) = transport::read_frame_from(
+                &mut io,
+                nixmesh::mesh::protocol::MAX_REQUEST_FRAME,
+                Duration::from_secs(5),
+            )
+            .await
+            else {
+                return;
+            };
+            if let Some(out) = liar_answer(&body, &narinfo, &nar, lie) {
+                let _ = io.write_all(&out).await;
+            }
+            let _ = io.shutdown().await;
         });
     }
 }
@@ -199,6 +228,73 @@ fn liar_scenario(lie: Lie) {
         404
     );
     drop(rt);
+}
+
+/// A liar that holds a NAR large enough to go over a bulk connection
+/// (protocol version 5, TLS on TCP): the same lies there never get a path
+/// in, and the liar is quarantined.
+fn bulk_liar_scenario(lie: Lie) {
+    let honest = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let data: Vec<u8> = (0..6 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(src.path().join("bulk.bin"), &data).unwrap();
+    let path = honest.add(&src.path().join("bulk.bin"));
+    let json = honest.path_info_json(&path);
+    let narinfo = format!(
+        "StorePath: {path}\nURL: nar/x.nar\nCompression: none\nNarHash: {}\nNarSize: {}\nReferences: \nCA: {}\n",
+        json["narHash"].as_str().unwrap(),
+        json["narSize"],
+        json["ca"].as_str().unwrap(),
+    );
+    let nar = Arc::new(honest.dump(&path));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (endpoint, bulk, node, addr) = fake_peer_with_bulk(&rt, "liar");
+    rt.spawn(run_liar(endpoint, narinfo.clone(), nar.clone(), lie));
+    rt.spawn(run_bulk_liar(bulk, narinfo, nar, lie));
+
+    let b = MeshNode::new("b", &NodeSettings::default());
+    add_static_peer(&b, &node, addr);
+    let agent = b.start();
+    wait_for(Duration::from_secs(10), "b sees the liar", || {
+        b.peer_state("liar").as_deref() == Some("alive")
+    });
+    let out = b
+        .store
+        .substitute(&format!("http://{}", b.substituter_addr()), None, &[&path]);
+    assert!(!out.status.success(), "Nix took bytes from a liar");
+    assert!(!b.store.is_valid(&path), "the lie became a valid path");
+    let peers = b.peers();
+    let liar = peers.iter().find(|p| p["name"] == "liar").unwrap();
+    assert_eq!(liar["quarantined"], true, "{liar}");
+    assert!(
+        liar["bulk_fetches"].as_u64().unwrap_or(0) >= 1,
+        "the NAR did not come over a bulk connection: {liar}"
+    );
+    assert!(
+        agent.log_text().contains("quarantining a peer"),
+        "{}",
+        agent.log_text()
+    );
+    drop(rt);
+}
+
+#[test]
+fn garbage_over_a_bulk_connection_never_reaches_the_store() {
+    bulk_liar_scenario(Lie::Garbage);
+}
+
+#[test]
+fn a_compression_bomb_over_a_bulk_connection_never_reaches_the_store() {
+    bulk_liar_scenario(Lie::Bomb);
 }
 
 #[test]

@@ -444,15 +444,18 @@ async fn from_holder(
     };
     let (link, all) = mesh.links(&node);
     let level = resolver.compression().level(&link, &all);
-    let opened = client::open_nar(
-        &conn,
-        &info.path.hash_part(),
-        &info.nar_hash,
-        start,
-        level,
-        STALL_TIMEOUT,
-    )
-    .await;
+    let opened = mesh
+        .open_nar_part(
+            node,
+            &conn,
+            &info.path.hash_part(),
+            &info.nar_hash,
+            start..u64::MAX,
+            info.nar_size.saturating_sub(start),
+            level,
+            STALL_TIMEOUT,
+        )
+        .await;
     let mut reader = match opened {
         Ok(Some((nar_size, reader))) if nar_size == info.nar_size => reader,
         Ok(Some((nar_size, _))) => return HolderEnd::OtherSize(nar_size),
@@ -488,6 +491,9 @@ async fn from_holder(
                     Some(code::CORRUPT) => HolderEnd::Lied("said its own store copy is corrupt"),
                     _ => HolderEnd::Failed(e.to_string()),
                 };
+            }
+            Ok(Err(NarReadError::Bulk(e))) => {
+                return HolderEnd::Failed(format!("bulk connection: {e}"));
             }
             Ok(Err(e)) => {
                 reader.stop(code::MALFORMED);

@@ -21,7 +21,6 @@ use tokio::sync::mpsc;
 use crate::fetch::relay::{FetchError, STALL_TIMEOUT};
 use crate::fetch::resolver::Resolver;
 use crate::fetch::verify::{NarCheck, Verdict};
-use crate::mesh::client;
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_reader::NarReadError;
 use crate::mesh::protocol::code;
@@ -184,15 +183,18 @@ async fn fetch_stripe(
     let level = resolver.compression().level(&link, &all).or(Some(0));
     let want = part.end - part.start;
     let began = Instant::now();
-    let opened = client::open_nar_part(
-        &conn,
-        &info.path.hash_part(),
-        &info.nar_hash,
-        part,
-        level,
-        STALL_TIMEOUT,
-    )
-    .await;
+    let opened = mesh
+        .open_nar_part(
+            node,
+            &conn,
+            &info.path.hash_part(),
+            &info.nar_hash,
+            part,
+            want,
+            level,
+            STALL_TIMEOUT,
+        )
+        .await;
     let mut reader = match opened {
         Ok(Some((size, reader))) if size == info.nar_size => reader,
         Ok(Some(_)) => return Err(StripeError::Failed("it has another NAR size".into())),
@@ -210,6 +212,7 @@ async fn fetch_stripe(
                 )));
             }
             Ok(Err(NarReadError::Read(e))) => return Err(StripeError::Failed(e.to_string())),
+            Ok(Err(NarReadError::Bulk(e))) => return Err(StripeError::Failed(e.to_string())),
             Ok(Err(e)) => {
                 reader.stop(code::MALFORMED);
                 return Err(StripeError::Lied(e.to_string()));

@@ -1,10 +1,11 @@
 //! Reads a NAR a peer sends after `NarFollows`: raw bytes up to the end of
 //! the stream (`Nar`), or chunk frames (`NarChunks`, `nar_chunks`) that are
-//! checked and inflated here. Either way the caller gets plain NAR bytes in
+//! checked and inflated here, off a QUIC stream or a bulk connection. Either way the caller gets plain NAR bytes in
 //! order; judging them (size, hash) is its business.
 
 use bytes::{Bytes, BytesMut};
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::mesh::nar_chunks::{ChunkError, ChunkHeader, Unpacker, HEADER};
 
@@ -22,7 +23,13 @@ pub enum NarReadError {
     Chunk(#[from] ChunkError),
     #[error("stream ended inside a chunk frame")]
     EndsMidFrame,
+    /// A bulk connection broke (or was cut off by the holder).
+    #[error("bulk connection: {0}")]
+    Bulk(std::io::Error),
 }
+
+/// The read half of a bulk connection (TLS on TCP).
+pub type BulkStream = Box<dyn AsyncRead + Send + Unpin>;
 
 pub enum NarReader {
     Raw {
@@ -33,6 +40,12 @@ pub enum NarReader {
         recv: quinn::RecvStream,
         unpacker: Unpacker,
         /// Bytes on the wire so far (frames and headers).
+        wire: u64,
+    },
+    /// Chunk frames on a bulk connection, which ends after the last.
+    Bulk {
+        io: BulkStream,
+        unpacker: Unpacker,
         wire: u64,
     },
 }
@@ -51,6 +64,19 @@ impl NarReader {
             unpacker: Unpacker::new(),
             wire: 0,
         }
+    }
+
+    pub fn bulk(io: BulkStream) -> Self {
+        NarReader::Bulk {
+            io,
+            unpacker: Unpacker::new(),
+            wire: 0,
+        }
+    }
+
+    /// Whether the bytes come over a bulk connection.
+    pub fn is_bulk(&self) -> bool {
+        matches!(self, NarReader::Bulk { .. })
     }
 
     /// The next NAR bytes; `None` at the end of the stream.
@@ -85,6 +111,21 @@ impl NarReader {
                 *wire += (HEADER + payload.len()) as u64;
                 Ok(Some(unpacker.unpack(header, payload.freeze())?))
             }
+            NarReader::Bulk { io, unpacker, wire } => {
+                let mut head = [0u8; HEADER];
+                match fill(io, &mut head).await.map_err(NarReadError::Bulk)? {
+                    0 => return Ok(None),
+                    n if n < HEADER => return Err(NarReadError::EndsMidFrame),
+                    _ => {}
+                }
+                let header = ChunkHeader::parse(head)?;
+                let mut payload = BytesMut::zeroed(header.wire_len as usize);
+                if fill(io, &mut payload).await.map_err(NarReadError::Bulk)? < payload.len() {
+                    return Err(NarReadError::EndsMidFrame);
+                }
+                *wire += (HEADER + payload.len()) as u64;
+                Ok(Some(unpacker.unpack(header, payload.freeze())?))
+            }
         }
     }
 
@@ -92,16 +133,20 @@ impl NarReader {
     pub fn wire_bytes(&self) -> Option<u64> {
         match self {
             NarReader::Raw { .. } => None,
-            NarReader::Chunks { wire, .. } => Some(*wire),
+            NarReader::Chunks { wire, .. } | NarReader::Bulk { wire, .. } => Some(*wire),
         }
     }
 
-    /// Tells the peer to stop sending.
+    /// Tells the peer to stop sending. A bulk connection carries no code:
+    /// it closes when the reader is dropped, and the holder's next write
+    /// fails.
     pub fn stop(&mut self, code: u32) {
-        let recv = match self {
-            NarReader::Raw { recv, .. } | NarReader::Chunks { recv, .. } => recv,
-        };
-        let _ = recv.stop(code.into());
+        match self {
+            NarReader::Raw { recv, .. } | NarReader::Chunks { recv, .. } => {
+                let _ = recv.stop(code.into());
+            }
+            NarReader::Bulk { .. } => {}
+        }
     }
 }
 
@@ -115,6 +160,18 @@ async fn read_exact(
         match recv.read(&mut buf[filled..]).await? {
             Some(n) => filled += n,
             None => break,
+        }
+    }
+    Ok(filled)
+}
+
+/// `read_exact` that tells how much it filled when the stream ends first.
+async fn fill(io: &mut BulkStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match io.read(&mut buf[filled..]).await? {
+            0 => break,
+            n => filled += n,
         }
     }
     Ok(filled)

@@ -25,15 +25,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
-use crate::mesh::client;
+use crate::mesh::bulk;
+use crate::mesh::client::{self, PeerError};
 use crate::mesh::dial_plan::DialPlan;
 use crate::mesh::discovery::DiscoveryEvent;
 use crate::mesh::identity::NodeId;
 use crate::mesh::inbound::InboundGate;
+use crate::mesh::nar_reader::NarReader;
 use crate::mesh::peers::{LinkStats, Peer, PeerCounters, PeerSource, PeerTable, PeerView};
+use crate::mesh::protocol::{Request, Response};
 use crate::mesh::server::PeerServer;
 use crate::mesh::summaries::{Summaries, Verdict};
 use crate::mesh::transport::{self, Admission, TlsIdentity, TransportError};
+use crate::nix::{HashPart, Sha256Hash};
 
 /// How often each connected peer is asked to answer a request.
 pub const APP_PING_INTERVAL: Duration = Duration::from_secs(15);
@@ -122,6 +126,8 @@ pub struct Mesh {
     /// it and how to make it start over.
     feeds: Mutex<HashMap<NodeId, Feed>>,
     shutdown: CancellationToken,
+    /// Peers whose bulk connection failed, asked on QUIC for a while.
+    bulk_resting: bulk::Resting,
 }
 
 struct Feed {
@@ -199,7 +205,9 @@ impl Mesh {
             summaries: Mutex::new(Summaries::new()),
             feeds: Mutex::new(HashMap::new()),
             shutdown: shutdown.clone(),
+            bulk_resting: bulk::Resting::default(),
         });
+        mesh.listen_bulk(&tasks, &shutdown);
         tasks.spawn(mesh.clone().accept_loop(shutdown.clone()));
         tasks.spawn(mesh.clone().health_loop(shutdown));
         Ok(mesh)
@@ -207,6 +215,100 @@ impl Mesh {
 
     pub fn node(&self) -> NodeId {
         self.identity.node
+    }
+
+    /// Takes bulk connections (version 5) on TCP at the QUIC endpoint's
+    /// address. Without them (the port is taken on TCP) peers ask on QUIC.
+    fn listen_bulk(self: &Arc<Self>, tasks: &TaskTracker, shutdown: &CancellationToken) {
+        if self.admission.max_protocol < 5 {
+            return;
+        }
+        let addr = match self.endpoint.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "no address for bulk connections");
+                return;
+            }
+        };
+        let tls = match transport::bulk_server_config(&self.identity, self.admission.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "no TLS settings for bulk connections");
+                return;
+            }
+        };
+        match bulk::bind(addr) {
+            Ok(listener) => {
+                tasks.spawn(bulk::serve(
+                    listener,
+                    tls,
+                    self.server.clone(),
+                    tasks.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            Err(e) => tracing::warn!(
+                %addr,
+                error = %e,
+                "cannot listen for bulk connections on TCP; peers will send NARs over QUIC"
+            ),
+        }
+    }
+
+    /// Opens `part` of a NAR from `node` (see `client::open_nar_part`):
+    /// over a bulk connection (in chunk frames, level 0 if `level` is
+    /// none) when the part is large (`len` bytes, at least
+    /// `bulk::BULK_FROM`) and the peer speaks version 5; otherwise, or when
+    /// that fails, on a stream of `conn`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open_nar_part(
+        &self,
+        node: NodeId,
+        conn: &quinn::Connection,
+        hash: &HashPart,
+        nar_hash: &Sha256Hash,
+        part: std::ops::Range<u64>,
+        len: u64,
+        level: Option<u8>,
+        timeout: Duration,
+    ) -> Result<Option<(u64, NarReader)>, PeerError> {
+        let bulk = len >= bulk::BULK_FROM
+            && transport::version(conn) >= 5
+            && !self.bulk_resting.resting(&node, Instant::now());
+        if bulk {
+            // Frames either way; level 0 never compresses.
+            let level = level.unwrap_or(0);
+            let req = Request::NarChunks {
+                hash: hash.clone(),
+                nar_hash: *nar_hash,
+                offset: part.start,
+                end: part.end,
+                level: level.min(crate::mesh::nar_chunks::MAX_LEVEL),
+            };
+            let opened =
+                match transport::bulk_client_config(&self.identity, self.admission.clone(), node) {
+                    Ok(tls) => bulk::open(tls, conn.remote_address(), &req, timeout)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+            match opened {
+                Ok((Response::NotFound, _)) => return Ok(None),
+                Ok((Response::NarFollows { nar_size }, reader)) => {
+                    self.count(&node, |c| c.bulk_fetches += 1);
+                    return Ok(Some((nar_size, reader)));
+                }
+                // Busy, or an error it would give on QUIC too: QUIC says.
+                Ok((other, _)) => {
+                    tracing::debug!(peer = %node, answer = ?other, "bulk connection answered; asking on QUIC");
+                }
+                Err(reason) => {
+                    tracing::info!(peer = %node, %reason, "no bulk connection to peer; NARs from it go over QUIC for a while");
+                    self.bulk_resting.failed(node, Instant::now());
+                }
+            }
+        }
+        client::open_nar_part(conn, hash, nar_hash, part, level, timeout).await
     }
 
     /// The server that answers this node's peers.

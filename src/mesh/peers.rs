@@ -50,6 +50,9 @@ pub struct PeerCounters {
     pub bytes_fetched: u64,
     /// Failed or malformed exchanges, either way.
     pub errors: u64,
+    /// NARs (or stripes of them) received over bulk connections (TCP).
+    #[serde(default)]
+    pub bulk_fetches: u64,
     /// What NARs from the peer achieved, for choosing how to ask for the
     /// next (`fetch::compression`).
     #[serde(default)]

@@ -33,10 +33,17 @@ pub const ALPN_V3: &[u8] = b"nixmesh/3";
 /// stream that stays open, and asks it about a path only when it may have
 /// it.
 pub const ALPN_V4: &[u8] = b"nixmesh/4";
+/// Version 5 adds bulk connections (`mesh::bulk`): the agent also takes
+/// `NarChunks` requests over TLS on TCP at the port of its QUIC endpoint,
+/// one request per connection, the answer framed as on a QUIC stream. The
+/// kernel's TCP moves bulk bytes at a fraction of QUIC's CPU per byte.
+pub const ALPN_V5: &[u8] = b"nixmesh/5";
+/// The ALPN of a bulk connection (TLS on TCP, version 5).
+pub const ALPN_BULK: &[u8] = b"nixmesh-bulk/1";
 /// The newest protocol version.
-pub const NEWEST: u32 = 4;
+pub const NEWEST: u32 = 5;
 /// What this node offers and accepts, in order of preference.
-pub const ALPNS: [&[u8]; 4] = [ALPN_V4, ALPN_V3, ALPN_V2, ALPN_V1];
+pub const ALPNS: [&[u8]; 5] = [ALPN_V5, ALPN_V4, ALPN_V3, ALPN_V2, ALPN_V1];
 /// Largest request body: a `Have` of `MAX_HAVE_BATCH` hash parts is about
 /// 33 KiB, every other request under 100 bytes. The server allocates this
 /// much per stream at most, on up to 128 streams per peer.

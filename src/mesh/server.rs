@@ -1,5 +1,6 @@
 //! Answers other agents' requests from what this host lets out: one
-//! request per QUIC stream, decoded with limits. A malformed, oversized or
+//! request per QUIC stream (or per bulk connection, for NARs), decoded
+//! with limits. A malformed, oversized or
 //! unknown frame resets that stream with an error code and counts against
 //! the peer; the connection and the agent carry on.
 //!
@@ -12,12 +13,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_chunks::{self, Packer};
+use crate::mesh::nar_sink::{BulkSink, NarSink};
 use crate::mesh::peers::PeerTable;
 use crate::mesh::protocol::{self, code, Request, Response};
 use crate::mesh::transport::{self, REQUEST_TIMEOUT};
@@ -166,6 +169,53 @@ impl PeerServer {
         }
     }
 
+    /// Serves the one request of a bulk connection (TLS on TCP, version
+    /// 5) from `node`: only `NarChunks`, answered as on a QUIC stream. A
+    /// stream that would be reset is cut off instead (no TLS close), which
+    /// the reader sees as a broken connection.
+    pub async fn serve_bulk<S>(&self, node: NodeId, mut io: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let request =
+            transport::read_frame_from(&mut io, protocol::MAX_REQUEST_FRAME, REQUEST_TIMEOUT)
+                .await
+                .map_err(|e| (e.code(), e.to_string()))
+                .and_then(|body| Request::decode(&body).map_err(|e| (e.code(), e.to_string())));
+        let mut sink = BulkSink(io);
+        let (hash, nar_hash, part, level) = match request {
+            Ok(Request::NarChunks {
+                hash,
+                nar_hash,
+                offset,
+                end,
+                level,
+            }) => (hash, nar_hash, offset..end, level),
+            other => {
+                let (code, message) = match other {
+                    Err(e) => e,
+                    Ok(_) => (
+                        code::UNKNOWN_KIND,
+                        "a bulk connection carries NAR chunk requests only".to_string(),
+                    ),
+                };
+                tracing::warn!(peer = %node, reason = %message, "bad request on a bulk connection");
+                self.count(&node, |c| c.errors += 1);
+                let _ = write_response(&mut sink, &Response::Error { code, message }).await;
+                let _ = sink.0.shutdown().await;
+                return;
+            }
+        };
+        self.count(&node, |c| c.requests_served += 1);
+        let packer = Packer::new(level);
+        let served = self
+            .serve_nar(node, &mut sink, hash, nar_hash, part, Some(packer))
+            .await;
+        if served.is_ok() {
+            let _ = sink.0.shutdown().await;
+        }
+    }
+
     async fn serve_stream(
         &self,
         node: NodeId,
@@ -270,10 +320,10 @@ impl PeerServer {
         }
     }
 
-    async fn serve_nar(
+    async fn serve_nar<S: NarSink>(
         &self,
         node: NodeId,
-        send: &mut quinn::SendStream,
+        send: &mut S,
         hash: HashPart,
         nar_hash: crate::nix::Sha256Hash,
         part: std::ops::Range<u64>,
@@ -314,18 +364,16 @@ impl PeerServer {
         }
     }
 
-    async fn send_raw(
+    async fn send_raw<S: NarSink>(
         &self,
         node: NodeId,
-        send: &mut quinn::SendStream,
+        send: &mut S,
         mut stream: NarBytes,
     ) -> Result<(), StreamEnd> {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(nar_fault)?;
             let len = chunk.len() as u64;
-            send.write_chunk(chunk)
-                .await
-                .map_err(|_| StreamEnd::PeerGone)?;
+            send.put(chunk).await.map_err(|_| StreamEnd::PeerGone)?;
             self.count(&node, |c| c.bytes_served += len);
         }
         Ok(())
@@ -334,10 +382,10 @@ impl PeerServer {
     /// The NAR in chunk frames of `nar_chunks::CHUNK` bytes (the last one
     /// shorter). Compression runs on the blocking pool, off the workers
     /// that move every peer's bytes.
-    async fn send_chunks(
+    async fn send_chunks<S: NarSink>(
         &self,
         node: NodeId,
-        send: &mut quinn::SendStream,
+        send: &mut S,
         mut stream: NarBytes,
         mut packer: Packer,
     ) -> Result<(), StreamEnd> {
@@ -358,7 +406,7 @@ impl PeerServer {
                 .await
                 .map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
                 packer = back;
-                send.write_chunk(Bytes::from(frame))
+                send.put(Bytes::from(frame))
                     .await
                     .map_err(|_| StreamEnd::PeerGone)?;
                 // NAR bytes, as the receiver counts them.
@@ -393,9 +441,7 @@ impl PeerServer {
                 StreamEnd::Reset(code::CORRUPT)
             })?;
             let len = chunk.len() as u64;
-            send.write_chunk(chunk)
-                .await
-                .map_err(|_| StreamEnd::PeerGone)?;
+            send.put(chunk).await.map_err(|_| StreamEnd::PeerGone)?;
             self.count(&node, |c| c.bytes_served += len);
         }
         Ok(())
@@ -547,7 +593,7 @@ enum StreamEnd {
 }
 
 /// The answer when every stream slot is taken.
-async fn overloaded(send: &mut quinn::SendStream, why: &str) -> Result<(), StreamEnd> {
+async fn overloaded<S: NarSink>(send: &mut S, why: &str) -> Result<(), StreamEnd> {
     let resp = Response::Error {
         code: code::OVERLOADED,
         message: why.to_string(),
@@ -555,8 +601,8 @@ async fn overloaded(send: &mut quinn::SendStream, why: &str) -> Result<(), Strea
     write_response(send, &resp).await
 }
 
-async fn write_response(send: &mut quinn::SendStream, resp: &Response) -> Result<(), StreamEnd> {
-    send.write_all(&resp.encode())
+async fn write_response<S: NarSink>(send: &mut S, resp: &Response) -> Result<(), StreamEnd> {
+    send.put(Bytes::from(resp.encode()))
         .await
         .map_err(|_| StreamEnd::PeerGone)
 }

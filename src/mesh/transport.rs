@@ -392,12 +392,14 @@ fn interface_mtus() -> Vec<u32> {
         .collect()
 }
 
-pub fn server_config(
+/// The TLS side of this node as a server: its certificate, and every
+/// client checked against `admission`.
+fn server_tls(
     identity: &TlsIdentity,
     admission: Admission,
-) -> Result<quinn::ServerConfig, TransportError> {
+    alpns: Vec<Vec<u8>>,
+) -> Result<rustls::ServerConfig, TransportError> {
     let provider = provider();
-    let alpns = admission.alpns();
     let verifier = Arc::new(PeerVerifier {
         admission,
         expected: None,
@@ -409,20 +411,17 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     tls.alpn_protocols = alpns;
-    let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(Arc::new(transport_config(Role::Acceptor)));
-    Ok(config)
+    Ok(tls)
 }
 
-/// Client settings for dialling the node `expected`.
-pub fn client_config(
+/// The TLS side of this node dialling `expected`, whose key it pins.
+fn client_tls(
     identity: &TlsIdentity,
     admission: Admission,
     expected: NodeId,
-) -> Result<quinn::ClientConfig, TransportError> {
+    alpns: Vec<Vec<u8>>,
+) -> Result<rustls::ClientConfig, TransportError> {
     let provider = provider();
-    let alpns = admission.alpns();
     let verifier = Arc::new(PeerVerifier {
         admission,
         expected: Some(expected),
@@ -435,10 +434,58 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)?;
     tls.alpn_protocols = alpns;
+    Ok(tls)
+}
+
+pub fn server_config(
+    identity: &TlsIdentity,
+    admission: Admission,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let alpns = admission.alpns();
+    let tls = server_tls(identity, admission, alpns)?;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config(Role::Acceptor)));
+    Ok(config)
+}
+
+/// Client settings for dialling the node `expected`.
+pub fn client_config(
+    identity: &TlsIdentity,
+    admission: Admission,
+    expected: NodeId,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let alpns = admission.alpns();
+    let tls = client_tls(identity, admission, expected, alpns)?;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(transport_config(Role::Dialler)));
     Ok(config)
+}
+
+/// TLS settings for accepting bulk connections (TCP, version 5): the same
+/// identity and admission as QUIC, ALPN `protocol::ALPN_BULK`.
+pub fn bulk_server_config(
+    identity: &TlsIdentity,
+    admission: Admission,
+) -> Result<Arc<rustls::ServerConfig>, TransportError> {
+    let tls = server_tls(identity, admission, vec![protocol::ALPN_BULK.to_vec()])?;
+    Ok(Arc::new(tls))
+}
+
+/// TLS settings for a bulk connection to the node `expected`.
+pub fn bulk_client_config(
+    identity: &TlsIdentity,
+    admission: Admission,
+    expected: NodeId,
+) -> Result<Arc<rustls::ClientConfig>, TransportError> {
+    let tls = client_tls(
+        identity,
+        admission,
+        expected,
+        vec![protocol::ALPN_BULK.to_vec()],
+    )?;
+    Ok(Arc::new(tls))
 }
 
 /// The key the other side of an established connection proved it holds.
@@ -512,6 +559,28 @@ pub async fn read_frame(
         .map_err(|_| FrameReadError::Timeout(timeout))?
 }
 
+/// `read_frame` off a byte stream (a bulk connection): one frame body of
+/// at most `max` bytes, bounded in time.
+pub async fn read_frame_from<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, FrameReadError> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let failed = |e: std::io::Error| FrameReadError::Read(e.to_string());
+        let mut header = [0u8; 4];
+        r.read_exact(&mut header).await.map_err(failed)?;
+        let len = protocol::body_len(header, max)?;
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).await.map_err(failed)?;
+        Ok(body)
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| FrameReadError::Timeout(timeout))?
+}
+
 /// Resets both halves of a stream with `code`.
 pub fn reset_stream(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: u32) {
     let _ = send.reset(code.into());
@@ -546,6 +615,7 @@ mod tests {
         assert_eq!(
             newest.alpns(),
             vec![
+                protocol::ALPN_V5.to_vec(),
                 protocol::ALPN_V4.to_vec(),
                 protocol::ALPN_V3.to_vec(),
                 protocol::ALPN_V2.to_vec(),

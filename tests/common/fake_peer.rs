@@ -28,6 +28,39 @@ pub fn fake_peer_endpoint(
     (endpoint, node, addr)
 }
 
+/// A fake peer's bulk side (protocol version 5): a TCP listener at its
+/// QUIC address and the TLS to accept agents with.
+pub struct FakeBulk {
+    pub listener: tokio::net::TcpListener,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+/// `fake_peer_endpoint` that also takes bulk connections.
+pub fn fake_peer_with_bulk(
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+) -> (quinn::Endpoint, FakeBulk, NodeId, SocketAddr) {
+    let key = SecretKey::generate(name).unwrap();
+    let node = NodeId(key.public().bytes());
+    let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _guard = rt.enter();
+    let endpoint = quinn::Endpoint::server(
+        transport::server_config(&id, Admission::default()).unwrap(),
+        addr,
+    )
+    .unwrap();
+    let tls = transport::bulk_server_config(&id, Admission::default()).unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .expect("the fake peer's TCP port");
+    let bulk = FakeBulk {
+        listener,
+        acceptor: tokio_rustls::TlsAcceptor::from(tls),
+    };
+    (endpoint, bulk, node, addr)
+}
+
 /// Adds `node` at `addr` to the static peers in `mesh`'s config file.
 pub fn add_static_peer(mesh: &MeshNode, node: &NodeId, addr: SocketAddr) {
     let entry = format!("{{ address = \"{addr}\", key = {:?} }}, ", node.to_base64());

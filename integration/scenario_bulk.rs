@@ -1,0 +1,79 @@
+//! Bulk connections (protocol version 5): between two hosts of a LAN, a
+//! large NAR goes over TLS on TCP at the mesh port and a small one stays on
+//! QUIC; when the holder's firewall drops TCP at that port, the large NAR
+//! still arrives (over QUIC, after one failed attempt), and the next one
+//! goes over QUIC at once, without trying TCP again.
+
+use crate::harness::Lan;
+use crate::office::*;
+
+const LARGE: u64 = 24 << 20;
+const SMALL: u64 = 1 << 20;
+/// The agents' default mesh port, UDP for QUIC and TCP for bulk.
+const MESH_PORT: &str = "5182";
+const NO_BULK: &str = "no bulk connection to peer";
+
+#[test]
+fn large_nars_go_over_tcp_and_over_quic_when_tcp_is_blocked() {
+    let lan = Lan::new(2);
+    let (client, holder) = (lan.host(0), lan.host(1));
+    let office = client.generate_key("office-1");
+    let files = holder.dir().join("files");
+    let paths = add_paths(
+        holder,
+        &[
+            random_file(&files, "large-1.bin", LARGE),
+            random_file(&files, "small.bin", SMALL),
+            random_file(&files, "large-2.bin", LARGE),
+            random_file(&files, "large-3.bin", LARGE),
+        ],
+    );
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    holder.configure_nix(&nix_conf("", &[&office.public]));
+    holder.sign(&refs, &office.secret_file);
+    client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
+    let agent_h = holder.start_agent("");
+    let agent_c = client.start_agent("");
+    wait_all_alive(&[(client, &agent_c), (holder, &agent_h)]);
+    let bulk_fetches = || agent_c.peer("h1").map_or(0, |p| p.counters.bulk_fetches);
+
+    // The large NAR over TCP, the small one on QUIC.
+    realise(client, &[refs[0], refs[1]]);
+    assert_verified(client, refs[0]);
+    assert_verified(client, refs[1]);
+    assert_eq!(bulk_fetches(), 1, "one NAR (the large one) over TCP");
+    let served = agent_h.peer("h0").map_or(0, |p| p.counters.bytes_served);
+    assert!(served >= LARGE + SMALL, "H served {served} bytes to C");
+
+    // The holder's firewall drops TCP at the mesh port: one attempt fails
+    // after its handshake timeout, the NAR comes over QUIC.
+    holder.run_ok(&["nft", "add", "table", "inet", "nixmesh_bulk"]);
+    holder.run_ok(&[
+        "nft",
+        "add chain inet nixmesh_bulk in { type filter hook input priority 0 ; policy accept ; }",
+    ]);
+    holder.run_ok(&[
+        "nft",
+        &format!("add rule inet nixmesh_bulk in tcp dport {MESH_PORT} drop"),
+    ]);
+    realise(client, &[refs[2]]);
+    assert_verified(client, refs[2]);
+    assert_eq!(bulk_fetches(), 1, "no NAR over TCP while it is blocked");
+    assert_eq!(
+        agent_c.log().matches(NO_BULK).count(),
+        1,
+        "{}",
+        agent_c.log()
+    );
+
+    // The next large NAR from that holder goes over QUIC without trying.
+    realise(client, &[refs[3]]);
+    assert_verified(client, refs[3]);
+    assert_eq!(bulk_fetches(), 1);
+    assert_eq!(
+        agent_c.log().matches(NO_BULK).count(),
+        1,
+        "TCP was tried again: {}",
+        agent_c.log()
+    );
+}

@@ -1,0 +1,216 @@
+//! Bulk connections (protocol version 5): a large NAR goes over TLS on TCP
+//! instead of a QUIC stream. QUIC costs both agents several CPU-seconds per
+//! GiB (every 1.4 KiB packet is encrypted, sent, received and acknowledged
+//! in user space); the kernel's TCP moves the same bytes in 64 KiB
+//! segments and leaves the agents little more than AES-GCM.
+//!
+//! A bulk connection carries one `NarChunks` request and its answer,
+//! framed as on a QUIC stream, then closes (TLS close). It is made with the
+//! same identity and admission as the QUIC link and pins the key of the
+//! peer it dials, so it grants nothing QUIC does not. The agent listens on
+//! TCP at its QUIC port; a peer that cannot be reached that way (an older
+//! agent, a firewall) is asked on QUIC, and not over TCP again for
+//! `RETRY_AFTER`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::lock::lock;
+use crate::mesh::identity::NodeId;
+use crate::mesh::nar_reader::NarReader;
+use crate::mesh::protocol::{self, Request, Response};
+use crate::mesh::server::PeerServer;
+use crate::mesh::transport::{self, FrameReadError};
+
+/// NAR parts smaller than this stay on QUIC: a bulk connection costs two
+/// more round trips (TCP, then TLS) before the first byte.
+pub const BULK_FROM: u64 = 4 << 20;
+/// A peer whose bulk connection failed is asked on QUIC for this long.
+pub const RETRY_AFTER: Duration = Duration::from_secs(300);
+/// TCP connect and TLS handshake together, either side.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bulk connections in their handshake at once; more are closed at once
+/// (each handshake costs a signature and a key exchange).
+const MAX_HANDSHAKES: usize = 32;
+/// Bulk connections being served at once (their NAR streams also count
+/// against the server's NAR slots).
+const MAX_BULK: usize = 128;
+
+#[derive(Debug, Error)]
+pub enum BulkError {
+    #[error("connecting: {0}")]
+    Connect(std::io::Error),
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    #[error("sending the request: {0}")]
+    Write(std::io::Error),
+    #[error("reading the answer: {0}")]
+    Read(#[from] FrameReadError),
+    #[error("malformed answer: {0}")]
+    Malformed(#[from] protocol::FrameError),
+}
+
+/// Opens a bulk connection to `addr` with `tls` (which pins the peer's
+/// key), sends `req` and reads the answer's first frame. The reader then
+/// carries the chunk frames that follow `NarFollows`.
+pub async fn open(
+    tls: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    req: &Request,
+    timeout: Duration,
+) -> Result<(Response, NarReader), BulkError> {
+    let connect = async {
+        let tcp = TcpStream::connect(addr).await.map_err(BulkError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(transport::SERVER_NAME)
+            .map_err(|e| BulkError::Tls(std::io::Error::other(e)))?;
+        TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(BulkError::Tls)
+    };
+    let mut io = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
+        .await
+        .map_err(|_| BulkError::Timeout(HANDSHAKE_TIMEOUT))??;
+    io.write_all(&req.encode())
+        .await
+        .map_err(BulkError::Write)?;
+    io.flush().await.map_err(BulkError::Write)?;
+    let body = transport::read_frame_from(&mut io, protocol::MAX_RESPONSE_FRAME, timeout).await?;
+    let resp = Response::decode(&body)?;
+    Ok((resp, NarReader::bulk(Box::new(io))))
+}
+
+/// Which peers are asked on QUIC for now, after a bulk connection to them
+/// failed.
+#[derive(Default)]
+pub struct Resting {
+    since: Mutex<HashMap<NodeId, Instant>>,
+}
+
+impl Resting {
+    pub fn failed(&self, node: NodeId, now: Instant) {
+        lock(&self.since).insert(node, now);
+    }
+
+    pub fn resting(&self, node: &NodeId, now: Instant) -> bool {
+        let mut since = lock(&self.since);
+        match since.get(node) {
+            Some(t) if now.duration_since(*t) < RETRY_AFTER => true,
+            Some(_) => {
+                since.remove(node);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// Binds the bulk listener at `addr` (the QUIC endpoint's address, TCP).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Accepts bulk connections until `shutdown`: each is admitted by its TLS
+/// handshake (the same checks as QUIC's), then `server` answers its one
+/// request.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    server: Arc<PeerServer>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let open = Arc::new(Semaphore::new(MAX_BULK));
+    loop {
+        let (tcp, from) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accepting a bulk connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (Ok(handshake), Ok(slot)) = (
+            handshakes.clone().try_acquire_owned(),
+            open.clone().try_acquire_owned(),
+        ) else {
+            tracing::debug!(%from, "too many bulk connections; closing one");
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let server = server.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let _slot = slot;
+            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            drop(handshake);
+            let io = match accepted {
+                Ok(Ok(io)) => io,
+                Ok(Err(e)) => {
+                    tracing::debug!(%from, error = %e, "bulk connection refused in TLS");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%from, "bulk connection's handshake timed out");
+                    return;
+                }
+            };
+            let node = io
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| transport::node_of_cert(c).ok());
+            let Some(node) = node else {
+                return;
+            };
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = server.serve_bulk(node, io) => {}
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_rests_on_quic_for_a_while_after_a_failed_bulk_connection() {
+        let resting = Resting::default();
+        let node = NodeId([7; 32]);
+        let t = Instant::now();
+        assert!(!resting.resting(&node, t));
+        resting.failed(node, t);
+        assert!(resting.resting(&node, t + Duration::from_secs(1)));
+        assert!(!resting.resting(&NodeId([8; 32]), t));
+        assert!(!resting.resting(&node, t + RETRY_AFTER));
+        // And it is forgotten once the rest is over.
+        assert!(!resting.resting(&node, t + Duration::from_secs(1)));
+    }
+}
