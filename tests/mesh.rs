@@ -748,3 +748,91 @@ fn the_mesh_socket_gets_large_buffers() {
     assert!(field("rb") >= 2 * limit("rmem_max"), "{text}");
     assert!(field("tb") >= 2 * limit("wmem_max"), "{text}");
 }
+
+/// A bulk connection (TLS on TCP at the agent's mesh port, protocol
+/// version 5) from a client with its own key: the TLS handshake's result,
+/// and the answer to `request` (bytes as they go on the wire) if it passed.
+async fn bulk_exchange(target: &MeshNode, request: &[u8]) -> Result<Response, String> {
+    use tokio::io::AsyncWriteExt;
+    let key = SecretKey::generate("raw").unwrap();
+    let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
+    let node = nixmesh::mesh::identity::NodeId::parse(&target.key).unwrap();
+    let tls = transport::bulk_client_config(&id, Admission::default(), node).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", target.quic).parse().unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let name = rustls::pki_types::ServerName::try_from(transport::SERVER_NAME).unwrap();
+    let mut io = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    io.write_all(request)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    io.flush().await.map_err(|e| format!("flush: {e}"))?;
+    let body = transport::read_frame_from(
+        &mut io,
+        nixmesh::mesh::protocol::MAX_RESPONSE_FRAME,
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| format!("answer: {e}"))?;
+    Response::decode(&body).map_err(|e| format!("malformed answer: {e}"))
+}
+
+#[test]
+fn bulk_connections_admit_as_quic_does_and_answer_bad_requests_with_an_error() {
+    let open = MeshNode::new("open", &NodeSettings::default());
+    let other = MeshNode::new("other", &NodeSettings::default());
+    // `closed` admits only `other`'s key.
+    let closed_settings = NodeSettings {
+        mesh: format!("allowed_peers = [{:?}]", other.key),
+        ..Default::default()
+    };
+    let closed = MeshNode::new("closed", &closed_settings);
+    let _agents = full_mesh(
+        &[&open, &other, &closed],
+        &[
+            NodeSettings::default(),
+            NodeSettings::default(),
+            closed_settings,
+        ],
+    );
+    wait_for(Duration::from_secs(10), "the agents are up", || {
+        all_alive(&open, &["other"]) && all_alive(&closed, &["other"])
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ping = Request::Ping { nonce: 7 }.encode();
+
+    // A key `closed` does not list gets no further than the handshake.
+    let refused = rt.block_on(bulk_exchange(&closed, &ping));
+    assert!(refused.is_err(), "a stranger got an answer: {refused:?}");
+
+    // A frame over the limit, and a request a bulk connection does not
+    // carry, each get an error answer, not a hang or a silent close.
+    let huge = [0xff, 0xff, 0xff, 0xff, 9];
+    match rt.block_on(bulk_exchange(&open, &huge)) {
+        Ok(Response::Error { code: c, .. }) => assert_eq!(c, code::TOO_LARGE),
+        other => panic!("oversized frame: {other:?}"),
+    }
+    match rt.block_on(bulk_exchange(&open, &ping)) {
+        Ok(Response::Error { code: c, .. }) => assert_eq!(c, code::UNKNOWN_KIND),
+        other => panic!("a ping on a bulk connection: {other:?}"),
+    }
+    // A NAR the agent does not have: "not found", as on QUIC.
+    let unknown = Request::NarChunks {
+        hash: nixmesh::nix::HashPart::parse("00000000000000000000000000000000").unwrap(),
+        nar_hash: nixmesh::nix::Sha256Hash([0; 32]),
+        offset: 0,
+        end: u64::MAX,
+        level: 0,
+    }
+    .encode();
+    match rt.block_on(bulk_exchange(&open, &unknown)) {
+        Ok(Response::NotFound) => {}
+        other => panic!("an unknown NAR: {other:?}"),
+    }
+    // The agent carries on: its QUIC peers are still alive.
+    assert!(all_alive(&open, &["other"]));
+}

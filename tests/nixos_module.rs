@@ -157,6 +157,11 @@ fn module_makes_socket_service_and_nix_settings() {
         c["networking"]["firewall"]["allowedUDPPorts"],
         json!([5182, 5353])
     );
+    // Bulk NAR connections between agents (protocol version 5).
+    assert_eq!(
+        c["networking"]["firewall"]["allowedTCPPorts"],
+        json!([5182])
+    );
 
     let settings = parsed_settings(c);
     assert_eq!(settings.substituter.listen.to_string(), "127.0.0.1:5181");
