@@ -77,3 +77,49 @@ fn large_nars_go_over_tcp_and_over_quic_when_tcp_is_blocked() {
         agent_c.log()
     );
 }
+
+/// Behind a 50 Mbit/s link a holder packs what compresses: its TCP
+/// connection delivers far slower than zstd packs, so the NAR of a text
+/// file crosses the link in a fraction of its bytes (`mesh::pace`).
+#[test]
+fn a_holder_behind_a_slow_link_packs_what_compresses() {
+    let lan = Lan::new(2);
+    let (client, holder) = (lan.host(0), lan.host(1));
+    let office = client.generate_key("office-1");
+    let files = holder.dir().join("files");
+    std::fs::create_dir_all(&files).expect("files dir");
+    let text = files.join("log.txt");
+    let mut body = String::new();
+    let mut i: u64 = 0;
+    while body.len() < LARGE as usize {
+        body.push_str(&format!(
+            "{i:08} a line of a log that compresses well, {}\n",
+            i * 7919 % 1000
+        ));
+        i += 1;
+    }
+    std::fs::write(&text, &body).expect("write the text file");
+    let paths = add_paths(holder, &[text]);
+    holder.configure_nix(&nix_conf("", &[&office.public]));
+    holder.sign(&[&paths[0]], &office.secret_file);
+    client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
+    let agent_h = holder.start_agent("");
+    let agent_c = client.start_agent("");
+    wait_all_alive(&[(client, &agent_c), (holder, &agent_h)]);
+    holder.shape(50_000_000);
+
+    let before = holder.link_bytes().sent;
+    realise(client, &[&paths[0]]);
+    assert_verified(client, &paths[0]);
+    let sent = holder.link_bytes().sent - before;
+    assert_eq!(
+        agent_c.peer("h1").map_or(0, |p| p.counters.bulk_fetches),
+        1,
+        "the NAR came over TCP"
+    );
+    let nar = body.len() as u64;
+    assert!(
+        sent < nar / 3,
+        "H sent {sent} bytes for a NAR of {nar} that compresses"
+    );
+}

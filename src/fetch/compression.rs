@@ -78,6 +78,29 @@ impl Compression {
     }
 }
 
+impl Compression {
+    /// The level to ask for over a bulk connection (protocol version 5):
+    /// `auto` leaves it to the holder, which packs each chunk only while
+    /// its TCP connection says the link holds the NAR back
+    /// (`nar_chunks::ADAPTIVE`, `mesh::pace`); at the slow-link level if
+    /// what came from peers so far went slower than `SLOW_LINK`.
+    pub fn bulk_level(self, peer: &LinkStats, all: &LinkStats) -> u8 {
+        match self {
+            Compression::Off => 0,
+            Compression::Level(l) => l,
+            Compression::Auto => {
+                let wire = if peer.wire > 0 { peer.wire } else { all.wire };
+                let level = if wire > 0 && wire < SLOW_LINK {
+                    SLOW_LEVEL
+                } else {
+                    DEFAULT_LEVEL
+                };
+                crate::mesh::nar_chunks::ADAPTIVE | level
+            }
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum CompressionSetting {
@@ -131,6 +154,26 @@ pub fn record(link: &mut LinkStats, packed: bool, nar: u64, wire: u64, secs: f64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bulk_connections_leave_auto_to_the_holder() {
+        use crate::mesh::nar_chunks::ADAPTIVE;
+        let none = LinkStats::default();
+        let slow = LinkStats {
+            wire: SLOW_LINK / 2,
+            ..LinkStats::default()
+        };
+        assert_eq!(
+            Compression::Auto.bulk_level(&none, &none),
+            ADAPTIVE | DEFAULT_LEVEL
+        );
+        assert_eq!(
+            Compression::Auto.bulk_level(&none, &slow),
+            ADAPTIVE | SLOW_LEVEL
+        );
+        assert_eq!(Compression::Off.bulk_level(&slow, &slow), 0);
+        assert_eq!(Compression::Level(5).bulk_level(&none, &none), 5);
+    }
 
     const MB: u64 = 1_000_000;
 

@@ -453,6 +453,7 @@ async fn from_holder(
             start..u64::MAX,
             info.nar_size.saturating_sub(start),
             level,
+            resolver.compression().bulk_level(&link, &all),
             STALL_TIMEOUT,
         )
         .await;
@@ -472,7 +473,12 @@ async fn from_holder(
     let measure = |reader: &NarReader, nar_bytes: u64| {
         let wire = reader.wire_bytes().unwrap_or(nar_bytes);
         let secs = began.elapsed().as_secs_f64();
-        let packed = level.is_some_and(|l| l > 0) && reader.wire_bytes().is_some();
+        // Over a bulk connection the holder chose chunk by chunk.
+        let packed = if reader.is_bulk() {
+            wire < nar_bytes - nar_bytes / 16
+        } else {
+            level.is_some_and(|l| l > 0) && reader.wire_bytes().is_some()
+        };
         mesh.record_link(&node, |link| {
             compression::record(link, packed, nar_bytes, wire, secs)
         });

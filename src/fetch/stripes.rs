@@ -192,6 +192,7 @@ async fn fetch_stripe(
             part,
             want,
             level,
+            resolver.compression().bulk_level(&link, &all),
             STALL_TIMEOUT,
         )
         .await;
@@ -234,7 +235,12 @@ async fn fetch_stripe(
         )));
     }
     let wire = reader.wire_bytes().unwrap_or(want);
-    let packed = level.is_some_and(|l| l > 0);
+    // Over a bulk connection the holder chose chunk by chunk.
+    let packed = if reader.is_bulk() {
+        wire < want - want / 16
+    } else {
+        level.is_some_and(|l| l > 0)
+    };
     let secs = began.elapsed().as_secs_f64();
     mesh.count(&node, |c| c.bytes_fetched += want);
     mesh.record_link(&node, |link| {

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,8 @@ use tokio_util::task::TaskTracker;
 use crate::lock::lock;
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_reader::NarReader;
+use crate::mesh::nar_sink::BulkIo;
+use crate::mesh::pace::LinkSample;
 use crate::mesh::protocol::{self, Request, Response};
 use crate::mesh::server::PeerServer;
 use crate::mesh::transport::{self, FrameReadError};
@@ -118,6 +121,44 @@ impl Resting {
     }
 }
 
+impl BulkIo for tokio_rustls::server::TlsStream<TcpStream> {
+    fn link_sample(&self) -> Option<LinkSample> {
+        tcp_sample(self.get_ref().0.as_fd())
+    }
+}
+
+/// The kernel's delivery rate of a TCP connection (`TCP_INFO`), and
+/// whether the sender left it idle when that was measured.
+#[allow(unsafe_code)] // getsockopt(2): no safe wrapper for TCP_INFO in the dependencies.
+fn tcp_sample(fd: BorrowedFd<'_>) -> Option<LinkSample> {
+    use std::mem::offset_of;
+    let mut info = [0u8; std::mem::size_of::<libc::tcp_info>()];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: the buffer is writable for `len` bytes and outlives the call;
+    // the kernel writes at most `len` bytes and says how many.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let at = offset_of!(libc::tcp_info, tcpi_delivery_rate);
+    if rc != 0 || (len as usize) < at + 8 {
+        return None;
+    }
+    let mut rate = [0u8; 8];
+    rate.copy_from_slice(&info[at..at + 8]);
+    Some(LinkSample {
+        delivery_rate: u64::from_ne_bytes(rate),
+        // The byte after the window scales: bit 0 is
+        // `tcpi_delivery_rate_app_limited` (linux/tcp.h).
+        app_limited: info[7] & 1 == 1,
+    })
+}
+
 /// Binds the bulk listener at `addr` (the QUIC endpoint's address, TCP).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
@@ -199,6 +240,33 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_connection_reports_a_delivery_rate() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let reader = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.expect("accept");
+                let mut buf = vec![0u8; 1 << 20];
+                while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+            });
+            let mut out = TcpStream::connect(addr).await.expect("connect");
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..32 {
+                out.write_all(&chunk).await.expect("write");
+            }
+            let sample = tcp_sample(out.as_fd()).expect("TCP_INFO");
+            assert!(sample.delivery_rate > 0, "{sample:?}");
+            drop(out);
+            reader.await.expect("reader");
+        });
+    }
 
     #[test]
     fn a_peer_rests_on_quic_for_a_while_after_a_failed_bulk_connection() {

@@ -16,6 +16,7 @@ pub mod nar_chunks;
 pub mod nar_reader;
 pub mod nar_sink;
 pub mod node;
+pub mod pace;
 pub mod peers;
 pub mod protocol;
 pub mod server;

@@ -72,10 +72,13 @@ pub struct Packer {
     compressor: Option<zstd::bulk::Compressor<'static>>,
     skip: u32,
     misses: u64,
+    /// Whether the last chunk was run through zstd.
+    tried: bool,
 }
 
 impl Packer {
     pub fn new(level: u8) -> Self {
+        let level = level & !ADAPTIVE;
         let compressor = (level > 0)
             .then(|| zstd::bulk::Compressor::new(i32::from(level.min(MAX_LEVEL))).ok())
             .flatten();
@@ -83,18 +86,27 @@ impl Packer {
             compressor,
             skip: 0,
             misses: 0,
+            tried: false,
         }
     }
 
     /// One frame of `raw` (at most `MAX_CHUNK` bytes, not empty).
     pub fn pack(&mut self, raw: &[u8]) -> Vec<u8> {
+        self.pack_with(raw, true)
+    }
+
+    /// `pack`, trying compression only if `try_it` (the holder's pace
+    /// may say the link takes raw bytes as fast as it could pack them).
+    pub fn pack_with(&mut self, raw: &[u8], try_it: bool) -> Vec<u8> {
         debug_assert!(!raw.is_empty() && raw.len() <= MAX_CHUNK);
         let raw_len = raw.len() as u32;
         let mut frame = Vec::with_capacity(HEADER + raw.len());
         frame.extend_from_slice(&raw_len.to_be_bytes());
         frame.extend_from_slice(&[0; 4]);
         let room = raw.len() - raw.len() / WORTH_IT;
+        self.tried = try_it && self.skip == 0 && self.compressor.is_some();
         let packed = match &mut self.compressor {
+            Some(_) if !try_it => None,
             Some(c) if self.skip == 0 => {
                 frame.resize(HEADER + room, 0);
                 let n = c.compress_to_buffer(raw, &mut frame[HEADER..]).ok();
@@ -129,11 +141,34 @@ impl Packer {
     pub fn misses(&self) -> u64 {
         self.misses
     }
+
+    /// Whether the last chunk was run through zstd (not skipped).
+    pub fn tried_last(&self) -> bool {
+        self.tried
+    }
+
+    /// Whether it ever compresses (level 0 never does).
+    pub fn compresses(&self) -> bool {
+        self.compressor.is_some()
+    }
+}
+
+/// The header of a frame that carries `raw_len` NAR bytes as they are.
+pub fn raw_header(raw_len: u32) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(&raw_len.to_be_bytes());
+    h[4..].copy_from_slice(&raw_len.to_be_bytes());
+    h
 }
 
 /// Highest level a receiver may ask for: beyond it zstd is too slow for a
 /// LAN and its windows too big for the memory bound.
 pub const MAX_LEVEL: u8 = 9;
+/// (Version 5.) Set in a request's level: compress at the level in the
+/// other bits only while the holder's pace says it pays (`mesh::pace`:
+/// the holder's TCP connection delivers raw bytes slower than it packs
+/// them). On a QUIC stream, where the holder cannot tell, it is ignored.
+pub const ADAPTIVE: u8 = 0x80;
 
 /// The receiver's side: inflates frames, never past their raw length.
 pub struct Unpacker {
@@ -190,6 +225,15 @@ mod tests {
             .unwrap();
         assert_eq!(&out[..], raw);
         h
+    }
+
+    #[test]
+    fn a_raw_header_is_what_the_packer_writes_for_bytes_it_leaves() {
+        let raw = vec![9u8; 1000];
+        let frame = Packer::new(0).pack(&raw);
+        assert_eq!(frame[..HEADER], raw_header(1000));
+        assert!(!header(&frame).compressed());
+        assert!(!Packer::new(0).compresses() && Packer::new(1).compresses());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! checked and inflated here, off a QUIC stream or a bulk connection. Either way the caller gets plain NAR bytes in
 //! order; judging them (size, hash) is its business.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -119,11 +119,17 @@ impl NarReader {
                     _ => {}
                 }
                 let header = ChunkHeader::parse(head)?;
-                let mut payload = BytesMut::zeroed(header.wire_len as usize);
-                if fill(io, &mut payload).await.map_err(NarReadError::Bulk)? < payload.len() {
-                    return Err(NarReadError::EndsMidFrame);
+                let len = header.wire_len as usize;
+                let mut payload = BytesMut::with_capacity(len);
+                while payload.len() < len {
+                    let room = len - payload.len();
+                    match io.read_buf(&mut (&mut payload).limit(room)).await {
+                        Ok(0) => return Err(NarReadError::EndsMidFrame),
+                        Ok(_) => {}
+                        Err(e) => return Err(NarReadError::Bulk(e)),
+                    }
                 }
-                *wire += (HEADER + payload.len()) as u64;
+                *wire += (HEADER + len) as u64;
                 Ok(Some(unpacker.unpack(header, payload.freeze())?))
             }
         }

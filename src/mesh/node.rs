@@ -256,10 +256,10 @@ impl Mesh {
     }
 
     /// Opens `part` of a NAR from `node` (see `client::open_nar_part`):
-    /// over a bulk connection (in chunk frames, level 0 if `level` is
-    /// none) when the part is large (`len` bytes, at least
-    /// `bulk::BULK_FROM`) and the peer speaks version 5; otherwise, or when
-    /// that fails, on a stream of `conn`.
+    /// over a bulk connection (in chunk frames at `bulk_level`, which may
+    /// leave compression to the holder) when the part is large (`len`
+    /// bytes, at least `bulk::BULK_FROM`) and the peer speaks version 5;
+    /// otherwise, or when that fails, on a stream of `conn` at `level`.
     #[allow(clippy::too_many_arguments)]
     pub async fn open_nar_part(
         &self,
@@ -270,20 +270,19 @@ impl Mesh {
         part: std::ops::Range<u64>,
         len: u64,
         level: Option<u8>,
+        bulk_level: u8,
         timeout: Duration,
     ) -> Result<Option<(u64, NarReader)>, PeerError> {
         let bulk = len >= bulk::BULK_FROM
             && transport::version(conn) >= 5
             && !self.bulk_resting.resting(&node, Instant::now());
         if bulk {
-            // Frames either way; level 0 never compresses.
-            let level = level.unwrap_or(0);
             let req = Request::NarChunks {
                 hash: hash.clone(),
                 nar_hash: *nar_hash,
                 offset: part.start,
                 end: part.end,
-                level: level.min(crate::mesh::nar_chunks::MAX_LEVEL),
+                level: bulk_level,
             };
             let opened =
                 match transport::bulk_client_config(&self.identity, self.admission.clone(), node) {

@@ -462,7 +462,7 @@ impl Request {
                 let offset = r.u64()?;
                 let end = r.u64()?;
                 let level = r.u8()?;
-                if level > crate::mesh::nar_chunks::MAX_LEVEL {
+                if level & !crate::mesh::nar_chunks::ADAPTIVE > crate::mesh::nar_chunks::MAX_LEVEL {
                     return Err(FrameError::BadField("level"));
                 }
                 if end < offset {

@@ -13,14 +13,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_chunks::{self, Packer};
-use crate::mesh::nar_sink::{BulkSink, NarSink};
+use crate::mesh::nar_sink::{BulkIo, BulkSink, NarSink};
+use crate::mesh::pace::Pace;
 use crate::mesh::peers::PeerTable;
 use crate::mesh::protocol::{self, code, Request, Response};
 use crate::mesh::transport::{self, REQUEST_TIMEOUT};
@@ -173,10 +174,7 @@ impl PeerServer {
     /// 5) from `node`: only `NarChunks`, answered as on a QUIC stream. A
     /// stream that would be reset is cut off instead (no TLS close), which
     /// the reader sees as a broken connection.
-    pub async fn serve_bulk<S>(&self, node: NodeId, mut io: S)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
-    {
+    pub async fn serve_bulk<S: BulkIo>(&self, node: NodeId, mut io: S) {
         let request =
             transport::read_frame_from(&mut io, protocol::MAX_REQUEST_FRAME, REQUEST_TIMEOUT)
                 .await
@@ -208,8 +206,13 @@ impl PeerServer {
         };
         self.count(&node, |c| c.requests_served += 1);
         let packer = Packer::new(level);
+        let framing = if level & nar_chunks::ADAPTIVE != 0 {
+            Framing::Adaptive(packer)
+        } else {
+            Framing::Chunks(packer)
+        };
         let served = self
-            .serve_nar(node, &mut sink, hash, nar_hash, part, Some(packer))
+            .serve_nar(node, &mut sink, hash, nar_hash, part, framing)
             .await;
         if served.is_ok() {
             let _ = sink.0.shutdown().await;
@@ -284,8 +287,15 @@ impl PeerServer {
                 nar_hash,
                 offset,
             } => {
-                self.serve_nar(node, &mut send, hash, nar_hash, offset..u64::MAX, None)
-                    .await
+                self.serve_nar(
+                    node,
+                    &mut send,
+                    hash,
+                    nar_hash,
+                    offset..u64::MAX,
+                    Framing::Raw,
+                )
+                .await
             }
             Request::NarChunks {
                 hash,
@@ -294,9 +304,18 @@ impl PeerServer {
                 end,
                 level,
             } => {
+                // A QUIC stream cannot tell the holder what the link
+                // delivers: the level as asked, adaptive or not.
                 let packer = Packer::new(level);
-                self.serve_nar(node, &mut send, hash, nar_hash, offset..end, Some(packer))
-                    .await
+                self.serve_nar(
+                    node,
+                    &mut send,
+                    hash,
+                    nar_hash,
+                    offset..end,
+                    Framing::Chunks(packer),
+                )
+                .await
             }
             Request::UpstreamFile { hash, file_hash } => {
                 self.serve_upstream_file(node, &mut send, hash, file_hash)
@@ -327,7 +346,7 @@ impl PeerServer {
         hash: HashPart,
         nar_hash: crate::nix::Sha256Hash,
         part: std::ops::Range<u64>,
-        packer: Option<Packer>,
+        framing: Framing,
     ) -> Result<(), StreamEnd> {
         let offset = part.start;
         let info = match self.shared.info(hash) {
@@ -358,9 +377,10 @@ impl PeerServer {
         )
         .await?;
         let stream = take_bytes(self.shared.nar(info, offset), end - offset);
-        match packer {
-            None => self.send_raw(node, send, stream).await,
-            Some(packer) => self.send_chunks(node, send, stream, packer).await,
+        match framing {
+            Framing::Raw => self.send_raw(node, send, stream).await,
+            Framing::Chunks(packer) => self.send_chunks(node, send, stream, packer, false).await,
+            Framing::Adaptive(packer) => self.send_chunks(node, send, stream, packer, true).await,
         }
     }
 
@@ -381,38 +401,144 @@ impl PeerServer {
 
     /// The NAR in chunk frames of `nar_chunks::CHUNK` bytes (the last one
     /// shorter). Compression runs on the blocking pool, off the workers
-    /// that move every peer's bytes.
+    /// that move every peer's bytes. `adaptive`: each chunk is packed only
+    /// if the pace of the link says it pays (`mesh::pace`), else it goes
+    /// out as it is.
     async fn send_chunks<S: NarSink>(
         &self,
         node: NodeId,
         send: &mut S,
         mut stream: NarBytes,
         mut packer: Packer,
+        adaptive: bool,
     ) -> Result<(), StreamEnd> {
+        if !packer.compresses() {
+            return self.send_raw_frames(node, send, stream).await;
+        }
+        let mut pace = adaptive.then(Pace::default);
         let mut pending = BytesMut::with_capacity(nar_chunks::CHUNK);
         let mut ended = false;
-        while !ended {
-            match stream.next().await {
-                Some(chunk) => pending.extend_from_slice(&chunk.map_err(nar_fault)?),
-                None => ended = true,
+        // A packed frame not yet sent (and its NAR bytes): it goes out
+        // while the next chunk is being packed.
+        let mut ready: Option<(Vec<u8>, usize)> = None;
+        loop {
+            while pending.len() < nar_chunks::CHUNK && !ended {
+                match stream.next().await {
+                    Some(chunk) => pending.extend_from_slice(&chunk.map_err(nar_fault)?),
+                    None => ended = true,
+                }
             }
-            while pending.len() >= nar_chunks::CHUNK || (ended && !pending.is_empty()) {
-                let n = pending.len().min(nar_chunks::CHUNK);
-                let raw = pending.split_to(n).freeze();
-                let (back, frame) = tokio::task::spawn_blocking(move || {
-                    let frame = packer.pack(&raw);
-                    (packer, frame)
-                })
-                .await
-                .map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
-                packer = back;
-                send.put(Bytes::from(frame))
-                    .await
-                    .map_err(|_| StreamEnd::PeerGone)?;
-                // NAR bytes, as the receiver counts them.
-                self.count(&node, |c| c.bytes_served += n as u64);
+            if pending.is_empty() {
+                break;
+            }
+            let n = pending.len().min(nar_chunks::CHUNK);
+            let raw = pending.split_to(n).freeze();
+            let try_it = match &mut pace {
+                Some(pace) => {
+                    if let Some(sample) = send.link_sample() {
+                        pace.link(sample);
+                    }
+                    pace.compress_next()
+                }
+                None => true,
+            };
+            if !try_it {
+                if let Some((frame, m)) = ready.take() {
+                    self.put_frame(node, send, frame, m).await?;
+                }
+                self.put_raw_frame(node, send, &mut vec![raw]).await?;
+                continue;
+            }
+            let job = tokio::task::spawn_blocking(move || {
+                let began = std::time::Instant::now();
+                let frame = packer.pack(&raw);
+                let took = began.elapsed();
+                let tried = packer.tried_last();
+                (packer, frame, tried, took)
+            });
+            if let Some((frame, m)) = ready.take() {
+                self.put_frame(node, send, frame, m).await?;
+            }
+            let (back, frame, tried, took) =
+                job.await.map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
+            packer = back;
+            if let (Some(pace), true) = (&mut pace, tried) {
+                pace.packed(n, frame.len() - nar_chunks::HEADER, took.as_secs_f64());
+            }
+            ready = Some((frame, n));
+        }
+        if let Some((frame, m)) = ready.take() {
+            self.put_frame(node, send, frame, m).await?;
+        }
+        Ok(())
+    }
+
+    /// A frame of `n` NAR bytes.
+    async fn put_frame<S: NarSink>(
+        &self,
+        node: NodeId,
+        send: &mut S,
+        frame: Vec<u8>,
+        n: usize,
+    ) -> Result<(), StreamEnd> {
+        send.put(Bytes::from(frame))
+            .await
+            .map_err(|_| StreamEnd::PeerGone)?;
+        // NAR bytes, as the receiver counts them.
+        self.count(&node, |c| c.bytes_served += n as u64);
+        Ok(())
+    }
+
+    /// Chunk frames that are never compressed (level 0): the store's
+    /// pieces go out as they are, a header before each `CHUNK` of them,
+    /// with no copy on the way.
+    async fn send_raw_frames<S: NarSink>(
+        &self,
+        node: NodeId,
+        send: &mut S,
+        mut stream: NarBytes,
+    ) -> Result<(), StreamEnd> {
+        let mut pieces: Vec<Bytes> = Vec::new();
+        let mut held = 0;
+        loop {
+            let next = stream.next().await;
+            let ended = next.is_none();
+            if let Some(piece) = next {
+                let mut piece = piece.map_err(nar_fault)?;
+                while !piece.is_empty() {
+                    let take = (nar_chunks::CHUNK - held).min(piece.len());
+                    pieces.push(piece.split_to(take));
+                    held += take;
+                    if held == nar_chunks::CHUNK {
+                        self.put_raw_frame(node, send, &mut pieces).await?;
+                        held = 0;
+                    }
+                }
+            }
+            if ended {
+                if held > 0 {
+                    self.put_raw_frame(node, send, &mut pieces).await?;
+                }
+                return Ok(());
             }
         }
+    }
+
+    async fn put_raw_frame<S: NarSink>(
+        &self,
+        node: NodeId,
+        send: &mut S,
+        pieces: &mut Vec<Bytes>,
+    ) -> Result<(), StreamEnd> {
+        let len: usize = pieces.iter().map(Bytes::len).sum();
+        let header = nar_chunks::raw_header(len as u32);
+        send.put(Bytes::copy_from_slice(&header))
+            .await
+            .map_err(|_| StreamEnd::PeerGone)?;
+        for piece in pieces.drain(..) {
+            send.put(piece).await.map_err(|_| StreamEnd::PeerGone)?;
+        }
+        self.count(&node, |c| c.bytes_served += len as u64);
         Ok(())
     }
 }
@@ -585,6 +711,17 @@ fn nar_fault(e: NarFault) -> StreamEnd {
         NarFault::Corrupt => StreamEnd::Reset(code::CORRUPT),
         NarFault::Unreadable => StreamEnd::Reset(code::INTERNAL),
     }
+}
+
+/// How a NAR answer is framed.
+enum Framing {
+    /// Raw bytes to the end of the stream (`Nar`).
+    Raw,
+    /// Chunk frames at the packer's level (`NarChunks`).
+    Chunks(Packer),
+    /// Chunk frames, each packed only while the pace of the link says it
+    /// pays (`nar_chunks::ADAPTIVE`, on a bulk connection).
+    Adaptive(Packer),
 }
 
 enum StreamEnd {
