@@ -42,6 +42,7 @@ fn large_nars_go_over_tcp_and_over_quic_when_tcp_is_blocked() {
     assert_verified(client, refs[0]);
     assert_verified(client, refs[1]);
     assert_eq!(bulk_fetches(), 1, "one NAR (the large one) over TCP");
+    assert!(agent_c.peer("h1").is_some_and(|p| !p.bulk_refused));
     let served = agent_h.peer("h0").map_or(0, |p| p.counters.bytes_served);
     assert!(served >= LARGE + SMALL, "H served {served} bytes to C");
 
@@ -59,6 +60,10 @@ fn large_nars_go_over_tcp_and_over_quic_when_tcp_is_blocked() {
     realise(client, &[refs[2]]);
     assert_verified(client, refs[2]);
     assert_eq!(bulk_fetches(), 1, "no NAR over TCP while it is blocked");
+    assert!(
+        agent_c.peer("h1").is_some_and(|p| p.bulk_refused),
+        "nixmesh peers --json shows the failed bulk connection"
+    );
     assert_eq!(
         agent_c.log().matches(NO_BULK).count(),
         1,

@@ -229,6 +229,26 @@ pub fn judge_peers(peers: &[PeerView], mdns: bool, static_peers: usize) -> Vec<F
     if alive > 0 {
         out.push(ok(format!("{alive} peer(s) reachable over QUIC")));
     }
+    let no_bulk: Vec<&str> = peers
+        .iter()
+        .filter(|p| p.bulk_refused)
+        .map(|p| {
+            if p.name.is_empty() {
+                p.fingerprint.as_str()
+            } else {
+                p.name.as_str()
+            }
+        })
+        .collect();
+    if !no_bulk.is_empty() {
+        out.push(warn(
+            format!(
+                "bulk connections (TCP at the mesh port) to {} failed: large NARs from them come over QUIC, at more CPU per GiB",
+                no_bulk.join(", ")
+            ),
+            "let TCP 5182 in on those hosts as well as UDP (the NixOS module's openFirewall does), or set mesh.max_protocol = 4 on all agents to keep to QUIC",
+        ));
+    }
     let from_mdns = peers
         .iter()
         .filter(|p| p.source == PeerSource::Mdns)
@@ -490,6 +510,42 @@ mod tests {
 
     fn conf(text: &str) -> NixConf {
         NixConf::parse(text, &mut |_, _, _| {})
+    }
+
+    #[test]
+    fn a_peer_without_bulk_connections_is_a_warning_naming_it() {
+        use crate::mesh::peers::{PeerCounters, PeerSource, PeerState};
+        let peer = |name: &str, bulk_refused: bool| PeerView {
+            name: name.into(),
+            key: "k".into(),
+            fingerprint: "0123456789abcdef".into(),
+            addrs: vec!["10.0.0.2:5182".into()],
+            source: PeerSource::Mdns,
+            state: PeerState::Alive,
+            rtt_ms: Some(0.42),
+            udp_payload: None,
+            udp_payload_received: None,
+            bulk_refused,
+            last_seen_ms_ago: Some(10),
+            quarantined: false,
+            counters: PeerCounters::default(),
+            summary: None,
+            plain_cache: None,
+        };
+        let all_fine = judge_peers(&[peer("h1", false), peer("h2", false)], true, 0);
+        assert!(
+            all_fine.iter().all(|f| !f.what.contains("bulk")),
+            "{all_fine:?}"
+        );
+        let findings = judge_peers(&[peer("h1", false), peer("h2", true)], true, 0);
+        let bulk: Vec<&Finding> = findings
+            .iter()
+            .filter(|f| f.what.contains("bulk"))
+            .collect();
+        assert_eq!(bulk.len(), 1, "{findings:?}");
+        assert_eq!(bulk[0].verdict, Verdict::Warn);
+        assert!(bulk[0].what.contains("h2") && !bulk[0].what.contains("h1"));
+        assert!(bulk[0].fix.contains("TCP 5182"), "{}", bulk[0].fix);
     }
 
     #[test]

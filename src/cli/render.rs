@@ -179,6 +179,7 @@ mod tests {
             rtt_ms: Some(0.42),
             udp_payload: None,
             udp_payload_received: None,
+            bulk_refused: false,
             last_seen_ms_ago: Some(10),
             quarantined: false,
             counters: PeerCounters {
@@ -208,6 +209,7 @@ mod tests {
             rtt_ms: None,
             udp_payload: None,
             udp_payload_received: None,
+            bulk_refused: false,
             last_seen_ms_ago: None,
             quarantined: false,
             counters: PeerCounters::default(),

@@ -342,6 +342,8 @@ impl Mesh {
                 v.udp_payload = Some(sent);
                 v.udp_payload_received = received;
             }
+            v.bulk_refused = NodeId::parse(&v.key)
+                .is_some_and(|node| self.bulk_resting.resting(&node, Instant::now()));
         }
         views
     }

@@ -113,6 +113,10 @@ pub struct PeerView {
     /// connection: what its MTU discovery found, if it sent much.
     #[serde(default)]
     pub udp_payload_received: Option<u16>,
+    /// A bulk connection (TCP at its mesh port) to it failed lately, so
+    /// large NARs from it come over QUIC for now.
+    #[serde(default)]
+    pub bulk_refused: bool,
     pub last_seen_ms_ago: Option<u64>,
     pub quarantined: bool,
     #[serde(flatten)]
@@ -312,6 +316,7 @@ impl PeerTable {
                 rtt_ms: p.srtt.map(|d| (d.as_secs_f64() * 1e5).round() / 100.0),
                 udp_payload: None,
                 udp_payload_received: None,
+                bulk_refused: false,
                 last_seen_ms_ago: p
                     .last_seen
                     .map(|t| now.saturating_duration_since(t).as_millis() as u64),

@@ -369,6 +369,7 @@ impl PlainCaches {
                     rtt_ms: None,
                     udp_payload: None,
                     udp_payload_received: None,
+                    bulk_refused: false,
                     last_seen_ms_ago: None,
                     quarantined: skipping,
                     counters: lock(&c.counters).clone(),
