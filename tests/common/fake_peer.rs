@@ -15,6 +15,15 @@ pub fn fake_peer_endpoint(
     rt: &tokio::runtime::Runtime,
     name: &str,
 ) -> (quinn::Endpoint, NodeId, SocketAddr) {
+    let (endpoint, _, node, addr) = fake_peer(rt, name);
+    (endpoint, node, addr)
+}
+
+/// The endpoint, the identity it was made with, its node id and address.
+fn fake_peer(
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+) -> (quinn::Endpoint, TlsIdentity, NodeId, SocketAddr) {
     let key = SecretKey::generate(name).unwrap();
     let node = NodeId(key.public().bytes());
     let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
@@ -25,7 +34,7 @@ pub fn fake_peer_endpoint(
         addr,
     )
     .unwrap();
-    (endpoint, node, addr)
+    (endpoint, id, node, addr)
 }
 
 /// A fake peer's bulk side (protocol version 5): a TCP listener at its
@@ -40,16 +49,7 @@ pub fn fake_peer_with_bulk(
     rt: &tokio::runtime::Runtime,
     name: &str,
 ) -> (quinn::Endpoint, FakeBulk, NodeId, SocketAddr) {
-    let key = SecretKey::generate(name).unwrap();
-    let node = NodeId(key.public().bytes());
-    let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _guard = rt.enter();
-    let endpoint = quinn::Endpoint::server(
-        transport::server_config(&id, Admission::default()).unwrap(),
-        addr,
-    )
-    .unwrap();
+    let (endpoint, id, node, addr) = fake_peer(rt, name);
     let tls = transport::bulk_server_config(&id, Admission::default()).unwrap();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(addr))
