@@ -128,6 +128,18 @@ impl TryFrom<CompressionSetting> for Compression {
     }
 }
 
+/// Whether a transfer of `nar` NAR bytes that took `wire` bytes (`None`:
+/// raw bytes, not frames) counts as packed: asked at a `level` above 0 on
+/// QUIC; over a bulk connection, where the holder chose chunk by chunk,
+/// when the wire saved at least 1/16.
+pub fn came_packed(level: Option<u8>, bulk: bool, nar: u64, wire: Option<u64>) -> bool {
+    match wire {
+        Some(wire) if bulk => wire < nar - nar / 16,
+        Some(_) => level.is_some_and(|l| l > 0),
+        None => false,
+    }
+}
+
 /// `link` after a transfer of `nar` NAR bytes, `wire` bytes on the wire,
 /// in `secs`, compressed (`packed`) or raw.
 pub fn record(link: &mut LinkStats, packed: bool, nar: u64, wire: u64, secs: f64) {
@@ -154,6 +166,15 @@ pub fn record(link: &mut LinkStats, packed: bool, nar: u64, wire: u64, secs: f64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_counts_as_a_packed_transfer() {
+        assert!(came_packed(Some(1), false, 1000, Some(1000)));
+        assert!(!came_packed(Some(0), false, 1000, Some(400)));
+        assert!(!came_packed(Some(1), false, 1000, None));
+        assert!(came_packed(Some(0x81), true, 1000, Some(400)));
+        assert!(!came_packed(Some(0x81), true, 1000, Some(990)));
+    }
 
     #[test]
     fn bulk_connections_leave_auto_to_the_holder() {

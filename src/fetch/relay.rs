@@ -473,12 +473,8 @@ async fn from_holder(
     let measure = |reader: &NarReader, nar_bytes: u64| {
         let wire = reader.wire_bytes().unwrap_or(nar_bytes);
         let secs = began.elapsed().as_secs_f64();
-        // Over a bulk connection the holder chose chunk by chunk.
-        let packed = if reader.is_bulk() {
-            wire < nar_bytes - nar_bytes / 16
-        } else {
-            level.is_some_and(|l| l > 0) && reader.wire_bytes().is_some()
-        };
+        let packed =
+            compression::came_packed(level, reader.is_bulk(), nar_bytes, reader.wire_bytes());
         mesh.record_link(&node, |link| {
             compression::record(link, packed, nar_bytes, wire, secs)
         });

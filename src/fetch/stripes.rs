@@ -235,12 +235,8 @@ async fn fetch_stripe(
         )));
     }
     let wire = reader.wire_bytes().unwrap_or(want);
-    // Over a bulk connection the holder chose chunk by chunk.
-    let packed = if reader.is_bulk() {
-        wire < want - want / 16
-    } else {
-        level.is_some_and(|l| l > 0)
-    };
+    let packed =
+        crate::fetch::compression::came_packed(level, reader.is_bulk(), want, reader.wire_bytes());
     let secs = began.elapsed().as_secs_f64();
     mesh.count(&node, |c| c.bytes_fetched += want);
     mesh.record_link(&node, |link| {
