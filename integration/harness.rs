@@ -80,6 +80,7 @@ impl Lan {
 
     fn build(n_hosts: usize, with_daemons: bool) -> Lan {
         preflight();
+        keep_failures();
         let run = Run::claim();
         // From here on, dropping `lan` (also while panicking) cleans up.
         let mut lan = Lan {
@@ -172,6 +173,14 @@ impl Drop for Lan {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.print_logs();
+            // After many agents' logs, what failed would be far above the
+            // end of the output, where CI's excerpt of it starts.
+            if let Some(failure) = last_failure() {
+                eprintln!(
+                    "===== {} failed (the agents' logs are above) =====\n{failure}",
+                    self.run.name
+                );
+            }
         }
         if let Some(problem) = self.run.finish() {
             eprintln!("nixmesh-lan: cleanup of {}: {problem}", self.run.name);
@@ -195,6 +204,36 @@ pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The message and place of each thread's last panic in this test process.
+static LAST_FAILURE: std::sync::Mutex<Vec<(std::thread::ThreadId, String)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Keeps each panic's message (for `Lan`'s drop to repeat after the logs)
+/// and then reports it as before.
+fn keep_failures() {
+    static HOOKED: OnceLock<()> = OnceLock::new();
+    HOOKED.get_or_init(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            let message = format!("thread '{}' {info}", thread.name().unwrap_or("<unnamed>"));
+            if let Ok(mut last) = LAST_FAILURE.lock() {
+                last.retain(|(id, _)| *id != thread.id());
+                last.push((thread.id(), message));
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// This thread's last panic, if it had one.
+fn last_failure() -> Option<String> {
+    let me = std::thread::current().id();
+    let mut last = LAST_FAILURE.lock().ok()?;
+    let at = last.iter().position(|(id, _)| *id == me)?;
+    Some(last.swap_remove(at).1)
 }
 
 /// Fails at once, saying what is missing, where the LAN cannot be built.

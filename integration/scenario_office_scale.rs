@@ -93,7 +93,9 @@ fn fifty_agents_converge_and_reconverge_after_crashes_and_with_loss() {
     let lossy = format!("{n} agents with {:.1} % frame loss", f64::from(loss) / 10.0);
     let (agents, last_start) = start_all(&hosts);
     let took = converge(&hosts, &agents, last_start, CONVERGE_LOSSY, &lossy, true);
-    eprintln!("office scale: {lossy} all alive to each other {took:?} after the last start");
+    eprintln!(
+        "office scale: {lossy} all alive or suspect to each other {took:?} after the last start"
+    );
     idle_figures(&agents);
 }
 
@@ -160,8 +162,12 @@ fn counts_where(
 /// suspect then: fifty agents share two cores here, and one starved of CPU
 /// for two seconds is suspect to its peers for a moment; still used, and
 /// nothing like the gone or unlisted peers this test is about.) On a
-/// `lossy` LAN a pair that drops out then must find each other again
-/// within `limit`. Returns the time of the complete round that held.
+/// `lossy` LAN that holds for the first wait too: there, in most rounds of
+/// polling (each takes about 2 s) one pair or another of the 2,450 is
+/// suspect for a moment, so waiting for a round with none at all measured
+/// luck (10 to 18 s here, past 20 s once in CI) rather than the mesh. And
+/// a pair that drops out then must find each other again within `limit`.
+/// Returns the time of the complete round that held.
 fn converge(
     hosts: &[&Host],
     agents: &[AgentHandle],
@@ -171,12 +177,13 @@ fn converge(
     lossy: bool,
 ) -> Duration {
     let want = hosts.len() - 1;
+    let usable = [PeerState::Alive, PeerState::Suspect];
+    let first: &[PeerState] = if lossy { &usable } else { &[PeerState::Alive] };
     loop {
-        let counts = counts_in(hosts, agents, &[PeerState::Alive]);
+        let counts = counts_in(hosts, agents, first);
         let took = since.elapsed();
         if counts.iter().all(|&c| c == want) {
             std::thread::sleep(Duration::from_secs(2));
-            let usable = [PeerState::Alive, PeerState::Suspect];
             let again = counts_in(hosts, agents, &usable);
             if again.iter().all(|&c| c == want) {
                 return took;
@@ -184,23 +191,52 @@ fn converge(
             // With frames lost, three keep-alives in a row may go missing
             // between two of 2,450 pairs while their agents are starved of
             // CPU: that pair must find each other again within the limit.
+            let pairs = missing_pairs(hosts, agents, &usable);
             assert!(
                 lossy && since.elapsed() <= limit,
-                "{what}: converged after {took:?}, but 2 s later the agents use {again:?} of {want}"
+                "{what}: converged after {took:?}, but 2 s later the agents use {again:?} of {want}:\n{pairs}"
             );
             eprintln!(
-                "{what}: converged after {took:?}, 2 s later {again:?} of {want}; waiting again"
+                "{what}: converged after {took:?}, 2 s later {again:?} of {want}; waiting again:\n{pairs}"
             );
             continue;
         }
         let complete = counts.iter().filter(|&&c| c == want).count();
-        assert!(
-            took <= limit,
-            "{what}: after {took:?} only {complete} of {} agents see all {want} others alive; counts {counts:?}",
-            hosts.len()
-        );
+        if took > limit {
+            panic!(
+                "{what}: after {took:?} only {complete} of {} agents see all {want} others {first:?}; counts {counts:?}:\n{}",
+                hosts.len(),
+                missing_pairs(hosts, agents, first)
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Each agent's view of the others it does not see in one of `states`:
+/// their state and when it last heard from them, or that it lists them
+/// not at all. One line per pair, for a failure's message.
+fn missing_pairs(hosts: &[&Host], agents: &[AgentHandle], states: &[PeerState]) -> String {
+    let mut lines = String::new();
+    for (agent, me) in agents.iter().zip(hosts) {
+        let peers = agent.peers();
+        for other in hosts.iter().filter(|h| h.name() != me.name()) {
+            match peers.iter().find(|p| p.name == other.name()) {
+                Some(p) if states.contains(&p.state) => {}
+                Some(p) => {
+                    lines += &format!(
+                        "  {} sees {} {:?}, last heard {:?} ms ago\n",
+                        me.name(),
+                        other.name(),
+                        p.state,
+                        p.last_seen_ms_ago
+                    );
+                }
+                None => lines += &format!("  {} does not list {}\n", me.name(), other.name()),
+            }
+        }
+    }
+    lines
 }
 
 /// Waits until every agent holds every other's summary, whole (protocol
