@@ -10,6 +10,10 @@ pub use crate::mesh::peers::PeerView;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Listeners {
     pub quic: Option<String>,
+    /// Bulk connections for large NARs (TLS on TCP at the QUIC port,
+    /// protocol version 5); absent from older agents' answers.
+    #[serde(default)]
+    pub bulk: Option<String>,
     pub substituter: Option<String>,
     pub http_cache: Option<String>,
     pub admin: String,

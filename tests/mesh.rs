@@ -802,6 +802,13 @@ fn bulk_connections_admit_as_quic_does_and_answer_bad_requests_with_an_error() {
     wait_for(Duration::from_secs(10), "the agents are up", || {
         all_alive(&open, &["other"]) && all_alive(&closed, &["other"])
     });
+    // `nixmesh status` names the TCP listener: the QUIC port, on TCP.
+    let (text, json) = open.status();
+    let quic = json["listeners"]["quic"].as_str().unwrap_or_default();
+    assert!(quic.ends_with(&format!(":{}", open.quic)), "{json}");
+    assert_eq!(json["listeners"]["bulk"].as_str(), Some(quic), "{json}");
+    assert!(text.contains(&format!("bulk (tcp)  {quic}")), "{text}");
+
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ping = Request::Ping { nonce: 7 }.encode();
 

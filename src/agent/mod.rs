@@ -328,6 +328,10 @@ pub async fn run(
             .as_ref()
             .and_then(|m| m.local_addr())
             .map(|a| a.to_string()),
+        bulk: mesh
+            .as_ref()
+            .and_then(|m| m.bulk_addr())
+            .map(|a| a.to_string()),
         substituter: substituter
             .is_some()
             .then(|| config.substituter.listen.to_string()),

@@ -76,6 +76,7 @@ pub fn render_status(s: &StatusView) -> String {
     let _ = writeln!(out, "mesh        {}", s.mesh_id);
     let _ = writeln!(out, "version     {}", s.version);
     let _ = writeln!(out, "quic        {}", opt(&s.listeners.quic));
+    let _ = writeln!(out, "bulk (tcp)  {}", opt(&s.listeners.bulk));
     let _ = writeln!(out, "substituter {}", opt(&s.listeners.substituter));
     let _ = writeln!(out, "http cache  {}", opt(&s.listeners.http_cache));
     let _ = writeln!(out, "admin       {}", s.listeners.admin);

@@ -128,6 +128,8 @@ pub struct Mesh {
     shutdown: CancellationToken,
     /// Peers whose bulk connection failed, asked on QUIC for a while.
     bulk_resting: bulk::Resting,
+    /// Where bulk connections are taken (TCP), once listening.
+    bulk_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 struct Feed {
@@ -206,6 +208,7 @@ impl Mesh {
             feeds: Mutex::new(HashMap::new()),
             shutdown: shutdown.clone(),
             bulk_resting: bulk::Resting::default(),
+            bulk_addr: std::sync::OnceLock::new(),
         });
         mesh.listen_bulk(&tasks, &shutdown);
         tasks.spawn(mesh.clone().accept_loop(shutdown.clone()));
@@ -215,6 +218,11 @@ impl Mesh {
 
     pub fn node(&self) -> NodeId {
         self.identity.node
+    }
+
+    /// Where this agent takes bulk connections (TCP), if it does.
+    pub fn bulk_addr(&self) -> Option<SocketAddr> {
+        self.bulk_addr.get().copied()
     }
 
     /// Takes bulk connections (version 5) on TCP at the QUIC endpoint's
@@ -239,6 +247,9 @@ impl Mesh {
         };
         match bulk::bind(addr) {
             Ok(listener) => {
+                if let Ok(at) = listener.local_addr() {
+                    let _ = self.bulk_addr.set(at);
+                }
                 tasks.spawn(bulk::serve(
                     listener,
                     tls,

@@ -119,6 +119,22 @@ impl MeshNode {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `nixmesh status` against this node: its text, and what `--json` says.
+    pub fn status(&self) -> (String, serde_json::Value) {
+        let run = |json: bool| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixmesh"));
+            cmd.arg("status");
+            if json {
+                cmd.arg("--json");
+            }
+            run_ok(cmd.arg("--admin").arg(self.admin_addr().to_string())).stdout
+        };
+        (
+            String::from_utf8_lossy(&run(false)).into_owned(),
+            serde_json::from_slice(&run(true)).unwrap(),
+        )
+    }
+
     /// The state of the peer named `name` in this node's table.
     pub fn peer_state(&self, name: &str) -> Option<String> {
         self.peers()
