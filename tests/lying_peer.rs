@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use nixmesh::mesh::nar_chunks::{self, Packer};
-use nixmesh::mesh::protocol::{Request, Response};
+use nixmesh::mesh::protocol::{code, Request, Response};
 use nixmesh::mesh::transport;
 use nixmesh::nix::NarInfo;
 
@@ -32,6 +32,22 @@ enum Lie {
     /// Asked for chunks: a frame whose wire length exceeds its NAR bytes
     /// (asked for raw bytes: the truth).
     Inflated,
+    /// The first half of the truth, then "my own copy is corrupt" (a QUIC
+    /// stream reset, a stop header on a bulk connection).
+    DisownsMidway,
+}
+
+impl Lie {
+    /// Why the asker must quarantine the liar, where one reason is right.
+    /// (A QUIC reset may overtake the bytes before it, so over QUIC the
+    /// holder may seem to disown its copy before sending any.)
+    fn reason(self, bulk: bool) -> Option<&'static str> {
+        match self {
+            Lie::DisownsMidway if bulk => Some("said its own store copy is corrupt"),
+            Lie::DisownsMidway => Some("store copy is corrupt"),
+            _ => None,
+        }
+    }
 }
 
 /// What the liar sends after `NarFollows`: `nar`'s bytes in `part`, raw
@@ -45,6 +61,7 @@ fn lie_about(nar: &[u8], part: std::ops::Range<usize>, level: Option<u8>, lie: L
             bytes[mid] ^= 1;
         }
         Lie::Overlong => bytes.extend_from_slice(&[0; 4096]),
+        Lie::DisownsMidway => bytes.truncate(bytes.len() / 2),
         Lie::Bomb | Lie::Inflated => {}
     }
     let end = part.end.min(bytes.len());
@@ -76,8 +93,9 @@ fn lie_about(nar: &[u8], part: std::ops::Range<usize>, level: Option<u8>, lie: L
 }
 
 /// What the liar writes back for the request in `body`: the answer's
-/// frame, and for a NAR the bytes it lies with. `None`: it says nothing.
-fn liar_answer(body: &[u8], narinfo: &str, nar: &[u8], lie: Lie) -> Option<Vec<u8>> {
+/// frame, and for a NAR the bytes it lies with; and whether it then says
+/// its copy is corrupt. `None`: it says nothing.
+fn liar_answer(body: &[u8], narinfo: &str, nar: &[u8], lie: Lie) -> Option<(Vec<u8>, bool)> {
     let resp = match Request::decode(body) {
         Ok(Request::Ping { nonce }) => Response::Pong {
             nonce,
@@ -112,11 +130,11 @@ fn liar_answer(body: &[u8], narinfo: &str, nar: &[u8], lie: Lie) -> Option<Vec<u
             let nar_size = nar.len() as u64;
             let mut out = Response::NarFollows { nar_size }.encode();
             out.extend(lie_about(nar, offset as usize..end, level, lie));
-            return Some(out);
+            return Some((out, matches!(lie, Lie::DisownsMidway)));
         }
         Err(_) => return None,
     };
-    Some(resp.encode())
+    Some((resp.encode(), false))
 }
 
 /// Serves `narinfo` for its path and a NAR that is `lie`d about.
@@ -139,10 +157,19 @@ async fn run_liar(endpoint: quinn::Endpoint, narinfo: String, nar: Arc<Vec<u8>>,
                     else {
                         return;
                     };
-                    if let Some(out) = liar_answer(&body, &narinfo, &nar, lie) {
-                        let _ = send.write_all(&out).await;
+                    match liar_answer(&body, &narinfo, &nar, lie) {
+                        Some((out, true)) => {
+                            let _ = send.write_all(&out).await;
+                            let _ = send.reset(code::CORRUPT.into());
+                        }
+                        Some((out, false)) => {
+                            let _ = send.write_all(&out).await;
+                            let _ = send.finish();
+                        }
+                        None => {
+                            let _ = send.finish();
+                        }
                     }
-                    let _ = send.finish();
                 });
             }
         });
@@ -168,8 +195,11 @@ async fn run_bulk_liar(bulk: FakeBulk, narinfo: String, nar: Arc<Vec<u8>>, lie: 
             else {
                 return;
             };
-            if let Some(out) = liar_answer(&body, &narinfo, &nar, lie) {
+            if let Some((out, disown)) = liar_answer(&body, &narinfo, &nar, lie) {
                 let _ = io.write_all(&out).await;
+                if disown {
+                    let _ = io.write_all(&nar_chunks::stop_header(code::CORRUPT)).await;
+                }
             }
             let _ = io.shutdown().await;
         });
@@ -256,6 +286,9 @@ fn liar_scenario(lie: Lie, bulk: bool) {
         "{}",
         agent.log_text()
     );
+    if let Some(why) = lie.reason(bulk) {
+        assert!(agent.log_text().contains(why), "{}", agent.log_text());
+    }
     // Quarantined: the next ask finds no one rather than the liar again.
     let hash = hash_part(&path);
     assert_eq!(
@@ -273,6 +306,16 @@ fn garbage_over_a_bulk_connection_never_reaches_the_store() {
 #[test]
 fn a_compression_bomb_over_a_bulk_connection_never_reaches_the_store() {
     liar_scenario(Lie::Bomb, true);
+}
+
+#[test]
+fn a_holder_that_disowns_its_copy_midway_over_a_bulk_connection_is_quarantined() {
+    liar_scenario(Lie::DisownsMidway, true);
+}
+
+#[test]
+fn a_holder_that_disowns_its_copy_midway_is_quarantined() {
+    liar_scenario(Lie::DisownsMidway, false);
 }
 
 #[test]

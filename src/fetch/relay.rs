@@ -485,10 +485,10 @@ async fn from_holder(
                 reader.stop(code::CANCELLED);
                 return HolderEnd::Failed(format!("stalled for {STALL_TIMEOUT:?}"));
             }
-            Ok(Err(NarReadError::Read(e))) => {
+            Ok(Err(e @ (NarReadError::Read(_) | NarReadError::Stopped(_)))) => {
                 // The bytes a holder sent before saying its copy is
                 // corrupt are as suspect as the rest of that copy.
-                return match client::reset_code(&e) {
+                return match e.holder_code() {
                     Some(code::CORRUPT) if progress.check.offset() == start => HolderEnd::Disowned,
                     Some(code::CORRUPT) => HolderEnd::Lied("said its own store copy is corrupt"),
                     _ => HolderEnd::Failed(e.to_string()),

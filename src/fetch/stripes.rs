@@ -213,7 +213,9 @@ async fn fetch_stripe(
                 )));
             }
             Ok(Err(NarReadError::Read(e))) => return Err(StripeError::Failed(e.to_string())),
-            Ok(Err(NarReadError::Bulk(e))) => return Err(StripeError::Failed(e.to_string())),
+            Ok(Err(e @ (NarReadError::Bulk(_) | NarReadError::Stopped(_)))) => {
+                return Err(StripeError::Failed(e.to_string()))
+            }
             Ok(Err(e)) => {
                 reader.stop(code::MALFORMED);
                 return Err(StripeError::Lied(e.to_string()));

@@ -5,6 +5,9 @@
 //! compress); `wire_len < raw_len`: one zstd frame that inflates to exactly
 //! `raw_len` bytes. Every frame stands alone, so a reader knows the NAR
 //! offset of each byte and failover from an offset works as for raw bytes.
+//! On a bulk connection (protocol version 5), which has no stream reset, a
+//! header with `raw_len == 0` is a stop: `wire_len` is the code a QUIC
+//! stream's reset would carry, and nothing follows.
 //! Pure: no I/O, the caller moves the bytes.
 
 use bytes::Bytes;
@@ -161,6 +164,19 @@ pub fn raw_header(raw_len: u32) -> [u8; HEADER] {
     h
 }
 
+/// The header that stops a bulk connection's NAR with `code` (in place
+/// of a QUIC stream's reset).
+pub fn stop_header(code: u32) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[4..].copy_from_slice(&code.to_be_bytes());
+    h
+}
+
+/// The code of a stop header, if `b` is one.
+pub fn stop_code(b: [u8; HEADER]) -> Option<u32> {
+    (b[..4] == [0; 4]).then(|| u32::from_be_bytes([b[4], b[5], b[6], b[7]]))
+}
+
 /// Highest level a receiver may ask for: beyond it zstd is too slow for a
 /// LAN and its windows too big for the memory bound.
 pub const MAX_LEVEL: u8 = 9;
@@ -225,6 +241,14 @@ mod tests {
             .unwrap();
         assert_eq!(&out[..], raw);
         h
+    }
+
+    #[test]
+    fn a_stop_header_carries_its_code_and_is_no_chunk() {
+        let h = stop_header(6);
+        assert_eq!(stop_code(h), Some(6));
+        assert_eq!(ChunkHeader::parse(h), Err(ChunkError::Empty));
+        assert_eq!(stop_code(raw_header(1)), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::mesh::nar_chunks::{ChunkError, ChunkHeader, Unpacker, HEADER};
+use crate::mesh::nar_chunks::{self, ChunkError, ChunkHeader, Unpacker, HEADER};
 
 /// Largest piece read off a raw stream at once.
 const READ_CHUNK: usize = 256 * 1024;
@@ -26,6 +26,21 @@ pub enum NarReadError {
     /// A bulk connection broke (or was cut off by the holder).
     #[error("bulk connection: {0}")]
     Bulk(std::io::Error),
+    /// The holder stopped a bulk connection's NAR with this code (what a
+    /// QUIC stream's reset would say).
+    #[error("the holder stopped with code {0}")]
+    Stopped(u32),
+}
+
+impl NarReadError {
+    /// The code the holder stopped with, on either transport.
+    pub fn holder_code(&self) -> Option<u32> {
+        match self {
+            NarReadError::Read(e) => crate::mesh::client::reset_code(e),
+            NarReadError::Stopped(code) => Some(*code),
+            _ => None,
+        }
+    }
 }
 
 /// The read half of a bulk connection (TLS on TCP).
@@ -117,6 +132,9 @@ impl NarReader {
                     0 => return Ok(None),
                     n if n < HEADER => return Err(NarReadError::EndsMidFrame),
                     _ => {}
+                }
+                if let Some(code) = nar_chunks::stop_code(head) {
+                    return Err(NarReadError::Stopped(code));
                 }
                 let header = ChunkHeader::parse(head)?;
                 let len = header.wire_len as usize;

@@ -214,9 +214,20 @@ impl PeerServer {
         let served = self
             .serve_nar(node, &mut sink, hash, nar_hash, part, framing)
             .await;
-        if served.is_ok() {
-            let _ = sink.0.shutdown().await;
+        match served {
+            Ok(()) => {}
+            // Resets come between whole frames, after `NarFollows`: a stop
+            // header in place of the next frame says what a QUIC stream's
+            // reset would.
+            Err(StreamEnd::Reset(code)) => {
+                let stop = Bytes::copy_from_slice(&nar_chunks::stop_header(code));
+                if sink.put(stop).await.is_err() {
+                    return;
+                }
+            }
+            Err(StreamEnd::PeerGone) => return,
         }
+        let _ = sink.0.shutdown().await;
     }
 
     async fn serve_stream(
