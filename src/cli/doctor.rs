@@ -514,23 +514,9 @@ mod tests {
 
     #[test]
     fn a_peer_without_bulk_connections_is_a_warning_naming_it() {
-        use crate::mesh::peers::{PeerCounters, PeerSource, PeerState};
         let peer = |name: &str, bulk_refused: bool| PeerView {
-            name: name.into(),
-            key: "k".into(),
-            fingerprint: "0123456789abcdef".into(),
-            addrs: vec!["10.0.0.2:5182".into()],
-            source: PeerSource::Mdns,
-            state: PeerState::Alive,
-            rtt_ms: Some(0.42),
-            udp_payload: None,
-            udp_payload_received: None,
             bulk_refused,
-            last_seen_ms_ago: Some(10),
-            quarantined: false,
-            counters: PeerCounters::default(),
-            summary: None,
-            plain_cache: None,
+            ..PeerView::example(name)
         };
         let all_fine = judge_peers(&[peer("h1", false), peer("h2", false)], true, 0);
         assert!(

@@ -171,18 +171,6 @@ mod tests {
     #[test]
     fn peers_render_as_aligned_table() {
         let p = PeerView {
-            name: "h2".into(),
-            key: "k".into(),
-            fingerprint: "0123456789abcdef".into(),
-            addrs: vec!["10.0.0.2:5182".into()],
-            source: PeerSource::Mdns,
-            state: PeerState::Alive,
-            rtt_ms: Some(0.42),
-            udp_payload: None,
-            udp_payload_received: None,
-            bulk_refused: false,
-            last_seen_ms_ago: Some(10),
-            quarantined: false,
             counters: PeerCounters {
                 bytes_served: 2048,
                 ..Default::default()
@@ -193,7 +181,7 @@ mod tests {
                 age_ms: 4200,
                 wrong: 0,
             }),
-            plain_cache: None,
+            ..PeerView::example("h2")
         };
         let out = render_peers(&[p]);
         let lines: Vec<&str> = out.lines().collect();
@@ -208,14 +196,9 @@ mod tests {
             source: PeerSource::Static,
             state: PeerState::Gone,
             rtt_ms: None,
-            udp_payload: None,
-            udp_payload_received: None,
-            bulk_refused: false,
             last_seen_ms_ago: None,
-            quarantined: false,
-            counters: PeerCounters::default(),
-            summary: None,
             plain_cache: Some("refused: its StoreDir is /gnu/store, not /nix/store".into()),
+            ..PeerView::example("nas")
         };
         let out = render_peers(&[cache]);
         let row = out.lines().nth(1).unwrap();

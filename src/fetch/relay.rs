@@ -485,7 +485,9 @@ async fn from_holder(
                 reader.stop(code::CANCELLED);
                 return HolderEnd::Failed(format!("stalled for {STALL_TIMEOUT:?}"));
             }
-            Ok(Err(e @ (NarReadError::Read(_) | NarReadError::Stopped(_)))) => {
+            Ok(Err(
+                e @ (NarReadError::Read(_) | NarReadError::Stopped(_) | NarReadError::Bulk(_)),
+            )) => {
                 // The bytes a holder sent before saying its copy is
                 // corrupt are as suspect as the rest of that copy.
                 return match e.holder_code() {
@@ -493,9 +495,6 @@ async fn from_holder(
                     Some(code::CORRUPT) => HolderEnd::Lied("said its own store copy is corrupt"),
                     _ => HolderEnd::Failed(e.to_string()),
                 };
-            }
-            Ok(Err(NarReadError::Bulk(e))) => {
-                return HolderEnd::Failed(format!("bulk connection: {e}"));
             }
             Ok(Err(e)) => {
                 reader.stop(code::MALFORMED);

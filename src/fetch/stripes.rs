@@ -212,10 +212,9 @@ async fn fetch_stripe(
                     "stalled for {STALL_TIMEOUT:?}"
                 )));
             }
-            Ok(Err(NarReadError::Read(e))) => return Err(StripeError::Failed(e.to_string())),
-            Ok(Err(e @ (NarReadError::Bulk(_) | NarReadError::Stopped(_)))) => {
-                return Err(StripeError::Failed(e.to_string()))
-            }
+            Ok(Err(
+                e @ (NarReadError::Read(_) | NarReadError::Bulk(_) | NarReadError::Stopped(_)),
+            )) => return Err(StripeError::Failed(e.to_string())),
             Ok(Err(e)) => {
                 reader.stop(code::MALFORMED);
                 return Err(StripeError::Lied(e.to_string()));

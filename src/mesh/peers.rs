@@ -129,6 +129,30 @@ pub struct PeerView {
     pub plain_cache: Option<String>,
 }
 
+#[cfg(test)]
+impl PeerView {
+    /// An alive agent found by mDNS, for tests of what is shown of peers.
+    pub(crate) fn example(name: &str) -> Self {
+        PeerView {
+            name: name.into(),
+            key: "k".into(),
+            fingerprint: "0123456789abcdef".into(),
+            addrs: vec!["10.0.0.2:5182".into()],
+            source: PeerSource::Mdns,
+            state: PeerState::Alive,
+            rtt_ms: Some(0.42),
+            udp_payload: None,
+            udp_payload_received: None,
+            bulk_refused: false,
+            last_seen_ms_ago: Some(10),
+            quarantined: false,
+            counters: PeerCounters::default(),
+            summary: None,
+            plain_cache: None,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct PeerTable {
     peers: BTreeMap<NodeId, Peer>,

@@ -172,8 +172,8 @@ impl PeerServer {
 
     /// Serves the one request of a bulk connection (TLS on TCP, version
     /// 5) from `node`: only `NarChunks`, answered as on a QUIC stream. A
-    /// stream that would be reset is cut off instead (no TLS close), which
-    /// the reader sees as a broken connection.
+    /// stream that would be reset ends with a stop header carrying the
+    /// reset's code instead (`nar_chunks::stop_header`).
     pub async fn serve_bulk<S: BulkIo>(&self, node: NodeId, mut io: S) {
         let request =
             transport::read_frame_from(&mut io, protocol::MAX_REQUEST_FRAME, REQUEST_TIMEOUT)
