@@ -5,9 +5,13 @@
 //! (so admitted) holding B's stream limit full of request frames sent one
 //! byte at a time; a local program on A holding 10,000 HTTP connections
 //! to the substituter, half of them sending their request heads one byte
-//! a second. Each substitution must succeed within twice the time it took
-//! without a flood (plus a second for this machine's noise), both agents
-//! must survive, and their peak memory must stay bounded.
+//! a second. Each substitution must succeed within twice the time the one
+//! just before it took without a flood (plus a second for this machine's
+//! noise), three times plus two seconds for the local program, whose own
+//! reconnecting takes much of the two cores Nix and the agent share with
+//! it (what it guards against, Nix locked out of the substituter, is a
+//! wait of minutes). Both agents must survive, and their peak memory must
+//! stay bounded.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -238,9 +242,9 @@ fn floods_from_strangers_peers_and_local_programs_change_nothing() {
         "[mesh]\nsecret_file = {}\n",
         toml::Value::String(secret.display().to_string())
     );
-    // One path for each run: without a flood, then one per flood.
+    // Two paths for each flood: one without it just before, one during it.
     let files = b.dir().join("files");
-    let paths: Vec<String> = (0..4)
+    let paths: Vec<String> = (0..6)
         .map(|i| b.add_path(&random_file(&files, &format!("flooded-{i}"), 96 << 20)))
         .collect();
     a.configure_nix(&format!(
@@ -258,23 +262,24 @@ fn floods_from_strangers_peers_and_local_programs_change_nothing() {
         assert_verified(a, path);
         started.elapsed()
     };
-    let usual = substitute(&paths[0]);
-    eprintln!("floods: without a flood the path took {usual:?}");
-    let limit = usual * 2 + Duration::from_secs(1);
-
     type Run = Box<dyn FnOnce(Arc<AtomicBool>, Arc<AtomicU64>) + Send>;
-    let floods: Vec<(&str, &Host, Run, &str)> = vec![
+    let mesh_limit = |usual: Duration| usual * 2 + Duration::from_secs(1);
+    let local_limit = |usual: Duration| usual * 3 + Duration::from_secs(2);
+    type Limit<'l> = &'l dyn Fn(Duration) -> Duration;
+    let floods: Vec<(&str, &Host, Run, &str, Limit)> = vec![
         (
             "a stranger's QUIC handshakes",
             s,
             Box::new(handshakes(vec![quic(a), quic(b)])),
             "handshakes",
+            &mesh_limit,
         ),
         (
             "an admitted peer's byte-at-a-time streams",
             s,
             Box::new(slow_streams(quic(b))),
             "streams",
+            &mesh_limit,
         ),
         (
             "10,000 local HTTP connections",
@@ -283,13 +288,17 @@ fn floods_from_strangers_peers_and_local_programs_change_nothing() {
                 "127.0.0.1:5181".parse().expect("an address"),
             )),
             "connections",
+            &local_limit,
         ),
     ];
-    for ((what, host, run, unit), path) in floods.into_iter().zip(&paths[1..]) {
+    for ((what, host, run, unit, limit), pair) in floods.into_iter().zip(paths.chunks(2)) {
+        let usual = substitute(&pair[0]);
+        eprintln!("floods: before {what} a path took {usual:?} without a flood");
+        let limit = limit(usual);
         let flood = Flood::start(host, run);
         // Let it build up.
         std::thread::sleep(Duration::from_secs(2));
-        let took = substitute(path);
+        let took = substitute(&pair[1]);
         let count = flood.stop();
         eprintln!(
             "floods: during {what} ({count} {unit}) the path took {took:?} ({:.2}x)",
