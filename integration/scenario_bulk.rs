@@ -2,7 +2,9 @@
 //! large NAR goes over TLS on TCP at the mesh port and a small one stays on
 //! QUIC; when the holder's firewall drops TCP at that port, the large NAR
 //! still arrives (over QUIC, after one failed attempt), and the next one
-//! goes over QUIC at once, without trying TCP again.
+//! goes over QUIC at once, without trying TCP again. A holder packs
+//! chunks by what the link takes (behind a slow link, what compresses),
+//! with LZ4 for an asker of version 6 and zstd only for one of version 5.
 
 use crate::harness::Lan;
 use crate::office::*;
@@ -127,4 +129,78 @@ fn a_holder_behind_a_slow_link_packs_what_compresses() {
         sent < nar / 3,
         "H sent {sent} bytes for a NAR of {nar} that compresses"
     );
+}
+
+/// This machine's shared libraries, concatenated in name order up to
+/// `len` bytes: real binaries, which compress about 2.7x.
+fn binaries(len: usize) -> Vec<u8> {
+    let mut names: Vec<_> = std::fs::read_dir("/usr/lib/x86_64-linux-gnu")
+        .expect("the machine's libraries")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    let mut out = Vec::with_capacity(len);
+    for name in names {
+        if out.len() >= len {
+            break;
+        }
+        if let Ok(bytes) = std::fs::read(&name) {
+            out.extend_from_slice(&bytes);
+        }
+    }
+    assert!(out.len() >= len, "only {} bytes of libraries", out.len());
+    out.truncate(len);
+    out
+}
+
+/// Version 6: a holder that packs chunks for an asker of version 6 starts
+/// with LZ4 (and keeps it where that carries the most NAR per second), and
+/// an asker held at version 5 gets zstd only; both get the path intact.
+/// Which codec wins on which link is `mesh::pace`'s unit tests' business.
+#[test]
+fn an_asker_of_version_6_gets_lz4_chunks_and_one_of_version_5_zstd_only() {
+    let lan = Lan::new(3);
+    let (new, holder, old) = (lan.host(0), lan.host(1), lan.host(2));
+    let office = new.generate_key("office-1");
+    let files = holder.dir().join("files");
+    std::fs::create_dir_all(&files).expect("files dir");
+    let lib = files.join("libraries.bin");
+    std::fs::write(&lib, binaries(LARGE as usize)).expect("write the binaries");
+    let paths = add_paths(holder, &[lib]);
+    holder.configure_nix(&nix_conf("", &[&office.public]));
+    holder.sign(&[&paths[0]], &office.secret_file);
+    for client in [new, old] {
+        client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
+    }
+    let agent_h = holder.start_agent("");
+    // The askers share nothing, so each gets the path from H.
+    let asker = "[share]\ntrusted_keys = []\n";
+    let agent_new = new.start_agent(asker);
+    let agent_old = old.start_agent(&format!("{asker}[mesh]\nmax_protocol = 5\n"));
+    wait_all_alive(&[(new, &agent_new), (holder, &agent_h), (old, &agent_old)]);
+
+    for (client, agent, name) in [(new, &agent_new, "h0"), (old, &agent_old, "h2")] {
+        realise(client, &[&paths[0]]);
+        assert_verified(client, &paths[0]);
+        assert_eq!(
+            agent.peer("h1").map_or(0, |p| p.counters.bulk_fetches),
+            1,
+            "{name}: the NAR came over TCP"
+        );
+    }
+    let served = |name: &str| {
+        let c = agent_h.peer(name).map(|p| p.counters).unwrap_or_default();
+        (c.served_lz4, c.served_zstd)
+    };
+    let (lz4, _) = served("h0");
+    assert!(
+        lz4 > 0,
+        "H packed nothing with LZ4 for h0: {:?}",
+        served("h0")
+    );
+    let (lz4, zstd) = served("h2");
+    assert_eq!(lz4, 0, "H packed LZ4 for an asker of version 5");
+    assert!(zstd > 0, "H packed nothing for h2: {:?}", served("h2"));
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use nixmesh::mesh::discovery::txt::to_txt;
 use nixmesh::mesh::discovery::{Announcement, PROTOCOL_VERSION};
-use nixmesh::mesh::nar_chunks::Packer;
+use nixmesh::mesh::nar_chunks::{Codec, Packer, LZ4};
 use nixmesh::mesh::protocol::{Request, Response};
 use nixmesh::nix::{HashPart, NarInfo, Sha256Hash};
 
@@ -140,13 +140,23 @@ fn main() {
         write("http_request", &format!("seed-{i}"), &seed);
     }
 
-    // Chunk frames of real text (this repo's config example) at level 1:
-    // one that compresses, one of random-looking bytes that goes raw.
+    // After a flags byte (1: a reader of LZ4 chunks), chunk frames of real
+    // text (this repo's config example) at level 1: one that compresses,
+    // one of random-looking bytes that goes raw; then the same for a
+    // reader of LZ4, with a chunk of each codec.
     let mut packer = Packer::new(1);
-    let mut frames = packer.pack(CONFIG_EXAMPLE.as_bytes());
+    let mut frames = vec![0u8];
+    frames.extend(packer.pack(CONFIG_EXAMPLE.as_bytes()));
     frames.extend(packer.pack(&nar_hash.0));
     write("nar_chunks", "seed-0", &frames);
-    let mut level_and_raw = vec![3u8];
+    let mut packer = Packer::new(LZ4 | 1);
+    let mut frames = vec![1u8];
+    frames.extend(packer.pack_with(CONFIG_EXAMPLE.as_bytes(), Some(Codec::Lz4)));
+    frames.extend(packer.pack_with(CONFIG_EXAMPLE.as_bytes(), Some(Codec::Zstd)));
+    frames.extend(packer.pack_with(&nar_hash.0, Some(Codec::Lz4)));
+    write("nar_chunks", "seed-2", &frames);
+    // Flags (LZ4 reader and packer), a level, bytes to pack.
+    let mut level_and_raw = vec![7u8, 3u8];
     level_and_raw.extend_from_slice(NIX_COPY_NARINFO.as_bytes());
     write("nar_chunks", "seed-1", &level_and_raw);
 

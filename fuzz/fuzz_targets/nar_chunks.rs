@@ -1,16 +1,24 @@
 //! Chunk frames of a compressed NAR from a peer (protocol version 3): each
 //! header is checked before its payload is read, a payload never inflates
-//! past its declared size, never a panic. And the other way: any bytes
-//! packed at any level come back as they were.
+//! past its declared size, never a panic, for a reader of zstd chunks and
+//! one that reads LZ4 too (version 6: each payload names its codec). And
+//! the other way: any bytes packed at any level, with either codec, come
+//! back as they were.
 #![no_main]
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use nixmesh::mesh::nar_chunks::{ChunkHeader, Packer, Unpacker, HEADER, MAX_CHUNK, MAX_LEVEL};
+use nixmesh::mesh::nar_chunks::{
+    ChunkHeader, Codec, Packer, Unpacker, HEADER, LZ4, MAX_CHUNK, MAX_LEVEL,
+};
 
 fuzz_target!(|data: &[u8]| {
-    let mut unpacker = Unpacker::new();
-    let mut rest = data;
+    // The first byte says which reader, the rest is frames.
+    let Some((&flags, frames)) = data.split_first() else {
+        return;
+    };
+    let mut unpacker = Unpacker::new(if flags & 1 == 1 { LZ4 | 1 } else { 1 });
+    let mut rest = frames;
     while rest.len() >= HEADER {
         let mut head = [0u8; HEADER];
         head.copy_from_slice(&rest[..HEADER]);
@@ -29,13 +37,16 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(out.len(), header.raw_len as usize);
         }
     }
-    if let Some((&level, raw)) = data.split_first() {
+    if let Some((&level, raw)) = frames.split_first() {
         if !raw.is_empty() && raw.len() <= MAX_CHUNK {
-            let frame = Packer::new(level % (MAX_LEVEL + 1)).pack(raw);
+            let lz4 = if flags & 2 == 2 { LZ4 } else { 0 };
+            let level = level % (MAX_LEVEL + 1) | lz4;
+            let codec = if flags & 4 == 4 { Codec::Lz4 } else { Codec::Zstd };
+            let frame = Packer::new(level).pack_with(raw, Some(codec));
             let mut head = [0u8; HEADER];
             head.copy_from_slice(&frame[..HEADER]);
             let header = ChunkHeader::parse(head).expect("a packed header parses");
-            let out = Unpacker::new()
+            let out = Unpacker::new(level)
                 .unpack(header, Bytes::copy_from_slice(&frame[HEADER..]))
                 .expect("a packed chunk unpacks");
             assert_eq!(&out[..], raw);

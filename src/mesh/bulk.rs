@@ -93,7 +93,11 @@ pub async fn open(
     io.flush().await.map_err(BulkError::Write)?;
     let body = transport::read_frame_from(&mut io, protocol::MAX_RESPONSE_FRAME, timeout).await?;
     let resp = Response::decode(&body)?;
-    Ok((resp, NarReader::bulk(Box::new(io))))
+    let level = match req {
+        Request::NarChunks { level, .. } => *level,
+        _ => 0,
+    };
+    Ok((resp, NarReader::bulk(Box::new(io), level)))
 }
 
 /// Which peers are asked on QUIC for now, after a bulk connection to them

@@ -152,16 +152,19 @@ pub async fn open_nar_part(
         let opened = nar(conn, hash, nar_hash, offset, timeout).await?;
         return Ok(opened.map(|(size, recv)| (size, NarReader::raw(recv))));
     };
+    let level = level.min(nar_chunks::MAX_LEVEL);
     let req = Request::NarChunks {
         hash: hash.clone(),
         nar_hash: *nar_hash,
         offset,
         end: part.end,
-        level: level.min(nar_chunks::MAX_LEVEL),
+        level,
     };
     match exchange(conn, &req, timeout).await? {
         (_, Response::NotFound) => Ok(None),
-        (recv, Response::NarFollows { nar_size }) => Ok(Some((nar_size, NarReader::chunks(recv)))),
+        (recv, Response::NarFollows { nar_size }) => {
+            Ok(Some((nar_size, NarReader::chunks(recv, level))))
+        }
         _ => Err(PeerError::Unexpected("to NAR chunks")),
     }
 }

@@ -1,7 +1,7 @@
 //! Reads a NAR a peer sends after `NarFollows`: raw bytes up to the end of
 //! the stream (`Nar`), or chunk frames (`NarChunks`, `nar_chunks`) that are
-//! checked and inflated here, off a QUIC stream or a bulk connection. Either way the caller gets plain NAR bytes in
-//! order; judging them (size, hash) is its business.
+//! checked and inflated here, off a QUIC stream or a bulk connection.
+//! Either way the caller gets plain NAR bytes in order; judging them (size, hash) is its business.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
@@ -73,18 +73,20 @@ impl NarReader {
         }
     }
 
-    pub fn chunks(recv: quinn::RecvStream) -> Self {
+    /// Chunk frames answering a request at `level`.
+    pub fn chunks(recv: quinn::RecvStream, level: u8) -> Self {
         NarReader::Chunks {
             recv,
-            unpacker: Unpacker::new(),
+            unpacker: Unpacker::new(level),
             wire: 0,
         }
     }
 
-    pub fn bulk(io: BulkStream) -> Self {
+    /// Chunk frames on a bulk connection answering a request at `level`.
+    pub fn bulk(io: BulkStream, level: u8) -> Self {
         NarReader::Bulk {
             io,
-            unpacker: Unpacker::new(),
+            unpacker: Unpacker::new(level),
             wire: 0,
         }
     }

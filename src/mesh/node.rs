@@ -31,6 +31,7 @@ use crate::mesh::dial_plan::DialPlan;
 use crate::mesh::discovery::DiscoveryEvent;
 use crate::mesh::identity::NodeId;
 use crate::mesh::inbound::InboundGate;
+use crate::mesh::nar_chunks;
 use crate::mesh::nar_reader::NarReader;
 use crate::mesh::peers::{LinkStats, Peer, PeerCounters, PeerSource, PeerTable, PeerView};
 use crate::mesh::protocol::{Request, Response};
@@ -268,8 +269,9 @@ impl Mesh {
 
     /// Opens `part` of a NAR from `node` (see `client::open_nar_part`):
     /// over a bulk connection (in chunk frames at `bulk_level`, which may
-    /// leave compression to the holder) when the part is large (`len`
-    /// bytes, at least `bulk::BULK_FROM`) and the peer speaks version 5;
+    /// leave compression to the holder, from version 6 with LZ4 too) when
+    /// the part is large (`len` bytes, at least `bulk::BULK_FROM`) and the
+    /// peer speaks version 5;
     /// otherwise, or when that fails, on a stream of `conn` at `level`.
     #[allow(clippy::too_many_arguments)]
     pub async fn open_nar_part(
@@ -288,12 +290,18 @@ impl Mesh {
             && transport::version(conn) >= 5
             && !self.bulk_resting.resting(&node, Instant::now());
         if bulk {
+            // From version 6 a holder that picks the codec may pick LZ4.
+            let lz4 = bulk_level & nar_chunks::ADAPTIVE != 0 && transport::version(conn) >= 6;
             let req = Request::NarChunks {
                 hash: hash.clone(),
                 nar_hash: *nar_hash,
                 offset: part.start,
                 end: part.end,
-                level: bulk_level,
+                level: if lz4 {
+                    bulk_level | nar_chunks::LZ4
+                } else {
+                    bulk_level
+                },
             };
             let opened =
                 match transport::bulk_client_config(&self.identity, self.admission.clone(), node) {

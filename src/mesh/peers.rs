@@ -53,6 +53,12 @@ pub struct PeerCounters {
     /// NARs (or stripes of them) received over bulk connections (TCP).
     #[serde(default)]
     pub bulk_fetches: u64,
+    /// Of `bytes_served`, those sent in chunks packed with zstd, and with
+    /// LZ4 (protocol version 6).
+    #[serde(default)]
+    pub served_zstd: u64,
+    #[serde(default)]
+    pub served_lz4: u64,
     /// What NARs from the peer achieved, for choosing how to ask for the
     /// next (`fetch::compression`).
     #[serde(default)]

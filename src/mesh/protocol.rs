@@ -38,12 +38,17 @@ pub const ALPN_V4: &[u8] = b"nixmesh/4";
 /// one request per connection, the answer framed as on a QUIC stream. The
 /// kernel's TCP moves bulk bytes at a fraction of QUIC's CPU per byte.
 pub const ALPN_V5: &[u8] = b"nixmesh/5";
+/// Version 6 adds LZ4 chunks: an asker may set `nar_chunks::LZ4` in a
+/// `NarChunks` request's level, and the holder then packs each chunk with
+/// LZ4 or zstd, whichever carries more NAR per second over the link
+/// (`mesh::pace`), naming the codec in the chunk.
+pub const ALPN_V6: &[u8] = b"nixmesh/6";
 /// The ALPN of a bulk connection (TLS on TCP, version 5).
 pub const ALPN_BULK: &[u8] = b"nixmesh-bulk/1";
 /// The newest protocol version.
-pub const NEWEST: u32 = 5;
+pub const NEWEST: u32 = 6;
 /// What this node offers and accepts, in order of preference.
-pub const ALPNS: [&[u8]; 5] = [ALPN_V5, ALPN_V4, ALPN_V3, ALPN_V2, ALPN_V1];
+pub const ALPNS: [&[u8]; 6] = [ALPN_V6, ALPN_V5, ALPN_V4, ALPN_V3, ALPN_V2, ALPN_V1];
 /// Largest request body: a `Have` of `MAX_HAVE_BATCH` hash parts is about
 /// 33 KiB, every other request under 100 bytes. The server allocates this
 /// much per stream at most, on up to 128 streams per peer.
@@ -123,7 +128,8 @@ pub enum Request {
     /// (Version 3.) As `Nar`, the bytes from `offset` up to `end` (at
     /// most the NAR's size), in chunk frames (`nar_chunks`) compressed at
     /// zstd `level` (0: none; at most `nar_chunks::MAX_LEVEL`) where that
-    /// makes them smaller.
+    /// makes them smaller; the flags `nar_chunks::ADAPTIVE` (version 5)
+    /// and `nar_chunks::LZ4` (version 6) may be set on top.
     NarChunks {
         hash: HashPart,
         nar_hash: Sha256Hash,
@@ -462,7 +468,8 @@ impl Request {
                 let offset = r.u64()?;
                 let end = r.u64()?;
                 let level = r.u8()?;
-                if level & !crate::mesh::nar_chunks::ADAPTIVE > crate::mesh::nar_chunks::MAX_LEVEL {
+                use crate::mesh::nar_chunks::{ADAPTIVE, LZ4, MAX_LEVEL};
+                if level & !(ADAPTIVE | LZ4) > MAX_LEVEL {
                     return Err(FrameError::BadField("level"));
                 }
                 if end < offset {

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
 use crate::mesh::identity::NodeId;
-use crate::mesh::nar_chunks::{self, Packer};
+use crate::mesh::nar_chunks::{self, Codec, Packer};
 use crate::mesh::nar_sink::{BulkIo, BulkSink, NarSink};
 use crate::mesh::pace::Pace;
 use crate::mesh::peers::PeerTable;
@@ -426,7 +426,7 @@ impl PeerServer {
         if !packer.compresses() {
             return self.send_raw_frames(node, send, stream).await;
         }
-        let mut pace = adaptive.then(Pace::default);
+        let mut pace = adaptive.then(|| Pace::new(packer.lz4()));
         let mut pending = BytesMut::with_capacity(nar_chunks::CHUNK);
         let mut ended = false;
         // A packed frame not yet sent (and its NAR bytes): it goes out
@@ -444,16 +444,16 @@ impl PeerServer {
             }
             let n = pending.len().min(nar_chunks::CHUNK);
             let raw = pending.split_to(n).freeze();
-            let try_it = match &mut pace {
+            let codec = match &mut pace {
                 Some(pace) => {
                     if let Some(sample) = send.link_sample() {
                         pace.link(sample);
                     }
-                    pace.compress_next()
+                    pace.choose()
                 }
-                None => true,
+                None => Some(Codec::Zstd),
             };
-            if !try_it {
+            if codec.is_none() {
                 if let Some((frame, m)) = ready.take() {
                     self.put_frame(node, send, frame, m).await?;
                 }
@@ -462,7 +462,7 @@ impl PeerServer {
             }
             let job = tokio::task::spawn_blocking(move || {
                 let began = std::time::Instant::now();
-                let frame = packer.pack(&raw);
+                let frame = packer.pack_with(&raw, codec);
                 let took = began.elapsed();
                 let tried = packer.tried_last();
                 (packer, frame, tried, took)
@@ -473,8 +473,14 @@ impl PeerServer {
             let (back, frame, tried, took) =
                 job.await.map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
             packer = back;
-            if let (Some(pace), true) = (&mut pace, tried) {
-                pace.packed(n, frame.len() - nar_chunks::HEADER, took.as_secs_f64());
+            let wire = frame.len() - nar_chunks::HEADER;
+            if let (Some(pace), Some(codec)) = (&mut pace, tried) {
+                pace.packed(codec, n, wire, took.as_secs_f64());
+            }
+            match tried.filter(|_| wire < n) {
+                Some(Codec::Zstd) => self.count(&node, |c| c.served_zstd += n as u64),
+                Some(Codec::Lz4) => self.count(&node, |c| c.served_lz4 += n as u64),
+                None => {}
             }
             ready = Some((frame, n));
         }

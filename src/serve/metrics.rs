@@ -97,7 +97,7 @@ impl Collector for PeerCollector {
             gauge.encode(m)?;
         }
 
-        let per_peer: [PeerCounter; 3] = [
+        let per_peer: [PeerCounter; 5] = [
             (
                 "nixmesh_peer_bytes_fetched",
                 "NAR bytes received from each peer",
@@ -107,6 +107,16 @@ impl Collector for PeerCollector {
                 "nixmesh_peer_bytes_served",
                 "NAR bytes sent to each peer",
                 |p| p.counters.bytes_served,
+            ),
+            (
+                "nixmesh_peer_bytes_served_zstd",
+                "Of the NAR bytes sent to each peer, those in chunks packed with zstd",
+                |p| p.counters.served_zstd,
+            ),
+            (
+                "nixmesh_peer_bytes_served_lz4",
+                "Of the NAR bytes sent to each peer, those in chunks packed with LZ4",
+                |p| p.counters.served_lz4,
             ),
             (
                 "nixmesh_peer_errors",
