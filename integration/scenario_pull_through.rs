@@ -461,11 +461,16 @@ fn six_hosts_pull_a_closure_of_hundreds_of_paths_over_the_uplink_once() {
     );
     assert_eq!(sum("nixmesh_upstream_file_failures_total"), 0.0);
     // Narinfos too are looked up once for the office, by each path's
-    // owner, at both caches at once.
+    // owner, at both caches at once: 2 requests per path (here always
+    // exactly). An agent whose owner does not answer in time looks up
+    // itself, as it should; on a loaded machine (other LAN tests beside
+    // this one) that happened for a few paths, so a tenth more is allowed.
+    // Without the single flight each of the 6 hosts would ask: 6 times.
     let requests = sum("nixmesh_upstream_narinfo_requests_total") - requests_before;
+    let most = 2 * paths.len() + 2 * paths.len() / 10;
     assert!(
-        requests <= (2 * paths.len()) as f64,
-        "{requests} narinfo requests upstream for {} paths at 2 caches",
+        requests <= most as f64,
+        "{requests} narinfo requests upstream for {} paths at 2 caches (at most {most})",
         paths.len()
     );
     // Narinfos, HTTP heads and TCP/IP overhead on top of the files.
