@@ -464,7 +464,7 @@ fn six_hosts_pull_a_closure_of_hundreds_of_paths_over_the_uplink_once() {
     // owner, at both caches at once: 2 requests per path (here always
     // exactly). An agent whose owner does not answer in time looks up
     // itself, as it should; on a loaded machine (other LAN tests beside
-    // this one) that happened for a few paths, so a tenth more is allowed.
+    // this one) the exact bound failed once, so a tenth more is allowed.
     // Without the single flight each of the 6 hosts would ask: 6 times.
     let requests = sum("nixmesh_upstream_narinfo_requests_total") - requests_before;
     let most = 2 * paths.len() + 2 * paths.len() / 10;
