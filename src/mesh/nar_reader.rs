@@ -1,7 +1,8 @@
 //! Reads a NAR a peer sends after `NarFollows`: raw bytes up to the end of
 //! the stream (`Nar`), or chunk frames (`NarChunks`, `nar_chunks`) that are
 //! checked and inflated here, off a QUIC stream or a bulk connection.
-//! Either way the caller gets plain NAR bytes in order; judging them (size, hash) is its business.
+//! Either way the caller gets plain NAR bytes in order; judging them
+//! (size, hash) is its business.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;

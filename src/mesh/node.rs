@@ -297,11 +297,7 @@ impl Mesh {
                 nar_hash: *nar_hash,
                 offset: part.start,
                 end: part.end,
-                level: if lz4 {
-                    bulk_level | nar_chunks::LZ4
-                } else {
-                    bulk_level
-                },
+                level: bulk_level | if lz4 { nar_chunks::LZ4 } else { 0 },
             };
             let opened =
                 match transport::bulk_client_config(&self.identity, self.admission.clone(), node) {

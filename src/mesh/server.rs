@@ -429,9 +429,10 @@ impl PeerServer {
         let mut pace = adaptive.then(|| Pace::new(packer.lz4()));
         let mut pending = BytesMut::with_capacity(nar_chunks::CHUNK);
         let mut ended = false;
-        // A packed frame not yet sent (and its NAR bytes): it goes out
-        // while the next chunk is being packed.
-        let mut ready: Option<(Vec<u8>, usize)> = None;
+        // A packed frame not yet sent (its NAR bytes, and the codec that
+        // packed it smaller): it goes out while the next chunk is being
+        // packed.
+        let mut ready: Option<(Vec<u8>, usize, Option<Codec>)> = None;
         loop {
             while pending.len() < nar_chunks::CHUNK && !ended {
                 match stream.next().await {
@@ -454,8 +455,8 @@ impl PeerServer {
                 None => Some(Codec::Zstd),
             };
             if codec.is_none() {
-                if let Some((frame, m)) = ready.take() {
-                    self.put_frame(node, send, frame, m).await?;
+                if let Some((frame, m, packed)) = ready.take() {
+                    self.put_frame(node, send, frame, m, packed).await?;
                 }
                 self.put_raw_frame(node, send, &mut vec![raw]).await?;
                 continue;
@@ -467,8 +468,8 @@ impl PeerServer {
                 let tried = packer.tried_last();
                 (packer, frame, tried, took)
             });
-            if let Some((frame, m)) = ready.take() {
-                self.put_frame(node, send, frame, m).await?;
+            if let Some((frame, m, packed)) = ready.take() {
+                self.put_frame(node, send, frame, m, packed).await?;
             }
             let (back, frame, tried, took) =
                 job.await.map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
@@ -477,32 +478,36 @@ impl PeerServer {
             if let (Some(pace), Some(codec)) = (&mut pace, tried) {
                 pace.packed(codec, n, wire, took.as_secs_f64());
             }
-            match tried.filter(|_| wire < n) {
-                Some(Codec::Zstd) => self.count(&node, |c| c.served_zstd += n as u64),
-                Some(Codec::Lz4) => self.count(&node, |c| c.served_lz4 += n as u64),
-                None => {}
-            }
-            ready = Some((frame, n));
+            ready = Some((frame, n, tried.filter(|_| wire < n)));
         }
-        if let Some((frame, m)) = ready.take() {
-            self.put_frame(node, send, frame, m).await?;
+        if let Some((frame, m, packed)) = ready.take() {
+            self.put_frame(node, send, frame, m, packed).await?;
         }
         Ok(())
     }
 
-    /// A frame of `n` NAR bytes.
+    /// A frame of `n` NAR bytes, `packed` smaller by that codec.
     async fn put_frame<S: NarSink>(
         &self,
         node: NodeId,
         send: &mut S,
         frame: Vec<u8>,
         n: usize,
+        packed: Option<Codec>,
     ) -> Result<(), StreamEnd> {
         send.put(Bytes::from(frame))
             .await
             .map_err(|_| StreamEnd::PeerGone)?;
         // NAR bytes, as the receiver counts them.
-        self.count(&node, |c| c.bytes_served += n as u64);
+        let n = n as u64;
+        self.count(&node, |c| {
+            c.bytes_served += n;
+            match packed {
+                Some(Codec::Zstd) => c.served_zstd += n,
+                Some(Codec::Lz4) => c.served_lz4 += n,
+                None => {}
+            }
+        });
         Ok(())
     }
 
