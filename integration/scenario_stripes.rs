@@ -17,6 +17,8 @@ const SIZE: u64 = 256 << 20;
 const RATE: u64 = 300_000_000;
 /// NAR bytes C has (from all holders) when one holder is killed.
 const CUT_AT: u64 = 96 << 20;
+/// NAR bytes per stripe (`fetch::stripes::STRIPE`).
+const STRIPE: u64 = 2 << 20;
 
 #[derive(Clone, Copy, Debug)]
 enum Loss {
@@ -101,6 +103,24 @@ fn striped(loss: Loss) {
         SIZE >> 20
     );
     assert!(after[1] > before[1] && after[2] > before[2], "{after:?}");
+    // Protocol version 7: every stripe of the holders that stayed came over
+    // TCP, on connections kept from one stripe to the next (two stripes
+    // are under way per holder), not one handshake per stripe.
+    for name in &names[1..] {
+        let c = agent_c.peer(name).map(|p| p.counters).unwrap_or_default();
+        let stripes = c.bytes_fetched / STRIPE;
+        assert!(
+            c.bulk_fetches >= stripes && stripes >= 8,
+            "{name}: {stripes} stripes, {} of them over TCP",
+            c.bulk_fetches
+        );
+        assert!(
+            c.bulk_connections * 4 <= c.bulk_fetches,
+            "{name}: {} bulk connections for {} stripes",
+            c.bulk_connections,
+            c.bulk_fetches
+        );
+    }
     let log = agent_c.log();
     assert!(log.contains("striped=true"), "{log}");
     assert_eq!(agent_c.metric("nixmesh_nar_verify_failures_total"), 0.0);

@@ -33,7 +33,7 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
     }
     let nar = nar_size_sum(holders[0], std::slice::from_ref(&big));
     let holder_config = "[share]\ncontent_addressed = true\n";
-    let _agents: Vec<AgentHandle> = holders
+    let agents: Vec<AgentHandle> = holders
         .iter()
         .map(|h| h.start_agent(holder_config))
         .collect();
@@ -41,7 +41,10 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         h.shape(mbit * 1_000_000);
     }
     let conf = format!("substituters = {SUBSTITUTER}");
+    let holder_pids: Vec<u32> = agents.iter().map(agent_pid).collect();
+    let gib = nar as f64 / (1u64 << 30) as f64;
     let (mut striped, mut single) = (Vec::new(), Vec::new());
+    let (mut striped_cpu, mut single_cpu) = (Vec::new(), Vec::new());
     let mut peak_kib = 0;
     for round in 0..s.rounds {
         let striped_first = round % 2 == 0;
@@ -49,22 +52,28 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             let config = if striping {
                 s.client_config.clone()
             } else {
-                format!("{}\n[mesh]\nstripe_from_mib = 0\n", s.client_config)
+                with_mesh_key(&s.client_config, "stripe_from_mib = 0")
             };
             let agent = client.start_agent(&config);
             wait_sees_peers(&agent, &holders);
             forget(client, std::slice::from_ref(&big), &conf);
+            let mut pids = holder_pids.clone();
+            pids.push(agent_pid(&agent));
+            let cpu_before = cpu_secs(&pids);
             let t = timed(client, &["nix-store", "--realise", &big]);
+            let cpu = (cpu_secs(&pids) - cpu_before) / gib;
             let mbps = nar as f64 / 1e6 / t.as_secs_f64();
             eprintln!(
-                "stripes round {round}: {} {mbps:.0} MB/s",
+                "stripes round {round}: {} {mbps:.0} MB/s, all agents {cpu:.2} CPU-s/GiB",
                 if striping { "striped" } else { "one holder" }
             );
             if striping {
                 striped.push(mbps);
+                striped_cpu.push(cpu);
                 peak_kib = peak_kib.max(vm_hwm(agent_pid(&agent)));
             } else {
                 single.push(mbps);
+                single_cpu.push(cpu);
             }
         }
     }
@@ -80,6 +89,12 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         ratio: format!("striped/one = {:.2}", m / o),
     });
     rows.push(Row {
+        what: "CPU-s per GiB, the client's and all holders' agents together".to_string(),
+        mesh: format!("{:.2}", median(&striped_cpu)),
+        other: format!("{:.2} (one holder)", median(&single_cpu)),
+        ratio: String::new(),
+    });
+    rows.push(Row {
         what: format!("peak RSS, client agent, striped {} MiB NAR, MiB", nar / MIB),
         mesh: format!("{:.1}", peak_kib as f64 / 1024.0),
         other: String::new(),
@@ -91,4 +106,15 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
          client agent and an empty client store for every run."
             .to_string(),
     );
+}
+
+/// `config` with `line` in its `[mesh]` table (added if it has none).
+fn with_mesh_key(config: &str, line: &str) -> String {
+    match config.find("[mesh]\n") {
+        Some(at) => {
+            let end = at + "[mesh]\n".len();
+            format!("{}{line}\n{}", &config[..end], &config[end..])
+        }
+        None => format!("{config}\n[mesh]\n{line}\n"),
+    }
 }

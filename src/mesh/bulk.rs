@@ -4,13 +4,18 @@
 //! in user space); the kernel's TCP moves the same bytes in 64 KiB
 //! segments and leaves the agents little more than AES-GCM.
 //!
-//! A bulk connection carries one `NarChunks` request and its answer,
-//! framed as on a QUIC stream, then closes (TLS close). It is made with the
-//! same identity and admission as the QUIC link and pins the key of the
-//! peer it dials, so it grants nothing QUIC does not. The agent listens on
-//! TCP at its QUIC port; a peer that cannot be reached that way (an older
-//! agent, a firewall) is asked on QUIC, and not over TCP again for
-//! `RETRY_AFTER`.
+//! A bulk connection carries a `NarChunks` request and its answer, framed
+//! as on a QUIC stream, then closes (TLS close). From version 7 an asker
+//! that sets `nar_chunks::KEEP` gets a `DONE` stop header after the part
+//! instead, and the holder waits `SERVE_IDLE` for the next request; the
+//! asker keeps such connections in `Idle` for `KEEP_IDLE` and asks the
+//! next part of that peer on one of them, so parts from `KEPT_FROM` (the
+//! stripes of a NAR that several peers hold) pay no handshake. It is made
+//! with the same identity and admission as the QUIC link and pins the key
+//! of the peer it dials, so it grants nothing QUIC does not. The agent
+//! listens on TCP at its QUIC port; a peer that cannot be reached that way
+//! (an older agent, a firewall) is asked on QUIC, and not over TCP again
+//! for `RETRY_AFTER`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
 use crate::mesh::identity::NodeId;
-use crate::mesh::nar_reader::NarReader;
+use crate::mesh::nar_reader::BulkStream;
 use crate::mesh::nar_sink::BulkIo;
 use crate::mesh::pace::LinkSample;
 use crate::mesh::protocol::{self, Request, Response};
@@ -38,6 +43,17 @@ use crate::mesh::transport::{self, FrameReadError};
 /// NAR parts smaller than this stay on QUIC: a bulk connection costs two
 /// more round trips (TCP, then TLS) before the first byte.
 pub const BULK_FROM: u64 = 4 << 20;
+/// (Version 7.) Parts from this size go over bulk connections, which are
+/// kept for the next part (a stripe is 2 MiB).
+pub const KEPT_FROM: u64 = 1 << 20;
+/// How long an asker keeps an idle bulk connection for the next part.
+pub const KEEP_IDLE: Duration = Duration::from_secs(5);
+/// Idle bulk connections an asker keeps per peer (a striped NAR has two
+/// stripes under way per holder).
+pub const IDLE_PER_PEER: usize = 4;
+/// How long a holder waits for the next request on a kept connection
+/// (longer than askers keep them, so an asker seldom finds one closed).
+pub const SERVE_IDLE: Duration = Duration::from_secs(15);
 /// A peer whose bulk connection failed is asked on QUIC for this long.
 pub const RETRY_AFTER: Duration = Duration::from_secs(300);
 /// TCP connect and TLS handshake together, either side.
@@ -45,9 +61,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bulk connections in their handshake at once; more are closed at once
 /// (each handshake costs a signature and a key exchange).
 const MAX_HANDSHAKES: usize = 32;
-/// Bulk connections being served at once (their NAR streams also count
-/// against the server's NAR slots).
-const MAX_BULK: usize = 128;
+/// Bulk connections open at once, busy or kept idle (their NAR streams
+/// also count against the server's NAR slots).
+const MAX_BULK: usize = 256;
 
 #[derive(Debug, Error)]
 pub enum BulkError {
@@ -66,14 +82,11 @@ pub enum BulkError {
 }
 
 /// Opens a bulk connection to `addr` with `tls` (which pins the peer's
-/// key), sends `req` and reads the answer's first frame. The reader then
-/// carries the chunk frames that follow `NarFollows`.
-pub async fn open(
+/// key).
+pub async fn dial(
     tls: Arc<rustls::ClientConfig>,
     addr: SocketAddr,
-    req: &Request,
-    timeout: Duration,
-) -> Result<(Response, NarReader), BulkError> {
+) -> Result<BulkStream, BulkError> {
     let connect = async {
         let tcp = TcpStream::connect(addr).await.map_err(BulkError::Connect)?;
         let _ = tcp.set_nodelay(true);
@@ -84,20 +97,78 @@ pub async fn open(
             .await
             .map_err(BulkError::Tls)
     };
-    let mut io = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
+    let io = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
         .await
         .map_err(|_| BulkError::Timeout(HANDSHAKE_TIMEOUT))??;
+    Ok(Box::new(io))
+}
+
+/// Sends `req` on a bulk connection and reads the answer's first frame.
+/// The connection then carries the chunk frames that follow `NarFollows`
+/// (`NarReader::bulk`).
+pub async fn ask(
+    mut io: BulkStream,
+    req: &Request,
+    timeout: Duration,
+) -> Result<(Response, BulkStream), BulkError> {
     io.write_all(&req.encode())
         .await
         .map_err(BulkError::Write)?;
     io.flush().await.map_err(BulkError::Write)?;
     let body = transport::read_frame_from(&mut io, protocol::MAX_RESPONSE_FRAME, timeout).await?;
-    let resp = Response::decode(&body)?;
-    let level = match req {
-        Request::NarChunks { level, .. } => *level,
-        _ => 0,
-    };
-    Ok((resp, NarReader::bulk(Box::new(io), level)))
+    Ok((Response::decode(&body)?, io))
+}
+
+/// Idle bulk connections (version 7) an asker keeps for the next part,
+/// per peer, newest last. Generic over the connection for its tests.
+pub struct Idle<C> {
+    conns: Mutex<HashMap<NodeId, Vec<(C, Instant)>>>,
+}
+
+impl<C> Default for Idle<C> {
+    fn default() -> Self {
+        Self {
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<C> Idle<C> {
+    /// Keeps `conn`, ready for `node`'s next part since `now`, unless
+    /// `IDLE_PER_PEER` are kept already. Connections idle for `KEEP_IDLE`
+    /// are closed on the way, whichever peer's.
+    pub fn put(&self, node: NodeId, conn: C, now: Instant) {
+        let mut conns = lock(&self.conns);
+        conns.retain(|_, kept| {
+            kept.retain(|(_, since)| now.duration_since(*since) < KEEP_IDLE);
+            !kept.is_empty()
+        });
+        let kept = conns.entry(node).or_default();
+        if kept.len() < IDLE_PER_PEER {
+            kept.push((conn, now));
+        }
+    }
+
+    /// Whether a connection to `node` is kept and not idle for `KEEP_IDLE`.
+    pub fn has(&self, node: &NodeId, now: Instant) -> bool {
+        lock(&self.conns).get(node).is_some_and(|kept| {
+            kept.iter()
+                .any(|(_, since)| now.duration_since(*since) < KEEP_IDLE)
+        })
+    }
+
+    /// The most recently kept connection to `node` not idle for
+    /// `KEEP_IDLE`.
+    pub fn take(&self, node: &NodeId, now: Instant) -> Option<C> {
+        let mut conns = lock(&self.conns);
+        let kept = conns.get_mut(node)?;
+        kept.retain(|(_, since)| now.duration_since(*since) < KEEP_IDLE);
+        let conn = kept.pop().map(|(c, _)| c);
+        if kept.is_empty() {
+            conns.remove(node);
+        }
+        conn
+    }
 }
 
 /// Which peers are asked on QUIC for now, after a bulk connection to them
@@ -284,5 +355,37 @@ mod tests {
         assert!(!resting.resting(&node, t + RETRY_AFTER));
         // And it is forgotten once the rest is over.
         assert!(!resting.resting(&node, t + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn kept_connections_go_to_their_peer_newest_first_until_they_idle_too_long() {
+        let idle: Idle<u32> = Idle::default();
+        let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
+        let t = Instant::now();
+        idle.put(a, 1, t);
+        idle.put(a, 2, t + Duration::from_secs(1));
+        idle.put(b, 3, t);
+        assert!(idle.has(&a, t + Duration::from_secs(2)));
+        assert_eq!(idle.take(&a, t + Duration::from_secs(2)), Some(2));
+        assert_eq!(idle.take(&b, t + Duration::from_secs(2)), Some(3));
+        assert_eq!(idle.take(&b, t + Duration::from_secs(2)), None);
+        // The older one of `a` has idled for `KEEP_IDLE`: closed, not
+        // handed out.
+        assert!(!idle.has(&a, t + KEEP_IDLE));
+        assert_eq!(idle.take(&a, t + KEEP_IDLE), None);
+    }
+
+    #[test]
+    fn a_peer_gets_at_most_so_many_idle_connections_and_stale_ones_of_others_are_dropped() {
+        let idle: Idle<usize> = Idle::default();
+        let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
+        let t = Instant::now();
+        idle.put(b, 99, t);
+        for i in 0..IDLE_PER_PEER + 2 {
+            idle.put(a, i, t + KEEP_IDLE);
+        }
+        assert_eq!(lock(&idle.conns).get(&a).map(Vec::len), Some(IDLE_PER_PEER));
+        // `b`'s connection was closed when `a`'s were kept after it idled.
+        assert!(!lock(&idle.conns).contains_key(&b));
     }
 }

@@ -114,7 +114,7 @@ pub struct Packer {
 
 impl Packer {
     pub fn new(level: u8) -> Self {
-        let zstd_level = level & !(ADAPTIVE | LZ4);
+        let zstd_level = level & !(ADAPTIVE | LZ4 | KEEP);
         let compressor = (zstd_level > 0)
             .then(|| zstd::bulk::Compressor::new(i32::from(zstd_level.min(MAX_LEVEL))).ok())
             .flatten();
@@ -245,6 +245,13 @@ pub const ADAPTIVE: u8 = 0x80;
 /// (Version 6.) Set in a request's level: the asker reads LZ4 chunks, and
 /// every compressed payload begins with its codec byte.
 pub const LZ4: u8 = 0x40;
+/// (Version 7.) Set in a bulk connection's request: the holder ends the
+/// part with a stop header of code `DONE` and reads the next request on
+/// the same connection.
+pub const KEEP: u8 = 0x20;
+/// The stop code that ends a part whose request set `KEEP`: all of it was
+/// sent, and the connection is ready for another request.
+pub const DONE: u32 = 0;
 
 /// The receiver's side: inflates frames, never past their raw length.
 pub struct Unpacker {

@@ -4,10 +4,15 @@
 //! Either way the caller gets plain NAR bytes in order; judging them
 //! (size, hash) is its business.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
+use crate::mesh::bulk::Idle;
+use crate::mesh::identity::NodeId;
 use crate::mesh::nar_chunks::{self, ChunkError, ChunkHeader, Unpacker, HEADER};
 
 /// Largest piece read off a raw stream at once.
@@ -44,8 +49,16 @@ impl NarReadError {
     }
 }
 
-/// The read half of a bulk connection (TLS on TCP).
-pub type BulkStream = Box<dyn AsyncRead + Send + Unpin>;
+/// A bulk connection (TLS on TCP) as the asker holds it.
+pub trait BulkConn: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> BulkConn for T {}
+pub type BulkStream = Box<dyn BulkConn>;
+
+/// (Version 7.) Where a kept bulk connection goes once its part is done.
+pub struct Recycle {
+    pub idle: Arc<Idle<BulkStream>>,
+    pub node: NodeId,
+}
 
 pub enum NarReader {
     Raw {
@@ -58,11 +71,14 @@ pub enum NarReader {
         /// Bytes on the wire so far (frames and headers).
         wire: u64,
     },
-    /// Chunk frames on a bulk connection, which ends after the last.
+    /// Chunk frames on a bulk connection, which ends after the last (or,
+    /// kept, is handed to `recycle` at the holder's `DONE`).
     Bulk {
-        io: BulkStream,
+        /// `None` once the part is done.
+        io: Option<BulkStream>,
         unpacker: Unpacker,
         wire: u64,
+        recycle: Option<Recycle>,
     },
 }
 
@@ -83,12 +99,14 @@ impl NarReader {
         }
     }
 
-    /// Chunk frames on a bulk connection answering a request at `level`.
-    pub fn bulk(io: BulkStream, level: u8) -> Self {
+    /// Chunk frames on a bulk connection answering a request at `level`;
+    /// with `recycle`, the request set `nar_chunks::KEEP`.
+    pub fn bulk(io: BulkStream, level: u8, recycle: Option<Recycle>) -> Self {
         NarReader::Bulk {
-            io,
+            io: Some(io),
             unpacker: Unpacker::new(level),
             wire: 0,
+            recycle,
         }
     }
 
@@ -129,15 +147,32 @@ impl NarReader {
                 *wire += (HEADER + payload.len()) as u64;
                 Ok(Some(unpacker.unpack(header, payload.freeze())?))
             }
-            NarReader::Bulk { io, unpacker, wire } => {
+            NarReader::Bulk {
+                io: slot,
+                unpacker,
+                wire,
+                recycle,
+            } => {
+                let Some(io) = slot else {
+                    return Ok(None);
+                };
                 let mut head = [0u8; HEADER];
                 match fill(io, &mut head).await.map_err(NarReadError::Bulk)? {
                     0 => return Ok(None),
                     n if n < HEADER => return Err(NarReadError::EndsMidFrame),
                     _ => {}
                 }
-                if let Some(code) = nar_chunks::stop_code(head) {
-                    return Err(NarReadError::Stopped(code));
+                match nar_chunks::stop_code(head) {
+                    // The part is over and the connection ready for the
+                    // next; one that was not asked to stay is closed.
+                    Some(nar_chunks::DONE) => {
+                        if let (Some(io), Some(r)) = (slot.take(), recycle.take()) {
+                            r.idle.put(r.node, io, Instant::now());
+                        }
+                        return Ok(None);
+                    }
+                    Some(code) => return Err(NarReadError::Stopped(code)),
+                    None => {}
                 }
                 let header = ChunkHeader::parse(head)?;
                 let len = header.wire_len as usize;

@@ -32,7 +32,7 @@ use crate::mesh::discovery::DiscoveryEvent;
 use crate::mesh::identity::NodeId;
 use crate::mesh::inbound::InboundGate;
 use crate::mesh::nar_chunks;
-use crate::mesh::nar_reader::NarReader;
+use crate::mesh::nar_reader::{BulkStream, NarReader, Recycle};
 use crate::mesh::peers::{LinkStats, Peer, PeerCounters, PeerSource, PeerTable, PeerView};
 use crate::mesh::protocol::{Request, Response};
 use crate::mesh::server::PeerServer;
@@ -129,6 +129,8 @@ pub struct Mesh {
     shutdown: CancellationToken,
     /// Peers whose bulk connection failed, asked on QUIC for a while.
     bulk_resting: bulk::Resting,
+    /// Bulk connections kept for the next part (version 7).
+    bulk_idle: Arc<bulk::Idle<BulkStream>>,
     /// Where bulk connections are taken (TCP), once listening.
     bulk_addr: std::sync::OnceLock<SocketAddr>,
 }
@@ -209,6 +211,7 @@ impl Mesh {
             feeds: Mutex::new(HashMap::new()),
             shutdown: shutdown.clone(),
             bulk_resting: bulk::Resting::default(),
+            bulk_idle: Arc::default(),
             bulk_addr: std::sync::OnceLock::new(),
         });
         mesh.listen_bulk(&tasks, &shutdown);
@@ -270,9 +273,10 @@ impl Mesh {
     /// Opens `part` of a NAR from `node` (see `client::open_nar_part`):
     /// over a bulk connection (in chunk frames at `bulk_level`, which may
     /// leave compression to the holder, from version 6 with LZ4 too) when
-    /// the part is large (`len` bytes, at least `bulk::BULK_FROM`) and the
-    /// peer speaks version 5;
-    /// otherwise, or when that fails, on a stream of `conn` at `level`.
+    /// the part is large (`len` bytes, at least `bulk::BULK_FROM`; from
+    /// version 7 `bulk::KEPT_FROM` for a stripe, or where a connection is
+    /// kept from the last part) and the peer speaks version 5; otherwise,
+    /// or when that fails, on a stream of `conn` at `level`.
     #[allow(clippy::too_many_arguments)]
     pub async fn open_nar_part(
         &self,
@@ -286,31 +290,36 @@ impl Mesh {
         bulk_level: u8,
         timeout: Duration,
     ) -> Result<Option<(u64, NarReader)>, PeerError> {
-        let bulk = len >= bulk::BULK_FROM
-            && transport::version(conn) >= 5
-            && !self.bulk_resting.resting(&node, Instant::now());
-        if bulk {
+        let version = transport::version(conn);
+        let keep = version >= 7;
+        let now = Instant::now();
+        // A part with an end is a stripe: more parts of the NAR follow from
+        // this holder, so a kept connection pays for its handshake.
+        let stripe = part.end != u64::MAX;
+        let large = len >= bulk::BULK_FROM
+            || (keep && len >= bulk::KEPT_FROM && (stripe || self.bulk_idle.has(&node, now)));
+        if large && version >= 5 && !self.bulk_resting.resting(&node, now) {
             // From version 6 a holder that picks the codec may pick LZ4.
-            let lz4 = bulk_level & nar_chunks::ADAPTIVE != 0 && transport::version(conn) >= 6;
+            let lz4 = bulk_level & nar_chunks::ADAPTIVE != 0 && version >= 6;
+            let level = bulk_level
+                | if lz4 { nar_chunks::LZ4 } else { 0 }
+                | if keep { nar_chunks::KEEP } else { 0 };
             let req = Request::NarChunks {
                 hash: hash.clone(),
                 nar_hash: *nar_hash,
                 offset: part.start,
                 end: part.end,
-                level: bulk_level | if lz4 { nar_chunks::LZ4 } else { 0 },
+                level,
             };
-            let opened =
-                match transport::bulk_client_config(&self.identity, self.admission.clone(), node) {
-                    Ok(tls) => bulk::open(tls, conn.remote_address(), &req, timeout)
-                        .await
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-            match opened {
+            match self.ask_bulk(node, conn, &req, timeout).await {
                 Ok((Response::NotFound, _)) => return Ok(None),
-                Ok((Response::NarFollows { nar_size }, reader)) => {
+                Ok((Response::NarFollows { nar_size }, io)) => {
                     self.count(&node, |c| c.bulk_fetches += 1);
-                    return Ok(Some((nar_size, reader)));
+                    let recycle = keep.then(|| Recycle {
+                        idle: self.bulk_idle.clone(),
+                        node,
+                    });
+                    return Ok(Some((nar_size, NarReader::bulk(io, level, recycle))));
                 }
                 // Busy, or an error it would give on QUIC too: QUIC says.
                 Ok((other, _)) => {
@@ -323,6 +332,35 @@ impl Mesh {
             }
         }
         client::open_nar_part(conn, hash, nar_hash, part, level, timeout).await
+    }
+
+    /// Sends `req` to `node` over a bulk connection kept from its last
+    /// part, or (when there is none, or it fails before it answers) a new
+    /// one.
+    async fn ask_bulk(
+        &self,
+        node: NodeId,
+        conn: &quinn::Connection,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<(Response, BulkStream), String> {
+        if let Some(io) = self.bulk_idle.take(&node, Instant::now()) {
+            match bulk::ask(io, req, timeout).await {
+                Ok(answer) => return Ok(answer),
+                // The holder closed it (it restarted, or let it idle out
+                // just before): dial.
+                Err(e) => {
+                    tracing::debug!(peer = %node, error = %e, "a kept bulk connection failed")
+                }
+            }
+        }
+        let tls = transport::bulk_client_config(&self.identity, self.admission.clone(), node)
+            .map_err(|e| e.to_string())?;
+        let io = bulk::dial(tls, conn.remote_address())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.count(&node, |c| c.bulk_connections += 1);
+        bulk::ask(io, req, timeout).await.map_err(|e| e.to_string())
     }
 
     /// The server that answers this node's peers.

@@ -53,6 +53,10 @@ pub struct PeerCounters {
     /// NARs (or stripes of them) received over bulk connections (TCP).
     #[serde(default)]
     pub bulk_fetches: u64,
+    /// Bulk connections dialed to the peer (from version 7 kept for the
+    /// next part, so fewer than `bulk_fetches`).
+    #[serde(default)]
+    pub bulk_connections: u64,
     /// Of `bytes_served`, those sent in chunks packed with zstd, and with
     /// LZ4 (protocol version 6).
     #[serde(default)]

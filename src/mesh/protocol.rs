@@ -43,12 +43,21 @@ pub const ALPN_V5: &[u8] = b"nixmesh/5";
 /// LZ4 or zstd, whichever carries more NAR per second over the link
 /// (`mesh::pace`), naming the codec in the chunk.
 pub const ALPN_V6: &[u8] = b"nixmesh/6";
+/// Version 7 keeps bulk connections open: an asker may set
+/// `nar_chunks::KEEP` in a `NarChunks` request's level, and the holder then
+/// ends the part with a stop header of code `nar_chunks::DONE` and waits
+/// for the next request on the same connection. Askers keep a few idle
+/// bulk connections per peer, so stripes and medium NARs go over TCP
+/// without a handshake each.
+pub const ALPN_V7: &[u8] = b"nixmesh/7";
 /// The ALPN of a bulk connection (TLS on TCP, version 5).
 pub const ALPN_BULK: &[u8] = b"nixmesh-bulk/1";
 /// The newest protocol version.
-pub const NEWEST: u32 = 6;
+pub const NEWEST: u32 = 7;
 /// What this node offers and accepts, in order of preference.
-pub const ALPNS: [&[u8]; 6] = [ALPN_V6, ALPN_V5, ALPN_V4, ALPN_V3, ALPN_V2, ALPN_V1];
+pub const ALPNS: [&[u8]; 7] = [
+    ALPN_V7, ALPN_V6, ALPN_V5, ALPN_V4, ALPN_V3, ALPN_V2, ALPN_V1,
+];
 /// Largest request body: a `Have` of `MAX_HAVE_BATCH` hash parts is about
 /// 33 KiB, every other request under 100 bytes. The server allocates this
 /// much per stream at most, on up to 128 streams per peer.
@@ -468,8 +477,8 @@ impl Request {
                 let offset = r.u64()?;
                 let end = r.u64()?;
                 let level = r.u8()?;
-                use crate::mesh::nar_chunks::{ADAPTIVE, LZ4, MAX_LEVEL};
-                if level & !(ADAPTIVE | LZ4) > MAX_LEVEL {
+                use crate::mesh::nar_chunks::{ADAPTIVE, KEEP, LZ4, MAX_LEVEL};
+                if level & !(ADAPTIVE | LZ4 | KEEP) > MAX_LEVEL {
                     return Err(FrameError::BadField("level"));
                 }
                 if end < offset {

@@ -18,13 +18,14 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
+use crate::mesh::bulk;
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_chunks::{self, Codec, Packer};
 use crate::mesh::nar_sink::{BulkIo, BulkSink, NarSink};
 use crate::mesh::pace::Pace;
 use crate::mesh::peers::PeerTable;
 use crate::mesh::protocol::{self, code, Request, Response};
-use crate::mesh::transport::{self, REQUEST_TIMEOUT};
+use crate::mesh::transport::{self, FrameReadError, REQUEST_TIMEOUT};
 use crate::nix::{binary_cache, HashPart, PathInfo, Sha256Hash};
 
 /// NAR streams served at once, to all peers together.
@@ -174,13 +175,46 @@ impl PeerServer {
     /// 5) from `node`: only `NarChunks`, answered as on a QUIC stream. A
     /// stream that would be reset ends with a stop header carrying the
     /// reset's code instead (`nar_chunks::stop_header`).
-    pub async fn serve_bulk<S: BulkIo>(&self, node: NodeId, mut io: S) {
-        let request =
-            transport::read_frame_from(&mut io, protocol::MAX_REQUEST_FRAME, REQUEST_TIMEOUT)
-                .await
-                .map_err(|e| (e.code(), e.to_string()))
-                .and_then(|body| Request::decode(&body).map_err(|e| (e.code(), e.to_string())));
+    /// Answers the requests of a bulk connection: one, or (version 7)
+    /// while each sets `nar_chunks::KEEP`, the next within
+    /// `bulk::SERVE_IDLE` of the last.
+    pub async fn serve_bulk<S: BulkIo>(&self, node: NodeId, io: S) {
         let mut sink = BulkSink(io);
+        let mut wait = REQUEST_TIMEOUT;
+        loop {
+            let request =
+                transport::read_frame_from(&mut sink.0, protocol::MAX_REQUEST_FRAME, wait).await;
+            if wait == bulk::SERVE_IDLE
+                && matches!(
+                    request,
+                    Err(FrameReadError::Read(_) | FrameReadError::Timeout(_))
+                )
+            {
+                // A kept connection the asker closed or left idle.
+                break;
+            }
+            match self.serve_bulk_request(node, &mut sink, request).await {
+                Some(true) => wait = bulk::SERVE_IDLE,
+                Some(false) => break,
+                None => return,
+            }
+        }
+        let _ = sink.0.shutdown().await;
+    }
+
+    /// One request on a bulk connection. `Some(true)`: it was answered
+    /// and the connection stays for the next; `Some(false)`: it was
+    /// answered, or refused, and the connection closes; `None`: the asker
+    /// is gone.
+    async fn serve_bulk_request<S: BulkIo>(
+        &self,
+        node: NodeId,
+        sink: &mut BulkSink<S>,
+        request: Result<Vec<u8>, FrameReadError>,
+    ) -> Option<bool> {
+        let request = request
+            .map_err(|e| (e.code(), e.to_string()))
+            .and_then(|body| Request::decode(&body).map_err(|e| (e.code(), e.to_string())));
         let (hash, nar_hash, part, level) = match request {
             Ok(Request::NarChunks {
                 hash,
@@ -199,9 +233,8 @@ impl PeerServer {
                 };
                 tracing::warn!(peer = %node, reason = %message, "bad request on a bulk connection");
                 self.count(&node, |c| c.errors += 1);
-                let _ = write_response(&mut sink, &Response::Error { code, message }).await;
-                let _ = sink.0.shutdown().await;
-                return;
+                let _ = write_response(sink, &Response::Error { code, message }).await;
+                return Some(false);
             }
         };
         self.count(&node, |c| c.requests_served += 1);
@@ -212,22 +245,23 @@ impl PeerServer {
             Framing::Chunks(packer)
         };
         let served = self
-            .serve_nar(node, &mut sink, hash, nar_hash, part, framing)
+            .serve_nar(node, sink, hash, nar_hash, part, framing)
             .await;
-        match served {
-            Ok(()) => {}
-            // Resets come between whole frames, after `NarFollows`: a stop
-            // header in place of the next frame says what a QUIC stream's
-            // reset would.
-            Err(StreamEnd::Reset(code)) => {
-                let stop = Bytes::copy_from_slice(&nar_chunks::stop_header(code));
-                if sink.put(stop).await.is_err() {
-                    return;
-                }
-            }
-            Err(StreamEnd::PeerGone) => return,
-        }
-        let _ = sink.0.shutdown().await;
+        // Resets come between whole frames, after `NarFollows`: a stop
+        // header in place of the next frame says what a QUIC stream's
+        // reset would, and `DONE` that all was sent.
+        let (stop, keep) = match served {
+            Ok(()) if level & nar_chunks::KEEP != 0 => (nar_chunks::DONE, true),
+            Ok(()) => return Some(false),
+            Err(StreamEnd::Reset(code)) => (code, false),
+            Err(StreamEnd::PeerGone) => return None,
+        };
+        let stop = Bytes::copy_from_slice(&nar_chunks::stop_header(stop));
+        sink.put(stop).await.ok()?;
+        // What TLS still holds goes out now, not at the close that a kept
+        // connection does not come to.
+        sink.0.flush().await.ok()?;
+        Some(keep)
     }
 
     async fn serve_stream(

@@ -97,7 +97,7 @@ impl Collector for PeerCollector {
             gauge.encode(m)?;
         }
 
-        let per_peer: [PeerCounter; 5] = [
+        let per_peer: [PeerCounter; 7] = [
             (
                 "nixmesh_peer_bytes_fetched",
                 "NAR bytes received from each peer",
@@ -117,6 +117,16 @@ impl Collector for PeerCollector {
                 "nixmesh_peer_bytes_served_lz4",
                 "Of the NAR bytes sent to each peer, those in chunks packed with LZ4",
                 |p| p.counters.served_lz4,
+            ),
+            (
+                "nixmesh_peer_bulk_fetches",
+                "NARs or stripes of them received from each peer over bulk connections (TCP)",
+                |p| p.counters.bulk_fetches,
+            ),
+            (
+                "nixmesh_peer_bulk_connections",
+                "Bulk connections (TCP) dialed to each peer",
+                |p| p.counters.bulk_connections,
             ),
             (
                 "nixmesh_peer_errors",
