@@ -181,6 +181,10 @@ impl PeerServer {
     pub async fn serve_bulk<S: BulkIo>(&self, node: NodeId, io: S) {
         let mut sink = BulkSink(io);
         let mut wait = REQUEST_TIMEOUT;
+        // What the connection has learnt of its link and the codecs, kept
+        // from one part to the next: a 2 MiB stripe is too short to learn
+        // it afresh.
+        let mut pace = None;
         loop {
             let request =
                 transport::read_frame_from(&mut sink.0, protocol::MAX_REQUEST_FRAME, wait).await;
@@ -193,7 +197,10 @@ impl PeerServer {
                 // A kept connection the asker closed or left idle.
                 break;
             }
-            match self.serve_bulk_request(node, &mut sink, request).await {
+            match self
+                .serve_bulk_request(node, &mut sink, &mut pace, request)
+                .await
+            {
                 Some(true) => wait = bulk::SERVE_IDLE,
                 Some(false) => break,
                 None => return,
@@ -210,6 +217,7 @@ impl PeerServer {
         &self,
         node: NodeId,
         sink: &mut BulkSink<S>,
+        pace: &mut Option<Pace>,
         request: Result<Vec<u8>, FrameReadError>,
     ) -> Option<bool> {
         let request = request
@@ -240,7 +248,12 @@ impl PeerServer {
         self.count(&node, |c| c.requests_served += 1);
         let packer = Packer::new(level);
         let framing = if level & nar_chunks::ADAPTIVE != 0 {
-            Framing::Adaptive(packer)
+            let lz4 = packer.lz4();
+            let pace = match pace {
+                Some(p) if p.reads_lz4() == lz4 => p,
+                _ => pace.insert(Pace::new(lz4)),
+            };
+            Framing::Adaptive(packer, pace)
         } else {
             Framing::Chunks(packer)
         };
@@ -391,7 +404,7 @@ impl PeerServer {
         hash: HashPart,
         nar_hash: crate::nix::Sha256Hash,
         part: std::ops::Range<u64>,
-        framing: Framing,
+        framing: Framing<'_>,
     ) -> Result<(), StreamEnd> {
         let offset = part.start;
         let info = match self.shared.info(hash) {
@@ -424,8 +437,11 @@ impl PeerServer {
         let stream = take_bytes(self.shared.nar(info, offset), end - offset);
         match framing {
             Framing::Raw => self.send_raw(node, send, stream).await,
-            Framing::Chunks(packer) => self.send_chunks(node, send, stream, packer, false).await,
-            Framing::Adaptive(packer) => self.send_chunks(node, send, stream, packer, true).await,
+            Framing::Chunks(packer) => self.send_chunks(node, send, stream, packer, None).await,
+            Framing::Adaptive(packer, pace) => {
+                self.send_chunks(node, send, stream, packer, Some(pace))
+                    .await
+            }
         }
     }
 
@@ -446,8 +462,8 @@ impl PeerServer {
 
     /// The NAR in chunk frames of `nar_chunks::CHUNK` bytes (the last one
     /// shorter). Compression runs on the blocking pool, off the workers
-    /// that move every peer's bytes. `adaptive`: each chunk is packed only
-    /// if the pace of the link says it pays (`mesh::pace`), else it goes
+    /// that move every peer's bytes. With a `pace`: each chunk is packed
+    /// only if the pace of the link says it pays (`mesh::pace`), else it goes
     /// out as it is.
     async fn send_chunks<S: NarSink>(
         &self,
@@ -455,12 +471,11 @@ impl PeerServer {
         send: &mut S,
         mut stream: NarBytes,
         mut packer: Packer,
-        adaptive: bool,
+        mut pace: Option<&mut Pace>,
     ) -> Result<(), StreamEnd> {
         if !packer.compresses() {
             return self.send_raw_frames(node, send, stream).await;
         }
-        let mut pace = adaptive.then(|| Pace::new(packer.lz4()));
         let mut pending = BytesMut::with_capacity(nar_chunks::CHUNK);
         let mut ended = false;
         // A packed frame not yet sent (its NAR bytes, and the codec that
@@ -770,14 +785,15 @@ fn nar_fault(e: NarFault) -> StreamEnd {
 }
 
 /// How a NAR answer is framed.
-enum Framing {
+enum Framing<'a> {
     /// Raw bytes to the end of the stream (`Nar`).
     Raw,
     /// Chunk frames at the packer's level (`NarChunks`).
     Chunks(Packer),
     /// Chunk frames, each packed only while the pace of the link says it
-    /// pays (`nar_chunks::ADAPTIVE`, on a bulk connection).
-    Adaptive(Packer),
+    /// pays (`nar_chunks::ADAPTIVE`, on a bulk connection), by the
+    /// connection's pace.
+    Adaptive(Packer, &'a mut Pace),
 }
 
 enum StreamEnd {
