@@ -843,3 +843,118 @@ fn bulk_connections_admit_as_quic_does_and_answer_bad_requests_with_an_error() {
     // The agent carries on: its QUIC peers are still alive.
     assert!(all_alive(&open, &["other"]));
 }
+
+/// Reads one part off a bulk connection answering a request at `level`;
+/// the part's NAR bytes, and the connection if the holder ended the part
+/// with `DONE` (handed back through an idle pool, as the agent's are).
+async fn read_bulk_part(
+    io: nixmesh::mesh::nar_reader::BulkStream,
+    level: u8,
+) -> (Vec<u8>, Option<nixmesh::mesh::nar_reader::BulkStream>) {
+    use nixmesh::mesh::bulk::Idle;
+    use nixmesh::mesh::nar_reader::{NarReader, Recycle};
+    let idle = std::sync::Arc::new(Idle::default());
+    let node = nixmesh::mesh::identity::NodeId([9; 32]);
+    let recycle = Recycle {
+        idle: idle.clone(),
+        node,
+    };
+    let mut reader = NarReader::bulk(io, level, Some(recycle));
+    let mut bytes = Vec::new();
+    while let Some(piece) = reader.next().await.expect("a well-formed part") {
+        bytes.extend_from_slice(&piece);
+    }
+    (bytes, idle.take(&node, Instant::now()))
+}
+
+/// Protocol version 7 against a real holder: a bulk connection whose
+/// requests set `KEEP` carries part after part, each ended by `DONE`; a
+/// request without it is the connection's last; a bad request on a kept
+/// connection gets its `Error` and the close.
+#[test]
+fn a_kept_bulk_connection_carries_part_after_part() {
+    use nixmesh::mesh::{bulk, nar_chunks};
+    let text: Vec<u8> = b"a kept bulk connection carries part after part\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(3 << 20)
+        .collect();
+    let pair = office_pair(&[("kept.txt", &text)]);
+    let path = &pair.paths[0];
+    let nar = pair.a.store.dump(path);
+    let info = pair.a.store.path_info_json(path);
+    let nar_hash =
+        nixmesh::nix::Sha256Hash::parse(info["narHash"].as_str().expect("narHash")).unwrap();
+    let hash = nixmesh::nix::HashPart::parse(hash_part(path)).unwrap();
+    let len = nar.len() as u64;
+    let ask = |part: std::ops::Range<u64>, level: u8| Request::NarChunks {
+        hash: hash.clone(),
+        nar_hash,
+        offset: part.start,
+        end: part.end,
+        level,
+    };
+    let keep = nar_chunks::ADAPTIVE | nar_chunks::LZ4 | nar_chunks::KEEP | 1;
+    let timeout = Duration::from_secs(10);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let key = SecretKey::generate("raw").unwrap();
+        let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
+        let node = nixmesh::mesh::identity::NodeId::parse(&pair.a.key).unwrap();
+        let tls = transport::bulk_client_config(&id, Admission::default(), node).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", pair.a.quic).parse().unwrap();
+        let mut io = bulk::dial(tls.clone(), addr)
+            .await
+            .expect("a bulk connection");
+        // Two kept parts, then one that is the last, all on one connection.
+        let parts = [0..len / 3, len / 3..2 * len / 3, 2 * len / 3..len];
+        for (i, part) in parts.into_iter().enumerate() {
+            let last = i == 2;
+            let level = if last { keep & !nar_chunks::KEEP } else { keep };
+            let (answer, conn) = bulk::ask(io, &ask(part.clone(), level), timeout)
+                .await
+                .unwrap_or_else(|e| panic!("part {i} on the same connection: {e}"));
+            assert_eq!(answer, Response::NarFollows { nar_size: len });
+            let (bytes, kept) = read_bulk_part(conn, level).await;
+            assert!(
+                bytes == nar[part.start as usize..part.end as usize],
+                "part {i}: {} bytes, not the NAR's {part:?}",
+                bytes.len()
+            );
+            match kept {
+                Some(conn) if !last => io = conn,
+                None if last => break,
+                other => panic!("part {i}: kept {}", other.is_some()),
+            }
+        }
+        // A kept connection that gets a bad request answers it and closes.
+        let io = bulk::dial(tls, addr).await.expect("a bulk connection");
+        let (answer, conn) = bulk::ask(io, &ask(0..len, keep), timeout).await.unwrap();
+        assert_eq!(answer, Response::NarFollows { nar_size: len });
+        let (bytes, kept) = read_bulk_part(conn, keep).await;
+        assert!(bytes == nar);
+        let conn = kept.expect("kept after a whole NAR");
+        let (answer, mut conn) = bulk::ask(conn, &Request::Ping { nonce: 1 }, timeout)
+            .await
+            .expect("an answer to a bad request");
+        assert!(
+            matches!(
+                answer,
+                Response::Error {
+                    code: code::UNKNOWN_KIND,
+                    ..
+                }
+            ),
+            "{answer:?}"
+        );
+        use tokio::io::AsyncReadExt;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(timeout, conn.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "the holder closes after the bad request: {read:?} {rest:?}"
+        );
+    });
+    drop(pair.agents);
+}
