@@ -180,15 +180,21 @@ impl PeerServer {
     /// `bulk::SERVE_IDLE` of the last.
     pub async fn serve_bulk<S: BulkIo>(&self, node: NodeId, io: S) {
         let mut sink = BulkSink(io);
-        let mut wait = REQUEST_TIMEOUT;
+        // Whether the last request was answered and the connection kept.
+        let mut kept = false;
         // What the connection has learnt of its link and the codecs, kept
         // from one part to the next: a 2 MiB stripe is too short to learn
         // it afresh.
         let mut pace = None;
         loop {
+            let wait = if kept {
+                bulk::SERVE_IDLE
+            } else {
+                REQUEST_TIMEOUT
+            };
             let request =
                 transport::read_frame_from(&mut sink.0, protocol::MAX_REQUEST_FRAME, wait).await;
-            if wait == bulk::SERVE_IDLE
+            if kept
                 && matches!(
                     request,
                     Err(FrameReadError::Read(_) | FrameReadError::Timeout(_))
@@ -201,7 +207,7 @@ impl PeerServer {
                 .serve_bulk_request(node, &mut sink, &mut pace, request)
                 .await
             {
-                Some(true) => wait = bulk::SERVE_IDLE,
+                Some(true) => kept = true,
                 Some(false) => break,
                 None => return,
             }
