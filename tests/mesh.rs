@@ -861,7 +861,13 @@ async fn read_bulk_part(
     };
     let mut reader = NarReader::bulk(io, level, Some(recycle));
     let mut bytes = Vec::new();
-    while let Some(piece) = reader.next().await.expect("a well-formed part") {
+    // A holder that sent neither `DONE` nor the close fails the test.
+    let next = Duration::from_secs(10);
+    while let Some(piece) = tokio::time::timeout(next, reader.next())
+        .await
+        .expect("the holder goes on or ends the part")
+        .expect("a well-formed part")
+    {
         bytes.extend_from_slice(&piece);
     }
     (bytes, idle.take(&node, Instant::now()))

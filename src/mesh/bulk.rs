@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,8 +40,9 @@ use crate::mesh::protocol::{self, Request, Response};
 use crate::mesh::server::PeerServer;
 use crate::mesh::transport::{self, FrameReadError};
 
-/// NAR parts smaller than this stay on QUIC: a bulk connection costs two
-/// more round trips (TCP, then TLS) before the first byte.
+/// NAR parts smaller than this stay on QUIC unless a kept connection
+/// (version 7) takes them: a new bulk connection costs two more round
+/// trips (TCP, then TLS) before the first byte.
 pub const BULK_FROM: u64 = 4 << 20;
 /// (Version 7.) Parts from this size go over bulk connections, which are
 /// kept for the next part (a stripe is 2 MiB).
@@ -61,9 +62,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bulk connections in their handshake at once; more are closed at once
 /// (each handshake costs a signature and a key exchange).
 const MAX_HANDSHAKES: usize = 32;
-/// Bulk connections open at once, busy or kept idle (their NAR streams
-/// also count against the server's NAR slots).
+/// Bulk connections serving a part at once (their NAR streams also count
+/// against the server's NAR slots).
 const MAX_BULK: usize = 256;
+/// (Version 7.) Kept bulk connections waiting idle for their next request
+/// at once; past it, a connection closes after its part.
+const MAX_BULK_IDLE: usize = 256;
 
 #[derive(Debug, Error)]
 pub enum BulkError {
@@ -134,19 +138,15 @@ impl<C> Default for Idle<C> {
 }
 
 impl<C> Idle<C> {
-    /// Keeps `conn`, ready for `node`'s next part since `now`, unless
-    /// `IDLE_PER_PEER` are kept already. Connections idle for `KEEP_IDLE`
-    /// are closed on the way, whichever peer's.
+    /// Keeps `conn`, ready for `node`'s next part since `now`; with
+    /// `IDLE_PER_PEER` kept already, the oldest of them is closed.
     pub fn put(&self, node: NodeId, conn: C, now: Instant) {
         let mut conns = lock(&self.conns);
-        conns.retain(|_, kept| {
-            kept.retain(|(_, since)| now.duration_since(*since) < KEEP_IDLE);
-            !kept.is_empty()
-        });
         let kept = conns.entry(node).or_default();
-        if kept.len() < IDLE_PER_PEER {
-            kept.push((conn, now));
+        if kept.len() >= IDLE_PER_PEER {
+            kept.remove(0);
         }
+        kept.push((conn, now));
     }
 
     /// Whether a connection to `node` is kept and not idle for `KEEP_IDLE`.
@@ -168,6 +168,54 @@ impl<C> Idle<C> {
             conns.remove(node);
         }
         conn
+    }
+
+    /// Closes every connection kept to `node` (one of them failed: the
+    /// holder restarted, or is cut off, and the others would fail too).
+    pub fn forget(&self, node: &NodeId) {
+        lock(&self.conns).remove(node);
+    }
+
+    /// Closes the connections idle for `KEEP_IDLE`, whichever peer's (the
+    /// agent's health loop calls it, so a quiet agent holds no sockets its
+    /// holders have given up on).
+    pub fn sweep(&self, now: Instant) {
+        lock(&self.conns).retain(|_, kept| {
+            kept.retain(|(_, since)| now.duration_since(*since) < KEEP_IDLE);
+            !kept.is_empty()
+        });
+    }
+}
+
+/// A slot a holder's bulk connection holds: to serve a part, or (version
+/// 7) to wait idle for the next request.
+pub type Slot = OwnedSemaphorePermit;
+
+/// A holder's room for bulk connections: `MAX_BULK` serving a part and
+/// `MAX_BULK_IDLE` kept idle between parts. An idle connection holds no
+/// serving slot, so askers' kept connections never lock a new one out.
+#[derive(Clone)]
+pub struct Room {
+    serving: Arc<Semaphore>,
+    idle: Arc<Semaphore>,
+}
+
+impl Room {
+    pub fn new(serving: usize, idle: usize) -> Self {
+        Self {
+            serving: Arc::new(Semaphore::new(serving)),
+            idle: Arc::new(Semaphore::new(idle)),
+        }
+    }
+
+    /// A slot to serve a part in, if one is free.
+    pub fn serving(&self) -> Option<Slot> {
+        self.serving.clone().try_acquire_owned().ok()
+    }
+
+    /// A slot to wait for the next request in, if one is free.
+    pub fn idle(&self) -> Option<Slot> {
+        self.idle.clone().try_acquire_owned().ok()
     }
 }
 
@@ -246,8 +294,8 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Accepts bulk connections until `shutdown`: each is admitted by its TLS
-/// handshake (the same checks as QUIC's), then `server` answers its one
-/// request.
+/// handshake (the same checks as QUIC's), then `server` answers its
+/// request (version 7: its requests, in `room`).
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -257,7 +305,7 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let open = Arc::new(Semaphore::new(MAX_BULK));
+    let room = Room::new(MAX_BULK, MAX_BULK_IDLE);
     loop {
         let (tcp, from) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -270,18 +318,16 @@ pub async fn serve(
                 }
             },
         };
-        let (Ok(handshake), Ok(slot)) = (
-            handshakes.clone().try_acquire_owned(),
-            open.clone().try_acquire_owned(),
-        ) else {
+        let (Ok(handshake), Some(slot)) = (handshakes.clone().try_acquire_owned(), room.serving())
+        else {
             tracing::debug!(%from, "too many bulk connections; closing one");
             continue;
         };
         let acceptor = acceptor.clone();
         let server = server.clone();
         let stop = shutdown.clone();
+        let room = room.clone();
         tasks.spawn(async move {
-            let _slot = slot;
             let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
             drop(handshake);
             let io = match accepted {
@@ -306,7 +352,7 @@ pub async fn serve(
             };
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = server.serve_bulk(node, io) => {}
+                _ = server.serve_bulk(node, io, &room, slot) => {}
             }
         });
     }
@@ -376,7 +422,7 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_gets_at_most_so_many_idle_connections_and_stale_ones_of_others_are_dropped() {
+    fn a_peer_keeps_its_newest_idle_connections_and_stale_ones_are_swept() {
         let idle: Idle<usize> = Idle::default();
         let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
         let t = Instant::now();
@@ -384,8 +430,33 @@ mod tests {
         for i in 0..IDLE_PER_PEER + 2 {
             idle.put(a, i, t + KEEP_IDLE);
         }
-        assert_eq!(lock(&idle.conns).get(&a).map(Vec::len), Some(IDLE_PER_PEER));
-        // `b`'s connection was closed when `a`'s were kept after it idled.
+        // The two oldest of `a` were closed for the newer ones.
+        let kept: Vec<usize> = lock(&idle.conns)[&a].iter().map(|(c, _)| *c).collect();
+        assert_eq!(kept, (2..IDLE_PER_PEER + 2).collect::<Vec<_>>());
+        // `b`'s connection has idled for `KEEP_IDLE`: the sweep closes it.
+        assert!(lock(&idle.conns).contains_key(&b));
+        idle.sweep(t + KEEP_IDLE);
         assert!(!lock(&idle.conns).contains_key(&b));
+        assert!(idle.has(&a, t + KEEP_IDLE));
+        // One of `a`'s failed: all of them go.
+        idle.forget(&a);
+        assert_eq!(idle.take(&a, t + KEEP_IDLE), None);
+    }
+
+    #[test]
+    fn a_holder_serves_and_keeps_idle_in_separate_room() {
+        let room = Room::new(1, 1);
+        let serving = room.serving().expect("a free serving slot");
+        assert!(room.serving().is_none(), "one serving slot");
+        // A connection between parts trades its serving slot for an idle
+        // one: a new connection may be served meanwhile.
+        let idle = room.idle().expect("a free idle slot");
+        drop(serving);
+        assert!(room.idle().is_none(), "one idle slot");
+        let other = room.serving().expect("the serving slot is free again");
+        // The idle one's next request finds no serving slot: refused.
+        assert!(room.serving().is_none());
+        drop((idle, other));
+        assert!(room.serving().is_some() && room.idle().is_some());
     }
 }

@@ -349,8 +349,10 @@ impl Mesh {
                 Ok(answer) => return Ok(answer),
                 // The holder closed it (it restarted, or let it idle out
                 // just before): dial.
+                // The others kept to it would fail too.
                 Err(e) => {
-                    tracing::debug!(peer = %node, error = %e, "a kept bulk connection failed")
+                    tracing::debug!(peer = %node, error = %e, "a kept bulk connection failed");
+                    self.bulk_idle.forget(&node);
                 }
             }
         }
@@ -817,7 +819,8 @@ impl Mesh {
     /// since the last look is alive; the table ages the others, so a silent
     /// peer is gone within `GONE_AFTER + AGE_INTERVAL` of its last packet.
     /// Peers without a connection are dialled when the plan says so, and
-    /// connected ones pinged every `APP_PING_INTERVAL`.
+    /// connected ones pinged every `APP_PING_INTERVAL`. Kept bulk
+    /// connections idle for `bulk::KEEP_IDLE` are closed.
     async fn health_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(AGE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -827,6 +830,7 @@ impl Mesh {
                 _ = tick.tick() => {}
             }
             let now = Instant::now();
+            self.bulk_idle.sweep(now);
             let conns: Vec<(NodeId, quinn::Connection)> = lock(&self.conns)
                 .iter()
                 .filter(|(_, c)| c.close_reason().is_none())

@@ -80,11 +80,6 @@ impl Pace {
         }
     }
 
-    /// Whether it may choose LZ4 (the asker reads it).
-    pub fn reads_lz4(&self) -> bool {
-        self.lz4.is_some()
-    }
-
     pub fn link(&mut self, s: LinkSample) {
         if !s.app_limited && s.delivery_rate > 0 {
             self.link = follow(self.link, s.delivery_rate as f64);

@@ -171,15 +171,23 @@ impl PeerServer {
         }
     }
 
-    /// Serves the one request of a bulk connection (TLS on TCP, version
-    /// 5) from `node`: only `NarChunks`, answered as on a QUIC stream. A
+    /// Answers the requests of a bulk connection (TLS on TCP, version 5)
+    /// from `node`: only `NarChunks`, answered as on a QUIC stream. A
     /// stream that would be reset ends with a stop header carrying the
-    /// reset's code instead (`nar_chunks::stop_header`).
-    /// Answers the requests of a bulk connection: one, or (version 7)
-    /// while each sets `nar_chunks::KEEP`, the next within
-    /// `bulk::SERVE_IDLE` of the last.
-    pub async fn serve_bulk<S: BulkIo>(&self, node: NodeId, io: S) {
+    /// reset's code instead (`nar_chunks::stop_header`). One request, or
+    /// (version 7) while each sets `nar_chunks::KEEP`, the next within
+    /// `bulk::SERVE_IDLE` of the last. `slot` is the serving slot it was
+    /// admitted with; between parts it waits in an idle slot of `room`
+    /// instead, and without one it closes.
+    pub async fn serve_bulk<S: BulkIo>(
+        &self,
+        node: NodeId,
+        io: S,
+        room: &bulk::Room,
+        slot: bulk::Slot,
+    ) {
         let mut sink = BulkSink(io);
+        let mut slot = slot;
         // Whether the last request was answered and the connection kept.
         let mut kept = false;
         // What the connection has learnt of its link and the codecs, kept
@@ -194,25 +202,44 @@ impl PeerServer {
             };
             let request =
                 transport::read_frame_from(&mut sink.0, protocol::MAX_REQUEST_FRAME, wait).await;
-            if kept
-                && matches!(
+            if kept {
+                if matches!(
                     request,
                     Err(FrameReadError::Read(_) | FrameReadError::Timeout(_))
-                )
-            {
-                // A kept connection the asker closed or left idle.
-                break;
+                ) {
+                    // A kept connection the asker closed or left idle.
+                    break;
+                }
+                // Back from idle, it serves again only in a free slot.
+                let Some(serving) = room.serving() else {
+                    let busy = Response::Error {
+                        code: code::OVERLOADED,
+                        message: "too many bulk connections".to_string(),
+                    };
+                    let _ = write_response(&mut sink, &busy).await;
+                    break;
+                };
+                slot = serving;
             }
             match self
                 .serve_bulk_request(node, &mut sink, &mut pace, request)
                 .await
             {
-                Some(true) => kept = true,
+                Some(true) => match room.idle() {
+                    Some(idle) => {
+                        slot = idle;
+                        kept = true;
+                    }
+                    // No room to wait in: closed, and the asker dials anew
+                    // for its next part.
+                    None => break,
+                },
                 Some(false) => break,
                 None => return,
             }
         }
         let _ = sink.0.shutdown().await;
+        drop(slot);
     }
 
     /// One request on a bulk connection. `Some(true)`: it was answered
@@ -223,7 +250,7 @@ impl PeerServer {
         &self,
         node: NodeId,
         sink: &mut BulkSink<S>,
-        pace: &mut Option<Pace>,
+        pace: &mut Option<(u8, Pace)>,
         request: Result<Vec<u8>, FrameReadError>,
     ) -> Option<bool> {
         let request = request
@@ -254,11 +281,12 @@ impl PeerServer {
         self.count(&node, |c| c.requests_served += 1);
         let packer = Packer::new(level);
         let framing = if level & nar_chunks::ADAPTIVE != 0 {
-            let lz4 = packer.lz4();
-            let pace = match pace {
-                Some(p) if p.reads_lz4() == lz4 => p,
-                _ => pace.insert(Pace::new(lz4)),
-            };
+            // What it learnt holds for requests at the same level.
+            let asked = level & !nar_chunks::KEEP;
+            if pace.as_ref().is_some_and(|(at, _)| *at != asked) {
+                *pace = None;
+            }
+            let (_, pace) = pace.get_or_insert_with(|| (asked, Pace::new(packer.lz4())));
             Framing::Adaptive(packer, pace)
         } else {
             Framing::Chunks(packer)
