@@ -9,7 +9,7 @@ use std::path::Path;
 
 use nixmesh::mesh::discovery::txt::to_txt;
 use nixmesh::mesh::discovery::{Announcement, PROTOCOL_VERSION};
-use nixmesh::mesh::nar_chunks::{Codec, Packer, LZ4};
+use nixmesh::mesh::nar_chunks::{stop_header, Codec, Packer, DONE, KEEP, LZ4};
 use nixmesh::mesh::protocol::{Request, Response};
 use nixmesh::nix::{HashPart, NarInfo, Sha256Hash};
 
@@ -159,6 +159,20 @@ fn main() {
     let mut level_and_raw = vec![7u8, 3u8];
     level_and_raw.extend_from_slice(NIX_COPY_NARINFO.as_bytes());
     write("nar_chunks", "seed-1", &level_and_raw);
+
+    // A bulk connection as a holder of version 7 answers a kept request
+    // (flags 3: LZ4 and KEEP): the frames of a part, then `DONE`; and one
+    // that stops a part with a code.
+    let mut packer = Packer::new(KEEP | LZ4 | 1);
+    let mut part = vec![3u8];
+    part.extend(packer.pack_with(CONFIG_EXAMPLE.as_bytes(), Some(Codec::Lz4)));
+    part.extend(packer.pack_with(&nar_hash.0, Some(Codec::Zstd)));
+    part.extend(stop_header(DONE));
+    write("bulk_reader", "seed-0", &part);
+    let mut stopped = vec![1u8];
+    stopped.extend(Packer::new(LZ4 | 1).pack(CONFIG_EXAMPLE.as_bytes()));
+    stopped.extend(stop_header(5));
+    write("bulk_reader", "seed-1", &stopped);
 
     // A summary stream as an agent sends it: the whole set in two parts,
     // then a change; each frame after one byte of clock.
