@@ -528,16 +528,18 @@ impl PeerServer {
             }
             let n = pending.len().min(nar_chunks::CHUNK);
             let raw = pending.split_to(n).freeze();
-            let codec = match &mut pace {
+            // A probe of the pace may be packed with both codecs; the
+            // smaller frame goes.
+            let (codec, pair) = match &mut pace {
                 Some(pace) => {
                     if let Some(sample) = send.link_sample() {
                         pace.link(sample);
                     }
-                    pace.choose()
+                    (pace.choose(), pace.pairs())
                 }
-                None => Some(Codec::Zstd),
+                None => (Some(Codec::Zstd), false),
             };
-            if codec.is_none() {
+            if codec.is_none() && !pair {
                 if let Some((frame, m, packed)) = ready.take() {
                     self.put_frame(node, send, frame, m, packed).await?;
                 }
@@ -545,23 +547,46 @@ impl PeerServer {
                 continue;
             }
             let job = tokio::task::spawn_blocking(move || {
-                let began = std::time::Instant::now();
-                let frame = packer.pack_with(&raw, codec);
-                let took = began.elapsed();
-                let tried = packer.tried_last();
-                (packer, frame, tried, took)
+                let first = if pair { Some(Codec::Lz4) } else { codec };
+                let first = timed_pack(&mut packer, &raw, first);
+                let second = pair.then(|| timed_pack(&mut packer, &raw, Some(Codec::Zstd)));
+                (packer, first, second)
             });
             if let Some((frame, m, packed)) = ready.take() {
                 self.put_frame(node, send, frame, m, packed).await?;
             }
-            let (back, frame, tried, took) =
-                job.await.map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
+            let (back, first, second) = job.await.map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
             packer = back;
-            let wire = frame.len() - nar_chunks::HEADER;
-            if let (Some(pace), Some(codec)) = (&mut pace, tried) {
-                pace.packed(codec, n, wire, took.as_secs_f64());
+            if let Some(pace) = &mut pace {
+                match (&first, &second) {
+                    (
+                        TimedPack {
+                            tried: Some(Codec::Lz4),
+                            ..
+                        },
+                        Some(
+                            zstd @ TimedPack {
+                                tried: Some(Codec::Zstd),
+                                ..
+                            },
+                        ),
+                    ) => pace.paired(n, first.measured(), zstd.measured()),
+                    _ => {
+                        for p in std::iter::once(&first).chain(&second) {
+                            if let Some(codec) = p.tried {
+                                let (wire, secs) = p.measured();
+                                pace.packed(codec, n, wire, secs);
+                            }
+                        }
+                    }
+                }
             }
-            ready = Some((frame, n, tried.filter(|_| wire < n)));
+            let chosen = match second {
+                Some(s) if s.frame.len() < first.frame.len() => s,
+                _ => first,
+            };
+            let wire = chosen.frame.len() - nar_chunks::HEADER;
+            ready = Some((chosen.frame, n, chosen.tried.filter(|_| wire < n)));
         }
         if let Some((frame, m, packed)) = ready.take() {
             self.put_frame(node, send, frame, m, packed).await?;
@@ -848,6 +873,35 @@ async fn write_response<S: NarSink>(send: &mut S, resp: &Response) -> Result<(),
     send.put(Bytes::from(resp.encode()))
         .await
         .map_err(|_| StreamEnd::PeerGone)
+}
+
+/// A chunk frame and what packing it took.
+struct TimedPack {
+    frame: Vec<u8>,
+    /// The codec it was run through (`None`: raw without trying).
+    tried: Option<Codec>,
+    took: std::time::Duration,
+}
+
+impl TimedPack {
+    /// Wire bytes of its payload, and the seconds packing took.
+    fn measured(&self) -> (usize, f64) {
+        (
+            self.frame.len() - nar_chunks::HEADER,
+            self.took.as_secs_f64(),
+        )
+    }
+}
+
+/// Packs `raw` with `codec` and times it (on the blocking pool).
+fn timed_pack(packer: &mut Packer, raw: &[u8], codec: Option<Codec>) -> TimedPack {
+    let began = std::time::Instant::now();
+    let frame = packer.pack_with(raw, codec);
+    TimedPack {
+        frame,
+        tried: packer.tried_last(),
+        took: began.elapsed(),
+    }
 }
 
 #[cfg(test)]
