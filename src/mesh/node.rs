@@ -348,8 +348,8 @@ impl Mesh {
             match bulk::ask(io, req, timeout).await {
                 Ok(answer) => return Ok(answer),
                 // The holder closed it (it restarted, or let it idle out
-                // just before): dial.
-                // The others kept to it would fail too.
+                // just before): dial, and drop the others kept to it,
+                // which would fail too.
                 Err(e) => {
                     tracing::debug!(peer = %node, error = %e, "a kept bulk connection failed");
                     self.bulk_idle.forget(&node);

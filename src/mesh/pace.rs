@@ -27,7 +27,7 @@
 //! Where LZ4 is chosen because the link holds it back (a gigabit LAN:
 //! LZ4 packs faster than the link takes its chunks), the holder has time
 //! to spare between chunks; it spends it on zstd for as large a share of
-//! the chunks as keeps its packing up with the link (`Mix`), while that
+//! the chunks as keeps its packing up with the link (`mix`), while that
 //! carries `MIX_EARNS` more NAR than LZ4 alone. Pure.
 
 use crate::mesh::nar_chunks::Codec;
@@ -147,7 +147,7 @@ impl Pace {
     /// A chunk of `raw` NAR bytes was packed with `codec` to `wire` bytes
     /// in `secs`; what the other codec would have done is taken from
     /// `versus`, once probes have measured it.
-    pub fn packed(&mut self, codec: Codec, raw: usize, wire: usize, secs: f64) {
+    fn packed(&mut self, codec: Codec, raw: usize, wire: usize, secs: f64) {
         if raw == 0 {
             return;
         }
@@ -164,9 +164,25 @@ impl Pace {
         self.record(other, ratio.min(1.0), rate);
     }
 
+    /// What packing one chunk of `raw` NAR bytes measured: each codec it
+    /// was run through (at most two), with its wire bytes and seconds. A
+    /// probe packed with both (`pairs`) compares them on that chunk.
+    pub fn measured(&mut self, raw: usize, tries: [Option<(Codec, usize, f64)>; 2]) {
+        match tries {
+            [Some((Codec::Lz4, lw, ls)), Some((Codec::Zstd, zw, zs))] => {
+                self.paired(raw, (lw, ls), (zw, zs))
+            }
+            _ => {
+                for (codec, wire, secs) in tries.into_iter().flatten() {
+                    self.packed(codec, raw, wire, secs);
+                }
+            }
+        }
+    }
+
     /// A probe chunk of `raw` NAR bytes packed with both codecs: LZ4 to
     /// `lz4.0` wire bytes in `lz4.1` seconds, zstd likewise.
-    pub fn paired(&mut self, raw: usize, lz4: (usize, f64), zstd: (usize, f64)) {
+    fn paired(&mut self, raw: usize, lz4: (usize, f64), zstd: (usize, f64)) {
         if raw == 0 {
             return;
         }

@@ -558,28 +558,7 @@ impl PeerServer {
             let (back, first, second) = job.await.map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
             packer = back;
             if let Some(pace) = &mut pace {
-                match (&first, &second) {
-                    (
-                        TimedPack {
-                            tried: Some(Codec::Lz4),
-                            ..
-                        },
-                        Some(
-                            zstd @ TimedPack {
-                                tried: Some(Codec::Zstd),
-                                ..
-                            },
-                        ),
-                    ) => pace.paired(n, first.measured(), zstd.measured()),
-                    _ => {
-                        for p in std::iter::once(&first).chain(&second) {
-                            if let Some(codec) = p.tried {
-                                let (wire, secs) = p.measured();
-                                pace.packed(codec, n, wire, secs);
-                            }
-                        }
-                    }
-                }
+                pace.measured(n, [Some(&first), second.as_ref()].map(|p| p?.measured()));
             }
             let chosen = match second {
                 Some(s) if s.frame.len() < first.frame.len() => s,
@@ -884,12 +863,11 @@ struct TimedPack {
 }
 
 impl TimedPack {
-    /// Wire bytes of its payload, and the seconds packing took.
-    fn measured(&self) -> (usize, f64) {
-        (
-            self.frame.len() - nar_chunks::HEADER,
-            self.took.as_secs_f64(),
-        )
+    /// The codec it was run through, the wire bytes of its payload, and
+    /// the seconds packing took; `None` if it went raw untried.
+    fn measured(&self) -> Option<(Codec, usize, f64)> {
+        let wire = self.frame.len() - nar_chunks::HEADER;
+        Some((self.tried?, wire, self.took.as_secs_f64()))
     }
 }
 
