@@ -250,8 +250,9 @@ impl BulkIo for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
-/// The kernel's delivery rate of a TCP connection (`TCP_INFO`), and
-/// whether the sender left it idle when that was measured.
+/// The kernel's delivery rate of a TCP connection (`TCP_INFO`), whether
+/// the sender left it idle when that was measured, and how long the
+/// receiver's window held it back.
 #[allow(unsafe_code)] // getsockopt(2): no safe wrapper for TCP_INFO in the dependencies.
 fn tcp_sample(fd: BorrowedFd<'_>) -> Option<LinkSample> {
     use std::mem::offset_of;
@@ -268,17 +269,22 @@ fn tcp_sample(fd: BorrowedFd<'_>) -> Option<LinkSample> {
             &mut len,
         )
     };
-    let at = offset_of!(libc::tcp_info, tcpi_delivery_rate);
-    if rc != 0 || (len as usize) < at + 8 {
+    if rc != 0 {
         return None;
     }
-    let mut rate = [0u8; 8];
-    rate.copy_from_slice(&info[at..at + 8]);
+    let info = &info[..(len as usize).min(info.len())];
+    // A field the kernel did not fill in is `None` (older kernels).
+    let field = |at: usize| -> Option<u64> {
+        let bytes = info.get(at..at + 8)?;
+        Some(u64::from_ne_bytes(bytes.try_into().ok()?))
+    };
     Some(LinkSample {
-        delivery_rate: u64::from_ne_bytes(rate),
+        delivery_rate: field(offset_of!(libc::tcp_info, tcpi_delivery_rate))?,
         // The byte after the window scales: bit 0 is
         // `tcpi_delivery_rate_app_limited` (linux/tcp.h).
-        app_limited: info[7] & 1 == 1,
+        app_limited: info.get(7).is_some_and(|b| b & 1 == 1),
+        waits: field(offset_of!(libc::tcp_info, tcpi_busy_time))
+            .zip(field(offset_of!(libc::tcp_info, tcpi_rwnd_limited))),
     })
 }
 
@@ -384,8 +390,36 @@ mod tests {
             }
             let sample = tcp_sample(out.as_fd()).expect("TCP_INFO");
             assert!(sample.delivery_rate > 0, "{sample:?}");
+            let (busy, _) = sample.waits.expect("tcpi_busy_time");
+            assert!(busy > 0, "{sample:?}");
             drop(out);
             reader.await.expect("reader");
+        });
+    }
+
+    #[test]
+    fn a_reader_that_does_not_keep_up_shows_as_window_limited() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            use tokio::io::AsyncWriteExt;
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let mut out = TcpStream::connect(addr).await.expect("connect");
+            // Accepted, never read: its receive window closes.
+            let (_idle, _) = listener.accept().await.expect("accept");
+            let chunk = vec![7u8; 1 << 20];
+            let writing = async {
+                loop {
+                    out.write_all(&chunk).await.expect("write");
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_millis(300), writing).await;
+            let sample = tcp_sample(out.as_fd()).expect("TCP_INFO");
+            let (busy, held) = sample.waits.expect("tcpi_rwnd_limited");
+            assert!(held > 0 && held <= busy, "{sample:?}");
         });
     }
 

@@ -28,7 +28,16 @@
 //! LZ4 packs faster than the link takes its chunks), the holder has time
 //! to spare between chunks; it spends it on zstd for as large a share of
 //! the chunks as keeps its packing up with the link (`mix`), while that
-//! carries `MIX_EARNS` more NAR than LZ4 alone. Pure.
+//! carries `MIX_EARNS` more NAR than LZ4 alone.
+//!
+//! An asker that cannot take the chunks as fast as the link brings them
+//! (its CPU is busy: Nix unpacking, other NARs arriving) slows the
+//! connection down too, but through its receive window, which the kernel
+//! counts apart (`LinkSample::waits`). Packing harder would not help it:
+//! zstd chunks cost the asker more CPU to unpack than LZ4 ones or raw
+//! bytes. While the window holds the connection back more than
+//! `ASKER_BOUND` of the time, the holder packs no chunk but probes with
+//! zstd. Pure.
 
 use crate::mesh::nar_chunks::Codec;
 
@@ -40,6 +49,9 @@ pub const PROBE_EVERY: u64 = 32;
 /// A mix of zstd and LZ4 chunks must carry this much (11/10) more NAR than
 /// LZ4 alone to be chosen.
 pub const MIX_EARNS: (f64, f64) = (11.0, 10.0);
+/// A connection whose receive window held it back more than this share of
+/// its busy time is bound by the asker, not the link.
+pub const ASKER_BOUND: f64 = 0.5;
 
 /// What the kernel says about a TCP connection just now.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -49,6 +61,10 @@ pub struct LinkSample {
     /// The holder did not keep the connection busy then, so the rate says
     /// less than what the link could carry.
     pub app_limited: bool,
+    /// Microseconds since the connection opened that it was busy sending,
+    /// and of those the ones the asker's receive window held it back
+    /// (`tcpi_busy_time`, `tcpi_rwnd_limited`), where the kernel tells.
+    pub waits: Option<(u64, u64)>,
 }
 
 /// What packing with one codec achieves.
@@ -80,6 +96,10 @@ pub struct Pace {
     chunks: u64,
     /// zstd chunks owed to the mix (one is sent once it reaches 1).
     owed: f64,
+    /// The latest `LinkSample::waits`.
+    waits: Option<(u64, u64)>,
+    /// The share of busy time the asker's window held the connection back.
+    asker_held: Option<f64>,
 }
 
 /// The share of chunks to pack with zstd, the rest with LZ4, so that the
@@ -117,9 +137,26 @@ impl Pace {
     }
 
     pub fn link(&mut self, s: LinkSample) {
+        let held = match (self.waits, s.waits) {
+            (Some((busy0, held0)), Some((busy, held))) if busy > busy0 => {
+                Some((held.saturating_sub(held0) as f64 / (busy - busy0) as f64).min(1.0))
+            }
+            _ => None,
+        };
+        if s.waits.is_some() {
+            self.waits = s.waits;
+        }
+        if let Some(held) = held {
+            self.asker_held = follow(self.asker_held, held);
+        }
         if !s.app_limited && s.delivery_rate > 0 {
             self.link = follow(self.link, s.delivery_rate as f64);
         }
+    }
+
+    /// The asker, not the link, holds the connection back.
+    fn asker_bound(&self) -> bool {
+        self.asker_held.is_some_and(|h| h > ASKER_BOUND)
     }
 
     fn packing(&mut self, codec: Codec) -> Option<&mut Packing> {
@@ -217,7 +254,12 @@ impl Pace {
         let Some(link) = self.link else {
             return probe;
         };
-        let zstd = self.zstd.carries(link).unwrap_or(0.0);
+        // An asker that cannot keep up gets nothing that costs it more to
+        // unpack.
+        let zstd = match self.asker_bound() {
+            true => 0.0,
+            false => self.zstd.carries(link).unwrap_or(0.0),
+        };
         let best = match self.lz4.as_ref().and_then(|p| p.carries(link)) {
             Some(lz4) if zstd * EARNS.1 <= lz4 * EARNS.0 => (Codec::Lz4, lz4),
             _ => (Codec::Zstd, zstd),
@@ -225,7 +267,7 @@ impl Pace {
         if best.1 * EARNS.1 <= link * EARNS.0 {
             return probe;
         }
-        if best.0 == Codec::Lz4 {
+        if best.0 == Codec::Lz4 && !self.asker_bound() {
             if let Some(share) = self.zstd_share(link, best.1) {
                 self.owed += share;
                 if self.owed >= 1.0 {
@@ -274,9 +316,21 @@ mod tests {
     /// Chunks sent over a link of `link` wire bytes per second; what each
     /// of `n` chunks went as (`None`: raw).
     fn run(n: u64, link: f64, lz4: Option<Packs>, zstd: Packs) -> Vec<Option<Codec>> {
+        run_held(n, link, lz4, zstd, 0.0)
+    }
+
+    /// As `run`, with the asker's receive window holding the connection
+    /// back `held` of the time it is busy.
+    fn run_held(
+        n: u64,
+        link: f64,
+        lz4: Option<Packs>,
+        zstd: Packs,
+        held: f64,
+    ) -> Vec<Option<Codec>> {
         let mut pace = Pace::new(lz4.is_some());
-        (0..n)
-            .map(|_| {
+        (1..=n)
+            .map(|i| {
                 let mut codec = pace.choose();
                 let measure = |p: Packs| ((CHUNK as f64 * p.ratio) as usize, CHUNK as f64 / p.rate);
                 if let (true, Some(l)) = (pace.pairs(), lz4) {
@@ -300,9 +354,12 @@ mod tests {
                 // Packing slower than the link drains leaves it idle part
                 // of the time: app-limited.
                 let app_limited = packs.is_some_and(|p| p.rate * p.ratio < link);
+                // 2 ms busy sending each chunk.
+                let busy = i * 2000;
                 pace.link(LinkSample {
                     delivery_rate: link as u64,
                     app_limited,
+                    waits: Some((busy, (busy as f64 * held) as u64)),
                 });
                 codec
             })
@@ -311,6 +368,53 @@ mod tests {
 
     fn count(sent: &[Option<Codec>], codec: Option<Codec>) -> usize {
         sent.iter().filter(|c| **c == codec).count()
+    }
+
+    #[test]
+    fn an_asker_that_cannot_keep_up_gets_no_zstd_but_probes() {
+        // The gigabit link of the test below, but the asker's window holds
+        // the connection back: the zstd share would cost it more to unpack.
+        let sent = run_held(400, 125.0 * MB, Some(LZ4), ZSTD, 0.8);
+        let zstd = count(&sent, Some(Codec::Zstd));
+        assert!(
+            zstd <= 400 / PROBE_EVERY as usize + 1,
+            "{zstd} zstd chunks: {sent:?}"
+        );
+        assert!(count(&sent, Some(Codec::Lz4)) >= 380, "{sent:?}");
+        // An asker that reads only zstd gets raw bytes, but for probes.
+        let sent = run_held(400, 125.0 * MB, None, ZSTD, 0.8);
+        assert!(count(&sent, None) >= 380, "{sent:?}");
+        // A slow link, the asker held back as well: LZ4 still carries more
+        // for it than raw bytes.
+        let sent = run_held(400, 12.5 * MB, Some(LZ4), ZSTD, 0.8);
+        assert!(count(&sent, Some(Codec::Lz4)) >= 380, "{sent:?}");
+        // Held back a little (TCP's window opening): packed as before.
+        let sent = run_held(400, 125.0 * MB, Some(LZ4), ZSTD, 0.2);
+        assert!(count(&sent, Some(Codec::Zstd)) >= 160, "{sent:?}");
+    }
+
+    #[test]
+    fn an_asker_that_holds_the_connection_back_is_told_from_a_slow_link() {
+        let mut pace = Pace::default();
+        let sample = |waits| LinkSample {
+            delivery_rate: 1000,
+            app_limited: false,
+            waits: Some(waits),
+        };
+        pace.link(sample((1000, 0)));
+        assert!(!pace.asker_bound());
+        // 900 of the next 1000 us busy held back by the window.
+        pace.link(sample((2000, 900)));
+        assert!(pace.asker_bound());
+        // No busy time since: nothing new.
+        pace.link(sample((2000, 900)));
+        assert!(pace.asker_bound());
+        // The asker keeps up again.
+        for i in 3..6 {
+            pace.link(sample((i * 1000, 900)));
+        }
+        assert!(!pace.asker_bound());
+        assert_eq!(pace.link, Some(1000.0));
     }
 
     #[test]
@@ -392,6 +496,7 @@ mod tests {
             pace.link(LinkSample {
                 delivery_rate: (12.5 * MB) as u64,
                 app_limited: false,
+                waits: None,
             });
             sent.push(codec);
         }
@@ -436,6 +541,7 @@ mod tests {
             pace.link(LinkSample {
                 delivery_rate: link as u64,
                 app_limited: codec.is_some() && link > 220.0 * MB / 3.0,
+                waits: None,
             });
             if i >= 150 {
                 tail.push(codec);
@@ -450,11 +556,13 @@ mod tests {
         pace.link(LinkSample {
             delivery_rate: 1000,
             app_limited: true,
+            waits: None,
         });
         assert_eq!(pace.link, None);
         pace.link(LinkSample {
             delivery_rate: 0,
             app_limited: false,
+            waits: None,
         });
         assert_eq!(pace.link, None);
     }
