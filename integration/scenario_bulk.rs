@@ -6,6 +6,8 @@
 //! goes over QUIC at once, without trying TCP again. A holder packs
 //! chunks by what the link takes (behind a slow link, what compresses),
 //! with LZ4 for an asker of version 6 and zstd only for one of version 5.
+//! A kept connection the holder's side dropped (its socket reset) costs
+//! the next NAR nothing but a new connection.
 
 use crate::harness::Lan;
 use crate::office::*;
@@ -84,6 +86,66 @@ fn large_nars_go_over_tcp_and_over_quic_when_tcp_is_blocked() {
         "TCP was tried again: {}",
         agent_c.log()
     );
+}
+
+#[test]
+fn a_kept_connection_that_was_reset_is_dialled_anew() {
+    let lan = Lan::new(2);
+    let (client, holder) = (lan.host(0), lan.host(1));
+    let office = client.generate_key("office-1");
+    let files = holder.dir().join("files");
+    let paths = add_paths(
+        holder,
+        &[
+            random_file(&files, "large-1.bin", LARGE),
+            random_file(&files, "large-2.bin", LARGE),
+        ],
+    );
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    holder.configure_nix(&nix_conf("", &[&office.public]));
+    holder.sign(&refs, &office.secret_file);
+    client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
+    let agent_h = holder.start_agent("");
+    let agent_c = client.start_agent("");
+    wait_all_alive(&[(client, &agent_c), (holder, &agent_h)]);
+    let counters = || {
+        agent_c.peer("h1").map_or((0, 0), |p| {
+            (p.counters.bulk_fetches, p.counters.bulk_connections)
+        })
+    };
+
+    realise(client, &[refs[0]]);
+    assert_verified(client, refs[0]);
+    assert_eq!(counters(), (1, 1), "one NAR over one bulk connection");
+    // The holder's kernel resets the connection the client keeps for the
+    // next part (`ss -K`: as if the holder had crashed or been rebooted
+    // behind the same address), well within the client's keep time.
+    let killed = holder.run_ok(&[
+        "ss",
+        "-K",
+        "-t",
+        "-n",
+        "state",
+        "established",
+        "(",
+        "sport",
+        "=",
+        &format!(":{MESH_PORT}"),
+        ")",
+    ]);
+    assert!(killed.contains(MESH_PORT), "no connection reset: {killed}");
+
+    realise(client, &[refs[1]]);
+    assert_verified(client, refs[1]);
+    assert_eq!(
+        counters(),
+        (2, 2),
+        "the second NAR over a new bulk connection: {}",
+        agent_c.log()
+    );
+    let log = agent_c.log();
+    assert!(log.contains("a kept bulk connection failed"), "{log}");
+    assert!(!log.contains(NO_BULK), "the holder was rested: {log}");
 }
 
 /// Behind a 50 Mbit/s link a holder packs what compresses: its TCP
