@@ -9,7 +9,7 @@
 //! A kept connection the holder's side dropped (its socket reset) costs
 //! the next NAR nothing but a new connection.
 
-use crate::harness::Lan;
+use crate::harness::{AgentHandle, Lan};
 use crate::office::*;
 
 const LARGE: u64 = 24 << 20;
@@ -22,24 +22,16 @@ const NO_BULK: &str = "no bulk connection to peer";
 fn large_nars_go_over_tcp_and_over_quic_when_tcp_is_blocked() {
     let lan = Lan::new(2);
     let (client, holder) = (lan.host(0), lan.host(1));
-    let office = client.generate_key("office-1");
-    let files = holder.dir().join("files");
-    let paths = add_paths(
-        holder,
+    let (paths, agent_c, agent_h) = client_and_holder_of(
+        &lan,
         &[
-            random_file(&files, "large-1.bin", LARGE),
-            random_file(&files, "small.bin", SMALL),
-            random_file(&files, "large-2.bin", LARGE),
-            random_file(&files, "large-3.bin", LARGE),
+            ("large-1.bin", LARGE),
+            ("small.bin", SMALL),
+            ("large-2.bin", LARGE),
+            ("large-3.bin", LARGE),
         ],
     );
     let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-    holder.configure_nix(&nix_conf("", &[&office.public]));
-    holder.sign(&refs, &office.secret_file);
-    client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
-    let agent_h = holder.start_agent("");
-    let agent_c = client.start_agent("");
-    wait_all_alive(&[(client, &agent_c), (holder, &agent_h)]);
     let bulk_fetches = || agent_c.peer("h1").map_or(0, |p| p.counters.bulk_fetches);
 
     // The large NAR over TCP, the small one on QUIC.
@@ -92,22 +84,9 @@ fn large_nars_go_over_tcp_and_over_quic_when_tcp_is_blocked() {
 fn a_kept_connection_that_was_reset_is_dialled_anew() {
     let lan = Lan::new(2);
     let (client, holder) = (lan.host(0), lan.host(1));
-    let office = client.generate_key("office-1");
-    let files = holder.dir().join("files");
-    let paths = add_paths(
-        holder,
-        &[
-            random_file(&files, "large-1.bin", LARGE),
-            random_file(&files, "large-2.bin", LARGE),
-        ],
-    );
+    let (paths, agent_c, _agent_h) =
+        client_and_holder_of(&lan, &[("large-1.bin", LARGE), ("large-2.bin", LARGE)]);
     let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-    holder.configure_nix(&nix_conf("", &[&office.public]));
-    holder.sign(&refs, &office.secret_file);
-    client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
-    let agent_h = holder.start_agent("");
-    let agent_c = client.start_agent("");
-    wait_all_alive(&[(client, &agent_c), (holder, &agent_h)]);
     let counters = || {
         agent_c.peer("h1").map_or((0, 0), |p| {
             (p.counters.bulk_fetches, p.counters.bulk_connections)
@@ -146,6 +125,31 @@ fn a_kept_connection_that_was_reset_is_dialled_anew() {
     let log = agent_c.log();
     assert!(log.contains("a kept bulk connection failed"), "{log}");
     assert!(!log.contains(NO_BULK), "the holder was rested: {log}");
+}
+
+/// Host 1 holds a path for each of `files` (random bytes of that size),
+/// signed by a key host 0's Nix trusts; both run agents that see each
+/// other. The paths, then the client's agent and the holder's.
+fn client_and_holder_of(
+    lan: &Lan,
+    files: &[(&str, u64)],
+) -> (Vec<String>, AgentHandle, AgentHandle) {
+    let (client, holder) = (lan.host(0), lan.host(1));
+    let office = client.generate_key("office-1");
+    let dir = holder.dir().join("files");
+    let made: Vec<_> = files
+        .iter()
+        .map(|(name, size)| random_file(&dir, name, *size))
+        .collect();
+    let paths = add_paths(holder, &made);
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    holder.configure_nix(&nix_conf("", &[&office.public]));
+    holder.sign(&refs, &office.secret_file);
+    client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
+    let agent_h = holder.start_agent("");
+    let agent_c = client.start_agent("");
+    wait_all_alive(&[(client, &agent_c), (holder, &agent_h)]);
+    (paths, agent_c, agent_h)
 }
 
 /// Behind a 50 Mbit/s link a holder packs what compresses: its TCP

@@ -368,13 +368,17 @@ pub async fn serve(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_busy_connection_reports_a_delivery_rate() {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("runtime");
-        rt.block_on(async {
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn a_busy_connection_reports_a_delivery_rate() {
+        block_on(async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");
@@ -399,11 +403,7 @@ mod tests {
 
     #[test]
     fn a_reader_that_does_not_keep_up_shows_as_window_limited() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
+        block_on(async {
             use tokio::io::AsyncWriteExt;
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");
