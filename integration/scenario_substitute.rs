@@ -153,6 +153,76 @@ fn a_peer_signing_with_an_untrusted_key_gets_nothing_in() {
     assert_eq!(agent_b.metric("nixmesh_narinfo_hits_total"), 0.0);
 }
 
+/// A holder keeps the NAR of a tree of small files encoded after serving
+/// it twice. When that kept copy rots on disk, the asker's check catches
+/// it, the holder is told, drops the kept copy (its store copy is intact)
+/// and serves the path from the store again.
+#[test]
+fn a_rotten_kept_copy_is_dropped_when_a_peer_reports_it() {
+    let lan = Lan::new(2);
+    let (a, b) = (lan.host(0), lan.host(1));
+    let office = a.generate_key("office-1");
+    let tree = a.dir().join("files/many");
+    for i in 0..40u32 {
+        let dir = tree.join(format!("d{}", i % 4));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let bytes: Vec<u8> = (0..2000 + i * 53)
+            .map(|j| (j * (i + 5) % 251) as u8)
+            .collect();
+        std::fs::write(dir.join(format!("f{i}")), bytes).expect("write");
+    }
+    let path = a.add_path(&tree);
+    a.configure_nix(&nix_conf("", &[&office.public]));
+    a.sign(&[&path], &office.secret_file);
+    b.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
+    let agent_a = a.start_agent("");
+    let mut agent_b = b.start_agent("");
+    wait_all_alive(&[(a, &agent_a), (b, &agent_b)]);
+    let kept_dir = a.dir().join("nixmesh/nar-cache");
+    let kept = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&kept_dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+
+    // B takes the path twice: A serves it whole twice and keeps it.
+    realise(b, &[&path]);
+    assert!(kept().is_empty(), "kept after one serve: {:?}", kept());
+    b.run_ok(&["nix-store", "--delete", &path]);
+    realise(b, &[&path]);
+    wait_until(Duration::from_secs(5), "A keeps the NAR", || {
+        kept()
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "nar"))
+    });
+    let entry = kept().into_iter().next().expect("an entry");
+
+    // It rots: one byte flipped, size unchanged.
+    let mut bytes = std::fs::read(&entry).expect("read the kept copy");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&entry, &bytes).expect("write the kept copy");
+    b.run_ok(&["nix-store", "--delete", &path]);
+    drop(agent_b);
+    agent_b = b.start_agent("");
+    wait_all_alive(&[(a, &agent_a), (b, &agent_b)]);
+    let stderr = realise_fails(b, &[&path]);
+    eprintln!("rotten kept copy:\n{stderr}");
+    assert!(!b.has_path(&path), "a rotten {path} is valid on B");
+    assert!(agent_b.metric("nixmesh_nar_verify_failures_total") >= 1.0);
+    wait_until(Duration::from_secs(10), "A checks its store copy", || {
+        agent_a.log().contains("the store copy is intact")
+    });
+    assert!(kept().is_empty(), "the rotten copy is kept: {:?}", kept());
+
+    // B afresh (its quarantine gone): the path comes from A's store.
+    drop(agent_b);
+    let agent_b = b.start_agent("");
+    wait_all_alive(&[(a, &agent_a), (b, &agent_b)]);
+    realise(b, &[&path]);
+    assert_verified(b, &path);
+}
+
 #[test]
 fn a_corrupt_copy_never_becomes_a_valid_path() {
     let lan = Lan::new(3);

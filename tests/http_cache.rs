@@ -7,6 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 use nixmesh::nix::{NarInfo, Sha256Hash};
@@ -357,6 +358,77 @@ fn corrupt_store_file_never_becomes_a_valid_path() {
     assert!(log.contains("corrupt"), "corruption not logged:\n{log}");
 }
 
+/// A tree of many small files is kept encoded after it was served whole
+/// twice, and later requests (whole or ranges) are answered from the kept
+/// copy. A kept copy that rots on disk goes out as it is and real Nix
+/// refuses it (as with a rotten store file); one cut short is dropped and
+/// the store serves again.
+#[test]
+fn a_tree_of_small_files_is_served_from_its_kept_copy() {
+    let store = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("many");
+    for i in 0..40u32 {
+        let dir = tree.join(format!("d{}", i % 4));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bytes: Vec<u8> = (0..1000 + i * 37)
+            .map(|j| (j * (i + 3) % 251) as u8)
+            .collect();
+        std::fs::write(dir.join(format!("f{i}")), bytes).unwrap();
+    }
+    let path = store.add(&tree);
+    let office = nix_key("office-1");
+    let served = serve(&store, "all = true", Some(&office.secret));
+    let info = narinfo(served.addr, &path).unwrap();
+    let url = format!("/{}", info.url);
+    let dump = store.dump(&path);
+    let kept_dir = store.root().join("agent-state/nar-cache");
+    let kept = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&kept_dir)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    };
+
+    assert_eq!(get(served.addr, &url).body, dump);
+    assert!(kept().is_empty(), "kept after one serve: {:?}", kept());
+    assert_eq!(get(served.addr, &url).body, dump);
+    wait_for(Duration::from_secs(5), "the NAR is kept", || {
+        kept()
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "nar"))
+    });
+    let entry = kept().into_iter().next().unwrap();
+    assert_eq!(std::fs::read(&entry).unwrap(), dump);
+    assert_nar_ranges(served.addr, &url, &dump);
+
+    // The kept copy rots: one byte flipped, size unchanged. What goes out
+    // is the kept copy (so it is what was served above), and Nix, which
+    // hashes every NAR, refuses it.
+    let mut rotten = dump.clone();
+    rotten[dump.len() / 2] ^= 0x20;
+    std::fs::write(&entry, &rotten).unwrap();
+    let reply = get(served.addr, &url);
+    assert!(reply.complete);
+    assert_eq!(reply.body, rotten, "not served from the kept copy");
+    let client = TestStore::new();
+    assert!(!substitute(&client, served.addr, &office.public, &[&path]));
+    assert!(!client.is_valid(&path), "Nix took a rotten NAR");
+
+    // Cut short: dropped, and the store serves (and keeps it anew).
+    std::fs::write(&entry, &dump[..1000]).unwrap();
+    assert_eq!(get(served.addr, &url).body, dump);
+    assert!(served
+        .agent
+        .log_text()
+        .contains("a kept NAR has the wrong size"));
+    wait_for(Duration::from_secs(5), "the NAR is kept anew", || {
+        std::fs::read(&entry).is_ok_and(|b| b == dump)
+    });
+    let client = TestStore::new();
+    assert!(substitute(&client, served.addr, &office.public, &[&path]));
+    run_ok(client.cmd("nix-store").args(["--verify-path", &path]));
+}
+
 #[test]
 fn collected_paths_are_not_found_and_writers_do_not_disturb_readers() {
     let store = TestStore::new();
@@ -493,7 +565,7 @@ fn a_batch_lookup_leaves_the_async_workers_free() {
         content_addressed: false,
         all: true,
     };
-    let shared = SharedStore::new(db, std::sync::Arc::new(policy));
+    let shared = SharedStore::new(db, std::sync::Arc::new(policy), None);
     let here_hash = nixmesh::nix::HashPart::parse(hash_part(&here)).unwrap();
     let absent = nixmesh::nix::HashPart::parse(&"0".repeat(32)).unwrap();
     let mut hashes = vec![absent; 1023];

@@ -38,6 +38,7 @@ use crate::serve::metrics::PeerCollector;
 use crate::serve::substituter::Substituter;
 use crate::store::catalog_watch::SharedCatalog;
 use crate::store::db::{Store, StoreError};
+use crate::store::nar_cache::NarCache;
 use crate::store::shared::SharedStore;
 
 #[derive(Debug, Error)]
@@ -130,7 +131,21 @@ pub async fn run(
         signing = policy.signing_key.is_some(),
         "store opened"
     );
-    let shared = SharedStore::new(store.clone(), policy.clone());
+    let nar_cache = match config.share.nar_cache_mib {
+        0 => None,
+        mib => {
+            let dir = config.state_dir.join("nar-cache");
+            match NarCache::open(dir.clone(), mib << 20) {
+                Ok(cache) => Some(cache),
+                Err(e) => {
+                    // Not fatal: every NAR is then encoded from the store.
+                    tracing::warn!(dir = %dir.display(), error = %e, "share.nar_cache_mib: cannot use the NAR cache dir; going without");
+                    None
+                }
+            }
+        }
+    };
+    let shared = SharedStore::new(store.clone(), policy.clone(), nar_cache);
     // The listeners, drained first at shutdown; then everything else.
     let mut tasks = tokio::task::JoinSet::new();
     let detached = TaskTracker::new();

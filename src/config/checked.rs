@@ -97,6 +97,11 @@ pub fn spool_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     Ok(mib)
 }
 
+/// `share.nar_cache_mib`: 0 (off) to `MAX_SPOOL_MIB`.
+pub fn nar_cache_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    spool_mib(d)
+}
+
 /// `mesh.max_protocol`: 1 to the newest version this agent speaks.
 pub fn max_protocol<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let v = u32::deserialize(d)?;

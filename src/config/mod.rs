@@ -94,6 +94,8 @@ pub struct ShareConfig {
     pub sign_local_builds: bool,
     pub content_addressed: bool,
     pub all: bool,
+    #[serde(deserialize_with = "checked::nar_cache_mib")]
+    pub nar_cache_mib: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -235,6 +237,7 @@ impl Default for ShareConfig {
             sign_local_builds: true,
             content_addressed: false,
             all: false,
+            nar_cache_mib: 1024,
         }
     }
 }

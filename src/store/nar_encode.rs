@@ -84,19 +84,28 @@ impl NarSink for Vec<u8> {
     }
 }
 
+/// What `encode` went through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Walked {
+    /// Regular files read.
+    pub files: u64,
+}
+
 /// Serialises the tree at `root` into `sink`.
-pub fn encode(root: &Path, sink: &mut impl NarSink) -> Result<(), NarError> {
+pub fn encode(root: &Path, sink: &mut impl NarSink) -> Result<Walked, NarError> {
     let mut walker = Walker {
         out: Chunker::new(sink),
         path: root.as_os_str().as_bytes().to_vec(),
         head: Vec::with_capacity(256),
         dents: Vec::with_capacity(DENTS_BUF),
+        walked: Walked::default(),
     };
     walker.put_tokens(&[MAGIC])?;
     // The root is opened by its whole path, relative to the working directory.
     let base = Base { fd: CWD, len: 0 };
     walker.node(base, FileType::Unknown, 0)?;
-    walker.out.flush()
+    walker.out.flush()?;
+    Ok(walker.walked)
 }
 
 /// What an entry is opened relative to: a directory's descriptor, and where
@@ -117,6 +126,7 @@ struct Walker<'s, S> {
     head: Vec<u8>,
     /// getdents output; a directory is read whole before its entries.
     dents: Vec<u8>,
+    walked: Walked,
 }
 
 impl<S: NarSink> Walker<'_, S> {
@@ -165,6 +175,7 @@ impl<S: NarSink> Walker<'_, S> {
             self.io_err(io::Error::new(io::ErrorKind::InvalidData, "negative size"))
         })?;
         let executable = st.st_mode & 0o100 != 0;
+        self.walked.files += 1;
         self.head.clear();
         regular_header(&mut self.head, executable, size);
         self.out.write(&self.head)?;

@@ -5,9 +5,12 @@
 //! the stream ends in an error instead and the event is logged. What is
 //! served to peers and to Nix is checked for size only, since the receiver
 //! hashes every byte anyway (a peer that finds a wrong hash says so, and
-//! the copy is then hashed here: `Check::Hash`, `store::shared`).
+//! the copy is then hashed here: `Check::Hash`, `store::shared`). A NAR of
+//! many small files is served from its encoded copy in the `nar_cache`
+//! when there is one, and put there when it is first served whole.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Read, Seek};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,8 +19,10 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 
 use crate::nix::PathInfo;
+use crate::store::chunk_pool;
 use crate::store::db::Store;
-use crate::store::nar_encode::{self as nar, NarSink};
+use crate::store::nar_cache::{CacheWriter, NarCache};
+use crate::store::nar_encode::{self as nar, NarSink, CHUNK};
 
 /// Chunks in flight per stream; with `nar::CHUNK` this bounds memory per
 /// stream.
@@ -59,8 +64,15 @@ pub enum Check {
 }
 
 /// Starts streaming `info`'s NAR from byte `offset`, checked as `check`
-/// says.
-pub fn spawn(store: Arc<Store>, info: PathInfo, offset: u64, check: Check) -> NarStream {
+/// says. With a `cache`, a NAR checked for size only comes from its kept
+/// copy if there is one, and one served whole may be kept.
+pub fn spawn(
+    store: Arc<Store>,
+    cache: Option<Arc<NarCache>>,
+    info: PathInfo,
+    offset: u64,
+    check: Check,
+) -> NarStream {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     if offset > info.nar_size {
         let err = NarStreamError::OffsetBeyondEnd {
@@ -70,12 +82,66 @@ pub fn spawn(store: Arc<Store>, info: PathInfo, offset: u64, check: Check) -> Na
         let _ = tx.try_send(Err(err));
         return NarStream { rx };
     }
-    tokio::task::spawn_blocking(move || run(&store, &info, offset, check, tx));
+    tokio::task::spawn_blocking(move || {
+        let cache = cache.filter(|_| check == Check::Size);
+        if let Some(cache) = &cache {
+            if let Some(kept) = cache.open_entry(&info) {
+                if let Err(e) = run_kept(kept, &info, offset, tx.clone()) {
+                    // Cut short or unreadable: the stream ends in an error
+                    // (part of it went out), and the next one comes from
+                    // the store.
+                    tracing::warn!(path = %info.path, error = %e, "a kept NAR could not be read; dropping it");
+                    cache.forget(&info);
+                    let _ = tx.blocking_send(Err(NarStreamError::Read {
+                        path: info.path.to_string(),
+                        reason: format!("its kept copy: {e}"),
+                    }));
+                }
+                return;
+            }
+        }
+        run(&store, cache.as_ref(), &info, offset, check, tx)
+    });
     NarStream { rx }
+}
+
+/// Serves `info`'s NAR from `offset` out of its kept copy `file`. `Err`
+/// if the copy could not be read whole (nothing final was sent then).
+fn run_kept(
+    mut file: File,
+    info: &PathInfo,
+    offset: u64,
+    tx: mpsc::Sender<Result<Bytes, NarStreamError>>,
+) -> io::Result<()> {
+    let mut sink = VerifyingSink::new(tx, info.nar_size, offset, Check::Size);
+    file.seek(io::SeekFrom::Start(offset))?;
+    sink.skipped(offset);
+    let mut left = info.nar_size - offset;
+    while left > 0 {
+        let mut buf = match usize::try_from(left) {
+            Ok(n) if n < CHUNK => vec![0; n],
+            _ => chunk_pool::take(),
+        };
+        let n = match file.read(&mut buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        left -= n as u64;
+        if sink.chunk(chunk_pool::into_bytes(buf, n)).is_err() {
+            // The consumer went away.
+            return Ok(());
+        }
+    }
+    // The size is right by construction: this only sends the last piece.
+    let _ = sink.finish(info);
+    Ok(())
 }
 
 fn run(
     store: &Store,
+    cache: Option<&Arc<NarCache>>,
     info: &PathInfo,
     offset: u64,
     check: Check,
@@ -88,8 +154,22 @@ fn run(
         reason,
     };
     let mut sink = VerifyingSink::new(tx.clone(), info.nar_size, offset, check);
+    // Only a directory can hold the many files that make a NAR worth
+    // keeping; a whole NAR is needed to keep it.
+    if let (0, Some(cache)) = (offset, cache) {
+        if real.is_dir() {
+            sink.keep = cache.begin(info);
+        }
+    }
     let outcome = match nar::encode(&real, &mut sink) {
-        Ok(()) => sink.finish(info),
+        Ok(walked) => {
+            let keep = sink.keep.take();
+            let sent = sink.finish(info);
+            if let (Ok(()), Some(keep)) = (&sent, keep) {
+                keep.finish(info, walked.files);
+            }
+            sent
+        }
         Err(nar::NarError::Sink(_)) if sink.oversized => Err(corrupt(format!(
             "longer than the {} bytes the DB says",
             info.nar_size
@@ -185,6 +265,8 @@ struct VerifyingSink {
     skip: u64,
     held: Option<Bytes>,
     oversized: bool,
+    /// Where the NAR is being kept, if it is.
+    keep: Option<CacheWriter>,
 }
 
 impl VerifyingSink {
@@ -202,6 +284,7 @@ impl VerifyingSink {
             skip,
             held: None,
             oversized: false,
+            keep: None,
         }
     }
 
@@ -258,6 +341,9 @@ impl NarSink for VerifyingSink {
             // Bigger than the DB says: stop reading now.
             self.oversized = true;
             return Err(io::Error::other("NAR longer than NarSize"));
+        }
+        if let Some(keep) = &mut self.keep {
+            keep.write(&chunk);
         }
         self.take_chunk(chunk, start)
     }

@@ -3,7 +3,8 @@
 //! the peer server serve through it, so the policy is applied in one place.
 //! NARs go out checked for size only (their receivers hash them); a peer
 //! that found one wrong says so (`recheck`), the copy is then hashed here,
-//! and a corrupt one is no longer shared.
+//! and a corrupt one is no longer shared. NARs of many small files are
+//! served from their kept copies (`nar_cache`); a report drops the copy.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,7 @@ use tokio::sync::Semaphore;
 use crate::lock::lock;
 use crate::nix::{HashPart, PathInfo, Sha256Hash};
 use crate::store::db::Store;
+use crate::store::nar_cache::NarCache;
 use crate::store::nar_stream::{self, Check, NarStream};
 use crate::store::share::SharePolicy;
 
@@ -33,6 +35,7 @@ pub struct SharedStore {
     corrupt: Mutex<HashSet<HashPart>>,
     checked: Mutex<HashMap<HashPart, Instant>>,
     check_slots: Arc<Semaphore>,
+    nar_cache: Option<Arc<NarCache>>,
 }
 
 /// What became of a report that a NAR from here was wrong.
@@ -47,13 +50,18 @@ pub enum Recheck {
 }
 
 impl SharedStore {
-    pub fn new(store: Arc<Store>, policy: Arc<SharePolicy>) -> Arc<Self> {
+    pub fn new(
+        store: Arc<Store>,
+        policy: Arc<SharePolicy>,
+        nar_cache: Option<Arc<NarCache>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             policy,
             corrupt: Mutex::new(HashSet::new()),
             checked: Mutex::new(HashMap::new()),
             check_slots: Arc::new(Semaphore::new(CHECKS_AT_ONCE)),
+            nar_cache,
         })
     }
 
@@ -103,7 +111,8 @@ impl SharedStore {
     /// Streams the NAR of a path `info` returned, from byte `offset`,
     /// checked for size only: the receiver hashes it.
     pub fn nar(&self, info: PathInfo, offset: u64) -> NarStream {
-        nar_stream::spawn(self.store.clone(), info, offset, Check::Size)
+        let cache = self.nar_cache.clone();
+        nar_stream::spawn(self.store.clone(), cache, info, offset, Check::Size)
     }
 
     /// `reporter` says the NAR of `hash` it got from here did not match
@@ -121,6 +130,11 @@ impl SharedStore {
         else {
             return Recheck::NotShared;
         };
+        // The kept copy may be what was wrong: the next NAR comes from the
+        // store, which is checked below.
+        if let Some(cache) = &self.nar_cache {
+            cache.forget(&info);
+        }
         {
             let mut checked = lock(&self.checked);
             if checked
@@ -148,8 +162,13 @@ impl SharedStore {
             let path = info.path.to_string();
             // Every byte hashed, none sent: the stream ends in an error if
             // the copy is wrong.
-            let mut stream =
-                nar_stream::spawn(this.store.clone(), info.clone(), info.nar_size, Check::Hash);
+            let mut stream = nar_stream::spawn(
+                this.store.clone(),
+                None,
+                info.clone(),
+                info.nar_size,
+                Check::Hash,
+            );
             let mut outcome = Ok(());
             while let Some(item) = stream.next().await {
                 if let Err(e) = item {

@@ -45,7 +45,7 @@ pub fn disk_has_room(free: u64, total: u64, pending: u64, size: u64) -> bool {
 
 /// (free, total) bytes of the file system holding `dir`; `None` if it
 /// cannot be asked.
-fn disk_space(dir: &std::path::Path) -> Option<(u64, u64)> {
+pub fn disk_space(dir: &std::path::Path) -> Option<(u64, u64)> {
     let st = rustix::fs::statvfs(dir).ok()?;
     let block = st.f_frsize;
     Some((

@@ -1,0 +1,480 @@
+//! NARs of many small files, kept encoded on disk under
+//! `<state_dir>/nar-cache` so that serving one again reads a single file
+//! instead of walking the tree. Walking costs per file (a lookup, an open,
+//! an fstat, a read and a close each), so a tree of 2000 small files costs
+//! about three times the CPU per byte of one large file; a NAR of few or
+//! large files is cheap to encode and is not kept.
+//!
+//! A NAR is written here while it is served whole for the second time
+//! (`begin`): most NARs a host serves go out once, and writing and hashing
+//! them would only cost. It is hashed on the way and kept only if it then
+//! matches the DB's NarHash and size and `worth_keeping` says so: what is
+//! served from here was verified once. One found not worth keeping is
+//! remembered, so it is not written again.
+//! Entries are named by NarHash and size, so a path rebuilt with other
+//! bytes never meets an old entry. Bounded by `share.nar_cache_mib`: the
+//! least recently served go first, and a disk short of room
+//! (`disk_has_room`) gets nothing new. Every failure here (a full disk, an
+//! entry gone or cut short) falls back to encoding from the store.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use crate::fetch::upstream::spool::{disk_has_room, disk_space};
+use crate::lock::lock;
+use crate::nix::PathInfo;
+
+/// Regular files a NAR must hold to be kept.
+pub const MIN_FILES: u64 = 16;
+/// The largest mean file size (NAR bytes per file) of a NAR that is kept.
+pub const MAX_MEAN_FILE: u64 = 64 * 1024;
+/// An entry may take at most this share of the cache (1/n).
+const ENTRY_SHARE: u64 = 8;
+/// NARs remembered as served once or not worth keeping; past this the
+/// memory starts again (about 100 bytes each).
+const MAX_SEEN: usize = 16 * 1024;
+
+/// Whether a NAR of `nar_size` bytes holding `files` regular files is worth
+/// keeping encoded: many files, small on average. Pure.
+pub fn worth_keeping(nar_size: u64, files: u64) -> bool {
+    files >= MIN_FILES && nar_size / files <= MAX_MEAN_FILE
+}
+
+struct Meta {
+    size: u64,
+    last_used: u64,
+}
+
+/// What is known of a NAR that is not kept.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    ServedOnce,
+    NotWorthKeeping,
+}
+
+#[derive(Default)]
+struct Index {
+    entries: HashMap<String, Meta>,
+    /// Keys being written now: one writer per NAR.
+    writing: HashSet<String>,
+    seen: HashMap<String, Seen>,
+    used: u64,
+}
+
+pub struct NarCache {
+    dir: PathBuf,
+    limit: u64,
+    index: Mutex<Index>,
+    clock: AtomicU64,
+    temp_seq: AtomicU64,
+}
+
+/// The entry name of a NAR: its NarHash and size.
+fn key_of(info: &PathInfo) -> String {
+    format!("{}-{}", info.nar_hash.nix32_digest(), info.nar_size)
+}
+
+impl NarCache {
+    /// The cache in `dir` (made if missing), at most `limit` bytes. Entries
+    /// left by an earlier run are kept; unfinished writes are removed.
+    pub fn open(dir: PathBuf, limit: u64) -> io::Result<Arc<Self>> {
+        std::fs::create_dir_all(&dir)?;
+        let mut index = Index::default();
+        for item in std::fs::read_dir(&dir)? {
+            let item = item?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            let size = item.metadata().map(|m| m.len()).ok();
+            match (name.strip_suffix(".nar"), size) {
+                (Some(key), Some(size))
+                    if key.rsplit_once('-').map(|(_, s)| s) == Some(&size.to_string()) =>
+                {
+                    index.used += size;
+                    index
+                        .entries
+                        .insert(key.to_string(), Meta { size, last_used: 0 });
+                }
+                _ => {
+                    let _ = std::fs::remove_file(item.path());
+                }
+            }
+        }
+        let cache = Arc::new(Self {
+            dir,
+            limit,
+            index: Mutex::new(index),
+            clock: AtomicU64::new(1),
+            temp_seq: AtomicU64::new(0),
+        });
+        cache.evict(0);
+        Ok(cache)
+    }
+
+    pub fn used(&self) -> u64 {
+        lock(&self.index).used
+    }
+
+    fn entry_path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{key}.nar"))
+    }
+
+    /// The kept NAR of `info`, opened, if there is one of the right size.
+    /// An entry that cannot be opened or has another size is dropped.
+    pub fn open_entry(&self, info: &PathInfo) -> Option<File> {
+        let key = key_of(info);
+        {
+            let mut index = lock(&self.index);
+            let meta = index.entries.get_mut(&key)?;
+            meta.last_used = self.clock.fetch_add(1, Ordering::Relaxed);
+        }
+        let opened = File::open(self.entry_path(&key));
+        match opened.and_then(|f| Ok((f.metadata()?.len(), f))) {
+            Ok((len, f)) if len == info.nar_size => Some(f),
+            Ok((len, _)) => {
+                tracing::warn!(path = %info.path, len, "a kept NAR has the wrong size; dropping it");
+                self.forget(info);
+                None
+            }
+            Err(e) => {
+                tracing::warn!(path = %info.path, error = %e, "a kept NAR cannot be read; dropping it");
+                self.forget(info);
+                None
+            }
+        }
+    }
+
+    /// Drops the kept NAR of `info`, if any (its receiver found it wrong).
+    pub fn forget(&self, info: &PathInfo) {
+        let key = key_of(info);
+        let mut index = lock(&self.index);
+        if let Some(meta) = index.entries.remove(&key) {
+            index.used -= meta.size;
+            let _ = std::fs::remove_file(self.entry_path(&key));
+        }
+    }
+
+    /// A writer for `info`'s whole NAR, which is being served, if it may
+    /// be kept: served before, not found not worth keeping, not kept nor
+    /// being written already, small enough for the cache, room on disk.
+    pub fn begin(self: &Arc<Self>, info: &PathInfo) -> Option<CacheWriter> {
+        if info.nar_size > self.limit / ENTRY_SHARE {
+            return None;
+        }
+        let key = key_of(info);
+        {
+            let mut index = lock(&self.index);
+            if index.entries.contains_key(&key) || index.writing.contains(&key) {
+                return None;
+            }
+            if index.seen.len() >= MAX_SEEN {
+                index.seen.clear();
+            }
+            match index.seen.insert(key.clone(), Seen::ServedOnce) {
+                Some(Seen::ServedOnce) => {}
+                None => return None,
+                Some(Seen::NotWorthKeeping) => {
+                    index.seen.insert(key, Seen::NotWorthKeeping);
+                    return None;
+                }
+            }
+            let (free, total) = disk_space(&self.dir)?;
+            // Only one writer at a time has its size counted as pending:
+            // writers are few and small against the disk's reserve.
+            if !disk_has_room(free, total, 0, info.nar_size) {
+                return None;
+            }
+            index.writing.insert(key.clone());
+        }
+        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        let temp = self.dir.join(format!("{key}.{seq}.part"));
+        match File::create(&temp) {
+            Ok(file) => Some(CacheWriter {
+                cache: self.clone(),
+                key,
+                temp,
+                file,
+                hash: Sha256::new(),
+                written: 0,
+                failed: false,
+            }),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot write to the NAR cache");
+                lock(&self.index).writing.remove(&key);
+                None
+            }
+        }
+    }
+
+    /// Makes room for `incoming` bytes: the least recently served go.
+    fn evict(&self, incoming: u64) {
+        let mut index = lock(&self.index);
+        while index.used + incoming > self.limit {
+            let Some(oldest) = index
+                .entries
+                .iter()
+                .min_by_key(|(_, m)| m.last_used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some(meta) = index.entries.remove(&oldest) {
+                index.used -= meta.size;
+                let _ = std::fs::remove_file(self.entry_path(&oldest));
+            }
+        }
+    }
+
+    fn admit(&self, key: &str, temp: &Path, size: u64) -> io::Result<()> {
+        self.evict(size);
+        std::fs::rename(temp, self.entry_path(key))?;
+        let mut index = lock(&self.index);
+        let last_used = self.clock.fetch_add(1, Ordering::Relaxed);
+        index.used += size;
+        index
+            .entries
+            .insert(key.to_string(), Meta { size, last_used });
+        Ok(())
+    }
+}
+
+/// One NAR on its way into the cache: written and hashed as it is served.
+/// Dropped without `finish`, it leaves nothing behind.
+pub struct CacheWriter {
+    cache: Arc<NarCache>,
+    key: String,
+    temp: PathBuf,
+    file: File,
+    hash: Sha256,
+    written: u64,
+    failed: bool,
+}
+
+impl CacheWriter {
+    /// The next bytes of the NAR. A failed write (a full disk) ends the
+    /// entry, never the stream being served.
+    pub fn write(&mut self, bytes: &[u8]) {
+        if self.failed {
+            return;
+        }
+        self.hash.update(bytes);
+        self.written += bytes.len() as u64;
+        if let Err(e) = self.file.write_all(bytes) {
+            tracing::debug!(error = %e, "writing to the NAR cache failed; not keeping this NAR");
+            self.failed = true;
+        }
+    }
+
+    /// The whole NAR of `info`, holding `files` regular files, went by:
+    /// kept if it matches `info` and is worth keeping.
+    pub fn finish(mut self, info: &PathInfo, files: u64) {
+        if !worth_keeping(info.nar_size, files) {
+            let mut index = lock(&self.cache.index);
+            index.seen.insert(self.key.clone(), Seen::NotWorthKeeping);
+            return;
+        }
+        if self.failed || self.written != info.nar_size {
+            return;
+        }
+        let digest: [u8; 32] = std::mem::take(&mut self.hash).finalize().into();
+        if digest != info.nar_hash.0 {
+            tracing::warn!(path = %info.path, "the store copy does not match its NarHash; not keeping it");
+            return;
+        }
+        if let Err(e) = self.cache.admit(&self.key, &self.temp, info.nar_size) {
+            tracing::debug!(error = %e, "cannot keep a NAR in the cache");
+        }
+    }
+}
+
+impl Drop for CacheWriter {
+    fn drop(&mut self) {
+        // After a successful `admit` the temp name is gone: harmless.
+        let _ = std::fs::remove_file(&self.temp);
+        lock(&self.cache.index).writing.remove(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::{Sha256Hash, StorePath};
+    use std::io::Read;
+
+    fn info_for(nar: &[u8]) -> PathInfo {
+        PathInfo {
+            path: StorePath::parse(
+                "/nix/store",
+                "/nix/store/00000000000000000000000000000000-x",
+            )
+            .unwrap(),
+            nar_hash: Sha256Hash(Sha256::digest(nar).into()),
+            nar_size: nar.len() as u64,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+            ultimate: false,
+        }
+    }
+
+    fn nar(n: u8, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(n)).collect()
+    }
+
+    /// Serves `bytes` whole once through the cache, as `nar_stream` does.
+    fn serve(cache: &Arc<NarCache>, info: &PathInfo, bytes: &[u8], files: u64) {
+        if let Some(mut w) = cache.begin(info) {
+            for piece in bytes.chunks(7000) {
+                w.write(piece);
+            }
+            w.finish(info, files);
+        }
+    }
+
+    fn read_kept(cache: &NarCache, info: &PathInfo) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        cache.open_entry(info)?.read_to_end(&mut out).unwrap();
+        Some(out)
+    }
+
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn many_small_files_are_worth_keeping_few_or_large_are_not() {
+        assert!(worth_keeping(2000 * 8192, 2000));
+        assert!(worth_keeping(MIN_FILES * MAX_MEAN_FILE, MIN_FILES));
+        assert!(!worth_keeping(
+            MIN_FILES * MAX_MEAN_FILE + MIN_FILES,
+            MIN_FILES
+        ));
+        assert!(!worth_keeping(1000, MIN_FILES - 1));
+        assert!(!worth_keeping(500 << 20, 40));
+        assert!(!worth_keeping(0, 0));
+    }
+
+    #[test]
+    fn a_nar_is_kept_when_served_whole_a_second_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = NarCache::open(dir.path().join("c"), 64 << 20).unwrap();
+        let bytes = nar(3, 100_000);
+        let info = info_for(&bytes);
+        serve(&cache, &info, &bytes, 40);
+        assert_eq!(read_kept(&cache, &info), None, "kept after one serve");
+        serve(&cache, &info, &bytes, 40);
+        assert_eq!(read_kept(&cache, &info).as_deref(), Some(&bytes[..]));
+        assert_eq!(cache.used(), bytes.len() as u64);
+        assert!(cache.begin(&info).is_none(), "written twice");
+        // Only the entry is left on disk, no temp file.
+        assert_eq!(files_in(&dir.path().join("c")).len(), 1);
+        cache.forget(&info);
+        assert_eq!(read_kept(&cache, &info), None);
+        assert_eq!(cache.used(), 0);
+        assert!(files_in(&dir.path().join("c")).is_empty());
+    }
+
+    #[test]
+    fn a_copy_that_fails_its_hash_or_size_or_is_not_worth_it_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = NarCache::open(dir.path().join("c"), 64 << 20).unwrap();
+        let bytes = nar(5, 50_000);
+        let info = info_for(&bytes);
+        let mut rotten = bytes.clone();
+        rotten[25_000] ^= 1;
+        serve(&cache, &info, &bytes, 40);
+        serve(&cache, &info, &rotten, 40);
+        assert_eq!(read_kept(&cache, &info), None, "a wrong copy was kept");
+        serve(&cache, &info, &bytes[..40_000], 40);
+        assert_eq!(read_kept(&cache, &info), None, "a short copy was kept");
+        assert!(
+            files_in(&dir.path().join("c")).is_empty(),
+            "temp files left"
+        );
+
+        // Few files: not kept, and not written again.
+        let other = nar(7, 50_000);
+        let few = info_for(&other);
+        serve(&cache, &few, &other, 1);
+        serve(&cache, &few, &other, 1);
+        assert_eq!(read_kept(&cache, &few), None);
+        assert!(cache.begin(&few).is_none(), "written again");
+    }
+
+    #[test]
+    fn the_least_recently_served_go_first_and_big_ones_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        // Eight entries of 110 000 fit; an entry may take an eighth.
+        let cache = NarCache::open(dir.path().join("c"), 8 * 120_000).unwrap();
+        let big = nar(9, 130_000);
+        let big_info = info_for(&big);
+        serve(&cache, &big_info, &big, 40);
+        serve(&cache, &big_info, &big, 40);
+        assert_eq!(read_kept(&cache, &big_info), None, "over an eighth kept");
+
+        let kept: Vec<(PathInfo, Vec<u8>)> = (1..=9)
+            .map(|n| {
+                let bytes = nar(n, 110_000);
+                (info_for(&bytes), bytes)
+            })
+            .collect();
+        for (i, (info, bytes)) in kept.iter().enumerate() {
+            serve(&cache, info, bytes, 40);
+            serve(&cache, info, bytes, 40);
+            // The first one is read after each new one: always the most
+            // recently served.
+            assert!(read_kept(&cache, &kept[0].0).is_some(), "entry {i}");
+        }
+        assert_eq!(cache.used(), 8 * 110_000);
+        // The ninth pushed out the one kept right after the first.
+        assert_eq!(read_kept(&cache, &kept[1].0), None);
+        for (info, bytes) in kept.iter().skip(2) {
+            assert_eq!(read_kept(&cache, info).as_deref(), Some(&bytes[..]));
+        }
+    }
+
+    #[test]
+    fn opening_keeps_whole_entries_and_drops_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("c");
+        let bytes = nar(4, 30_000);
+        let info = info_for(&bytes);
+        {
+            let cache = NarCache::open(at.clone(), 64 << 20).unwrap();
+            serve(&cache, &info, &bytes, 40);
+            serve(&cache, &info, &bytes, 40);
+        }
+        std::fs::write(at.join("leftover.3.part"), b"x").unwrap();
+        std::fs::write(at.join("junk"), b"x").unwrap();
+        let cache = NarCache::open(at.clone(), 64 << 20).unwrap();
+        assert_eq!(files_in(&at).len(), 1, "{:?}", files_in(&at));
+        assert_eq!(read_kept(&cache, &info).as_deref(), Some(&bytes[..]));
+
+        // An entry cut short on disk is dropped when it is next opened.
+        let entry = at.join(&files_in(&at)[0]);
+        std::fs::write(&entry, &bytes[..100]).unwrap();
+        assert_eq!(read_kept(&cache, &info), None);
+        assert!(files_in(&at).is_empty());
+        assert_eq!(cache.used(), 0);
+
+        // Entries over a smaller limit go at once.
+        drop(cache);
+        let cache = NarCache::open(at.clone(), 64 << 20).unwrap();
+        serve(&cache, &info, &bytes, 40);
+        serve(&cache, &info, &bytes, 40);
+        drop(cache);
+        let cache = NarCache::open(at.clone(), 1000).unwrap();
+        assert_eq!(cache.used(), 0);
+        assert!(files_in(&at).is_empty());
+    }
+}
