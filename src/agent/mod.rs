@@ -145,7 +145,7 @@ pub async fn run(
             }
         }
     };
-    let shared = SharedStore::new(store.clone(), policy.clone(), nar_cache);
+    let shared = SharedStore::new(store.clone(), policy.clone(), nar_cache.clone());
     // The listeners, drained first at shutdown; then everything else.
     let mut tasks = tokio::task::JoinSet::new();
     let detached = TaskTracker::new();
@@ -357,6 +357,9 @@ pub async fn run(
         admin: config.admin.listen.to_string(),
     };
     let mut metrics = Registry::default();
+    if let Some(cache) = &nar_cache {
+        cache.stats.register(&mut metrics);
+    }
     if let Some(sub) = &substituter {
         sub.resolver().stats.register(&mut metrics);
         sub.fetch_stats.register(&mut metrics);

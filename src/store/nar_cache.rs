@@ -24,6 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 
 use crate::fetch::upstream::spool::{disk_has_room, disk_space};
@@ -67,7 +70,47 @@ struct Index {
     used: u64,
 }
 
+/// What `/metrics` shows of the cache.
+#[derive(Default)]
+pub struct NarCacheStats {
+    pub served: Counter,
+    pub kept: Counter,
+    pub dropped: Counter,
+    pub bytes: Gauge<u64, AtomicU64>,
+}
+
+impl NarCacheStats {
+    pub fn register(&self, registry: &mut Registry) {
+        let counters = [
+            (
+                "nixmesh_nar_cache_served",
+                "NARs served from their kept encoded copies",
+                &self.served,
+            ),
+            (
+                "nixmesh_nar_cache_kept",
+                "NARs of many small files kept encoded",
+                &self.kept,
+            ),
+            (
+                "nixmesh_nar_cache_dropped",
+                "Kept NARs dropped as wrong, cut short or unreadable",
+                &self.dropped,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "nixmesh_nar_cache_bytes",
+            "Bytes of kept NARs on disk",
+            self.bytes.clone(),
+        );
+    }
+}
+
 pub struct NarCache {
+    pub stats: NarCacheStats,
     dir: PathBuf,
     limit: u64,
     index: Mutex<Index>,
@@ -105,6 +148,7 @@ impl NarCache {
             }
         }
         let cache = Arc::new(Self {
+            stats: NarCacheStats::default(),
             dir,
             limit,
             index: Mutex::new(index),
@@ -134,7 +178,10 @@ impl NarCache {
         }
         let opened = File::open(self.entry_path(&key));
         match opened.and_then(|f| Ok((f.metadata()?.len(), f))) {
-            Ok((len, f)) if len == info.nar_size => Some(f),
+            Ok((len, f)) if len == info.nar_size => {
+                self.stats.served.inc();
+                Some(f)
+            }
             Ok((len, _)) => {
                 tracing::warn!(path = %info.path, len, "a kept NAR has the wrong size; dropping it");
                 self.forget(info);
@@ -155,6 +202,8 @@ impl NarCache {
         if let Some(meta) = index.entries.remove(&key) {
             index.used -= meta.size;
             let _ = std::fs::remove_file(self.entry_path(&key));
+            self.stats.dropped.inc();
+            self.stats.bytes.set(index.used);
         }
     }
 
@@ -227,6 +276,7 @@ impl NarCache {
                 let _ = std::fs::remove_file(self.entry_path(&oldest));
             }
         }
+        self.stats.bytes.set(index.used);
     }
 
     fn admit(&self, key: &str, temp: &Path, size: u64) -> io::Result<()> {
@@ -238,6 +288,8 @@ impl NarCache {
         index
             .entries
             .insert(key.to_string(), Meta { size, last_used });
+        self.stats.kept.inc();
+        self.stats.bytes.set(index.used);
         Ok(())
     }
 }
@@ -376,11 +428,16 @@ mod tests {
         assert_eq!(read_kept(&cache, &info).as_deref(), Some(&bytes[..]));
         assert_eq!(cache.used(), bytes.len() as u64);
         assert!(cache.begin(&info).is_none(), "written twice");
+        assert_eq!(cache.stats.kept.get(), 1);
+        assert_eq!(cache.stats.served.get(), 1);
+        assert_eq!(cache.stats.bytes.get(), bytes.len() as u64);
         // Only the entry is left on disk, no temp file.
         assert_eq!(files_in(&dir.path().join("c")).len(), 1);
         cache.forget(&info);
         assert_eq!(read_kept(&cache, &info), None);
         assert_eq!(cache.used(), 0);
+        assert_eq!(cache.stats.dropped.get(), 1);
+        assert_eq!(cache.stats.bytes.get(), 0);
         assert!(files_in(&dir.path().join("c")).is_empty());
     }
 
