@@ -4,7 +4,10 @@
 # side by side in one run. Both servers run at once on 127.0.0.1; every
 # measurement is taken for both, alternating which goes first, so machine
 # noise hits both alike. Reports medians over ROUNDS and nixmesh/nginx ratios,
-# then nixmesh's peak RSS for a small and a large NAR.
+# then nixmesh's peak RSS for a small and a large NAR. The tree's NAR is
+# served from the agent's kept copy once it went out whole twice (the byte
+# check below and the first request); NAR_CACHE_MIB=0 measures encoding it
+# from the store every time.
 #
 # Needs: root (nginx runs as root from a temp dir), nix-store and nix (2.8),
 # nginx, wrk, curl, cargo (unless NIXMESH is given).
@@ -24,6 +27,7 @@ RSS_BIG_MIB=${RSS_BIG_MIB:-1024} # second NAR size for the RSS check; 0 skips
 KEEP=${KEEP:-0}                  # 1: keep the temp dir for inspection
 NIXMESH=${NIXMESH:-}             # a nixmesh binary; empty: cargo build --release
 RESULTS=${RESULTS:-}             # a file to copy the raw per-run numbers (TSV) to
+NAR_CACHE_MIB=${NAR_CACHE_MIB:-} # share.nar_cache_mib for the agent; empty: its default
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
@@ -136,6 +140,7 @@ nix_conf = "$work/nix.conf"
 [share]
 all = true
 trusted_keys = []
+${NAR_CACHE_MIB:+nar_cache_mib = $NAR_CACHE_MIB}
 
 [http_cache]
 enable = true
