@@ -22,7 +22,8 @@
 //! - `nix`: the Nix formats (NAR, narinfo, hashes, signatures, store paths,
 //!   nix.conf, the binary-cache text); nothing else parses or prints them.
 //! - `store`: reads this host's store (its DB read-only, NARs from the
-//!   filesystem) and decides what may leave the host.
+//!   filesystem, or from `nar_cache` for trees of many small files served
+//!   before) and decides what may leave the host.
 //! - `mesh`: the peers: node identity, QUIC transport, the wire protocol,
 //!   mDNS discovery, the live peer table, and both ends of a peer request.
 //! - `fetch`: finds a path in the mesh (the narinfo race) and streams its
@@ -33,12 +34,14 @@
 //! - `agent`: wires the parts into a running agent; `cli`: the commands that
 //!   talk to one (`peers`, `status`, `why`, `doctor`).
 //! - `api`: the JSON views the admin API serves and the CLI reads.
-//! - `lock`: the one policy for poisoned mutexes.
+//! - `lock`: the one policy for poisoned mutexes; `disk_room`: the one rule
+//!   for how much of a disk nixmesh's own files may take.
 
 pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod disk_room;
 pub mod fetch;
 pub mod lock;
 pub mod mesh;

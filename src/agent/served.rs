@@ -27,8 +27,13 @@ impl ServedPaths for Served {
         Box::pin(async move { self.0.have_many(hashes).await })
     }
 
-    fn nar(&self, info: PathInfo, offset: u64) -> BoxStream<'static, Result<Bytes, NarFault>> {
-        let rx = self.0.nar(info, offset).into_receiver();
+    fn nar(
+        &self,
+        info: PathInfo,
+        offset: u64,
+        end: u64,
+    ) -> BoxStream<'static, Result<Bytes, NarFault>> {
+        let rx = self.0.nar(info, offset, end).into_receiver();
         stream::unfold(rx, |mut rx| async move {
             let item = rx.recv().await?.map_err(|e| match e {
                 NarStreamError::Corrupt { .. } => NarFault::Corrupt,

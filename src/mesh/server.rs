@@ -50,8 +50,14 @@ pub trait ServedPaths: Send + Sync + 'static {
     fn info(&self, hash: HashPart) -> Option<PathInfo>;
     /// Which of `hashes` `info` would find; may take a while (a batch).
     fn have_many(self: Arc<Self>, hashes: Vec<HashPart>) -> BoxFuture<'static, Vec<bool>>;
-    /// The NAR of a path `info` returned, from byte `offset`.
-    fn nar(&self, info: PathInfo, offset: u64) -> BoxStream<'static, Result<Bytes, NarFault>>;
+    /// The NAR of a path `info` returned, from byte `offset` up to `end`
+    /// (the caller stops reading there).
+    fn nar(
+        &self,
+        info: PathInfo,
+        offset: u64,
+        end: u64,
+    ) -> BoxStream<'static, Result<Bytes, NarFault>>;
     /// Peer `reporter` says the NAR of `hash` it got from here did not
     /// match `nar_hash`.
     fn bad_nar(&self, hash: HashPart, nar_hash: Sha256Hash, reporter: &str);
@@ -468,7 +474,7 @@ impl PeerServer {
             },
         )
         .await?;
-        let stream = take_bytes(self.shared.nar(info, offset), end - offset);
+        let stream = take_bytes(self.shared.nar(info, offset, end), end - offset);
         match framing {
             Framing::Raw => self.send_raw(node, send, stream).await,
             Framing::Chunks(packer) => self.send_chunks(node, send, stream, packer, None).await,

@@ -65,7 +65,7 @@ impl HttpCache {
         let size = info.nar_size;
         let window = range.window(size);
         let body = (!head_only && !window.is_empty()).then(|| {
-            let stream = self.shared.nar(info, window.start);
+            let stream = self.shared.nar(info, window.start, window.end);
             http::channel_body_limited(stream.into_receiver(), window.end - window.start)
         });
         http::nar(size, range, body)

@@ -5,19 +5,20 @@
 //! about three times the CPU per byte of one large file; a NAR of few or
 //! large files is cheap to encode and is not kept.
 //!
-//! A NAR is written here while it is served whole for the second time
-//! (`begin`): most NARs a host serves go out once, and writing and hashing
-//! them would only cost. It is hashed on the way and kept only if it then
-//! matches the DB's NarHash and size and `worth_keeping` says so: what is
-//! served from here was verified once. One found not worth keeping is
-//! remembered, so it is not written again.
-//! Entries are named by NarHash and size, so a path rebuilt with other
-//! bytes never meets an old entry. Bounded by `share.nar_cache_mib`: the
-//! least recently served go first, and a disk short of room
-//! (`disk_has_room`) gets nothing new. Every failure here (a full disk, an
-//! entry gone or cut short) falls back to encoding from the store.
+//! What a whole serve from the store walked says whether the NAR is worth
+//! keeping (`served`); most NARs a host serves go out once, so it is
+//! written here only when it is served whole again (`begin`), hashed on
+//! the way, and kept only if it then matches the DB's NarHash and size:
+//! what is served from here was verified once, and is on disk (synced)
+//! before it takes its name. Entries are named by NarHash and size, so a
+//! path rebuilt with other bytes never meets an old entry. Bounded by
+//! `share.nar_cache_mib`: the least recently served go first, an entry
+//! takes at most an eighth, and a disk short of room (`disk_has_room`,
+//! counting the entries being written) gets nothing new. A kept copy that
+//! cannot be opened or has the wrong size is dropped and the store serves;
+//! one that fails mid-stream ends that stream in an error and is dropped.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -29,7 +30,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 
-use crate::fetch::upstream::spool::{disk_has_room, disk_space};
+use crate::disk_room::{disk_has_room, disk_space};
 use crate::lock::lock;
 use crate::nix::PathInfo;
 
@@ -39,8 +40,8 @@ pub const MIN_FILES: u64 = 16;
 pub const MAX_MEAN_FILE: u64 = 64 * 1024;
 /// An entry may take at most this share of the cache (1/n).
 const ENTRY_SHARE: u64 = 8;
-/// NARs remembered as served once or not worth keeping; past this the
-/// memory starts again (about 100 bytes each).
+/// NARs remembered as served whole; past this the memory starts again
+/// (about 100 bytes each).
 const MAX_SEEN: usize = 16 * 1024;
 
 /// Whether a NAR of `nar_size` bytes holding `files` regular files is worth
@@ -49,25 +50,27 @@ pub fn worth_keeping(nar_size: u64, files: u64) -> bool {
     files >= MIN_FILES && nar_size / files <= MAX_MEAN_FILE
 }
 
-struct Meta {
-    size: u64,
-    last_used: u64,
-}
-
-/// What is known of a NAR that is not kept.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Seen {
-    ServedOnce,
-    NotWorthKeeping,
-}
-
-#[derive(Default)]
-struct Index {
-    entries: HashMap<String, Meta>,
-    /// Keys being written now: one writer per NAR.
-    writing: HashSet<String>,
-    seen: HashMap<String, Seen>,
+/// Which entries (key, size, last used) to drop, least recently used
+/// first, so that `incoming` more bytes fit under `limit` with `used`
+/// taken. Pure.
+fn evictions<'k>(
+    entries: impl Iterator<Item = (&'k str, u64, u64)>,
     used: u64,
+    incoming: u64,
+    limit: u64,
+) -> Vec<&'k str> {
+    let mut by_age: Vec<_> = entries.collect();
+    by_age.sort_unstable_by_key(|&(_, _, last_used)| last_used);
+    let mut left = used;
+    let mut out = Vec::new();
+    for (key, size, _) in by_age {
+        if left.saturating_add(incoming) <= limit {
+            break;
+        }
+        left -= size.min(left);
+        out.push(key);
+    }
+    out
 }
 
 /// What `/metrics` shows of the cache.
@@ -109,6 +112,27 @@ impl NarCacheStats {
     }
 }
 
+struct Meta {
+    size: u64,
+    last_used: u64,
+}
+
+#[derive(Default)]
+struct Index {
+    entries: HashMap<String, Meta>,
+    /// Keys being written now (one writer per NAR), with their sizes.
+    writing: HashMap<String, u64>,
+    /// NARs served whole from the store: whether worth keeping.
+    seen: HashMap<String, bool>,
+    used: u64,
+}
+
+impl Index {
+    fn pending(&self) -> u64 {
+        self.writing.values().sum()
+    }
+}
+
 pub struct NarCache {
     pub stats: NarCacheStats,
     dir: PathBuf,
@@ -123,39 +147,62 @@ fn key_of(info: &PathInfo) -> String {
     format!("{}-{}", info.nar_hash.nix32_digest(), info.nar_size)
 }
 
+/// The NAR size an entry's file name states, if it is an entry's name.
+fn entry_size(name: &str) -> Option<u64> {
+    name.strip_suffix(".nar")?.rsplit_once('-')?.1.parse().ok()
+}
+
 impl NarCache {
-    /// The cache in `dir` (made if missing), at most `limit` bytes. Entries
-    /// left by an earlier run are kept; unfinished writes are removed.
+    /// The cache in `dir` (made if missing), at most `limit` bytes. Whole
+    /// entries left by an earlier run are kept, the least recently
+    /// modified first to go; unfinished writes and anything else are
+    /// removed. Fails if `dir` cannot be written.
     pub fn open(dir: PathBuf, limit: u64) -> io::Result<Arc<Self>> {
         std::fs::create_dir_all(&dir)?;
-        let mut index = Index::default();
+        // A directory that cannot be written is an error now, not a
+        // silent cache of nothing.
+        let probe = dir.join(".probe");
+        File::create(&probe)?;
+        std::fs::remove_file(&probe)?;
+        let mut found = Vec::new();
         for item in std::fs::read_dir(&dir)? {
             let item = item?;
             let name = item.file_name().to_string_lossy().into_owned();
-            let size = item.metadata().map(|m| m.len()).ok();
-            match (name.strip_suffix(".nar"), size) {
-                (Some(key), Some(size))
-                    if key.rsplit_once('-').map(|(_, s)| s) == Some(&size.to_string()) =>
-                {
-                    index.used += size;
-                    index
-                        .entries
-                        .insert(key.to_string(), Meta { size, last_used: 0 });
+            let meta = item.metadata().ok();
+            let whole = match (entry_size(&name), &meta) {
+                (Some(size), Some(m)) => {
+                    m.is_file() && m.len() == size && size <= limit / ENTRY_SHARE
                 }
-                _ => {
+                _ => false,
+            };
+            match meta.filter(|_| whole) {
+                Some(m) => {
+                    let modified = m.modified().unwrap_or(std::time::UNIX_EPOCH);
+                    let key = name.trim_end_matches(".nar").to_string();
+                    found.push((modified, key, m.len()));
+                }
+                None => {
                     let _ = std::fs::remove_file(item.path());
                 }
             }
         }
+        found.sort();
+        let mut index = Index::default();
+        for (tick, (_, key, size)) in found.into_iter().enumerate() {
+            index.used += size;
+            let last_used = tick as u64 + 1;
+            index.entries.insert(key, Meta { size, last_used });
+        }
+        let clock = index.entries.len() as u64 + 1;
         let cache = Arc::new(Self {
             stats: NarCacheStats::default(),
             dir,
             limit,
             index: Mutex::new(index),
-            clock: AtomicU64::new(1),
+            clock: AtomicU64::new(clock),
             temp_seq: AtomicU64::new(0),
         });
-        cache.evict(0);
+        cache.evict(&mut lock(&cache.index), 0);
         Ok(cache)
     }
 
@@ -171,12 +218,13 @@ impl NarCache {
     /// An entry that cannot be opened or has another size is dropped.
     pub fn open_entry(&self, info: &PathInfo) -> Option<File> {
         let key = key_of(info);
-        {
+        let opened = {
             let mut index = lock(&self.index);
             let meta = index.entries.get_mut(&key)?;
             meta.last_used = self.clock.fetch_add(1, Ordering::Relaxed);
-        }
-        let opened = File::open(self.entry_path(&key));
+            // Opened under the lock: eviction cannot come in between.
+            File::open(self.entry_path(&key))
+        };
         match opened.and_then(|f| Ok((f.metadata()?.len(), f))) {
             Ok((len, f)) if len == info.nar_size => {
                 self.stats.served.inc();
@@ -195,7 +243,7 @@ impl NarCache {
         }
     }
 
-    /// Drops the kept NAR of `info`, if any (its receiver found it wrong).
+    /// Drops the kept NAR of `info`, if any (it was found wrong).
     pub fn forget(&self, info: &PathInfo) {
         let key = key_of(info);
         let mut index = lock(&self.index);
@@ -207,37 +255,38 @@ impl NarCache {
         }
     }
 
-    /// A writer for `info`'s whole NAR, which is being served, if it may
-    /// be kept: served before, not found not worth keeping, not kept nor
-    /// being written already, small enough for the cache, room on disk.
+    /// `info`'s whole NAR, holding `files` regular files, was served from
+    /// the store without being written here.
+    pub fn served(&self, info: &PathInfo, files: u64) {
+        let mut index = lock(&self.index);
+        if index.seen.len() >= MAX_SEEN {
+            index.seen.clear();
+        }
+        let worth = worth_keeping(info.nar_size, files);
+        index.seen.insert(key_of(info), worth);
+    }
+
+    /// A writer for `info`'s whole NAR, which is being served, if it is to
+    /// be kept: served whole before and worth keeping, not kept nor being
+    /// written already, small enough for the cache, room on disk.
     pub fn begin(self: &Arc<Self>, info: &PathInfo) -> Option<CacheWriter> {
         if info.nar_size > self.limit / ENTRY_SHARE {
             return None;
         }
         let key = key_of(info);
+        if lock(&self.index).seen.get(&key) != Some(&true) {
+            return None;
+        }
+        let (free, total) = disk_space(&self.dir)?;
         {
             let mut index = lock(&self.index);
-            if index.entries.contains_key(&key) || index.writing.contains(&key) {
+            if index.entries.contains_key(&key) || index.writing.contains_key(&key) {
                 return None;
             }
-            if index.seen.len() >= MAX_SEEN {
-                index.seen.clear();
-            }
-            match index.seen.insert(key.clone(), Seen::ServedOnce) {
-                Some(Seen::ServedOnce) => {}
-                None => return None,
-                Some(Seen::NotWorthKeeping) => {
-                    index.seen.insert(key, Seen::NotWorthKeeping);
-                    return None;
-                }
-            }
-            let (free, total) = disk_space(&self.dir)?;
-            // Only one writer at a time has its size counted as pending:
-            // writers are few and small against the disk's reserve.
-            if !disk_has_room(free, total, 0, info.nar_size) {
+            if !disk_has_room(free, total, index.pending(), info.nar_size) {
                 return None;
             }
-            index.writing.insert(key.clone());
+            index.writing.insert(key.clone(), info.nar_size);
         }
         let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
         let temp = self.dir.join(format!("{key}.{seq}.part"));
@@ -259,35 +308,38 @@ impl NarCache {
         }
     }
 
-    /// Makes room for `incoming` bytes: the least recently served go.
-    fn evict(&self, incoming: u64) {
-        let mut index = lock(&self.index);
-        while index.used + incoming > self.limit {
-            let Some(oldest) = index
-                .entries
-                .iter()
-                .min_by_key(|(_, m)| m.last_used)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            if let Some(meta) = index.entries.remove(&oldest) {
+    /// Makes room for `incoming` bytes in `index`.
+    fn evict(&self, index: &mut Index, incoming: u64) {
+        let entries = index
+            .entries
+            .iter()
+            .map(|(k, m)| (k.as_str(), m.size, m.last_used));
+        let gone: Vec<String> = evictions(entries, index.used, incoming, self.limit)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        for key in gone {
+            if let Some(meta) = index.entries.remove(&key) {
                 index.used -= meta.size;
-                let _ = std::fs::remove_file(self.entry_path(&oldest));
+                let _ = std::fs::remove_file(self.entry_path(&key));
             }
         }
         self.stats.bytes.set(index.used);
     }
 
+    /// The complete, verified `temp` becomes the entry `key`.
     fn admit(&self, key: &str, temp: &Path, size: u64) -> io::Result<()> {
-        self.evict(size);
-        std::fs::rename(temp, self.entry_path(key))?;
         let mut index = lock(&self.index);
+        self.evict(&mut index, size);
+        std::fs::rename(temp, self.entry_path(key))?;
         let last_used = self.clock.fetch_add(1, Ordering::Relaxed);
-        index.used += size;
-        index
+        if let Some(old) = index
             .entries
-            .insert(key.to_string(), Meta { size, last_used });
+            .insert(key.to_string(), Meta { size, last_used })
+        {
+            index.used -= old.size;
+        }
+        index.used += size;
         self.stats.kept.inc();
         self.stats.bytes.set(index.used);
         Ok(())
@@ -325,8 +377,7 @@ impl CacheWriter {
     /// kept if it matches `info` and is worth keeping.
     pub fn finish(mut self, info: &PathInfo, files: u64) {
         if !worth_keeping(info.nar_size, files) {
-            let mut index = lock(&self.cache.index);
-            index.seen.insert(self.key.clone(), Seen::NotWorthKeeping);
+            self.cache.served(info, files);
             return;
         }
         if self.failed || self.written != info.nar_size {
@@ -337,7 +388,13 @@ impl CacheWriter {
             tracing::warn!(path = %info.path, "the store copy does not match its NarHash; not keeping it");
             return;
         }
-        if let Err(e) = self.cache.admit(&self.key, &self.temp, info.nar_size) {
+        // On disk before it has its name: a crash leaves a whole entry or
+        // a temp file, never a named one with holes.
+        let kept = self
+            .file
+            .sync_data()
+            .and_then(|()| self.cache.admit(&self.key, &self.temp, info.nar_size));
+        if let Err(e) = kept {
             tracing::debug!(error = %e, "cannot keep a NAR in the cache");
         }
     }
@@ -380,12 +437,29 @@ mod tests {
 
     /// Serves `bytes` whole once through the cache, as `nar_stream` does.
     fn serve(cache: &Arc<NarCache>, info: &PathInfo, bytes: &[u8], files: u64) {
-        if let Some(mut w) = cache.begin(info) {
-            for piece in bytes.chunks(7000) {
-                w.write(piece);
+        match cache.begin(info) {
+            Some(mut w) => {
+                for piece in bytes.chunks(7000) {
+                    w.write(piece);
+                }
+                w.finish(info, files);
             }
-            w.finish(info, files);
+            None => cache.served(info, files),
         }
+    }
+
+    #[test]
+    fn the_least_recently_used_are_evicted_until_the_new_one_fits() {
+        let entries = [("a", 40, 3), ("b", 30, 1), ("c", 20, 2)];
+        let pick =
+            |used, incoming, limit| evictions(entries.iter().copied(), used, incoming, limit);
+        assert!(pick(90, 10, 100).is_empty());
+        assert_eq!(pick(90, 11, 100), vec!["b"]);
+        assert_eq!(pick(90, 50, 100), vec!["b", "c"]);
+        assert_eq!(pick(90, 100, 100), vec!["b", "c", "a"]);
+        // More than the limit: everything goes, and nothing underflows.
+        assert_eq!(pick(90, 500, 100), vec!["b", "c", "a"]);
+        assert_eq!(pick(90, 0, 0), vec!["b", "c", "a"]);
     }
 
     fn read_kept(cache: &NarCache, info: &PathInfo) -> Option<Vec<u8>> {

@@ -63,12 +63,19 @@ pub enum Check {
     Hash,
 }
 
+/// The kept copies a served NAR may come from and go to.
+pub struct Kept {
+    pub cache: Arc<NarCache>,
+    /// The whole NAR is wanted (not a part of it): it may be kept.
+    pub whole: bool,
+}
+
 /// Starts streaming `info`'s NAR from byte `offset`, checked as `check`
-/// says. With a `cache`, a NAR checked for size only comes from its kept
-/// copy if there is one, and one served whole may be kept.
+/// says. With `kept`, a NAR checked for size only comes from its kept copy
+/// if there is one, and one served whole may be kept.
 pub fn spawn(
     store: Arc<Store>,
-    cache: Option<Arc<NarCache>>,
+    kept: Option<Kept>,
     info: PathInfo,
     offset: u64,
     check: Check,
@@ -83,8 +90,8 @@ pub fn spawn(
         return NarStream { rx };
     }
     tokio::task::spawn_blocking(move || {
-        let cache = cache.filter(|_| check == Check::Size);
-        if let Some(cache) = &cache {
+        let kept = kept.filter(|_| check == Check::Size);
+        if let Some(Kept { cache, .. }) = &kept {
             if let Some(kept) = cache.open_entry(&info) {
                 if let Err(e) = run_kept(kept, &info, offset, tx.clone()) {
                     // Cut short or unreadable: the stream ends in an error
@@ -100,7 +107,7 @@ pub fn spawn(
                 return;
             }
         }
-        run(&store, cache.as_ref(), &info, offset, check, tx)
+        run(&store, kept.as_ref(), &info, offset, check, tx)
     });
     NarStream { rx }
 }
@@ -116,7 +123,10 @@ fn run_kept(
     let mut sink = VerifyingSink::new(tx, info.nar_size, offset, Check::Size);
     file.seek(io::SeekFrom::Start(offset))?;
     sink.skipped(offset);
-    let mut left = info.nar_size - offset;
+    let mut left = info
+        .nar_size
+        .checked_sub(offset)
+        .ok_or(io::ErrorKind::InvalidInput)?;
     while left > 0 {
         let mut buf = match usize::try_from(left) {
             Ok(n) if n < CHUNK => vec![0; n],
@@ -141,7 +151,7 @@ fn run_kept(
 
 fn run(
     store: &Store,
-    cache: Option<&Arc<NarCache>>,
+    kept: Option<&Kept>,
     info: &PathInfo,
     offset: u64,
     check: Check,
@@ -156,7 +166,8 @@ fn run(
     let mut sink = VerifyingSink::new(tx.clone(), info.nar_size, offset, check);
     // Only a directory can hold the many files that make a NAR worth
     // keeping; a whole NAR is needed to keep it.
-    if let (0, Some(cache)) = (offset, cache) {
+    let whole = kept.filter(|k| k.whole && offset == 0);
+    if let Some(Kept { cache, .. }) = whole {
         if real.is_dir() {
             sink.keep = cache.begin(info);
         }
@@ -165,8 +176,10 @@ fn run(
         Ok(walked) => {
             let keep = sink.keep.take();
             let sent = sink.finish(info);
-            if let (Ok(()), Some(keep)) = (&sent, keep) {
-                keep.finish(info, walked.files);
+            match (&sent, keep, whole) {
+                (Ok(()), Some(keep), _) => keep.finish(info, walked.files),
+                (Ok(()), None, Some(Kept { cache, .. })) => cache.served(info, walked.files),
+                _ => {}
             }
             sent
         }

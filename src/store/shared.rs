@@ -16,7 +16,7 @@ use crate::lock::lock;
 use crate::nix::{HashPart, PathInfo, Sha256Hash};
 use crate::store::db::Store;
 use crate::store::nar_cache::NarCache;
-use crate::store::nar_stream::{self, Check, NarStream};
+use crate::store::nar_stream::{self, Check, Kept, NarStream};
 use crate::store::share::SharePolicy;
 
 /// Copies hashed at once after reports of corruption.
@@ -108,11 +108,15 @@ impl SharedStore {
         }
     }
 
-    /// Streams the NAR of a path `info` returned, from byte `offset`,
-    /// checked for size only: the receiver hashes it.
-    pub fn nar(&self, info: PathInfo, offset: u64) -> NarStream {
-        let cache = self.nar_cache.clone();
-        nar_stream::spawn(self.store.clone(), cache, info, offset, Check::Size)
+    /// Streams the NAR of a path `info` returned, from byte `offset` up to
+    /// `end` (the caller stops reading there), checked for size only: the
+    /// receiver hashes it.
+    pub fn nar(&self, info: PathInfo, offset: u64, end: u64) -> NarStream {
+        let kept = self.nar_cache.clone().map(|cache| Kept {
+            cache,
+            whole: offset == 0 && end == info.nar_size,
+        });
+        nar_stream::spawn(self.store.clone(), kept, info, offset, Check::Size)
     }
 
     /// `reporter` says the NAR of `hash` it got from here did not match

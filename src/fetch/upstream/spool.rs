@@ -26,34 +26,12 @@ use tokio::sync::{mpsc, watch};
 
 use super::judge::UpstreamFile;
 use super::RelayError;
+use crate::disk_room::{disk_has_room, disk_space};
 use crate::lock::lock;
 use crate::nix::Sha256Hash;
 
 /// Bytes read from a spooled file at a time.
 const READ_CHUNK: usize = 256 * 1024;
-/// Free space the spool never takes: this, or a tenth of a smaller disk.
-pub const DISK_RESERVE: u64 = 256 << 20;
-
-/// Whether a file of `size` bytes may be spooled on a disk of `total`
-/// bytes with `free` free, while the files being written still need
-/// `pending` more: the disk keeps `DISK_RESERVE` (a tenth of a small one)
-/// free after all of them. Pure.
-pub fn disk_has_room(free: u64, total: u64, pending: u64, size: u64) -> bool {
-    let reserve = DISK_RESERVE.min(total / 10);
-    free.saturating_sub(pending).saturating_sub(reserve) >= size
-}
-
-/// (free, total) bytes of the file system holding `dir`; `None` if it
-/// cannot be asked.
-pub fn disk_space(dir: &std::path::Path) -> Option<(u64, u64)> {
-    let st = rustix::fs::statvfs(dir).ok()?;
-    let block = st.f_frsize;
-    Some((
-        st.f_bavail.saturating_mul(block),
-        st.f_blocks.saturating_mul(block),
-    ))
-}
-
 /// How far a spooled file has come.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Progress {
@@ -434,33 +412,6 @@ mod tests {
         // Everything is being written: no room for more.
         assert!(matches!(spool.claim(&file(1, 5)), Claim::NoRoom));
         assert!(matches!(spool.claim(&file(4, 11)), Claim::NoRoom));
-    }
-
-    #[test]
-    fn the_disk_keeps_its_reserve_and_room_for_files_being_written() {
-        const MIB: u64 = 1 << 20;
-        // A big disk keeps 256 MiB free.
-        assert!(disk_has_room(1024 * MIB, 100_000 * MIB, 0, 768 * MIB));
-        assert!(!disk_has_room(1024 * MIB, 100_000 * MIB, 0, 769 * MIB));
-        // Files under way still need 500 MiB of it.
-        assert!(!disk_has_room(
-            1024 * MIB,
-            100_000 * MIB,
-            500 * MIB,
-            300 * MIB
-        ));
-        assert!(disk_has_room(
-            1024 * MIB,
-            100_000 * MIB,
-            500 * MIB,
-            268 * MIB
-        ));
-        // A small disk keeps a tenth.
-        assert!(disk_has_room(40 * MIB, 40 * MIB, 0, 36 * MIB));
-        assert!(!disk_has_room(40 * MIB, 40 * MIB, 24 * MIB, 24 * MIB));
-        // A full one takes nothing, and nothing overflows.
-        assert!(!disk_has_room(0, 40 * MIB, 24 * MIB, 1));
-        assert!(disk_has_room(u64::MAX, u64::MAX, 0, 1));
     }
 
     #[test]
