@@ -92,6 +92,27 @@ async fn bind(key: &'static str, addr: std::net::SocketAddr) -> Result<TcpListen
         })
 }
 
+/// What a directory of `mib` MiB (`key` in the config) under the state dir
+/// holds, opened by `open`: none for 0, and none (with a warning) if the
+/// directory cannot be used, since these are only there to save work.
+fn disk_budget<T>(
+    key: &str,
+    mib: u64,
+    dir: std::path::PathBuf,
+    open: impl FnOnce(std::path::PathBuf, u64) -> std::io::Result<T>,
+) -> Option<T> {
+    if mib == 0 {
+        return None;
+    }
+    match open(dir.clone(), mib << 20) {
+        Ok(opened) => Some(opened),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "{key}: cannot use the directory; going without");
+            None
+        }
+    }
+}
+
 /// Raises the soft limit on open files to the hard one. Connections (up to
 /// 1024 per HTTP listener), QUIC streams and NAR encodes (each holding up to
 /// 9 directory descriptors) all need descriptors, and the usual soft limit
@@ -131,20 +152,13 @@ pub async fn run(
         signing = policy.signing_key.is_some(),
         "store opened"
     );
-    let nar_cache = match config.share.nar_cache_mib {
-        0 => None,
-        mib => {
-            let dir = config.state_dir.join("nar-cache");
-            match NarCache::open(dir.clone(), mib << 20) {
-                Ok(cache) => Some(cache),
-                Err(e) => {
-                    // Not fatal: every NAR is then encoded from the store.
-                    tracing::warn!(dir = %dir.display(), error = %e, "share.nar_cache_mib: cannot use the NAR cache dir; going without");
-                    None
-                }
-            }
-        }
-    };
+    // Not fatal: every NAR is then encoded from the store.
+    let nar_cache = disk_budget(
+        "share.nar_cache_mib",
+        config.share.nar_cache_mib,
+        config.state_dir.join("nar-cache"),
+        NarCache::open,
+    );
     let shared = SharedStore::new(store.clone(), policy.clone(), nar_cache.clone());
     // The listeners, drained first at shutdown; then everything else.
     let mut tasks = tokio::task::JoinSet::new();
@@ -249,20 +263,13 @@ pub async fn run(
         } else {
             let client = UpstreamClient::new(config.upstream.ca_file.as_deref())
                 .map_err(SettingsError::from)?;
-            let spool = match config.upstream.spool_mib {
-                0 => None,
-                mib => {
-                    let dir = config.state_dir.join("spool");
-                    match Spool::new(dir.clone(), mib << 20) {
-                        Ok(spool) => Some(spool),
-                        Err(e) => {
-                            // Not fatal: files then stream past the spool.
-                            tracing::warn!(dir = %dir.display(), error = %e, "upstream.spool_mib: cannot use the spool dir; going without");
-                            None
-                        }
-                    }
-                }
-            };
+            // Not fatal: files then stream past the spool.
+            let spool = disk_budget(
+                "upstream.spool_mib",
+                config.upstream.spool_mib,
+                config.state_dir.join("spool"),
+                Spool::new,
+            );
             tracing::info!(caches = ?caches.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "pulling what no peer has from upstream");
             Some(Arc::new(Upstreams::new(
                 caches,

@@ -411,25 +411,8 @@ impl Drop for CacheWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nix::{Sha256Hash, StorePath};
+    use crate::store::nar_stream::tests::info_for;
     use std::io::Read;
-
-    fn info_for(nar: &[u8]) -> PathInfo {
-        PathInfo {
-            path: StorePath::parse(
-                "/nix/store",
-                "/nix/store/00000000000000000000000000000000-x",
-            )
-            .unwrap(),
-            nar_hash: Sha256Hash(Sha256::digest(nar).into()),
-            nar_size: nar.len() as u64,
-            references: vec![],
-            deriver: None,
-            sigs: vec![],
-            ca: None,
-            ultimate: false,
-        }
-    }
 
     fn nar(n: u8, len: usize) -> Vec<u8> {
         (0..len).map(|i| (i as u8).wrapping_mul(n)).collect()

@@ -379,12 +379,13 @@ impl NarSink for VerifyingSink {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::nix::{Sha256Hash, StorePath};
     use crate::store::nar_encode::CHUNK;
 
-    fn info_for(nar: &[u8]) -> PathInfo {
+    /// A path info whose NarHash and size are those of `nar`.
+    pub(crate) fn info_for(nar: &[u8]) -> PathInfo {
         PathInfo {
             path: StorePath::parse(
                 "/nix/store",
