@@ -164,13 +164,11 @@ fn run(
         reason,
     };
     let mut sink = VerifyingSink::new(tx.clone(), info.nar_size, offset, check);
-    // Only a directory can hold the many files that make a NAR worth
-    // keeping; a whole NAR is needed to keep it.
-    let whole = kept.filter(|k| k.whole && offset == 0);
+    // Only a tree can hold the many files that make a NAR worth keeping,
+    // and only a whole NAR can be kept.
+    let whole = kept.filter(|k| k.whole && offset == 0 && real.is_dir());
     if let Some(Kept { cache, .. }) = whole {
-        if real.is_dir() {
-            sink.keep = cache.begin(info);
-        }
+        sink.keep = cache.begin(info);
     }
     let outcome = match nar::encode(&real, &mut sink) {
         Ok(walked) => {
