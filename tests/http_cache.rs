@@ -440,6 +440,56 @@ fn a_tree_of_small_files_is_served_from_its_kept_copy() {
     run_ok(client.cmd("nix-store").args(["--verify-path", &path]));
 }
 
+/// Sixteen clients at once asking for a tree NAR that is being kept: every
+/// one gets the whole NAR, one copy is kept, no unfinished write is left.
+#[test]
+fn clients_at_once_get_whole_nars_while_one_copy_is_kept() {
+    let store = TestStore::new();
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("busy");
+    for i in 0..300u32 {
+        let dir = tree.join(format!("d{}", i % 8));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bytes: Vec<u8> = (0..2000 + i * 31)
+            .map(|j| (j * (i + 7) % 253) as u8)
+            .collect();
+        std::fs::write(dir.join(format!("f{i}")), bytes).unwrap();
+    }
+    let path = store.add(&tree);
+    let served = serve(&store, "all = true", None);
+    let info = narinfo(served.addr, &path).unwrap();
+    let url = format!("/{}", info.url);
+    let dump = store.dump(&path);
+    let kept_dir = store.root().join("agent-state/nar-cache");
+    for round in 0..3 {
+        let bodies: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|_| s.spawn(|| get(served.addr, &url).body))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for body in &bodies {
+            assert!(body == &dump, "round {round}: a NAR differs");
+        }
+    }
+    let names = || -> Vec<String> {
+        std::fs::read_dir(&kept_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    wait_for(
+        Duration::from_secs(5),
+        "one kept copy and nothing else",
+        || {
+            let n = names();
+            n.len() == 1 && n[0].ends_with(".nar")
+        },
+    );
+    let entry = kept_dir.join(&names()[0]);
+    assert_eq!(std::fs::read(entry).unwrap(), dump);
+}
+
 #[test]
 fn collected_paths_are_not_found_and_writers_do_not_disturb_readers() {
     let store = TestStore::new();
