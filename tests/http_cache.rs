@@ -358,6 +358,29 @@ fn corrupt_store_file_never_becomes_a_valid_path() {
     assert!(log.contains("corrupt"), "corruption not logged:\n{log}");
 }
 
+/// Adds a tree of `files` small files (1–12 KiB) in `dirs` directories to
+/// `store`; returns its store path.
+fn add_small_file_tree(store: &TestStore, files: u32, dirs: u32) -> String {
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("small-files");
+    for i in 0..files {
+        let dir = tree.join(format!("d{}", i % dirs));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bytes: Vec<u8> = (0..1000 + i * 37)
+            .map(|j| (j * (i + 3) % 251) as u8)
+            .collect();
+        std::fs::write(dir.join(format!("f{i}")), bytes).unwrap();
+    }
+    store.add(&tree)
+}
+
+/// What the agent of `serve` keeps in its NAR cache directory.
+fn kept_files(store: &TestStore) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(store.root().join("agent-state/nar-cache"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default()
+}
+
 /// A tree of many small files is kept encoded after it was served whole
 /// twice, and later requests (whole or ranges) are answered from the kept
 /// copy. A kept copy that rots on disk goes out as it is and real Nix
@@ -366,28 +389,13 @@ fn corrupt_store_file_never_becomes_a_valid_path() {
 #[test]
 fn a_tree_of_small_files_is_served_from_its_kept_copy() {
     let store = TestStore::new();
-    let src = tempfile::tempdir().unwrap();
-    let tree = src.path().join("many");
-    for i in 0..40u32 {
-        let dir = tree.join(format!("d{}", i % 4));
-        std::fs::create_dir_all(&dir).unwrap();
-        let bytes: Vec<u8> = (0..1000 + i * 37)
-            .map(|j| (j * (i + 3) % 251) as u8)
-            .collect();
-        std::fs::write(dir.join(format!("f{i}")), bytes).unwrap();
-    }
-    let path = store.add(&tree);
+    let path = add_small_file_tree(&store, 40, 4);
     let office = nix_key("office-1");
     let served = serve(&store, "all = true", Some(&office.secret));
     let info = narinfo(served.addr, &path).unwrap();
     let url = format!("/{}", info.url);
     let dump = store.dump(&path);
-    let kept_dir = store.root().join("agent-state/nar-cache");
-    let kept = || -> Vec<std::path::PathBuf> {
-        std::fs::read_dir(&kept_dir)
-            .map(|d| d.map(|e| e.unwrap().path()).collect())
-            .unwrap_or_default()
-    };
+    let kept = || kept_files(&store);
 
     // Parts from the start are not whole serves: nothing is kept for them.
     for _ in 0..3 {
@@ -445,22 +453,11 @@ fn a_tree_of_small_files_is_served_from_its_kept_copy() {
 #[test]
 fn clients_at_once_get_whole_nars_while_one_copy_is_kept() {
     let store = TestStore::new();
-    let src = tempfile::tempdir().unwrap();
-    let tree = src.path().join("busy");
-    for i in 0..300u32 {
-        let dir = tree.join(format!("d{}", i % 8));
-        std::fs::create_dir_all(&dir).unwrap();
-        let bytes: Vec<u8> = (0..2000 + i * 31)
-            .map(|j| (j * (i + 7) % 253) as u8)
-            .collect();
-        std::fs::write(dir.join(format!("f{i}")), bytes).unwrap();
-    }
-    let path = store.add(&tree);
+    let path = add_small_file_tree(&store, 300, 8);
     let served = serve(&store, "all = true", None);
     let info = narinfo(served.addr, &path).unwrap();
     let url = format!("/{}", info.url);
     let dump = store.dump(&path);
-    let kept_dir = store.root().join("agent-state/nar-cache");
     for round in 0..3 {
         let bodies: Vec<Vec<u8>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..16)
@@ -472,21 +469,15 @@ fn clients_at_once_get_whole_nars_while_one_copy_is_kept() {
             assert!(body == &dump, "round {round}: a NAR differs");
         }
     }
-    let names = || -> Vec<String> {
-        std::fs::read_dir(&kept_dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect()
-    };
     wait_for(
         Duration::from_secs(5),
         "one kept copy and nothing else",
         || {
-            let n = names();
-            n.len() == 1 && n[0].ends_with(".nar")
+            let files = kept_files(&store);
+            files.len() == 1 && files[0].extension().is_some_and(|e| e == "nar")
         },
     );
-    let entry = kept_dir.join(&names()[0]);
+    let entry = kept_files(&store).remove(0);
     assert_eq!(std::fs::read(entry).unwrap(), dump);
 }
 

@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use sha2::{Digest, Sha256};
 
 use crate::disk_room::{disk_has_room, disk_space};
 use crate::lock::lock;
@@ -125,6 +124,8 @@ struct Index {
     /// NARs served whole from the store: whether worth keeping.
     seen: HashMap<String, bool>,
     used: u64,
+    /// Counts serves and admissions: an entry's `last_used` is a reading.
+    clock: u64,
 }
 
 impl Index {
@@ -138,7 +139,6 @@ pub struct NarCache {
     dir: PathBuf,
     limit: u64,
     index: Mutex<Index>,
-    clock: AtomicU64,
     temp_seq: AtomicU64,
 }
 
@@ -193,13 +193,12 @@ impl NarCache {
             let last_used = tick as u64 + 1;
             index.entries.insert(key, Meta { size, last_used });
         }
-        let clock = index.entries.len() as u64 + 1;
+        index.clock = index.entries.len() as u64;
         let cache = Arc::new(Self {
             stats: NarCacheStats::default(),
             dir,
             limit,
             index: Mutex::new(index),
-            clock: AtomicU64::new(clock),
             temp_seq: AtomicU64::new(0),
         });
         cache.evict(&mut lock(&cache.index), 0);
@@ -214,21 +213,24 @@ impl NarCache {
         self.dir.join(format!("{key}.nar"))
     }
 
-    /// The kept NAR of `info`, opened, if there is one of the right size.
-    /// An entry that cannot be opened or has another size is dropped.
-    pub fn open_entry(&self, info: &PathInfo) -> Option<File> {
+    /// The kept NAR of `info`, opened, and where it is, if there is one of
+    /// the right size. An entry that cannot be opened or has another size
+    /// is dropped.
+    pub fn open_entry(&self, info: &PathInfo) -> Option<(PathBuf, File)> {
         let key = key_of(info);
+        let path = self.entry_path(&key);
         let opened = {
             let mut index = lock(&self.index);
-            let meta = index.entries.get_mut(&key)?;
-            meta.last_used = self.clock.fetch_add(1, Ordering::Relaxed);
+            index.clock += 1;
+            let now = index.clock;
+            index.entries.get_mut(&key)?.last_used = now;
             // Opened under the lock: eviction cannot come in between.
-            File::open(self.entry_path(&key))
+            File::open(&path)
         };
         match opened.and_then(|f| Ok((f.metadata()?.len(), f))) {
             Ok((len, f)) if len == info.nar_size => {
                 self.stats.served.inc();
-                Some(f)
+                Some((path, f))
             }
             Ok((len, _)) => {
                 tracing::warn!(path = %info.path, len, "a kept NAR has the wrong size; dropping it");
@@ -296,8 +298,6 @@ impl NarCache {
                 key,
                 temp,
                 file,
-                hash: Sha256::new(),
-                written: 0,
                 failed: false,
             }),
             Err(e) => {
@@ -332,7 +332,8 @@ impl NarCache {
         let mut index = lock(&self.index);
         self.evict(&mut index, size);
         std::fs::rename(temp, self.entry_path(key))?;
-        let last_used = self.clock.fetch_add(1, Ordering::Relaxed);
+        index.clock += 1;
+        let last_used = index.clock;
         if let Some(old) = index
             .entries
             .insert(key.to_string(), Meta { size, last_used })
@@ -346,15 +347,13 @@ impl NarCache {
     }
 }
 
-/// One NAR on its way into the cache: written and hashed as it is served.
-/// Dropped without `finish`, it leaves nothing behind.
+/// One NAR on its way into the cache: written as it is served (the stream
+/// hashes it). Dropped without `finish`, it leaves nothing behind.
 pub struct CacheWriter {
     cache: Arc<NarCache>,
     key: String,
     temp: PathBuf,
     file: File,
-    hash: Sha256,
-    written: u64,
     failed: bool,
 }
 
@@ -365,26 +364,24 @@ impl CacheWriter {
         if self.failed {
             return;
         }
-        self.hash.update(bytes);
-        self.written += bytes.len() as u64;
         if let Err(e) = self.file.write_all(bytes) {
             tracing::debug!(error = %e, "writing to the NAR cache failed; not keeping this NAR");
             self.failed = true;
         }
     }
 
-    /// The whole NAR of `info`, holding `files` regular files, went by:
-    /// kept if it matches `info` and is worth keeping.
-    pub fn finish(mut self, info: &PathInfo, files: u64) {
+    /// The whole NAR of `info` (its size checked), holding `files` regular
+    /// files and hashing to `digest`, went by: kept if it matches `info`'s
+    /// NarHash and is worth keeping.
+    pub fn finish(self, info: &PathInfo, files: u64, digest: Option<[u8; 32]>) {
         if !worth_keeping(info.nar_size, files) {
             self.cache.served(info, files);
             return;
         }
-        if self.failed || self.written != info.nar_size {
+        if self.failed {
             return;
         }
-        let digest: [u8; 32] = std::mem::take(&mut self.hash).finalize().into();
-        if digest != info.nar_hash.0 {
+        if digest != Some(info.nar_hash.0) {
             tracing::warn!(path = %info.path, "the store copy does not match its NarHash; not keeping it");
             return;
         }
@@ -412,6 +409,7 @@ impl Drop for CacheWriter {
 mod tests {
     use super::*;
     use crate::store::nar_stream::tests::info_for;
+    use sha2::{Digest, Sha256};
     use std::io::Read;
 
     fn nar(n: u8, len: usize) -> Vec<u8> {
@@ -425,7 +423,7 @@ mod tests {
                 for piece in bytes.chunks(7000) {
                     w.write(piece);
                 }
-                w.finish(info, files);
+                w.finish(info, files, Some(Sha256::digest(bytes).into()));
             }
             None => cache.served(info, files),
         }
@@ -447,7 +445,7 @@ mod tests {
 
     fn read_kept(cache: &NarCache, info: &PathInfo) -> Option<Vec<u8>> {
         let mut out = Vec::new();
-        cache.open_entry(info)?.read_to_end(&mut out).unwrap();
+        cache.open_entry(info)?.1.read_to_end(&mut out).unwrap();
         Some(out)
     }
 
@@ -458,6 +456,13 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    /// A cache of `limit` bytes in `<tempdir>/c`.
+    fn scratch(limit: u64) -> (tempfile::TempDir, Arc<NarCache>) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = NarCache::open(dir.path().join("c"), limit).unwrap();
+        (dir, cache)
     }
 
     #[test]
@@ -475,8 +480,7 @@ mod tests {
 
     #[test]
     fn a_nar_is_kept_when_served_whole_a_second_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = NarCache::open(dir.path().join("c"), 64 << 20).unwrap();
+        let (dir, cache) = scratch(64 << 20);
         let bytes = nar(3, 100_000);
         let info = info_for(&bytes);
         serve(&cache, &info, &bytes, 40);
@@ -500,8 +504,7 @@ mod tests {
 
     #[test]
     fn a_copy_that_fails_its_hash_or_size_or_is_not_worth_it_is_not_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = NarCache::open(dir.path().join("c"), 64 << 20).unwrap();
+        let (dir, cache) = scratch(64 << 20);
         let bytes = nar(5, 50_000);
         let info = info_for(&bytes);
         let mut rotten = bytes.clone();
@@ -527,9 +530,8 @@ mod tests {
 
     #[test]
     fn the_least_recently_served_go_first_and_big_ones_are_not_kept() {
-        let dir = tempfile::tempdir().unwrap();
         // Eight entries of 110 000 fit; an entry may take an eighth.
-        let cache = NarCache::open(dir.path().join("c"), 8 * 120_000).unwrap();
+        let (_dir, cache) = scratch(8 * 120_000);
         let big = nar(9, 130_000);
         let big_info = info_for(&big);
         serve(&cache, &big_info, &big, 40);

@@ -93,19 +93,22 @@ pub struct Walked {
 
 /// Serialises the tree at `root` into `sink`.
 pub fn encode(root: &Path, sink: &mut impl NarSink) -> Result<Walked, NarError> {
-    let mut walker = Walker {
-        out: Chunker::new(sink),
-        path: root.as_os_str().as_bytes().to_vec(),
-        head: Vec::with_capacity(256),
-        dents: Vec::with_capacity(DENTS_BUF),
-        walked: Walked::default(),
-    };
+    let mut walker = Walker::new(root, sink);
     walker.put_tokens(&[MAGIC])?;
     // The root is opened by its whole path, relative to the working directory.
     let base = Base { fd: CWD, len: 0 };
     walker.node(base, FileType::Unknown, 0)?;
     walker.out.flush()?;
     Ok(walker.walked)
+}
+
+/// Hands `sink` the `size` bytes of `file` at `path`, a NAR encoded
+/// earlier, in the chunks `encode` would cut (skipping, not reading, what
+/// the sink would drop). `SizeChanged` if the file ends sooner.
+pub fn replay(path: &Path, file: File, size: u64, sink: &mut impl NarSink) -> Result<(), NarError> {
+    let mut walker = Walker::new(path, sink);
+    walker.contents(file, size)?;
+    walker.out.flush()
 }
 
 /// What an entry is opened relative to: a directory's descriptor, and where
@@ -129,7 +132,17 @@ struct Walker<'s, S> {
     walked: Walked,
 }
 
-impl<S: NarSink> Walker<'_, S> {
+impl<'s, S: NarSink> Walker<'s, S> {
+    fn new(root: &Path, sink: &'s mut S) -> Self {
+        Self {
+            out: Chunker::new(sink),
+            path: root.as_os_str().as_bytes().to_vec(),
+            head: Vec::with_capacity(256),
+            dents: Vec::with_capacity(DENTS_BUF),
+            walked: Walked::default(),
+        }
+    }
+
     fn node(&mut self, base: Base, kind: FileType, depth: usize) -> Result<(), NarError> {
         if depth > MAX_DEPTH {
             return Err(NarError::TooDeep(self.display()));

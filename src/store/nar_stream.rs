@@ -7,10 +7,11 @@
 //! hashes every byte anyway (a peer that finds a wrong hash says so, and
 //! the copy is then hashed here: `Check::Hash`, `store::shared`). A NAR of
 //! many small files is served from its encoded copy in the `nar_cache`
-//! when there is one, and put there when it is first served whole.
+//! when there is one, and put there (hashed) when it is served whole.
 
 use std::fs::File;
-use std::io::{self, Read, Seek};
+use std::io;
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -19,10 +20,9 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 
 use crate::nix::PathInfo;
-use crate::store::chunk_pool;
 use crate::store::db::Store;
 use crate::store::nar_cache::{CacheWriter, NarCache};
-use crate::store::nar_encode::{self as nar, NarSink, CHUNK};
+use crate::store::nar_encode::{self as nar, NarSink};
 
 /// Chunks in flight per stream; with `nar::CHUNK` this bounds memory per
 /// stream.
@@ -92,8 +92,8 @@ pub fn spawn(
     tokio::task::spawn_blocking(move || {
         let kept = kept.filter(|_| check == Check::Size);
         if let Some(Kept { cache, .. }) = &kept {
-            if let Some(kept) = cache.open_entry(&info) {
-                if let Err(e) = run_kept(kept, &info, offset, tx.clone()) {
+            if let Some((path, file)) = cache.open_entry(&info) {
+                if let Err(e) = run_kept(&path, file, &info, offset, tx.clone()) {
                     // Cut short or unreadable: the stream ends in an error
                     // (part of it went out), and the next one comes from
                     // the store.
@@ -112,41 +112,27 @@ pub fn spawn(
     NarStream { rx }
 }
 
-/// Serves `info`'s NAR from `offset` out of its kept copy `file`. `Err`
-/// if the copy could not be read whole (nothing final was sent then).
+/// Serves `info`'s NAR from `offset` out of its kept copy `file` (at
+/// `path`). `Err` if the copy could not be read whole (nothing final was
+/// sent then).
 fn run_kept(
-    mut file: File,
+    path: &Path,
+    file: File,
     info: &PathInfo,
     offset: u64,
     tx: mpsc::Sender<Result<Bytes, NarStreamError>>,
-) -> io::Result<()> {
+) -> Result<(), nar::NarError> {
     let mut sink = VerifyingSink::new(tx, info.nar_size, offset, Check::Size);
-    file.seek(io::SeekFrom::Start(offset))?;
-    sink.skipped(offset);
-    let mut left = info
-        .nar_size
-        .checked_sub(offset)
-        .ok_or(io::ErrorKind::InvalidInput)?;
-    while left > 0 {
-        let mut buf = match usize::try_from(left) {
-            Ok(n) if n < CHUNK => vec![0; n],
-            _ => chunk_pool::take(),
-        };
-        let n = match file.read(&mut buf) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        left -= n as u64;
-        if sink.chunk(chunk_pool::into_bytes(buf, n)).is_err() {
-            // The consumer went away.
-            return Ok(());
+    match nar::replay(path, file, info.nar_size, &mut sink) {
+        // The size is right by construction: this only sends the last piece.
+        Ok(()) => {
+            let _ = sink.finish(info);
+            Ok(())
         }
+        // The consumer went away.
+        Err(nar::NarError::Sink(_)) => Ok(()),
+        Err(e) => Err(e),
     }
-    // The size is right by construction: this only sends the last piece.
-    let _ = sink.finish(info);
-    Ok(())
 }
 
 fn run(
@@ -167,15 +153,15 @@ fn run(
     // Only a tree can hold the many files that make a NAR worth keeping,
     // and only a whole NAR can be kept.
     let whole = kept.filter(|k| k.whole && offset == 0 && real.is_dir());
-    if let Some(Kept { cache, .. }) = whole {
-        sink.keep = cache.begin(info);
+    if let Some(writer) = whole.and_then(|k| k.cache.begin(info)) {
+        sink.keep_in(writer);
     }
     let outcome = match nar::encode(&real, &mut sink) {
         Ok(walked) => {
             let keep = sink.keep.take();
-            let sent = sink.finish(info);
+            let (sent, digest) = sink.finish_hashed(info);
             match (&sent, keep, whole) {
-                (Ok(()), Some(keep), _) => keep.finish(info, walked.files),
+                (Ok(()), Some(keep), _) => keep.finish(info, walked.files, digest),
                 (Ok(()), None, Some(Kept { cache, .. })) => cache.served(info, walked.files),
                 _ => {}
             }
@@ -276,7 +262,9 @@ struct VerifyingSink {
     skip: u64,
     held: Option<Bytes>,
     oversized: bool,
-    /// Where the NAR is being kept, if it is.
+    /// Whether the hash must match for the last piece to go out.
+    check: Check,
+    /// Where the NAR is being kept, if it is (it is hashed for that too).
     keep: Option<CacheWriter>,
 }
 
@@ -295,6 +283,7 @@ impl VerifyingSink {
             skip,
             held: None,
             oversized: false,
+            check,
             keep: None,
         }
     }
@@ -319,28 +308,37 @@ impl VerifyingSink {
         Ok(())
     }
 
-    fn finish(mut self, info: &PathInfo) -> Result<(), NarStreamError> {
+    /// Also writes what goes by to `writer`, and hashes it for it.
+    fn keep_in(&mut self, writer: CacheWriter) {
+        let size = self.expected_size;
+        self.digester.get_or_insert_with(|| Digester::new(size));
+        self.keep = Some(writer);
+    }
+
+    fn finish(self, info: &PathInfo) -> Result<(), NarStreamError> {
+        self.finish_hashed(info).0
+    }
+
+    /// `finish`, and the SHA-256 of the NAR if it was hashed.
+    fn finish_hashed(mut self, info: &PathInfo) -> (Result<(), NarStreamError>, Option<[u8; 32]>) {
         let corrupt = |reason: String| NarStreamError::Corrupt {
             path: info.path.to_string(),
             reason,
         };
         if self.written != self.expected_size {
-            return Err(corrupt(format!(
-                "{} bytes, DB says {}",
-                self.written, self.expected_size
-            )));
+            let reason = format!("{} bytes, DB says {}", self.written, self.expected_size);
+            return (Err(corrupt(reason)), None);
         }
-        if let Some(d) = self.digester.take() {
-            if d.finish() != Some(info.nar_hash.0) {
-                return Err(corrupt("hash differs".into()));
-            }
+        let digest = self.digester.take().and_then(Digester::finish);
+        if self.check == Check::Hash && digest != Some(info.nar_hash.0) {
+            return (Err(corrupt("hash differs".into())), digest);
         }
         if let Some(last) = self.held.take() {
             // A consumer that left before the last chunk is no fault of the
             // store's: nothing to report.
             let _ = self.tx.blocking_send(Ok(last));
         }
-        Ok(())
+        (Ok(()), digest)
     }
 }
 
