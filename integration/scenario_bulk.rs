@@ -9,7 +9,9 @@
 //! A kept connection the holder's side dropped (its socket reset) costs
 //! the next NAR nothing but a new connection.
 
-use crate::harness::{AgentHandle, Lan};
+use std::time::Duration;
+
+use crate::harness::{wait_until, AgentHandle, Lan};
 use crate::office::*;
 
 const LARGE: u64 = 24 << 20;
@@ -270,4 +272,112 @@ fn an_asker_of_version_6_gets_lz4_chunks_and_one_of_version_5_zstd_only() {
     let (lz4, zstd) = served("h2");
     assert_eq!(lz4, 0, "H packed LZ4 for an asker of version 5");
     assert!(zstd > 0, "H packed nothing for h2: {:?}", served("h2"));
+}
+
+/// A holder keeps the zstd frames it packed (`store::packed_frames`): the
+/// next asker of the same NAR gets them without the holder packing again.
+/// A kept frame that rots fails its CRC and is packed afresh, costing the
+/// asker nothing; one that was kept wrong (its CRC holds) fails the asker's
+/// NarHash, and the holder, told, drops its frames.
+#[test]
+fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
+    let lan = Lan::new(3);
+    let (first, holder, second) = (lan.host(0), lan.host(1), lan.host(2));
+    let office = first.generate_key("office-1");
+    let files = holder.dir().join("files");
+    std::fs::create_dir_all(&files).expect("files dir");
+    let lib = files.join("libraries.bin");
+    std::fs::write(&lib, binaries(LARGE as usize)).expect("write the binaries");
+    let path = add_paths(holder, &[lib]).remove(0);
+    holder.configure_nix(&nix_conf("", &[&office.public]));
+    holder.sign(&[&path], &office.secret_file);
+    for client in [first, second] {
+        client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
+    }
+    let agent_h = holder.start_agent("");
+    // The askers share nothing, so each gets the path from H, every chunk
+    // packed with zstd at level 1.
+    let asker = "[share]\ntrusted_keys = []\n[mesh]\ncompression = 1\n";
+    let mut agent_1 = first.start_agent(asker);
+    let mut agent_2 = second.start_agent(asker);
+    wait_all_alive(&[(first, &agent_1), (holder, &agent_h), (second, &agent_2)]);
+    let kept = || agent_h.metric("nixmesh_packed_chunks_kept_total");
+    let served = || agent_h.metric("nixmesh_packed_chunks_served_total");
+    let chunks = LARGE.div_ceil(256 << 10) as f64;
+
+    realise(first, &[&path]);
+    assert_verified(first, &path);
+    let kept_first = kept();
+    assert!(
+        kept_first > chunks / 2.0,
+        "H kept {kept_first} of {chunks} chunks"
+    );
+    assert_eq!(served(), 0.0);
+
+    realise(second, &[&path]);
+    assert_verified(second, &path);
+    assert!(
+        served() >= kept_first,
+        "H served {} kept frames of {kept_first}",
+        served()
+    );
+    let zstd = agent_h.peer("h2").map_or(0, |p| p.counters.served_zstd);
+    assert!(zstd >= LARGE / 2, "H sent h2 {zstd} bytes of NAR as zstd");
+
+    let frames_dir = holder.dir().join("nixmesh/packed");
+    let frames_file = || -> Option<std::path::PathBuf> {
+        std::fs::read_dir(&frames_dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "frames"))
+    };
+    let file = frames_file().expect("H's frames file");
+
+    // A byte of slot 0's payload rots: H finds it and packs the chunk anew.
+    let mut bytes = std::fs::read(&file).expect("read the frames");
+    bytes[16 + 100] ^= 0x20;
+    std::fs::write(&file, &bytes).expect("write the frames");
+    first.run_ok(&["nix-store", "--delete", &path]);
+    drop(agent_1);
+    agent_1 = first.start_agent(asker);
+    wait_all_alive(&[(first, &agent_1), (holder, &agent_h)]);
+    realise(first, &[&path]);
+    assert_verified(first, &path);
+    assert!(agent_h.log().contains("kept zstd frames are unreadable"));
+    assert_eq!(agent_1.metric("nixmesh_nar_verify_failures_total"), 0.0);
+
+    // Slot 2 (file contents, past the NAR's header) kept wrong, its CRC
+    // right: other bytes of the chunk's length, packed.
+    let file = frames_file().expect("H keeps frames again");
+    let wrong = zstd::bulk::compress(&vec![7u8; 256 << 10], 1).expect("zstd");
+    let mut slot = Vec::new();
+    slot.extend_from_slice(b"NMZ1");
+    slot.extend_from_slice(&(256u32 << 10).to_be_bytes());
+    slot.extend_from_slice(&(wrong.len() as u32).to_be_bytes());
+    slot.extend_from_slice(&crc32fast::hash(&wrong).to_be_bytes());
+    slot.extend_from_slice(&wrong);
+    let mut bytes = std::fs::read(&file).expect("read the frames");
+    let at = 2 * ((256 << 10) + 16);
+    bytes[at..at + slot.len()].copy_from_slice(&slot);
+    std::fs::write(&file, &bytes).expect("write the frames");
+    second.run_ok(&["nix-store", "--delete", &path]);
+    drop(agent_2);
+    agent_2 = second.start_agent(asker);
+    wait_all_alive(&[(second, &agent_2), (holder, &agent_h)]);
+    let stderr = realise_fails(second, &[&path]);
+    eprintln!("a wrong kept frame:\n{stderr}");
+    assert!(!second.has_path(&path), "a wrong {path} is valid on h2");
+    assert!(agent_2.metric("nixmesh_nar_verify_failures_total") >= 1.0);
+    wait_until(Duration::from_secs(10), "H checks its store copy", || {
+        agent_h.log().contains("the store copy is intact")
+    });
+    assert_eq!(frames_file(), None, "H keeps the wrong frames");
+
+    // h2 afresh (its quarantine gone): packed from H's store again.
+    drop(agent_2);
+    let agent_2 = second.start_agent(asker);
+    wait_all_alive(&[(second, &agent_2), (holder, &agent_h)]);
+    realise(second, &[&path]);
+    assert_verified(second, &path);
 }

@@ -16,6 +16,16 @@ pub fn disk_has_room(free: u64, total: u64, pending: u64, size: u64) -> bool {
     free.saturating_sub(pending).saturating_sub(reserve) >= size
 }
 
+/// Makes `dir` if missing and checks that files can be made in it: a
+/// directory that cannot be written is an error at start, not a silent
+/// cache of nothing.
+pub fn writable_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(".probe");
+    std::fs::File::create(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
 /// (free, total) bytes of the file system holding `dir`; `None` if it
 /// cannot be asked.
 pub fn disk_space(dir: &Path) -> Option<(u64, u64)> {

@@ -617,7 +617,7 @@ fn a_batch_lookup_leaves_the_async_workers_free() {
         content_addressed: false,
         all: true,
     };
-    let shared = SharedStore::new(db, std::sync::Arc::new(policy), None);
+    let shared = SharedStore::new(db, std::sync::Arc::new(policy), None, None);
     let here_hash = nixmesh::nix::HashPart::parse(hash_part(&here)).unwrap();
     let absent = nixmesh::nix::HashPart::parse(&"0".repeat(32)).unwrap();
     let mut hashes = vec![absent; 1023];

@@ -39,6 +39,7 @@ use crate::serve::substituter::Substituter;
 use crate::store::catalog_watch::SharedCatalog;
 use crate::store::db::{Store, StoreError};
 use crate::store::nar_cache::NarCache;
+use crate::store::packed_frames::PackedFrames;
 use crate::store::shared::SharedStore;
 
 #[derive(Debug, Error)]
@@ -159,7 +160,18 @@ pub async fn run(
         config.state_dir.join("nar-cache"),
         NarCache::open,
     );
-    let shared = SharedStore::new(store.clone(), policy.clone(), nar_cache.clone());
+    let packed = disk_budget(
+        "share.packed_mib",
+        config.share.packed_mib,
+        config.state_dir.join("packed"),
+        PackedFrames::open,
+    );
+    let shared = SharedStore::new(
+        store.clone(),
+        policy.clone(),
+        nar_cache.clone(),
+        packed.clone(),
+    );
     // The listeners, drained first at shutdown; then everything else.
     let mut tasks = tokio::task::JoinSet::new();
     let detached = TaskTracker::new();
@@ -366,6 +378,9 @@ pub async fn run(
     let mut metrics = Registry::default();
     if let Some(cache) = &nar_cache {
         cache.stats.register(&mut metrics);
+    }
+    if let Some(frames) = &packed {
+        frames.stats.register(&mut metrics);
     }
     if let Some(sub) = &substituter {
         sub.resolver().stats.register(&mut metrics);

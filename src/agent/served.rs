@@ -12,6 +12,7 @@ use crate::mesh::server::{FellBehind, NarFault, ServedPaths, SummaryChange, Summ
 use crate::nix::{HashPart, PathInfo, Sha256Hash};
 use crate::store::catalog_watch::SharedCatalog;
 use crate::store::nar_stream::NarStreamError;
+use crate::store::packed_frames::FramesKey;
 use crate::store::shared::SharedStore;
 
 /// The shared store, and the catalog of it that peers subscribe to (none
@@ -42,6 +43,23 @@ impl ServedPaths for Served {
             Some((item, rx))
         })
         .boxed()
+    }
+
+    fn packed_frame(
+        &self,
+        info: &PathInfo,
+        level: u8,
+        slot: u64,
+        raw_len: usize,
+    ) -> Option<Vec<u8>> {
+        let frames = self.0.packed_frames()?;
+        frames.get(&FramesKey::of(info, level)?, slot, raw_len)
+    }
+
+    fn keep_packed(&self, info: &PathInfo, level: u8, slot: u64, raw_len: usize, zstd: &[u8]) {
+        if let (Some(frames), Some(key)) = (self.0.packed_frames(), FramesKey::of(info, level)) {
+            frames.put(&key, slot, raw_len, zstd);
+        }
     }
 
     fn bad_nar(&self, hash: HashPart, nar_hash: Sha256Hash, reporter: &str) {

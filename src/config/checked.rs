@@ -102,6 +102,11 @@ pub fn nar_cache_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     spool_mib(d)
 }
 
+/// `share.packed_mib`: 0 (off) to `MAX_SPOOL_MIB`.
+pub fn packed_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    spool_mib(d)
+}
+
 /// `mesh.max_protocol`: 1 to the newest version this agent speaks.
 pub fn max_protocol<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let v = u32::deserialize(d)?;

@@ -96,6 +96,8 @@ pub struct ShareConfig {
     pub all: bool,
     #[serde(deserialize_with = "checked::nar_cache_mib")]
     pub nar_cache_mib: u64,
+    #[serde(deserialize_with = "checked::packed_mib")]
+    pub packed_mib: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -238,6 +240,7 @@ impl Default for ShareConfig {
             content_addressed: false,
             all: false,
             nar_cache_mib: 1024,
+            packed_mib: 1024,
         }
     }
 }

@@ -110,6 +110,8 @@ pub struct Packer {
     misses: u64,
     /// The codec the last chunk was run through, if any.
     tried: Option<Codec>,
+    /// The zstd level (0: never compresses).
+    level: u8,
 }
 
 impl Packer {
@@ -118,12 +120,18 @@ impl Packer {
         let compressor = (zstd_level > 0)
             .then(|| zstd::bulk::Compressor::new(i32::from(zstd_level.min(MAX_LEVEL))).ok())
             .flatten();
+        let tagged = level & LZ4 != 0;
+        let level = match &compressor {
+            Some(_) => zstd_level.min(MAX_LEVEL),
+            None => 0,
+        };
         Self {
             compressor,
-            tagged: level & LZ4 != 0,
+            tagged,
             skip: 0,
             misses: 0,
             tried: None,
+            level,
         }
     }
 
@@ -202,6 +210,11 @@ impl Packer {
         self.tried
     }
 
+    /// The zstd level it packs at (0: never compresses).
+    pub fn level(&self) -> u8 {
+        self.level
+    }
+
     /// Whether the asker reads LZ4 chunks.
     pub fn lz4(&self) -> bool {
         self.tagged
@@ -210,6 +223,37 @@ impl Packer {
     /// Whether it ever compresses (level 0 never does).
     pub fn compresses(&self) -> bool {
         self.compressor.is_some()
+    }
+}
+
+/// A frame of `raw_len` NAR bytes from a zstd payload packed earlier
+/// (`zstd_payload`), for an asker that reads codec bytes (`tagged`) or not.
+pub fn zstd_frame(raw_len: u32, zstd: &[u8], tagged: bool) -> Vec<u8> {
+    let tag = usize::from(tagged);
+    let wire_len = (zstd.len() + tag) as u32;
+    let mut frame = Vec::with_capacity(HEADER + tag + zstd.len());
+    frame.extend_from_slice(&raw_len.to_be_bytes());
+    frame.extend_from_slice(&wire_len.to_be_bytes());
+    if tagged {
+        frame.push(TAG_ZSTD);
+    }
+    frame.extend_from_slice(zstd);
+    frame
+}
+
+/// The zstd payload of a frame `Packer` made, if it is one (packed smaller
+/// with zstd), without its header and codec byte.
+pub fn zstd_payload(frame: &[u8], tagged: bool) -> Option<&[u8]> {
+    let head: [u8; HEADER] = frame.get(..HEADER)?.try_into().ok()?;
+    let header = ChunkHeader::parse(head).ok()?;
+    if !header.compressed() {
+        return None;
+    }
+    let payload = &frame[HEADER..];
+    match (tagged, payload.first()) {
+        (false, _) => Some(payload),
+        (true, Some(&TAG_ZSTD)) => Some(&payload[1..]),
+        (true, _) => None,
     }
 }
 
@@ -311,6 +355,22 @@ mod tests {
         let mut h = [0u8; HEADER];
         h.copy_from_slice(&frame[..HEADER]);
         ChunkHeader::parse(h).unwrap()
+    }
+
+    #[test]
+    fn a_kept_zstd_payload_makes_the_frame_it_came_from() {
+        let raw: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8 / 3).collect();
+        for level in [1, 1 | LZ4] {
+            let tagged = level & LZ4 != 0;
+            let mut packer = Packer::new(level);
+            let frame = packer.pack_with(&raw, Some(Codec::Zstd));
+            let zstd = zstd_payload(&frame, tagged).expect("packed with zstd");
+            assert_eq!(zstd_frame(raw.len() as u32, zstd, tagged), frame);
+            let lz4 = packer.pack_with(&raw, Some(Codec::Lz4));
+            assert_eq!(zstd_payload(&lz4, tagged).is_some(), !tagged);
+            assert_eq!(zstd_payload(&packer.pack_with(&raw, None), tagged), None);
+        }
+        assert_eq!(zstd_payload(&[0, 0, 0], false), None);
     }
 
     fn round_trip(packer: &mut Packer, raw: &[u8]) -> ChunkHeader {

@@ -58,6 +58,22 @@ pub trait ServedPaths: Send + Sync + 'static {
         offset: u64,
         end: u64,
     ) -> BoxStream<'static, Result<Bytes, NarFault>>;
+    /// The zstd payload packed earlier for chunk `slot` (`raw_len` NAR
+    /// bytes from `slot * nar_chunks::CHUNK`) of `info`'s NAR at `level`,
+    /// if one was kept. Blocking (disk).
+    fn packed_frame(
+        &self,
+        _info: &PathInfo,
+        _level: u8,
+        _slot: u64,
+        _raw_len: usize,
+    ) -> Option<Vec<u8>> {
+        None
+    }
+    /// Keeps a zstd payload just packed for that chunk, for the next
+    /// asker. Blocking (disk).
+    fn keep_packed(&self, _info: &PathInfo, _level: u8, _slot: u64, _raw_len: usize, _zstd: &[u8]) {
+    }
     /// Peer `reporter` says the NAR of `hash` it got from here did not
     /// match `nar_hash`.
     fn bad_nar(&self, hash: HashPart, nar_hash: Sha256Hash, reporter: &str);
@@ -474,12 +490,16 @@ impl PeerServer {
             },
         )
         .await?;
-        let stream = take_bytes(self.shared.nar(info, offset, end), end - offset);
+        let stream = take_bytes(self.shared.nar(info.clone(), offset, end), end - offset);
+        let kept = Kept { info, at: offset };
         match framing {
             Framing::Raw => self.send_raw(node, send, stream).await,
-            Framing::Chunks(packer) => self.send_chunks(node, send, stream, packer, None).await,
+            Framing::Chunks(packer) => {
+                self.send_chunks(node, send, stream, packer, None, kept)
+                    .await
+            }
             Framing::Adaptive(packer, pace) => {
-                self.send_chunks(node, send, stream, packer, Some(pace))
+                self.send_chunks(node, send, stream, packer, Some(pace), kept)
                     .await
             }
         }
@@ -504,7 +524,9 @@ impl PeerServer {
     /// shorter). Compression runs on the blocking pool, off the workers
     /// that move every peer's bytes. With a `pace`: each chunk is packed
     /// only if the pace of the link says it pays (`mesh::pace`), else it goes
-    /// out as it is.
+    /// out as it is. A chunk to be packed whose zstd frame was kept from an
+    /// earlier serve goes out as that frame, and one packed with zstd is
+    /// kept (`kept`).
     async fn send_chunks<S: NarSink>(
         &self,
         node: NodeId,
@@ -512,6 +534,7 @@ impl PeerServer {
         mut stream: NarBytes,
         mut packer: Packer,
         mut pace: Option<&mut Pace>,
+        mut kept: Kept,
     ) -> Result<(), StreamEnd> {
         if !packer.compresses() {
             return self.send_raw_frames(node, send, stream).await;
@@ -534,6 +557,7 @@ impl PeerServer {
             }
             let n = pending.len().min(nar_chunks::CHUNK);
             let raw = pending.split_to(n).freeze();
+            let slot = kept.slot(n);
             // A probe of the pace may be packed with both codecs; the
             // smaller frame goes.
             let (codec, pair) = match &mut pace {
@@ -552,17 +576,39 @@ impl PeerServer {
                 self.put_raw_frame(node, send, &mut vec![raw]).await?;
                 continue;
             }
+            let shared = self.shared.clone();
+            let info = kept.info.clone();
             let job = tokio::task::spawn_blocking(move || {
+                let level = packer.level();
+                if let Some(zstd) = slot.and_then(|i| shared.packed_frame(&info, level, i, n)) {
+                    let frame = nar_chunks::zstd_frame(n as u32, &zstd, packer.lz4());
+                    return (packer, Packed::Kept(frame));
+                }
                 let first = if pair { Some(Codec::Lz4) } else { codec };
                 let first = timed_pack(&mut packer, &raw, first);
                 let second = pair.then(|| timed_pack(&mut packer, &raw, Some(Codec::Zstd)));
-                (packer, first, second)
+                let chosen = match &second {
+                    Some(s) if s.frame.len() < first.frame.len() => s,
+                    _ => &first,
+                };
+                let zstd = nar_chunks::zstd_payload(&chosen.frame, packer.lz4());
+                if let (Some(i), Some(zstd)) = (slot, zstd) {
+                    shared.keep_packed(&info, level, i, n, zstd);
+                }
+                (packer, Packed::Fresh(first, second))
             });
             if let Some((frame, m, packed)) = ready.take() {
                 self.put_frame(node, send, frame, m, packed).await?;
             }
-            let (back, first, second) = job.await.map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
+            let (back, packed) = job.await.map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
             packer = back;
+            let (first, second) = match packed {
+                Packed::Kept(frame) => {
+                    ready = Some((frame, n, Some(Codec::Zstd)));
+                    continue;
+                }
+                Packed::Fresh(first, second) => (first, second),
+            };
             if let Some(pace) = &mut pace {
                 pace.measured(n, [Some(&first), second.as_ref()].map(|p| p?.measured()));
             }
@@ -858,6 +904,33 @@ async fn write_response<S: NarSink>(send: &mut S, resp: &Response) -> Result<(),
     send.put(Bytes::from(resp.encode()))
         .await
         .map_err(|_| StreamEnd::PeerGone)
+}
+
+/// Where a NAR being sent in chunks is, for its kept zstd frames.
+struct Kept {
+    info: PathInfo,
+    /// The NAR offset of the next chunk.
+    at: u64,
+}
+
+impl Kept {
+    /// The slot of the next chunk, `n` bytes, which it passes: only chunks
+    /// on `CHUNK` boundaries, whole or the NAR's last, have one.
+    fn slot(&mut self, n: usize) -> Option<u64> {
+        let at = self.at;
+        self.at += n as u64;
+        let chunk = nar_chunks::CHUNK as u64;
+        (at % chunk == 0 && (n == nar_chunks::CHUNK || self.at == self.info.nar_size))
+            .then_some(at / chunk)
+    }
+}
+
+/// A chunk made ready on the blocking pool.
+enum Packed {
+    /// A kept zstd frame: nothing packed, nothing measured.
+    Kept(Vec<u8>),
+    /// Packed now (with a second codec for a probe).
+    Fresh(TimedPack, Option<TimedPack>),
 }
 
 /// A chunk frame and what packing it took.

@@ -10,5 +10,6 @@ pub mod db;
 pub mod nar_cache;
 pub mod nar_encode;
 pub mod nar_stream;
+pub mod packed_frames;
 pub mod share;
 pub mod shared;

@@ -29,7 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::disk_room::{disk_has_room, disk_space};
+use crate::disk_room::{disk_has_room, disk_space, writable_dir};
 use crate::lock::lock;
 use crate::nix::PathInfo;
 
@@ -52,7 +52,7 @@ pub fn worth_keeping(nar_size: u64, files: u64) -> bool {
 /// Which entries (key, size, last used) to drop, least recently used
 /// first, so that `incoming` more bytes fit under `limit` with `used`
 /// taken. Pure.
-fn evictions<'k>(
+pub(crate) fn evictions<'k>(
     entries: impl Iterator<Item = (&'k str, u64, u64)>,
     used: u64,
     incoming: u64,
@@ -158,12 +158,7 @@ impl NarCache {
     /// modified first to go; unfinished writes and anything else are
     /// removed. Fails if `dir` cannot be written.
     pub fn open(dir: PathBuf, limit: u64) -> io::Result<Arc<Self>> {
-        std::fs::create_dir_all(&dir)?;
-        // A directory that cannot be written is an error now, not a
-        // silent cache of nothing.
-        let probe = dir.join(".probe");
-        File::create(&probe)?;
-        std::fs::remove_file(&probe)?;
+        writable_dir(&dir)?;
         let mut found = Vec::new();
         for item in std::fs::read_dir(&dir)? {
             let item = item?;

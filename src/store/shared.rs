@@ -17,6 +17,7 @@ use crate::nix::{HashPart, PathInfo, Sha256Hash};
 use crate::store::db::Store;
 use crate::store::nar_cache::NarCache;
 use crate::store::nar_stream::{self, Check, Kept, NarStream};
+use crate::store::packed_frames::PackedFrames;
 use crate::store::share::SharePolicy;
 
 /// Copies hashed at once after reports of corruption.
@@ -36,6 +37,7 @@ pub struct SharedStore {
     checked: Mutex<HashMap<HashPart, Instant>>,
     check_slots: Arc<Semaphore>,
     nar_cache: Option<Arc<NarCache>>,
+    packed: Option<Arc<PackedFrames>>,
 }
 
 /// What became of a report that a NAR from here was wrong.
@@ -54,6 +56,7 @@ impl SharedStore {
         store: Arc<Store>,
         policy: Arc<SharePolicy>,
         nar_cache: Option<Arc<NarCache>>,
+        packed: Option<Arc<PackedFrames>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
@@ -62,7 +65,13 @@ impl SharedStore {
             checked: Mutex::new(HashMap::new()),
             check_slots: Arc::new(Semaphore::new(CHECKS_AT_ONCE)),
             nar_cache,
+            packed,
         })
+    }
+
+    /// The zstd frames kept for peers (`share.packed_mib`), if any.
+    pub fn packed_frames(&self) -> Option<&Arc<PackedFrames>> {
+        self.packed.as_ref()
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -138,6 +147,9 @@ impl SharedStore {
         // store, which is checked below.
         if let Some(cache) = &self.nar_cache {
             cache.forget(&info);
+        }
+        if let Some(frames) = &self.packed {
+            frames.forget(&info);
         }
         {
             let mut checked = lock(&self.checked);
