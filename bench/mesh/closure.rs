@@ -73,7 +73,8 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
 
     let peer_config = |h: &Host| {
         format!(
-            "[share]\ncontent_addressed = true\n[http_cache]\nenable = true\nlisten = \"{}:{CACHE_PORT}\"\n",
+            "[share]\ncontent_addressed = true\n{}[http_cache]\nenable = true\nlisten = \"{}:{CACHE_PORT}\"\n",
+            s.holder_share,
             h.addr()
         )
     };

@@ -56,7 +56,9 @@
 //! runs; empty: none), `MEM_MIBS` [256,1024,4096] (empty: no memory check), `NIX_EXTRA`
 //! (more nix.conf lines for the closure client, e.g. `max-jobs = 8`),
 //! `CLIENT_CONFIG` (the client agent's config, TOML, in the closure and
-//! pair parts),
+//! pair parts), `PACKED_MIB` (the holders' `share.packed_mib` in the
+//! closure, pair and stripes parts; unset: the agent's default; 0: no kept
+//! zstd frames),
 //! `PARTS` [closure,pair]. A quick look: `PEERS=4 SMALL_PER_PEER=10
 //! LARGE_MIB=8 BIG_MIB=64 MEM_MIBS= SHAPE_MBIT=0 ROUNDS=1`.
 //!
@@ -144,6 +146,9 @@ struct Settings {
     /// The client's agent config (TOML) in the closure and pair parts,
     /// e.g. to turn a feature off (`[mesh]` `compression = "off"`).
     client_config: String,
+    /// The holders' `[share]` lines beyond `content_addressed` (from
+    /// `PACKED_MIB`).
+    holder_share: String,
     /// Which parts run: `closure`, `pair` (throughput and memory), or both
     /// (the default), comma separated.
     parts: String,
@@ -173,6 +178,10 @@ impl Settings {
             mem_mibs: numbers("MEM_MIBS", "256,1024,4096"),
             nix_extra: std::env::var("NIX_EXTRA").unwrap_or_default(),
             client_config: std::env::var("CLIENT_CONFIG").unwrap_or_default(),
+            holder_share: match std::env::var("PACKED_MIB") {
+                Ok(_) => format!("packed_mib = {}\n", get("PACKED_MIB", 0)),
+                Err(_) => String::new(),
+            },
             parts: std::env::var("PARTS").unwrap_or_else(|_| "closure,pair".into()),
         }
     }

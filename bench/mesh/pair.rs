@@ -45,7 +45,8 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
     let cache_base = format!("http://{}:{CACHE_PORT}", server.addr());
 
     let server_config = format!(
-        "[share]\ncontent_addressed = true\n[http_cache]\nenable = true\nlisten = \"{}:{CACHE_PORT}\"\n",
+        "[share]\ncontent_addressed = true\n{}[http_cache]\nenable = true\nlisten = \"{}:{CACHE_PORT}\"\n",
+        s.holder_share,
         server.addr()
     );
     let mut server_agent = server.start_agent(&server_config);

@@ -32,10 +32,10 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         fs::remove_file(&file).ok();
     }
     let nar = nar_size_sum(holders[0], std::slice::from_ref(&big));
-    let holder_config = "[share]\ncontent_addressed = true\n";
+    let holder_config = format!("[share]\ncontent_addressed = true\n{}", s.holder_share);
     let agents: Vec<AgentHandle> = holders
         .iter()
-        .map(|h| h.start_agent(holder_config))
+        .map(|h| h.start_agent(&holder_config))
         .collect();
     for h in holders {
         h.shape(mbit * 1_000_000);

@@ -234,6 +234,16 @@ impl Pace {
         }
     }
 
+    /// Whether the chunk `choose` just chose for is packed to measure (a
+    /// probe, or a codec's first chunk): it must be packed now, not taken
+    /// from frames packed earlier.
+    pub fn measuring(&self) -> bool {
+        let unmeasured = |p: Option<&Packing>| p.is_some_and(|p| p.rate.is_none());
+        self.chunks % PROBE_EVERY == 1
+            || unmeasured(Some(&self.zstd))
+            || unmeasured(self.lz4.as_ref())
+    }
+
     /// The codec to pack the next chunk with; `None`: send it raw.
     pub fn choose(&mut self) -> Option<Codec> {
         self.chunks += 1;
@@ -364,6 +374,24 @@ mod tests {
                 codec
             })
             .collect()
+    }
+
+    #[test]
+    fn chunks_packed_to_measure_are_the_first_of_each_codec_and_the_probes() {
+        let mut pace = Pace::new(true);
+        let mut measuring = Vec::new();
+        for _ in 0..70 {
+            let codec = pace.choose();
+            measuring.push(pace.measuring());
+            if pace.pairs() {
+                pace.paired(CHUNK, (CHUNK / 2, 0.001), (CHUNK / 3, 0.002));
+            } else if let Some(c) = codec {
+                pace.packed(c, CHUNK, CHUNK / 2, 0.001);
+            }
+        }
+        // Chunk 1 is a probe of both codecs; from then on only chunks 33 and 65.
+        let at: Vec<usize> = (0..70).filter(|&i| measuring[i]).map(|i| i + 1).collect();
+        assert_eq!(at, [1, 33, 65]);
     }
 
     fn count(sent: &[Option<Codec>], codec: Option<Codec>) -> usize {

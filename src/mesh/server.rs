@@ -560,14 +560,14 @@ impl PeerServer {
             let slot = kept.slot(n);
             // A probe of the pace may be packed with both codecs; the
             // smaller frame goes.
-            let (codec, pair) = match &mut pace {
+            let (codec, pair, measuring) = match &mut pace {
                 Some(pace) => {
                     if let Some(sample) = send.link_sample() {
                         pace.link(sample);
                     }
-                    (pace.choose(), pace.pairs())
+                    (pace.choose(), pace.pairs(), pace.measuring())
                 }
-                None => (Some(Codec::Zstd), false),
+                None => (Some(Codec::Zstd), false, false),
             };
             if codec.is_none() && !pair {
                 if let Some((frame, m, packed)) = ready.take() {
@@ -580,7 +580,9 @@ impl PeerServer {
             let info = kept.info.clone();
             let job = tokio::task::spawn_blocking(move || {
                 let level = packer.level();
-                if let Some(zstd) = slot.and_then(|i| shared.packed_frame(&info, level, i, n)) {
+                // A chunk packed to measure the pace is packed now.
+                let reuse = slot.filter(|_| !measuring);
+                if let Some(zstd) = reuse.and_then(|i| shared.packed_frame(&info, level, i, n)) {
                     let frame = nar_chunks::zstd_frame(n as u32, &zstd, packer.lz4());
                     return (packer, Packed::Kept(frame));
                 }
