@@ -358,7 +358,8 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     slot.extend_from_slice(&crc32fast::hash(&wrong).to_be_bytes());
     slot.extend_from_slice(&wrong);
     let mut bytes = std::fs::read(&file).expect("read the frames");
-    let at = 2 * ((256 << 10) + 16);
+    // Slots are 256 KiB and one 4 KiB block apart.
+    let at = 2 * ((256 << 10) + 4096);
     bytes[at..at + slot.len()].copy_from_slice(&slot);
     std::fs::write(&file, &bytes).expect("write the frames");
     second.run_ok(&["nix-store", "--delete", &path]);
@@ -380,4 +381,21 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     wait_all_alive(&[(second, &agent_2), (holder, &agent_h)]);
     realise(second, &[&path]);
     assert_verified(second, &path);
+
+    // An asker with the default `auto` behind a slow link: H's pace packs
+    // (zstd or LZ4), and sends the kept frames instead but for the chunks
+    // it packs to measure.
+    holder.shape(50_000_000);
+    first.run_ok(&["nix-store", "--delete", &path]);
+    drop(agent_1);
+    let agent_1 = first.start_agent("[share]\ntrusted_keys = []\n");
+    wait_all_alive(&[(first, &agent_1), (holder, &agent_h)]);
+    let before = served();
+    realise(first, &[&path]);
+    assert_verified(first, &path);
+    let reused = served() - before;
+    assert!(
+        reused > chunks / 2.0,
+        "H sent {reused} kept frames of {chunks} chunks to an adaptive asker"
+    );
 }

@@ -15,6 +15,9 @@ use crate::store::nar_stream::NarStreamError;
 use crate::store::packed_frames::FramesKey;
 use crate::store::shared::SharedStore;
 
+// A kept frame's slot holds one chunk as the peer server cuts them.
+const _: () = assert!(crate::store::packed_frames::SLOT_PAYLOAD == crate::mesh::nar_chunks::CHUNK);
+
 /// The shared store, and the catalog of it that peers subscribe to (none
 /// when `mesh.summaries` is off).
 pub struct Served(pub Arc<SharedStore>, pub Option<Arc<SharedCatalog>>);

@@ -234,14 +234,22 @@ impl Pace {
         }
     }
 
-    /// Whether the chunk `choose` just chose for is packed to measure (a
-    /// probe, or a codec's first chunk): it must be packed now, not taken
-    /// from frames packed earlier.
-    pub fn measuring(&self) -> bool {
+    /// Whether the chunk `choose` just chose `codec` for may go as a zstd
+    /// frame kept from an earlier serve, which costs the holder nothing:
+    /// wherever packing was chosen, but not for a chunk packed to measure
+    /// (a probe, or a codec's first), which must be packed now, nor where
+    /// LZ4 was chosen to spare an asker that cannot keep up.
+    pub fn takes_kept(&self, codec: Option<Codec>) -> bool {
         let unmeasured = |p: Option<&Packing>| p.is_some_and(|p| p.rate.is_none());
-        self.chunks % PROBE_EVERY == 1
+        let measuring = self.chunks % PROBE_EVERY == 1
             || unmeasured(Some(&self.zstd))
-            || unmeasured(self.lz4.as_ref())
+            || unmeasured(self.lz4.as_ref());
+        match codec {
+            None => false,
+            Some(_) if measuring => false,
+            Some(Codec::Lz4) => !self.asker_bound(),
+            Some(Codec::Zstd) => true,
+        }
     }
 
     /// The codec to pack the next chunk with; `None`: send it raw.
@@ -377,21 +385,33 @@ mod tests {
     }
 
     #[test]
-    fn chunks_packed_to_measure_are_the_first_of_each_codec_and_the_probes() {
+    fn kept_frames_stand_in_for_chunks_not_packed_to_measure() {
         let mut pace = Pace::new(true);
-        let mut measuring = Vec::new();
+        let mut takes = Vec::new();
         for _ in 0..70 {
             let codec = pace.choose();
-            measuring.push(pace.measuring());
+            takes.push(pace.takes_kept(Some(Codec::Zstd)));
+            assert!(!pace.takes_kept(None), "a raw chunk stays raw");
             if pace.pairs() {
                 pace.paired(CHUNK, (CHUNK / 2, 0.001), (CHUNK / 3, 0.002));
             } else if let Some(c) = codec {
                 pace.packed(c, CHUNK, CHUNK / 2, 0.001);
             }
         }
-        // Chunk 1 is a probe of both codecs; from then on only chunks 33 and 65.
-        let at: Vec<usize> = (0..70).filter(|&i| measuring[i]).map(|i| i + 1).collect();
-        assert_eq!(at, [1, 33, 65]);
+        // Chunk 1 is a probe of both codecs; from then on chunks 33 and 65.
+        let packed: Vec<usize> = (0..70).filter(|&i| !takes[i]).map(|i| i + 1).collect();
+        assert_eq!(packed, [1, 33, 65]);
+        // An asker that cannot keep up is not sent zstd for LZ4.
+        assert!(pace.takes_kept(Some(Codec::Lz4)));
+        let held = |busy: u64, held: u64| LinkSample {
+            delivery_rate: 100_000_000,
+            app_limited: false,
+            waits: Some((busy, held)),
+        };
+        pace.link(held(1000, 0));
+        pace.link(held(2000, 900));
+        assert!(!pace.takes_kept(Some(Codec::Lz4)));
+        assert!(pace.takes_kept(Some(Codec::Zstd)));
     }
 
     fn count(sent: &[Option<Codec>], codec: Option<Codec>) -> usize {

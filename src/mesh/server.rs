@@ -491,15 +491,15 @@ impl PeerServer {
         )
         .await?;
         let stream = take_bytes(self.shared.nar(info.clone(), offset, end), end - offset);
-        let kept = Kept { info, at: offset };
+        let slots = ChunkSlots { info, at: offset };
         match framing {
             Framing::Raw => self.send_raw(node, send, stream).await,
             Framing::Chunks(packer) => {
-                self.send_chunks(node, send, stream, packer, None, kept)
+                self.send_chunks(node, send, stream, packer, None, slots)
                     .await
             }
             Framing::Adaptive(packer, pace) => {
-                self.send_chunks(node, send, stream, packer, Some(pace), kept)
+                self.send_chunks(node, send, stream, packer, Some(pace), slots)
                     .await
             }
         }
@@ -525,8 +525,8 @@ impl PeerServer {
     /// that move every peer's bytes. With a `pace`: each chunk is packed
     /// only if the pace of the link says it pays (`mesh::pace`), else it goes
     /// out as it is. A chunk to be packed whose zstd frame was kept from an
-    /// earlier serve goes out as that frame, and one packed with zstd is
-    /// kept (`kept`).
+    /// earlier serve goes out as that frame where the pace allows
+    /// (`Pace::takes_kept`), and one packed with zstd is kept (`slots`).
     async fn send_chunks<S: NarSink>(
         &self,
         node: NodeId,
@@ -534,7 +534,7 @@ impl PeerServer {
         mut stream: NarBytes,
         mut packer: Packer,
         mut pace: Option<&mut Pace>,
-        mut kept: Kept,
+        mut slots: ChunkSlots,
     ) -> Result<(), StreamEnd> {
         if !packer.compresses() {
             return self.send_raw_frames(node, send, stream).await;
@@ -557,17 +557,18 @@ impl PeerServer {
             }
             let n = pending.len().min(nar_chunks::CHUNK);
             let raw = pending.split_to(n).freeze();
-            let slot = kept.slot(n);
+            let slot = slots.next(n);
             // A probe of the pace may be packed with both codecs; the
             // smaller frame goes.
-            let (codec, pair, measuring) = match &mut pace {
+            let (codec, pair, takes_kept) = match &mut pace {
                 Some(pace) => {
                     if let Some(sample) = send.link_sample() {
                         pace.link(sample);
                     }
-                    (pace.choose(), pace.pairs(), pace.measuring())
+                    let codec = pace.choose();
+                    (codec, pace.pairs(), pace.takes_kept(codec))
                 }
-                None => (Some(Codec::Zstd), false, false),
+                None => (Some(Codec::Zstd), false, true),
             };
             if codec.is_none() && !pair {
                 if let Some((frame, m, packed)) = ready.take() {
@@ -577,49 +578,53 @@ impl PeerServer {
                 continue;
             }
             let shared = self.shared.clone();
-            let info = kept.info.clone();
+            let info = slots.info.clone();
             let job = tokio::task::spawn_blocking(move || {
                 let level = packer.level();
-                // A chunk packed to measure the pace is packed now.
-                let reuse = slot.filter(|_| !measuring);
-                if let Some(zstd) = reuse.and_then(|i| shared.packed_frame(&info, level, i, n)) {
-                    let frame = nar_chunks::zstd_frame(n as u32, &zstd, packer.lz4());
-                    return (packer, Packed::Kept(frame));
+                let kept = slot
+                    .filter(|_| takes_kept)
+                    .and_then(|i| shared.packed_frame(&info, level, i, n));
+                if let Some(zstd) = kept {
+                    let made = Made {
+                        frame: nar_chunks::zstd_frame(n as u32, &zstd, packer.lz4()),
+                        packed: Some(Codec::Zstd),
+                        measured: [None, None],
+                    };
+                    return (packer, made);
                 }
                 let first = if pair { Some(Codec::Lz4) } else { codec };
                 let first = timed_pack(&mut packer, &raw, first);
                 let second = pair.then(|| timed_pack(&mut packer, &raw, Some(Codec::Zstd)));
-                let chosen = match &second {
-                    Some(s) if s.frame.len() < first.frame.len() => s,
-                    _ => &first,
-                };
-                let zstd = nar_chunks::zstd_payload(&chosen.frame, packer.lz4());
+                // The zstd frame is kept even where a probe sends LZ4's.
+                let zstd = [Some(&first), second.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .find_map(|p| nar_chunks::zstd_payload(&p.frame, packer.lz4()));
                 if let (Some(i), Some(zstd)) = (slot, zstd) {
                     shared.keep_packed(&info, level, i, n, zstd);
                 }
-                (packer, Packed::Fresh(first, second))
+                let measured = [Some(&first), second.as_ref()].map(|p| p?.measured());
+                let chosen = match second {
+                    Some(s) if s.frame.len() < first.frame.len() => s,
+                    _ => first,
+                };
+                let wire = chosen.frame.len() - nar_chunks::HEADER;
+                let made = Made {
+                    packed: chosen.tried.filter(|_| wire < n),
+                    frame: chosen.frame,
+                    measured,
+                };
+                (packer, made)
             });
             if let Some((frame, m, packed)) = ready.take() {
                 self.put_frame(node, send, frame, m, packed).await?;
             }
-            let (back, packed) = job.await.map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
+            let (back, made) = job.await.map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
             packer = back;
-            let (first, second) = match packed {
-                Packed::Kept(frame) => {
-                    ready = Some((frame, n, Some(Codec::Zstd)));
-                    continue;
-                }
-                Packed::Fresh(first, second) => (first, second),
-            };
             if let Some(pace) = &mut pace {
-                pace.measured(n, [Some(&first), second.as_ref()].map(|p| p?.measured()));
+                pace.measured(n, made.measured);
             }
-            let chosen = match second {
-                Some(s) if s.frame.len() < first.frame.len() => s,
-                _ => first,
-            };
-            let wire = chosen.frame.len() - nar_chunks::HEADER;
-            ready = Some((chosen.frame, n, chosen.tried.filter(|_| wire < n)));
+            ready = Some((made.frame, n, made.packed));
         }
         if let Some((frame, m, packed)) = ready.take() {
             self.put_frame(node, send, frame, m, packed).await?;
@@ -908,17 +913,18 @@ async fn write_response<S: NarSink>(send: &mut S, resp: &Response) -> Result<(),
         .map_err(|_| StreamEnd::PeerGone)
 }
 
-/// Where a NAR being sent in chunks is, for its kept zstd frames.
-struct Kept {
+/// The slots of kept zstd frames (`ServedPaths::packed_frame`) that the
+/// chunks of a NAR being sent fall in. Pure.
+struct ChunkSlots {
     info: PathInfo,
     /// The NAR offset of the next chunk.
     at: u64,
 }
 
-impl Kept {
+impl ChunkSlots {
     /// The slot of the next chunk, `n` bytes, which it passes: only chunks
     /// on `CHUNK` boundaries, whole or the NAR's last, have one.
-    fn slot(&mut self, n: usize) -> Option<u64> {
+    fn next(&mut self, n: usize) -> Option<u64> {
         let at = self.at;
         self.at += n as u64;
         let chunk = nar_chunks::CHUNK as u64;
@@ -927,12 +933,13 @@ impl Kept {
     }
 }
 
-/// A chunk made ready on the blocking pool.
-enum Packed {
-    /// A kept zstd frame: nothing packed, nothing measured.
-    Kept(Vec<u8>),
-    /// Packed now (with a second codec for a probe).
-    Fresh(TimedPack, Option<TimedPack>),
+/// A chunk's frame, made on the blocking pool.
+struct Made {
+    frame: Vec<u8>,
+    /// The codec that made it smaller, if one did.
+    packed: Option<Codec>,
+    /// What packing it measured, for the pace (nothing for a kept frame).
+    measured: [Option<(Codec, usize, f64)>; 2],
 }
 
 /// A chunk frame and what packing it took.
@@ -966,6 +973,32 @@ fn timed_pack(packer: &mut Packer, raw: &[u8], codec: Option<Codec>) -> TimedPac
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_chunks_on_chunk_boundaries_have_slots() {
+        const C: usize = nar_chunks::CHUNK;
+        let info = PathInfo {
+            nar_size: 3 * C as u64 + 100,
+            ..crate::store::nar_stream::tests::info_for(b"")
+        };
+        let slots = |at: u64, chunks: &[usize]| -> Vec<Option<u64>> {
+            let mut s = ChunkSlots {
+                info: info.clone(),
+                at,
+            };
+            chunks.iter().map(|&n| s.next(n)).collect()
+        };
+        // A whole NAR: every chunk, the short last one too.
+        assert_eq!(
+            slots(0, &[C, C, C, 100]),
+            [Some(0), Some(1), Some(2), Some(3)]
+        );
+        // A stripe from chunk 1 that ends inside chunk 2: its short end
+        // is not the NAR's last chunk.
+        assert_eq!(slots(C as u64, &[C, 5000]), [Some(1), None]);
+        // From an offset off the boundaries (a failover): none.
+        assert_eq!(slots(4096, &[C, C, C - 4096 + 100]), [None, None, None]);
+    }
 
     #[test]
     fn summaries_go_in_bounded_parts_the_last_complete() {

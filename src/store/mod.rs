@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod catalog_watch;
 pub mod chunk_pool;
 pub mod db;
+pub mod disk_lru;
 pub mod nar_cache;
 pub mod nar_encode;
 pub mod nar_stream;

@@ -32,6 +32,7 @@ use prometheus_client::registry::Registry;
 use crate::disk_room::{disk_has_room, disk_space, writable_dir};
 use crate::lock::lock;
 use crate::nix::PathInfo;
+use crate::store::disk_lru::{remove_files, DiskLru};
 
 /// Regular files a NAR must hold to be kept.
 pub const MIN_FILES: u64 = 16;
@@ -47,29 +48,6 @@ const MAX_SEEN: usize = 16 * 1024;
 /// keeping encoded: many files, small on average. Pure.
 pub fn worth_keeping(nar_size: u64, files: u64) -> bool {
     files >= MIN_FILES && nar_size / files <= MAX_MEAN_FILE
-}
-
-/// Which entries (key, size, last used) to drop, least recently used
-/// first, so that `incoming` more bytes fit under `limit` with `used`
-/// taken. Pure.
-pub(crate) fn evictions<'k>(
-    entries: impl Iterator<Item = (&'k str, u64, u64)>,
-    used: u64,
-    incoming: u64,
-    limit: u64,
-) -> Vec<&'k str> {
-    let mut by_age: Vec<_> = entries.collect();
-    by_age.sort_unstable_by_key(|&(_, _, last_used)| last_used);
-    let mut left = used;
-    let mut out = Vec::new();
-    for (key, size, _) in by_age {
-        if left.saturating_add(incoming) <= limit {
-            break;
-        }
-        left -= size.min(left);
-        out.push(key);
-    }
-    out
 }
 
 /// What `/metrics` shows of the cache.
@@ -111,21 +89,12 @@ impl NarCacheStats {
     }
 }
 
-struct Meta {
-    size: u64,
-    last_used: u64,
-}
-
-#[derive(Default)]
 struct Index {
-    entries: HashMap<String, Meta>,
+    kept: DiskLru,
     /// Keys being written now (one writer per NAR), with their sizes.
     writing: HashMap<String, u64>,
     /// NARs served whole from the store: whether worth keeping.
     seen: HashMap<String, bool>,
-    used: u64,
-    /// Counts serves and admissions: an entry's `last_used` is a reading.
-    clock: u64,
 }
 
 impl Index {
@@ -181,14 +150,14 @@ impl NarCache {
                 }
             }
         }
-        found.sort();
-        let mut index = Index::default();
-        for (tick, (_, key, size)) in found.into_iter().enumerate() {
-            index.used += size;
-            let last_used = tick as u64 + 1;
-            index.entries.insert(key, Meta { size, last_used });
-        }
-        index.clock = index.entries.len() as u64;
+        let mut kept = DiskLru::new(limit);
+        let over = kept.restore(found);
+        remove_files(&dir, &over, ".nar");
+        let index = Index {
+            kept,
+            writing: HashMap::new(),
+            seen: HashMap::new(),
+        };
         let cache = Arc::new(Self {
             stats: NarCacheStats::default(),
             dir,
@@ -196,12 +165,12 @@ impl NarCache {
             index: Mutex::new(index),
             temp_seq: AtomicU64::new(0),
         });
-        cache.evict(&mut lock(&cache.index), 0);
+        cache.stats.bytes.set(cache.used());
         Ok(cache)
     }
 
     pub fn used(&self) -> u64 {
-        lock(&self.index).used
+        lock(&self.index).kept.used()
     }
 
     fn entry_path(&self, key: &str) -> PathBuf {
@@ -216,9 +185,9 @@ impl NarCache {
         let path = self.entry_path(&key);
         let opened = {
             let mut index = lock(&self.index);
-            index.clock += 1;
-            let now = index.clock;
-            index.entries.get_mut(&key)?.last_used = now;
+            if !index.kept.touch(&key) {
+                return None;
+            }
             // Opened under the lock: eviction cannot come in between.
             File::open(&path)
         };
@@ -244,11 +213,10 @@ impl NarCache {
     pub fn forget(&self, info: &PathInfo) {
         let key = key_of(info);
         let mut index = lock(&self.index);
-        if let Some(meta) = index.entries.remove(&key) {
-            index.used -= meta.size;
+        if index.kept.remove(&key).is_some() {
             let _ = std::fs::remove_file(self.entry_path(&key));
             self.stats.dropped.inc();
-            self.stats.bytes.set(index.used);
+            self.stats.bytes.set(index.kept.used());
         }
     }
 
@@ -277,7 +245,7 @@ impl NarCache {
         let (free, total) = disk_space(&self.dir)?;
         {
             let mut index = lock(&self.index);
-            if index.entries.contains_key(&key) || index.writing.contains_key(&key) {
+            if index.kept.contains(&key) || index.writing.contains_key(&key) {
                 return None;
             }
             if !disk_has_room(free, total, index.pending(), info.nar_size) {
@@ -303,41 +271,16 @@ impl NarCache {
         }
     }
 
-    /// Makes room for `incoming` bytes in `index`.
-    fn evict(&self, index: &mut Index, incoming: u64) {
-        let entries = index
-            .entries
-            .iter()
-            .map(|(k, m)| (k.as_str(), m.size, m.last_used));
-        let gone: Vec<String> = evictions(entries, index.used, incoming, self.limit)
-            .into_iter()
-            .map(str::to_string)
-            .collect();
-        for key in gone {
-            if let Some(meta) = index.entries.remove(&key) {
-                index.used -= meta.size;
-                let _ = std::fs::remove_file(self.entry_path(&key));
-            }
-        }
-        self.stats.bytes.set(index.used);
-    }
-
     /// The complete, verified `temp` becomes the entry `key`.
     fn admit(&self, key: &str, temp: &Path, size: u64) -> io::Result<()> {
         let mut index = lock(&self.index);
-        self.evict(&mut index, size);
+        let gone = index.kept.make_room(size, None);
+        remove_files(&self.dir, &gone, ".nar");
         std::fs::rename(temp, self.entry_path(key))?;
-        index.clock += 1;
-        let last_used = index.clock;
-        if let Some(old) = index
-            .entries
-            .insert(key.to_string(), Meta { size, last_used })
-        {
-            index.used -= old.size;
-        }
-        index.used += size;
+        index.kept.remove(key);
+        index.kept.add(key, size);
         self.stats.kept.inc();
-        self.stats.bytes.set(index.used);
+        self.stats.bytes.set(index.kept.used());
         Ok(())
     }
 }
@@ -422,20 +365,6 @@ mod tests {
             }
             None => cache.served(info, files),
         }
-    }
-
-    #[test]
-    fn the_least_recently_used_are_evicted_until_the_new_one_fits() {
-        let entries = [("a", 40, 3), ("b", 30, 1), ("c", 20, 2)];
-        let pick =
-            |used, incoming, limit| evictions(entries.iter().copied(), used, incoming, limit);
-        assert!(pick(90, 10, 100).is_empty());
-        assert_eq!(pick(90, 11, 100), vec!["b"]);
-        assert_eq!(pick(90, 50, 100), vec!["b", "c"]);
-        assert_eq!(pick(90, 100, 100), vec!["b", "c", "a"]);
-        // More than the limit: everything goes, and nothing underflows.
-        assert_eq!(pick(90, 500, 100), vec!["b", "c", "a"]);
-        assert_eq!(pick(90, 0, 0), vec!["b", "c", "a"]);
     }
 
     fn read_kept(cache: &NarCache, info: &PathInfo) -> Option<Vec<u8>> {

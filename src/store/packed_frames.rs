@@ -19,7 +19,6 @@
 //! `share.packed_mib`: the least recently served files go first, a file
 //! takes at most half, and a disk short of room gets nothing new.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -34,14 +33,18 @@ use prometheus_client::registry::Registry;
 use crate::disk_room::{disk_has_room, disk_space, writable_dir};
 use crate::lock::lock;
 use crate::nix::PathInfo;
-use crate::store::nar_cache::evictions;
+use crate::store::disk_lru::{remove_files, DiskLru};
 
 /// NAR bytes per slot: the chunk the holder packs.
 pub const SLOT_PAYLOAD: usize = 256 << 10;
 /// Slot header: magic, raw length, payload length, CRC-32 of the payload.
 const SLOT_HEADER: usize = 16;
-/// Bytes from one slot to the next in a file.
-const SLOT: u64 = (SLOT_PAYLOAD + SLOT_HEADER) as u64;
+/// The file system's block: what a written slot takes on disk is counted
+/// in these.
+const BLOCK: u64 = 4096;
+/// Bytes from one slot to the next in a file: whole blocks, so that no two
+/// slots share one.
+const SLOT: u64 = SLOT_PAYLOAD as u64 + BLOCK;
 const MAGIC: [u8; 4] = *b"NMZ1";
 /// NARs smaller than this are packed afresh each time.
 pub const MIN_NAR: u64 = 1 << 20;
@@ -57,6 +60,18 @@ fn slot_header(raw_len: u32, payload: &[u8]) -> [u8; SLOT_HEADER] {
     h[8..12].copy_from_slice(&(payload.len() as u32).to_be_bytes());
     h[12..].copy_from_slice(&crc32fast::hash(payload).to_be_bytes());
     h
+}
+
+/// Whether a zstd payload of `len` bytes may stand for `raw_len` NAR
+/// bytes: smaller by more than the codec byte a frame for an asker that
+/// reads LZ4 adds (else that frame would read as raw bytes). Pure.
+fn fits(len: usize, raw_len: usize) -> bool {
+    len > 0 && len + 1 < raw_len && len <= SLOT_PAYLOAD
+}
+
+/// Disk bytes a slot holding a payload of `len` bytes takes. Pure.
+fn slot_bytes(len: usize) -> u64 {
+    ((SLOT_HEADER + len) as u64).div_ceil(BLOCK) * BLOCK
 }
 
 /// What a slot's header says.
@@ -77,7 +92,7 @@ fn parse_slot(h: &[u8; SLOT_HEADER], raw_len: usize) -> Slot {
     }
     let word = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
     let (raw, len) = (word(4) as usize, word(8) as usize);
-    if h[..4] != MAGIC || raw != raw_len || len == 0 || len >= raw_len || len > SLOT_PAYLOAD {
+    if h[..4] != MAGIC || raw != raw_len || !fits(len, raw_len) {
         return Slot::Wrong;
     }
     Slot::Frame { len, crc: word(12) }
@@ -91,18 +106,12 @@ impl FramesKey {
     /// The key of `info`'s frames at zstd `level`; `None` for a NAR too
     /// small to keep.
     pub fn of(info: &PathInfo, level: u8) -> Option<Self> {
-        (info.nar_size >= MIN_NAR).then(|| {
-            FramesKey(format!(
-                "{}-{}-z{level}",
-                info.nar_hash.nix32_digest(),
-                info.nar_size
-            ))
-        })
+        (info.nar_size >= MIN_NAR).then(|| FramesKey(format!("{}{level}", Self::prefix(info))))
     }
 
-    fn is_of(&self, info: &PathInfo) -> bool {
-        let prefix = format!("{}-{}-z", info.nar_hash.nix32_digest(), info.nar_size);
-        self.0.starts_with(&prefix)
+    /// Every key of `info`'s NAR begins with this, the level after it.
+    fn prefix(info: &PathInfo) -> String {
+        format!("{}-{}-z", info.nar_hash.nix32_digest(), info.nar_size)
     }
 }
 
@@ -145,23 +154,10 @@ impl PackedStats {
     }
 }
 
-struct Meta {
-    size: u64,
-    last_used: u64,
-}
-
-#[derive(Default)]
-struct Index {
-    files: HashMap<FramesKey, Meta>,
-    used: u64,
-    clock: u64,
-}
-
 pub struct PackedFrames {
     pub stats: PackedStats,
     dir: PathBuf,
-    limit: u64,
-    index: Mutex<Index>,
+    files: Mutex<DiskLru>,
 }
 
 impl PackedFrames {
@@ -186,26 +182,20 @@ impl PackedFrames {
                 }
             }
         }
-        found.sort();
-        let mut index = Index::default();
-        for (tick, (_, key, size)) in found.into_iter().enumerate() {
-            index.used += size;
-            let last_used = tick as u64 + 1;
-            index.files.insert(FramesKey(key), Meta { size, last_used });
-        }
-        index.clock = index.files.len() as u64;
+        let mut files = DiskLru::new(limit);
+        let over = files.restore(found);
+        remove_files(&dir, &over, SUFFIX);
         let frames = Arc::new(Self {
             stats: PackedStats::default(),
             dir,
-            limit,
-            index: Mutex::new(index),
+            files: Mutex::new(files),
         });
-        frames.evict(&mut lock(&frames.index), 0);
+        frames.stats.bytes.set(frames.used());
         Ok(frames)
     }
 
     pub fn used(&self) -> u64 {
-        lock(&self.index).used
+        lock(&self.files).used()
     }
 
     fn path(&self, key: &FramesKey) -> PathBuf {
@@ -217,10 +207,10 @@ impl PackedFrames {
     /// with its file.
     pub fn get(&self, key: &FramesKey, slot: u64, raw_len: usize) -> Option<Vec<u8>> {
         let file = {
-            let mut index = lock(&self.index);
-            index.clock += 1;
-            let now = index.clock;
-            index.files.get_mut(key)?.last_used = now;
+            let mut files = lock(&self.files);
+            if !files.touch(&key.0) {
+                return None;
+            }
             // Opened under the lock: eviction cannot come in between.
             File::open(self.path(key))
         };
@@ -260,112 +250,85 @@ impl PackedFrames {
     /// Keeps `payload`, chunk `slot`'s zstd frame of `raw_len` NAR bytes,
     /// if the slot is empty and the budget and the disk have room.
     pub fn put(&self, key: &FramesKey, slot: u64, raw_len: usize, payload: &[u8]) {
-        if payload.is_empty() || payload.len() >= raw_len || payload.len() > SLOT_PAYLOAD {
+        if !fits(payload.len(), raw_len) {
             return;
         }
-        let adds = (SLOT_HEADER + payload.len()) as u64;
+        let adds = slot_bytes(payload.len());
         let Some((free, total)) = disk_space(&self.dir) else {
             return;
         };
         if !disk_has_room(free, total, 0, adds) {
             return;
         }
+        let path = self.path(key);
         let file = {
-            let mut index = lock(&self.index);
-            let had = index.files.get(key).map_or(0, |m| m.size);
-            if had + adds > self.limit / FILE_SHARE {
+            let mut files = lock(&self.files);
+            if files.size(&key.0).unwrap_or(0) + adds > files.limit() / FILE_SHARE {
                 return;
             }
-            self.evict_for(&mut index, key, adds);
+            // Opened under the lock: eviction cannot come in between.
             let opened = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .open(self.path(key));
+                .open(&path);
             let Ok(file) = opened else {
                 return;
             };
-            index.clock += 1;
-            let now = index.clock;
-            let meta = index.files.entry(key.clone()).or_insert(Meta {
-                size: 0,
-                last_used: now,
-            });
-            meta.size += adds;
-            meta.last_used = now;
-            index.used += adds;
-            self.stats.bytes.set(index.used);
+            // Filled by an earlier serve (a chunk packed to measure is
+            // packed again): nothing to add.
+            if filled(&file, slot) {
+                return;
+            }
+            let gone = files.make_room(adds, Some(&key.0));
+            remove_files(&self.dir, &gone, SUFFIX);
+            files.add(&key.0, adds);
+            self.stats.bytes.set(files.used());
             file
         };
-        let mut h = [0u8; SLOT_HEADER];
-        let written = match file.read_exact_at(&mut h, slot * SLOT) {
-            // Another serve got there first.
-            Ok(()) if parse_slot(&h, raw_len) != Slot::Empty => return,
-            _ => file
-                .write_all_at(payload, slot * SLOT + SLOT_HEADER as u64)
-                .and_then(|()| {
-                    file.write_all_at(&slot_header(raw_len as u32, payload), slot * SLOT)
-                }),
-        };
+        // The payload first: a header is never on disk before its payload
+        // (and one that is, after a crash, fails its CRC).
+        let written = file
+            .write_all_at(payload, slot * SLOT + SLOT_HEADER as u64)
+            .and_then(|()| file.write_all_at(&slot_header(raw_len as u32, payload), slot * SLOT));
         match written {
             Ok(()) => {
                 self.stats.kept.inc();
             }
             Err(e) => {
+                // The header was not written: the slot reads as empty.
                 tracing::debug!(frames = %key.0, error = %e, "cannot keep a zstd frame");
-                self.drop_file(key);
+                let mut files = lock(&self.files);
+                files.shrink(&key.0, adds);
+                self.stats.bytes.set(files.used());
             }
         }
     }
 
     /// Drops every kept frame of `info` (a peer found its NAR wrong).
     pub fn forget(&self, info: &PathInfo) {
-        let keys: Vec<FramesKey> = lock(&self.index)
-            .files
-            .keys()
-            .filter(|k| k.is_of(info))
-            .cloned()
-            .collect();
+        let keys = lock(&self.files).keys_with_prefix(&FramesKey::prefix(info));
         for key in keys {
-            self.drop_file(&key);
+            self.drop_file(&FramesKey(key));
         }
     }
 
     fn drop_file(&self, key: &FramesKey) {
-        let mut index = lock(&self.index);
-        if let Some(meta) = index.files.remove(key) {
-            index.used -= meta.size.min(index.used);
+        let mut files = lock(&self.files);
+        if files.remove(&key.0).is_some() {
             let _ = std::fs::remove_file(self.path(key));
             self.stats.dropped.inc();
-            self.stats.bytes.set(index.used);
+            self.stats.bytes.set(files.used());
         }
     }
+}
 
-    /// Makes room for `incoming` more bytes of `keep`'s file.
-    fn evict_for(&self, index: &mut Index, keep: &FramesKey, incoming: u64) {
-        let others = index
-            .files
-            .iter()
-            .filter(|(k, _)| *k != keep)
-            .map(|(k, m)| (k.0.as_str(), m.size, m.last_used));
-        let gone: Vec<FramesKey> = evictions(others, index.used, incoming, self.limit)
-            .into_iter()
-            .map(|k| FramesKey(k.to_string()))
-            .collect();
-        for key in gone {
-            if let Some(meta) = index.files.remove(&key) {
-                index.used -= meta.size.min(index.used);
-                let _ = std::fs::remove_file(self.path(&key));
-            }
-        }
-        self.stats.bytes.set(index.used);
-    }
-
-    fn evict(&self, index: &mut Index, incoming: u64) {
-        let none = FramesKey(String::new());
-        self.evict_for(index, &none, incoming);
-    }
+/// Whether `slot` of `file` holds a header (a file too short to reach it:
+/// no).
+fn filled(file: &File, slot: u64) -> bool {
+    let mut magic = [0u8; 4];
+    file.read_exact_at(&mut magic, slot * SLOT).is_ok() && magic != [0; 4]
 }
 
 #[cfg(test)]
@@ -400,19 +363,42 @@ mod tests {
         );
         assert_eq!(frames.get(&key, 2, SLOT_PAYLOAD), None);
         assert_eq!(frames.get(&key, 9, SLOT_PAYLOAD), None);
-        // Another raw length is another chunk: not this frame.
-        assert_eq!(frames.get(&key, 3, 1000), None);
         assert_eq!(frames.stats.kept.get(), 1);
         assert_eq!(frames.stats.served.get(), 1);
         // The other level is another file.
-        assert_eq!(
-            frames.get(
-                &FramesKey::of(&info(1, 8 << 20), 3).unwrap(),
-                3,
-                SLOT_PAYLOAD
-            ),
-            None
-        );
+        let other = FramesKey::of(&info(1, 8 << 20), 3).unwrap();
+        assert_eq!(frames.get(&other, 3, SLOT_PAYLOAD), None);
+        // A slot of another raw length than its chunk's is wrong: the file
+        // goes.
+        assert_eq!(frames.get(&key, 3, 1000), None);
+        assert_eq!(frames.stats.dropped.get(), 1);
+        assert_eq!(frames.get(&key, 3, SLOT_PAYLOAD), None);
+        assert_eq!(frames.used(), 0);
+    }
+
+    #[test]
+    fn a_slot_is_counted_once_in_whole_blocks() {
+        let (_dir, frames) = scratch(64 << 20);
+        let key = FramesKey::of(&info(6, 8 << 20), 1).unwrap();
+        frames.put(&key, 0, SLOT_PAYLOAD, &[1; 100]);
+        assert_eq!(frames.used(), BLOCK);
+        // Kept again (a chunk packed to measure): nothing more.
+        frames.put(&key, 0, SLOT_PAYLOAD, &[1; 100]);
+        frames.put(&key, 1, SLOT_PAYLOAD, &[2; 5000]);
+        assert_eq!(frames.used(), 3 * BLOCK);
+        assert_eq!(frames.stats.kept.get(), 2);
+    }
+
+    #[test]
+    fn a_payload_must_leave_room_for_a_codec_byte() {
+        let (_dir, frames) = scratch(64 << 20);
+        let key = FramesKey::of(&info(7, 8 << 20), 1).unwrap();
+        // A NAR's last chunk of 40 bytes packed to 39: as a frame for an
+        // asker that reads LZ4 it would be 40 bytes, which read as raw.
+        frames.put(&key, 31, 40, &[3; 39]);
+        assert_eq!(frames.get(&key, 31, 40), None);
+        frames.put(&key, 31, 40, &[3; 38]);
+        assert_eq!(frames.get(&key, 31, 40).as_deref(), Some(&[3u8; 38][..]));
     }
 
     #[test]
