@@ -174,6 +174,9 @@ impl<'s, S: NarSink> Walker<'s, S> {
     }
 
     fn file(&mut self, base: Base) -> Result<(), NarError> {
+        if self.out.skippable() > 0 && self.skip_file(base)? {
+            return Ok(());
+        }
         // NOFOLLOW: an entry swapped for a symlink since the listing fails
         // instead of being followed.
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -196,6 +199,34 @@ impl<'s, S: NarSink> Walker<'s, S> {
         self.head.clear();
         regular_trailer(&mut self.head, size);
         self.out.write(&self.head)
+    }
+
+    /// A regular file whose whole node lies in what the sink would drop
+    /// (a part of the NAR from an offset) goes by on a stat alone, neither
+    /// opened nor read; whether it did. Anything else is left to `file`.
+    fn skip_file(&mut self, base: Base) -> Result<bool, NarError> {
+        let st = rustix::fs::statat(base.fd, self.rel(base), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.io_err(e.into()))?;
+        let Ok(size) = u64::try_from(st.st_size) else {
+            return Ok(false);
+        };
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Ok(false);
+        }
+        self.head.clear();
+        regular_header(&mut self.head, st.st_mode & 0o100 != 0, size);
+        let header = self.head.len() as u64;
+        self.head.clear();
+        regular_trailer(&mut self.head, size);
+        let node = header
+            .saturating_add(size)
+            .saturating_add(self.head.len() as u64);
+        if node > self.out.skippable() {
+            return Ok(false);
+        }
+        self.out.flush()?;
+        self.out.skipped(node);
+        Ok(true)
     }
 
     /// Reads `size` bytes of `file` straight into the outgoing chunks, or
@@ -348,6 +379,11 @@ impl<'s, S: NarSink> Chunker<'s, S> {
     }
 
     fn write(&mut self, mut bytes: &[u8]) -> Result<(), NarError> {
+        // Wholly in what the sink would drop: it goes by uncopied.
+        if self.filled == 0 && bytes.len() as u64 <= self.sink.skippable() {
+            self.skipped(bytes.len() as u64);
+            return Ok(());
+        }
         while !bytes.is_empty() {
             let room = self.room(bytes.len());
             let n = room.len();
@@ -470,6 +506,40 @@ mod tests {
                     sink.read_past
                 );
             }
+        }
+    }
+
+    #[test]
+    fn small_files_before_the_offset_are_neither_read_nor_handed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        for i in 0..300u32 {
+            let sub = root.join(format!("d{}", i % 7));
+            fs::create_dir_all(&sub).unwrap();
+            let bytes: Vec<u8> = (0..1000 + i * 13)
+                .map(|j| (j * (i + 3) % 251) as u8)
+                .collect();
+            fs::write(sub.join(format!("f{i}")), bytes).unwrap();
+            if i % 50 == 0 {
+                std::os::unix::fs::symlink("f0", sub.join(format!("l{i}"))).unwrap();
+                fs::set_permissions(sub.join(format!("f{i}")), fs::Permissions::from_mode(0o755))
+                    .unwrap();
+            }
+        }
+        let mut whole = Vec::new();
+        encode(&root, &mut whole).unwrap();
+        let n = whole.len() as u64;
+        for from in [1, 77, n / 3, n / 2 + 5, n - 1, n] {
+            let mut sink = FromOffset {
+                from,
+                seen: 0,
+                out: Vec::new(),
+                read_past: 0,
+            };
+            encode(&root, &mut sink).unwrap();
+            assert_eq!(sink.out, &whole[from as usize..], "from {from}");
+            // At most the node the offset falls in was handed over whole.
+            assert!(sink.read_past < 5000, "from {from}: {}", sink.read_past);
         }
     }
 
