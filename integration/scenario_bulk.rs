@@ -347,21 +347,45 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     assert!(agent_h.log().contains("kept zstd frames are unreadable"));
     assert_eq!(agent_1.metric("nixmesh_nar_verify_failures_total"), 0.0);
 
-    // Slot 2 (file contents, past the NAR's header) kept wrong, its CRC
-    // right: other bytes of the chunk's length, packed.
-    let file = frames_file().expect("H keeps frames again");
-    let wrong = zstd::bulk::compress(&vec![7u8; 256 << 10], 1).expect("zstd");
-    let mut slot = Vec::new();
-    slot.extend_from_slice(b"NMZ1");
-    slot.extend_from_slice(&(256u32 << 10).to_be_bytes());
-    slot.extend_from_slice(&(wrong.len() as u32).to_be_bytes());
-    slot.extend_from_slice(&crc32fast::hash(&wrong).to_be_bytes());
-    slot.extend_from_slice(&wrong);
-    let mut bytes = std::fs::read(&file).expect("read the frames");
-    // Slots are 256 KiB and one 4 KiB block apart.
-    let at = 2 * ((256 << 10) + 4096);
-    bytes[at..at + slot.len()].copy_from_slice(&slot);
-    std::fs::write(&file, &bytes).expect("write the frames");
+    // Slot 2 (file contents, past the NAR's header) replaced by a frame
+    // packed from other bytes (as if from a store copy mended since): H
+    // finds it from the chunk's CRC and packs the chunk anew.
+    const CHUNK: usize = 256 << 10;
+    let other = vec![7u8; CHUNK];
+    let nar = holder.run(&["nix-store", "--dump", &path]).stdout;
+    let chunk_2 = &nar[2 * CHUNK..3 * CHUNK];
+    let put_slot_2 = |packed_from: &[u8]| {
+        let file = frames_file().expect("H keeps frames");
+        let wrong = zstd::bulk::compress(&other, 1).expect("zstd");
+        let mut slot = Vec::new();
+        slot.extend_from_slice(b"NMZ1");
+        slot.extend_from_slice(&(CHUNK as u32).to_be_bytes());
+        slot.extend_from_slice(&(wrong.len() as u32).to_be_bytes());
+        slot.extend_from_slice(&crc32fast::hash(&wrong).to_be_bytes());
+        slot.extend_from_slice(&crc32fast::hash(packed_from).to_be_bytes());
+        slot.extend_from_slice(&wrong);
+        let mut bytes = std::fs::read(&file).expect("read the frames");
+        // Slots are 256 KiB and one 4 KiB block apart.
+        let at = 2 * (CHUNK + 4096);
+        bytes[at..at + slot.len()].copy_from_slice(&slot);
+        std::fs::write(&file, &bytes).expect("write the frames");
+    };
+    put_slot_2(&other);
+    first.run_ok(&["nix-store", "--delete", &path]);
+    drop(agent_1);
+    agent_1 = first.start_agent(asker);
+    wait_all_alive(&[(first, &agent_1), (holder, &agent_h)]);
+    realise(first, &[&path]);
+    assert_verified(first, &path);
+    assert!(agent_h
+        .log()
+        .contains("a frame was packed from other NAR bytes"));
+    assert_eq!(agent_1.metric("nixmesh_nar_verify_failures_total"), 0.0);
+
+    // The same frame claiming to be packed from the chunk's own bytes:
+    // nothing on H can tell; the asker's NarHash can, and H, told, drops
+    // its frames.
+    put_slot_2(chunk_2);
     second.run_ok(&["nix-store", "--delete", &path]);
     drop(agent_2);
     agent_2 = second.start_agent(asker);

@@ -48,20 +48,14 @@ impl ServedPaths for Served {
         .boxed()
     }
 
-    fn packed_frame(
-        &self,
-        info: &PathInfo,
-        level: u8,
-        slot: u64,
-        raw_len: usize,
-    ) -> Option<Vec<u8>> {
+    fn packed_frame(&self, info: &PathInfo, level: u8, slot: u64, raw: &[u8]) -> Option<Vec<u8>> {
         let frames = self.0.packed_frames()?;
-        frames.get(&FramesKey::of(info, level)?, slot, raw_len)
+        frames.get(&FramesKey::of(info, level)?, slot, raw)
     }
 
-    fn keep_packed(&self, info: &PathInfo, level: u8, slot: u64, raw_len: usize, zstd: &[u8]) {
+    fn keep_packed(&self, info: &PathInfo, level: u8, slot: u64, raw: &[u8], zstd: &[u8]) {
         if let (Some(frames), Some(key)) = (self.0.packed_frames(), FramesKey::of(info, level)) {
-            frames.put(&key, slot, raw_len, zstd);
+            frames.put(&key, slot, raw, zstd);
         }
     }
 

@@ -58,22 +58,21 @@ pub trait ServedPaths: Send + Sync + 'static {
         offset: u64,
         end: u64,
     ) -> BoxStream<'static, Result<Bytes, NarFault>>;
-    /// The zstd payload packed earlier for chunk `slot` (`raw_len` NAR
-    /// bytes from `slot * nar_chunks::CHUNK`) of `info`'s NAR at `level`,
-    /// if one was kept. Blocking (disk).
+    /// The zstd payload packed earlier for chunk `slot` (the NAR bytes
+    /// `raw` from `slot * nar_chunks::CHUNK`) of `info`'s NAR at `level`,
+    /// if one was kept from those bytes. Blocking (disk).
     fn packed_frame(
         &self,
         _info: &PathInfo,
         _level: u8,
         _slot: u64,
-        _raw_len: usize,
+        _raw: &[u8],
     ) -> Option<Vec<u8>> {
         None
     }
     /// Keeps a zstd payload just packed for that chunk, for the next
     /// asker. Blocking (disk).
-    fn keep_packed(&self, _info: &PathInfo, _level: u8, _slot: u64, _raw_len: usize, _zstd: &[u8]) {
-    }
+    fn keep_packed(&self, _info: &PathInfo, _level: u8, _slot: u64, _raw: &[u8], _zstd: &[u8]) {}
     /// Peer `reporter` says the NAR of `hash` it got from here did not
     /// match `nar_hash`.
     fn bad_nar(&self, hash: HashPart, nar_hash: Sha256Hash, reporter: &str);
@@ -583,7 +582,7 @@ impl PeerServer {
                 let level = packer.level();
                 let kept = slot
                     .filter(|_| takes_kept)
-                    .and_then(|i| shared.packed_frame(&info, level, i, n));
+                    .and_then(|i| shared.packed_frame(&info, level, i, &raw));
                 if let Some(zstd) = kept {
                     let made = Made {
                         frame: nar_chunks::zstd_frame(n as u32, &zstd, packer.lz4()),
@@ -601,7 +600,7 @@ impl PeerServer {
                     .flatten()
                     .find_map(|p| nar_chunks::zstd_payload(&p.frame, packer.lz4()));
                 if let (Some(i), Some(zstd)) = (slot, zstd) {
-                    shared.keep_packed(&info, level, i, n, zstd);
+                    shared.keep_packed(&info, level, i, &raw, zstd);
                 }
                 let measured = [Some(&first), second.as_ref()].map(|p| p?.measured());
                 let chosen = match second {

@@ -9,16 +9,21 @@
 //! (the NAR's bytes from `i * SLOT_PAYLOAD`) in slot `i` at `i * SLOT`, so
 //! the file is sparse and a slot no serve has filled reads as zeros. A
 //! slot is a header (`MAGIC`, raw length, payload length, CRC-32 of the
-//! payload) and the zstd payload, the payload written first: a slot whose
-//! payload did not reach the disk fails its CRC, is dropped with its file,
-//! and the chunk is packed afresh; no peer is sent a frame that differs
-//! from what was packed. Whether the frames are right is for the asker's
-//! NarHash check to say, as for any NAR: a peer reporting a NAR wrong
-//! drops its frames here (`SharedStore::recheck`). Only NARs of at least
+//! payload, CRC-32 of the NAR bytes it was packed from) and the zstd
+//! payload, the payload written first: a slot whose payload did not reach
+//! the disk fails its CRC, is dropped with its file, and the chunk is
+//! packed afresh; so is one packed from other bytes than the store copy
+//! now holds (mended since). No peer is sent a frame that differs from
+//! what was packed from the bytes it stands for. Whether the frames are
+//! right is for the asker's NarHash check to say, as for any NAR: a peer
+//! reporting a NAR wrong drops its frames here (`SharedStore::recheck`).
+//! Slots being written are claimed, so two serves of one NAR write (and
+//! count) a slot once. Only NARs of at least
 //! `MIN_NAR` bytes are kept (small ones cost little to pack). Bounded by
 //! `share.packed_mib`: the least recently served files go first, a file
 //! takes at most half, and a disk short of room gets nothing new.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -37,8 +42,9 @@ use crate::store::disk_lru::{remove_files, DiskLru};
 
 /// NAR bytes per slot: the chunk the holder packs.
 pub const SLOT_PAYLOAD: usize = 256 << 10;
-/// Slot header: magic, raw length, payload length, CRC-32 of the payload.
-const SLOT_HEADER: usize = 16;
+/// Slot header: magic, raw length, payload length, CRC-32 of the payload,
+/// CRC-32 of the NAR bytes it was packed from.
+const SLOT_HEADER: usize = 20;
 /// The file system's block: what a written slot takes on disk is counted
 /// in these.
 const BLOCK: u64 = 4096;
@@ -53,12 +59,13 @@ const FILE_SHARE: u64 = 2;
 const SUFFIX: &str = ".frames";
 
 /// A slot's header. Pure.
-fn slot_header(raw_len: u32, payload: &[u8]) -> [u8; SLOT_HEADER] {
+fn slot_header(raw: &[u8], payload: &[u8]) -> [u8; SLOT_HEADER] {
     let mut h = [0u8; SLOT_HEADER];
     h[..4].copy_from_slice(&MAGIC);
-    h[4..8].copy_from_slice(&raw_len.to_be_bytes());
+    h[4..8].copy_from_slice(&(raw.len() as u32).to_be_bytes());
     h[8..12].copy_from_slice(&(payload.len() as u32).to_be_bytes());
-    h[12..].copy_from_slice(&crc32fast::hash(payload).to_be_bytes());
+    h[12..16].copy_from_slice(&crc32fast::hash(payload).to_be_bytes());
+    h[16..].copy_from_slice(&crc32fast::hash(raw).to_be_bytes());
     h
 }
 
@@ -79,8 +86,9 @@ fn slot_bytes(len: usize) -> u64 {
 enum Slot {
     /// Never written (zeros).
     Empty,
-    /// A frame of `len` payload bytes with this CRC.
-    Frame { len: usize, crc: u32 },
+    /// A frame of `len` payload bytes with the CRC `crc`, packed from NAR
+    /// bytes with the CRC `raw_crc`.
+    Frame { len: usize, crc: u32, raw_crc: u32 },
     /// Not a header for a chunk of the raw length asked for.
     Wrong,
 }
@@ -95,7 +103,11 @@ fn parse_slot(h: &[u8; SLOT_HEADER], raw_len: usize) -> Slot {
     if h[..4] != MAGIC || raw != raw_len || !fits(len, raw_len) {
         return Slot::Wrong;
     }
-    Slot::Frame { len, crc: word(12) }
+    Slot::Frame {
+        len,
+        crc: word(12),
+        raw_crc: word(16),
+    }
 }
 
 /// The frames file of one NAR at one zstd level.
@@ -157,7 +169,13 @@ impl PackedStats {
 pub struct PackedFrames {
     pub stats: PackedStats,
     dir: PathBuf,
-    files: Mutex<DiskLru>,
+    index: Mutex<Index>,
+}
+
+struct Index {
+    files: DiskLru,
+    /// Slots being written now, one writer each.
+    writing: HashSet<(String, u64)>,
 }
 
 impl PackedFrames {
@@ -188,27 +206,31 @@ impl PackedFrames {
         let frames = Arc::new(Self {
             stats: PackedStats::default(),
             dir,
-            files: Mutex::new(files),
+            index: Mutex::new(Index {
+                files,
+                writing: HashSet::new(),
+            }),
         });
         frames.stats.bytes.set(frames.used());
         Ok(frames)
     }
 
     pub fn used(&self) -> u64 {
-        lock(&self.files).used()
+        lock(&self.index).files.used()
     }
 
     fn path(&self, key: &FramesKey) -> PathBuf {
         self.dir.join(format!("{}{SUFFIX}", key.0))
     }
 
-    /// The kept zstd payload of chunk `slot` (of `raw_len` NAR bytes), if
-    /// one was kept and reads back whole. A slot that does not is dropped
-    /// with its file.
-    pub fn get(&self, key: &FramesKey, slot: u64, raw_len: usize) -> Option<Vec<u8>> {
+    /// The kept zstd payload of chunk `slot`, which holds the NAR bytes
+    /// `raw`, if one was kept, reads back whole and was packed from those
+    /// bytes. A slot that does not is dropped with its file (frames packed
+    /// from a store copy since mended, or rotten on disk).
+    pub fn get(&self, key: &FramesKey, slot: u64, raw: &[u8]) -> Option<Vec<u8>> {
         let file = {
-            let mut files = lock(&self.files);
-            if !files.touch(&key.0) {
+            let mut index = lock(&self.index);
+            if !index.files.touch(&key.0) {
                 return None;
             }
             // Opened under the lock: eviction cannot come in between.
@@ -221,9 +243,12 @@ impl PackedFrames {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
                 other => other?,
             }
-            let (len, crc) = match parse_slot(&h, raw_len) {
+            let (len, crc) = match parse_slot(&h, raw.len()) {
                 Slot::Empty => return Ok(None),
-                Slot::Frame { len, crc } => (len, crc),
+                Slot::Frame { raw_crc, .. } if raw_crc != crc32fast::hash(raw) => {
+                    return Err(io::Error::other("a frame was packed from other NAR bytes"))
+                }
+                Slot::Frame { len, crc, .. } => (len, crc),
                 Slot::Wrong => return Err(io::Error::other("a slot header is wrong")),
             };
             let mut payload = vec![0u8; len];
@@ -247,10 +272,10 @@ impl PackedFrames {
         }
     }
 
-    /// Keeps `payload`, chunk `slot`'s zstd frame of `raw_len` NAR bytes,
+    /// Keeps `payload`, chunk `slot`'s zstd frame of the NAR bytes `raw`,
     /// if the slot is empty and the budget and the disk have room.
-    pub fn put(&self, key: &FramesKey, slot: u64, raw_len: usize, payload: &[u8]) {
-        if !fits(payload.len(), raw_len) {
+    pub fn put(&self, key: &FramesKey, slot: u64, raw: &[u8], payload: &[u8]) {
+        if !fits(payload.len(), raw.len()) {
             return;
         }
         let adds = slot_bytes(payload.len());
@@ -261,9 +286,16 @@ impl PackedFrames {
             return;
         }
         let path = self.path(key);
+        let claim = (key.0.clone(), slot);
         let file = {
-            let mut files = lock(&self.files);
+            let mut index = lock(&self.index);
+            let Index { files, writing } = &mut *index;
             if files.size(&key.0).unwrap_or(0) + adds > files.limit() / FILE_SHARE {
+                return;
+            }
+            // Another serve is writing this slot (the same bytes: zstd at
+            // one level is deterministic).
+            if writing.contains(&claim) {
                 return;
             }
             // Opened under the lock: eviction cannot come in between.
@@ -285,13 +317,16 @@ impl PackedFrames {
             remove_files(&self.dir, &gone, SUFFIX);
             files.add(&key.0, adds);
             self.stats.bytes.set(files.used());
+            writing.insert(claim.clone());
             file
         };
         // The payload first: a header is never on disk before its payload
         // (and one that is, after a crash, fails its CRC).
         let written = file
             .write_all_at(payload, slot * SLOT + SLOT_HEADER as u64)
-            .and_then(|()| file.write_all_at(&slot_header(raw_len as u32, payload), slot * SLOT));
+            .and_then(|()| file.write_all_at(&slot_header(raw, payload), slot * SLOT));
+        let mut index = lock(&self.index);
+        index.writing.remove(&claim);
         match written {
             Ok(()) => {
                 self.stats.kept.inc();
@@ -299,27 +334,28 @@ impl PackedFrames {
             Err(e) => {
                 // The header was not written: the slot reads as empty.
                 tracing::debug!(frames = %key.0, error = %e, "cannot keep a zstd frame");
-                let mut files = lock(&self.files);
-                files.shrink(&key.0, adds);
-                self.stats.bytes.set(files.used());
+                index.files.shrink(&key.0, adds);
+                self.stats.bytes.set(index.files.used());
             }
         }
     }
 
     /// Drops every kept frame of `info` (a peer found its NAR wrong).
     pub fn forget(&self, info: &PathInfo) {
-        let keys = lock(&self.files).keys_with_prefix(&FramesKey::prefix(info));
+        let keys = lock(&self.index)
+            .files
+            .keys_with_prefix(&FramesKey::prefix(info));
         for key in keys {
             self.drop_file(&FramesKey(key));
         }
     }
 
     fn drop_file(&self, key: &FramesKey) {
-        let mut files = lock(&self.files);
-        if files.remove(&key.0).is_some() {
+        let mut index = lock(&self.index);
+        if index.files.remove(&key.0).is_some() {
             let _ = std::fs::remove_file(self.path(key));
             self.stats.dropped.inc();
-            self.stats.bytes.set(files.used());
+            self.stats.bytes.set(index.files.used());
         }
     }
 }
@@ -345,6 +381,9 @@ mod tests {
         }
     }
 
+    /// A chunk's NAR bytes.
+    static FULL: [u8; SLOT_PAYLOAD] = [0; SLOT_PAYLOAD];
+
     fn scratch(limit: u64) -> (tempfile::TempDir, Arc<PackedFrames>) {
         let dir = tempfile::tempdir().unwrap();
         let frames = PackedFrames::open(dir.path().join("packed"), limit).unwrap();
@@ -355,24 +394,39 @@ mod tests {
     fn a_kept_frame_reads_back_and_an_empty_slot_is_none() {
         let (_dir, frames) = scratch(64 << 20);
         let key = FramesKey::of(&info(1, 8 << 20), 1).unwrap();
-        assert_eq!(frames.get(&key, 3, SLOT_PAYLOAD), None);
-        frames.put(&key, 3, SLOT_PAYLOAD, b"packed bytes");
+        assert_eq!(frames.get(&key, 3, &FULL), None);
+        frames.put(&key, 3, &FULL, b"packed bytes");
         assert_eq!(
-            frames.get(&key, 3, SLOT_PAYLOAD).as_deref(),
+            frames.get(&key, 3, &FULL).as_deref(),
             Some(&b"packed bytes"[..])
         );
-        assert_eq!(frames.get(&key, 2, SLOT_PAYLOAD), None);
-        assert_eq!(frames.get(&key, 9, SLOT_PAYLOAD), None);
+        assert_eq!(frames.get(&key, 2, &FULL), None);
+        assert_eq!(frames.get(&key, 9, &FULL), None);
         assert_eq!(frames.stats.kept.get(), 1);
         assert_eq!(frames.stats.served.get(), 1);
         // The other level is another file.
         let other = FramesKey::of(&info(1, 8 << 20), 3).unwrap();
-        assert_eq!(frames.get(&other, 3, SLOT_PAYLOAD), None);
+        assert_eq!(frames.get(&other, 3, &FULL), None);
         // A slot of another raw length than its chunk's is wrong: the file
         // goes.
-        assert_eq!(frames.get(&key, 3, 1000), None);
+        assert_eq!(frames.get(&key, 3, &FULL[..1000]), None);
         assert_eq!(frames.stats.dropped.get(), 1);
-        assert_eq!(frames.get(&key, 3, SLOT_PAYLOAD), None);
+        assert_eq!(frames.get(&key, 3, &FULL), None);
+        assert_eq!(frames.used(), 0);
+    }
+
+    #[test]
+    fn frames_packed_from_other_bytes_are_dropped() {
+        // As after `nix-store --repair-path` mended a copy the frames were
+        // packed from: same NAR, same length, other bytes.
+        let (_dir, frames) = scratch(64 << 20);
+        let key = FramesKey::of(&info(8, 8 << 20), 1).unwrap();
+        let mut rotten = FULL.to_vec();
+        rotten[1000] = 1;
+        frames.put(&key, 0, &rotten, &[4; 500]);
+        assert!(frames.get(&key, 0, &rotten).is_some());
+        assert_eq!(frames.get(&key, 0, &FULL), None);
+        assert_eq!(frames.stats.dropped.get(), 1);
         assert_eq!(frames.used(), 0);
     }
 
@@ -380,11 +434,11 @@ mod tests {
     fn a_slot_is_counted_once_in_whole_blocks() {
         let (_dir, frames) = scratch(64 << 20);
         let key = FramesKey::of(&info(6, 8 << 20), 1).unwrap();
-        frames.put(&key, 0, SLOT_PAYLOAD, &[1; 100]);
+        frames.put(&key, 0, &FULL, &[1; 100]);
         assert_eq!(frames.used(), BLOCK);
         // Kept again (a chunk packed to measure): nothing more.
-        frames.put(&key, 0, SLOT_PAYLOAD, &[1; 100]);
-        frames.put(&key, 1, SLOT_PAYLOAD, &[2; 5000]);
+        frames.put(&key, 0, &FULL, &[1; 100]);
+        frames.put(&key, 1, &FULL, &[2; 5000]);
         assert_eq!(frames.used(), 3 * BLOCK);
         assert_eq!(frames.stats.kept.get(), 2);
     }
@@ -395,10 +449,13 @@ mod tests {
         let key = FramesKey::of(&info(7, 8 << 20), 1).unwrap();
         // A NAR's last chunk of 40 bytes packed to 39: as a frame for an
         // asker that reads LZ4 it would be 40 bytes, which read as raw.
-        frames.put(&key, 31, 40, &[3; 39]);
-        assert_eq!(frames.get(&key, 31, 40), None);
-        frames.put(&key, 31, 40, &[3; 38]);
-        assert_eq!(frames.get(&key, 31, 40).as_deref(), Some(&[3u8; 38][..]));
+        frames.put(&key, 31, &FULL[..40], &[3; 39]);
+        assert_eq!(frames.get(&key, 31, &FULL[..40]), None);
+        frames.put(&key, 31, &FULL[..40], &[3; 38]);
+        assert_eq!(
+            frames.get(&key, 31, &FULL[..40]).as_deref(),
+            Some(&[3u8; 38][..])
+        );
     }
 
     #[test]
@@ -406,8 +463,8 @@ mod tests {
         let (_dir, frames) = scratch(64 << 20);
         assert_eq!(FramesKey::of(&info(1, MIN_NAR - 1), 1), None);
         let key = FramesKey::of(&info(1, MIN_NAR), 1).unwrap();
-        frames.put(&key, 0, 10, &[7; 10]);
-        assert_eq!(frames.get(&key, 0, 10), None);
+        frames.put(&key, 0, &[7; 10], &[7; 10]);
+        assert_eq!(frames.get(&key, 0, &[7; 10]), None);
         assert_eq!(frames.used(), 0);
     }
 
@@ -415,16 +472,16 @@ mod tests {
     fn a_rotten_frame_drops_its_file() {
         let (dir, frames) = scratch(64 << 20);
         let key = FramesKey::of(&info(2, 8 << 20), 1).unwrap();
-        frames.put(&key, 0, SLOT_PAYLOAD, &[5; 1000]);
-        frames.put(&key, 1, SLOT_PAYLOAD, &[6; 1000]);
+        frames.put(&key, 0, &FULL, &[5; 1000]);
+        frames.put(&key, 1, &FULL, &[6; 1000]);
         let path = dir.path().join("packed").join(format!("{}{SUFFIX}", key.0));
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[9], SLOT + SLOT_HEADER as u64 + 500)
             .unwrap();
-        assert_eq!(frames.get(&key, 1, SLOT_PAYLOAD), None);
+        assert_eq!(frames.get(&key, 1, &FULL), None);
         assert!(!path.exists());
         assert_eq!(frames.stats.dropped.get(), 1);
-        assert_eq!(frames.get(&key, 0, SLOT_PAYLOAD), None);
+        assert_eq!(frames.get(&key, 0, &FULL), None);
         assert_eq!(frames.used(), 0);
     }
 
@@ -432,13 +489,13 @@ mod tests {
     fn a_header_without_its_payload_fails_its_crc() {
         let (dir, frames) = scratch(64 << 20);
         let key = FramesKey::of(&info(3, 8 << 20), 1).unwrap();
-        frames.put(&key, 0, SLOT_PAYLOAD, &[5; 1000]);
+        frames.put(&key, 0, &FULL, &[5; 1000]);
         let path = dir.path().join("packed").join(format!("{}{SUFFIX}", key.0));
         // As after a crash that wrote the header of slot 1 but not its payload.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
-        file.write_all_at(&slot_header(SLOT_PAYLOAD as u32, &[6; 1000]), SLOT)
+        file.write_all_at(&slot_header(&FULL, &[6; 1000]), SLOT)
             .unwrap();
-        assert_eq!(frames.get(&key, 1, SLOT_PAYLOAD), None);
+        assert_eq!(frames.get(&key, 1, &FULL), None);
         assert!(!path.exists());
     }
 
@@ -452,12 +509,12 @@ mod tests {
             FramesKey::of(&b, 1).unwrap(),
         ];
         for k in &keys {
-            frames.put(k, 0, SLOT_PAYLOAD, &[1; 100]);
+            frames.put(k, 0, &FULL, &[1; 100]);
         }
         frames.forget(&a);
-        assert_eq!(frames.get(&keys[0], 0, SLOT_PAYLOAD), None);
-        assert_eq!(frames.get(&keys[1], 0, SLOT_PAYLOAD), None);
-        assert!(frames.get(&keys[2], 0, SLOT_PAYLOAD).is_some());
+        assert_eq!(frames.get(&keys[0], 0, &FULL), None);
+        assert_eq!(frames.get(&keys[1], 0, &FULL), None);
+        assert!(frames.get(&keys[2], 0, &FULL).is_some());
     }
 
     #[test]
@@ -468,35 +525,36 @@ mod tests {
         let keys: Vec<FramesKey> = (0..3)
             .map(|i| FramesKey::of(&info(10 + i, 8 << 20), 1).unwrap())
             .collect();
-        frames.put(&keys[0], 0, SLOT_PAYLOAD, &[1; 100_000]);
-        frames.put(&keys[1], 0, SLOT_PAYLOAD, &[2; 100_000]);
-        assert!(frames.get(&keys[0], 0, SLOT_PAYLOAD).is_some());
-        frames.put(&keys[2], 0, SLOT_PAYLOAD, &[3; 100_000]);
+        frames.put(&keys[0], 0, &FULL, &[1; 100_000]);
+        frames.put(&keys[1], 0, &FULL, &[2; 100_000]);
+        assert!(frames.get(&keys[0], 0, &FULL).is_some());
+        frames.put(&keys[2], 0, &FULL, &[3; 100_000]);
         assert!(
-            frames.get(&keys[1], 0, SLOT_PAYLOAD).is_none(),
+            frames.get(&keys[1], 0, &FULL).is_none(),
             "least recently served goes"
         );
-        assert!(frames.get(&keys[0], 0, SLOT_PAYLOAD).is_some());
+        assert!(frames.get(&keys[0], 0, &FULL).is_some());
         // A second frame would take file 2 over half the budget.
-        frames.put(&keys[2], 1, SLOT_PAYLOAD, &[4; 100_000]);
-        assert!(frames.get(&keys[2], 1, SLOT_PAYLOAD).is_none());
+        frames.put(&keys[2], 1, &FULL, &[4; 100_000]);
+        assert!(frames.get(&keys[2], 1, &FULL).is_none());
         drop(frames);
         std::fs::write(dir.path().join("packed/junk"), b"x").unwrap();
         let again = PackedFrames::open(dir.path().join("packed"), limit).unwrap();
-        assert!(again.get(&keys[0], 0, SLOT_PAYLOAD).is_some());
-        assert!(again.get(&keys[2], 0, SLOT_PAYLOAD).is_some());
+        assert!(again.get(&keys[0], 0, &FULL).is_some());
+        assert!(again.get(&keys[2], 0, &FULL).is_some());
         assert!(!dir.path().join("packed/junk").exists());
         assert!(again.used() > 0 && again.used() <= limit);
     }
 
     #[test]
     fn slot_headers_are_checked() {
-        let h = slot_header(1000, &[1; 10]);
+        let h = slot_header(&FULL[..1000], &[1; 10]);
         assert_eq!(
             parse_slot(&h, 1000),
             Slot::Frame {
                 len: 10,
-                crc: crc32fast::hash(&[1; 10])
+                crc: crc32fast::hash(&[1; 10]),
+                raw_crc: crc32fast::hash(&FULL[..1000]),
             }
         );
         assert_eq!(parse_slot(&h, 999), Slot::Wrong);
@@ -505,6 +563,9 @@ mod tests {
         bad[0] = b'X';
         assert_eq!(parse_slot(&bad, 1000), Slot::Wrong);
         // A payload as long as the chunk is not a packed frame.
-        assert_eq!(parse_slot(&slot_header(10, &[1; 10]), 10), Slot::Wrong);
+        assert_eq!(
+            parse_slot(&slot_header(&FULL[..10], &[1; 10]), 10),
+            Slot::Wrong
+        );
     }
 }
