@@ -51,7 +51,8 @@
 //! `SMALL_PER_PEER` [30], `LARGE_COUNT` [4], `LARGE_MIB` [64], `ROUNDS` [3],
 //! `BIG_MIB` [1024] (the throughput NAR), `CORPUS` [noise] (what the
 //! closure's files and the throughput NAR hold: `noise`, random bytes, or
-//! `real`, this machine's libraries and binaries), `SHAPE_MBIT` [1000] (0: no shaped
+//! `real`, this machine's libraries and binaries; in the stripes part also
+//! `tree`, small random files), `SHAPE_MBIT` [1000] (0: no shaped
 //! runs), `LAN_MTU` [1500] (every link's MTU; 9000: jumbo frames), `DELAYS_US` [250,2000] (one-way delays of the slow-LAN closure
 //! runs; empty: none), `MEM_MIBS` [256,1024,4096] (empty: no memory check), `NIX_EXTRA`
 //! (more nix.conf lines for the closure client, e.g. `max-jobs = 8`),

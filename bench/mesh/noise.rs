@@ -25,6 +25,31 @@ pub(crate) fn write_noise(path: &Path, size: u64, seed: u64) {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
+/// A tree of small random files, about `size` bytes in all: 4 to 16 KiB
+/// each, 256 to a directory (`CORPUS=tree`: what walking a tree costs per
+/// file, which one large file does not show).
+pub(crate) fn write_small_tree(dir: &Path, size: u64, seed: u64) {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut total = 0u64;
+    let mut n = 0u64;
+    while total < size {
+        let sub = dir.join(format!("d{:03}", n / 256));
+        if n % 256 == 0 {
+            fs::create_dir_all(&sub).unwrap_or_else(|e| panic!("mkdir {}: {e}", sub.display()));
+        }
+        let len = 4096 + xorshift(&mut state) % (12 * 1024);
+        let bytes: Vec<u8> = (0..len.div_ceil(8))
+            .flat_map(|_| xorshift(&mut state).to_le_bytes())
+            .take(len as usize)
+            .collect();
+        let path = sub.join(format!("f{n}"));
+        fs::write(&path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        total += len;
+        n += 1;
+    }
+    eprintln!("small tree: {n} files, {} MiB", total / MIB);
+}
+
 pub(crate) fn xorshift(state: &mut u64) -> u64 {
     let mut x = *state;
     x ^= x << 13;

@@ -19,6 +19,7 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
     let file = holders[0].dir().join("bench/striped");
     match s.corpus.as_str() {
         "real" => copy_real_files(&file, s.big_mib * MIB),
+        "tree" => write_small_tree(&file, s.big_mib * MIB, 11),
         _ => write_noise(&file, s.big_mib * MIB, 11),
     }
     let add = ["nix-store", "--add", &file.display().to_string()].map(String::from);
