@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{wait_until, AgentHandle, Lan};
+use crate::harness::{wait_until, AgentHandle, Host, Lan};
 use crate::office::*;
 
 const LARGE: u64 = 24 << 20;
@@ -224,6 +224,23 @@ fn binaries(len: usize) -> Vec<u8> {
     out
 }
 
+/// A path of `LARGE` bytes of the machine's binaries on `holder`, signed
+/// by a key the `askers`' Nix trusts, whose substituter is their agent.
+fn binaries_on(holder: &Host, askers: &[&Host]) -> String {
+    let office = askers[0].generate_key("office-1");
+    let files = holder.dir().join("files");
+    std::fs::create_dir_all(&files).expect("files dir");
+    let lib = files.join("libraries.bin");
+    std::fs::write(&lib, binaries(LARGE as usize)).expect("write the binaries");
+    let path = add_paths(holder, &[lib]).remove(0);
+    holder.configure_nix(&nix_conf("", &[&office.public]));
+    holder.sign(&[&path], &office.secret_file);
+    for asker in askers {
+        asker.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
+    }
+    path
+}
+
 /// Version 6: a holder that packs chunks for an asker of version 6 starts
 /// with LZ4 (and keeps it where that carries the most NAR per second), and
 /// an asker held at version 5 gets zstd only; both get the path intact.
@@ -232,17 +249,7 @@ fn binaries(len: usize) -> Vec<u8> {
 fn an_asker_of_version_6_gets_lz4_chunks_and_one_of_version_5_zstd_only() {
     let lan = Lan::new(3);
     let (new, holder, old) = (lan.host(0), lan.host(1), lan.host(2));
-    let office = new.generate_key("office-1");
-    let files = holder.dir().join("files");
-    std::fs::create_dir_all(&files).expect("files dir");
-    let lib = files.join("libraries.bin");
-    std::fs::write(&lib, binaries(LARGE as usize)).expect("write the binaries");
-    let paths = add_paths(holder, &[lib]);
-    holder.configure_nix(&nix_conf("", &[&office.public]));
-    holder.sign(&[&paths[0]], &office.secret_file);
-    for client in [new, old] {
-        client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
-    }
+    let path = binaries_on(holder, &[new, old]);
     let agent_h = holder.start_agent("");
     // The askers share nothing, so each gets the path from H.
     let asker = "[share]\ntrusted_keys = []\n";
@@ -251,8 +258,8 @@ fn an_asker_of_version_6_gets_lz4_chunks_and_one_of_version_5_zstd_only() {
     wait_all_alive(&[(new, &agent_new), (holder, &agent_h), (old, &agent_old)]);
 
     for (client, agent, name) in [(new, &agent_new, "h0"), (old, &agent_old, "h2")] {
-        realise(client, &[&paths[0]]);
-        assert_verified(client, &paths[0]);
+        realise(client, &[&path]);
+        assert_verified(client, &path);
         assert_eq!(
             agent.peer("h1").map_or(0, |p| p.counters.bulk_fetches),
             1,
@@ -283,17 +290,7 @@ fn an_asker_of_version_6_gets_lz4_chunks_and_one_of_version_5_zstd_only() {
 fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     let lan = Lan::new(3);
     let (first, holder, second) = (lan.host(0), lan.host(1), lan.host(2));
-    let office = first.generate_key("office-1");
-    let files = holder.dir().join("files");
-    std::fs::create_dir_all(&files).expect("files dir");
-    let lib = files.join("libraries.bin");
-    std::fs::write(&lib, binaries(LARGE as usize)).expect("write the binaries");
-    let path = add_paths(holder, &[lib]).remove(0);
-    holder.configure_nix(&nix_conf("", &[&office.public]));
-    holder.sign(&[&path], &office.secret_file);
-    for client in [first, second] {
-        client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
-    }
+    let path = binaries_on(holder, &[first, second]);
     let agent_h = holder.start_agent("");
     // The askers share nothing, so each gets the path from H, every chunk
     // packed with zstd at level 1.

@@ -377,10 +377,14 @@ pub async fn run(
     };
     let mut metrics = Registry::default();
     if let Some(cache) = &nar_cache {
-        cache.stats.register(&mut metrics);
+        cache
+            .stats
+            .register(&mut metrics, crate::store::nar_cache::METRICS);
     }
     if let Some(frames) = &packed {
-        frames.stats.register(&mut metrics);
+        frames
+            .stats
+            .register(&mut metrics, crate::store::packed_frames::METRICS);
     }
     if let Some(sub) = &substituter {
         sub.resolver().stats.register(&mut metrics);

@@ -490,7 +490,10 @@ impl PeerServer {
         )
         .await?;
         let stream = take_bytes(self.shared.nar(info.clone(), offset, end), end - offset);
-        let slots = ChunkSlots { info, at: offset };
+        let slots = ChunkSlots {
+            info: Arc::new(info),
+            at: offset,
+        };
         match framing {
             Framing::Raw => self.send_raw(node, send, stream).await,
             Framing::Chunks(packer) => {
@@ -915,7 +918,8 @@ async fn write_response<S: NarSink>(send: &mut S, resp: &Response) -> Result<(),
 /// The slots of kept zstd frames (`ServedPaths::packed_frame`) that the
 /// chunks of a NAR being sent fall in. Pure.
 struct ChunkSlots {
-    info: PathInfo,
+    /// Shared with each chunk's job on the blocking pool.
+    info: Arc<PathInfo>,
     /// The NAR offset of the next chunk.
     at: u64,
 }
@@ -982,7 +986,7 @@ mod tests {
         };
         let slots = |at: u64, chunks: &[usize]| -> Vec<Option<u64>> {
             let mut s = ChunkSlots {
-                info: info.clone(),
+                info: Arc::new(info.clone()),
                 at,
             };
             chunks.iter().map(|&n| s.next(n)).collect()

@@ -5,12 +5,80 @@
 //! is never opened between its eviction and its removal.
 
 use std::collections::HashMap;
+use std::fs::Metadata;
+use std::io;
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::time::SystemTime;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::disk_room::writable_dir;
+
+/// What `/metrics` shows of a directory of kept files: uses served from
+/// them, files (or parts) kept, files dropped as wrong, bytes on disk.
+#[derive(Default)]
+pub struct KeptStats {
+    pub served: Counter,
+    pub kept: Counter,
+    pub dropped: Counter,
+    pub bytes: Gauge<u64, AtomicU64>,
+}
+
+impl KeptStats {
+    /// Registers the four under `names`: (name, help) of served, kept,
+    /// dropped and bytes, in that order.
+    pub fn register(&self, registry: &mut Registry, names: [(&str, &str); 4]) {
+        let [served, kept, dropped, bytes] = names;
+        for ((name, help), counter) in
+            [served, kept, dropped]
+                .into_iter()
+                .zip([&self.served, &self.kept, &self.dropped])
+        {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(bytes.0, bytes.1, self.bytes.clone());
+    }
+}
 
 struct Entry {
     size: u64,
     last_used: u64,
+}
+
+/// The books of the files kept in `dir` (made if missing, and checked
+/// writable) by an earlier run, within `limit` bytes: each file named
+/// `key` + `suffix` that `size` finds whole (`Some(bytes on disk)`) is
+/// kept, the least recently modified first to go; anything else, and what
+/// is over the budget, is removed.
+pub fn reopen(
+    dir: &Path,
+    limit: u64,
+    suffix: &str,
+    size: impl Fn(&str, &Metadata) -> Option<u64>,
+) -> io::Result<DiskLru> {
+    writable_dir(dir)?;
+    let mut found = Vec::new();
+    for item in std::fs::read_dir(dir)? {
+        let item = item?;
+        let name = item.file_name().to_string_lossy().into_owned();
+        let kept = name.strip_suffix(suffix).zip(item.metadata().ok());
+        match kept.and_then(|(key, m)| Some((key, size(key, &m)?, m))) {
+            Some((key, bytes, m)) if m.is_file() && !key.is_empty() => {
+                let modified = m.modified().unwrap_or(std::time::UNIX_EPOCH);
+                found.push((modified, key.to_string(), bytes));
+            }
+            _ => {
+                let _ = std::fs::remove_file(item.path());
+            }
+        }
+    }
+    let mut lru = DiskLru::new(limit);
+    let over = lru.restore(found);
+    remove_files(dir, &over, suffix);
+    Ok(lru)
 }
 
 pub struct DiskLru {

@@ -25,14 +25,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
-
-use crate::disk_room::{disk_has_room, disk_space, writable_dir};
+use crate::disk_room::{disk_has_room, disk_space};
 use crate::lock::lock;
 use crate::nix::PathInfo;
-use crate::store::disk_lru::{remove_files, DiskLru};
+use crate::store::disk_lru::{remove_files, reopen, DiskLru, KeptStats};
 
 /// Regular files a NAR must hold to be kept.
 pub const MIN_FILES: u64 = 16;
@@ -50,44 +46,22 @@ pub fn worth_keeping(nar_size: u64, files: u64) -> bool {
     files >= MIN_FILES && nar_size / files <= MAX_MEAN_FILE
 }
 
-/// What `/metrics` shows of the cache.
-#[derive(Default)]
-pub struct NarCacheStats {
-    pub served: Counter,
-    pub kept: Counter,
-    pub dropped: Counter,
-    pub bytes: Gauge<u64, AtomicU64>,
-}
-
-impl NarCacheStats {
-    pub fn register(&self, registry: &mut Registry) {
-        let counters = [
-            (
-                "nixmesh_nar_cache_served",
-                "NARs served from their kept encoded copies",
-                &self.served,
-            ),
-            (
-                "nixmesh_nar_cache_kept",
-                "NARs of many small files kept encoded",
-                &self.kept,
-            ),
-            (
-                "nixmesh_nar_cache_dropped",
-                "Kept NARs dropped as wrong, cut short or unreadable",
-                &self.dropped,
-            ),
-        ];
-        for (name, help, counter) in counters {
-            registry.register(name, help, counter.clone());
-        }
-        registry.register(
-            "nixmesh_nar_cache_bytes",
-            "Bytes of kept NARs on disk",
-            self.bytes.clone(),
-        );
-    }
-}
+/// The cache's metrics: (name, help) of served, kept, dropped, bytes.
+pub const METRICS: [(&str, &str); 4] = [
+    (
+        "nixmesh_nar_cache_served",
+        "NARs served from their kept encoded copies",
+    ),
+    (
+        "nixmesh_nar_cache_kept",
+        "NARs of many small files kept encoded",
+    ),
+    (
+        "nixmesh_nar_cache_dropped",
+        "Kept NARs dropped as wrong, cut short or unreadable",
+    ),
+    ("nixmesh_nar_cache_bytes", "Bytes of kept NARs on disk"),
+];
 
 struct Index {
     kept: DiskLru,
@@ -104,7 +78,7 @@ impl Index {
 }
 
 pub struct NarCache {
-    pub stats: NarCacheStats,
+    pub stats: KeptStats,
     dir: PathBuf,
     limit: u64,
     index: Mutex<Index>,
@@ -116,9 +90,9 @@ fn key_of(info: &PathInfo) -> String {
     format!("{}-{}", info.nar_hash.nix32_digest(), info.nar_size)
 }
 
-/// The NAR size an entry's file name states, if it is an entry's name.
-fn entry_size(name: &str) -> Option<u64> {
-    name.strip_suffix(".nar")?.rsplit_once('-')?.1.parse().ok()
+/// The NAR size an entry's key (its file name less `.nar`) states.
+fn entry_size(key: &str) -> Option<u64> {
+    key.rsplit_once('-')?.1.parse().ok()
 }
 
 impl NarCache {
@@ -127,39 +101,17 @@ impl NarCache {
     /// modified first to go; unfinished writes and anything else are
     /// removed. Fails if `dir` cannot be written.
     pub fn open(dir: PathBuf, limit: u64) -> io::Result<Arc<Self>> {
-        writable_dir(&dir)?;
-        let mut found = Vec::new();
-        for item in std::fs::read_dir(&dir)? {
-            let item = item?;
-            let name = item.file_name().to_string_lossy().into_owned();
-            let meta = item.metadata().ok();
-            let whole = match (entry_size(&name), &meta) {
-                (Some(size), Some(m)) => {
-                    m.is_file() && m.len() == size && size <= limit / ENTRY_SHARE
-                }
-                _ => false,
-            };
-            match meta.filter(|_| whole) {
-                Some(m) => {
-                    let modified = m.modified().unwrap_or(std::time::UNIX_EPOCH);
-                    let key = name.trim_end_matches(".nar").to_string();
-                    found.push((modified, key, m.len()));
-                }
-                None => {
-                    let _ = std::fs::remove_file(item.path());
-                }
-            }
-        }
-        let mut kept = DiskLru::new(limit);
-        let over = kept.restore(found);
-        remove_files(&dir, &over, ".nar");
+        let kept = reopen(&dir, limit, ".nar", |key, m| {
+            let size = entry_size(key)?;
+            (m.len() == size && size <= limit / ENTRY_SHARE).then_some(size)
+        })?;
         let index = Index {
             kept,
             writing: HashMap::new(),
             seen: HashMap::new(),
         };
         let cache = Arc::new(Self {
-            stats: NarCacheStats::default(),
+            stats: KeptStats::default(),
             dir,
             limit,
             index: Mutex::new(index),

@@ -460,6 +460,20 @@ mod tests {
         read_past: u64,
     }
 
+    impl FromOffset {
+        /// What encoding `root` from `from` on hands over.
+        fn encode(root: &Path, from: u64) -> Self {
+            let mut sink = FromOffset {
+                from,
+                seen: 0,
+                out: Vec::new(),
+                read_past: 0,
+            };
+            encode(root, &mut sink).unwrap();
+            sink
+        }
+    }
+
     impl NarSink for FromOffset {
         fn chunk(&mut self, chunk: Bytes) -> io::Result<()> {
             let start = self.seen;
@@ -490,13 +504,7 @@ mod tests {
         encode(&root, &mut whole).unwrap();
         let n = whole.len() as u64;
         for from in [0, 100, CHUNK as u64 + 7, n / 2, n - 3, n] {
-            let mut sink = FromOffset {
-                from,
-                seen: 0,
-                out: Vec::new(),
-                read_past: 0,
-            };
-            encode(&root, &mut sink).unwrap();
+            let sink = FromOffset::encode(&root, from);
             assert_eq!(sink.out, &whole[from as usize..], "from {from}");
             // Whole files before the offset were never handed over.
             if from >= n / 2 {
@@ -530,13 +538,7 @@ mod tests {
         encode(&root, &mut whole).unwrap();
         let n = whole.len() as u64;
         for from in [1, 77, n / 3, n / 2 + 5, n - 1, n] {
-            let mut sink = FromOffset {
-                from,
-                seen: 0,
-                out: Vec::new(),
-                read_past: 0,
-            };
-            encode(&root, &mut sink).unwrap();
+            let sink = FromOffset::encode(&root, from);
             assert_eq!(sink.out, &whole[from as usize..], "from {from}");
             // At most the node the offset falls in was handed over whole.
             assert!(sink.read_past < 5000, "from {from}: {}", sink.read_past);

@@ -28,17 +28,12 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
-
-use crate::disk_room::{disk_has_room, disk_space, writable_dir};
+use crate::disk_room::{disk_has_room, disk_space};
 use crate::lock::lock;
 use crate::nix::PathInfo;
-use crate::store::disk_lru::{remove_files, DiskLru};
+use crate::store::disk_lru::{remove_files, reopen, DiskLru, KeptStats};
 
 /// NAR bytes per slot: the chunk the holder packs.
 pub const SLOT_PAYLOAD: usize = 256 << 10;
@@ -127,47 +122,25 @@ impl FramesKey {
     }
 }
 
-/// What `/metrics` shows of the kept frames.
-#[derive(Default)]
-pub struct PackedStats {
-    pub served: Counter,
-    pub kept: Counter,
-    pub dropped: Counter,
-    pub bytes: Gauge<u64, AtomicU64>,
-}
-
-impl PackedStats {
-    pub fn register(&self, registry: &mut Registry) {
-        let counters = [
-            (
-                "nixmesh_packed_chunks_served",
-                "NAR chunks sent to peers as kept zstd frames, not packed again",
-                &self.served,
-            ),
-            (
-                "nixmesh_packed_chunks_kept",
-                "zstd frames of NAR chunks kept on disk",
-                &self.kept,
-            ),
-            (
-                "nixmesh_packed_files_dropped",
-                "Files of kept frames dropped as wrong or unreadable",
-                &self.dropped,
-            ),
-        ];
-        for (name, help, counter) in counters {
-            registry.register(name, help, counter.clone());
-        }
-        registry.register(
-            "nixmesh_packed_bytes",
-            "Bytes of kept zstd frames on disk",
-            self.bytes.clone(),
-        );
-    }
-}
+/// The kept frames' metrics: (name, help) of served, kept, dropped, bytes.
+pub const METRICS: [(&str, &str); 4] = [
+    (
+        "nixmesh_packed_chunks_served",
+        "NAR chunks sent to peers as kept zstd frames, not packed again",
+    ),
+    (
+        "nixmesh_packed_chunks_kept",
+        "zstd frames of NAR chunks kept on disk",
+    ),
+    (
+        "nixmesh_packed_files_dropped",
+        "Files of kept frames dropped as wrong or unreadable",
+    ),
+    ("nixmesh_packed_bytes", "Bytes of kept zstd frames on disk"),
+];
 
 pub struct PackedFrames {
-    pub stats: PackedStats,
+    pub stats: KeptStats,
     dir: PathBuf,
     index: Mutex<Index>,
 }
@@ -183,28 +156,10 @@ impl PackedFrames {
     /// left by an earlier run are kept, the least recently modified first
     /// to go; anything else is removed. Fails if `dir` cannot be written.
     pub fn open(dir: PathBuf, limit: u64) -> io::Result<Arc<Self>> {
-        writable_dir(&dir)?;
-        let mut found = Vec::new();
-        for item in std::fs::read_dir(&dir)? {
-            let item = item?;
-            let name = item.file_name().to_string_lossy().into_owned();
-            let meta = item.metadata().ok().filter(|m| m.is_file());
-            match (name.strip_suffix(SUFFIX), meta) {
-                (Some(key), Some(m)) if !key.is_empty() => {
-                    let modified = m.modified().unwrap_or(std::time::UNIX_EPOCH);
-                    // Sparse: what the disk holds, not the file's length.
-                    found.push((modified, key.to_string(), m.blocks() * 512));
-                }
-                _ => {
-                    let _ = std::fs::remove_file(item.path());
-                }
-            }
-        }
-        let mut files = DiskLru::new(limit);
-        let over = files.restore(found);
-        remove_files(&dir, &over, SUFFIX);
+        // Sparse: what the disk holds, not the files' lengths.
+        let files = reopen(&dir, limit, SUFFIX, |_, m| Some(m.blocks() * 512))?;
         let frames = Arc::new(Self {
-            stats: PackedStats::default(),
+            stats: KeptStats::default(),
             dir,
             index: Mutex::new(Index {
                 files,
