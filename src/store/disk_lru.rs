@@ -223,6 +223,27 @@ fn evictions<'k>(
     out
 }
 
+/// Makes `dir` again if it is gone (removed while the agent runs, say by
+/// hand to free the disk): the files the books count went with it, so the
+/// books start empty. True if `dir` is there now (it was, or was made).
+/// Call under the lock that guards `books`.
+pub fn remake_if_gone(dir: &Path, books: &mut DiskLru) -> bool {
+    if dir.is_dir() {
+        return true;
+    }
+    match writable_dir(dir) {
+        Ok(()) => {
+            tracing::warn!(dir = %dir.display(), dropped = books.entries.len(), "a directory of kept files was removed; made it again");
+            *books = DiskLru::new(books.limit);
+            true
+        }
+        Err(e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "cannot make a directory of kept files again");
+            false
+        }
+    }
+}
+
 /// Removes the files of `keys` from `dir`, each named `key` + `suffix`.
 pub fn remove_files(dir: &Path, keys: &[String], suffix: &str) {
     for key in keys {
@@ -270,5 +291,27 @@ mod tests {
         assert_eq!((lru.size("mid"), lru.used()), (Some(30), 30));
         assert_eq!(lru.remove("mid"), Some(30));
         assert_eq!(lru.used(), 0);
+    }
+
+    #[test]
+    fn a_removed_directory_is_made_again_with_empty_books() {
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("kept");
+        let mut lru = reopen(&dir, 100, ".f", |_, m| Some(m.len())).unwrap();
+        lru.add("a", 40);
+        assert!(remake_if_gone(&dir, &mut lru));
+        assert_eq!(lru.used(), 40, "a directory that is there keeps its books");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(remake_if_gone(&dir, &mut lru));
+        assert!(dir.is_dir());
+        assert_eq!(
+            (lru.used(), lru.limit(), lru.contains("a")),
+            (0, 100, false)
+        );
+        // Where it cannot be made (its parent is a file), it says so.
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, b"not a directory").unwrap();
+        let below = dir.join("kept");
+        assert!(!remake_if_gone(&below, &mut lru));
     }
 }

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use crate::disk_room::{disk_has_room, disk_space};
 use crate::lock::lock;
 use crate::nix::PathInfo;
-use crate::store::disk_lru::{remove_files, reopen, DiskLru, KeptStats};
+use crate::store::disk_lru::{remake_if_gone, remove_files, reopen, DiskLru, KeptStats};
 
 /// Regular files a NAR must hold to be kept.
 pub const MIN_FILES: u64 = 16;
@@ -194,7 +194,7 @@ impl NarCache {
         if lock(&self.index).seen.get(&key) != Some(&true) {
             return None;
         }
-        let (free, total) = disk_space(&self.dir)?;
+        let (free, total) = disk_space(&self.dir).or_else(|| self.remade())?;
         {
             let mut index = lock(&self.index);
             if index.kept.contains(&key) || index.writing.contains_key(&key) {
@@ -221,6 +221,16 @@ impl NarCache {
                 None
             }
         }
+    }
+
+    /// The disk's room once `dir`, if it was removed, is made again.
+    fn remade(&self) -> Option<(u64, u64)> {
+        let mut index = lock(&self.index);
+        if !remake_if_gone(&self.dir, &mut index.kept) {
+            return None;
+        }
+        self.stats.bytes.set(index.kept.used());
+        disk_space(&self.dir)
     }
 
     /// The complete, verified `temp` becomes the entry `key`.
@@ -376,6 +386,25 @@ mod tests {
         assert_eq!(cache.stats.dropped.get(), 1);
         assert_eq!(cache.stats.bytes.get(), 0);
         assert!(files_in(&dir.path().join("c")).is_empty());
+    }
+
+    #[test]
+    fn nars_are_kept_again_after_their_directory_was_removed() {
+        let (dir, cache) = scratch(64 << 20);
+        let (a, b) = (nar(3, 100_000), nar(5, 90_000));
+        let (info_a, info_b) = (info_for(&a), info_for(&b));
+        for _ in 0..2 {
+            serve(&cache, &info_a, &a, 40);
+        }
+        assert!(read_kept(&cache, &info_a).is_some());
+        std::fs::remove_dir_all(dir.path().join("c")).unwrap();
+        assert_eq!(read_kept(&cache, &info_a), None);
+        for _ in 0..2 {
+            serve(&cache, &info_b, &b, 40);
+        }
+        assert_eq!(read_kept(&cache, &info_b).as_deref(), Some(&b[..]));
+        assert_eq!(cache.used(), b.len() as u64);
+        assert_eq!(cache.stats.bytes.get(), b.len() as u64);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use crate::disk_room::{disk_has_room, disk_space};
 use crate::lock::lock;
 use crate::nix::PathInfo;
-use crate::store::disk_lru::{remove_files, reopen, DiskLru, KeptStats};
+use crate::store::disk_lru::{remake_if_gone, remove_files, reopen, DiskLru, KeptStats};
 
 /// NAR bytes per slot: the chunk the holder packs.
 pub const SLOT_PAYLOAD: usize = 256 << 10;
@@ -234,7 +234,7 @@ impl PackedFrames {
             return;
         }
         let adds = slot_bytes(payload.len());
-        let Some((free, total)) = disk_space(&self.dir) else {
+        let Some((free, total)) = disk_space(&self.dir).or_else(|| self.remade()) else {
             return;
         };
         if !disk_has_room(free, total, 0, adds) {
@@ -293,6 +293,16 @@ impl PackedFrames {
                 self.stats.bytes.set(index.files.used());
             }
         }
+    }
+
+    /// The disk's room once `dir`, if it was removed, is made again.
+    fn remade(&self) -> Option<(u64, u64)> {
+        let mut index = lock(&self.index);
+        if !remake_if_gone(&self.dir, &mut index.files) {
+            return None;
+        }
+        self.stats.bytes.set(index.files.used());
+        disk_space(&self.dir)
     }
 
     /// Drops every kept frame of `info` (a peer found its NAR wrong).
@@ -383,6 +393,21 @@ mod tests {
         assert_eq!(frames.get(&key, 0, &FULL), None);
         assert_eq!(frames.stats.dropped.get(), 1);
         assert_eq!(frames.used(), 0);
+    }
+
+    #[test]
+    fn frames_are_kept_again_after_their_directory_was_removed() {
+        let (dir, frames) = scratch(64 << 20);
+        let key = FramesKey::of(&info(9, 8 << 20), 1).unwrap();
+        frames.put(&key, 0, &FULL, &[1; 100]);
+        std::fs::remove_dir_all(dir.path().join("packed")).unwrap();
+        // What was kept went with the directory; nothing is served from it.
+        assert_eq!(frames.get(&key, 0, &FULL), None);
+        frames.put(&key, 1, &FULL, &[2; 100]);
+        assert_eq!(frames.get(&key, 1, &FULL).as_deref(), Some(&[2u8; 100][..]));
+        assert_eq!(frames.get(&key, 0, &FULL), None);
+        assert_eq!(frames.used(), BLOCK);
+        assert_eq!(frames.stats.bytes.get(), BLOCK);
     }
 
     #[test]
