@@ -385,7 +385,7 @@ fn kept_files(store: &TestStore) -> Vec<std::path::PathBuf> {
 /// twice, and later requests (whole or ranges) are answered from the kept
 /// copy. A kept copy that rots on disk goes out as it is and real Nix
 /// refuses it (as with a rotten store file); one cut short is dropped and
-/// the store serves again.
+/// the store serves again; a directory removed is made again.
 #[test]
 fn a_tree_of_small_files_is_served_from_its_kept_copy() {
     let store = TestStore::new();
@@ -446,6 +446,19 @@ fn a_tree_of_small_files_is_served_from_its_kept_copy() {
     let client = TestStore::new();
     assert!(substitute(&client, served.addr, &office.public, &[&path]));
     run_ok(client.cmd("nix-store").args(["--verify-path", &path]));
+
+    // The whole directory removed by hand while the agent runs: the store
+    // serves, and the directory is made again with the NAR kept in it.
+    std::fs::remove_dir_all(entry.parent().unwrap()).unwrap();
+    assert_eq!(get(served.addr, &url).body, dump);
+    wait_for(Duration::from_secs(5), "the NAR is kept again", || {
+        std::fs::read(&entry).is_ok_and(|b| b == dump)
+    });
+    assert!(served
+        .agent
+        .log_text()
+        .contains("a directory of kept files was removed; made it again"));
+    assert_eq!(get(served.addr, &url).body, dump);
 }
 
 /// Sixteen clients at once asking for a tree NAR that is being kept: every
