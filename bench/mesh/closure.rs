@@ -78,7 +78,7 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
             h.addr()
         )
     };
-    let _peer_agents: Vec<AgentHandle> = peers
+    let peer_agents: Vec<AgentHandle> = peers
         .iter()
         .map(|h| h.start_agent(&peer_config(h)))
         .collect();
@@ -121,7 +121,9 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
         config: &s.client_config,
     };
 
+    let mut sent = HoldersKeptFrames::read(&peer_agents);
     let unshaped = closure_rounds(s, &mut c, &nix_conf, &wanted, Some((groups, larges)));
+    notes.push(sent.since("closure, unshaped", &peer_agents));
     unshaped.rows(rows, &what, closure.len() - larges.len(), larges.len());
     notes.push(format!(
         "closure: mesh = the client's Nix with one substituter, its own agent; baseline = the same Nix \
@@ -164,6 +166,7 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
             h.shape(s.shape_mbit * 1_000_000);
         }
         let shaped = closure_rounds(s, &mut c, &nix_conf, &wanted, None);
+        notes.push(sent.since("closure, shaped", &peer_agents));
         rows.push(shaped.all.row(&format!(
             "{what}, every link {} Mbit/s: nix-store -r, s",
             s.shape_mbit
@@ -180,6 +183,7 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
     for &one_way in &s.delays_us {
         let _switch = lan.delay(Duration::from_micros(one_way));
         let slow = closure_rounds(s, &mut c, &nix_conf, &wanted, Some((groups, larges)));
+        notes.push(sent.since(&format!("closure, {one_way} us"), &peer_agents));
         let rtts: Vec<f64> = c.agent.peers().iter().filter_map(|p| p.rtt_ms).collect();
         let connect = tcp_connect_ms(client, &plain_list[0]);
         let slow_what = format!("{what}, {}", slow_label(one_way, s.shape_mbit));
@@ -200,6 +204,33 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
             slow.all.list(Side::Mesh),
             slow.all.list(Side::Plain),
         ));
+    }
+}
+
+/// The peers' agents' kept zstd frames so far (counters summed): sent in
+/// place of packing a chunk, and kept. (What each peer sent by codec is
+/// counted per asker, which the client's restarts start afresh.)
+pub(crate) struct HoldersKeptFrames([f64; 2]);
+
+impl HoldersKeptFrames {
+    const METRICS: [&'static str; 2] = [
+        "nixmesh_packed_chunks_served_total",
+        "nixmesh_packed_chunks_kept_total",
+    ];
+
+    pub(crate) fn read(agents: &[AgentHandle]) -> Self {
+        Self(Self::METRICS.map(|m| agents.iter().map(|a| a.metric(m)).sum()))
+    }
+
+    /// A note of what changed since the last reading, which it becomes.
+    pub(crate) fn since(&mut self, what: &str, agents: &[AgentHandle]) -> String {
+        let now = Self::read(agents);
+        let [sent, kept] = [0, 1].map(|i| now.0[i] - self.0[i]);
+        *self = now;
+        format!(
+            "{what}: the peers sent {sent:.0} chunks as kept zstd frames and kept {kept:.0} \
+             (256 KiB of NAR each)."
+        )
     }
 }
 
