@@ -234,6 +234,20 @@ impl HoldersKeptFrames {
     }
 }
 
+/// With `BENCH_LOGS=<dir>`, the log of the client agent about to be
+/// stopped is copied there (`001.log`, ...), one per realisation: each
+/// path it substituted, when, from whom and in how many ms.
+fn keep_log(agent: &AgentHandle) {
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Some(dir) = std::env::var_os("BENCH_LOGS") else {
+        return;
+    };
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let to = Path::new(&dir).join(format!("{n:03}.log"));
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {dir:?}: {e}"));
+    fs::copy(agent.log_path(), &to).unwrap_or_else(|e| panic!("copy to {}: {e}", to.display()));
+}
+
 /// The client host of the closure runs, its agent and what it fetches.
 pub(crate) struct Client<'a> {
     host: &'a Host,
@@ -284,6 +298,7 @@ impl Client<'_> {
             fs::remove_dir_all(&cache).unwrap_or_else(|e| panic!("rm {}: {e}", cache.display()));
         }
         client.configure_nix(nix_conf);
+        keep_log(self.agent);
         self.agent.stop();
         *self.agent = client.start_agent(self.config);
         wait_sees_peers(self.agent, self.peers);
