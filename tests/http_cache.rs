@@ -459,6 +459,9 @@ fn a_tree_of_small_files_is_served_from_its_kept_copy() {
         .log_text()
         .contains("a directory of kept files was removed; made it again"));
     assert_eq!(get(served.addr, &url).body, dump);
+    let client = TestStore::new();
+    assert!(substitute(&client, served.addr, &office.public, &[&path]));
+    run_ok(client.cmd("nix-store").args(["--verify-path", &path]));
 }
 
 /// Sixteen clients at once asking for a tree NAR that is being kept: every

@@ -205,6 +205,8 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
             slow.all.list(Side::Plain),
         ));
     }
+    // The last realisation's, which no reset copied.
+    keep_log(c.agent);
 }
 
 /// The peers' agents' kept zstd frames so far (counters summed): sent in
@@ -218,8 +220,9 @@ impl HoldersKeptFrames {
         "nixmesh_packed_chunks_kept_total",
     ];
 
+    /// (0 where kept frames are off: the agent shows no such metric.)
     pub(crate) fn read(agents: &[AgentHandle]) -> Self {
-        Self(Self::METRICS.map(|m| agents.iter().map(|a| a.metric(m)).sum()))
+        Self(Self::METRICS.map(|m| agents.iter().filter_map(|a| a.metric_opt(m)).sum()))
     }
 
     /// A note of what changed since the last reading, which it becomes.
@@ -228,16 +231,19 @@ impl HoldersKeptFrames {
         let [sent, kept] = [0, 1].map(|i| now.0[i] - self.0[i]);
         *self = now;
         format!(
-            "{what}: the peers sent {sent:.0} chunks as kept zstd frames and kept {kept:.0} \
-             (256 KiB of NAR each)."
+            "{what}: the peers read {sent:.0} chunks from their kept zstd frames to send and \
+             kept {kept:.0} (up to 256 KiB of NAR each)."
         )
     }
 }
 
 /// With `BENCH_LOGS=<dir>`, the log of the client agent about to be
-/// stopped is copied there (`001.log`, ...), one per realisation: each
-/// path it substituted, when, from whom and in how many ms.
-fn keep_log(agent: &AgentHandle) {
+/// stopped is copied there (`000.log`, `001.log`, ...): what it did since
+/// it was started, at the previous reset (the narinfo phase, or the whole
+/// closure, or the small then the large paths, or nothing for a plain
+/// side's run): each path it substituted, when, from whom and in how many
+/// ms.
+pub(crate) fn keep_log(agent: &AgentHandle) {
     static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let Some(dir) = std::env::var_os("BENCH_LOGS") else {
         return;

@@ -60,8 +60,9 @@
 //! pair parts), `PACKED_MIB` (the holders' `share.packed_mib` in the
 //! closure, pair and stripes parts; unset: the agent's default; 0: no kept
 //! zstd frames), `BENCH_LOGS` (a directory: the closure client agent's
-//! log of each realisation is copied there, with `RUST_LOG=info` a line
-//! per path substituted, `nixmesh::fetch=debug` adds each fetched ahead),
+//! log is copied there each time it restarts, `000.log` on, and once at
+//! the end; with `RUST_LOG=info` a line per path substituted,
+//! `nixmesh::fetch=debug` adds each fetched ahead),
 //! `PARTS` [closure,pair]. A quick look: `PEERS=4 SMALL_PER_PEER=10
 //! LARGE_MIB=8 BIG_MIB=64 MEM_MIBS= SHAPE_MBIT=0 ROUNDS=1`.
 //!

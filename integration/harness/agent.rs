@@ -148,15 +148,19 @@ impl AgentHandle {
 
     /// The value of the unlabelled metric `name` on the agent's `/metrics`.
     pub fn metric(&self, name: &str) -> f64 {
+        self.metric_opt(name)
+            .unwrap_or_else(|| panic!("{}: no metric {name} on /metrics", self.host))
+    }
+
+    /// The value of the unlabelled metric `name`, if the agent shows it.
+    pub fn metric_opt(&self, name: &str) -> Option<f64> {
         let url = format!("http://{}/metrics", self.config.admin.listen);
         let out = self.admin_command(&["curl", "-sSf", "--max-time", ADMIN_TIMEOUT_SECS, &url]);
         let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|line| {
-                let (key, value) = line.split_once(' ')?;
-                (key == name).then(|| value.trim().parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("{}: no metric {name} in:\n{text}", self.host))
+        text.lines().find_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            (key == name).then(|| value.trim().parse().ok())?
+        })
     }
 
     /// Runs `argv` in the agent's network namespace; panics unless it

@@ -1,8 +1,10 @@
 //! The books of a directory of files kept within a byte budget, the least
 //! recently used going first: the kept NARs (`nar_cache`) and the kept
-//! zstd frames (`packed_frames`). Pure: it says which files to drop; the
-//! caller removes them, under the same lock as these books, so that a file
-//! is never opened between its eviction and its removal.
+//! zstd frames (`packed_frames`). The books (`DiskLru`) are pure: they say
+//! which files to drop; the caller removes them, under the same lock as
+//! these books, so that a file is never opened between its eviction and
+//! its removal. The directory's own I/O is at the edges: `reopen` at start,
+//! `room_after_remaking` when it was removed while the agent runs.
 
 use std::collections::HashMap;
 use std::fs::Metadata;
@@ -15,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::disk_room::writable_dir;
+use crate::disk_room::{disk_space, writable_dir};
 
 /// What `/metrics` shows of a directory of kept files: uses served from
 /// them, files (or parts) kept, files dropped as wrong, bytes on disk.
@@ -87,6 +89,7 @@ pub struct DiskLru {
     limit: u64,
     /// Counts uses: an entry's `last_used` is a reading.
     clock: u64,
+    generation: u64,
 }
 
 impl DiskLru {
@@ -96,6 +99,7 @@ impl DiskLru {
             used: 0,
             limit,
             clock: 0,
+            generation: 0,
         }
     }
 
@@ -112,6 +116,19 @@ impl DiskLru {
 
     pub fn used(&self) -> u64 {
         self.used
+    }
+
+    /// Forgets every entry (their files are gone), and counts the clearing:
+    /// a write begun before it must not undo its share from the new books.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.used = 0;
+        self.generation += 1;
+    }
+
+    /// How many times the books were cleared.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn limit(&self) -> u64 {
@@ -223,25 +240,27 @@ fn evictions<'k>(
     out
 }
 
-/// Makes `dir` again if it is gone (removed while the agent runs, say by
-/// hand to free the disk): the files the books count went with it, so the
-/// books start empty. True if `dir` is there now (it was, or was made).
-/// Call under the lock that guards `books`.
-pub fn remake_if_gone(dir: &Path, books: &mut DiskLru) -> bool {
-    if dir.is_dir() {
-        return true;
-    }
-    match writable_dir(dir) {
-        Ok(()) => {
-            tracing::warn!(dir = %dir.display(), dropped = books.entries.len(), "a directory of kept files was removed; made it again");
-            *books = DiskLru::new(books.limit);
-            true
-        }
-        Err(e) => {
+/// (free, total) bytes of the disk holding `dir`, once `dir`, if it was
+/// removed (say by hand, to free the disk), is made again: the files the
+/// books count went with it, so they are cleared and `stats.bytes` follows.
+/// `None` if `dir` cannot be made. Takes the lock that guards `books`.
+pub fn room_after_remaking(
+    dir: &Path,
+    books: &std::sync::Mutex<impl AsMut<DiskLru>>,
+    stats: &KeptStats,
+) -> Option<(u64, u64)> {
+    let mut guard = crate::lock::lock(books);
+    let books = guard.as_mut();
+    if !dir.is_dir() {
+        if let Err(e) = writable_dir(dir) {
             tracing::debug!(dir = %dir.display(), error = %e, "cannot make a directory of kept files again");
-            false
+            return None;
         }
+        tracing::warn!(dir = %dir.display(), dropped = books.entries.len(), "a directory of kept files was removed; made it again");
+        books.clear();
+        stats.bytes.set(books.used());
     }
+    disk_space(dir)
 }
 
 /// Removes the files of `keys` from `dir`, each named `key` + `suffix`.
@@ -294,24 +313,54 @@ mod tests {
     }
 
     #[test]
+    fn clearing_the_books_forgets_all_and_counts() {
+        let mut lru = DiskLru::new(100);
+        lru.add("a", 40);
+        lru.add("b", 20);
+        assert_eq!(lru.generation(), 0);
+        lru.clear();
+        assert_eq!((lru.used(), lru.limit(), lru.generation()), (0, 100, 1));
+        assert!(!lru.contains("a") && !lru.touch("b"));
+        assert!(lru.make_room(100, None).is_empty());
+    }
+
+    struct Books(DiskLru);
+
+    impl AsMut<DiskLru> for Books {
+        fn as_mut(&mut self) -> &mut DiskLru {
+            &mut self.0
+        }
+    }
+
+    #[test]
     fn a_removed_directory_is_made_again_with_empty_books() {
         let top = tempfile::tempdir().unwrap();
         let dir = top.path().join("kept");
-        let mut lru = reopen(&dir, 100, ".f", |_, m| Some(m.len())).unwrap();
-        lru.add("a", 40);
-        assert!(remake_if_gone(&dir, &mut lru));
-        assert_eq!(lru.used(), 40, "a directory that is there keeps its books");
-        std::fs::remove_dir_all(&dir).unwrap();
-        assert!(remake_if_gone(&dir, &mut lru));
-        assert!(dir.is_dir());
+        let books = std::sync::Mutex::new(Books(
+            reopen(&dir, 100, ".f", |_, m| Some(m.len())).unwrap(),
+        ));
+        let stats = KeptStats::default();
+        books.lock().unwrap().0.add("a", 40);
+        stats.bytes.set(40);
+        assert!(room_after_remaking(&dir, &books, &stats).is_some());
+        let used = |b: &std::sync::Mutex<Books>| b.lock().unwrap().0.used();
         assert_eq!(
-            (lru.used(), lru.limit(), lru.contains("a")),
-            (0, 100, false)
+            used(&books),
+            40,
+            "a directory that is there keeps its books"
         );
-        // Where it cannot be made (its parent is a file), it says so.
+        assert_eq!(stats.bytes.get(), 40);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(room_after_remaking(&dir, &books, &stats).is_some());
+        assert!(dir.is_dir());
+        assert_eq!((used(&books), stats.bytes.get()), (0, 0));
+        assert_eq!(books.lock().unwrap().0.generation(), 1);
+        // Where it cannot be made (its parent is a file), it says so and
+        // the books are left alone.
+        books.lock().unwrap().0.add("b", 10);
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::write(&dir, b"not a directory").unwrap();
-        let below = dir.join("kept");
-        assert!(!remake_if_gone(&below, &mut lru));
+        assert!(room_after_remaking(&dir.join("kept"), &books, &stats).is_none());
+        assert_eq!(used(&books), 10);
     }
 }

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use crate::disk_room::{disk_has_room, disk_space};
 use crate::lock::lock;
 use crate::nix::PathInfo;
-use crate::store::disk_lru::{remake_if_gone, remove_files, reopen, DiskLru, KeptStats};
+use crate::store::disk_lru::{remove_files, reopen, room_after_remaking, DiskLru, KeptStats};
 
 /// NAR bytes per slot: the chunk the holder packs.
 pub const SLOT_PAYLOAD: usize = 256 << 10;
@@ -151,6 +151,12 @@ struct Index {
     writing: HashSet<(String, u64)>,
 }
 
+impl AsMut<DiskLru> for Index {
+    fn as_mut(&mut self) -> &mut DiskLru {
+        &mut self.files
+    }
+}
+
 impl PackedFrames {
     /// The frames in `dir` (made if missing), at most `limit` bytes. Files
     /// left by an earlier run are kept, the least recently modified first
@@ -234,7 +240,9 @@ impl PackedFrames {
             return;
         }
         let adds = slot_bytes(payload.len());
-        let Some((free, total)) = disk_space(&self.dir).or_else(|| self.remade()) else {
+        let Some((free, total)) = disk_space(&self.dir)
+            .or_else(|| room_after_remaking(&self.dir, &self.index, &self.stats))
+        else {
             return;
         };
         if !disk_has_room(free, total, 0, adds) {
@@ -242,7 +250,7 @@ impl PackedFrames {
         }
         let path = self.path(key);
         let claim = (key.0.clone(), slot);
-        let file = {
+        let (file, generation) = {
             let mut index = lock(&self.index);
             let Index { files, writing } = &mut *index;
             if files.size(&key.0).unwrap_or(0) + adds > files.limit() / FILE_SHARE {
@@ -273,7 +281,7 @@ impl PackedFrames {
             files.add(&key.0, adds);
             self.stats.bytes.set(files.used());
             writing.insert(claim.clone());
-            file
+            (file, files.generation())
         };
         // The payload first: a header is never on disk before its payload
         // (and one that is, after a crash, fails its CRC).
@@ -289,20 +297,14 @@ impl PackedFrames {
             Err(e) => {
                 // The header was not written: the slot reads as empty.
                 tracing::debug!(frames = %key.0, error = %e, "cannot keep a zstd frame");
-                index.files.shrink(&key.0, adds);
-                self.stats.bytes.set(index.files.used());
+                // Books cleared since (the directory was made again) never
+                // counted this slot.
+                if index.files.generation() == generation {
+                    index.files.shrink(&key.0, adds);
+                    self.stats.bytes.set(index.files.used());
+                }
             }
         }
-    }
-
-    /// The disk's room once `dir`, if it was removed, is made again.
-    fn remade(&self) -> Option<(u64, u64)> {
-        let mut index = lock(&self.index);
-        if !remake_if_gone(&self.dir, &mut index.files) {
-            return None;
-        }
-        self.stats.bytes.set(index.files.used());
-        disk_space(&self.dir)
     }
 
     /// Drops every kept frame of `info` (a peer found its NAR wrong).
@@ -400,14 +402,17 @@ mod tests {
         let (dir, frames) = scratch(64 << 20);
         let key = FramesKey::of(&info(9, 8 << 20), 1).unwrap();
         frames.put(&key, 0, &FULL, &[1; 100]);
+        frames.put(&key, 1, &FULL, &[1; 100]);
+        assert_eq!(frames.used(), 2 * BLOCK);
         std::fs::remove_dir_all(dir.path().join("packed")).unwrap();
-        // What was kept went with the directory; nothing is served from it.
-        assert_eq!(frames.get(&key, 0, &FULL), None);
-        frames.put(&key, 1, &FULL, &[2; 100]);
-        assert_eq!(frames.get(&key, 1, &FULL).as_deref(), Some(&[2u8; 100][..]));
-        assert_eq!(frames.get(&key, 0, &FULL), None);
+        // Kept again before anything reads the frames that went: the books
+        // start over, and count only what is on disk.
+        frames.put(&key, 2, &FULL, &[2; 100]);
         assert_eq!(frames.used(), BLOCK);
         assert_eq!(frames.stats.bytes.get(), BLOCK);
+        assert_eq!(frames.get(&key, 2, &FULL).as_deref(), Some(&[2u8; 100][..]));
+        // What was kept went with the directory; nothing is served from it.
+        assert_eq!(frames.get(&key, 0, &FULL), None);
     }
 
     #[test]
