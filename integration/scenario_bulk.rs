@@ -335,7 +335,7 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     let mut bytes = std::fs::read(&file).expect("read the frames");
     bytes[16 + 100] ^= 0x20;
     std::fs::write(&file, &bytes).expect("write the frames");
-    first.run_ok(&["nix-store", "--delete", &path]);
+    first.delete_path(&path);
     drop(agent_1);
     agent_1 = first.start_agent(asker);
     wait_all_alive(&[(first, &agent_1), (holder, &agent_h)]);
@@ -368,7 +368,7 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
         std::fs::write(&file, &bytes).expect("write the frames");
     };
     put_slot_2(&other);
-    first.run_ok(&["nix-store", "--delete", &path]);
+    first.delete_path(&path);
     drop(agent_1);
     agent_1 = first.start_agent(asker);
     wait_all_alive(&[(first, &agent_1), (holder, &agent_h)]);
@@ -383,7 +383,7 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     // nothing on H can tell; the asker's NarHash can, and H, told, drops
     // its frames.
     put_slot_2(chunk_2);
-    second.run_ok(&["nix-store", "--delete", &path]);
+    second.delete_path(&path);
     drop(agent_2);
     agent_2 = second.start_agent(asker);
     wait_all_alive(&[(second, &agent_2), (holder, &agent_h)]);
@@ -407,7 +407,7 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     // (zstd or LZ4), and sends the kept frames instead but for the chunks
     // it packs to measure.
     holder.shape(50_000_000);
-    first.run_ok(&["nix-store", "--delete", &path]);
+    first.delete_path(&path);
     drop(agent_1);
     let agent_1 = first.start_agent("[share]\ntrusted_keys = []\n");
     wait_all_alive(&[(first, &agent_1), (holder, &agent_h)]);

@@ -289,7 +289,7 @@ fn a_narinfo_nix_kept_still_gets_its_upstream_file_when_a_peer_has_the_path_now(
     let mut agents = start_office(&[a, b], &key, |_| upstream_config(u, ""));
     realise(a, &[&p]);
     realise(b, &[&p]);
-    a.run_ok(&["nix-store", "--delete", &p]);
+    a.delete_path(&p);
     // A's agent restarts (an upgrade, a reboot): what it remembered of P
     // is gone, Nix's narinfo is not. B holds P now: the agent's race finds
     // B, not the upstream.

@@ -188,7 +188,7 @@ fn a_rotten_kept_copy_is_dropped_when_a_peer_reports_it() {
     // B takes the path twice: A serves it whole twice and keeps it.
     realise(b, &[&path]);
     assert!(kept().is_empty(), "kept after one serve: {:?}", kept());
-    b.run_ok(&["nix-store", "--delete", &path]);
+    b.delete_path(&path);
     realise(b, &[&path]);
     wait_until(Duration::from_secs(5), "A keeps the NAR", || {
         kept()
@@ -202,7 +202,7 @@ fn a_rotten_kept_copy_is_dropped_when_a_peer_reports_it() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x10;
     std::fs::write(&entry, &bytes).expect("write the kept copy");
-    b.run_ok(&["nix-store", "--delete", &path]);
+    b.delete_path(&path);
     drop(agent_b);
     agent_b = b.start_agent("");
     wait_all_alive(&[(a, &agent_a), (b, &agent_b)]);

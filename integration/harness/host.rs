@@ -28,6 +28,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest a nix-daemon may take to answer after it starts.
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(20);
+/// How long `delete_path` waits for another host's process to close its
+/// copy of the same store path.
+const DELETE_WITHIN: Duration = Duration::from_secs(10);
 
 pub(super) const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -177,6 +180,30 @@ impl Host {
             );
         }
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Deletes `path` from this host's store; panics unless it goes within
+    /// `DELETE_WITHIN`. Nix's garbage collector keeps a path that any
+    /// process on the machine has open under that name, and every test
+    /// host's store is at `/nix/store` in its own mount namespace: another
+    /// host's agent or daemon still reading its own copy of the same path
+    /// (a NAR it just served) keeps this one alive for a moment.
+    pub fn delete_path(&self, path: &str) {
+        let started = std::time::Instant::now();
+        loop {
+            let out = self.run(&["nix-store", "--delete", path]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                return;
+            }
+            if !stderr.contains("since it is still alive") || started.elapsed() > DELETE_WITHIN {
+                panic!(
+                    "on {}: `nix-store --delete {path}` failed ({}):\n{stderr}",
+                    self.name, out.status
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Sets this host's nix.conf to the harness defaults followed by
