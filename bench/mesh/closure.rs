@@ -295,9 +295,7 @@ impl Client<'_> {
             .filter(|p| client.real_path(p).symlink_metadata().is_ok())
             .collect();
         if !present.is_empty() {
-            let mut argv = vec!["nix-store", "--delete"];
-            argv.extend(&present);
-            long_ok(client, &argv);
+            client.delete_paths(&present);
         }
         let cache = client.dir().join("home/.cache");
         if cache.exists() {

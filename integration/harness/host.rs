@@ -182,24 +182,33 @@ impl Host {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Deletes `path` from this host's store; panics unless it goes within
-    /// `DELETE_WITHIN`. Nix's garbage collector keeps a path that any
-    /// process on the machine has open under that name, and every test
+    /// Deletes `path` from this host's store (see `delete_paths`).
+    pub fn delete_path(&self, path: &str) {
+        self.delete_paths(&[path]);
+    }
+
+    /// Deletes `paths` from this host's store; panics unless they go
+    /// within `DELETE_WITHIN`. Nix's garbage collector keeps a path that
+    /// any process on the machine has open under that name, and every test
     /// host's store is at `/nix/store` in its own mount namespace: another
     /// host's agent or daemon still reading its own copy of the same path
     /// (a NAR it just served) keeps this one alive for a moment.
-    pub fn delete_path(&self, path: &str) {
+    pub fn delete_paths(&self, paths: &[&str]) {
+        let mut argv = vec!["nix-store", "--delete"];
+        argv.extend_from_slice(paths);
         let started = std::time::Instant::now();
         loop {
-            let out = self.run(&["nix-store", "--delete", path]);
+            let out = self.run(&argv);
             let stderr = String::from_utf8_lossy(&out.stderr);
             if out.status.success() {
                 return;
             }
             if !stderr.contains("since it is still alive") || started.elapsed() > DELETE_WITHIN {
                 panic!(
-                    "on {}: `nix-store --delete {path}` failed ({}):\n{stderr}",
-                    self.name, out.status
+                    "on {}: `{}` failed ({}):\n{stderr}",
+                    self.name,
+                    argv.join(" "),
+                    out.status
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
