@@ -283,6 +283,25 @@ fn an_asker_of_version_6_gets_lz4_chunks_and_one_of_version_5_zstd_only() {
 
 /// A holder keeps the zstd frames it packed (`store::packed_frames`): the
 /// next asker of the same NAR gets them without the holder packing again.
+/// `host` as new for its next fetch of `path`: the path gone from its
+/// store (if there) and its agent restarted with `config` (no memo, no
+/// quarantine), seeing `holder` again.
+fn afresh(
+    host: &Host,
+    agent: AgentHandle,
+    config: &str,
+    path: &str,
+    holder: (&Host, &AgentHandle),
+) -> AgentHandle {
+    if host.has_path(path) {
+        host.delete_path(path);
+    }
+    drop(agent);
+    let agent = host.start_agent(config);
+    wait_all_alive(&[(host, &agent), holder]);
+    agent
+}
+
 /// A kept frame that rots fails its CRC and is packed afresh, costing the
 /// asker nothing; one that was kept wrong (its CRC holds) fails the asker's
 /// NarHash, and the holder, told, drops its frames.
@@ -335,10 +354,7 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     let mut bytes = std::fs::read(&file).expect("read the frames");
     bytes[16 + 100] ^= 0x20;
     std::fs::write(&file, &bytes).expect("write the frames");
-    first.delete_path(&path);
-    drop(agent_1);
-    agent_1 = first.start_agent(asker);
-    wait_all_alive(&[(first, &agent_1), (holder, &agent_h)]);
+    agent_1 = afresh(first, agent_1, asker, &path, (holder, &agent_h));
     realise(first, &[&path]);
     assert_verified(first, &path);
     assert!(agent_h.log().contains("kept zstd frames are unreadable"));
@@ -368,10 +384,7 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
         std::fs::write(&file, &bytes).expect("write the frames");
     };
     put_slot_2(&other);
-    first.delete_path(&path);
-    drop(agent_1);
-    agent_1 = first.start_agent(asker);
-    wait_all_alive(&[(first, &agent_1), (holder, &agent_h)]);
+    agent_1 = afresh(first, agent_1, asker, &path, (holder, &agent_h));
     realise(first, &[&path]);
     assert_verified(first, &path);
     assert!(agent_h
@@ -383,10 +396,7 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     // nothing on H can tell; the asker's NarHash can, and H, told, drops
     // its frames.
     put_slot_2(chunk_2);
-    second.delete_path(&path);
-    drop(agent_2);
-    agent_2 = second.start_agent(asker);
-    wait_all_alive(&[(second, &agent_2), (holder, &agent_h)]);
+    agent_2 = afresh(second, agent_2, asker, &path, (holder, &agent_h));
     let stderr = realise_fails(second, &[&path]);
     eprintln!("a wrong kept frame:\n{stderr}");
     assert!(!second.has_path(&path), "a wrong {path} is valid on h2");
@@ -397,9 +407,7 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     assert_eq!(frames_file(), None, "H keeps the wrong frames");
 
     // h2 afresh (its quarantine gone): packed from H's store again.
-    drop(agent_2);
-    let agent_2 = second.start_agent(asker);
-    wait_all_alive(&[(second, &agent_2), (holder, &agent_h)]);
+    let _agent_2 = afresh(second, agent_2, asker, &path, (holder, &agent_h));
     realise(second, &[&path]);
     assert_verified(second, &path);
 
@@ -407,10 +415,8 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     // (zstd or LZ4), and sends the kept frames instead but for the chunks
     // it packs to measure.
     holder.shape(50_000_000);
-    first.delete_path(&path);
-    drop(agent_1);
-    let agent_1 = first.start_agent("[share]\ntrusted_keys = []\n");
-    wait_all_alive(&[(first, &agent_1), (holder, &agent_h)]);
+    let adaptive = "[share]\ntrusted_keys = []\n";
+    let _agent_1 = afresh(first, agent_1, adaptive, &path, (holder, &agent_h));
     let before = served();
     realise(first, &[&path]);
     assert_verified(first, &path);

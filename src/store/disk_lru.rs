@@ -243,14 +243,12 @@ fn evictions<'k>(
 /// (free, total) bytes of the disk holding `dir`, once `dir`, if it was
 /// removed (say by hand, to free the disk), is made again: the files the
 /// books count went with it, so they are cleared and `stats.bytes` follows.
-/// `None` if `dir` cannot be made. Takes the lock that guards `books`.
+/// `None` if `dir` cannot be made. Call with the books' lock held.
 pub fn room_after_remaking(
     dir: &Path,
-    books: &std::sync::Mutex<impl AsMut<DiskLru>>,
+    books: &mut DiskLru,
     stats: &KeptStats,
 ) -> Option<(u64, u64)> {
-    let mut guard = crate::lock::lock(books);
-    let books = guard.as_mut();
     if !dir.is_dir() {
         if let Err(e) = writable_dir(dir) {
             tracing::debug!(dir = %dir.display(), error = %e, "cannot make a directory of kept files again");
@@ -324,43 +322,32 @@ mod tests {
         assert!(lru.make_room(100, None).is_empty());
     }
 
-    struct Books(DiskLru);
-
-    impl AsMut<DiskLru> for Books {
-        fn as_mut(&mut self) -> &mut DiskLru {
-            &mut self.0
-        }
-    }
-
     #[test]
     fn a_removed_directory_is_made_again_with_empty_books() {
         let top = tempfile::tempdir().unwrap();
         let dir = top.path().join("kept");
-        let books = std::sync::Mutex::new(Books(
-            reopen(&dir, 100, ".f", |_, m| Some(m.len())).unwrap(),
-        ));
+        let mut books = reopen(&dir, 100, ".f", |_, m| Some(m.len())).unwrap();
         let stats = KeptStats::default();
-        books.lock().unwrap().0.add("a", 40);
+        books.add("a", 40);
         stats.bytes.set(40);
-        assert!(room_after_remaking(&dir, &books, &stats).is_some());
-        let used = |b: &std::sync::Mutex<Books>| b.lock().unwrap().0.used();
+        assert!(room_after_remaking(&dir, &mut books, &stats).is_some());
         assert_eq!(
-            used(&books),
+            books.used(),
             40,
             "a directory that is there keeps its books"
         );
         assert_eq!(stats.bytes.get(), 40);
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(room_after_remaking(&dir, &books, &stats).is_some());
+        assert!(room_after_remaking(&dir, &mut books, &stats).is_some());
         assert!(dir.is_dir());
-        assert_eq!((used(&books), stats.bytes.get()), (0, 0));
-        assert_eq!(books.lock().unwrap().0.generation(), 1);
+        assert_eq!((books.used(), stats.bytes.get()), (0, 0));
+        assert_eq!(books.generation(), 1);
         // Where it cannot be made (its parent is a file), it says so and
         // the books are left alone.
-        books.lock().unwrap().0.add("b", 10);
+        books.add("b", 10);
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::write(&dir, b"not a directory").unwrap();
-        assert!(room_after_remaking(&dir.join("kept"), &books, &stats).is_none());
-        assert_eq!(used(&books), 10);
+        assert!(room_after_remaking(&dir.join("kept"), &mut books, &stats).is_none());
+        assert_eq!(books.used(), 10);
     }
 }

@@ -71,12 +71,6 @@ struct Index {
     seen: HashMap<String, bool>,
 }
 
-impl AsMut<DiskLru> for Index {
-    fn as_mut(&mut self) -> &mut DiskLru {
-        &mut self.kept
-    }
-}
-
 impl Index {
     fn pending(&self) -> u64 {
         self.writing.values().sum()
@@ -201,7 +195,7 @@ impl NarCache {
             return None;
         }
         let (free, total) = disk_space(&self.dir)
-            .or_else(|| room_after_remaking(&self.dir, &self.index, &self.stats))?;
+            .or_else(|| room_after_remaking(&self.dir, &mut lock(&self.index).kept, &self.stats))?;
         {
             let mut index = lock(&self.index);
             if index.kept.contains(&key) || index.writing.contains_key(&key) {

@@ -151,12 +151,6 @@ struct Index {
     writing: HashSet<(String, u64)>,
 }
 
-impl AsMut<DiskLru> for Index {
-    fn as_mut(&mut self) -> &mut DiskLru {
-        &mut self.files
-    }
-}
-
 impl PackedFrames {
     /// The frames in `dir` (made if missing), at most `limit` bytes. Files
     /// left by an earlier run are kept, the least recently modified first
@@ -241,7 +235,7 @@ impl PackedFrames {
         }
         let adds = slot_bytes(payload.len());
         let Some((free, total)) = disk_space(&self.dir)
-            .or_else(|| room_after_remaking(&self.dir, &self.index, &self.stats))
+            .or_else(|| room_after_remaking(&self.dir, &mut lock(&self.index).files, &self.stats))
         else {
             return;
         };
