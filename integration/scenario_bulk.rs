@@ -241,6 +241,55 @@ fn binaries_on(holder: &Host, askers: &[&Host]) -> String {
     path
 }
 
+/// On a fast link a holder's pace sends most chunks raw or as LZ4, and only
+/// the zstd frames it packed are kept. Once no peer is being served, the
+/// holder packs the rest (`agent::frame_filler`), and the next asker gets
+/// every chunk that compresses as a kept frame, packed from the right
+/// bytes.
+#[test]
+fn a_holder_fills_in_the_frames_a_serve_did_not_pack() {
+    let lan = Lan::new(3);
+    let (first, holder, second) = (lan.host(0), lan.host(1), lan.host(2));
+    let path = binaries_on(holder, &[first, second]);
+    let agent_h = holder.start_agent("");
+    // The askers share nothing, so each gets the path from H: the first
+    // with the default `auto`, the second asking zstd for every chunk.
+    let adaptive = "[share]\ntrusted_keys = []\n";
+    let every_chunk = "[share]\ntrusted_keys = []\n[mesh]\ncompression = 1\n";
+    let agent_1 = first.start_agent(adaptive);
+    let agent_2 = second.start_agent(every_chunk);
+    wait_all_alive(&[(first, &agent_1), (holder, &agent_h), (second, &agent_2)]);
+    let metric = |name: &str| agent_h.metric(name);
+    let chunks = LARGE.div_ceil(256 << 10) as f64;
+
+    realise(first, &[&path]);
+    assert_verified(first, &path);
+    let zstd = agent_h.peer("h0").map_or(0, |p| p.counters.served_zstd);
+    assert!(
+        zstd < LARGE * 9 / 10,
+        "unshaped, H sent h0 {zstd} of {LARGE} NAR bytes as zstd: no chunk left to fill"
+    );
+    wait_until(Duration::from_secs(60), "H fills in its frames", || {
+        metric("nixmesh_packed_chunks_filled_total") > 0.0
+            && metric("nixmesh_packed_fill_pending") == 0.0
+    });
+    let kept = metric("nixmesh_packed_chunks_kept_total");
+    assert!(
+        kept > chunks / 2.0,
+        "H keeps {kept} frames of {chunks} chunks"
+    );
+
+    let served = metric("nixmesh_packed_chunks_served_total");
+    realise(second, &[&path]);
+    assert_verified(second, &path);
+    let sent_kept = metric("nixmesh_packed_chunks_served_total") - served;
+    assert!(
+        sent_kept >= kept,
+        "H sent {sent_kept} kept frames of the {kept} it keeps"
+    );
+    assert_eq!(agent_2.metric("nixmesh_nar_verify_failures_total"), 0.0);
+}
+
 /// Version 6: a holder that packs chunks for an asker of version 6 starts
 /// with LZ4 (and keeps it where that carries the most NAR per second), and
 /// an asker held at version 5 gets zstd only; both get the path intact.
@@ -367,8 +416,9 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     let other = vec![7u8; CHUNK];
     let nar = holder.run(&["nix-store", "--dump", &path]).stdout;
     let chunk_2 = &nar[2 * CHUNK..3 * CHUNK];
-    let put_slot_2 = |packed_from: &[u8]| {
-        let file = frames_file().expect("H keeps frames");
+    // Slots are 256 KiB and one 4 KiB block apart.
+    let slot_2_at = 2 * (CHUNK + 4096);
+    let wrong_slot_2 = |packed_from: &[u8]| {
         let wrong = zstd::bulk::compress(&other, 1).expect("zstd");
         let mut slot = Vec::new();
         slot.extend_from_slice(b"NMZ1");
@@ -377,10 +427,13 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
         slot.extend_from_slice(&crc32fast::hash(&wrong).to_be_bytes());
         slot.extend_from_slice(&crc32fast::hash(packed_from).to_be_bytes());
         slot.extend_from_slice(&wrong);
+        slot
+    };
+    let put_slot_2 = |packed_from: &[u8]| {
+        let file = frames_file().expect("H keeps frames");
+        let slot = wrong_slot_2(packed_from);
         let mut bytes = std::fs::read(&file).expect("read the frames");
-        // Slots are 256 KiB and one 4 KiB block apart.
-        let at = 2 * (CHUNK + 4096);
-        bytes[at..at + slot.len()].copy_from_slice(&slot);
+        bytes[slot_2_at..slot_2_at + slot.len()].copy_from_slice(&slot);
         std::fs::write(&file, &bytes).expect("write the frames");
     };
     put_slot_2(&other);
@@ -404,7 +457,13 @@ fn a_holder_keeps_its_zstd_frames_for_the_next_asker() {
     wait_until(Duration::from_secs(10), "H checks its store copy", || {
         agent_h.log().contains("the store copy is intact")
     });
-    assert_eq!(frames_file(), None, "H keeps the wrong frames");
+    // Gone with its file (H may have packed the NAR's frames again from
+    // its intact copy since, while idle: `agent::frame_filler`).
+    let slot = wrong_slot_2(chunk_2);
+    let kept_wrong = frames_file()
+        .and_then(|f| std::fs::read(f).ok())
+        .is_some_and(|b| b.get(slot_2_at..slot_2_at + slot.len()) == Some(&slot[..]));
+    assert!(!kept_wrong, "H keeps the wrong frame");
 
     // h2 afresh (its quarantine gone): packed from H's store again.
     let _agent_2 = afresh(second, agent_2, asker, &path, (holder, &agent_h));

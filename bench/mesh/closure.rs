@@ -113,10 +113,12 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
         nar_bytes as f64 / MIB as f64,
         peers.len()
     );
+    let holders: Vec<&AgentHandle> = peer_agents.iter().collect();
     let mut c = Client {
         host: client,
         agent: &mut client_agent,
         peers: &peers,
+        holders: &holders,
         closure: &closure,
         config: &s.client_config,
     };
@@ -210,14 +212,16 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
 }
 
 /// The peers' agents' kept zstd frames so far (counters summed): sent in
-/// place of packing a chunk, and kept. (What each peer sent by codec is
-/// counted per asker, which the client's restarts start afresh.)
-pub(crate) struct HoldersKeptFrames([f64; 2]);
+/// place of packing a chunk, kept, and of those kept, packed while idle.
+/// (What each peer sent by codec is counted per asker, which the client's
+/// restarts start afresh.)
+pub(crate) struct HoldersKeptFrames([f64; 3]);
 
 impl HoldersKeptFrames {
-    const METRICS: [&'static str; 2] = [
+    const METRICS: [&'static str; 3] = [
         "nixmesh_packed_chunks_served_total",
         "nixmesh_packed_chunks_kept_total",
+        "nixmesh_packed_chunks_filled_total",
     ];
 
     /// (0 where kept frames are off: the agent shows no such metric.)
@@ -228,11 +232,11 @@ impl HoldersKeptFrames {
     /// A note of what changed since the last reading, which it becomes.
     pub(crate) fn since(&mut self, what: &str, agents: &[AgentHandle]) -> String {
         let now = Self::read(agents);
-        let [sent, kept] = [0, 1].map(|i| now.0[i] - self.0[i]);
+        let [sent, kept, filled] = [0, 1, 2].map(|i| now.0[i] - self.0[i]);
         *self = now;
         format!(
             "{what}: the peers read {sent:.0} chunks from their kept zstd frames to send and \
-             kept {kept:.0} (up to 256 KiB of NAR each)."
+             kept {kept:.0} (up to 256 KiB of NAR each), {filled:.0} of them packed while idle."
         )
     }
 }
@@ -259,6 +263,8 @@ pub(crate) struct Client<'a> {
     host: &'a Host,
     agent: &'a mut AgentHandle,
     peers: &'a [&'a Host],
+    /// The peers' agents: none may be filling in frames during a timed run.
+    holders: &'a [&'a AgentHandle],
     closure: &'a [String],
     /// The client agent's config.
     config: &'a str,
@@ -285,7 +291,8 @@ impl ClosureTimings {
 impl Client<'_> {
     /// Makes the client as new for the next run: none of the closure in
     /// its store, no narinfo disk cache, `nix_conf`, and a restarted agent
-    /// (no memo of earlier look-ups) that sees every peer again.
+    /// (no memo of earlier look-ups) that sees every peer again; the peers
+    /// done with filling in frames.
     pub(crate) fn reset(&mut self, nix_conf: &str) {
         let client = self.host;
         let present: Vec<&str> = self
@@ -306,6 +313,7 @@ impl Client<'_> {
         self.agent.stop();
         *self.agent = client.start_agent(self.config);
         wait_sees_peers(self.agent, self.peers);
+        wait_holders_idle(self.holders);
     }
 }
 

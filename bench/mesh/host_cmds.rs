@@ -23,6 +23,26 @@ pub(crate) fn wait_sees_peers(agent: &AgentHandle, peers: &[&Host]) -> Duration 
     }
 }
 
+/// Waits until no agent of `holders` has NARs waiting for their zstd
+/// frames to be packed while idle (`nixmesh_packed_fill_pending`), so that
+/// no filling runs during a timed part: it is done once per NAR, when the
+/// holder is idle. Returns how long it waited.
+pub(crate) fn wait_holders_idle(holders: &[&AgentHandle]) -> Duration {
+    let started = Instant::now();
+    let limit = Duration::from_secs(300);
+    while holders
+        .iter()
+        .any(|a| a.metric_opt("nixmesh_packed_fill_pending").unwrap_or(0.0) > 0.0)
+    {
+        assert!(
+            started.elapsed() < limit,
+            "the holders still fill in frames after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    started.elapsed()
+}
+
 /// Runs `argv` on `host` with the bench's long time limit; panics unless
 /// it succeeds. Returns stdout.
 pub(crate) fn long_ok(host: &Host, argv: &[&str]) -> String {

@@ -72,7 +72,13 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
         client_agent: agent_pid(&client_agent),
         nginx: nginx.pid(),
     };
-    throughput(s, &pair, &format!("{label}, unshaped veth"), rows);
+    throughput(
+        s,
+        &pair,
+        &server_agent,
+        &format!("{label}, unshaped veth"),
+        rows,
+    );
 
     if !s.mem_mibs.is_empty() {
         memory(
@@ -97,6 +103,7 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
         throughput(
             s,
             &pair,
+            &server_agent,
             &format!("{label}, link shaped to {} Mbit/s", s.shape_mbit),
             rows,
         );
@@ -104,7 +111,7 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
     for &one_way in &s.delays_us {
         let _switch = lan.delay(Duration::from_micros(one_way));
         let what = format!("{label}, {}", slow_label(one_way, s.shape_mbit));
-        throughput(s, &pair, &what, rows);
+        throughput(s, &pair, &server_agent, &what, rows);
     }
     nginx.stop();
     notes.push(
@@ -140,7 +147,16 @@ pub(crate) struct Pair<'a> {
     nginx: u32,
 }
 
-pub(crate) fn throughput(s: &Settings, p: &Pair, label: &str, rows: &mut Vec<Row>) {
+/// The server's agent (`holder`) may fill in kept frames while idle after a
+/// serve: each measurement waits until it has, and the CPU that took is
+/// shown apart (`fill`).
+pub(crate) fn throughput(
+    s: &Settings,
+    p: &Pair,
+    holder: &AgentHandle,
+    label: &str,
+    rows: &mut Vec<Row>,
+) {
     let (mut mesh_raw, mut nginx_raw, mut cache_raw) = (Vec::new(), Vec::new(), Vec::new());
     let (mut mesh_nix, mut nginx_nix) = (Vec::new(), Vec::new());
     // CPU seconds per GiB: server agent + client agent, nginx, server agent.
@@ -161,9 +177,19 @@ pub(crate) fn throughput(s: &Settings, p: &Pair, label: &str, rows: &mut Vec<Row
     };
     let gib = p.nar as f64 / (1024.0 * MIB as f64);
     let mbps = |t: Duration| p.nar as f64 / 1e6 / t.as_secs_f64();
+    // CPU seconds the server's agent spent while the bench waited for it
+    // to finish filling in frames.
+    let mut fill = Vec::new();
+    let idle = |fill: &mut Vec<f64>| {
+        let before = cpu_secs(&[p.server_agent]);
+        wait_holders_idle(&[holder]);
+        *fill.last_mut().expect("a round's entry") += cpu_secs(&[p.server_agent]) - before;
+    };
     for round in 0..s.rounds {
         let mesh_first = round % 2 == 0;
+        fill.push(0.0);
         for mesh_turn in [mesh_first, !mesh_first] {
+            idle(&mut fill);
             if mesh_turn {
                 // The narinfo first, as Nix does: it tells the agent where
                 // the NAR is.
@@ -196,6 +222,7 @@ pub(crate) fn throughput(s: &Settings, p: &Pair, label: &str, rows: &mut Vec<Row
                 format!("substituters = {}", p.nginx_base)
             };
             forget(p.client, &[p.big.to_string()], &conf);
+            idle(&mut fill);
             let t = timed(p.client, &["nix-store", "--realise", p.big]);
             if mesh_turn {
                 mesh_nix.push(mbps(t));
@@ -206,7 +233,8 @@ pub(crate) fn throughput(s: &Settings, p: &Pair, label: &str, rows: &mut Vec<Row
         eprintln!(
             "throughput round {round} ({label}): raw mesh {:.0} nginx {:.0} http_cache {:.0}; \
              nix-store -r mesh {:.0} nginx {:.0} MB/s; CPU s/GiB mesh {:.2} nginx {:.2} http_cache {:.2}; \
-             server sent/received per NAR byte mesh {:.3}/{:.3} nginx {:.3}/{:.3}",
+             server sent/received per NAR byte mesh {:.3}/{:.3} nginx {:.3}/{:.3}; \
+             the server's agent filling in frames between measurements {:.2} CPU-s",
             mesh_raw[round],
             nginx_raw[round],
             cache_raw[round],
@@ -219,6 +247,7 @@ pub(crate) fn throughput(s: &Settings, p: &Pair, label: &str, rows: &mut Vec<Row
             mesh_recv[round],
             nginx_sent[round],
             nginx_recv[round],
+            fill[round],
         );
     }
     forget(p.client, &[p.big.to_string()], "");

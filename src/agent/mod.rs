@@ -2,6 +2,7 @@
 //! only place that knows every part; each part knows only what it is given.
 
 pub mod activation;
+mod frame_filler;
 mod served;
 
 use std::sync::{Arc, Mutex};
@@ -172,6 +173,13 @@ pub async fn run(
         nar_cache.clone(),
         packed.clone(),
     );
+    // Kept frames a serve did not pack, packed while idle. Not fatal.
+    let filler = packed.clone().and_then(|frames| {
+        frame_filler::FrameFiller::start(shared.clone(), frames, shutdown.clone())
+            .map_err(|e| tracing::warn!(error = %e, "cannot start the frame filler; serves keep only the frames they pack"))
+            .ok()
+            .map(Arc::new)
+    });
     // The listeners, drained first at shutdown; then everything else.
     let mut tasks = tokio::task::JoinSet::new();
     let detached = TaskTracker::new();
@@ -201,7 +209,11 @@ pub async fn run(
         });
         let server = PeerServer::new(
             name.clone(),
-            Arc::new(served::Served(shared.clone(), catalog)),
+            Arc::new(served::Served {
+                shared: shared.clone(),
+                catalog,
+                filler: filler.clone(),
+            }),
             table.clone(),
             detached.clone(),
         );
@@ -385,6 +397,9 @@ pub async fn run(
         frames
             .stats
             .register(&mut metrics, crate::store::packed_frames::METRICS);
+    }
+    if let Some(filler) = &filler {
+        filler.stats().register(&mut metrics);
     }
     if let Some(sub) = &substituter {
         sub.resolver().stats.register(&mut metrics);

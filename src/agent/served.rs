@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{self, BoxStream, StreamExt};
 
+use crate::agent::frame_filler::FrameFiller;
 use crate::mesh::server::{FellBehind, NarFault, ServedPaths, SummaryChange, SummaryFeed};
 use crate::nix::{HashPart, PathInfo, Sha256Hash};
 use crate::store::catalog_watch::SharedCatalog;
@@ -18,17 +19,22 @@ use crate::store::shared::SharedStore;
 // A kept frame's slot holds one chunk as the peer server cuts them.
 const _: () = assert!(crate::store::packed_frames::SLOT_PAYLOAD == crate::mesh::nar_chunks::CHUNK);
 
-/// The shared store, and the catalog of it that peers subscribe to (none
-/// when `mesh.summaries` is off).
-pub struct Served(pub Arc<SharedStore>, pub Option<Arc<SharedCatalog>>);
+/// The shared store, the catalog of it that peers subscribe to (none when
+/// `mesh.summaries` is off), and what packs kept frames while idle (none
+/// without kept frames).
+pub struct Served {
+    pub shared: Arc<SharedStore>,
+    pub catalog: Option<Arc<SharedCatalog>>,
+    pub filler: Option<Arc<FrameFiller>>,
+}
 
 impl ServedPaths for Served {
     fn info(&self, hash: HashPart) -> Option<PathInfo> {
-        self.0.info_now(hash)
+        self.shared.info_now(hash)
     }
 
     fn have_many(self: Arc<Self>, hashes: Vec<HashPart>) -> BoxFuture<'static, Vec<bool>> {
-        Box::pin(async move { self.0.have_many(hashes).await })
+        Box::pin(async move { self.shared.have_many(hashes).await })
     }
 
     fn nar(
@@ -37,36 +43,53 @@ impl ServedPaths for Served {
         offset: u64,
         end: u64,
     ) -> BoxStream<'static, Result<Bytes, NarFault>> {
-        let rx = self.0.nar(info, offset, end).into_receiver();
-        stream::unfold(rx, |mut rx| async move {
-            let item = rx.recv().await?.map_err(|e| match e {
-                NarStreamError::Corrupt { .. } => NarFault::Corrupt,
-                _ => NarFault::Unreadable,
-            });
-            Some((item, rx))
+        let rx = self.shared.nar(info, offset, end).into_receiver();
+        let filler = self.filler.clone();
+        stream::unfold(rx, move |mut rx| {
+            let filler = filler.clone();
+            async move {
+                let item = rx.recv().await?.map_err(|e| match e {
+                    NarStreamError::Corrupt { .. } => NarFault::Corrupt,
+                    _ => NarFault::Unreadable,
+                });
+                if let Some(f) = &filler {
+                    f.busy();
+                }
+                Some((item, rx))
+            }
         })
         .boxed()
     }
 
     fn packed_frame(&self, info: &PathInfo, level: u8, slot: u64, raw: &[u8]) -> Option<Vec<u8>> {
-        let frames = self.0.packed_frames()?;
+        if let Some(f) = &self.filler {
+            f.busy();
+        }
+        let frames = self.shared.packed_frames()?;
         frames.get(&FramesKey::of(info, level)?, slot, raw)
     }
 
     fn keep_packed(&self, info: &PathInfo, level: u8, slot: u64, raw: &[u8], zstd: &[u8]) {
-        if let (Some(frames), Some(key)) = (self.0.packed_frames(), FramesKey::of(info, level)) {
+        if let (Some(frames), Some(key)) = (self.shared.packed_frames(), FramesKey::of(info, level))
+        {
             frames.put(&key, slot, raw, zstd);
         }
     }
 
+    fn fill_packed(&self, info: &PathInfo, level: u8) {
+        if let Some(f) = &self.filler {
+            f.ask(info, level);
+        }
+    }
+
     fn bad_nar(&self, hash: HashPart, nar_hash: Sha256Hash, reporter: &str) {
-        let outcome = self.0.recheck(hash.clone(), nar_hash, reporter);
+        let outcome = self.shared.recheck(hash.clone(), nar_hash, reporter);
         tracing::debug!(path = %hash, peer = reporter, ?outcome, "a peer reported a bad NAR");
     }
 
     fn summary(self: Arc<Self>) -> BoxFuture<'static, Option<SummaryFeed>> {
         Box::pin(async move {
-            let catalog = self.1.clone()?;
+            let catalog = self.catalog.clone()?;
             let sub = catalog.subscribe().await;
             let changes = stream::unfold(sub.changes, |mut rx| async move {
                 use tokio::sync::broadcast::error::RecvError;

@@ -73,6 +73,11 @@ pub trait ServedPaths: Send + Sync + 'static {
     /// Keeps a zstd payload just packed for that chunk, for the next
     /// asker. Blocking (disk).
     fn keep_packed(&self, _info: &PathInfo, _level: u8, _slot: u64, _raw: &[u8], _zstd: &[u8]) {}
+    /// A serve of `info`'s NAR found that it compresses at zstd `level`
+    /// but sent some chunks that have no kept frame (packed with LZ4, raw,
+    /// or not at all): their frames may be packed and kept while this
+    /// host is idle, for the next asker.
+    fn fill_packed(&self, _info: &PathInfo, _level: u8) {}
     /// Peer `reporter` says the NAR of `hash` it got from here did not
     /// match `nar_hash`.
     fn bad_nar(&self, hash: HashPart, nar_hash: Sha256Hash, reporter: &str);
@@ -543,6 +548,7 @@ impl PeerServer {
         }
         let mut pending = BytesMut::with_capacity(nar_chunks::CHUNK);
         let mut ended = false;
+        let mut gaps = FrameGaps::default();
         // A packed frame not yet sent (its NAR bytes, and the codec that
         // packed it smaller): it goes out while the next chunk is being
         // packed.
@@ -573,6 +579,7 @@ impl PeerServer {
                 None => (Some(Codec::Zstd), false, true),
             };
             if codec.is_none() && !pair {
+                gaps.chunk(slot, false, false);
                 if let Some((frame, m, packed)) = ready.take() {
                     self.put_frame(node, send, frame, m, packed).await?;
                 }
@@ -591,6 +598,8 @@ impl PeerServer {
                         frame: nar_chunks::zstd_frame(n as u32, &zstd, packer.lz4()),
                         packed: Some(Codec::Zstd),
                         measured: [None, None],
+                        kept: true,
+                        zstd_tried: true,
                     };
                     return (packer, made);
                 }
@@ -602,9 +611,12 @@ impl PeerServer {
                     .into_iter()
                     .flatten()
                     .find_map(|p| nar_chunks::zstd_payload(&p.frame, packer.lz4()));
+                let mut kept = false;
                 if let (Some(i), Some(zstd)) = (slot, zstd) {
                     shared.keep_packed(&info, level, i, &raw, zstd);
+                    kept = true;
                 }
+                let zstd_tried = first.tried == Some(Codec::Zstd) || second.is_some();
                 let measured = [Some(&first), second.as_ref()].map(|p| p?.measured());
                 let chosen = match second {
                     Some(s) if s.frame.len() < first.frame.len() => s,
@@ -615,6 +627,8 @@ impl PeerServer {
                     packed: chosen.tried.filter(|_| wire < n),
                     frame: chosen.frame,
                     measured,
+                    kept,
+                    zstd_tried,
                 };
                 (packer, made)
             });
@@ -623,6 +637,7 @@ impl PeerServer {
             }
             let (back, made) = job.await.map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
             packer = back;
+            gaps.chunk(slot, made.kept, made.zstd_tried);
             if let Some(pace) = &mut pace {
                 pace.measured(n, made.measured);
             }
@@ -630,6 +645,9 @@ impl PeerServer {
         }
         if let Some((frame, m, packed)) = ready.take() {
             self.put_frame(node, send, frame, m, packed).await?;
+        }
+        if gaps.worth_filling() {
+            self.shared.fill_packed(&slots.info, packer.level());
         }
         Ok(())
     }
@@ -943,6 +961,40 @@ struct Made {
     packed: Option<Codec>,
     /// What packing it measured, for the pace (nothing for a kept frame).
     measured: [Option<(Codec, usize, f64)>; 2],
+    /// Its chunk has a kept zstd frame now (sent, or packed and kept).
+    kept: bool,
+    /// Its chunk was packed with zstd (kept or not: one that did not
+    /// shrink would not shrink when packed again).
+    zstd_tried: bool,
+}
+
+/// What one serve saw of a NAR's kept frames: whether it is worth packing
+/// the rest of them while idle. Pure.
+#[derive(Default)]
+struct FrameGaps {
+    /// Chunks with a slot that went neither as a kept frame nor packed
+    /// with zstd (raw, or LZ4).
+    gaps: u64,
+    /// Chunks that have a kept frame (the NAR compresses).
+    kept: u64,
+}
+
+impl FrameGaps {
+    /// A chunk went: in `slot` (if it has one), with a kept frame or not,
+    /// packed with zstd or not.
+    fn chunk(&mut self, slot: Option<u64>, kept: bool, zstd_tried: bool) {
+        match (slot, kept, zstd_tried) {
+            (None, _, _) => {}
+            (Some(_), true, _) => self.kept += 1,
+            (Some(_), false, false) => self.gaps += 1,
+            (Some(_), false, true) => {}
+        }
+    }
+
+    /// Some chunks have kept frames (zstd shrank them) and some do not.
+    fn worth_filling(&self) -> bool {
+        self.kept > 0 && self.gaps > 0
+    }
 }
 
 /// A chunk frame and what packing it took.
@@ -976,6 +1028,26 @@ fn timed_pack(packer: &mut Packer, raw: &[u8], codec: Option<Codec>) -> TimedPac
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nar_is_filled_where_it_compresses_and_chunks_went_unpacked() {
+        let worth = |chunks: &[(Option<u64>, bool, bool)]| {
+            let mut gaps = FrameGaps::default();
+            for &(slot, kept, tried) in chunks {
+                gaps.chunk(slot, kept, tried);
+            }
+            gaps.worth_filling()
+        };
+        // A kept frame, and a chunk sent raw or as LZ4.
+        assert!(worth(&[(Some(0), true, true), (Some(1), false, false)]));
+        // Every chunk kept, or the rest packed with zstd and not smaller.
+        assert!(!worth(&[(Some(0), true, true), (Some(1), true, true)]));
+        assert!(!worth(&[(Some(0), true, true), (Some(1), false, true)]));
+        // Nothing shrank: it may not compress at all.
+        assert!(!worth(&[(Some(0), false, false), (Some(1), false, true)]));
+        // Chunks off the slots (a part from an odd offset) count for nothing.
+        assert!(!worth(&[(None, true, true), (None, false, false)]));
+    }
 
     #[test]
     fn only_chunks_on_chunk_boundaries_have_slots() {

@@ -105,6 +105,20 @@ fn parse_slot(h: &[u8; SLOT_HEADER], raw_len: usize) -> Slot {
     }
 }
 
+/// What became of a frame offered to `PackedFrames::put`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Put {
+    /// Written to its slot.
+    Kept,
+    /// The slot holds a frame already, or another serve is writing it.
+    Had,
+    /// Not smaller than its chunk: not worth a slot.
+    Unfit,
+    /// No room: the budget's share for one NAR, the disk, or a write that
+    /// failed.
+    NoRoom,
+}
+
 /// The frames file of one NAR at one zstd level.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct FramesKey(String);
@@ -229,18 +243,18 @@ impl PackedFrames {
 
     /// Keeps `payload`, chunk `slot`'s zstd frame of the NAR bytes `raw`,
     /// if the slot is empty and the budget and the disk have room.
-    pub fn put(&self, key: &FramesKey, slot: u64, raw: &[u8], payload: &[u8]) {
+    pub fn put(&self, key: &FramesKey, slot: u64, raw: &[u8], payload: &[u8]) -> Put {
         if !fits(payload.len(), raw.len()) {
-            return;
+            return Put::Unfit;
         }
         let adds = slot_bytes(payload.len());
         let Some((free, total)) = disk_space(&self.dir)
             .or_else(|| room_after_remaking(&self.dir, &mut lock(&self.index).files, &self.stats))
         else {
-            return;
+            return Put::NoRoom;
         };
         if !disk_has_room(free, total, 0, adds) {
-            return;
+            return Put::NoRoom;
         }
         let path = self.path(key);
         let claim = (key.0.clone(), slot);
@@ -248,12 +262,12 @@ impl PackedFrames {
             let mut index = lock(&self.index);
             let Index { files, writing } = &mut *index;
             if files.size(&key.0).unwrap_or(0) + adds > files.limit() / FILE_SHARE {
-                return;
+                return Put::NoRoom;
             }
             // Another serve is writing this slot (the same bytes: zstd at
             // one level is deterministic).
             if writing.contains(&claim) {
-                return;
+                return Put::Had;
             }
             // Opened under the lock: eviction cannot come in between.
             let opened = OpenOptions::new()
@@ -263,12 +277,12 @@ impl PackedFrames {
                 .truncate(false)
                 .open(&path);
             let Ok(file) = opened else {
-                return;
+                return Put::NoRoom;
             };
             // Filled by an earlier serve (a chunk packed to measure is
             // packed again): nothing to add.
             if filled(&file, slot) {
-                return;
+                return Put::Had;
             }
             let gone = files.make_room(adds, Some(&key.0));
             remove_files(&self.dir, &gone, SUFFIX);
@@ -287,6 +301,7 @@ impl PackedFrames {
         match written {
             Ok(()) => {
                 self.stats.kept.inc();
+                Put::Kept
             }
             Err(e) => {
                 // The header was not written: the slot reads as empty.
@@ -297,8 +312,26 @@ impl PackedFrames {
                     index.files.shrink(&key.0, adds);
                     self.stats.bytes.set(index.files.used());
                 }
+                Put::NoRoom
             }
         }
+    }
+
+    /// The slots, of the first `slots`, that hold no frame (or are being
+    /// written): a NAR's chunks no serve has kept. Reads the headers only,
+    /// and is not a serve (the file's place in the budget stays).
+    pub fn missing(&self, key: &FramesKey, slots: u64) -> Vec<u64> {
+        let file = {
+            let index = lock(&self.index);
+            if index.files.size(&key.0).is_none() {
+                return (0..slots).collect();
+            }
+            File::open(self.path(key))
+        };
+        let Ok(file) = file else {
+            return (0..slots).collect();
+        };
+        (0..slots).filter(|&slot| !filled(&file, slot)).collect()
     }
 
     /// Drops every kept frame of `info` (a peer found its NAR wrong).
@@ -413,13 +446,37 @@ mod tests {
     fn a_slot_is_counted_once_in_whole_blocks() {
         let (_dir, frames) = scratch(64 << 20);
         let key = FramesKey::of(&info(6, 8 << 20), 1).unwrap();
-        frames.put(&key, 0, &FULL, &[1; 100]);
+        assert_eq!(frames.put(&key, 0, &FULL, &[1; 100]), Put::Kept);
         assert_eq!(frames.used(), BLOCK);
         // Kept again (a chunk packed to measure): nothing more.
-        frames.put(&key, 0, &FULL, &[1; 100]);
-        frames.put(&key, 1, &FULL, &[2; 5000]);
+        assert_eq!(frames.put(&key, 0, &FULL, &[1; 100]), Put::Had);
+        assert_eq!(frames.put(&key, 1, &FULL, &[2; 5000]), Put::Kept);
         assert_eq!(frames.used(), 3 * BLOCK);
         assert_eq!(frames.stats.kept.get(), 2);
+    }
+
+    #[test]
+    fn missing_slots_are_those_no_serve_kept() {
+        let (_dir, frames) = scratch(64 << 20);
+        let key = FramesKey::of(&info(10, 8 << 20), 1).unwrap();
+        assert_eq!(frames.missing(&key, 4), vec![0, 1, 2, 3]);
+        frames.put(&key, 1, &FULL, &[1; 100]);
+        frames.put(&key, 3, &FULL, &[1; 100]);
+        assert_eq!(frames.missing(&key, 4), vec![0, 2]);
+        // A file shorter than the slots asked about.
+        assert_eq!(frames.missing(&key, 6), vec![0, 2, 4, 5]);
+        // Asking does not count as serving.
+        assert_eq!(frames.stats.served.get(), 0);
+    }
+
+    #[test]
+    fn a_file_past_its_share_of_the_budget_has_no_room() {
+        // Two slots' worth of budget: a file may take one.
+        let (_dir, frames) = scratch(2 * slot_bytes(100_000));
+        let key = FramesKey::of(&info(11, 8 << 20), 1).unwrap();
+        assert_eq!(frames.put(&key, 0, &FULL, &[1; 100_000]), Put::Kept);
+        assert_eq!(frames.put(&key, 1, &FULL, &[1; 100_000]), Put::NoRoom);
+        assert_eq!(frames.put(&key, 2, &FULL, &FULL), Put::Unfit);
     }
 
     #[test]
@@ -442,7 +499,7 @@ mod tests {
         let (_dir, frames) = scratch(64 << 20);
         assert_eq!(FramesKey::of(&info(1, MIN_NAR - 1), 1), None);
         let key = FramesKey::of(&info(1, MIN_NAR), 1).unwrap();
-        frames.put(&key, 0, &[7; 10], &[7; 10]);
+        assert_eq!(frames.put(&key, 0, &[7; 10], &[7; 10]), Put::Unfit);
         assert_eq!(frames.get(&key, 0, &[7; 10]), None);
         assert_eq!(frames.used(), 0);
     }
