@@ -173,8 +173,10 @@ pub async fn run(
         nar_cache.clone(),
         packed.clone(),
     );
-    // Kept frames a serve did not pack, packed while idle. Not fatal.
-    let filler = packed.clone().and_then(|frames| {
+    // Kept frames a serve to a peer did not pack, packed while idle. Not
+    // fatal.
+    let frames_for_peers = packed.clone().filter(|_| config.mesh.enable);
+    let filler = frames_for_peers.and_then(|frames| {
         frame_filler::FrameFiller::start(shared.clone(), frames, shutdown.clone())
             .map_err(|e| tracing::warn!(error = %e, "cannot start the frame filler; serves keep only the frames they pack"))
             .ok()

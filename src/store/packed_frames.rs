@@ -5,8 +5,10 @@
 //! when ten hosts of an office fetch a new closure from the hosts that
 //! have it, each holder would otherwise pack every chunk once per asker.
 //!
-//! One file per NAR and level, named by NarHash, size and level; chunk `i`
-//! (the NAR's bytes from `i * SLOT_PAYLOAD`) in slot `i` at `i * SLOT`, so
+//! One file per NAR and level asked for, named by NarHash, size and level
+//! (frames filled in while idle are packed tighter than that level: any
+//! zstd frame unpacks the same); chunk `i` (the NAR's bytes from
+//! `i * SLOT_PAYLOAD`) in slot `i` at `i * SLOT`, so
 //! the file is sparse and a slot no serve has filled reads as zeros. A
 //! slot is a header (`MAGIC`, raw length, payload length, CRC-32 of the
 //! payload, CRC-32 of the NAR bytes it was packed from) and the zstd
