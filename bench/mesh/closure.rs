@@ -125,6 +125,7 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
 
     let mut sent = HoldersKeptFrames::read(&peer_agents);
     let unshaped = closure_rounds(s, &mut c, &nix_conf, &wanted, Some((groups, larges)));
+    wait_holders_idle(&holders);
     notes.push(sent.since("closure, unshaped", &peer_agents));
     unshaped.rows(rows, &what, closure.len() - larges.len(), larges.len());
     notes.push(format!(
@@ -168,6 +169,7 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
             h.shape(s.shape_mbit * 1_000_000);
         }
         let shaped = closure_rounds(s, &mut c, &nix_conf, &wanted, None);
+        wait_holders_idle(&holders);
         notes.push(sent.since("closure, shaped", &peer_agents));
         rows.push(shaped.all.row(&format!(
             "{what}, every link {} Mbit/s: nix-store -r, s",
@@ -185,6 +187,7 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
     for &one_way in &s.delays_us {
         let _switch = lan.delay(Duration::from_micros(one_way));
         let slow = closure_rounds(s, &mut c, &nix_conf, &wanted, Some((groups, larges)));
+        wait_holders_idle(&holders);
         notes.push(sent.since(&format!("closure, {one_way} us"), &peer_agents));
         let rtts: Vec<f64> = c.agent.peers().iter().filter_map(|p| p.rtt_ms).collect();
         let connect = tcp_connect_ms(client, &plain_list[0]);

@@ -285,6 +285,13 @@ pub(crate) fn throughput(
         "nginx",
         "B/B",
     ));
+    // Not in the rows above: done once per NAR, while the holder is idle.
+    rows.push(Row {
+        what: format!("  the server's agent filling in kept frames while idle ({label}), CPU-s"),
+        mesh: format!("{:.2}", fill.iter().sum::<f64>()),
+        other: "-".to_string(),
+        ratio: "once per NAR".to_string(),
+    });
     rows.push(row(
         "  server link, bytes received per NAR byte",
         &mesh_recv,

@@ -450,6 +450,11 @@ pub async fn run(
     if let Some(m) = &mesh {
         m.close().await;
     }
+    if let Some(filler) = &filler {
+        if !filler.stopped(DRAIN_TIMEOUT).await {
+            tracing::warn!("the frame filler still runs after {DRAIN_TIMEOUT:?}; stopping anyway");
+        }
+    }
     // Relays, fetches ahead, peer streams and health checks end once the
     // mesh is closed; say so if some do not.
     detached.close();

@@ -13,7 +13,7 @@ use crate::mesh::server::{FellBehind, NarFault, ServedPaths, SummaryChange, Summ
 use crate::nix::{HashPart, PathInfo, Sha256Hash};
 use crate::store::catalog_watch::SharedCatalog;
 use crate::store::nar_stream::NarStreamError;
-use crate::store::packed_frames::FramesKey;
+use crate::store::packed_frames::{FramesKey, Put};
 use crate::store::shared::SharedStore;
 
 // A kept frame's slot holds one chunk as the peer server cuts them.
@@ -69,10 +69,12 @@ impl ServedPaths for Served {
         frames.get(&FramesKey::of(info, level)?, slot, raw)
     }
 
-    fn keep_packed(&self, info: &PathInfo, level: u8, slot: u64, raw: &[u8], zstd: &[u8]) {
-        if let (Some(frames), Some(key)) = (self.shared.packed_frames(), FramesKey::of(info, level))
-        {
-            frames.put(&key, slot, raw, zstd);
+    fn keep_packed(&self, info: &PathInfo, level: u8, slot: u64, raw: &[u8], zstd: &[u8]) -> bool {
+        match (self.shared.packed_frames(), FramesKey::of(info, level)) {
+            (Some(frames), Some(key)) => {
+                matches!(frames.put(&key, slot, raw, zstd), Put::Kept | Put::Had)
+            }
+            _ => false,
         }
     }
 

@@ -71,8 +71,17 @@ pub trait ServedPaths: Send + Sync + 'static {
         None
     }
     /// Keeps a zstd payload just packed for that chunk, for the next
-    /// asker. Blocking (disk).
-    fn keep_packed(&self, _info: &PathInfo, _level: u8, _slot: u64, _raw: &[u8], _zstd: &[u8]) {}
+    /// asker; whether the chunk has a kept frame now. Blocking (disk).
+    fn keep_packed(
+        &self,
+        _info: &PathInfo,
+        _level: u8,
+        _slot: u64,
+        _raw: &[u8],
+        _zstd: &[u8],
+    ) -> bool {
+        false
+    }
     /// A serve of `info`'s NAR found that it compresses at zstd `level`
     /// but sent some chunks that have no kept frame (packed with LZ4, raw,
     /// or not at all): their frames may be packed and kept while this
@@ -611,11 +620,10 @@ impl PeerServer {
                     .into_iter()
                     .flatten()
                     .find_map(|p| nar_chunks::zstd_payload(&p.frame, packer.lz4()));
-                let mut kept = false;
-                if let (Some(i), Some(zstd)) = (slot, zstd) {
-                    shared.keep_packed(&info, level, i, &raw, zstd);
-                    kept = true;
-                }
+                let kept = match (slot, zstd) {
+                    (Some(i), Some(zstd)) => shared.keep_packed(&info, level, i, &raw, zstd),
+                    _ => false,
+                };
                 let zstd_tried = first.tried == Some(Codec::Zstd) || second.is_some();
                 let measured = [Some(&first), second.as_ref()].map(|p| p?.measured());
                 let chosen = match second {
