@@ -297,6 +297,9 @@ impl Client<'_> {
     /// (no memo of earlier look-ups) that sees every peer again; the peers
     /// done with filling in frames.
     pub(crate) fn reset(&mut self, nix_conf: &str) {
+        // First: a holder reading its copy to fill in frames keeps the
+        // path alive for the client's collector (one machine).
+        wait_holders_idle(self.holders);
         let client = self.host;
         let present: Vec<&str> = self
             .closure
@@ -316,7 +319,6 @@ impl Client<'_> {
         self.agent.stop();
         *self.agent = client.start_agent(self.config);
         wait_sees_peers(self.agent, self.peers);
-        wait_holders_idle(self.holders);
     }
 }
 

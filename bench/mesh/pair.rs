@@ -79,6 +79,14 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
         &format!("{label}, unshaped veth"),
         rows,
     );
+    // The serving agent so far: serves, and its filling in of the NAR's
+    // kept frames while idle.
+    rows.push(Row {
+        what: format!("peak RSS, serving agent after the unshaped rounds ({label}), MiB"),
+        mesh: format!("{:.1}", vm_hwm(agent_pid(&server_agent)) as f64 / 1024.0),
+        other: "-".to_string(),
+        ratio: "serves and filling".to_string(),
+    });
 
     if !s.mem_mibs.is_empty() {
         memory(
@@ -221,8 +229,10 @@ pub(crate) fn throughput(
             } else {
                 format!("substituters = {}", p.nginx_base)
             };
-            forget(p.client, &[p.big.to_string()], &conf);
+            // Idle first: a holder reading its copy to fill in frames
+            // keeps the path alive for the client's collector (one machine).
             idle(&mut fill);
+            forget(p.client, &[p.big.to_string()], &conf);
             let t = timed(p.client, &["nix-store", "--realise", p.big]);
             if mesh_turn {
                 mesh_nix.push(mbps(t));
@@ -370,7 +380,7 @@ pub(crate) fn memory(
 pub(crate) fn forget(client: &Host, paths: &[String], nix_conf: &str) {
     for p in paths {
         if client.real_path(p).symlink_metadata().is_ok() {
-            long_ok(client, &["nix-store", "--delete", p]);
+            client.delete_path(p);
         }
     }
     let cache = client.dir().join("home/.cache");

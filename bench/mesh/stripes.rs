@@ -57,8 +57,10 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             };
             let agent = client.start_agent(&config);
             wait_sees_peers(&agent, &holders);
-            forget(client, std::slice::from_ref(&big), &conf);
+            // Idle first: a holder reading its copy to fill in frames
+            // keeps the path alive for the client's collector (one machine).
             wait_holders_idle(&agents.iter().collect::<Vec<_>>());
+            forget(client, std::slice::from_ref(&big), &conf);
             let mut pids = holder_pids.clone();
             pids.push(agent_pid(&agent));
             let cpu_before = cpu_secs(&pids);

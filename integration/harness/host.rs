@@ -192,7 +192,8 @@ impl Host {
     /// any process on the machine has open under that name, and every test
     /// host's store is at `/nix/store` in its own mount namespace: another
     /// host's agent or daemon still reading its own copy of the same path
-    /// (a NAR it just served) keeps this one alive for a moment.
+    /// (a NAR it just served, or fills in kept frames from) keeps this one
+    /// alive for a moment.
     pub fn delete_paths(&self, paths: &[&str]) {
         let mut argv = vec!["nix-store", "--delete"];
         argv.extend_from_slice(paths);
