@@ -260,6 +260,7 @@ pub(crate) fn throughput(
             fill[round],
         );
     }
+    idle(&mut fill);
     forget(p.client, &[p.big.to_string()], "");
     let row = |what: &str, mesh: &[f64], other: &[f64], other_name: &str, unit: &str| {
         let (m, o) = (median(mesh), median(other));
@@ -295,13 +296,6 @@ pub(crate) fn throughput(
         "nginx",
         "B/B",
     ));
-    // Not in the rows above: done once per NAR, while the holder is idle.
-    rows.push(Row {
-        what: format!("  the server's agent filling in kept frames while idle ({label}), CPU-s"),
-        mesh: format!("{:.2}", fill.iter().sum::<f64>()),
-        other: "-".to_string(),
-        ratio: "once per NAR".to_string(),
-    });
     rows.push(row(
         "  server link, bytes received per NAR byte",
         &mesh_recv,
@@ -309,6 +303,13 @@ pub(crate) fn throughput(
         "nginx",
         "B/B",
     ));
+    // Not in the rows above: done once per NAR, while the holder is idle.
+    rows.push(Row {
+        what: format!("  the server's agent filling in kept frames while idle ({label}), CPU-s"),
+        mesh: format!("{:.2}", fill.iter().sum::<f64>()),
+        other: "-".to_string(),
+        ratio: "once per NAR".to_string(),
+    });
 }
 
 pub(crate) fn memory(
