@@ -44,19 +44,16 @@ impl ServedPaths for Served {
         end: u64,
     ) -> BoxStream<'static, Result<Bytes, NarFault>> {
         let rx = self.shared.nar(info, offset, end).into_receiver();
-        let filler = self.filler.clone();
-        stream::unfold(rx, move |mut rx| {
-            let filler = filler.clone();
-            async move {
-                let item = rx.recv().await?.map_err(|e| match e {
-                    NarStreamError::Corrupt { .. } => NarFault::Corrupt,
-                    _ => NarFault::Unreadable,
-                });
-                if let Some(f) = &filler {
-                    f.busy();
-                }
-                Some((item, rx))
+        // The filler travels with the stream: no clone per chunk.
+        stream::unfold((rx, self.filler.clone()), |(mut rx, filler)| async move {
+            let item = rx.recv().await?.map_err(|e| match e {
+                NarStreamError::Corrupt { .. } => NarFault::Corrupt,
+                _ => NarFault::Unreadable,
+            });
+            if let Some(f) = &filler {
+                f.busy();
             }
+            Some((item, (rx, filler)))
         })
         .boxed()
     }
