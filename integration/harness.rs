@@ -25,13 +25,15 @@
 //! the next `Lan::new`. A failed test prints every agent's log first.
 //!
 //! Needs root, iproute2 (`ip`, `tc`, `ss`), util-linux (`nsenter`,
-//! `unshare`, `flock`) and Debian's `nix-bin`.
+//! `unshare`, `flock`) and Debian's `nix-bin`; for a journaled ext4 under
+//! the hosts, also `mount` (`losetup`) and e2fsprogs (`mkfs.ext4`).
 
 mod agent;
 #[path = "../tests/common/agent_process.rs"]
 mod agent_process;
 mod exec;
 mod host;
+mod journaled_fs;
 mod network;
 mod nginx;
 #[path = "../tests/common/nix_under_test.rs"]
@@ -55,6 +57,14 @@ pub struct Lan {
 }
 
 impl Lan {
+    /// Every Lan this thread builds from now on keeps its hosts' dirs
+    /// (their stores) on a journaled ext4 of its own, as a Nix user's store
+    /// would be, whatever file system the scratch dir is on (see
+    /// `journaled_fs`). For the benchmarks.
+    pub fn hosts_on_journaled_fs() {
+        journaled_fs::want();
+    }
+
     /// Builds a LAN of `n_hosts` hosts, `h0` … `h{n-1}`, each with an empty
     /// store and a running nix-daemon that knows no substituter.
     pub fn new(n_hosts: usize) -> Lan {

@@ -9,6 +9,7 @@ mod scenario_bulk;
 mod scenario_failover;
 mod scenario_fault_campaign;
 mod scenario_floods;
+mod scenario_journaled_fs;
 mod scenario_jumbo;
 mod scenario_lan;
 mod scenario_mesh;

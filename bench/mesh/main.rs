@@ -63,6 +63,11 @@
 //! log is copied there each time it restarts, `000.log` on, and once at
 //! the end; with `RUST_LOG=info` a line per path substituted,
 //! `nixmesh::fetch=debug` adds each fetched ahead),
+//! `BENCH_FS` [journaled] (where the hosts' stores live: `journaled`, an
+//! ext4 with a journal made for each LAN, as a user's store would be;
+//! `machine`, the scratch dir's own file system, which on a machine whose
+//! ext4 has no journal makes Nix's daemon search long for free inodes after
+//! every delete, see the harness's `journaled_fs`),
 //! `PARTS` [closure,pair]. A quick look: `PEERS=4 SMALL_PER_PEER=10
 //! LARGE_MIB=8 BIG_MIB=64 MEM_MIBS= SHAPE_MBIT=0 ROUNDS=1`.
 //!
@@ -220,6 +225,14 @@ fn main() {
         std::env::set_var("RUST_LOG", "info");
     }
     let s = Settings::from_env();
+    let store_fs = match std::env::var("BENCH_FS").as_deref() {
+        Ok("machine") => "the scratch dir's own file system",
+        Ok("journaled") | Err(_) => {
+            integration::harness::Lan::hosts_on_journaled_fs();
+            "a journaled ext4 per LAN"
+        }
+        Ok(other) => panic!("BENCH_FS={other:?}: `journaled` (the default) or `machine`"),
+    };
     let started = Instant::now();
     let load_before = load_average();
     let mut rows = Vec::new();
@@ -244,7 +257,7 @@ fn main() {
 
     println!();
     println!(
-        "== nixmesh mesh benchmark (Nix {}, {} peers, {} rounds, medians; took {:.0?}; load average {} -> {})",
+        "== nixmesh mesh benchmark (Nix {}, stores on {store_fs}, {} peers, {} rounds, medians; took {:.0?}; load average {} -> {})",
         integration::harness::nix_under_test::selected().version,
         s.peers,
         s.rounds,

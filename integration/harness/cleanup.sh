@@ -50,7 +50,12 @@ for link in $(ip -o link show | sed -n "s/^[0-9]*: \($run\(br\|v[0-9][0-9]*\)\)[
 done
 
 # The bind mounts live only in the hosts' private mount namespaces, gone with
-# their processes; --one-file-system guards against anything else.
+# their processes. A run whose hosts had a journaled ext4 of their own
+# (journaled_fs.rs) has it mounted on "$dir/hosts"; its loop device detaches
+# itself once it is unmounted. --one-file-system guards against anything else.
+if [ -n "$dir" ] && mountpoint -q "$dir/hosts" 2>/dev/null; then
+	umount -l "$dir/hosts" || echo "cleanup: cannot unmount $dir/hosts" >&2
+fi
 if [ -n "$dir" ] && [ -d "$dir" ]; then
 	rm -rf --one-file-system "$dir" || echo "cleanup: cannot remove $dir" >&2
 fi

@@ -90,7 +90,7 @@ impl Host {
     /// daemon if `with_daemon`.
     pub(super) fn start(run: &Run, index: usize, with_daemon: bool) -> Host {
         let name = format!("h{index}");
-        let dir = run.dir.join(&name);
+        let dir = run.hosts_dir.join(&name);
         for sub in ["nix", "etc-nix", "home", "tmp", "files", "keys", "nixmesh"] {
             let d = dir.join(sub);
             fs::create_dir_all(&d).unwrap_or_else(|e| panic!("cannot create {}: {e}", d.display()));

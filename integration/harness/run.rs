@@ -19,6 +19,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::exec::ProcessId;
+use super::journaled_fs;
 
 const PREFIX: &str = "nmt";
 /// The harness's address range, used for nothing else: `10.233.0.0/16`.
@@ -30,6 +31,9 @@ pub struct Run {
     pub name: String,
     subnet: u8,
     pub dir: PathBuf,
+    /// Where the hosts' dirs go: `dir`, or the journaled ext4 mounted in it
+    /// (`journaled_fs`).
+    pub hosts_dir: PathBuf,
     watchdog: Child,
     /// Closing this starts the cleanup.
     watchdog_stdin: Option<ChildStdin>,
@@ -74,9 +78,10 @@ impl Run {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start the cleanup watchdog: {e}"));
         let watchdog_stdin = watchdog.stdin.take();
-        let run = Run {
+        let mut run = Run {
             name,
             subnet,
+            hosts_dir: dir.clone(),
             dir,
             watchdog,
             watchdog_stdin,
@@ -91,6 +96,8 @@ impl Run {
         let owner = run.dir.join(OWNER_FILE);
         std::fs::write(&owner, owners.join("\n") + "\n")
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", owner.display()));
+        // Mounted only now that the watchdog would unmount it.
+        run.hosts_dir = journaled_fs::hosts_dir(&run.dir);
         run
     }
 

@@ -1,0 +1,115 @@
+//! A journaled ext4 of its own under a run's hosts, for the benchmarks.
+//!
+//! The file system the harness's scratch dir sits on need not be what a Nix
+//! user's store sits on. An ext4 made without a journal, when it allocates an
+//! inode, skips every inode freed in the last minute (the last six minutes
+//! while their table block is dirty), reading each one's table entry to
+//! find out.
+//! A benchmark deletes a closure and fetches it again, round after round: on
+//! such a file system Nix's daemon then spends most of its CPU looking for
+//! free inodes, and the faster the substitution, the larger its share of the
+//! time. Stores on journaled file systems (ext4's default, and every other
+//! one Nix users pick) do not do this.
+//!
+//! So a run that asks for it (`Lan::hosts_on_journaled_fs`, in the thread
+//! that builds the `Lan`) gets a sparse image in its scratch dir, made into an ext4 with
+//! mkfs's defaults (a journal), attached through a loop device with direct
+//! I/O (no second copy of every page in the machine's cache) and mounted on
+//! `hosts` in the scratch dir: every host's dir, its store with it, lives
+//! there. The loop device is set to detach itself once the file system is
+//! unmounted; the run's cleanup (`cleanup.sh`) unmounts it, however the run
+//! ends, before removing the scratch dir and the image with it.
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The mount point in a run's scratch dir (`cleanup.sh` knows it too).
+pub(super) const MOUNT_DIR: &str = "hosts";
+const IMAGE: &str = "hosts.img";
+/// Left free on the machine's file system beside the sparse image.
+const SPARE: u64 = 4 << 30;
+/// The image is sparse: it only takes what is written, up to this.
+const LARGEST: u64 = 64 << 30;
+/// Below this there is no room for a benchmark's stores.
+const SMALLEST: u64 = 8 << 30;
+
+thread_local! {
+    /// Per thread, so that a test asking for it leaves the tests that run
+    /// beside it in the same process alone.
+    static WANTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Every run this thread starts from now on puts its hosts on a journaled
+/// ext4.
+pub(super) fn want() {
+    WANTED.set(true);
+}
+
+/// Where the hosts of the run whose scratch dir is `run_dir` keep their
+/// dirs: `run_dir` itself, or a journaled ext4 mounted in it if wanted.
+pub(super) fn hosts_dir(run_dir: &Path) -> PathBuf {
+    if !WANTED.get() {
+        return run_dir.to_path_buf();
+    }
+    let image = run_dir.join(IMAGE);
+    let mount_point = run_dir.join(MOUNT_DIR);
+    let size = available(run_dir).saturating_sub(SPARE).min(LARGEST);
+    assert!(
+        size >= SMALLEST,
+        "{}: {} GiB free beside {} GiB spare; the hosts' journaled ext4 needs {} GiB",
+        run_dir.display(),
+        (size + SPARE) >> 30,
+        SPARE >> 30,
+        SMALLEST >> 30
+    );
+    let file = std::fs::File::create(&image)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", image.display()));
+    file.set_len(size)
+        .unwrap_or_else(|e| panic!("cannot size {}: {e}", image.display()));
+    drop(file);
+    std::fs::create_dir(&mount_point)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", mount_point.display()));
+    // nodiscard: the file is sparse already. The inode tables are left
+    // unwritten (zeros in a sparse file), and `noinit_itable` keeps the
+    // kernel from zeroing them in the background during the measurements.
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "nodiscard,lazy_itable_init=1"])
+        .arg(&image));
+    let device = run(Command::new("losetup")
+        .args(["--find", "--show", "--direct-io=on"])
+        .arg(&image));
+    let device = device.trim();
+    run(Command::new("mount")
+        .args(["-o", "noinit_itable", device])
+        .arg(&mount_point));
+    // The device is busy (mounted), so this only marks it to detach itself
+    // when the file system is unmounted.
+    run(Command::new("losetup").args(["--detach", device]));
+    mount_point
+}
+
+/// Bytes free for unprivileged use on the file system holding `dir`.
+fn available(dir: &Path) -> u64 {
+    let out = run(Command::new("df")
+        .args(["--output=avail", "--block-size=1"])
+        .arg(dir));
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("df of {}: cannot read {out:?}", dir.display()))
+}
+
+/// Runs `cmd` to success and returns its stdout.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
