@@ -31,6 +31,10 @@ use crate::nix::NarInfo;
 pub const STRIPE: u64 = 2 << 20;
 /// Stripes fetched or held at once, from the first missing one on.
 pub const WINDOW: u64 = 12;
+/// A stripe goes to Nix's relay in pieces of at most this: the relay's
+/// queue holds a few pieces, and so only the few stripes they are cut from
+/// (a piece shares its stripe's memory), not as many whole stripes.
+const RELAY_PIECE: usize = 256 << 10;
 
 /// Which stripes of a NAR are done, under way and still to fetch.
 #[derive(Debug)]
@@ -246,6 +250,29 @@ async fn fetch_stripe(
     Ok(bytes.freeze())
 }
 
+/// Sends `bytes` to Nix's relay in pieces of at most `RELAY_PIECE`; false
+/// once the consumer is gone.
+async fn relay(bytes: Bytes, tx: &mpsc::Sender<Result<Bytes, FetchError>>) -> bool {
+    for piece in pieces(bytes, RELAY_PIECE) {
+        if tx.send(Ok(piece)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// `bytes` cut into pieces of at most `max` bytes, in order, sharing its
+/// memory. Pure.
+fn pieces(mut bytes: Bytes, max: usize) -> impl Iterator<Item = Bytes> {
+    std::iter::from_fn(move || {
+        if bytes.is_empty() {
+            return None;
+        }
+        let n = bytes.len().min(max.max(1));
+        Some(bytes.split_to(n))
+    })
+}
+
 enum StripeError {
     Failed(String),
     Lied(String),
@@ -320,7 +347,7 @@ pub async fn fetch_striped(
             };
             prefixes.0.push((from, check.prefix_digest()));
             if let Some(piece) = release {
-                if tx.send(Ok(piece)).await.is_err() {
+                if !relay(piece, tx).await {
                     return Striped::ClientGone;
                 }
             }
@@ -334,7 +361,7 @@ pub async fn fetch_striped(
     match check.finish() {
         Verdict::Verified { last } => {
             if let Some(last) = last {
-                if tx.send(Ok(last)).await.is_err() {
+                if !relay(last, tx).await {
                     return Striped::ClientGone;
                 }
             }
@@ -361,6 +388,19 @@ mod tests {
         let seen = Prefixes(vec![(N, [1; 32]), (M, [2; 32]), (N, [3; 32])]);
         assert_eq!(seen.first_liar(&[[1; 32], [9; 32], [8; 32]]), Some(M));
         assert_eq!(seen.first_liar(&[[1; 32], [2; 32], [3; 32]]), None);
+    }
+
+    #[test]
+    fn a_stripe_goes_to_the_relay_in_pieces_that_share_its_memory() {
+        let stripe = Bytes::from((0..=255u8).cycle().take(1000).collect::<Vec<u8>>());
+        let cut: Vec<Bytes> = pieces(stripe.clone(), 256).collect();
+        assert_eq!(
+            cut.iter().map(Bytes::len).collect::<Vec<_>>(),
+            vec![256, 256, 256, 232]
+        );
+        assert_eq!(cut.concat(), stripe.to_vec());
+        assert_eq!(cut[1].as_ptr(), stripe[256..].as_ptr());
+        assert_eq!(pieces(Bytes::new(), 256).count(), 0);
     }
 
     #[test]
