@@ -58,11 +58,12 @@ pub struct Lan {
 
 impl Lan {
     /// Every Lan this thread builds from now on keeps its hosts' dirs
-    /// (their stores) on a journaled ext4 of its own, as a Nix user's store
-    /// would be, whatever file system the scratch dir is on (see
-    /// `journaled_fs`). For the benchmarks.
-    pub fn hosts_on_journaled_fs() {
-        journaled_fs::want();
+    /// (their stores) on a journaled ext4 of its own, of at least
+    /// `smallest` bytes, as a Nix user's store would be, whatever file
+    /// system the scratch dir is on (see `journaled_fs`). For the
+    /// benchmarks.
+    pub fn hosts_on_journaled_fs(smallest: u64) {
+        journaled_fs::want(smallest);
     }
 
     /// Builds a LAN of `n_hosts` hosts, `h0` … `h{n-1}`, each with an empty

@@ -265,8 +265,8 @@ fn floods_from_strangers_peers_and_local_programs_change_nothing() {
     type Run = Box<dyn FnOnce(Arc<AtomicBool>, Arc<AtomicU64>) + Send>;
     let mesh_limit = |usual: Duration| usual * 2 + Duration::from_secs(1);
     // 10,000 connections that reconnect as soon as they are pushed out
-    // keep the listen queue full (the kernel caps it at somaxconn, 4096 by
-    // default): a SYN of Nix's that finds it full is dropped, and the
+    // keep the listen queue full (tokio's listener asks for 1024): a SYN of
+    // Nix's that finds it full is dropped, and the
     // kernel sends it again after 1 s, then 2 s more, then 4 s. Three such
     // drops are allowed (a CI run once took 5.45 s where 0.55 s was usual,
     // over the 3.66 s allowed before); Nix kept out is not.

@@ -1,6 +1,7 @@
 //! The harness's journaled ext4 for the benchmarks' hosts
 //! (`Lan::hosts_on_journaled_fs`): a real Nix store lives on it, and the
-//! LAN's cleanup leaves no mount, loop device or image behind.
+//! LAN's cleanup leaves no mount, loop device or image behind, even while
+//! a host of another run, started meanwhile, lives on.
 
 use std::path::Path;
 use std::process::Command;
@@ -15,7 +16,7 @@ const DETACHED_WITHIN: Duration = Duration::from_secs(10);
 
 #[test]
 fn a_store_on_the_journaled_ext4_works_and_leaves_nothing_behind() {
-    Lan::hosts_on_journaled_fs();
+    Lan::hosts_on_journaled_fs(1 << 30);
     let lan = Lan::new(1);
     let host = lan.host(0);
     let path = host.add_path(&random_file(&host.dir().join("files"), "on-ext4", 1 << 20));
@@ -47,6 +48,13 @@ fn a_store_on_the_journaled_ext4_works_and_leaves_nothing_behind() {
         "{device} is backed by {image}, outside the run's dir"
     );
 
+    // Another run's host, started while the file system is mounted (in
+    // another thread: the wish is per thread), gets a copy of the machine's
+    // mounts in its own namespace, and outlives this Lan.
+    let other = std::thread::spawn(|| Lan::agents_only(1))
+        .join()
+        .expect("another Lan");
+
     drop(lan);
     assert!(
         !Path::new(&target).exists(),
@@ -61,6 +69,7 @@ fn a_store_on_the_journaled_ext4_works_and_leaves_nothing_behind() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    drop(other);
 }
 
 /// Source, file system type and mount point of the file system `file` is on.

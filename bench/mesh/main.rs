@@ -228,7 +228,9 @@ fn main() {
     let store_fs = match std::env::var("BENCH_FS").as_deref() {
         Ok("machine") => "the scratch dir's own file system",
         Ok("journaled") | Err(_) => {
-            integration::harness::Lan::hosts_on_journaled_fs();
+            // Room for the closure's eleven stores; the image gets what the
+            // disk has, up to 64 GiB (the pair part's 4 GiB path, twice).
+            integration::harness::Lan::hosts_on_journaled_fs(8 << 30);
             "a journaled ext4 per LAN"
         }
         Ok(other) => panic!("BENCH_FS={other:?}: `journaled` (the default) or `machine`"),

@@ -56,6 +56,14 @@ done
 if [ -n "$dir" ] && mountpoint -q "$dir/hosts" 2>/dev/null; then
 	umount -l "$dir/hosts" || echo "cleanup: cannot unmount $dir/hosts" >&2
 fi
+# A device the run attached but never got mounted (or marked) would hold the
+# image, deleted or not, until reboot. On a device still in use elsewhere
+# this only marks it to detach itself.
+if [ -n "$dir" ] && [ -e "$dir/hosts.img" ]; then
+	for dev in $(losetup --associated "$dir/hosts.img" --noheadings --output NAME 2>/dev/null); do
+		losetup --detach "$dev" 2>/dev/null
+	done
+fi
 if [ -n "$dir" ] && [ -d "$dir" ]; then
 	rm -rf --one-file-system "$dir" || echo "cleanup: cannot remove $dir" >&2
 fi

@@ -50,10 +50,14 @@ narinfo-cache-negative-ttl = 0
 experimental-features = nix-command
 ";
 
-/// Names the host, mounts its `/nix` and `/etc/nix` (and, for a modern
-/// Nix, the same inside its Debian root: `{root_mounts}`), says `ready`,
-/// then only holds the namespaces.
+/// Names the host, drops its copies of other runs' journaled file systems
+/// (see `journaled_fs`: a copy would keep one alive after its run ends),
+/// mounts its `/nix` and `/etc/nix` (and, for a modern Nix, the same inside
+/// its Debian root: `{root_mounts}`), says `ready`, then only holds the
+/// namespaces.
 const HOST_SHELL: &str = "echo \"$1\" > /proc/sys/kernel/hostname \
+    && for m in $(sed -n 's|^[^ ]* \\([^ ]*/nixmesh-lan/nmt[0-9]*/hosts\\) .*|\\1|p' /proc/self/mounts); do \
+    case \"$2\" in \"$m\"/*) ;; *) umount -l \"$m\" || true ;; esac; done \
     && mount --bind \"$2\" /nix && mount --bind \"$3\" /etc/nix \
     && {root_mounts} echo ready && exec sleep infinity";
 

@@ -18,7 +18,13 @@
 //! `hosts` in the scratch dir: every host's dir, its store with it, lives
 //! there. The loop device is set to detach itself once the file system is
 //! unmounted; the run's cleanup (`cleanup.sh`) unmounts it, however the run
-//! ends, before removing the scratch dir and the image with it.
+//! ends, detaches any loop device still on the image, and removes the
+//! scratch dir and the image with it. Every host shell gets a copy of the
+//! machine's mounts in its private mount namespace, and such a copy keeps a
+//! file system alive after the machine's unmount (shown with a plain
+//! `unshare --mount`): so that a host of another run started meanwhile
+//! cannot, host shells unmount every other run's `hosts` in their own
+//! namespace first (`host.rs`).
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -31,37 +37,37 @@ const IMAGE: &str = "hosts.img";
 const SPARE: u64 = 4 << 30;
 /// The image is sparse: it only takes what is written, up to this.
 const LARGEST: u64 = 64 << 30;
-/// Below this there is no room for a benchmark's stores.
-const SMALLEST: u64 = 8 << 30;
 
 thread_local! {
-    /// Per thread, so that a test asking for it leaves the tests that run
-    /// beside it in the same process alone.
-    static WANTED: Cell<bool> = const { Cell::new(false) };
+    /// The smallest file system wanted, if any. Per thread, so that a test
+    /// asking for it leaves the tests that run beside it in the same
+    /// process alone.
+    static WANTED: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
 /// Every run this thread starts from now on puts its hosts on a journaled
-/// ext4.
-pub(super) fn want() {
-    WANTED.set(true);
+/// ext4 of at least `smallest` bytes (it panics if the disk has less room).
+pub(super) fn want(smallest: u64) {
+    WANTED.set(Some(smallest));
 }
 
 /// Where the hosts of the run whose scratch dir is `run_dir` keep their
 /// dirs: `run_dir` itself, or a journaled ext4 mounted in it if wanted.
 pub(super) fn hosts_dir(run_dir: &Path) -> PathBuf {
-    if !WANTED.get() {
+    let Some(smallest) = WANTED.get() else {
         return run_dir.to_path_buf();
-    }
+    };
     let image = run_dir.join(IMAGE);
     let mount_point = run_dir.join(MOUNT_DIR);
-    let size = available(run_dir).saturating_sub(SPARE).min(LARGEST);
+    let free = available(run_dir);
+    let size = free.saturating_sub(SPARE).min(LARGEST);
     assert!(
-        size >= SMALLEST,
-        "{}: {} GiB free beside {} GiB spare; the hosts' journaled ext4 needs {} GiB",
+        size >= smallest,
+        "{}: {} MiB free; the hosts' journaled ext4 needs {} MiB and {} MiB are left spare",
         run_dir.display(),
-        (size + SPARE) >> 30,
-        SPARE >> 30,
-        SMALLEST >> 30
+        free >> 20,
+        smallest >> 20,
+        SPARE >> 20
     );
     let file = std::fs::File::create(&image)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", image.display()));
@@ -80,12 +86,33 @@ pub(super) fn hosts_dir(run_dir: &Path) -> PathBuf {
         .args(["--find", "--show", "--direct-io=on"])
         .arg(&image));
     let device = device.trim();
-    run(Command::new("mount")
+    let mounted = Command::new("mount")
         .args(["-o", "noinit_itable", device])
-        .arg(&mount_point));
-    // The device is busy (mounted), so this only marks it to detach itself
-    // when the file system is unmounted.
-    run(Command::new("losetup").args(["--detach", device]));
+        .arg(&mount_point)
+        .output();
+    // Mounted, the device is busy, so this only marks it to detach itself
+    // once the file system is unmounted; not mounted, it detaches it now.
+    // (The run's cleanup also detaches whatever still holds the image.)
+    let detached = Command::new("losetup").args(["--detach", device]).output();
+    match mounted {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "mount {device} on {}: {}: {}",
+            mount_point.display(),
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => panic!("cannot run mount: {e}"),
+    }
+    match detached {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "losetup --detach {device}: {}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => panic!("cannot run losetup: {e}"),
+    }
     mount_point
 }
 

@@ -252,7 +252,7 @@ async fn fetch_stripe(
 
 /// Sends `bytes` to Nix's relay in pieces of at most `RELAY_PIECE`; false
 /// once the consumer is gone.
-async fn relay(bytes: Bytes, tx: &mpsc::Sender<Result<Bytes, FetchError>>) -> bool {
+async fn send_in_pieces(bytes: Bytes, tx: &mpsc::Sender<Result<Bytes, FetchError>>) -> bool {
     for piece in pieces(bytes, RELAY_PIECE) {
         if tx.send(Ok(piece)).await.is_err() {
             return false;
@@ -347,7 +347,7 @@ pub async fn fetch_striped(
             };
             prefixes.0.push((from, check.prefix_digest()));
             if let Some(piece) = release {
-                if !relay(piece, tx).await {
+                if !send_in_pieces(piece, tx).await {
                     return Striped::ClientGone;
                 }
             }
@@ -361,7 +361,7 @@ pub async fn fetch_striped(
     match check.finish() {
         Verdict::Verified { last } => {
             if let Some(last) = last {
-                if !relay(last, tx).await {
+                if !send_in_pieces(last, tx).await {
                     return Striped::ClientGone;
                 }
             }
