@@ -54,6 +54,11 @@ fn a_store_on_the_journaled_ext4_works_and_leaves_nothing_behind() {
     let other = std::thread::spawn(|| Lan::agents_only(1))
         .join()
         .expect("another Lan");
+    let their_mounts = other.host(0).run_ok(&["cat", "/proc/self/mounts"]);
+    assert!(
+        !their_mounts.contains(&format!(" {target} ")),
+        "another run's host holds a copy of {target}"
+    );
 
     drop(lan);
     assert!(

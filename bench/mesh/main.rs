@@ -228,8 +228,9 @@ fn main() {
     let store_fs = match std::env::var("BENCH_FS").as_deref() {
         Ok("machine") => "the scratch dir's own file system",
         Ok("journaled") | Err(_) => {
-            // Room for the closure's eleven stores; the image gets what the
-            // disk has, up to 64 GiB (the pair part's 4 GiB path, twice).
+            // Room for the closure's eleven stores. The image gets what the
+            // disk has, up to 64 GiB; the pair part's 4 GiB path, in two
+            // stores, needs more than this least.
             integration::harness::Lan::hosts_on_journaled_fs(8 << 30);
             "a journaled ext4 per LAN"
         }

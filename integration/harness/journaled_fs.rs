@@ -113,7 +113,11 @@ pub(super) fn hosts_dir(run_dir: &Path) -> PathBuf {
         ),
         Err(e) => panic!("cannot run losetup: {e}"),
     }
+    // As the kernel lists it, so that a host shell knows it for its own
+    // run's (`host.rs`) even where the scratch dir's path has a symlink.
     mount_point
+        .canonicalize()
+        .unwrap_or_else(|e| panic!("{}: {e}", mount_point.display()))
 }
 
 /// Bytes free for unprivileged use on the file system holding `dir`.
