@@ -30,6 +30,8 @@ use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::exec::{checked, describe, failure};
+
 /// The mount point in a run's scratch dir (`cleanup.sh` knows it too).
 pub(super) const MOUNT_DIR: &str = "hosts";
 const IMAGE: &str = "hosts.img";
@@ -79,39 +81,34 @@ pub(super) fn hosts_dir(run_dir: &Path) -> PathBuf {
     // nodiscard: the file is sparse already. The inode tables are left
     // unwritten (zeros in a sparse file), and `noinit_itable` keeps the
     // kernel from zeroing them in the background during the measurements.
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "nodiscard,lazy_itable_init=1"])
-        .arg(&image));
-    let device = run(Command::new("losetup")
-        .args(["--find", "--show", "--direct-io=on"])
-        .arg(&image));
+    checked(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "nodiscard,lazy_itable_init=1"])
+            .arg(&image),
+    );
+    let device = stdout_of(
+        Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(&image),
+    );
     let device = device.trim();
-    let mounted = Command::new("mount")
+    let mut mount = Command::new("mount");
+    mount
         .args(["-o", "noinit_itable", device])
-        .arg(&mount_point)
-        .output();
+        .arg(&mount_point);
+    let mounted = mount.output();
     // Mounted, the device is busy, so this only marks it to detach itself
     // once the file system is unmounted; not mounted, it detaches it now.
     // (The run's cleanup also detaches whatever still holds the image.)
-    let detached = Command::new("losetup").args(["--detach", device]).output();
-    match mounted {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!(
-            "mount {device} on {}: {}: {}",
-            mount_point.display(),
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => panic!("cannot run mount: {e}"),
-    }
-    match detached {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!(
-            "losetup --detach {device}: {}: {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => panic!("cannot run losetup: {e}"),
+    let mut detach = Command::new("losetup");
+    detach.args(["--detach", device]);
+    let detached = detach.output();
+    for (cmd, out) in [(&mount, mounted), (&detach, detached)] {
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!("{}", failure(cmd, &o)),
+            Err(e) => panic!("cannot run {}: {e}", describe(cmd)),
+        }
     }
     // As the kernel lists it, so that a host shell knows it for its own
     // run's (`host.rs`) even where the scratch dir's path has a symlink.
@@ -122,9 +119,11 @@ pub(super) fn hosts_dir(run_dir: &Path) -> PathBuf {
 
 /// Bytes free for unprivileged use on the file system holding `dir`.
 fn available(dir: &Path) -> u64 {
-    let out = run(Command::new("df")
-        .args(["--output=avail", "--block-size=1"])
-        .arg(dir));
+    let out = stdout_of(
+        Command::new("df")
+            .args(["--output=avail", "--block-size=1"])
+            .arg(dir),
+    );
     out.lines()
         .nth(1)
         .and_then(|l| l.trim().parse().ok())
@@ -132,15 +131,6 @@ fn available(dir: &Path) -> u64 {
 }
 
 /// Runs `cmd` to success and returns its stdout.
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+fn stdout_of(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&checked(cmd).stdout).into_owned()
 }
