@@ -33,7 +33,7 @@ use std::process::Command;
 use super::exec::{checked, describe, failure};
 
 /// The mount point in a run's scratch dir (`cleanup.sh` knows it too).
-pub(super) const MOUNT_DIR: &str = "hosts";
+const MOUNT_DIR: &str = "hosts";
 const IMAGE: &str = "hosts.img";
 /// Left free on the machine's file system beside the sparse image.
 const SPARE: u64 = 4 << 30;

@@ -22,6 +22,7 @@ use crate::fetch::relay::{FetchError, STALL_TIMEOUT};
 use crate::fetch::resolver::Resolver;
 use crate::fetch::verify::{NarCheck, Verdict};
 use crate::mesh::identity::NodeId;
+use crate::mesh::nar_chunks;
 use crate::mesh::nar_reader::NarReadError;
 use crate::mesh::protocol::code;
 use crate::mesh::transport;
@@ -31,10 +32,6 @@ use crate::nix::NarInfo;
 pub const STRIPE: u64 = 2 << 20;
 /// Stripes fetched or held at once, from the first missing one on.
 pub const WINDOW: u64 = 12;
-/// A stripe goes to Nix's relay in pieces of at most this: the relay's
-/// queue holds a few pieces, and so only the few stripes they are cut from
-/// (a piece shares its stripe's memory), not as many whole stripes.
-const RELAY_PIECE: usize = 256 << 10;
 
 /// Which stripes of a NAR are done, under way and still to fetch.
 #[derive(Debug)]
@@ -250,10 +247,13 @@ async fn fetch_stripe(
     Ok(bytes.freeze())
 }
 
-/// Sends `bytes` to Nix's relay in pieces of at most `RELAY_PIECE`; false
-/// once the consumer is gone.
+/// Sends `bytes` to Nix's relay in pieces of one chunk at most, as a fetch
+/// from one holder sends them: the relay's queue then holds a few pieces,
+/// and so only the few stripes they are cut from (a piece shares its
+/// stripe's memory), not as many whole stripes. False once the consumer is
+/// gone.
 async fn send_in_pieces(bytes: Bytes, tx: &mpsc::Sender<Result<Bytes, FetchError>>) -> bool {
-    for piece in pieces(bytes, RELAY_PIECE) {
+    for piece in pieces(bytes, nar_chunks::CHUNK) {
         if tx.send(Ok(piece)).await.is_err() {
             return false;
         }
