@@ -17,6 +17,8 @@
 use bytes::Bytes;
 use thiserror::Error;
 
+use crate::mesh::chunk_buffers::ChunkBuffers;
+
 /// Bytes of NAR per chunk the packer makes.
 pub const CHUNK: usize = 256 << 10;
 /// Largest `raw_len` a reader accepts: what one frame may inflate to.
@@ -302,6 +304,8 @@ pub struct Unpacker {
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
     /// Payloads begin with a codec byte (the request set `LZ4`).
     tagged: bool,
+    /// Where payloads are read to and inflated chunks written.
+    buffers: ChunkBuffers,
 }
 
 impl Unpacker {
@@ -310,7 +314,13 @@ impl Unpacker {
         Self {
             decompressor: zstd::bulk::Decompressor::new().ok(),
             tagged: level & LZ4 != 0,
+            buffers: ChunkBuffers::default(),
         }
+    }
+
+    /// The buffers the reader should read payloads into.
+    pub fn buffers(&self) -> &ChunkBuffers {
+        &self.buffers
     }
 
     /// The chunk's NAR bytes from its checked header and its `wire_len`
@@ -327,7 +337,8 @@ impl Unpacker {
             (true, other) => return Err(ChunkError::UnknownCodec(other.copied())),
         };
         let bad = ChunkError::Undecodable(header.raw_len);
-        let mut out = vec![0u8; header.raw_len as usize];
+        let mut out = self.buffers.take(header.raw_len as usize);
+        out.resize(header.raw_len as usize, 0);
         // The buffer is the bound: a payload that would inflate further
         // fails.
         let n = match codec {
@@ -341,7 +352,7 @@ impl Unpacker {
             }
         };
         match n {
-            Some(n) if n == out.len() => Ok(Bytes::from(out)),
+            Some(n) if n == out.len() => Ok(self.buffers.share(out)),
             _ => Err(bad),
         }
     }

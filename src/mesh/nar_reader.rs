@@ -140,12 +140,15 @@ impl NarReader {
                     _ => {}
                 }
                 let header = ChunkHeader::parse(head)?;
-                let mut payload = BytesMut::zeroed(header.wire_len as usize);
-                if read_exact(recv, &mut payload).await? < payload.len() {
+                let len = header.wire_len as usize;
+                let mut payload = unpacker.buffers().take(len);
+                payload.resize(len, 0);
+                if read_exact(recv, &mut payload).await? < len {
                     return Err(NarReadError::EndsMidFrame);
                 }
-                *wire += (HEADER + payload.len()) as u64;
-                Ok(Some(unpacker.unpack(header, payload.freeze())?))
+                *wire += (HEADER + len) as u64;
+                let payload = unpacker.buffers().share(payload);
+                Ok(Some(unpacker.unpack(header, payload)?))
             }
             NarReader::Bulk {
                 io: slot,
@@ -176,7 +179,7 @@ impl NarReader {
                 }
                 let header = ChunkHeader::parse(head)?;
                 let len = header.wire_len as usize;
-                let mut payload = BytesMut::with_capacity(len);
+                let mut payload = unpacker.buffers().take(len);
                 while payload.len() < len {
                     let room = len - payload.len();
                     match io.read_buf(&mut (&mut payload).limit(room)).await {
@@ -186,7 +189,8 @@ impl NarReader {
                     }
                 }
                 *wire += (HEADER + len) as u64;
-                Ok(Some(unpacker.unpack(header, payload.freeze())?))
+                let payload = unpacker.buffers().share(payload);
+                Ok(Some(unpacker.unpack(header, payload)?))
             }
         }
     }
