@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
 use crate::mesh::identity::NodeId;
+use crate::mesh::nar_chunks;
 use crate::mesh::nar_reader::BulkStream;
 use crate::mesh::nar_sink::BulkIo;
 use crate::mesh::pace::LinkSample;
@@ -68,6 +69,10 @@ const MAX_BULK: usize = 256;
 /// (Version 7.) Kept bulk connections waiting idle for their next request
 /// at once; past it, a connection closes after its part.
 const MAX_BULK_IDLE: usize = 256;
+/// TLS records a holder's connection holds before they reach the socket:
+/// a whole chunk frame, so it goes out in one write (rustls's default,
+/// 64 KiB, took four). At most `MAX_NAR_STREAMS` serves hold that much.
+const SEND_BUFFER: usize = nar_chunks::CHUNK + (16 << 10);
 /// The asker reads its socket through a buffer this large. rustls asks
 /// its transport for at most 4 KiB at a time, so without one a GiB of
 /// chunks costs a quarter of a million `recv` calls; with it, 8192.
@@ -341,7 +346,7 @@ pub async fn serve(
         tasks.spawn(async move {
             let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
             drop(handshake);
-            let io = match accepted {
+            let mut io = match accepted {
                 Ok(Ok(io)) => io,
                 Ok(Err(e)) => {
                     tracing::debug!(%from, error = %e, "bulk connection refused in TLS");
@@ -352,6 +357,7 @@ pub async fn serve(
                     return;
                 }
             };
+            io.get_mut().1.set_buffer_limit(Some(SEND_BUFFER));
             let node = io
                 .get_ref()
                 .1

@@ -728,12 +728,10 @@ impl PeerServer {
     ) -> Result<(), StreamEnd> {
         let len: usize = pieces.iter().map(Bytes::len).sum();
         let header = nar_chunks::raw_header(len as u32);
-        send.put(Bytes::copy_from_slice(&header))
-            .await
-            .map_err(|_| StreamEnd::PeerGone)?;
-        for piece in pieces.drain(..) {
-            send.put(piece).await.map_err(|_| StreamEnd::PeerGone)?;
-        }
+        let mut parts = Vec::with_capacity(pieces.len() + 1);
+        parts.push(Bytes::copy_from_slice(&header));
+        parts.append(pieces);
+        send.put_all(parts).await.map_err(|_| StreamEnd::PeerGone)?;
         self.count(&node, |c| c.bytes_served += len as u64);
         Ok(())
     }
