@@ -71,11 +71,14 @@ const MAX_BULK: usize = 256;
 const MAX_BULK_IDLE: usize = 256;
 /// TLS records a holder's connection holds before they reach the socket:
 /// a whole chunk frame, so it goes out in one write (rustls's default,
-/// 64 KiB, took four). At most `MAX_NAR_STREAMS` serves hold that much.
+/// 64 KiB, took four). A connection holds that much only while its reader
+/// is behind, and gives up on one that takes nothing for
+/// `nar_sink::WRITE_STALL`; `MAX_BULK` connections at most.
 const SEND_BUFFER: usize = nar_chunks::CHUNK + (16 << 10);
-/// The asker reads its socket through a buffer this large. rustls asks
-/// its transport for at most 4 KiB at a time, so without one a GiB of
-/// chunks costs a quarter of a million `recv` calls; with it, 8192.
+/// The asker reads its socket through a buffer this large (kept with an
+/// idle connection too). rustls asks its transport for at most 4 KiB at a
+/// time, so without one a GiB of chunks costs a quarter of a million `recv`
+/// calls; with it, as few as 8192.
 const READ_BUFFER: usize = 128 << 10;
 
 #[derive(Debug, Error)]

@@ -339,8 +339,8 @@ impl Unpacker {
         let bad = ChunkError::Undecodable(header.raw_len);
         let mut out = self.buffers.take(header.raw_len as usize);
         out.resize(header.raw_len as usize, 0);
-        // The buffer is the bound: a payload that would inflate further
-        // fails.
+        // The slice is the bound: a payload that would inflate further
+        // fails. (Not the Vec: a pooled buffer has room for a whole chunk.)
         let n = match codec {
             Codec::Zstd => {
                 let d = self.decompressor.as_mut().ok_or(bad.clone())?;
@@ -352,7 +352,7 @@ impl Unpacker {
             }
         };
         match n {
-            Some(n) if n == out.len() => Ok(self.buffers.share(out)),
+            Some(n) if n == out.len() => Ok(self.buffers.lend(out)),
             _ => Err(bad),
         }
     }
@@ -443,6 +443,37 @@ mod tests {
         let h = round_trip_with(&mut p, ADAPTIVE | 1, &raw, Some(Codec::Lz4));
         assert!(h.compressed());
         assert_eq!(p.tried_last(), Some(Codec::Zstd));
+    }
+
+    #[test]
+    fn a_reused_buffer_bounds_inflation_by_the_frame_not_by_its_room() {
+        let mut u = Unpacker::new(LZ4 | 1);
+        // A whole chunk inflated first, and dropped: its buffer, with room
+        // for 256 KiB, is the next one used.
+        let zeros = vec![0u8; CHUNK];
+        let mut whole = vec![TAG_ZSTD];
+        whole.extend(zstd::bulk::compress(&zeros, 1).unwrap());
+        let h = ChunkHeader {
+            raw_len: CHUNK as u32,
+            wire_len: whole.len() as u32,
+        };
+        drop(u.unpack(h, Bytes::from(whole)).unwrap());
+        // 8 KiB declared as 4 KiB, well within that room: refused, with
+        // either codec.
+        let mut zstd_bomb = vec![TAG_ZSTD];
+        zstd_bomb.extend(zstd::bulk::compress(&zeros[..8192], 1).unwrap());
+        let mut lz4_bomb = vec![TAG_LZ4];
+        lz4_bomb.extend(lz4::block::compress(&zeros[..8192], None, false).unwrap());
+        for bomb in [zstd_bomb, lz4_bomb] {
+            let h = ChunkHeader {
+                raw_len: 4096,
+                wire_len: bomb.len() as u32,
+            };
+            assert_eq!(
+                u.unpack(h, Bytes::from(bomb)),
+                Err(ChunkError::Undecodable(4096))
+            );
+        }
     }
 
     #[test]

@@ -147,7 +147,7 @@ impl NarReader {
                     return Err(NarReadError::EndsMidFrame);
                 }
                 *wire += (HEADER + len) as u64;
-                let payload = unpacker.buffers().share(payload);
+                let payload = unpacker.buffers().lend(payload);
                 Ok(Some(unpacker.unpack(header, payload)?))
             }
             NarReader::Bulk {
@@ -189,7 +189,7 @@ impl NarReader {
                     }
                 }
                 *wire += (HEADER + len) as u64;
-                let payload = unpacker.buffers().share(payload);
+                let payload = unpacker.buffers().lend(payload);
                 Ok(Some(unpacker.unpack(header, payload)?))
             }
         }

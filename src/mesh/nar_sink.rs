@@ -4,13 +4,21 @@
 
 use std::future::Future;
 use std::io::IoSlice;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::mesh::pace::LinkSample;
 
-/// The reader went away (or the connection broke) before all was written.
+/// A bulk connection whose reader takes nothing for this long is given up,
+/// and what TLS holds for it freed (a frame, `bulk::SEND_BUFFER`). An asker
+/// stops reading only while Nix does, for moments; one that was cut off
+/// asks again from the offset it reached.
+pub const WRITE_STALL: Duration = Duration::from_secs(60);
+
+/// The reader went away (or the connection broke, or stalled for
+/// `WRITE_STALL`) before all was written.
 #[derive(Debug)]
 pub struct Gone;
 
@@ -48,9 +56,29 @@ impl NarSink for quinn::SendStream {
 /// A bulk connection's write half.
 pub struct BulkSink<S>(pub S);
 
+impl<S: BulkIo> BulkSink<S> {
+    /// Sends what TLS still holds.
+    pub async fn flush(&mut self) -> Result<(), Gone> {
+        within_stall(self.0.flush()).await
+    }
+
+    /// Says goodbye (TLS close) and closes the write side.
+    pub async fn close(&mut self) -> Result<(), Gone> {
+        within_stall(self.0.shutdown()).await
+    }
+}
+
+/// `write` unless it takes longer than `WRITE_STALL`.
+async fn within_stall<T>(write: impl Future<Output = std::io::Result<T>>) -> Result<T, Gone> {
+    match tokio::time::timeout(WRITE_STALL, write).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(_)) | Err(_) => Err(Gone),
+    }
+}
+
 impl<S: BulkIo> NarSink for BulkSink<S> {
     async fn put(&mut self, bytes: Bytes) -> Result<(), Gone> {
-        self.0.write_all(&bytes).await.map_err(|_| Gone)
+        within_stall(self.0.write_all(&bytes)).await
     }
 
     /// One vectored write for a frame's header and payload: TLS makes
@@ -61,9 +89,9 @@ impl<S: BulkIo> NarSink for BulkSink<S> {
         let mut rest = &mut slices[..];
         IoSlice::advance_slices(&mut rest, 0);
         while !rest.is_empty() {
-            match self.0.write_vectored(rest).await {
-                Ok(0) | Err(_) => return Err(Gone),
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            match within_stall(self.0.write_vectored(rest)).await? {
+                0 => return Err(Gone),
+                n => IoSlice::advance_slices(&mut rest, n),
             }
         }
         Ok(())
@@ -79,43 +107,7 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, DuplexStream};
 
-    struct Pipe(DuplexStream);
-
-    impl AsyncRead for Pipe {
-        fn poll_read(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            buf: &mut tokio::io::ReadBuf<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
-        }
-    }
-
-    impl AsyncWrite for Pipe {
-        fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> std::task::Poll<std::io::Result<usize>> {
-            std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-        }
-
-        fn poll_flush(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.0).poll_flush(cx)
-        }
-
-        fn poll_shutdown(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-        }
-    }
-
-    impl BulkIo for Pipe {
+    impl BulkIo for DuplexStream {
         fn link_sample(&self) -> Option<LinkSample> {
             None
         }
@@ -136,7 +128,7 @@ mod tests {
             let mut got = Vec::new();
             far.read_to_end(&mut got).await.map(|_| got)
         });
-        let mut sink = BulkSink(Pipe(near));
+        let mut sink = BulkSink(near);
         assert!(sink.put_all(parts).await.is_ok());
         drop(sink);
         assert_eq!(reader.await.expect("reader").expect("read"), want);
@@ -146,8 +138,31 @@ mod tests {
     async fn a_frame_to_a_reader_that_left_is_gone() {
         let (near, far) = tokio::io::duplex(1000);
         drop(far);
-        let mut sink = BulkSink(Pipe(near));
+        let mut sink = BulkSink(near);
         let parts = vec![Bytes::from(vec![1u8; 4000])];
         assert!(sink.put_all(parts).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_stops_reading_is_given_up_after_the_stall_limit() {
+        let (near, _far) = tokio::io::duplex(1000);
+        let mut sink = BulkSink(near);
+        let started = tokio::time::Instant::now();
+        let parts = vec![Bytes::from(vec![1u8; 4000])];
+        assert!(sink.put_all(parts).await.is_err());
+        assert_eq!(started.elapsed(), WRITE_STALL);
+        assert!(sink.put(Bytes::from(vec![1u8; 4000])).await.is_err());
+        // A reader that takes what was written lets the sink go on.
+        let (near, mut far) = tokio::io::duplex(1000);
+        let mut sink = BulkSink(near);
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(WRITE_STALL / 2).await;
+            let mut got = Vec::new();
+            far.read_to_end(&mut got).await.map(|_| got.len())
+        });
+        assert!(sink.put(Bytes::from(vec![1u8; 4000])).await.is_ok());
+        assert!(sink.close().await.is_ok());
+        drop(sink);
+        assert_eq!(reader.await.expect("reader").expect("read"), 4000);
     }
 }

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, StreamExt};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 
@@ -273,7 +272,7 @@ impl PeerServer {
                 None => return,
             }
         }
-        let _ = sink.0.shutdown().await;
+        let _ = sink.close().await;
         drop(slot);
     }
 
@@ -342,7 +341,7 @@ impl PeerServer {
         sink.put(stop).await.ok()?;
         // What TLS still holds goes out now, not at the close that a kept
         // connection does not come to.
-        sink.0.flush().await.ok()?;
+        sink.flush().await.ok()?;
         Some(keep)
     }
 
