@@ -628,35 +628,37 @@ mod tests {
         );
     }
 
-    /// Runs a TLS handshake between two configs in memory.
+    /// What `from` has to send, read by `to`.
+    fn fly(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).expect("writes");
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).expect("reads");
+            to.process_new_packets().expect("accepts");
+        }
+    }
+
+    /// Runs a TLS handshake between two configs in memory; the client's
+    /// end of it.
     fn handshake(
         client: Arc<rustls::ClientConfig>,
         server: Arc<rustls::ServerConfig>,
-    ) -> (rustls::ClientConnection, rustls::ServerConnection) {
+    ) -> rustls::Connection {
         let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).expect("name");
-        let mut c = rustls::ClientConnection::new(client, name).expect("client");
-        let mut s = rustls::ServerConnection::new(server).expect("server");
+        let mut c = rustls::ClientConnection::new(client, name)
+            .expect("client")
+            .into();
+        let mut s = rustls::ServerConnection::new(server)
+            .expect("server")
+            .into();
         for _ in 0..10 {
-            let mut wire = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut wire).expect("client writes");
-            }
-            let mut rd = &wire[..];
-            while !rd.is_empty() {
-                s.read_tls(&mut rd).expect("server reads");
-                s.process_new_packets().expect("server accepts");
-            }
-            let mut wire = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut wire).expect("server writes");
-            }
-            let mut rd = &wire[..];
-            while !rd.is_empty() {
-                c.read_tls(&mut rd).expect("client reads");
-                c.process_new_packets().expect("client accepts");
-            }
+            fly(&mut c, &mut s);
+            fly(&mut s, &mut c);
             if !c.is_handshaking() && !s.is_handshaking() {
-                return (c, s);
+                return c;
             }
         }
         panic!("no handshake within 10 flights");
@@ -673,8 +675,8 @@ mod tests {
         let server = bulk_server_config(&far_id, Admission::default()).expect("server");
         let client =
             bulk_client_config(&near_id, Admission::default(), far_id.node).expect("client");
-        let (c, _) = handshake(client, server.clone());
-        let suite = |c: &rustls::ClientConnection| c.negotiated_cipher_suite().map(|s| s.suite());
+        let c = handshake(client, server.clone());
+        let suite = |c: &rustls::Connection| c.negotiated_cipher_suite().map(|s| s.suite());
         assert_eq!(
             suite(&c),
             Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
@@ -688,7 +690,7 @@ mod tests {
             vec![protocol::ALPN_BULK.to_vec()],
         )
         .expect("client");
-        let (c, _) = handshake(Arc::new(older), server);
+        let c = handshake(Arc::new(older), server);
         assert_eq!(
             suite(&c),
             Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
