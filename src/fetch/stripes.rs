@@ -14,13 +14,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::fetch::relay::{FetchError, STALL_TIMEOUT};
 use crate::fetch::resolver::Resolver;
 use crate::fetch::verify::{NarCheck, Verdict};
+use crate::mesh::chunk_buffers::ChunkBuffers;
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_chunks;
 use crate::mesh::nar_reader::NarReadError;
@@ -170,6 +171,7 @@ async fn fetch_stripe(
     node: NodeId,
     narinfo: &NarInfo,
     part: Range<u64>,
+    buffers: &ChunkBuffers,
 ) -> Result<Bytes, StripeError> {
     let info = &narinfo.info;
     let mesh = resolver.mesh();
@@ -204,7 +206,7 @@ async fn fetch_stripe(
         Err(e) => return Err(StripeError::Failed(e.to_string())),
     };
     mesh.count(&node, |c| c.requests_made += 1);
-    let mut bytes = BytesMut::with_capacity(want as usize);
+    let mut bytes = buffers.take(want as usize);
     loop {
         match tokio::time::timeout(STALL_TIMEOUT, reader.next()).await {
             Err(_) => {
@@ -244,7 +246,7 @@ async fn fetch_stripe(
     mesh.record_link(&node, |link| {
         crate::fetch::compression::record(link, packed, want, wire, secs)
     });
-    Ok(bytes.freeze())
+    Ok(buffers.lend(bytes))
 }
 
 /// Sends `bytes` to Nix's relay in pieces of one chunk at most, as a fetch
@@ -296,14 +298,20 @@ pub async fn fetch_striped(
     let mut idle: Vec<NodeId> = holders.iter().flat_map(|&h| [h, h]).collect();
     let mut contributors: Vec<NodeId> = Vec::new();
     let mut prefixes = Prefixes::default();
+    // Stripe buffers, used again once the relay has sent a stripe's pieces:
+    // a fresh 2 MiB per stripe faulted in every page of it.
+    let buffers = ChunkBuffers::new(STRIPE as usize, WINDOW as usize);
+    let buffers = &buffers;
     let mut fetches = FuturesUnordered::new();
     loop {
         while let Some(node) = idle.first().copied() {
             let Some(i) = plan.take() else { break };
             idle.remove(0);
             let part = plan.range(i);
-            fetches
-                .push(async move { (node, i, fetch_stripe(resolver, node, narinfo, part).await) });
+            fetches.push(async move {
+                let stripe = fetch_stripe(resolver, node, narinfo, part, buffers).await;
+                (node, i, stripe)
+            });
         }
         if fetches.is_empty() {
             // Holders left, but none of them can take what is missing.

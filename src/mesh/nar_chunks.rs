@@ -311,10 +311,15 @@ pub struct Unpacker {
 impl Unpacker {
     /// A reader for the answer to a request at `level`.
     pub fn new(level: u8) -> Self {
+        Self::with_buffers(level, ChunkBuffers::default())
+    }
+
+    /// `new`, with chunk buffers shared with other readers.
+    pub fn with_buffers(level: u8, buffers: ChunkBuffers) -> Self {
         Self {
             decompressor: zstd::bulk::Decompressor::new().ok(),
             tagged: level & LZ4 != 0,
-            buffers: ChunkBuffers::default(),
+            buffers,
         }
     }
 

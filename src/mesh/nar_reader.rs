@@ -12,6 +12,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::mesh::bulk::Idle;
+use crate::mesh::chunk_buffers::ChunkBuffers;
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_chunks::{self, ChunkError, ChunkHeader, Unpacker, HEADER};
 
@@ -99,12 +100,18 @@ impl NarReader {
         }
     }
 
-    /// Chunk frames on a bulk connection answering a request at `level`;
-    /// with `recycle`, the request set `nar_chunks::KEEP`.
-    pub fn bulk(io: BulkStream, level: u8, recycle: Option<Recycle>) -> Self {
+    /// Chunk frames on a bulk connection answering a request at `level`,
+    /// read into `buffers`; with `recycle`, the request set
+    /// `nar_chunks::KEEP`.
+    pub fn bulk(
+        io: BulkStream,
+        level: u8,
+        recycle: Option<Recycle>,
+        buffers: ChunkBuffers,
+    ) -> Self {
         NarReader::Bulk {
             io: Some(io),
-            unpacker: Unpacker::new(level),
+            unpacker: Unpacker::with_buffers(level, buffers),
             wire: 0,
             recycle,
         }

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::lock::lock;
 use crate::mesh::bulk;
+use crate::mesh::chunk_buffers::ChunkBuffers;
 use crate::mesh::client::{self, PeerError};
 use crate::mesh::dial_plan::DialPlan;
 use crate::mesh::discovery::DiscoveryEvent;
@@ -133,6 +134,8 @@ pub struct Mesh {
     bulk_idle: Arc<bulk::Idle<BulkStream>>,
     /// Where bulk connections are taken (TCP), once listening.
     bulk_addr: std::sync::OnceLock<SocketAddr>,
+    /// The buffers bulk readers read chunks into, shared by all of them.
+    chunk_buffers: ChunkBuffers,
 }
 
 struct Feed {
@@ -213,6 +216,7 @@ impl Mesh {
             bulk_resting: bulk::Resting::default(),
             bulk_idle: Arc::default(),
             bulk_addr: std::sync::OnceLock::new(),
+            chunk_buffers: ChunkBuffers::default(),
         });
         mesh.listen_bulk(&tasks, &shutdown);
         tasks.spawn(mesh.clone().accept_loop(shutdown.clone()));
@@ -319,7 +323,9 @@ impl Mesh {
                         idle: self.bulk_idle.clone(),
                         node,
                     });
-                    return Ok(Some((nar_size, NarReader::bulk(io, level, recycle))));
+                    let buffers = self.chunk_buffers.clone();
+                    let reader = NarReader::bulk(io, level, recycle, buffers);
+                    return Ok(Some((nar_size, reader)));
                 }
                 // Busy, or an error it would give on QUIC too: QUIC says.
                 Ok((other, _)) => {
