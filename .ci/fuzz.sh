@@ -9,7 +9,14 @@ cd "$(dirname "$0")/../fuzz"
 
 secs=${FUZZ_SECONDS:-20}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
-cargo +nightly fuzz build 2>&1 | tail -n 1
+build_log=$(mktemp)
+if ! cargo +nightly fuzz build >"$build_log" 2>&1; then
+    echo "fuzz targets: the build failed"
+    tail -n 60 "$build_log"
+    exit 1
+fi
+tail -n 1 "$build_log"
+rm -f "$build_log"
 
 failed=0
 passed=0
