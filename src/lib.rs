@@ -39,6 +39,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod chunk_buffers;
 pub mod cli;
 pub mod config;
 pub mod disk_room;

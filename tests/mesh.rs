@@ -859,7 +859,12 @@ async fn read_bulk_part(
         idle: idle.clone(),
         node,
     };
-    let mut reader = NarReader::bulk(io, level, Some(recycle), Default::default());
+    let mut reader = NarReader::bulk(
+        io,
+        level,
+        Some(recycle),
+        nixmesh::mesh::nar_chunks::chunk_buffers(),
+    );
     let mut bytes = Vec::new();
     // A holder that sent neither `DONE` nor the close fails the test.
     let next = Duration::from_secs(10);

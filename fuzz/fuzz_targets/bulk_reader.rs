@@ -14,7 +14,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use nixmesh::mesh::bulk::Idle;
-use nixmesh::mesh::chunk_buffers::ChunkBuffers;
 use nixmesh::mesh::identity::NodeId;
 use nixmesh::mesh::nar_chunks::{self, ChunkHeader, Unpacker, HEADER, KEEP, LZ4};
 use nixmesh::mesh::nar_reader::{BulkStream, NarReader, Recycle};
@@ -89,7 +88,7 @@ fuzz_target!(|data: &[u8]| {
         node,
     });
     let io: BulkStream = Box::new(Cursor::new(sent.to_vec()));
-    let mut reader = NarReader::bulk(io, level, recycle, ChunkBuffers::default());
+    let mut reader = NarReader::bulk(io, level, recycle, nar_chunks::chunk_buffers());
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else {
         return;
     };

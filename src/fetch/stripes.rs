@@ -18,10 +18,10 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 
+use crate::chunk_buffers::ChunkBuffers;
 use crate::fetch::relay::{FetchError, STALL_TIMEOUT};
 use crate::fetch::resolver::Resolver;
 use crate::fetch::verify::{NarCheck, Verdict};
-use crate::mesh::chunk_buffers::ChunkBuffers;
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_chunks;
 use crate::mesh::nar_reader::NarReadError;

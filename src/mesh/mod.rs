@@ -1,13 +1,12 @@
 //! The peers of this node: who they are (`identity`), how they are found
 //! (`discovery`), the live table of them (`peers`), the QUIC link to them
 //! (`transport`, `protocol`, NAR chunk frames in `nar_chunks`, written to
-//! a `nar_sink` and read back by `nar_reader` into `chunk_buffers`; large
+//! a `nar_sink` and read back by `nar_reader`; large
 //! NARs over TLS on TCP in `bulk`), this node's end of it (`node`) and
 //! when it dials whom (`dial_plan`), and both sides of a request: `client`
 //! asks a peer, `server` answers one.
 
 pub mod bulk;
-pub mod chunk_buffers;
 pub mod client;
 pub mod dial_plan;
 pub mod discovery;

@@ -17,10 +17,20 @@
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::mesh::chunk_buffers::ChunkBuffers;
+use crate::chunk_buffers::ChunkBuffers;
 
 /// Bytes of NAR per chunk the packer makes.
 pub const CHUNK: usize = 256 << 10;
+/// Chunk buffers an asker keeps for reuse, all its readers together: what
+/// a few NARs have in flight at once (the relay's queue, the chunk being
+/// hashed, the one being read).
+const KEPT_BUFFERS: usize = 16;
+
+/// A pool of chunk buffers for readers of chunk frames.
+pub fn chunk_buffers() -> ChunkBuffers {
+    ChunkBuffers::new(CHUNK, KEPT_BUFFERS)
+}
+
 /// Largest `raw_len` a reader accepts: what one frame may inflate to.
 pub const MAX_CHUNK: usize = 1 << 20;
 /// Frame header: raw length and wire length.
@@ -311,7 +321,7 @@ pub struct Unpacker {
 impl Unpacker {
     /// A reader for the answer to a request at `level`.
     pub fn new(level: u8) -> Self {
-        Self::with_buffers(level, ChunkBuffers::default())
+        Self::with_buffers(level, chunk_buffers())
     }
 
     /// `new`, with chunk buffers shared with other readers.
@@ -342,8 +352,7 @@ impl Unpacker {
             (true, other) => return Err(ChunkError::UnknownCodec(other.copied())),
         };
         let bad = ChunkError::Undecodable(header.raw_len);
-        let mut out = self.buffers.take(header.raw_len as usize);
-        out.resize(header.raw_len as usize, 0);
+        let mut out = self.buffers.take_len(header.raw_len as usize);
         // The slice is the bound: a payload that would inflate further
         // fails. (Not the Vec: a pooled buffer has room for a whole chunk.)
         let n = match codec {

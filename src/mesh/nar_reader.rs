@@ -11,8 +11,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
+use crate::chunk_buffers::ChunkBuffers;
 use crate::mesh::bulk::Idle;
-use crate::mesh::chunk_buffers::ChunkBuffers;
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_chunks::{self, ChunkError, ChunkHeader, Unpacker, HEADER};
 
@@ -148,8 +148,7 @@ impl NarReader {
                 }
                 let header = ChunkHeader::parse(head)?;
                 let len = header.wire_len as usize;
-                let mut payload = unpacker.buffers().take(len);
-                payload.resize(len, 0);
+                let mut payload = unpacker.buffers().take_len(len);
                 if read_exact(recv, &mut payload).await? < len {
                     return Err(NarReadError::EndsMidFrame);
                 }

@@ -24,9 +24,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::chunk_buffers::ChunkBuffers;
 use crate::lock::lock;
 use crate::mesh::bulk;
-use crate::mesh::chunk_buffers::ChunkBuffers;
 use crate::mesh::client::{self, PeerError};
 use crate::mesh::dial_plan::DialPlan;
 use crate::mesh::discovery::DiscoveryEvent;
@@ -216,7 +216,7 @@ impl Mesh {
             bulk_resting: bulk::Resting::default(),
             bulk_idle: Arc::default(),
             bulk_addr: std::sync::OnceLock::new(),
-            chunk_buffers: ChunkBuffers::default(),
+            chunk_buffers: nar_chunks::chunk_buffers(),
         });
         mesh.listen_bulk(&tasks, &shutdown);
         tasks.spawn(mesh.clone().accept_loop(shutdown.clone()));

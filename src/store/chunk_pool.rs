@@ -4,61 +4,34 @@
 //! zeroing, which took about a quarter of the CPU spent on a 1 MB NAR.
 //! Shared by all streams, so a new stream starts with warm buffers.
 
-use std::sync::Mutex;
+use std::sync::LazyLock;
 
 use bytes::Bytes;
+
+use crate::chunk_buffers::ChunkBuffers;
 
 /// The size of a pooled buffer: a whole NAR chunk.
 pub const BUF: usize = 256 * 1024;
 /// Free buffers kept for reuse, by all streams together: 8 MiB.
 const POOL_MAX: usize = 32;
 
-static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+static POOL: LazyLock<ChunkBuffers> = LazyLock::new(|| ChunkBuffers::new(BUF, POOL_MAX));
 
 /// A buffer of `BUF` bytes, reused when one is free.
 pub fn take() -> Vec<u8> {
-    let reused = crate::lock::lock(&POOL).pop();
-    reused.unwrap_or_else(|| vec![0; BUF])
+    POOL.take_len(BUF)
 }
 
 /// The first `len` bytes of `buf` as a chunk; a `BUF`-sized buffer comes
 /// back here when the last `Bytes` of it is dropped.
-pub fn into_bytes(buf: Vec<u8>, len: usize) -> Bytes {
-    Bytes::from_owner(Pooled { buf, len })
-}
-
-fn put(buf: Vec<u8>) {
-    if buf.len() != BUF {
-        return;
-    }
-    let mut free = crate::lock::lock(&POOL);
-    if free.len() < POOL_MAX {
-        free.push(buf);
-    }
-}
-
-/// The memory behind one chunk.
-struct Pooled {
-    buf: Vec<u8>,
-    len: usize,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        put(std::mem::take(&mut self.buf));
-    }
+pub fn into_bytes(mut buf: Vec<u8>, len: usize) -> Bytes {
+    buf.truncate(len);
+    POOL.lend(buf)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lock::lock;
 
     #[test]
     fn a_dropped_chunk_gives_its_buffer_back() {
@@ -77,6 +50,6 @@ mod tests {
         assert!(free.iter().all(|b| b.len() == BUF));
         // A buffer of another size is not kept.
         drop(into_bytes(vec![0; 10], 10));
-        assert!(lock(&POOL).iter().all(|b| b.len() == BUF));
+        assert!((0..POOL_MAX).all(|_| take().capacity() == BUF));
     }
 }
