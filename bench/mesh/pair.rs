@@ -167,6 +167,10 @@ pub(crate) fn throughput(
 ) {
     let (mut mesh_raw, mut nginx_raw, mut cache_raw) = (Vec::new(), Vec::new(), Vec::new());
     let (mut mesh_nix, mut nginx_nix) = (Vec::new(), Vec::new());
+    // CPU seconds per GiB while `nix-store -r` ran: the whole machine,
+    // and of that the two agents (mesh) or nginx.
+    let (mut mesh_nix_cpu, mut nginx_nix_cpu) = (Vec::new(), Vec::new());
+    let (mut mesh_nix_agents, mut nginx_nix_server) = (Vec::new(), Vec::new());
     // CPU seconds per GiB: server agent + client agent, nginx, server agent.
     let (mut mesh_cpu, mut nginx_cpu, mut cache_cpu) = (Vec::new(), Vec::new(), Vec::new());
     // Bytes the server's link sent and received per NAR byte: framing,
@@ -233,18 +237,31 @@ pub(crate) fn throughput(
             // keeps the path alive for the client's collector (one machine).
             idle(&mut fill);
             forget(p.client, &[p.big.to_string()], &conf);
+            let servers = if mesh_turn {
+                vec![p.server_agent, p.client_agent]
+            } else {
+                process_tree(p.nginx)
+            };
+            let (machine, serving) = (machine_busy_secs(), cpu_secs(&servers));
             let t = timed(p.client, &["nix-store", "--realise", p.big]);
+            let machine = (machine_busy_secs() - machine) / gib;
+            let serving = (cpu_secs(&servers) - serving) / gib;
             if mesh_turn {
                 mesh_nix.push(mbps(t));
+                mesh_nix_cpu.push(machine);
+                mesh_nix_agents.push(serving);
             } else {
                 nginx_nix.push(mbps(t));
+                nginx_nix_cpu.push(machine);
+                nginx_nix_server.push(serving);
             }
         }
         eprintln!(
             "throughput round {round} ({label}): raw mesh {:.0} nginx {:.0} http_cache {:.0}; \
              nix-store -r mesh {:.0} nginx {:.0} MB/s; CPU s/GiB mesh {:.2} nginx {:.2} http_cache {:.2}; \
              server sent/received per NAR byte mesh {:.3}/{:.3} nginx {:.3}/{:.3}; \
-             the server's agent filling in frames between measurements {:.2} CPU-s",
+             the server's agent filling in frames between measurements {:.2} CPU-s; \
+             while nix-store -r ran, the machine's CPU s/GiB mesh {:.2} (agents {:.2}) nginx {:.2} (nginx {:.2})",
             mesh_raw[round],
             nginx_raw[round],
             cache_raw[round],
@@ -258,6 +275,10 @@ pub(crate) fn throughput(
             nginx_sent[round],
             nginx_recv[round],
             fill[round],
+            mesh_nix_cpu[round],
+            mesh_nix_agents[round],
+            nginx_nix_cpu[round],
+            nginx_nix_server[round],
         );
     }
     idle(&mut fill);
@@ -275,6 +296,20 @@ pub(crate) fn throughput(
     rows.push(row("raw NAR", &mesh_raw, &nginx_raw, "nginx", "MB/s"));
     rows.push(row("raw NAR", &mesh_raw, &cache_raw, "http_cache", "MB/s"));
     rows.push(row("nix-store -r", &mesh_nix, &nginx_nix, "nginx", "MB/s"));
+    rows.push(row(
+        "  the machine's CPU while nix-store -r ran",
+        &mesh_nix_cpu,
+        &nginx_nix_cpu,
+        "nginx",
+        "s/GiB",
+    ));
+    rows.push(row(
+        "  of that, both agents vs nginx",
+        &mesh_nix_agents,
+        &nginx_nix_server,
+        "nginx",
+        "s/GiB",
+    ));
     rows.push(row(
         "  CPU of both agents vs server",
         &mesh_cpu,

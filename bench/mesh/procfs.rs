@@ -95,3 +95,26 @@ pub(crate) fn load_average() -> String {
         .and_then(|l| l.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "?".into())
 }
+
+/// CPU seconds the whole machine has spent busy since boot (every state
+/// of `/proc/stat`'s `cpu` line but idle and iowait): what a measurement
+/// costs all processes together, Nix's daemon and its children included.
+pub(crate) fn machine_busy_secs() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_else(|e| panic!("/proc/stat: {e}"));
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .unwrap_or_else(|| panic!("/proc/stat has no cpu line:\n{stat}"));
+    let fields: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("/proc/stat: {line}")))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already inside user).
+    let busy: f64 = fields.iter().take(8).sum::<f64>() - fields[3] - fields[4];
+    busy / ticks
+}
