@@ -176,6 +176,16 @@ pub(crate) fn throughput(
     // Bytes the server's link sent and received per NAR byte: framing,
     // retransmissions, acknowledgements.
     let (mut mesh_sent, mut nginx_sent) = (Vec::new(), Vec::new());
+    // Of the NAR bytes the holder served to curl through the mesh, the
+    // shares it packed with LZ4 and with zstd.
+    let mut packed_shares = Vec::new();
+    let served = || {
+        let c = holder
+            .peer(p.client.name())
+            .map(|peer| peer.counters)
+            .unwrap_or_default();
+        [c.bytes_served, c.served_lz4, c.served_zstd].map(|b| b as f64)
+    };
     let (mut mesh_recv, mut nginx_recv) = (Vec::new(), Vec::new());
     let link = |h: &Host| {
         let b = h.link_bytes();
@@ -206,11 +216,18 @@ pub(crate) fn throughput(
                 // The narinfo first, as Nix does: it tells the agent where
                 // the NAR is.
                 let url = nar_url(p.client, SUBSTITUTER, p.big);
+                let served_before = served();
                 let before = cpu_secs(&[p.server_agent, p.client_agent]);
                 let wire = link(p.server);
                 let t = curl_get(p.client, &format!("{SUBSTITUTER}/{url}"));
                 let (sent, received) = per_nar_byte(wire, link(p.server));
                 mesh_cpu.push((cpu_secs(&[p.server_agent, p.client_agent]) - before) / gib);
+                let after = served();
+                let all = (after[0] - served_before[0]).max(1.0);
+                packed_shares.push((
+                    (after[1] - served_before[1]) / all,
+                    (after[2] - served_before[2]) / all,
+                ));
                 mesh_raw.push(mbps(t));
                 mesh_sent.push(sent);
                 mesh_recv.push(received);
@@ -259,7 +276,8 @@ pub(crate) fn throughput(
         eprintln!(
             "throughput round {round} ({label}): raw mesh {:.0} nginx {:.0} http_cache {:.0}; \
              nix-store -r mesh {:.0} nginx {:.0} MB/s; CPU s/GiB mesh {:.2} nginx {:.2} http_cache {:.2}; \
-             server sent/received per NAR byte mesh {:.3}/{:.3} nginx {:.3}/{:.3}; \
+             server sent/received per NAR byte mesh {:.3}/{:.3} nginx {:.3}/{:.3} \
+             (the mesh's NAR packed with LZ4 {:.0} %, zstd {:.0} %); \
              the server's agent filling in frames between measurements {:.2} CPU-s; \
              while nix-store -r ran, the machine's CPU s/GiB mesh {:.2} (agents {:.2}) nginx {:.2} (nginx {:.2})",
             mesh_raw[round],
@@ -274,6 +292,8 @@ pub(crate) fn throughput(
             mesh_recv[round],
             nginx_sent[round],
             nginx_recv[round],
+            packed_shares[round].0 * 100.0,
+            packed_shares[round].1 * 100.0,
             fill[round],
             mesh_nix_cpu[round],
             mesh_nix_agents[round],

@@ -328,6 +328,9 @@ impl PeerServer {
         let served = self
             .serve_nar(node, sink, hash, nar_hash, part, framing)
             .await;
+        if let Some((_, pace)) = pace.as_ref() {
+            tracing::debug!(peer = %node, ?pace, "pace after a NAR request");
+        }
         // Resets come between whole frames, after `NarFollows`: a stop
         // header in place of the next frame says what a QUIC stream's
         // reset would, and `DONE` that all was sent.
