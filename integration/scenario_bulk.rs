@@ -290,14 +290,15 @@ fn a_holder_fills_in_the_frames_a_serve_did_not_pack() {
     assert_eq!(agent_2.metric("nixmesh_nar_verify_failures_total"), 0.0);
 }
 
-/// Version 6: a holder that packs chunks for an asker of version 6 starts
-/// with LZ4 (and keeps it where that carries the most NAR per second), and
+/// Version 6: over a gigabit link, where LZ4 carries the most NAR per
+/// second, a holder packs chunks for an asker of version 6 with LZ4, and
 /// an asker held at version 5 gets zstd only; both get the path intact.
 /// Which codec wins on which link is `mesh::pace`'s unit tests' business.
 #[test]
 fn an_asker_of_version_6_gets_lz4_chunks_and_one_of_version_5_zstd_only() {
     let lan = Lan::new(3);
     let (new, holder, old) = (lan.host(0), lan.host(1), lan.host(2));
+    holder.shape(1_000_000_000);
     let path = binaries_on(holder, &[new, old]);
     let agent_h = holder.start_agent("");
     // The askers share nothing, so each gets the path from H.
