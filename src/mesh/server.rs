@@ -557,7 +557,11 @@ impl PeerServer {
         if !packer.compresses() {
             return self.send_raw_frames(node, send, stream).await;
         }
-        let mut pending = BytesMut::with_capacity(nar_chunks::CHUNK);
+        // The next chunk's pieces, as the store gave them (`n` bytes, up
+        // to `CHUNK`), and what is left of the piece that ended it: raw
+        // chunks go out as those pieces, with no copy.
+        let mut pieces: Vec<Bytes> = Vec::new();
+        let mut rest = Bytes::new();
         let mut ended = false;
         let mut gaps = FrameGaps::default();
         // A packed frame not yet sent (its NAR bytes, and the codec that
@@ -565,17 +569,25 @@ impl PeerServer {
         // packed.
         let mut ready: Option<(Vec<u8>, usize, Option<Codec>)> = None;
         loop {
-            while pending.len() < nar_chunks::CHUNK && !ended {
-                match stream.next().await {
-                    Some(chunk) => pending.extend_from_slice(&chunk.map_err(nar_fault)?),
-                    None => ended = true,
+            let mut n = 0;
+            while n < nar_chunks::CHUNK {
+                if rest.is_empty() {
+                    if ended {
+                        break;
+                    }
+                    match stream.next().await {
+                        Some(piece) => rest = piece.map_err(nar_fault)?,
+                        None => ended = true,
+                    }
+                    continue;
                 }
+                let take = (nar_chunks::CHUNK - n).min(rest.len());
+                pieces.push(rest.split_to(take));
+                n += take;
             }
-            if pending.is_empty() {
+            if n == 0 {
                 break;
             }
-            let n = pending.len().min(nar_chunks::CHUNK);
-            let raw = pending.split_to(n).freeze();
             let slot = slots.next(n);
             // A probe of the pace may be packed with both codecs; the
             // smaller frame goes.
@@ -594,9 +606,10 @@ impl PeerServer {
                 if let Some((frame, m, packed)) = ready.take() {
                     self.put_frame(node, send, frame, m, packed).await?;
                 }
-                self.put_raw_frame(node, send, &mut vec![raw]).await?;
+                self.put_raw_frame(node, send, &mut pieces).await?;
                 continue;
             }
+            let raw = contiguous(&mut pieces, n);
             let shared = self.shared.clone();
             let info = slots.info.clone();
             let job = tokio::task::spawn_blocking(move || {
@@ -1023,6 +1036,19 @@ impl TimedPack {
 }
 
 /// Packs `raw` with `codec` and times it (on the blocking pool).
+/// A chunk's `n` bytes in one piece, to pack: copied together only where
+/// the store gave them in several.
+fn contiguous(pieces: &mut Vec<Bytes>, n: usize) -> Bytes {
+    if pieces.len() == 1 {
+        return pieces.pop().unwrap_or_default();
+    }
+    let mut whole = BytesMut::with_capacity(n);
+    for piece in pieces.drain(..) {
+        whole.extend_from_slice(&piece);
+    }
+    whole.freeze()
+}
+
 fn timed_pack(packer: &mut Packer, raw: &[u8], codec: Option<Codec>) -> TimedPack {
     let began = std::time::Instant::now();
     let frame = packer.pack_with(raw, codec);
