@@ -59,6 +59,18 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
     curl_get(client, &nginx_nar);
     curl_get(client, &cache_nar);
 
+    // One untimed substitution from nginx first: the first NAR written to
+    // the client's fresh store costs its file system (and the sparse file
+    // under it) more than any later one, which would fall on the side that
+    // goes first.
+    forget(
+        client,
+        &[big.clone()],
+        &format!("substituters = {nginx_base}"),
+    );
+    timed(client, &["nix-store", "--realise", &big]);
+    forget(client, &[big.clone()], "");
+
     let label = format!("{} MiB NAR ({})", big_nar / MIB, s.corpus);
     let pair = Pair {
         client,
@@ -176,6 +188,7 @@ pub(crate) fn throughput(
     // Bytes the server's link sent and received per NAR byte: framing,
     // retransmissions, acknowledgements.
     let (mut mesh_sent, mut nginx_sent) = (Vec::new(), Vec::new());
+    let (mut mesh_recv, mut nginx_recv) = (Vec::new(), Vec::new());
     // Of the NAR bytes the holder served to curl through the mesh, the
     // shares it packed with LZ4 and with zstd.
     let mut packed_shares = Vec::new();
@@ -183,10 +196,9 @@ pub(crate) fn throughput(
         let c = holder
             .peer(p.client.name())
             .map(|peer| peer.counters)
-            .unwrap_or_default();
+            .expect("the holder knows the client");
         [c.bytes_served, c.served_lz4, c.served_zstd].map(|b| b as f64)
     };
-    let (mut mesh_recv, mut nginx_recv) = (Vec::new(), Vec::new());
     let link = |h: &Host| {
         let b = h.link_bytes();
         (b.sent, b.received)
@@ -207,17 +219,6 @@ pub(crate) fn throughput(
         wait_holders_idle(&[holder]);
         *fill.last_mut().expect("a round's entry") += cpu_secs(&[p.server_agent]) - before;
     };
-    // One untimed substitution from nginx first: the first NAR written to
-    // the client's fresh store costs its file system (and the sparse file
-    // under it) more than any later one, which would fall on the side that
-    // goes first.
-    forget(
-        p.client,
-        &[p.big.to_string()],
-        &format!("substituters = {}", p.nginx_base),
-    );
-    timed(p.client, &["nix-store", "--realise", p.big]);
-    forget(p.client, &[p.big.to_string()], "");
     for round in 0..s.rounds {
         let mesh_first = round % 2 == 0;
         fill.push(0.0);

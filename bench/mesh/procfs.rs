@@ -55,10 +55,16 @@ pub(crate) fn process_tree(pid: u32) -> Vec<u32> {
     all
 }
 
-pub(crate) fn cpu_secs(pids: &[u32]) -> f64 {
+/// Clock ticks per second, the unit of /proc's CPU times.
+fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     #[allow(unsafe_code)]
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64
+}
+
+pub(crate) fn cpu_secs(pids: &[u32]) -> f64 {
+    let ticks = clock_ticks();
     pids.iter()
         .map(|pid| {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -96,13 +102,13 @@ pub(crate) fn load_average() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// CPU seconds the whole machine has spent busy since boot (every state
-/// of `/proc/stat`'s `cpu` line but idle and iowait): what a measurement
-/// costs all processes together, Nix's daemon and its children included.
+/// CPU seconds the whole machine has spent busy since boot (user, nice,
+/// system, irq and softirq of `/proc/stat`'s `cpu` line; not idle, iowait,
+/// nor steal, which is the hypervisor's time for others): what a
+/// measurement costs all processes together, Nix's daemon and its
+/// children included.
 pub(crate) fn machine_busy_secs() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    #[allow(unsafe_code)]
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks = clock_ticks();
     let stat = fs::read_to_string("/proc/stat").unwrap_or_else(|e| panic!("/proc/stat: {e}"));
     let line = stat
         .lines()
@@ -113,8 +119,8 @@ pub(crate) fn machine_busy_secs() -> f64 {
         .skip(1)
         .map(|v| v.parse().unwrap_or_else(|_| panic!("/proc/stat: {line}")))
         .collect();
-    // user nice system idle iowait irq softirq steal (guest time is
-    // already inside user).
-    let busy: f64 = fields.iter().take(8).sum::<f64>() - fields[3] - fields[4];
+    // user nice system idle iowait irq softirq (guest time is already
+    // inside user).
+    let busy: f64 = fields.iter().take(7).sum::<f64>() - fields[3] - fields[4];
     busy / ticks
 }

@@ -328,8 +328,8 @@ impl PeerServer {
         let served = self
             .serve_nar(node, sink, hash, nar_hash, part, framing)
             .await;
-        if let Some((_, pace)) = pace.as_ref() {
-            tracing::debug!(peer = %node, ?pace, "pace after a NAR request");
+        if let (Some((_, pace)), true) = (pace.as_ref(), level & nar_chunks::ADAPTIVE != 0) {
+            tracing::debug!(peer = %node, %pace, "pace after a NAR request");
         }
         // Resets come between whole frames, after `NarFollows`: a stop
         // header in place of the next frame says what a QUIC stream's
@@ -581,9 +581,7 @@ impl PeerServer {
                     }
                     continue;
                 }
-                let take = (nar_chunks::CHUNK - n).min(rest.len());
-                pieces.push(rest.split_to(take));
-                n += take;
+                n = gather(&mut rest, &mut pieces, n);
             }
             if n == 0 {
                 break;
@@ -717,9 +715,7 @@ impl PeerServer {
             if let Some(piece) = next {
                 let mut piece = piece.map_err(nar_fault)?;
                 while !piece.is_empty() {
-                    let take = (nar_chunks::CHUNK - held).min(piece.len());
-                    pieces.push(piece.split_to(take));
-                    held += take;
+                    held = gather(&mut piece, &mut pieces, held);
                     if held == nar_chunks::CHUNK {
                         self.put_raw_frame(node, send, &mut pieces).await?;
                         held = 0;
@@ -1035,7 +1031,18 @@ impl TimedPack {
     }
 }
 
-/// Packs `raw` with `codec` and times it (on the blocking pool).
+/// Moves bytes from `rest` (a piece of the NAR as the store gave it) into
+/// `pieces`, which hold `held` bytes of the next chunk, until they hold a
+/// whole `CHUNK` or `rest` is used up; split, not copied. Returns the
+/// bytes `pieces` now hold.
+fn gather(rest: &mut Bytes, pieces: &mut Vec<Bytes>, held: usize) -> usize {
+    let take = (nar_chunks::CHUNK - held).min(rest.len());
+    if take > 0 {
+        pieces.push(rest.split_to(take));
+    }
+    held + take
+}
+
 /// A chunk's `n` bytes in one piece, to pack: copied together only where
 /// the store gave them in several.
 fn contiguous(pieces: &mut Vec<Bytes>, n: usize) -> Bytes {
@@ -1049,6 +1056,7 @@ fn contiguous(pieces: &mut Vec<Bytes>, n: usize) -> Bytes {
     whole.freeze()
 }
 
+/// Packs `raw` with `codec` and times it (on the blocking pool).
 fn timed_pack(packer: &mut Packer, raw: &[u8], codec: Option<Codec>) -> TimedPack {
     let began = std::time::Instant::now();
     let frame = packer.pack_with(raw, codec);
@@ -1062,6 +1070,33 @@ fn timed_pack(packer: &mut Packer, raw: &[u8], codec: Option<Codec>) -> TimedPac
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_gather_into_whole_chunks_and_a_short_last_one() {
+        const C: usize = nar_chunks::CHUNK;
+        // The store's pieces: uneven, empty, and whole-chunk ones.
+        let sizes = [100, 0, C, C - 100, 7, C, 0, 3 * C / 2, 1];
+        let nar: Vec<u8> = (0..sizes.iter().sum::<usize>()).map(|i| i as u8).collect();
+        let mut at = 0;
+        let (mut chunks, mut pieces, mut held) = (Vec::new(), Vec::new(), 0);
+        for size in sizes {
+            let mut rest = Bytes::copy_from_slice(&nar[at..at + size]);
+            at += size;
+            while !rest.is_empty() {
+                held = gather(&mut rest, &mut pieces, held);
+                if held == C {
+                    chunks.push(contiguous(&mut pieces, held));
+                    held = 0;
+                }
+            }
+        }
+        assert!(pieces.iter().all(|p| !p.is_empty()), "no empty piece");
+        chunks.push(contiguous(&mut pieces, held));
+        assert!(pieces.is_empty());
+        let lens: Vec<usize> = chunks.iter().map(Bytes::len).collect();
+        assert_eq!(lens, [C, C, C, C, nar.len() - 4 * C]);
+        assert_eq!(chunks.concat(), nar);
+    }
 
     #[test]
     fn a_nar_is_filled_where_it_compresses_and_chunks_went_unpacked() {
