@@ -65,11 +65,11 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
     // goes first.
     forget(
         client,
-        &[big.clone()],
+        std::slice::from_ref(&big),
         &format!("substituters = {nginx_base}"),
     );
     timed(client, &["nix-store", "--realise", &big]);
-    forget(client, &[big.clone()], "");
+    forget(client, std::slice::from_ref(&big), "");
 
     let label = format!("{} MiB NAR ({})", big_nar / MIB, s.corpus);
     let pair = Pair {
