@@ -47,11 +47,7 @@ impl ChunkBuffers {
     /// where `capacity` is at most the pool's size and one is free, else a
     /// new one of `capacity` bytes.
     pub fn take(&self, capacity: usize) -> Vec<u8> {
-        let kept = match capacity <= self.pool.size {
-            true => lock(&self.pool.free).pop(),
-            false => None,
-        };
-        match kept {
+        match self.kept_for(capacity) {
             Some(mut buf) => {
                 buf.clear();
                 buf
@@ -64,16 +60,20 @@ impl ChunkBuffers {
     /// bytes): for a caller that overwrites all of them. A kept buffer of
     /// the pool's size needs no zeroing.
     pub fn take_len(&self, len: usize) -> Vec<u8> {
-        let kept = match len <= self.pool.size {
-            true => lock(&self.pool.free).pop(),
-            false => None,
-        };
-        match kept {
+        match self.kept_for(len) {
             Some(mut buf) => {
                 buf.resize(len, 0);
                 buf
             }
             None => vec![0; len],
+        }
+    }
+
+    /// A kept buffer, if one is free and `need` bytes fit in it.
+    fn kept_for(&self, need: usize) -> Option<Vec<u8>> {
+        match need <= self.pool.size {
+            true => lock(&self.pool.free).pop(),
+            false => None,
         }
     }
 
