@@ -46,6 +46,9 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
     let gib = nar as f64 / (1u64 << 30) as f64;
     let (mut striped, mut single) = (Vec::new(), Vec::new());
     let (mut striped_cpu, mut single_cpu) = (Vec::new(), Vec::new());
+    // How many of the machine's cores were busy: whether the transfer was
+    // bound by the links or by the CPU that every host here shares.
+    let (mut striped_busy, mut single_busy) = (Vec::new(), Vec::new());
     let mut peak_kib = 0;
     for round in 0..s.rounds {
         let striped_first = round % 2 == 0;
@@ -63,21 +66,25 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             forget(client, std::slice::from_ref(&big), &conf);
             let mut pids = holder_pids.clone();
             pids.push(agent_pid(&agent));
-            let cpu_before = cpu_secs(&pids);
+            let (cpu_before, busy_before) = (cpu_secs(&pids), machine_busy_secs());
             let t = timed(client, &["nix-store", "--realise", &big]);
             let cpu = (cpu_secs(&pids) - cpu_before) / gib;
+            let busy = (machine_busy_secs() - busy_before) / t.as_secs_f64();
             let mbps = nar as f64 / 1e6 / t.as_secs_f64();
             eprintln!(
-                "stripes round {round}: {} {mbps:.0} MB/s, all agents {cpu:.2} CPU-s/GiB",
+                "stripes round {round}: {} {mbps:.0} MB/s, all agents {cpu:.2} CPU-s/GiB, \
+                 machine {busy:.2} cores busy",
                 if striping { "striped" } else { "one holder" }
             );
             if striping {
                 striped.push(mbps);
                 striped_cpu.push(cpu);
+                striped_busy.push(busy);
                 peak_kib = peak_kib.max(vm_hwm(agent_pid(&agent)));
             } else {
                 single.push(mbps);
                 single_cpu.push(cpu);
+                single_busy.push(busy);
             }
         }
     }
@@ -96,6 +103,12 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         what: "CPU-s per GiB, the client's and all holders' agents together".to_string(),
         mesh: format!("{:.2}", median(&striped_cpu)),
         other: format!("{:.2} (one holder)", median(&single_cpu)),
+        ratio: String::new(),
+    });
+    rows.push(Row {
+        what: "cores of this machine busy during nix-store -r (all hosts share them)".to_string(),
+        mesh: format!("{:.2}", median(&striped_busy)),
+        other: format!("{:.2} (one holder)", median(&single_busy)),
         ratio: String::new(),
     });
     rows.push(Row {
