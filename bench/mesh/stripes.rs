@@ -50,6 +50,20 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
     // bound by the links or by the CPU that every host here shares.
     let (mut striped_busy, mut single_busy) = (Vec::new(), Vec::new());
     let mut peak_kib = 0;
+    // NAR bytes the holders served the client, and of those packed.
+    let served = || {
+        agents.iter().fold([0.0, 0.0], |[all, packed], a| {
+            let c = a
+                .peer(client.name())
+                .map(|p| p.counters)
+                .unwrap_or_default();
+            [
+                all + c.bytes_served as f64,
+                packed + (c.served_zstd + c.served_lz4) as f64,
+            ]
+        })
+    };
+    let mut striped_packed = Vec::new();
     for round in 0..s.rounds {
         let striped_first = round % 2 == 0;
         for striping in [striped_first, !striped_first] {
@@ -67,19 +81,23 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             let mut pids = holder_pids.clone();
             pids.push(agent_pid(&agent));
             let (cpu_before, busy_before) = (cpu_secs(&pids), machine_busy_secs());
+            let served_before = served();
             let t = timed(client, &["nix-store", "--realise", &big]);
             let cpu = (cpu_secs(&pids) - cpu_before) / gib;
             let busy = (machine_busy_secs() - busy_before) / t.as_secs_f64();
             let mbps = nar as f64 / 1e6 / t.as_secs_f64();
+            let [all, packed] = served();
+            let packed = 100.0 * (packed - served_before[1]) / (all - served_before[0]).max(1.0);
             eprintln!(
                 "stripes round {round}: {} {mbps:.0} MB/s, all agents {cpu:.2} CPU-s/GiB, \
-                 machine {busy:.2} cores busy",
+                 machine {busy:.2} cores busy, {packed:.0} % sent packed",
                 if striping { "striped" } else { "one holder" }
             );
             if striping {
                 striped.push(mbps);
                 striped_cpu.push(cpu);
                 striped_busy.push(busy);
+                striped_packed.push(packed);
                 peak_kib = peak_kib.max(vm_hwm(agent_pid(&agent)));
             } else {
                 single.push(mbps);
@@ -109,6 +127,12 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         what: "cores of this machine busy during nix-store -r (all hosts share them)".to_string(),
         mesh: format!("{:.2}", median(&striped_busy)),
         other: format!("{:.2} (one holder)", median(&single_busy)),
+        ratio: String::new(),
+    });
+    rows.push(Row {
+        what: "share of the NAR the holders sent packed (zstd or LZ4), striped, %".to_string(),
+        mesh: format!("{:.0}", median(&striped_packed)),
+        other: String::new(),
         ratio: String::new(),
     });
     rows.push(Row {

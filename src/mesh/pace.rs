@@ -9,17 +9,22 @@
 //! on, without a guess about a peer it has not measured, and follows a
 //! link that changes.
 //!
-//! The kernel's delivery rates are noisy both ways. The holder's or the
-//! asker's slow moments give low ones (an asker that shares its cores, or
-//! is busy, takes the chunks in bursts), and so do moments the holder left
-//! the link idle, which the kernel marks (`LinkSample::app_limited`) but
-//! not always. A token bucket's burst after a pause (a shaped link, a
-//! stripe asked after another) gives high ones, far above the link's rate.
-//! An average follows each, to where packing seems to pay or seems not
-//! to. So the link's rate is a quantile of the latest samples
-//! (`LINK_QUANTILE` of `LINK_WINDOW`), which runs of slow moments and
-//! bursts both leave where the link is; it follows a link that speeds up
-//! within 26 samples and one that slows down within 39.
+//! The link's rate is what the connection delivered per second it was
+//! busy: the bytes the asker acknowledged over the time data waited to go
+//! or to be acknowledged (`tcpi_bytes_acked` over `tcpi_busy_time`), less
+//! the time the asker's receive window held it back, taken over spans of
+//! at least `LINK_SPAN` of busy time. Time the holder left the link idle
+//! (packing, reading its store, between requests) is not busy time, so it
+//! does not count against the link. The kernel's per-acknowledgement
+//! delivery rates, which this replaced, are noisy both ways: an asker's
+//! slow moments gave low ones, and a token bucket's burst after a pause (a
+//! shaped link, a stripe asked after another) high ones, 3–5 times a
+//! 300 Mbit/s link's rate for stripes of 2 MiB, so the holder sent raw
+//! chunks it should have packed. A span averages a burst with the rate
+//! that follows it, and the rate is the `LINK_QUANTILE` of the latest
+//! `LINK_WINDOW` spans, which a few odd spans leave where the link is.
+//! The kernel counts busy time in its clock ticks (4 ms at 250 Hz), so a
+//! span of 20 ms is within a fifth of its length, and unbiased.
 //!
 //! Packed with a codec, a chunk goes out at about `min(pack rate, link /
 //! ratio)` NAR bytes per second; raw, at the link's rate. Compression must
@@ -49,7 +54,7 @@
 //! An asker that cannot take the chunks as fast as the link brings them
 //! (its CPU is busy: Nix unpacking, other NARs arriving) slows the
 //! connection down too, but through its receive window, which the kernel
-//! counts apart (`LinkSample::waits`). Packing harder would not help it:
+//! counts apart (`LinkSample::held`). Packing harder would not help it:
 //! zstd chunks cost the asker more CPU to unpack than LZ4 ones or raw
 //! bytes. While the window holds the connection back more than
 //! `ASKER_BOUND` of the time, the holder packs no chunk but probes with
@@ -72,27 +77,34 @@ const _: () = assert!(PROBE_EVERY_RAW % PROBE_EVERY == 0);
 /// A mix of zstd and LZ4 chunks must carry this much (11/10) more NAR than
 /// LZ4 alone to be chosen.
 pub const MIX_EARNS: (f64, f64) = (11.0, 10.0);
-/// The link's rate is taken from this many latest delivery rates (one per
-/// chunk: 16 MiB at 256 KiB)…
-pub const LINK_WINDOW: usize = 64;
+/// The link's rate is taken from this many latest spans…
+pub const LINK_WINDOW: usize = 16;
 /// …as the rate this share of them is at or below.
 pub const LINK_QUANTILE: f64 = 0.6;
+/// A span lasts at least this much busy time (microseconds).
+pub const LINK_SPAN: u64 = 20_000;
+/// Before a connection's first span is over, the span under way gives the
+/// link's rate once it lasts this long (microseconds: two clock ticks).
+pub const FIRST_SPAN: u64 = 8_000;
+/// A span says nothing of the link's rate if the asker's window held the
+/// connection back for all but less than this share of it.
+pub const SPAN_FREE: f64 = 0.1;
 /// A connection whose receive window held it back more than this share of
 /// its busy time is bound by the asker, not the link.
 pub const ASKER_BOUND: f64 = 0.5;
 
-/// What the kernel says about a TCP connection just now.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// What the kernel says about a TCP connection just now: counts since it
+/// opened (`TCP_INFO`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinkSample {
-    /// Bytes per second the latest acknowledgements delivered.
-    pub delivery_rate: u64,
-    /// The holder did not keep the connection busy then, so the rate says
-    /// less than what the link could carry.
-    pub app_limited: bool,
-    /// Microseconds since the connection opened that it was busy sending,
-    /// and of those the ones the asker's receive window held it back
-    /// (`tcpi_busy_time`, `tcpi_rwnd_limited`), where the kernel tells.
-    pub waits: Option<(u64, u64)>,
+    /// Bytes the asker acknowledged (`tcpi_bytes_acked`).
+    pub acked: u64,
+    /// Microseconds the connection was busy: data waited to go out or to
+    /// be acknowledged (`tcpi_busy_time`).
+    pub busy: u64,
+    /// Of those, the microseconds the asker's receive window held it back
+    /// (`tcpi_rwnd_limited`).
+    pub held: u64,
 }
 
 /// What packing with one codec achieves.
@@ -113,9 +125,12 @@ impl Packing {
 
 #[derive(Debug, Default)]
 pub struct Pace {
-    /// The latest delivery rates the link was measured at (wire bytes per
-    /// second), newest last; at most `LINK_WINDOW`.
-    delivered: VecDeque<f64>,
+    /// The link's rate over the latest spans (wire bytes per second),
+    /// newest last; at most `LINK_WINDOW`.
+    spans: VecDeque<f64>,
+    /// The counts where the span under way began, and the latest.
+    span_from: Option<LinkSample>,
+    latest: Option<LinkSample>,
     zstd: Packing,
     /// `None`: the asker does not read LZ4.
     lz4: Option<Packing>,
@@ -125,8 +140,6 @@ pub struct Pace {
     chunks: u64,
     /// zstd chunks owed to the mix (one is sent once it reaches 1).
     owed: f64,
-    /// The latest `LinkSample::waits`.
-    waits: Option<(u64, u64)>,
     /// The share of busy time the asker's window held the connection back.
     asker_held: Option<f64>,
     /// The link was measured, and for the latest chunk it was faster than
@@ -175,6 +188,19 @@ fn mix(link: f64, zstd: (f64, f64), lz4: (f64, f64)) -> Option<(f64, f64)> {
     Some((f, 1.0 / (f / z + (1.0 - f) / l)))
 }
 
+/// Wire bytes per second a span from the counts `from` to `now` delivered
+/// while its asker's window left it free; `None` where the window held it
+/// back all but less than `SPAN_FREE` of its busy time.
+fn span_rate(from: LinkSample, now: LinkSample) -> Option<f64> {
+    let busy = now.busy.checked_sub(from.busy)?;
+    let held = now.held.checked_sub(from.held)?.min(busy);
+    let free = busy - held;
+    if free == 0 || (free as f64) < busy as f64 * SPAN_FREE {
+        return None;
+    }
+    Some(now.acked.checked_sub(from.acked)? as f64 * 1e6 / free as f64)
+}
+
 /// A moving average that follows a change within a few samples.
 fn follow(old: Option<f64>, sample: f64) -> Option<f64> {
     Some(match old {
@@ -192,30 +218,47 @@ impl Pace {
         }
     }
 
-    pub fn link(&mut self, s: LinkSample) {
-        let held = match (self.waits, s.waits) {
-            (Some((busy0, held0)), Some((busy, held))) if busy > busy0 => {
-                Some((held.saturating_sub(held0) as f64 / (busy - busy0) as f64).min(1.0))
+    /// The connection's counts now (after each chunk is sent).
+    pub fn link(&mut self, now: LinkSample) {
+        self.latest = Some(now);
+        let from = match self.span_from {
+            // Counts only grow on one connection; anything else starts over.
+            Some(f) if now.busy >= f.busy && now.acked >= f.acked && now.held >= f.held => f,
+            _ => {
+                self.span_from = Some(now);
+                return;
             }
-            _ => None,
         };
-        if s.waits.is_some() {
-            self.waits = s.waits;
+        let busy = now.busy - from.busy;
+        if busy < LINK_SPAN {
+            return;
         }
-        if let Some(held) = held {
-            self.asker_held = follow(self.asker_held, held);
+        self.span_from = Some(now);
+        let held = (now.held - from.held).min(busy);
+        self.asker_held = follow(self.asker_held, held as f64 / busy as f64);
+        let Some(rate) = span_rate(from, now) else {
+            return;
+        };
+        if self.spans.len() == LINK_WINDOW {
+            self.spans.pop_front();
         }
-        if !s.app_limited && s.delivery_rate > 0 {
-            if self.delivered.len() == LINK_WINDOW {
-                self.delivered.pop_front();
-            }
-            self.delivered.push_back(s.delivery_rate as f64);
-        }
+        self.spans.push_back(rate);
     }
 
     /// Wire bytes per second the link delivers when kept busy.
     fn link_rate(&self) -> Option<f64> {
-        let mut rates: Vec<f64> = self.delivered.iter().copied().collect();
+        if self.spans.is_empty() {
+            // A new connection: the span under way, once it is a clock tick
+            // or two long, says more than nothing (a short span after a
+            // slow start tends low, to packing, which is the cheaper
+            // mistake on the slow links where it matters).
+            let (from, now) = (self.span_from?, self.latest?);
+            return match now.busy.checked_sub(from.busy)? >= FIRST_SPAN {
+                true => span_rate(from, now),
+                false => None,
+            };
+        }
+        let mut rates: Vec<f64> = self.spans.iter().copied().collect();
         rates.sort_by(f64::total_cmp);
         // The nearest rank.
         let rank = (rates.len() as f64 * LINK_QUANTILE).ceil() as usize;
@@ -430,8 +473,9 @@ mod tests {
         held: f64,
     ) -> Vec<Option<Codec>> {
         let mut pace = Pace::new(lz4.is_some());
+        let mut conn = Conn::default();
         (1..=n)
-            .map(|i| {
+            .map(|_| {
                 let mut codec = pace.choose();
                 let measure = |p: Packs| ((CHUNK as f64 * p.ratio) as usize, CHUNK as f64 / p.rate);
                 if let (true, Some(l)) = (pace.pairs(), lz4) {
@@ -452,19 +496,33 @@ mod tests {
                     let (wire, secs) = measure(p);
                     pace.packed(c, CHUNK, wire, secs);
                 }
-                // Packing slower than the link drains leaves it idle part
-                // of the time: app-limited.
-                let app_limited = packs.is_some_and(|p| p.rate * p.ratio < link);
-                // 2 ms busy sending each chunk.
-                let busy = i * 2000;
-                pace.link(LinkSample {
-                    delivery_rate: link as u64,
-                    app_limited,
-                    waits: Some((busy, (busy as f64 * held) as u64)),
-                });
+                pace.link(conn.send(wire_of(packs), link, held));
                 codec
             })
             .collect()
+    }
+
+    /// A chunk's bytes on the wire, packed as `packs` says (`None`: raw).
+    fn wire_of(packs: Option<Packs>) -> usize {
+        packs.map_or(CHUNK, |p| (CHUNK as f64 * p.ratio) as usize)
+    }
+
+    /// A bulk connection's counts, as the kernel keeps them.
+    #[derive(Default)]
+    struct Conn(LinkSample);
+
+    impl Conn {
+        /// `wire` bytes sent over a link of `rate` wire bytes per second,
+        /// the asker's window holding the connection back `held` of its
+        /// busy time: the counts after.
+        fn send(&mut self, wire: usize, rate: f64, held: f64) -> LinkSample {
+            let free = wire as f64 / rate * 1e6;
+            let busy = free / (1.0 - held);
+            self.0.acked += wire as u64;
+            self.0.busy += busy.round() as u64;
+            self.0.held += (busy - free).round() as u64;
+            self.0
+        }
     }
 
     #[test]
@@ -486,13 +544,10 @@ mod tests {
         assert_eq!(packed, [1, 33, 65]);
         // An asker that cannot keep up is not sent zstd for LZ4.
         assert!(pace.takes_kept(Some(Codec::Lz4)));
-        let held = |busy: u64, held: u64| LinkSample {
-            delivery_rate: 100_000_000,
-            app_limited: false,
-            waits: Some((busy, held)),
-        };
-        pace.link(held(1000, 0));
-        pace.link(held(2000, 900));
+        let mut conn = Conn::default();
+        pace.link(conn.send(CHUNK, 100.0 * MB, 0.0));
+        // Its window held the connection back 90 % of a span.
+        pace.link(conn.send(CHUNK * 10, 100.0 * MB, 0.9));
         assert!(!pace.takes_kept(Some(Codec::Lz4)));
         assert!(pace.takes_kept(Some(Codec::Zstd)));
     }
@@ -527,25 +582,24 @@ mod tests {
     #[test]
     fn an_asker_that_holds_the_connection_back_is_told_from_a_slow_link() {
         let mut pace = Pace::default();
-        let sample = |waits| LinkSample {
-            delivery_rate: 1000,
-            app_limited: false,
-            waits: Some(waits),
-        };
-        pace.link(sample((1000, 0)));
+        let mut conn = Conn::default();
+        // 10 MB/s; a span is 200 KB of it.
+        let span = (LINK_SPAN * 10) as usize;
+        pace.link(conn.0);
         assert!(!pace.asker_bound());
-        // 900 of the next 1000 us busy held back by the window.
-        pace.link(sample((2000, 900)));
+        // 95 % of the first span held back by the window: no rate from it.
+        pace.link(conn.send(span / 20, 10.0 * MB, 0.95));
         assert!(pace.asker_bound());
+        assert_eq!(pace.link_rate(), None);
         // No busy time since: nothing new.
-        pace.link(sample((2000, 900)));
+        pace.link(conn.0);
         assert!(pace.asker_bound());
         // The asker keeps up again.
-        for i in 3..6 {
-            pace.link(sample((i * 1000, 900)));
+        for _ in 0..3 {
+            pace.link(conn.send(span, 10.0 * MB, 0.0));
         }
         assert!(!pace.asker_bound());
-        assert_eq!(pace.link_rate(), Some(1000.0));
+        assert_eq!(pace.link_rate(), Some(10.0 * MB));
     }
 
     #[test]
@@ -564,9 +618,11 @@ mod tests {
         let sent = run(400, 125.0 * MB, Some(LZ4), ZSTD);
         let zstd = count(&sent, Some(Codec::Zstd));
         assert!((160..=200).contains(&zstd), "{zstd} zstd chunks: {sent:?}");
-        // Raw only before the link is measured.
-        assert!(count(&sent, None) <= 2, "{sent:?}");
-        assert!(count(&sent, Some(Codec::Lz4)) >= 400 - 2 - zstd, "{sent:?}");
+        // Raw only before the link is measured: `FIRST_SPAN` of it, four
+        // raw chunks.
+        let raw = count(&sent, None);
+        assert!(raw <= 5, "{sent:?}");
+        assert!(sent[raw + 1..].iter().all(Option::is_some), "{sent:?}");
     }
 
     #[test]
@@ -605,6 +661,7 @@ mod tests {
         // better than the one that is).
         let measure = |p: Packs| ((CHUNK as f64 * p.ratio) as usize, CHUNK as f64 / p.rate);
         let mut pace = Pace::new(true);
+        let mut conn = Conn::default();
         let mut sent = Vec::new();
         for i in 0..400u64 {
             let lz4 = Packs {
@@ -624,11 +681,8 @@ mod tests {
                 let (wire, secs) = measure(if c == Codec::Lz4 { lz4 } else { zstd });
                 pace.packed(c, CHUNK, wire, secs);
             }
-            pace.link(LinkSample {
-                delivery_rate: (12.5 * MB) as u64,
-                app_limited: false,
-                waits: None,
-            });
+            let packs = codec.map(|c| if c == Codec::Lz4 { lz4 } else { zstd });
+            pace.link(conn.send(wire_of(packs), 12.5 * MB, 0.0));
             sent.push(codec);
         }
         assert!(count(&sent, Some(Codec::Zstd)) > 380, "{sent:?}");
@@ -662,19 +716,17 @@ mod tests {
     #[test]
     fn a_link_that_slows_down_is_followed() {
         let mut pace = Pace::new(false);
+        let mut conn = Conn::default();
         let mut tail = Vec::new();
-        for i in 0..200 {
-            let link = if i < 100 { 400.0 * MB } else { 100.0 * MB };
+        for i in 0..400 {
+            let link = if i < 200 { 400.0 * MB } else { 100.0 * MB };
             let codec = pace.choose();
             if let Some(c) = codec {
                 pace.packed(c, CHUNK, CHUNK / 3, CHUNK as f64 / (220.0 * MB));
             }
-            pace.link(LinkSample {
-                delivery_rate: link as u64,
-                app_limited: codec.is_some() && link > 220.0 * MB / 3.0,
-                waits: None,
-            });
-            if i >= 150 {
+            let wire = if codec.is_some() { CHUNK / 3 } else { CHUNK };
+            pace.link(conn.send(wire, link, 0.0));
+            if i >= 300 {
                 tail.push(codec);
             }
         }
@@ -688,22 +740,24 @@ mod tests {
             .filter(|&i| sent[i].is_some())
             .map(|i| i + 1)
             .collect();
-        // The first chunk, packed with both codecs to measure them; then
-        // one in `PROBE_EVERY_RAW`.
-        assert_eq!(probes, [1, 129, 257, 385], "{sent:?}");
+        // The first chunk, packed with both codecs to measure them; one in
+        // `PROBE_EVERY` until the link is measured (`FIRST_SPAN`, 61
+        // chunks); then one in `PROBE_EVERY_RAW`.
+        assert_eq!(probes, [1, 33, 129, 257, 385], "{sent:?}");
     }
 
-    /// Chunks sent over a link whose `i`th delivery rate sample is
-    /// `rate(i)` wire bytes per second, chunk `i` packed by LZ4 and zstd as
-    /// `packs(i)` says; with the chunks (counted from 1) packed with both
-    /// to measure.
+    /// Chunks sent over a link that takes chunk `i` at `link(i).0` wire
+    /// bytes per second, the asker's window holding it back `link(i).1` of
+    /// the time, chunk `i` packed by LZ4 and zstd as `packs(i)` says; with
+    /// the chunks (counted from 1) packed with both to measure.
     fn run_with(
         n: u64,
-        rate: impl Fn(u64) -> f64,
+        link: impl Fn(u64) -> (f64, f64),
         packs: impl Fn(u64) -> (Packs, Packs),
     ) -> (Vec<Option<Codec>>, Vec<u64>) {
         let measure = |p: Packs| ((CHUNK as f64 * p.ratio) as usize, CHUNK as f64 / p.rate);
         let mut pace = Pace::new(true);
+        let mut conn = Conn::default();
         let mut paired = Vec::new();
         let sent = (0..n)
             .map(|i| {
@@ -717,24 +771,22 @@ mod tests {
                     let (wire, secs) = measure(if c == Codec::Lz4 { lz4 } else { zstd });
                     pace.packed(c, CHUNK, wire, secs);
                 }
-                pace.link(LinkSample {
-                    delivery_rate: rate(i) as u64,
-                    app_limited: false,
-                    waits: None,
-                });
+                let packs = codec.map(|c| if c == Codec::Lz4 { lz4 } else { zstd });
+                let (rate, held) = link(i);
+                pace.link(conn.send(wire_of(packs), rate, held));
                 codec
             })
             .collect();
         (sent, paired)
     }
 
-    fn run_rates(n: u64, rate: impl Fn(u64) -> f64, lz4: Packs) -> Vec<Option<Codec>> {
-        run_with(n, rate, |_| (lz4, ZSTD)).0
+    fn run_rates(n: u64, link: impl Fn(u64) -> (f64, f64), lz4: Packs) -> Vec<Option<Codec>> {
+        run_with(n, link, |_| (lz4, ZSTD)).0
     }
 
     #[test]
     fn a_link_that_packing_beats_is_probed_one_chunk_in_32() {
-        let (_, paired) = run_with(400, |_| 12.5 * MB, |_| (LZ4, ZSTD));
+        let (_, paired) = run_with(400, |_| (12.5 * MB, 0.0), |_| (LZ4, ZSTD));
         let every: Vec<u64> = (0..13).map(|k| 1 + k * PROBE_EVERY).collect();
         assert_eq!(paired, every);
     }
@@ -748,7 +800,7 @@ mod tests {
             true => (Packs { ratio: 1.0, ..LZ4 }, Packs { ratio: 1.0, ..ZSTD }),
             false => (LZ4, ZSTD),
         };
-        let (sent, _) = run_with(400, |_| 12.5 * MB, packs);
+        let (sent, _) = run_with(400, |_| (12.5 * MB, 0.0), packs);
         assert!(
             sent[..200].iter().filter(|c| c.is_some()).count() <= 200 / PROBE_EVERY as usize + 2,
             "{sent:?}"
@@ -761,52 +813,66 @@ mod tests {
     }
 
     #[test]
-    fn a_fast_link_measured_low_for_moments_is_not_judged_by_them() {
+    fn a_fast_link_held_back_by_its_asker_for_moments_is_not_judged_by_them() {
         // An asker that shares its cores with the holder takes the chunks
-        // in bursts: most samples say 1.3 GB/s, and the last six of every
-        // twenty 150 MB/s. LZ4 packs at 900 MB/s, to 0.45: slower than the
-        // link, so chunks go raw but for probes.
+        // in bursts: the link carries 1.3 GB/s, and for six chunks of every
+        // twenty the asker's window holds it back 90 % of the time. LZ4
+        // packs at 900 MB/s, to 0.45: slower than the link, so chunks go
+        // raw but for probes.
         let lz4 = Packs {
             rate: 900.0 * MB,
             ratio: 0.45,
         };
-        let rate = |i: u64| {
-            if i % 20 >= 14 {
-                150.0 * MB
-            } else {
-                1300.0 * MB
-            }
-        };
-        let sent = run_rates(400, rate, lz4);
-        let packed = 400 - count(&sent, None);
-        assert!(packed <= 400 / PROBE_EVERY as usize + 2, "{sent:?}");
+        let link = |i: u64| (1300.0 * MB, if i % 20 >= 14 { 0.9 } else { 0.0 });
+        let sent = run_rates(2000, link, lz4);
+        let packed = 2000 - count(&sent, None);
+        assert!(packed <= 2000 / PROBE_EVERY as usize + 2, "{sent:?}");
     }
 
     #[test]
-    fn a_slow_link_measured_high_for_moments_is_not_judged_by_them() {
+    fn a_slow_link_that_bursts_after_each_pause_is_not_judged_by_its_bursts() {
         // 300 Mbit/s behind a token bucket, asked for 2 MiB stripes: the
-        // first chunk of each goes out in the bucket's burst, measured at
-        // 2 GB/s. zstd carries the most NAR throughout.
-        let rate = |i: u64| if i % 8 == 0 { 2000.0 * MB } else { 37.5 * MB };
-        let sent = run_rates(400, rate, LZ4);
-        assert!(count(&sent, Some(Codec::Zstd)) >= 390, "{sent:?}");
+        // first four chunks of each (the bucket's 375 KB) go out at 2 GB/s
+        // after the pause between stripes. Per acknowledgement, half the
+        // rates were 2 GB/s and raw chunks won; over busy time the link
+        // carries 75 MB/s, and zstd still carries the most NAR.
+        let link = |i: u64| (if i % 8 < 4 { 2000.0 * MB } else { 37.5 * MB }, 0.0);
+        let sent = run_rates(400, link, LZ4);
+        assert!(count(&sent, Some(Codec::Zstd)) >= 370, "{sent:?}");
     }
 
     #[test]
-    fn app_limited_samples_say_nothing_about_the_link() {
+    fn a_new_connection_is_measured_before_its_first_span_ends() {
         let mut pace = Pace::default();
-        pace.link(LinkSample {
-            delivery_rate: 1000,
-            app_limited: true,
-            waits: None,
-        });
+        let mut conn = Conn::default();
+        pace.link(conn.0);
+        // 7.9 ms busy: shorter than `FIRST_SPAN`.
+        pace.link(conn.send(CHUNK * 3, 100.0 * MB, 0.0));
         assert_eq!(pace.link_rate(), None);
-        pace.link(LinkSample {
-            delivery_rate: 0,
-            app_limited: false,
-            waits: None,
-        });
+        pace.link(conn.send(CHUNK, 100.0 * MB, 0.0));
+        let rate = pace.link_rate().expect("measured after 10.5 ms");
+        assert!((rate / (100.0 * MB) - 1.0).abs() < 0.01, "{rate}");
+    }
+
+    #[test]
+    fn a_span_too_short_or_held_back_says_nothing_of_the_link() {
+        let mut pace = Pace::default();
+        let mut conn = Conn::default();
+        pace.link(conn.0);
+        // Less than a span of busy time: no rate yet.
+        pace.link(conn.send(CHUNK, 100.0 * MB, 0.0));
         assert_eq!(pace.link_rate(), None);
+        // A whole span, all but a twentieth of it held back by the window.
+        pace.link(conn.send(CHUNK * 5, 100.0 * MB, 0.95));
+        assert_eq!(pace.link_rate(), None);
+        // Counts that went back are another connection's: a new span.
+        pace.link(LinkSample::default());
+        pace.link(LinkSample {
+            acked: 3_000_000,
+            busy: LINK_SPAN,
+            held: 0,
+        });
+        assert_eq!(pace.link_rate(), Some(150.0 * MB));
     }
 
     #[test]
