@@ -3,9 +3,8 @@
 //! `nar_chunks::ADAPTIVE`). Compression pays while the link, not the
 //! holder, is what holds the transfer back: packed chunks then carry more
 //! NAR per second than raw ones would. The holder knows both sides of
-//! that: its TCP connection measures what the link delivers (the kernel's
-//! delivery rate, while the holder keeps the connection busy), and it
-//! times its own packing. So it decides chunk by chunk, from the first NAR
+//! that: its TCP connection counts what the link delivers while the holder
+//! keeps it busy, and the holder times its own packing. So it decides chunk by chunk, from the first NAR
 //! on, without a guess about a peer it has not measured, and follows a
 //! link that changes.
 //!
@@ -13,9 +12,13 @@
 //! busy: the bytes the asker acknowledged over the time data waited to go
 //! or to be acknowledged (`tcpi_bytes_acked` over `tcpi_busy_time`), less
 //! the time the asker's receive window held it back, taken over spans of
-//! at least `LINK_SPAN` of busy time. Time the holder left the link idle
-//! (packing, reading its store, between requests) is not busy time, so it
-//! does not count against the link. The kernel's per-acknowledgement
+//! at least `LINK_SPAN` of busy time and `FREE_SPAN` of it not held back.
+//! Time the holder left the link idle (packing, reading its store, between
+//! requests) is not busy time, so it does not count against the link, but
+//! for the round trip each busy spell ends with, waiting for the last
+//! acknowledgement: where the holder packs slower than the link, the rate
+//! reads low by that (a few percent on a LAN; more on a link with a long
+//! round trip, where it leans to packing). The kernel's per-acknowledgement
 //! delivery rates, which this replaced, are noisy both ways: an asker's
 //! slow moments gave low ones, and a token bucket's burst after a pause (a
 //! shaped link, a stripe asked after another) high ones, 3–5 times a
@@ -24,7 +27,8 @@
 //! that follows it, and the rate is the `LINK_QUANTILE` of the latest
 //! `LINK_WINDOW` spans, which a few odd spans leave where the link is.
 //! The kernel counts busy time in its clock ticks (4 ms at 250 Hz), so a
-//! span of 20 ms is within a fifth of its length, and unbiased.
+//! span's 10 ms free is within about two fifths, unbiased, and the
+//! quantile of several spans closer.
 //!
 //! Packed with a codec, a chunk goes out at about `min(pack rate, link /
 //! ratio)` NAR bytes per second; raw, at the link's rate. Compression must
@@ -57,8 +61,10 @@
 //! counts apart (`LinkSample::held`). Packing harder would not help it:
 //! zstd chunks cost the asker more CPU to unpack than LZ4 ones or raw
 //! bytes. While the window holds the connection back more than
-//! `ASKER_BOUND` of the time, the holder packs no chunk but probes with
-//! zstd. Pure.
+//! `ASKER_BOUND` of the time, the holder packs no chunk with zstd but
+//! probes, and LZ4 only where it carries more than raw bytes. The share is
+//! followed span by span: it takes about three spans (60 ms of busy time
+//! or more) to turn. Pure.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -81,14 +87,18 @@ pub const MIX_EARNS: (f64, f64) = (11.0, 10.0);
 pub const LINK_WINDOW: usize = 16;
 /// …as the rate this share of them is at or below.
 pub const LINK_QUANTILE: f64 = 0.6;
-/// A span lasts at least this much busy time (microseconds).
+/// A span lasts at least this much busy time (microseconds)…
 pub const LINK_SPAN: u64 = 20_000;
+/// …and this much of it not held back by the asker's window…
+pub const FREE_SPAN: u64 = 10_000;
+/// …or, where the window holds it back nearly all the time, this much busy
+/// time; it then tells how much the window held it back, and nothing of
+/// the link's rate.
+pub const LONGEST_SPAN: u64 = 10 * LINK_SPAN;
 /// Before a connection's first span is over, the span under way gives the
-/// link's rate once it lasts this long (microseconds: two clock ticks).
+/// link's rate once this much of it was free (microseconds: two clock
+/// ticks at 250 Hz).
 pub const FIRST_SPAN: u64 = 8_000;
-/// A span says nothing of the link's rate if the asker's window held the
-/// connection back for all but less than this share of it.
-pub const SPAN_FREE: f64 = 0.1;
 /// A connection whose receive window held it back more than this share of
 /// its busy time is bound by the asker, not the link.
 pub const ASKER_BOUND: f64 = 0.5;
@@ -188,17 +198,22 @@ fn mix(link: f64, zstd: (f64, f64), lz4: (f64, f64)) -> Option<(f64, f64)> {
     Some((f, 1.0 / (f / z + (1.0 - f) / l)))
 }
 
-/// Wire bytes per second a span from the counts `from` to `now` delivered
-/// while its asker's window left it free; `None` where the window held it
-/// back all but less than `SPAN_FREE` of its busy time.
-fn span_rate(from: LinkSample, now: LinkSample) -> Option<f64> {
+/// The busy and free (not held back) microseconds from the counts `from`
+/// to `now`; `None` if they are not one connection's, in order.
+fn busy_free(from: LinkSample, now: LinkSample) -> Option<(u64, u64)> {
     let busy = now.busy.checked_sub(from.busy)?;
     let held = now.held.checked_sub(from.held)?.min(busy);
-    let free = busy - held;
-    if free == 0 || (free as f64) < busy as f64 * SPAN_FREE {
-        return None;
-    }
-    Some(now.acked.checked_sub(from.acked)? as f64 * 1e6 / free as f64)
+    now.acked.checked_sub(from.acked)?;
+    Some((busy, busy - held))
+}
+
+/// Wire bytes per second the link delivered from the counts `from` to
+/// `now` while the asker's window left it free, if it was free at least
+/// `least` microseconds and delivered anything.
+fn span_rate(from: LinkSample, now: LinkSample, least: u64) -> Option<f64> {
+    let (_, free) = busy_free(from, now)?;
+    let acked = now.acked - from.acked;
+    (free >= least.max(1) && acked > 0).then(|| acked as f64 * 1e6 / free as f64)
 }
 
 /// A moving average that follows a change within a few samples.
@@ -221,22 +236,19 @@ impl Pace {
     /// The connection's counts now (after each chunk is sent).
     pub fn link(&mut self, now: LinkSample) {
         self.latest = Some(now);
-        let from = match self.span_from {
-            // Counts only grow on one connection; anything else starts over.
-            Some(f) if now.busy >= f.busy && now.acked >= f.acked && now.held >= f.held => f,
-            _ => {
-                self.span_from = Some(now);
-                return;
-            }
+        // Counts only grow on one connection; anything else starts over.
+        let Some((from, (busy, free))) = self.span_from.and_then(|f| Some((f, busy_free(f, now)?)))
+        else {
+            self.span_from = Some(now);
+            return;
         };
-        let busy = now.busy - from.busy;
-        if busy < LINK_SPAN {
+        let long_enough = busy >= LINK_SPAN && free >= FREE_SPAN;
+        if !long_enough && busy < LONGEST_SPAN {
             return;
         }
         self.span_from = Some(now);
-        let held = (now.held - from.held).min(busy);
-        self.asker_held = follow(self.asker_held, held as f64 / busy as f64);
-        let Some(rate) = span_rate(from, now) else {
+        self.asker_held = follow(self.asker_held, (busy - free) as f64 / busy as f64);
+        let Some(rate) = span_rate(from, now, FREE_SPAN) else {
             return;
         };
         if self.spans.len() == LINK_WINDOW {
@@ -252,11 +264,7 @@ impl Pace {
             // or two long, says more than nothing (a short span after a
             // slow start tends low, to packing, which is the cheaper
             // mistake on the slow links where it matters).
-            let (from, now) = (self.span_from?, self.latest?);
-            return match now.busy.checked_sub(from.busy)? >= FIRST_SPAN {
-                true => span_rate(from, now),
-                false => None,
-            };
+            return span_rate(self.span_from?, self.latest?, FIRST_SPAN);
         }
         let mut rates: Vec<f64> = self.spans.iter().copied().collect();
         rates.sort_by(f64::total_cmp);
@@ -587,8 +595,9 @@ mod tests {
         let span = (LINK_SPAN * 10) as usize;
         pace.link(conn.0);
         assert!(!pace.asker_bound());
-        // 95 % of the first span held back by the window: no rate from it.
-        pace.link(conn.send(span / 20, 10.0 * MB, 0.95));
+        // 96 % of the first span held back by the window: 8 ms free of
+        // `LONGEST_SPAN`, no rate from it.
+        pace.link(conn.send(span * 2 / 5, 10.0 * MB, 0.96));
         assert!(pace.asker_bound());
         assert_eq!(pace.link_rate(), None);
         // No busy time since: nothing new.
@@ -859,13 +868,18 @@ mod tests {
         let mut pace = Pace::default();
         let mut conn = Conn::default();
         pace.link(conn.0);
-        // Less than a span of busy time: no rate yet.
+        // 2.6 ms busy: too short for a rate, even a first one.
         pace.link(conn.send(CHUNK, 100.0 * MB, 0.0));
         assert_eq!(pace.link_rate(), None);
-        // A whole span, all but a twentieth of it held back by the window.
-        pace.link(conn.send(CHUNK * 5, 100.0 * MB, 0.95));
+        // 52 ms busy, but 2.6 ms of it free: still nothing.
+        pace.link(conn.send(CHUNK, 100.0 * MB, 0.95));
         assert_eq!(pace.link_rate(), None);
-        // Counts that went back are another connection's: a new span.
+        // Another 7.9 ms free: a span, at the link's rate.
+        pace.link(conn.send(CHUNK * 3, 100.0 * MB, 0.0));
+        let rate = pace.link_rate().expect("a span");
+        assert!((rate / (100.0 * MB) - 1.0).abs() < 0.01, "{rate}");
+        // Counts that went back are another connection's: a new span
+        // starts there.
         pace.link(LinkSample::default());
         pace.link(LinkSample {
             acked: 3_000_000,
