@@ -200,11 +200,11 @@ fn a_holder_behind_a_slow_link_packs_what_compresses() {
     );
 }
 
-/// This machine's shared libraries, concatenated in name order up to
-/// `len` bytes: real binaries, which compress about 2.7x.
-fn binaries(len: usize) -> Vec<u8> {
-    let mut names: Vec<_> = std::fs::read_dir("/usr/lib/x86_64-linux-gnu")
-        .expect("the machine's libraries")
+/// The regular files of `dir`, concatenated in name order, up to `len`
+/// bytes.
+fn files_in(dir: &str, len: usize) -> Vec<u8> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
         .filter_map(|e| e.ok())
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .map(|e| e.path())
@@ -219,28 +219,22 @@ fn binaries(len: usize) -> Vec<u8> {
             out.extend_from_slice(&bytes);
         }
     }
-    assert!(out.len() >= len, "only {} bytes of libraries", out.len());
+    assert!(out.len() >= len, "only {} bytes in {dir}", out.len());
     out.truncate(len);
     out
+}
+
+/// This machine's shared libraries, concatenated in name order up to
+/// `len` bytes: real binaries, which compress about 2.7x.
+fn binaries(len: usize) -> Vec<u8> {
+    files_in("/usr/lib/x86_64-linux-gnu", len)
 }
 
 /// `len` bytes of text that every chunk of a NAR compresses many times
 /// over, with LZ4 as with zstd: the first 16 KiB of the machine's licence
 /// texts, again and again (well inside LZ4's 64 KiB window).
 fn texts(len: usize) -> Vec<u8> {
-    let mut names: Vec<_> = std::fs::read_dir("/usr/share/common-licenses")
-        .expect("the machine's licence texts")
-        .filter_map(|e| Some(e.ok()?.path()))
-        .collect();
-    names.sort();
-    let mut unit = Vec::new();
-    for name in names {
-        if let Ok(bytes) = std::fs::read(&name) {
-            unit.extend_from_slice(&bytes);
-        }
-    }
-    unit.truncate(16 << 10);
-    assert_eq!(unit.len(), 16 << 10, "too little licence text");
+    let unit = files_in("/usr/share/common-licenses", 16 << 10);
     unit.iter().copied().cycle().take(len).collect()
 }
 

@@ -4,9 +4,9 @@
 //! holder, is what holds the transfer back: packed chunks then carry more
 //! NAR per second than raw ones would. The holder knows both sides of
 //! that: its TCP connection counts what the link delivers while the holder
-//! keeps it busy, and the holder times its own packing. So it decides chunk by chunk, from the first NAR
-//! on, without a guess about a peer it has not measured, and follows a
-//! link that changes.
+//! keeps it busy, and the holder times its own packing. So it decides
+//! chunk by chunk, from the first NAR on, without a guess about a peer it
+//! has not measured, and follows a link that changes.
 //!
 //! The link's rate is what the connection delivered per second it was
 //! busy: the bytes the asker acknowledged over the time data waited to go
