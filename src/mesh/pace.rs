@@ -124,6 +124,12 @@ struct Packing {
     rate: Option<f64>,
     /// Wire bytes per NAR byte.
     ratio: Option<f64>,
+    /// The codec has packed a chunk on this connection. Its first packing
+    /// gives its ratio but not its rate: it pays for setting the codec up,
+    /// and on a busy machine one short timing can be tens of times too slow
+    /// (126 MB/s measured for LZ4 on text it packs at 5 GB/s), which would
+    /// send raw chunks until the next probe, 32 MiB on.
+    warm: bool,
 }
 
 impl Packing {
@@ -291,6 +297,12 @@ impl Pace {
         self.lz4.is_some() && self.probing
     }
 
+    /// The `secs` a packing with `codec` took, but for its first (`None`).
+    fn timed(&mut self, codec: Codec, secs: f64) -> Option<f64> {
+        let p = self.packing(codec)?;
+        std::mem::replace(&mut p.warm, true).then_some(secs)
+    }
+
     fn record(&mut self, codec: Codec, ratio: f64, rate: Option<f64>) {
         if let Some(p) = self.packing(codec) {
             p.ratio = follow(p.ratio, ratio);
@@ -308,7 +320,10 @@ impl Pace {
             return;
         }
         let ratio = wire as f64 / raw as f64;
-        let rate = (secs > 0.0).then(|| raw as f64 / secs);
+        let rate = self
+            .timed(codec, secs)
+            .filter(|s| *s > 0.0)
+            .map(|s| raw as f64 / s);
         self.record(codec, ratio, rate);
         let (Some(speed), Some(size)) = (self.versus.rate, self.versus.ratio) else {
             return;
@@ -342,21 +357,27 @@ impl Pace {
         if raw == 0 {
             return;
         }
-        let rate = |secs: f64| (secs > 0.0).then(|| raw as f64 / secs);
-        self.record(Codec::Lz4, lz4.0 as f64 / raw as f64, rate(lz4.1));
-        self.record(Codec::Zstd, zstd.0 as f64 / raw as f64, rate(zstd.1));
+        let secs = (
+            self.timed(Codec::Lz4, lz4.1),
+            self.timed(Codec::Zstd, zstd.1),
+        );
+        let secs = (secs.0.filter(|s| *s > 0.0), secs.1.filter(|s| *s > 0.0));
+        let rate = |secs: Option<f64>| secs.map(|s| raw as f64 / s);
+        self.record(Codec::Lz4, lz4.0 as f64 / raw as f64, rate(secs.0));
+        self.record(Codec::Zstd, zstd.0 as f64 / raw as f64, rate(secs.1));
         if lz4.0 > 0 {
             self.versus.ratio = follow(self.versus.ratio, zstd.0 as f64 / lz4.0 as f64);
         }
-        if lz4.1 > 0.0 && zstd.1 > 0.0 {
-            self.versus.rate = follow(self.versus.rate, lz4.1 / zstd.1);
+        if let (Some(l), Some(z)) = secs {
+            self.versus.rate = follow(self.versus.rate, l / z);
         }
     }
 
     /// Whether the chunk `choose` just chose `codec` for may go as a zstd
     /// frame kept from an earlier serve, which costs the holder nothing:
     /// wherever packing was chosen, but not for a chunk packed to measure
-    /// (a probe, or a codec's first), which must be packed now, nor where
+    /// (a probe, or one before a codec's rate is known), which must be
+    /// packed now, nor where
     /// LZ4 was chosen to spare an asker that cannot keep up.
     pub fn takes_kept(&self, codec: Option<Codec>) -> bool {
         let unmeasured = |p: Option<&Packing>| p.is_some_and(|p| p.rate.is_none());
@@ -386,8 +407,9 @@ impl Pace {
         let probe = self
             .probing
             .then(|| codecs[(self.chunks / every) as usize % codecs.len()]);
-        // Each codec packs a chunk first, to learn its rate and ratio;
-        // then raw until the link has been measured.
+        // Each codec packs chunks first, to learn its rate and ratio (its
+        // first packing only warms it up, `timed`); then raw until the link
+        // has been measured.
         if let Some(c) = codecs
             .iter()
             .find(|c| self.packing(**c).is_some_and(|p| p.rate.is_none()))
@@ -447,6 +469,9 @@ mod tests {
 
     const MB: f64 = 1e6;
     const CHUNK: usize = 256 << 10;
+    /// Chunks packed to measure before anything is chosen: the first (a
+    /// probe, which warms both codecs up) and one more per codec.
+    const MEASURING: usize = 3;
 
     /// How a codec packs this data: NAR bytes per second, wire per NAR byte.
     #[derive(Clone, Copy)]
@@ -547,9 +572,10 @@ mod tests {
                 pace.packed(c, CHUNK, CHUNK / 2, 0.001);
             }
         }
-        // Chunk 1 is a probe of both codecs; from then on chunks 33 and 65.
+        // Chunk 1 is a probe of both codecs, which warms them up; chunks 2
+        // and 3 measure their rates; from then on chunks 33 and 65.
         let packed: Vec<usize> = (0..70).filter(|&i| !takes[i]).map(|i| i + 1).collect();
-        assert_eq!(packed, [1, 33, 65]);
+        assert_eq!(packed, [1, 2, 3, 33, 65]);
         // An asker that cannot keep up is not sent zstd for LZ4.
         assert!(pace.takes_kept(Some(Codec::Lz4)));
         let mut conn = Conn::default();
@@ -571,7 +597,7 @@ mod tests {
         let sent = run_held(400, 125.0 * MB, Some(LZ4), ZSTD, 0.8);
         let zstd = count(&sent, Some(Codec::Zstd));
         assert!(
-            zstd <= 400 / PROBE_EVERY as usize + 1,
+            zstd <= 400 / PROBE_EVERY as usize + MEASURING,
             "{zstd} zstd chunks: {sent:?}"
         );
         assert!(count(&sent, Some(Codec::Lz4)) >= 380, "{sent:?}");
@@ -628,10 +654,13 @@ mod tests {
         let zstd = count(&sent, Some(Codec::Zstd));
         assert!((160..=200).contains(&zstd), "{zstd} zstd chunks: {sent:?}");
         // Raw only before the link is measured: `FIRST_SPAN` of it, four
-        // raw chunks.
+        // raw chunks after the ones packed to measure.
         let raw = count(&sent, None);
         assert!(raw <= 5, "{sent:?}");
-        assert!(sent[raw + 1..].iter().all(Option::is_some), "{sent:?}");
+        assert!(
+            sent[MEASURING + raw..].iter().all(Option::is_some),
+            "{sent:?}"
+        );
     }
 
     #[test]
@@ -710,7 +739,7 @@ mod tests {
         for lz4 in [None, Some(LZ4)] {
             let sent = run(400, 400.0 * MB, lz4, ZSTD);
             let packed = 400 - count(&sent, None);
-            assert!(packed <= 400 / PROBE_EVERY as usize + 2, "{sent:?}");
+            assert!(packed <= 400 / PROBE_EVERY as usize + MEASURING, "{sent:?}");
         }
     }
 
@@ -719,7 +748,7 @@ mod tests {
         let noise = |p: Packs| Packs { ratio: 1.0, ..p };
         let sent = run(400, 12.5 * MB, Some(noise(LZ4)), noise(ZSTD));
         let packed = 400 - count(&sent, None);
-        assert!(packed <= 400 / PROBE_EVERY as usize + 2, "{sent:?}");
+        assert!(packed <= 400 / PROBE_EVERY as usize + MEASURING, "{sent:?}");
     }
 
     #[test]
@@ -749,10 +778,10 @@ mod tests {
             .filter(|&i| sent[i].is_some())
             .map(|i| i + 1)
             .collect();
-        // The first chunk, packed with both codecs to measure them; one in
-        // `PROBE_EVERY` until the link is measured (`FIRST_SPAN`, 61
-        // chunks); then one in `PROBE_EVERY_RAW`.
-        assert_eq!(probes, [1, 33, 129, 257, 385], "{sent:?}");
+        // The first three chunks, packed to measure the codecs; one in
+        // `PROBE_EVERY` until the link is measured (`FIRST_SPAN`, 61 raw
+        // chunks from chunk 4); then one in `PROBE_EVERY_RAW`.
+        assert_eq!(probes, [1, 2, 3, 33, 65, 129, 257, 385], "{sent:?}");
     }
 
     /// Chunks sent over a link that takes chunk `i` at `link(i).0` wire
@@ -801,6 +830,53 @@ mod tests {
     }
 
     #[test]
+    fn a_codecs_first_packing_timed_slow_does_not_send_chunks_raw() {
+        // Text over a gigabit link: LZ4 packs it to 4 % at 5 GB/s. Each
+        // codec's first packing is timed 40 times slower (setting it up, on
+        // a busy machine), as CI once measured: taken for the codec's rate,
+        // raw chunks would win until the probe at chunk 33.
+        let text = |rate: f64, ratio| Packs {
+            rate: rate * MB,
+            ratio,
+        };
+        let (lz4, zstd) = (text(5000.0, 0.04), text(3000.0, 0.023));
+        let mut cold = [true, true];
+        let mut timed = |p: Packs, codec: Codec| {
+            let i = match codec {
+                Codec::Lz4 => 0,
+                Codec::Zstd => 1,
+            };
+            let slow = std::mem::replace(&mut cold[i], false);
+            let secs = CHUNK as f64 / p.rate * if slow { 40.0 } else { 1.0 };
+            ((CHUNK as f64 * p.ratio) as usize, secs)
+        };
+        let mut pace = Pace::new(true);
+        let mut conn = Conn::default();
+        let sent: Vec<Option<Codec>> = (0..64)
+            .map(|_| {
+                let mut codec = pace.choose();
+                if pace.pairs() {
+                    pace.paired(CHUNK, timed(lz4, Codec::Lz4), timed(zstd, Codec::Zstd));
+                    codec = Some(Codec::Zstd);
+                } else if let Some(c) = codec {
+                    let (wire, secs) = timed(if c == Codec::Lz4 { lz4 } else { zstd }, c);
+                    pace.packed(c, CHUNK, wire, secs);
+                }
+                let packs = codec.map(|c| if c == Codec::Lz4 { lz4 } else { zstd });
+                pace.link(conn.send(wire_of(packs), 125.0 * MB, 0.0));
+                codec
+            })
+            .collect();
+        // Raw only while the link is not yet measured.
+        let raw = count(&sent, None);
+        assert!(raw <= 5, "{sent:?}");
+        assert!(
+            sent[MEASURING + raw..].iter().all(Option::is_some),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
     fn a_slow_link_keeps_probing_data_that_does_not_compress_yet() {
         // 100 Mbit/s: 200 chunks that do not compress (raw wins on their
         // ratio, not on the link's speed), then binaries. Probes go on one
@@ -811,7 +887,8 @@ mod tests {
         };
         let (sent, _) = run_with(400, |_| (12.5 * MB, 0.0), packs);
         assert!(
-            sent[..200].iter().filter(|c| c.is_some()).count() <= 200 / PROBE_EVERY as usize + 2,
+            sent[..200].iter().filter(|c| c.is_some()).count()
+                <= 200 / PROBE_EVERY as usize + MEASURING,
             "{sent:?}"
         );
         let packing_from = (200..400).find(|&i| sent[i..i + 8].iter().all(Option::is_some));
@@ -835,7 +912,10 @@ mod tests {
         let link = |i: u64| (1300.0 * MB, if i % 20 >= 14 { 0.9 } else { 0.0 });
         let sent = run_rates(2000, link, lz4);
         let packed = 2000 - count(&sent, None);
-        assert!(packed <= 2000 / PROBE_EVERY as usize + 2, "{sent:?}");
+        assert!(
+            packed <= 2000 / PROBE_EVERY as usize + MEASURING,
+            "{sent:?}"
+        );
     }
 
     #[test]
