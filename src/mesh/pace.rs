@@ -297,10 +297,12 @@ impl Pace {
         self.lz4.is_some() && self.probing
     }
 
-    /// The `secs` a packing with `codec` took, but for its first (`None`).
-    fn timed(&mut self, codec: Codec, secs: f64) -> Option<f64> {
+    /// NAR bytes per second a packing of `raw` bytes with `codec` in `secs`
+    /// measured, but for the codec's first (`None`).
+    fn timed(&mut self, codec: Codec, raw: usize, secs: f64) -> Option<f64> {
         let p = self.packing(codec)?;
-        std::mem::replace(&mut p.warm, true).then_some(secs)
+        let warm = std::mem::replace(&mut p.warm, true);
+        (warm && secs > 0.0).then(|| raw as f64 / secs)
     }
 
     fn record(&mut self, codec: Codec, ratio: f64, rate: Option<f64>) {
@@ -320,10 +322,7 @@ impl Pace {
             return;
         }
         let ratio = wire as f64 / raw as f64;
-        let rate = self
-            .timed(codec, secs)
-            .filter(|s| *s > 0.0)
-            .map(|s| raw as f64 / s);
+        let rate = self.timed(codec, raw, secs);
         self.record(codec, ratio, rate);
         let (Some(speed), Some(size)) = (self.versus.rate, self.versus.ratio) else {
             return;
@@ -357,19 +356,15 @@ impl Pace {
         if raw == 0 {
             return;
         }
-        let secs = (
-            self.timed(Codec::Lz4, lz4.1),
-            self.timed(Codec::Zstd, zstd.1),
-        );
-        let secs = (secs.0.filter(|s| *s > 0.0), secs.1.filter(|s| *s > 0.0));
-        let rate = |secs: Option<f64>| secs.map(|s| raw as f64 / s);
-        self.record(Codec::Lz4, lz4.0 as f64 / raw as f64, rate(secs.0));
-        self.record(Codec::Zstd, zstd.0 as f64 / raw as f64, rate(secs.1));
+        let l = self.timed(Codec::Lz4, raw, lz4.1);
+        let z = self.timed(Codec::Zstd, raw, zstd.1);
+        self.record(Codec::Lz4, lz4.0 as f64 / raw as f64, l);
+        self.record(Codec::Zstd, zstd.0 as f64 / raw as f64, z);
         if lz4.0 > 0 {
             self.versus.ratio = follow(self.versus.ratio, zstd.0 as f64 / lz4.0 as f64);
         }
-        if let (Some(l), Some(z)) = secs {
-            self.versus.rate = follow(self.versus.rate, l / z);
+        if let (Some(l), Some(z)) = (l, z) {
+            self.versus.rate = follow(self.versus.rate, z / l);
         }
     }
 
@@ -377,8 +372,8 @@ impl Pace {
     /// frame kept from an earlier serve, which costs the holder nothing:
     /// wherever packing was chosen, but not for a chunk packed to measure
     /// (a probe, or one before a codec's rate is known), which must be
-    /// packed now, nor where
-    /// LZ4 was chosen to spare an asker that cannot keep up.
+    /// packed now, nor where LZ4 was chosen to spare an asker that cannot
+    /// keep up.
     pub fn takes_kept(&self, codec: Option<Codec>) -> bool {
         let unmeasured = |p: Option<&Packing>| p.is_some_and(|p| p.rate.is_none());
         let measuring =
@@ -793,7 +788,18 @@ mod tests {
         link: impl Fn(u64) -> (f64, f64),
         packs: impl Fn(u64) -> (Packs, Packs),
     ) -> (Vec<Option<Codec>>, Vec<u64>) {
-        let measure = |p: Packs| ((CHUNK as f64 * p.ratio) as usize, CHUNK as f64 / p.rate);
+        let measure = |p: Packs, _| ((CHUNK as f64 * p.ratio) as usize, CHUNK as f64 / p.rate);
+        run_measured(n, link, packs, measure)
+    }
+
+    /// As `run_with`, each packing's wire bytes and seconds as `measure`
+    /// says for the codec's `Packs`.
+    fn run_measured(
+        n: u64,
+        link: impl Fn(u64) -> (f64, f64),
+        packs: impl Fn(u64) -> (Packs, Packs),
+        mut measure: impl FnMut(Packs, Codec) -> (usize, f64),
+    ) -> (Vec<Option<Codec>>, Vec<u64>) {
         let mut pace = Pace::new(true);
         let mut conn = Conn::default();
         let mut paired = Vec::new();
@@ -802,11 +808,12 @@ mod tests {
                 let (lz4, zstd) = packs(i);
                 let mut codec = pace.choose();
                 if pace.pairs() {
-                    pace.paired(CHUNK, measure(lz4), measure(zstd));
+                    let both = (measure(lz4, Codec::Lz4), measure(zstd, Codec::Zstd));
+                    pace.paired(CHUNK, both.0, both.1);
                     codec = Some(Codec::Zstd);
                     paired.push(i + 1);
                 } else if let Some(c) = codec {
-                    let (wire, secs) = measure(if c == Codec::Lz4 { lz4 } else { zstd });
+                    let (wire, secs) = measure(if c == Codec::Lz4 { lz4 } else { zstd }, c);
                     pace.packed(c, CHUNK, wire, secs);
                 }
                 let packs = codec.map(|c| if c == Codec::Lz4 { lz4 } else { zstd });
@@ -841,7 +848,7 @@ mod tests {
         };
         let (lz4, zstd) = (text(5000.0, 0.04), text(3000.0, 0.023));
         let mut cold = [true, true];
-        let mut timed = |p: Packs, codec: Codec| {
+        let timed = |p: Packs, codec: Codec| {
             let i = match codec {
                 Codec::Lz4 => 0,
                 Codec::Zstd => 1,
@@ -850,23 +857,7 @@ mod tests {
             let secs = CHUNK as f64 / p.rate * if slow { 40.0 } else { 1.0 };
             ((CHUNK as f64 * p.ratio) as usize, secs)
         };
-        let mut pace = Pace::new(true);
-        let mut conn = Conn::default();
-        let sent: Vec<Option<Codec>> = (0..64)
-            .map(|_| {
-                let mut codec = pace.choose();
-                if pace.pairs() {
-                    pace.paired(CHUNK, timed(lz4, Codec::Lz4), timed(zstd, Codec::Zstd));
-                    codec = Some(Codec::Zstd);
-                } else if let Some(c) = codec {
-                    let (wire, secs) = timed(if c == Codec::Lz4 { lz4 } else { zstd }, c);
-                    pace.packed(c, CHUNK, wire, secs);
-                }
-                let packs = codec.map(|c| if c == Codec::Lz4 { lz4 } else { zstd });
-                pace.link(conn.send(wire_of(packs), 125.0 * MB, 0.0));
-                codec
-            })
-            .collect();
+        let (sent, _) = run_measured(64, |_| (125.0 * MB, 0.0), |_| (lz4, zstd), timed);
         // Raw only while the link is not yet measured.
         let raw = count(&sent, None);
         assert!(raw <= 5, "{sent:?}");
