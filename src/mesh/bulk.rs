@@ -295,6 +295,10 @@ fn tcp_sample(fd: BorrowedFd<'_>) -> Option<LinkSample> {
         acked: field(offset_of!(libc::tcp_info, tcpi_bytes_acked))?,
         busy: field(offset_of!(libc::tcp_info, tcpi_busy_time))?,
         held: field(offset_of!(libc::tcp_info, tcpi_rwnd_limited))?,
+        unsent: info
+            .get(offset_of!(libc::tcp_info, tcpi_notsent_bytes)..)
+            .and_then(|b| Some(u32::from_ne_bytes(b.get(..4)?.try_into().ok()?)))?
+            .into(),
     })
 }
 

@@ -55,6 +55,25 @@
 //! the chunks as keeps its packing up with the link (`mix`), while that
 //! carries `MIX_EARNS` more NAR than LZ4 alone.
 //!
+//! Busy time counts the link's time only while the holder keeps it
+//! busy, and the asker's kernel may keep a connection busy for the holder
+//! too: it delays its acknowledgement of a chunk's last bytes (up to
+//! 40 ms), so the connection stays busy while the holder packs the next
+//! chunk. Where packing, not the link, holds the transfer back (a fast
+//! LAN, cores shared with other holders and with Nix), spans then read the
+//! rate packing feeds the link, which always makes packing look right:
+//! striped unshaped, holders packed 97 % of the chunks and sent at half of
+//! what one holder sends raw. The holder tells the two apart by what is
+//! left unsent as each chunk is ready: nothing, and the link was waiting
+//! for it. While packing is chosen and the link mostly waits (`STARVED`),
+//! the holder sends raw chunks back to back until a span of them alone is
+//! over (a sprint): no packing gaps in it, so its rate is a floor under
+//! the link's, and the link's rate is taken as no less for `SPRINT_EVERY`
+//! chunks. A sprint lasts one span, so it costs a slow link a
+//! chunk or two and a fast one the chunks raw bytes would have won anyway.
+//! One that finds the link no faster than the spans said makes the next
+//! wait twice as long (from `PROBE_EVERY` chunks up to `SPRINT_EVERY`).
+//!
 //! An asker that cannot take the chunks as fast as the link brings them
 //! (its CPU is busy: Nix unpacking, other NARs arriving) slows the
 //! connection down too, but through its receive window, which the kernel
@@ -99,6 +118,14 @@ pub const LONGEST_SPAN: u64 = 10 * LINK_SPAN;
 /// link's rate once this much of it was free (microseconds: two clock
 /// ticks at 250 Hz).
 pub const FIRST_SPAN: u64 = 8_000;
+/// Sprints that find nothing new come at most this many chunks (128 MiB)
+/// apart; a sprint's rate is a floor under the link's for as many chunks
+/// from its start, and one whose span is not over by then (the kernel
+/// stopped counting) ends without a rate.
+pub const SPRINT_EVERY: u64 = 4 * PROBE_EVERY_RAW;
+/// A sprint may come once this share of the latest chunks found nothing
+/// unsent when they were ready.
+pub const STARVED: f64 = 0.5;
 /// A connection whose receive window held it back more than this share of
 /// its busy time is bound by the asker, not the link.
 pub const ASKER_BOUND: f64 = 0.5;
@@ -115,6 +142,10 @@ pub struct LinkSample {
     /// Of those, the microseconds the asker's receive window held it back
     /// (`tcpi_rwnd_limited`).
     pub held: u64,
+    /// Bytes written but not yet sent (`tcpi_notsent_bytes`), now: taken
+    /// as the next chunk is ready, none means the link waited for the
+    /// holder.
+    pub unsent: u64,
 }
 
 /// What packing with one codec achieves.
@@ -164,10 +195,28 @@ pub struct Pace {
     raw_won: bool,
     /// The chunk just chosen is packed to measure.
     probing: bool,
+    /// The share of the latest chunks that found the link waiting for
+    /// them (nothing unsent).
+    starved: Option<f64>,
+    /// The latest sprint.
+    sprint: Option<Sprint>,
+}
+
+/// A run of raw chunks sent back to back to measure the link.
+#[derive(Debug)]
+struct Sprint {
+    /// The chunk it began at.
+    from: u64,
+    /// Chunks from `from` until the next may come.
+    gap: u64,
+    /// The link's rate it measured, once its span is over.
+    rate: Option<f64>,
+    under_way: bool,
 }
 
 /// One line for a log: the link's rate, each codec's pack rate and ratio,
-/// how much the asker held the connection back, the chunks chosen for.
+/// how much the asker held the connection back, how often the link waited
+/// for the holder, the latest sprint's rate, the chunks chosen for.
 impl fmt::Display for Pace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mb = |r: Option<f64>| r.map_or("?".to_string(), |r| format!("{:.0} MB/s", r / 1e6));
@@ -178,10 +227,13 @@ impl fmt::Display for Pace {
                 write!(f, ", {name} {} to {}", mb(p.rate), ratio(p.ratio))?;
             }
         }
+        let sprint = self.sprint.as_ref().and_then(|s| s.rate);
         write!(
             f,
-            ", asker held {}, {} chunks",
+            ", asker held {}, link waited {}, sprint {}, {} chunks",
             ratio(self.asker_held),
+            ratio(self.starved),
+            mb(sprint),
             self.chunks
         )
     }
@@ -242,6 +294,8 @@ impl Pace {
     /// The connection's counts now (after each chunk is sent).
     pub fn link(&mut self, now: LinkSample) {
         self.latest = Some(now);
+        let starved = if now.unsent == 0 { 1.0 } else { 0.0 };
+        self.starved = follow(self.starved, starved);
         // Counts only grow on one connection; anything else starts over.
         let Some((from, (busy, free))) = self.span_from.and_then(|f| Some((f, busy_free(f, now)?)))
         else {
@@ -254,7 +308,20 @@ impl Pace {
         }
         self.span_from = Some(now);
         self.asker_held = follow(self.asker_held, (busy - free) as f64 / busy as f64);
-        let Some(rate) = span_rate(from, now, FREE_SPAN) else {
+        let rate = span_rate(from, now, FREE_SPAN);
+        let spans = self.spans_rate();
+        if let Some(sprint) = self.sprint.as_mut().filter(|s| s.under_way) {
+            sprint.under_way = false;
+            sprint.rate = rate;
+            // Faster than the spans said: the holder, not the link, held
+            // them back, and the next sprint may come soon.
+            let raised = matches!((rate, spans), (Some(r), Some(s)) if r * EARNS.1 > s * EARNS.0);
+            sprint.gap = match raised {
+                true => PROBE_EVERY,
+                false => (sprint.gap * 2).min(SPRINT_EVERY),
+            };
+        }
+        let Some(rate) = rate else {
             return;
         };
         if self.spans.len() == LINK_WINDOW {
@@ -263,8 +330,23 @@ impl Pace {
         self.spans.push_back(rate);
     }
 
-    /// Wire bytes per second the link delivers when kept busy.
+    /// Wire bytes per second the link delivers when kept busy: what the
+    /// spans say, and no less than a recent sprint measured.
     fn link_rate(&self) -> Option<f64> {
+        let spans = self.spans_rate();
+        let floor = self
+            .sprint
+            .as_ref()
+            .filter(|s| self.chunks < s.from + SPRINT_EVERY)
+            .and_then(|s| s.rate);
+        match (spans, floor) {
+            (Some(s), Some(f)) => Some(s.max(f)),
+            (s, f) => s.or(f),
+        }
+    }
+
+    /// The `LINK_QUANTILE` of the latest spans.
+    fn spans_rate(&self) -> Option<f64> {
         if self.spans.is_empty() {
             // A new connection: the span under way, once it is a clock tick
             // or two long, says more than nothing (a short span after a
@@ -277,6 +359,38 @@ impl Pace {
         // The nearest rank.
         let rank = (rates.len() as f64 * LINK_QUANTILE).ceil() as usize;
         rates.get(rank.saturating_sub(1)).copied()
+    }
+
+    /// Whether the chunk being chosen goes raw as part of a sprint: one
+    /// under way, or one due where packing was about to be chosen while
+    /// the link waits for the holder.
+    fn sprints(&mut self, packing: bool) -> bool {
+        let chunks = self.chunks;
+        if let Some(s) = self.sprint.as_mut().filter(|s| s.under_way) {
+            s.under_way = chunks < s.from + SPRINT_EVERY;
+            if !s.under_way {
+                s.gap = (s.gap * 2).min(SPRINT_EVERY);
+            }
+            return s.under_way;
+        }
+        let due = self
+            .sprint
+            .as_ref()
+            .is_none_or(|s| chunks >= s.from + s.gap);
+        let starved = self.starved.is_some_and(|s| s > STARVED);
+        if !(packing && due && starved && !self.asker_bound()) {
+            return false;
+        }
+        // Its span begins with it.
+        self.span_from = self.latest;
+        let gap = self.sprint.as_ref().map_or(PROBE_EVERY, |s| s.gap);
+        self.sprint = Some(Sprint {
+            from: chunks,
+            gap,
+            rate: None,
+            under_way: true,
+        });
+        true
     }
 
     /// The asker, not the link, holds the connection back.
@@ -397,8 +511,12 @@ impl Pace {
             true => PROBE_EVERY_RAW,
             false => PROBE_EVERY,
         };
-        self.probing = self.chunks % every == 1;
         self.raw_won = false;
+        if self.sprints(false) {
+            self.probing = false;
+            return None;
+        }
+        self.probing = self.chunks % every == 1;
         let probe = self
             .probing
             .then(|| codecs[(self.chunks / every) as usize % codecs.len()]);
@@ -435,6 +553,10 @@ impl Pace {
                 .fold(0.0, f64::max);
             self.raw_won = fastest * EARNS.1 <= link * EARNS.0;
             return probe;
+        }
+        if self.sprints(true) {
+            self.probing = false;
+            return None;
         }
         if best.0 == Codec::Lz4 && !self.asker_bound() {
             if let Some(share) = self.zstd_share(link, best.1) {
@@ -542,15 +664,91 @@ mod tests {
     impl Conn {
         /// `wire` bytes sent over a link of `rate` wire bytes per second,
         /// the asker's window holding the connection back `held` of its
-        /// busy time: the counts after.
+        /// busy time: the counts after. The holder keeps ahead of the
+        /// link: the next chunk finds this one unsent.
         fn send(&mut self, wire: usize, rate: f64, held: f64) -> LinkSample {
             let free = wire as f64 / rate * 1e6;
             let busy = free / (1.0 - held);
+            self.0.unsent = wire as u64;
             self.0.acked += wire as u64;
             self.0.busy += busy.round() as u64;
             self.0.held += (busy - free).round() as u64;
             self.0
         }
+    }
+
+    /// As `run`, but the asker acknowledges a chunk's last bytes late, so
+    /// the connection stays busy while the holder packs the next chunk (or
+    /// reads it, raw, at `READS` bytes per second), and the link's rate for
+    /// chunk `i` is `link(i)`.
+    fn run_acked_late(
+        n: u64,
+        link: impl Fn(u64) -> f64,
+        lz4: Packs,
+        zstd: Packs,
+    ) -> Vec<Option<Codec>> {
+        const READS: f64 = 2000.0 * MB;
+        let secs = |p: Packs| CHUNK as f64 / p.rate;
+        let mut pace = Pace::new(true);
+        let mut conn = Conn::default();
+        (0..n)
+            .map(|i| {
+                let mut codec = pace.choose();
+                let mut holder = CHUNK as f64 / READS;
+                if pace.pairs() {
+                    let measure = |p: Packs| ((CHUNK as f64 * p.ratio) as usize, secs(p));
+                    pace.paired(CHUNK, measure(lz4), measure(zstd));
+                    holder = secs(lz4) + secs(zstd);
+                    codec = Some(Codec::Zstd);
+                } else if let Some(c) = codec {
+                    let p = if c == Codec::Lz4 { lz4 } else { zstd };
+                    pace.packed(c, CHUNK, (CHUNK as f64 * p.ratio) as usize, secs(p));
+                    holder = secs(p);
+                }
+                let wire = wire_of(codec.map(|c| if c == Codec::Lz4 { lz4 } else { zstd }));
+                let on_link = wire as f64 / link(i);
+                let mut now = conn.send(wire, link(i), 0.0);
+                // Busy while the holder works on the next chunk; if that
+                // takes longer, the link has sent everything by then.
+                now.busy += ((holder - on_link).max(0.0) * 1e6).round() as u64;
+                if holder >= on_link {
+                    now.unsent = 0;
+                }
+                conn.0 = now;
+                pace.link(now);
+                codec
+            })
+            .collect()
+    }
+
+    /// What CI's holder measured on an unshaped link while it served a
+    /// busy machine: zstd packing 84 MB/s to 0.65, LZ4 262 MB/s to 0.78.
+    const BUSY_ZSTD: Packs = Packs {
+        rate: 84.0 * MB,
+        ratio: 0.65,
+    };
+    const BUSY_LZ4: Packs = Packs {
+        rate: 262.0 * MB,
+        ratio: 0.78,
+    };
+
+    #[test]
+    fn a_holder_that_packs_slower_than_the_link_is_not_taken_for_the_link() {
+        // A gigabyte per second, the asker acknowledging late, and slow for
+        // the first 64 chunks (a busy start): packing is chosen, and spans
+        // of packed chunks read what packing feeds the link. Without
+        // sprints every chunk after went packed.
+        let link = |i: u64| if i < 64 { 40.0 * MB } else { 1000.0 * MB };
+        let sent = run_acked_late(600, link, BUSY_LZ4, BUSY_ZSTD);
+        let packed = 400 - count(&sent[200..], None);
+        assert!(
+            packed <= 400 / PROBE_EVERY_RAW as usize + 1,
+            "{packed} packed: {sent:?}"
+        );
+        // 300 Mbit/s, where packing keeps ahead of the link: no sprint.
+        let sent = run_acked_late(600, |_| 37.5 * MB, BUSY_LZ4, BUSY_ZSTD);
+        let raw = count(&sent, None);
+        assert!(raw == 0, "{raw} raw: {sent:?}");
     }
 
     #[test]
@@ -955,7 +1153,7 @@ mod tests {
         pace.link(LinkSample {
             acked: 3_000_000,
             busy: LINK_SPAN,
-            held: 0,
+            ..LinkSample::default()
         });
         assert_eq!(pace.link_rate(), Some(150.0 * MB));
     }
