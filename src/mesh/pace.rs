@@ -70,9 +70,11 @@
 //! over (a sprint): no packing gaps in it, so its rate is a floor under
 //! the link's, and the link's rate is taken as no less for `SPRINT_EVERY`
 //! chunks. A sprint lasts one span, so it costs a slow link a
-//! chunk or two and a fast one the chunks raw bytes would have won anyway.
-//! One that finds the link no faster than the spans said makes the next
-//! wait twice as long (from `PROBE_EVERY` chunks up to `SPRINT_EVERY`).
+//! chunk or two and a fast one the chunks raw bytes would have won anyway,
+//! and each waits twice as long as the one before (from `PROBE_EVERY`
+//! chunks up to `SPRINT_EVERY`): where the holder's cores, not the link,
+//! hold a slow link back, packing still wins, and sprints would only cost
+//! it.
 //!
 //! An asker that cannot take the chunks as fast as the link brings them
 //! (its CPU is busy: Nix unpacking, other NARs arriving) slows the
@@ -118,8 +120,7 @@ pub const LONGEST_SPAN: u64 = 10 * LINK_SPAN;
 /// link's rate once this much of it was free (microseconds: two clock
 /// ticks at 250 Hz).
 pub const FIRST_SPAN: u64 = 8_000;
-/// Sprints that find nothing new come at most this many chunks (128 MiB)
-/// apart; a sprint's rate is a floor under the link's for as many chunks
+/// Sprints come at most this many chunks (128 MiB) apart; a sprint's rate is a floor under the link's for as many chunks
 /// from its start, and one whose span is not over by then (the kernel
 /// stopped counting) ends without a rate.
 pub const SPRINT_EVERY: u64 = 4 * PROBE_EVERY_RAW;
@@ -309,17 +310,9 @@ impl Pace {
         self.span_from = Some(now);
         self.asker_held = follow(self.asker_held, (busy - free) as f64 / busy as f64);
         let rate = span_rate(from, now, FREE_SPAN);
-        let spans = self.spans_rate();
         if let Some(sprint) = self.sprint.as_mut().filter(|s| s.under_way) {
             sprint.under_way = false;
             sprint.rate = rate;
-            // Faster than the spans said: the holder, not the link, held
-            // them back, and the next sprint may come soon.
-            let raised = matches!((rate, spans), (Some(r), Some(s)) if r * EARNS.1 > s * EARNS.0);
-            sprint.gap = match raised {
-                true => PROBE_EVERY,
-                false => (sprint.gap * 2).min(SPRINT_EVERY),
-            };
         }
         let Some(rate) = rate else {
             return;
@@ -368,9 +361,6 @@ impl Pace {
         let chunks = self.chunks;
         if let Some(s) = self.sprint.as_mut().filter(|s| s.under_way) {
             s.under_way = chunks < s.from + SPRINT_EVERY;
-            if !s.under_way {
-                s.gap = (s.gap * 2).min(SPRINT_EVERY);
-            }
             return s.under_way;
         }
         let due = self
@@ -383,7 +373,11 @@ impl Pace {
         }
         // Its span begins with it.
         self.span_from = self.latest;
-        let gap = self.sprint.as_ref().map_or(PROBE_EVERY, |s| s.gap);
+        // Each waits twice as long as the one before.
+        let gap = self
+            .sprint
+            .as_ref()
+            .map_or(PROBE_EVERY, |s| (s.gap * 2).min(SPRINT_EVERY));
         self.sprint = Some(Sprint {
             from: chunks,
             gap,
