@@ -291,14 +291,17 @@ fn tcp_sample(fd: BorrowedFd<'_>) -> Option<LinkSample> {
         let bytes = info.get(at..at + 8)?;
         Some(u64::from_ne_bytes(bytes.try_into().ok()?))
     };
+    let small = |at: usize| -> Option<u32> {
+        let bytes = info.get(at..at + 4)?;
+        Some(u32::from_ne_bytes(bytes.try_into().ok()?))
+    };
     Some(LinkSample {
         acked: field(offset_of!(libc::tcp_info, tcpi_bytes_acked))?,
         busy: field(offset_of!(libc::tcp_info, tcpi_busy_time))?,
         held: field(offset_of!(libc::tcp_info, tcpi_rwnd_limited))?,
-        unsent: info
-            .get(offset_of!(libc::tcp_info, tcpi_notsent_bytes)..)
-            .and_then(|b| Some(u32::from_ne_bytes(b.get(..4)?.try_into().ok()?)))?
-            .into(),
+        queued: u64::from(small(offset_of!(libc::tcp_info, tcpi_notsent_bytes))?)
+            + u64::from(small(offset_of!(libc::tcp_info, tcpi_unacked))?)
+                * u64::from(small(offset_of!(libc::tcp_info, tcpi_snd_mss))?),
     })
 }
 

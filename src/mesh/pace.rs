@@ -64,17 +64,18 @@
 //! rate packing feeds the link, which always makes packing look right:
 //! striped unshaped, holders packed 97 % of the chunks and sent at half of
 //! what one holder sends raw. The holder tells the two apart by what is
-//! left unsent as each chunk is ready: nothing, and the link was waiting
-//! for it. While packing is chosen and the link mostly waits (`STARVED`),
-//! the holder sends raw chunks back to back until a span of them alone is
-//! over (a sprint): no packing gaps in it, so its rate is a floor under
-//! the link's, and the link's rate is taken as no less for `SPRINT_EVERY`
-//! chunks. A sprint lasts one span, so it costs a slow link a
-//! chunk or two and a fast one the chunks raw bytes would have won anyway,
-//! and each waits twice as long as the one before (from `PROBE_EVERY`
-//! chunks up to `SPRINT_EVERY`): where the holder's cores, not the link,
-//! hold a slow link back, packing still wins, and sprints would only cost
-//! it.
+//! written and not yet acknowledged as each chunk is ready: next to
+//! nothing (`DRAINED`), and the link was waiting for it. While packing is
+//! chosen and the link mostly waits (`STARVED`), the holder sends raw
+//! chunks back to back until a span of them alone is over (a sprint): no
+//! packing gaps in it, so the link's rate starts over from the sprint's,
+//! and the spans that follow tell whether it holds. A sprint lasts one
+//! span (some chunks more wait in the socket's buffers as it ends), so it
+//! costs a slow link a few chunks and a fast one the chunks raw bytes
+//! would have won anyway; each waits twice as long as the one before (from
+//! `PROBE_EVERY` chunks up to `SPRINT_EVERY`), as where the holder's
+//! cores, not the link, hold a slow link back, packing still wins and
+//! sprints only cost it.
 //!
 //! An asker that cannot take the chunks as fast as the link brings them
 //! (its CPU is busy: Nix unpacking, other NARs arriving) slows the
@@ -120,13 +121,17 @@ pub const LONGEST_SPAN: u64 = 10 * LINK_SPAN;
 /// link's rate once this much of it was free (microseconds: two clock
 /// ticks at 250 Hz).
 pub const FIRST_SPAN: u64 = 8_000;
-/// Sprints come at most this many chunks (128 MiB) apart; a sprint's rate is a floor under the link's for as many chunks
-/// from its start, and one whose span is not over by then (the kernel
-/// stopped counting) ends without a rate.
+/// The wait between sprints doubles from `PROBE_EVERY` chunks up to this
+/// many (128 MiB); a sprint whose span is not over after as many chunks
+/// (the kernel stopped counting) ends without a rate.
 pub const SPRINT_EVERY: u64 = 4 * PROBE_EVERY_RAW;
-/// A sprint may come once this share of the latest chunks found nothing
-/// unsent when they were ready.
+/// A sprint may come once this share of the latest chunks found the link
+/// drained when they were ready…
 pub const STARVED: f64 = 0.5;
+/// …with less than this written and not yet acknowledged (bytes): a
+/// chunk's last segments, whose acknowledgement the asker delays, and not
+/// a queue ahead of a slower link or a long round trip's worth in flight.
+pub const DRAINED: u64 = 64 << 10;
 /// A connection whose receive window held it back more than this share of
 /// its busy time is bound by the asker, not the link.
 pub const ASKER_BOUND: f64 = 0.5;
@@ -143,10 +148,11 @@ pub struct LinkSample {
     /// Of those, the microseconds the asker's receive window held it back
     /// (`tcpi_rwnd_limited`).
     pub held: u64,
-    /// Bytes written but not yet sent (`tcpi_notsent_bytes`), now: taken
-    /// as the next chunk is ready, none means the link waited for the
-    /// holder.
-    pub unsent: u64,
+    /// Bytes written and not yet acknowledged, now: not yet sent
+    /// (`tcpi_notsent_bytes`) and in flight (`tcpi_unacked` segments of
+    /// `tcpi_snd_mss`). Taken as the next chunk is ready, less than
+    /// `DRAINED` means the link waited for the holder.
+    pub queued: u64,
 }
 
 /// What packing with one codec achieves.
@@ -196,9 +202,12 @@ pub struct Pace {
     raw_won: bool,
     /// The chunk just chosen is packed to measure.
     probing: bool,
-    /// The share of the latest chunks that found the link waiting for
-    /// them (nothing unsent).
+    /// The share of the latest chunks that found the link drained.
     starved: Option<f64>,
+    /// Samples still to leave out of `starved`: an answer's first two are
+    /// taken before any of its chunks is written, after the link waited
+    /// for the request.
+    quiet: u8,
     /// The latest sprint.
     sprint: Option<Sprint>,
 }
@@ -210,7 +219,7 @@ struct Sprint {
     from: u64,
     /// Chunks from `from` until the next may come.
     gap: u64,
-    /// The link's rate it measured, once its span is over.
+    /// The link's rate it measured, once its span is over (for the log).
     rate: Option<f64>,
     under_way: bool,
 }
@@ -295,8 +304,13 @@ impl Pace {
     /// The connection's counts now (after each chunk is sent).
     pub fn link(&mut self, now: LinkSample) {
         self.latest = Some(now);
-        let starved = if now.unsent == 0 { 1.0 } else { 0.0 };
-        self.starved = follow(self.starved, starved);
+        match self.quiet {
+            0 => {
+                let drained = if now.queued < DRAINED { 1.0 } else { 0.0 };
+                self.starved = follow(self.starved, drained);
+            }
+            _ => self.quiet -= 1,
+        }
         // Counts only grow on one connection; anything else starts over.
         let Some((from, (busy, free))) = self.span_from.and_then(|f| Some((f, busy_free(f, now)?)))
         else {
@@ -311,8 +325,13 @@ impl Pace {
         self.asker_held = follow(self.asker_held, (busy - free) as f64 / busy as f64);
         let rate = span_rate(from, now, FREE_SPAN);
         if let Some(sprint) = self.sprint.as_mut().filter(|s| s.under_way) {
+            // The spans before it read what packing fed the link: the
+            // link's rate starts over from the sprint's.
             sprint.under_way = false;
             sprint.rate = rate;
+            if rate.is_some() {
+                self.spans.clear();
+            }
         }
         let Some(rate) = rate else {
             return;
@@ -323,23 +342,13 @@ impl Pace {
         self.spans.push_back(rate);
     }
 
-    /// Wire bytes per second the link delivers when kept busy: what the
-    /// spans say, and no less than a recent sprint measured.
-    fn link_rate(&self) -> Option<f64> {
-        let spans = self.spans_rate();
-        let floor = self
-            .sprint
-            .as_ref()
-            .filter(|s| self.chunks < s.from + SPRINT_EVERY)
-            .and_then(|s| s.rate);
-        match (spans, floor) {
-            (Some(s), Some(f)) => Some(s.max(f)),
-            (s, f) => s.or(f),
-        }
+    /// An answer to a request begins.
+    pub fn answer_begins(&mut self) {
+        self.quiet = 2;
     }
 
-    /// The `LINK_QUANTILE` of the latest spans.
-    fn spans_rate(&self) -> Option<f64> {
+    /// Wire bytes per second the link delivers when kept busy.
+    fn link_rate(&self) -> Option<f64> {
         if self.spans.is_empty() {
             // A new connection: the span under way, once it is a clock tick
             // or two long, says more than nothing (a short span after a
@@ -659,11 +668,11 @@ mod tests {
         /// `wire` bytes sent over a link of `rate` wire bytes per second,
         /// the asker's window holding the connection back `held` of its
         /// busy time: the counts after. The holder keeps ahead of the
-        /// link: the next chunk finds this one unsent.
+        /// link: the next chunk finds a send buffer's worth waiting.
         fn send(&mut self, wire: usize, rate: f64, held: f64) -> LinkSample {
             let free = wire as f64 / rate * 1e6;
             let busy = free / (1.0 - held);
-            self.0.unsent = wire as u64;
+            self.0.queued = 4 << 20;
             self.0.acked += wire as u64;
             self.0.busy += busy.round() as u64;
             self.0.held += (busy - free).round() as u64;
@@ -706,7 +715,7 @@ mod tests {
                 // takes longer, the link has sent everything by then.
                 now.busy += ((holder - on_link).max(0.0) * 1e6).round() as u64;
                 if holder >= on_link {
-                    now.unsent = 0;
+                    now.queued = 0;
                 }
                 conn.0 = now;
                 pace.link(now);
@@ -743,6 +752,45 @@ mod tests {
         let sent = run_acked_late(600, |_| 37.5 * MB, BUSY_LZ4, BUSY_ZSTD);
         let raw = count(&sent, None);
         assert!(raw == 0, "{raw} raw: {sent:?}");
+    }
+
+    #[test]
+    fn sprints_where_packing_still_wins_come_ever_further_apart() {
+        // 300 Mbit/s, a holder whose packing feeds the link less than it
+        // takes (LZ4 28 MB/s of wire) but carries more NAR than raw bytes.
+        let lz4 = Packs {
+            rate: 62.0 * MB,
+            ratio: 0.45,
+        };
+        let zstd = Packs {
+            rate: 60.0 * MB,
+            ratio: 0.37,
+        };
+        let sent = run_acked_late(1200, |_| 37.5 * MB, lz4, zstd);
+        let starts: Vec<usize> = (MEASURING + 1..1200)
+            .filter(|&i| sent[i].is_none() && sent[i - 1].is_some())
+            .collect();
+        let raw = count(&sent, None);
+        assert!((4..=7).contains(&starts.len()), "{starts:?}: {sent:?}");
+        assert!(raw <= 5 * starts.len() + 5, "{raw} raw: {sent:?}");
+        for (k, w) in starts.windows(2).enumerate() {
+            let least = (PROBE_EVERY << k).min(SPRINT_EVERY) as usize;
+            assert!(w[1] - w[0] >= least, "{starts:?}");
+        }
+    }
+
+    #[test]
+    fn an_answers_first_samples_do_not_say_the_link_waited() {
+        // Taken before any of the answer's chunks is written: the link
+        // drained while it waited for the request.
+        let mut pace = Pace::default();
+        let drained = LinkSample::default();
+        pace.answer_begins();
+        pace.link(drained);
+        pace.link(drained);
+        assert_eq!(pace.starved, None);
+        pace.link(drained);
+        assert_eq!(pace.starved, Some(1.0));
     }
 
     #[test]

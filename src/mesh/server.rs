@@ -321,6 +321,7 @@ impl PeerServer {
                 *pace = None;
             }
             let (_, pace) = pace.get_or_insert_with(|| (asked, Pace::new(packer.lz4())));
+            pace.answer_begins();
             Framing::Adaptive(packer, pace)
         } else {
             Framing::Chunks(packer)
