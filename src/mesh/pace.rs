@@ -347,6 +347,17 @@ impl Pace {
         self.quiet = 2;
     }
 
+    /// The asker asked for another zstd level (its stripes' rates crossed
+    /// its slow-link mark). What zstd measured no longer holds, so it packs
+    /// its next chunks to measure again; the link's rate and LZ4's hold,
+    /// and chunks go on packed rather than raw until a new connection's
+    /// link is measured.
+    pub fn zstd_level_changed(&mut self) {
+        self.zstd = Packing::default();
+        self.versus = Packing::default();
+        self.owed = 0.0;
+    }
+
     /// Wire bytes per second the link delivers when kept busy.
     fn link_rate(&self) -> Option<f64> {
         if self.spans.is_empty() {
@@ -628,31 +639,41 @@ mod tests {
         let mut pace = Pace::new(lz4.is_some());
         let mut conn = Conn::default();
         (1..=n)
-            .map(|_| {
-                let mut codec = pace.choose();
-                let measure = |p: Packs| ((CHUNK as f64 * p.ratio) as usize, CHUNK as f64 / p.rate);
-                if let (true, Some(l)) = (pace.pairs(), lz4) {
-                    // Both packed, the smaller sent.
-                    pace.paired(CHUNK, measure(l), measure(zstd));
-                    codec = Some(if zstd.ratio < l.ratio {
-                        Codec::Zstd
-                    } else {
-                        Codec::Lz4
-                    });
-                }
-                let packs = match codec {
-                    Some(Codec::Lz4) => lz4,
-                    Some(Codec::Zstd) => Some(zstd),
-                    None => None,
-                };
-                if let (Some(c), Some(p), false) = (codec, packs, pace.pairs()) {
-                    let (wire, secs) = measure(p);
-                    pace.packed(c, CHUNK, wire, secs);
-                }
-                pace.link(conn.send(wire_of(packs), link, held));
-                codec
-            })
+            .map(|_| send_one(&mut pace, &mut conn, link, lz4, zstd, held))
             .collect()
+    }
+
+    /// One chunk chosen, packed and sent as `run_held` sends each.
+    fn send_one(
+        pace: &mut Pace,
+        conn: &mut Conn,
+        link: f64,
+        lz4: Option<Packs>,
+        zstd: Packs,
+        held: f64,
+    ) -> Option<Codec> {
+        let mut codec = pace.choose();
+        let measure = |p: Packs| ((CHUNK as f64 * p.ratio) as usize, CHUNK as f64 / p.rate);
+        if let (true, Some(l)) = (pace.pairs(), lz4) {
+            // Both packed, the smaller sent.
+            pace.paired(CHUNK, measure(l), measure(zstd));
+            codec = Some(if zstd.ratio < l.ratio {
+                Codec::Zstd
+            } else {
+                Codec::Lz4
+            });
+        }
+        let packs = match codec {
+            Some(Codec::Lz4) => lz4,
+            Some(Codec::Zstd) => Some(zstd),
+            None => None,
+        };
+        if let (Some(c), Some(p), false) = (codec, packs, pace.pairs()) {
+            let (wire, secs) = measure(p);
+            pace.packed(c, CHUNK, wire, secs);
+        }
+        pace.link(conn.send(wire_of(packs), link, held));
+        codec
     }
 
     /// A chunk's bytes on the wire, packed as `packs` says (`None`: raw).
@@ -734,6 +755,34 @@ mod tests {
         rate: 262.0 * MB,
         ratio: 0.78,
     };
+
+    #[test]
+    fn another_zstd_level_is_measured_again_with_no_raw_chunk_sent() {
+        // 300 Mbit/s: zstd wins. Striped, the asker's level flips between 1
+        // and 3 as its stripes' rates cross its slow-link mark; a pace
+        // started over sent raw chunks until it had measured the link
+        // again, at a third of the NAR per second.
+        let mut pace = Pace::new(true);
+        let mut conn = Conn::default();
+        let mut send = |pace: &mut Pace| send_one(pace, &mut conn, 37.5 * MB, Some(LZ4), ZSTD, 0.0);
+        let before: Vec<_> = (0..64).map(|_| send(&mut pace)).collect();
+        assert_eq!(count(&before[8..], None), 0, "{before:?}");
+        pace.zstd_level_changed();
+        assert_eq!(pace.zstd.rate, None);
+        let after: Vec<_> = (0..64).map(|_| send(&mut pace)).collect();
+        assert_eq!(count(&after, None), 0, "{after:?}");
+        // Measured again from its next packings, zstd is chosen again.
+        assert_eq!(
+            after[8..]
+                .iter()
+                .filter(|c| **c == Some(Codec::Zstd))
+                .count(),
+            56
+        );
+        // A pace started over sends raw chunks first.
+        let fresh = run(64, 37.5 * MB, Some(LZ4), ZSTD);
+        assert!(count(&fresh, None) > 0, "{fresh:?}");
+    }
 
     #[test]
     fn a_holder_that_packs_slower_than_the_link_is_not_taken_for_the_link() {

@@ -315,10 +315,16 @@ impl PeerServer {
         self.count(&node, |c| c.requests_served += 1);
         let packer = Packer::new(level);
         let framing = if level & nar_chunks::ADAPTIVE != 0 {
-            // What it learnt holds for requests at the same level.
+            // What it learnt of the link holds for every request that
+            // reads the same codecs; of zstd, for the same level.
             let asked = level & !nar_chunks::KEEP;
-            if pace.as_ref().is_some_and(|(at, _)| *at != asked) {
-                *pace = None;
+            match pace {
+                Some((at, p)) if (*at ^ asked) & nar_chunks::LZ4 == 0 && *at != asked => {
+                    p.zstd_level_changed();
+                    *at = asked;
+                }
+                Some((at, _)) if *at != asked => *pace = None,
+                _ => {}
             }
             let (_, pace) = pace.get_or_insert_with(|| (asked, Pace::new(packer.lz4())));
             pace.answer_begins();
