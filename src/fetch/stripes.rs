@@ -119,6 +119,11 @@ impl StripePlan {
         }
     }
 
+    /// Whether the next stripe in order is in.
+    pub fn is_ready(&self) -> bool {
+        self.done.contains_key(&self.first_missing)
+    }
+
     /// The next stripe in order, if it is in, and who sent it.
     pub fn pop_ready(&mut self) -> Option<(Bytes, NodeId)> {
         let bytes = self.done.remove(&self.first_missing)?;
@@ -283,6 +288,11 @@ enum StripeError {
 /// Fetches `narinfo`'s NAR in stripes from `holders`, checks it, and
 /// sends the bytes inside `window` into `tx` in order (the last piece once
 /// the whole NAR verified, as the single-holder relay does).
+///
+/// Fetching and passing on run side by side: hashing a stripe takes a
+/// core about a millisecond, and Nix takes the bytes at its own pace, so
+/// a fetch loop that waited for both left the holders' links idle between
+/// requests (a third of a striped transfer's time here).
 pub async fn fetch_striped(
     resolver: &Resolver,
     narinfo: &NarInfo,
@@ -291,19 +301,49 @@ pub async fn fetch_striped(
     tx: &mpsc::Sender<Result<Bytes, FetchError>>,
 ) -> Striped {
     let info = &narinfo.info;
+    let check = NarCheck::new(info.nar_size, info.nar_hash, window);
+    // One stripe waits between the two; the rest wait in the fetch's
+    // window, which bounds memory.
+    let (ordered_tx, ordered) = mpsc::channel(1);
+    let (contributors, (passed, prefixes)) = tokio::join!(
+        fetch_in_order(resolver, narinfo, holders, ordered_tx),
+        pass_on(check, ordered, tx),
+    );
+    match passed {
+        Passed::Done => Striped::Done(contributors),
+        Passed::Mismatch => Striped::Mismatch(contributors, prefixes),
+        Passed::NotANar(from) => {
+            resolver
+                .mesh()
+                .quarantine(&from, crate::fetch::relay::QUARANTINE);
+            Striped::Mismatch(contributors, prefixes)
+        }
+        Passed::ClientGone => Striped::ClientGone,
+        Passed::Short { offset } => Striped::NoHolder { offset },
+    }
+}
+
+/// Fetches the stripes from `holders` and hands them to `ordered` in
+/// order, until all are handed on, no holder can send what is missing, or
+/// `ordered`'s reader left. The holders that sent stripes.
+async fn fetch_in_order(
+    resolver: &Resolver,
+    narinfo: &NarInfo,
+    holders: Vec<NodeId>,
+    ordered: mpsc::Sender<(Bytes, NodeId)>,
+) -> Vec<NodeId> {
+    let info = &narinfo.info;
     let mut plan = StripePlan::new(info.nar_size);
-    let mut check = NarCheck::new(info.nar_size, info.nar_hash, window);
     // Two stripes under way per holder: the next request is on its way
     // while a stripe is still arriving, so no holder's link idles.
     let mut idle: Vec<NodeId> = holders.iter().flat_map(|&h| [h, h]).collect();
     let mut contributors: Vec<NodeId> = Vec::new();
-    let mut prefixes = Prefixes::default();
     // Stripe buffers, used again once the relay has sent a stripe's pieces:
     // a fresh 2 MiB per stripe faulted in every page of it.
     let buffers = ChunkBuffers::new(STRIPE as usize, WINDOW as usize);
     let buffers = &buffers;
     let mut fetches = FuturesUnordered::new();
-    loop {
+    while !plan.finished() {
         while let Some(node) = idle.first().copied() {
             let Some(i) = plan.take() else { break };
             idle.remove(0);
@@ -313,71 +353,111 @@ pub async fn fetch_striped(
                 (node, i, stripe)
             });
         }
-        if fetches.is_empty() {
+        let ready = plan.is_ready();
+        if fetches.is_empty() && !ready {
             // Holders left, but none of them can take what is missing.
-            return Striped::NoHolder {
-                offset: check.offset(),
-            };
+            break;
         }
-        let Some((node, i, result)) = fetches.next().await else {
-            continue;
-        };
-        match result {
-            Ok(bytes) => {
-                plan.arrived(i, bytes, node);
-                if !contributors.contains(&node) {
-                    contributors.push(node);
+        tokio::select! {
+            Some((node, i, result)) = fetches.next(), if !fetches.is_empty() => match result {
+                Ok(bytes) => {
+                    plan.arrived(i, bytes, node);
+                    if !contributors.contains(&node) {
+                        contributors.push(node);
+                    }
+                    idle.push(node);
                 }
-                idle.push(node);
-            }
-            Err(StripeError::Failed(reason)) => {
-                tracing::warn!(path = %info.path, peer = %node, stripe = i, %reason, "a holder failed a stripe; it is asked elsewhere");
-                plan.failed(i);
-            }
-            Err(StripeError::Lied(reason)) => {
-                tracing::error!(peer = %node, path = %info.path, %reason, "quarantining a peer");
-                resolver
-                    .mesh()
-                    .quarantine(&node, crate::fetch::relay::QUARANTINE);
-                plan.failed(i);
-            }
-        }
-        while let Some((stripe, from)) = plan.pop_ready() {
-            let release = match check.on_chunk(stripe) {
-                Ok(r) => r,
-                // Not a NAR: only a lie gets here.
-                Err(_) => {
+                Err(StripeError::Failed(reason)) => {
+                    tracing::warn!(path = %info.path, peer = %node, stripe = i, %reason, "a holder failed a stripe; it is asked elsewhere");
+                    plan.failed(i);
+                }
+                Err(StripeError::Lied(reason)) => {
+                    tracing::error!(peer = %node, path = %info.path, %reason, "quarantining a peer");
                     resolver
                         .mesh()
-                        .quarantine(&from, crate::fetch::relay::QUARANTINE);
-                    return Striped::Mismatch(contributors, prefixes);
+                        .quarantine(&node, crate::fetch::relay::QUARANTINE);
+                    plan.failed(i);
                 }
-            };
-            prefixes.0.push((from, check.prefix_digest()));
-            if let Some(piece) = release {
-                if !send_in_pieces(piece, tx).await {
-                    return Striped::ClientGone;
-                }
-            }
-        }
-        if plan.finished() {
-            break;
+            },
+            room = ordered.reserve(), if ready => match (room, plan.pop_ready()) {
+                (Ok(room), Some(stripe)) => room.send(stripe),
+                // The NAR failed its check, or the client left.
+                (Err(_), _) => break,
+                (Ok(_), None) => {}
+            },
+            () = ordered.closed() => break,
         }
     }
     // Stragglers (second copies of a stripe) are dropped with `fetches`.
-    drop(fetches);
-    match check.finish() {
-        Verdict::Verified { last } => {
-            if let Some(last) = last {
-                if !send_in_pieces(last, tx).await {
-                    return Striped::ClientGone;
-                }
+    contributors
+}
+
+/// How passing a striped NAR on ended.
+enum Passed {
+    /// Every byte verified and went to the consumer.
+    Done,
+    /// The NAR did not match its hash.
+    Mismatch,
+    /// The stripe this holder sent is not part of a NAR.
+    NotANar(NodeId),
+    /// The consumer left.
+    ClientGone,
+    /// The stripes ended here, before the NAR did.
+    Short { offset: u64 },
+}
+
+/// Checks the stripes from `ordered`, in order, and sends what `check`
+/// releases into `tx`; with who sent each stripe and the NAR's digest up
+/// to its end.
+async fn pass_on(
+    mut check: NarCheck,
+    mut ordered: mpsc::Receiver<(Bytes, NodeId)>,
+    tx: &mpsc::Sender<Result<Bytes, FetchError>>,
+) -> (Passed, Prefixes) {
+    let mut prefixes = Prefixes::default();
+    while let Some((stripe, from)) = ordered.recv().await {
+        // Off the async workers, which meanwhile ask for the next stripes.
+        let hashed = tokio::task::spawn_blocking(move || {
+            let release = check.on_chunk(stripe);
+            (check, release)
+        })
+        .await;
+        let release = match hashed {
+            Ok((back, release)) => {
+                check = back;
+                release
             }
-            Striped::Done(contributors)
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => return (Passed::ClientGone, prefixes),
+        };
+        let release = match release {
+            Ok(r) => r,
+            // Not a NAR: only a lie gets here.
+            Err(_) => return (Passed::NotANar(from), prefixes),
+        };
+        prefixes.0.push((from, check.prefix_digest()));
+        if let Some(piece) = release {
+            if !send_in_pieces(piece, tx).await {
+                return (Passed::ClientGone, prefixes);
+            }
         }
-        Verdict::Mismatch => Striped::Mismatch(contributors, prefixes),
-        Verdict::Short { offset } => Striped::NoHolder { offset },
     }
+    let passed = match check.finish() {
+        Verdict::Verified { last } => {
+            let sent = match last {
+                Some(last) => send_in_pieces(last, tx).await,
+                None => true,
+            };
+            match sent {
+                true => Passed::Done,
+                false => Passed::ClientGone,
+            }
+        }
+        Verdict::Mismatch => Passed::Mismatch,
+        Verdict::Short { offset } => Passed::Short { offset },
+    };
+    (passed, prefixes)
 }
 
 #[cfg(test)]
