@@ -3,8 +3,9 @@
 //! and takes the next as soon as one is in, so faster holders send more; a stripe whose holder
 //! fails goes back for another; stripes are put in order and hashed before
 //! Nix sees them, so Nix still gets one in-order stream. At most `WINDOW`
-//! stripes past the first missing one are fetched or held at once, which
-//! bounds memory; a holder left idle by that bound fetches the first missing
+//! stripes past the first missing one are fetched or held at once, and
+//! `PASSING` more are on their way to Nix, which bounds memory; a holder
+//! left idle by that bound fetches the first missing
 //! stripe too (whichever copy comes first is taken), so one slow holder
 //! cannot hold everyone up.
 //!
@@ -33,6 +34,9 @@ use crate::nix::NarInfo;
 pub const STRIPE: u64 = 2 << 20;
 /// Stripes fetched or held at once, from the first missing one on.
 pub const WINDOW: u64 = 12;
+/// Stripes on their way to Nix: one waiting to be hashed, one being hashed,
+/// and the one the NarHash check holds back until the NAR is whole.
+pub const PASSING: u64 = 3;
 
 /// Which stripes of a NAR are done, under way and still to fetch.
 #[derive(Debug)]
@@ -340,7 +344,7 @@ async fn fetch_in_order(
     let mut contributors: Vec<NodeId> = Vec::new();
     // Stripe buffers, used again once the relay has sent a stripe's pieces:
     // a fresh 2 MiB per stripe faulted in every page of it.
-    let buffers = ChunkBuffers::new(STRIPE as usize, WINDOW as usize);
+    let buffers = ChunkBuffers::new(STRIPE as usize, (WINDOW + PASSING) as usize);
     let buffers = &buffers;
     let mut fetches = FuturesUnordered::new();
     while !plan.finished() {

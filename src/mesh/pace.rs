@@ -210,6 +210,11 @@ pub struct Pace {
     quiet: u8,
     /// The latest sprint.
     sprint: Option<Sprint>,
+    /// The zstd level `zstd` and `versus` measure (`None`: not yet told).
+    zstd_level: Option<u8>,
+    /// What they measured at the other levels asked for on this
+    /// connection, by level (at most the nine levels).
+    shelved: Vec<(u8, Packing, Packing)>,
 }
 
 /// A run of raw chunks sent back to back to measure the link.
@@ -347,14 +352,35 @@ impl Pace {
         self.quiet = 2;
     }
 
-    /// The asker asked for another zstd level (its stripes' rates crossed
-    /// its slow-link mark). What zstd measured no longer holds, so it packs
-    /// its next chunks to measure again; the link's rate and LZ4's hold,
-    /// and chunks go on packed rather than raw until a new connection's
-    /// link is measured.
-    pub fn zstd_level_changed(&mut self) {
-        self.zstd = Packing::default();
-        self.versus = Packing::default();
+    /// Whether the asker reads LZ4 chunks.
+    pub fn reads_lz4(&self) -> bool {
+        self.lz4.is_some()
+    }
+
+    /// The zstd level the asker asks for in this request. Striped, its
+    /// level can change from one stripe to the next (its stripes' rates
+    /// crossed its slow-link mark). Another level than the last one's puts
+    /// what zstd measured aside and takes up what it measured at this
+    /// level before, if anything, else packs the next chunks to measure it;
+    /// the link's rate and LZ4's stand, so chunks do not go raw until the
+    /// link is measured again, as on a new connection.
+    pub fn zstd_level(&mut self, level: u8) {
+        let Some(last) = self.zstd_level.replace(level) else {
+            return;
+        };
+        if last == level {
+            return;
+        }
+        let (zstd, versus) = match self.shelved.iter().position(|(l, ..)| *l == level) {
+            Some(i) => {
+                let (_, zstd, versus) = self.shelved.swap_remove(i);
+                (zstd, versus)
+            }
+            None => Default::default(),
+        };
+        let zstd = std::mem::replace(&mut self.zstd, zstd);
+        let versus = std::mem::replace(&mut self.versus, versus);
+        self.shelved.push((last, zstd, versus));
         self.owed = 0.0;
     }
 
@@ -765,20 +791,23 @@ mod tests {
         let mut pace = Pace::new(true);
         let mut conn = Conn::default();
         let mut send = |pace: &mut Pace| send_one(pace, &mut conn, 37.5 * MB, Some(LZ4), ZSTD, 0.0);
+        let zstd =
+            |sent: &[Option<Codec>]| sent.iter().filter(|c| **c == Some(Codec::Zstd)).count();
+        pace.zstd_level(1);
         let before: Vec<_> = (0..64).map(|_| send(&mut pace)).collect();
         assert_eq!(count(&before[8..], None), 0, "{before:?}");
-        pace.zstd_level_changed();
+        pace.zstd_level(3);
         assert_eq!(pace.zstd.rate, None);
         let after: Vec<_> = (0..64).map(|_| send(&mut pace)).collect();
         assert_eq!(count(&after, None), 0, "{after:?}");
         // Measured again from its next packings, zstd is chosen again.
-        assert_eq!(
-            after[8..]
-                .iter()
-                .filter(|c| **c == Some(Codec::Zstd))
-                .count(),
-            56
-        );
+        assert_eq!(zstd(&after[8..]), 56, "{after:?}");
+        // Back at level 1, what zstd measured there holds: no chunk
+        // packed to measure it again, none but zstd.
+        pace.zstd_level(1);
+        assert!(pace.zstd.rate.is_some());
+        let back: Vec<_> = (0..64).map(|_| send(&mut pace)).collect();
+        assert_eq!(zstd(&back), 64, "{back:?}");
         // A pace started over sends raw chunks first.
         let fresh = run(64, 37.5 * MB, Some(LZ4), ZSTD);
         assert!(count(&fresh, None) > 0, "{fresh:?}");

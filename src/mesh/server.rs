@@ -284,7 +284,7 @@ impl PeerServer {
         &self,
         node: NodeId,
         sink: &mut BulkSink<S>,
-        pace: &mut Option<(u8, Pace)>,
+        pace: &mut Option<Pace>,
         request: Result<Vec<u8>, FrameReadError>,
     ) -> Option<bool> {
         let request = request
@@ -315,18 +315,13 @@ impl PeerServer {
         self.count(&node, |c| c.requests_served += 1);
         let packer = Packer::new(level);
         let framing = if level & nar_chunks::ADAPTIVE != 0 {
-            // What it learnt of the link holds for every request that
-            // reads the same codecs; of zstd, for the same level.
-            let asked = level & !nar_chunks::KEEP;
-            match pace {
-                Some((at, p)) if (*at ^ asked) & nar_chunks::LZ4 == 0 && *at != asked => {
-                    p.zstd_level_changed();
-                    *at = asked;
-                }
-                Some((at, _)) if *at != asked => *pace = None,
-                _ => {}
+            // What it learnt holds for every request that reads the same
+            // codecs; of zstd, for each level.
+            if pace.as_ref().is_some_and(|p| p.reads_lz4() != packer.lz4()) {
+                *pace = None;
             }
-            let (_, pace) = pace.get_or_insert_with(|| (asked, Pace::new(packer.lz4())));
+            let pace = pace.get_or_insert_with(|| Pace::new(packer.lz4()));
+            pace.zstd_level(packer.level());
             pace.answer_begins();
             Framing::Adaptive(packer, pace)
         } else {
@@ -335,7 +330,7 @@ impl PeerServer {
         let served = self
             .serve_nar(node, sink, hash, nar_hash, part, framing)
             .await;
-        if let (Some((_, pace)), true) = (pace.as_ref(), level & nar_chunks::ADAPTIVE != 0) {
+        if let (Some(pace), true) = (pace.as_ref(), level & nar_chunks::ADAPTIVE != 0) {
             tracing::debug!(peer = %node, %pace, "pace after a NAR request");
         }
         // Resets come between whole frames, after `NarFollows`: a stop
