@@ -64,6 +64,19 @@ pub struct Store {
     warned_immutable: std::sync::atomic::AtomicBool,
 }
 
+/// Whether the DB is there but locked just now: by a nix-daemon in a long
+/// write, or recovering its journal.
+fn is_busy(e: &StoreError) -> bool {
+    let source = match e {
+        StoreError::Open { source, .. } | StoreError::Query(source) => source,
+        StoreError::BadRow { .. } => return false,
+    };
+    matches!(
+        source.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 fn is_permission_error(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error_code(),
@@ -74,7 +87,9 @@ fn is_permission_error(e: &rusqlite::Error) -> bool {
 impl Store {
     /// Opens the DB once to fail early on a wrong location. A DB that does
     /// not exist yet (Nix installed but never run) is not an error: the store
-    /// is empty until Nix creates it.
+    /// is empty until Nix creates it. Nor is one locked longer than
+    /// `BUSY_TIMEOUT` (a nix-daemon in a long write as the agent starts):
+    /// it is there, and reads try again as they come.
     pub fn open(location: StoreLocation) -> Result<Arc<Self>, StoreError> {
         let store = Self {
             location,
@@ -88,13 +103,24 @@ impl Store {
             );
             return Ok(Arc::new(store));
         }
-        let conn = store.connect()?;
-        conn.query_row("select count(*) from ValidPaths limit 1", [], |_| Ok(()))
-            .map_err(|source| StoreError::Open {
-                path: store.location.db.display().to_string(),
-                source,
-            })?;
-        store.put_back(conn);
+        let checked = store.connect().and_then(|conn| {
+            conn.query_row("select count(*) from ValidPaths limit 1", [], |_| Ok(()))
+                .map_err(|source| StoreError::Open {
+                    path: store.location.db.display().to_string(),
+                    source,
+                })?;
+            store.put_back(conn);
+            Ok(())
+        });
+        match checked {
+            Ok(()) => {}
+            Err(e) if is_busy(&e) => tracing::warn!(
+                db = %store.location.db.display(),
+                error = %e,
+                "the store DB is locked just now; reads will try again"
+            ),
+            Err(e) => return Err(e),
+        }
         Ok(Arc::new(store))
     }
 
@@ -355,4 +381,43 @@ fn row_to_info(store_dir: &str, row: Row) -> Result<PathInfo, StoreError> {
         ca: row.ca.filter(|c| !c.is_empty()),
         ultimate: row.ultimate.unwrap_or(0) != 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn location(dir: &Path) -> StoreLocation {
+        StoreLocation {
+            store_dir: "/nix/store".into(),
+            real_store_dir: dir.join("store"),
+            db: dir.join("db.sqlite"),
+        }
+    }
+
+    #[test]
+    fn a_store_db_locked_as_the_agent_starts_is_read_once_it_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = location(dir.path());
+        let writer = Connection::open(&at.db).unwrap();
+        writer
+            .execute_batch("create table ValidPaths (id integer primary key, path text)")
+            .unwrap();
+        // A nix-daemon in a long write.
+        writer.execute_batch("begin exclusive").unwrap();
+        let store = Store::open(at.clone()).expect("a locked DB is no wrong location");
+        let busy = store.path_count().expect_err("read while locked");
+        assert!(is_busy(&busy), "{busy}");
+        writer.execute_batch("commit").unwrap();
+        assert_eq!(store.path_count().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_file_that_is_no_store_db_still_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = location(dir.path());
+        std::fs::write(&at.db, b"not a database, and long enough to be read as one").unwrap();
+        let e = Store::open(at).err().expect("not a DB");
+        assert!(!is_busy(&e), "{e}");
+    }
 }
