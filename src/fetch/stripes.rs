@@ -11,7 +11,7 @@
 //!
 //! `StripePlan` is the pure bookkeeping; `fetch_striped` moves the bytes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::time::Instant;
 
@@ -174,12 +174,23 @@ impl Prefixes {
     }
 }
 
+/// The level to ask `node` for over a bulk connection, from its transfers
+/// so far. Taken once per NAR: kept frames are kept per level, and with
+/// two stripes sharing the holder's link each stripe's rate sits near the
+/// slow-link mark, so levels chosen stripe by stripe flipped between 1
+/// and 3, and the holder packed afresh what it had kept at the other.
+fn bulk_level(resolver: &Resolver, node: &NodeId) -> u8 {
+    let (link, all) = resolver.mesh().links(node);
+    resolver.compression().bulk_level(&link, &all)
+}
+
 /// One stripe from one holder, whole, or why not.
 async fn fetch_stripe(
     resolver: &Resolver,
     node: NodeId,
     narinfo: &NarInfo,
     part: Range<u64>,
+    bulk_level: u8,
     buffers: &ChunkBuffers,
 ) -> Result<Bytes, StripeError> {
     let info = &narinfo.info;
@@ -204,7 +215,7 @@ async fn fetch_stripe(
             part,
             want,
             level,
-            resolver.compression().bulk_level(&link, &all),
+            bulk_level,
             STALL_TIMEOUT,
         )
         .await;
@@ -346,14 +357,18 @@ async fn fetch_in_order(
     // a fresh 2 MiB per stripe faulted in every page of it.
     let buffers = ChunkBuffers::new(STRIPE as usize, (WINDOW + PASSING) as usize);
     let buffers = &buffers;
+    let mut bulk_levels: HashMap<NodeId, u8> = HashMap::new();
     let mut fetches = FuturesUnordered::new();
     while !plan.finished() {
         while let Some(node) = idle.first().copied() {
             let Some(i) = plan.take() else { break };
             idle.remove(0);
             let part = plan.range(i);
+            let level = *bulk_levels
+                .entry(node)
+                .or_insert_with(|| bulk_level(resolver, &node));
             fetches.push(async move {
-                let stripe = fetch_stripe(resolver, node, narinfo, part, buffers).await;
+                let stripe = fetch_stripe(resolver, node, narinfo, part, level, buffers).await;
                 (node, i, stripe)
             });
         }
