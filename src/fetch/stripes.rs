@@ -175,7 +175,8 @@ impl Prefixes {
 }
 
 /// The level to ask `node` for over a bulk connection, from its transfers
-/// so far. Taken once per NAR: kept frames are kept per level, and with
+/// so far (or all peers', for a holder not yet measured). Taken once per
+/// NAR: kept frames are kept per level, and with
 /// two stripes sharing the holder's link each stripe's rate sits near the
 /// slow-link mark, so levels chosen stripe by stripe flipped between 1
 /// and 3, and the holder packed afresh what it had kept at the other.

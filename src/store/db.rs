@@ -88,8 +88,9 @@ impl Store {
     /// Opens the DB once to fail early on a wrong location. A DB that does
     /// not exist yet (Nix installed but never run) is not an error: the store
     /// is empty until Nix creates it. Nor is one locked longer than
-    /// `BUSY_TIMEOUT` (a nix-daemon in a long write as the agent starts):
-    /// it is there, and reads try again as they come.
+    /// `BUSY_TIMEOUT` as the agent starts (a nix-daemon recovering its
+    /// journal, or one in a long write with `use-sqlite-wal = false`): it
+    /// is there, and reads try again as they come.
     pub fn open(location: StoreLocation) -> Result<Arc<Self>, StoreError> {
         let store = Self {
             location,
@@ -403,7 +404,8 @@ mod tests {
         writer
             .execute_batch("create table ValidPaths (id integer primary key, path text)")
             .unwrap();
-        // A nix-daemon in a long write.
+        // A nix-daemon in a long write (without WAL: a fresh DB has a
+        // rollback journal).
         writer.execute_batch("begin exclusive").unwrap();
         let store = Store::open(at.clone()).expect("a locked DB is no wrong location");
         let busy = store.path_count().expect_err("read while locked");
