@@ -358,16 +358,17 @@ async fn fetch_in_order(
     // a fresh 2 MiB per stripe faulted in every page of it.
     let buffers = ChunkBuffers::new(STRIPE as usize, (WINDOW + PASSING) as usize);
     let buffers = &buffers;
-    let mut bulk_levels: HashMap<NodeId, u8> = HashMap::new();
+    let bulk_levels: HashMap<NodeId, u8> = holders
+        .iter()
+        .map(|&h| (h, bulk_level(resolver, &h)))
+        .collect();
     let mut fetches = FuturesUnordered::new();
     while !plan.finished() {
         while let Some(node) = idle.first().copied() {
             let Some(i) = plan.take() else { break };
             idle.remove(0);
             let part = plan.range(i);
-            let level = *bulk_levels
-                .entry(node)
-                .or_insert_with(|| bulk_level(resolver, &node));
+            let level = bulk_levels[&node];
             fetches.push(async move {
                 let stripe = fetch_stripe(resolver, node, narinfo, part, level, buffers).await;
                 (node, i, stripe)
