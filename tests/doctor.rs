@@ -19,11 +19,18 @@ fn doctor(config: &std::path::Path) -> (bool, String) {
     )
 }
 
+/// A cache URL on loopback where nothing listens.
+fn closed_upstream() -> String {
+    format!("http://127.0.0.1:{}", free_port())
+}
+
 #[test]
 fn a_broken_setup_gets_each_fault_named() {
     let dir = tempfile::tempdir().unwrap();
     let nix_conf = dir.path().join("nix.conf");
-    std::fs::write(&nix_conf, "substituters = https://cache.nixos.org\n").unwrap();
+    // An upstream that refuses connections, on loopback: the tests send
+    // nothing off this machine.
+    std::fs::write(&nix_conf, format!("substituters = {}\n", closed_upstream())).unwrap();
     let office = nix_key("office-1");
     let config = dir.path().join("config.toml");
     std::fs::write(
@@ -56,6 +63,51 @@ fn a_broken_setup_gets_each_fault_named() {
 }
 
 #[test]
+fn a_store_db_nix_holds_locked_is_a_warning_not_a_permission_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_dir = dir.path().join("root/nix/var/nix/db");
+    std::fs::create_dir_all(&db_dir).unwrap();
+    let writer = rusqlite::Connection::open(db_dir.join("db.sqlite")).unwrap();
+    writer
+        .execute_batch("create table ValidPaths (id integer primary key, path text)")
+        .unwrap();
+    let nix_conf = dir.path().join("nix.conf");
+    std::fs::write(&nix_conf, format!("substituters = {}\n", closed_upstream())).unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[store]\nroot = {:?}\nnix_conf = {:?}\n[mesh]\nmdns = false\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n",
+            dir.path().join("state").display().to_string(),
+            dir.path().join("root").display().to_string(),
+            nix_conf.display().to_string(),
+            free_port(),
+        ),
+    )
+    .unwrap();
+    let db_line = |report: &str| {
+        report
+            .lines()
+            .find(|l| l.contains("store DB"))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no store DB line in:\n{report}"))
+    };
+    // A nix-daemon in a long write holds the DB.
+    writer.execute_batch("begin exclusive").unwrap();
+    let (_, report) = doctor(&config);
+    let line = db_line(&report);
+    assert!(
+        line.starts_with("warn") && line.contains("is locked just now"),
+        "{report}"
+    );
+    assert!(!report.contains("run the agent as root"), "{report}");
+    writer.execute_batch("commit").unwrap();
+    let (_, report) = doctor(&config);
+    assert!(db_line(&report).starts_with("ok"), "{report}");
+}
+
+#[test]
 fn a_good_setup_passes_and_a_dead_peer_is_named() {
     let office = nix_key("office-1");
     let settings = NodeSettings {
@@ -71,8 +123,10 @@ fn a_good_setup_passes_and_a_dead_peer_is_named() {
     std::fs::write(
         &nix_conf,
         format!(
-            "substituters = http://127.0.0.1:{} https://cache.nixos.org\ntrusted-public-keys = {}\n",
-            a.substituter, office.public
+            "substituters = http://127.0.0.1:{} {}\ntrusted-public-keys = {}\n",
+            a.substituter,
+            closed_upstream(),
+            office.public
         ),
     )
     .unwrap();

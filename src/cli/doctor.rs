@@ -305,6 +305,24 @@ pub fn judge_udp_buffers(rmem_max: Option<u64>, wmem_max: Option<u64>) -> Findin
     )
 }
 
+/// What reading the store DB at `db` (its count of paths) says.
+fn judge_store_db(db: &Path, read: Result<u64, crate::store::db::StoreError>) -> Finding {
+    match read {
+        Ok(n) => ok(format!("store DB {} is readable ({n} paths)", db.display())),
+        // Nix holds a write lock: not a fault of the setup, and the agent
+        // reads again on its own.
+        Err(e) if e.is_busy() => warn(
+            format!("the store DB {} is locked just now: {e}", db.display()),
+            "a nix-daemon is writing to it (a large copy, a garbage collection); \
+             run `nixmesh doctor` again once it is done",
+        ),
+        Err(e) => fail(
+            format!("the store DB cannot be read: {e}"),
+            "run the agent as root, or fix the permissions of the DB",
+        ),
+    }
+}
+
 fn sysctl(path: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -328,14 +346,7 @@ pub async fn run(config: &Config, config_source: &str) -> Vec<Finding> {
         })
         .await;
         match opened {
-            Ok(Ok(n)) => out.push(ok(format!(
-                "store DB {} is readable ({n} paths)",
-                db.display()
-            ))),
-            Ok(Err(e)) => out.push(fail(
-                format!("the store DB cannot be read: {e}"),
-                "run the agent as root, or fix the permissions of the DB",
-            )),
+            Ok(read) => out.push(judge_store_db(&db, read)),
             Err(e) => out.push(fail(format!("reading the store DB failed: {e}"), "")),
         }
     }

@@ -64,17 +64,19 @@ pub struct Store {
     warned_immutable: std::sync::atomic::AtomicBool,
 }
 
-/// Whether the DB is there but locked just now: by a nix-daemon in a long
-/// write, or recovering its journal.
-fn is_busy(e: &StoreError) -> bool {
-    let source = match e {
-        StoreError::Open { source, .. } | StoreError::Query(source) => source,
-        StoreError::BadRow { .. } => return false,
-    };
-    matches!(
-        source.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-    )
+impl StoreError {
+    /// Whether the DB is there but locked just now: by a nix-daemon in a
+    /// long write, or recovering its journal.
+    pub fn is_busy(&self) -> bool {
+        let source = match self {
+            StoreError::Open { source, .. } | StoreError::Query(source) => source,
+            StoreError::BadRow { .. } => return false,
+        };
+        matches!(
+            source.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        )
+    }
 }
 
 fn is_permission_error(e: &rusqlite::Error) -> bool {
@@ -115,7 +117,7 @@ impl Store {
         });
         match checked {
             Ok(()) => {}
-            Err(e) if is_busy(&e) => tracing::warn!(
+            Err(e) if e.is_busy() => tracing::warn!(
                 db = %store.location.db.display(),
                 error = %e,
                 "the store DB is locked just now; reads will try again"
@@ -409,7 +411,7 @@ mod tests {
         writer.execute_batch("begin exclusive").unwrap();
         let store = Store::open(at.clone()).expect("a locked DB is no wrong location");
         let busy = store.path_count().expect_err("read while locked");
-        assert!(is_busy(&busy), "{busy}");
+        assert!(busy.is_busy(), "{busy}");
         writer.execute_batch("commit").unwrap();
         assert_eq!(store.path_count().unwrap(), 0);
     }
@@ -420,6 +422,6 @@ mod tests {
         let at = location(dir.path());
         std::fs::write(&at.db, b"not a database, and long enough to be read as one").unwrap();
         let e = Store::open(at).err().expect("not a DB");
-        assert!(!is_busy(&e), "{e}");
+        assert!(!e.is_busy(), "{e}");
     }
 }
