@@ -193,7 +193,7 @@ async fn fetch_stripe(
     part: Range<u64>,
     bulk_level: u8,
     buffers: &ChunkBuffers,
-) -> Result<Bytes, StripeError> {
+) -> Result<Arrived, StripeError> {
     let info = &narinfo.info;
     let mesh = resolver.mesh();
     let conn = mesh
@@ -259,15 +259,39 @@ async fn fetch_stripe(
             bytes.len()
         )));
     }
-    let wire = reader.wire_bytes().unwrap_or(want);
-    let packed =
-        crate::fetch::compression::came_packed(level, reader.is_bulk(), want, reader.wire_bytes());
-    let secs = began.elapsed().as_secs_f64();
     mesh.count(&node, |c| c.bytes_fetched += want);
-    mesh.record_link(&node, |link| {
-        crate::fetch::compression::record(link, packed, want, wire, secs)
-    });
-    Ok(buffers.lend(bytes))
+    Ok(Arrived {
+        bytes: buffers.lend(bytes),
+        packed: crate::fetch::compression::came_packed(
+            level,
+            reader.is_bulk(),
+            want,
+            reader.wire_bytes(),
+        ),
+        wire: reader.wire_bytes().unwrap_or(want),
+        began,
+        ended: Instant::now(),
+    })
+}
+
+/// A stripe that came whole, and what its transfer saw of the link.
+struct Arrived {
+    bytes: Bytes,
+    /// It came compressed.
+    packed: bool,
+    /// Its bytes on the wire.
+    wire: u64,
+    began: Instant,
+    ended: Instant,
+}
+
+/// Where the link time that a stripe which began at `began` accounts for
+/// starts, its holder's previous stripe having arrived at `previous`. A
+/// holder's stripes overlap (two are under way), so each one's own time
+/// would count the link twice and read half its rate; a stripe accounts
+/// only for the time since the one before it arrived.
+fn link_time_from(began: Instant, previous: Option<Instant>) -> Instant {
+    previous.map_or(began, |p| p.max(began))
 }
 
 /// Sends `bytes` to Nix's relay in pieces of one chunk at most, as a fetch
@@ -362,6 +386,8 @@ async fn fetch_in_order(
         .iter()
         .map(|&h| (h, bulk_level(resolver, &h)))
         .collect();
+    // When each holder's latest stripe arrived.
+    let mut arrivals: HashMap<NodeId, Instant> = HashMap::new();
     let mut fetches = FuturesUnordered::new();
     while !plan.finished() {
         while let Some(node) = idle.first().copied() {
@@ -381,8 +407,14 @@ async fn fetch_in_order(
         }
         tokio::select! {
             Some((node, i, result)) = fetches.next(), if !fetches.is_empty() => match result {
-                Ok(bytes) => {
-                    plan.arrived(i, bytes, node);
+                Ok(arrived) => {
+                    let from = link_time_from(arrived.began, arrivals.insert(node, arrived.ended));
+                    let secs = arrived.ended.saturating_duration_since(from).as_secs_f64();
+                    let nar = arrived.bytes.len() as u64;
+                    resolver.mesh().record_link(&node, |link| {
+                        crate::fetch::compression::record(link, arrived.packed, nar, arrived.wire, secs)
+                    });
+                    plan.arrived(i, arrived.bytes, node);
                     if !contributors.contains(&node) {
                         contributors.push(node);
                     }
@@ -490,6 +522,21 @@ mod tests {
 
     fn bytes(i: u64) -> Bytes {
         Bytes::from(vec![i as u8; 3])
+    }
+
+    #[test]
+    fn overlapping_stripes_of_one_holder_count_its_link_time_once() {
+        use std::time::Duration;
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        // Two stripes asked for at once, 40 ms each on a link they share:
+        // the first accounts for its own time, the second only for the
+        // 20 ms after the first arrived.
+        assert_eq!(link_time_from(ms(0), None), ms(0));
+        assert_eq!(link_time_from(ms(1), Some(ms(40))), ms(40));
+        // A stripe asked for after the last one arrived (the holder waited
+        // on the window) accounts for its own time.
+        assert_eq!(link_time_from(ms(70), Some(ms(60))), ms(70));
     }
 
     #[test]
