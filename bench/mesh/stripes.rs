@@ -68,6 +68,7 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         })
     };
     let mut striped_packed = Vec::new();
+    let (mut striped_curl, mut single_curl) = (Vec::new(), Vec::new());
     for round in 0..s.rounds {
         let striped_first = round % 2 == 0;
         for striping in [striped_first, !striped_first] {
@@ -92,18 +93,27 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             let mbps = nar as f64 / 1e6 / t.as_secs_f64();
             let [all, packed] = served();
             let packed = 100.0 * (packed - served_before[1]) / (all - served_before[0]).max(1.0);
+            // The same NAR again through the agent into curl: the mesh's
+            // byte path without Nix's unpacking (the holders now send the
+            // frames they kept).
+            forget(client, std::slice::from_ref(&big), "");
+            let url = nar_url(client, SUBSTITUTER, &big);
+            let raw =
+                nar as f64 / 1e6 / curl_get(client, &format!("{SUBSTITUTER}/{url}")).as_secs_f64();
             eprintln!(
                 "stripes round {round}: {} {mbps:.0} MB/s, all agents {cpu:.2} CPU-s/GiB, \
-                 machine {busy:.2} cores busy, {packed:.0} % sent packed",
+                 machine {busy:.2} cores busy, {packed:.0} % sent packed; curl {raw:.0} MB/s",
                 if striping { "striped" } else { "one holder" }
             );
             if striping {
+                striped_curl.push(raw);
                 striped.push(mbps);
                 striped_cpu.push(cpu);
                 striped_busy.push(busy);
                 striped_packed.push(packed);
                 peak_kib = peak_kib.max(vm_hwm(agent_pid(&agent)));
             } else {
+                single_curl.push(raw);
                 single.push(mbps);
                 single_cpu.push(cpu);
                 single_busy.push(busy);
@@ -121,6 +131,13 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
                 _ => format!("at {mbit} Mbit/s each"),
             }
         ),
+        mesh: format!("{m:.1}"),
+        other: format!("{o:.1} (one holder)"),
+        ratio: format!("striped/one = {:.2}", m / o),
+    });
+    let (m, o) = (median(&striped_curl), median(&single_curl));
+    rows.push(Row {
+        what: "the same NAR into curl through the client's agent (no Nix), MB/s".to_string(),
         mesh: format!("{m:.1}"),
         other: format!("{o:.1} (one holder)"),
         ratio: format!("striped/one = {:.2}", m / o),
@@ -152,7 +169,8 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
     notes.push(
         "stripes: the client's Nix substitutes one path held by three hosts through its agent, \
          striped from all three (mesh) against one holder at a time (stripe_from_mib = 0); a fresh \
-         client agent and an empty client store for every run."
+         client agent and an empty client store for every run; then curl takes the same NAR \
+         through the same agent, the path deleted from the client's store first."
             .to_string(),
     );
 }
