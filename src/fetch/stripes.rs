@@ -13,11 +13,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::chunk_buffers::ChunkBuffers;
 use crate::fetch::relay::{FetchError, STALL_TIMEOUT};
@@ -334,7 +335,7 @@ enum StripeError {
 /// a fetch loop that waited for both left the holders' links idle between
 /// requests (a third of a striped transfer's time here).
 pub async fn fetch_striped(
-    resolver: &Resolver,
+    resolver: &Arc<Resolver>,
     narinfo: &NarInfo,
     holders: Vec<NodeId>,
     window: Range<u64>,
@@ -367,7 +368,7 @@ pub async fn fetch_striped(
 /// order, until all are handed on, no holder can send what is missing, or
 /// `ordered`'s reader left. The holders that sent stripes.
 async fn fetch_in_order(
-    resolver: &Resolver,
+    resolver: &Arc<Resolver>,
     narinfo: &NarInfo,
     holders: Vec<NodeId>,
     ordered: mpsc::Sender<(Bytes, NodeId)>,
@@ -381,22 +382,27 @@ async fn fetch_in_order(
     // Stripe buffers, used again once the relay has sent a stripe's pieces:
     // a fresh 2 MiB per stripe faulted in every page of it.
     let buffers = ChunkBuffers::new(STRIPE as usize, (WINDOW + PASSING) as usize);
-    let buffers = &buffers;
+    let narinfo = Arc::new(narinfo.clone());
     let bulk_levels: HashMap<NodeId, u8> = holders
         .iter()
         .map(|&h| (h, bulk_level(resolver, &h)))
         .collect();
     // When each holder's latest stripe arrived.
     let mut arrivals: HashMap<NodeId, Instant> = HashMap::new();
-    let mut fetches = FuturesUnordered::new();
+    // Each stripe is a task of its own, so the runtime's threads unpack
+    // stripes side by side, and this loop and the hashing beside it are
+    // never held up behind a stripe's unpacking. Dropping the set (the
+    // fetch is over or abandoned) aborts what is still under way.
+    let mut fetches = JoinSet::new();
     while !plan.finished() {
         while let Some(node) = idle.first().copied() {
             let Some(i) = plan.take() else { break };
             idle.remove(0);
             let part = plan.range(i);
             let level = bulk_levels[&node];
-            fetches.push(async move {
-                let stripe = fetch_stripe(resolver, node, narinfo, part, level, buffers).await;
+            let (resolver, narinfo, buffers) = (resolver.clone(), narinfo.clone(), buffers.clone());
+            fetches.spawn(async move {
+                let stripe = fetch_stripe(&resolver, node, &narinfo, part, level, &buffers).await;
                 (node, i, stripe)
             });
         }
@@ -406,32 +412,40 @@ async fn fetch_in_order(
             break;
         }
         tokio::select! {
-            Some((node, i, result)) = fetches.next(), if !fetches.is_empty() => match result {
-                Ok(arrived) => {
-                    let from = link_time_from(arrived.began, arrivals.insert(node, arrived.ended));
-                    let secs = arrived.ended.saturating_duration_since(from).as_secs_f64();
-                    let nar = arrived.bytes.len() as u64;
-                    resolver.mesh().record_link(&node, |link| {
-                        crate::fetch::compression::record(link, arrived.packed, nar, arrived.wire, secs)
-                    });
-                    plan.arrived(i, arrived.bytes, node);
-                    if !contributors.contains(&node) {
-                        contributors.push(node);
+            Some(joined) = fetches.join_next(), if !fetches.is_empty() => {
+                let (node, i, result) = match joined {
+                    Ok(done) => done,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // Cancelled: the runtime is shutting down.
+                    Err(_) => break,
+                };
+                match result {
+                    Ok(arrived) => {
+                        let from = link_time_from(arrived.began, arrivals.insert(node, arrived.ended));
+                        let secs = arrived.ended.saturating_duration_since(from).as_secs_f64();
+                        let nar = arrived.bytes.len() as u64;
+                        resolver.mesh().record_link(&node, |link| {
+                            crate::fetch::compression::record(link, arrived.packed, nar, arrived.wire, secs)
+                        });
+                        plan.arrived(i, arrived.bytes, node);
+                        if !contributors.contains(&node) {
+                            contributors.push(node);
+                        }
+                        idle.push(node);
                     }
-                    idle.push(node);
+                    Err(StripeError::Failed(reason)) => {
+                        tracing::warn!(path = %info.path, peer = %node, stripe = i, %reason, "a holder failed a stripe; it is asked elsewhere");
+                        plan.failed(i);
+                    }
+                    Err(StripeError::Lied(reason)) => {
+                        tracing::error!(peer = %node, path = %info.path, %reason, "quarantining a peer");
+                        resolver
+                            .mesh()
+                            .quarantine(&node, crate::fetch::relay::QUARANTINE);
+                        plan.failed(i);
+                    }
                 }
-                Err(StripeError::Failed(reason)) => {
-                    tracing::warn!(path = %info.path, peer = %node, stripe = i, %reason, "a holder failed a stripe; it is asked elsewhere");
-                    plan.failed(i);
-                }
-                Err(StripeError::Lied(reason)) => {
-                    tracing::error!(peer = %node, path = %info.path, %reason, "quarantining a peer");
-                    resolver
-                        .mesh()
-                        .quarantine(&node, crate::fetch::relay::QUARANTINE);
-                    plan.failed(i);
-                }
-            },
+            }
             room = ordered.reserve(), if ready => match (room, plan.pop_ready()) {
                 (Ok(room), Some(stripe)) => room.send(stripe),
                 // The NAR failed its check, or the client left.
@@ -441,7 +455,7 @@ async fn fetch_in_order(
             () = ordered.closed() => break,
         }
     }
-    // Stragglers (second copies of a stripe) are dropped with `fetches`.
+    // Stragglers (second copies of a stripe) are aborted with `fetches`.
     contributors
 }
 
@@ -469,32 +483,23 @@ async fn pass_on(
 ) -> (Passed, Prefixes) {
     let mut prefixes = Prefixes::default();
     while let Some((stripe, from)) = ordered.recv().await {
-        // Off the async workers, which meanwhile ask for the next stripes.
-        let hashed = tokio::task::spawn_blocking(move || {
-            let release = check.on_chunk(stripe);
-            (check, release)
-        })
-        .await;
-        let release = match hashed {
-            Ok((back, release)) => {
-                check = back;
-                release
-            }
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // The runtime is shutting down.
-            Err(_) => return (Passed::ClientGone, prefixes),
-        };
-        let release = match release {
-            Ok(r) => r,
-            // Not a NAR: only a lie gets here.
-            Err(_) => return (Passed::NotANar(from), prefixes),
-        };
-        prefixes.0.push((from, check.prefix_digest()));
-        if let Some(piece) = release {
-            if !send_in_pieces(piece, tx).await {
-                return (Passed::ClientGone, prefixes);
+        // Hashed here, on the task the fetch loop shares (the stripes'
+        // unpacking runs in tasks of their own): handing each stripe to a
+        // blocking thread and back cost two wake-ups, which on busy cores
+        // took as long as the hash itself.
+        for piece in pieces(stripe, nar_chunks::CHUNK) {
+            let release = match check.on_chunk(piece) {
+                Ok(r) => r,
+                // Not a NAR: only a lie gets here.
+                Err(_) => return (Passed::NotANar(from), prefixes),
+            };
+            if let Some(piece) = release {
+                if tx.send(Ok(piece)).await.is_err() {
+                    return (Passed::ClientGone, prefixes);
+                }
             }
         }
+        prefixes.0.push((from, check.prefix_digest()));
     }
     let passed = match check.finish() {
         Verdict::Verified { last } => {
