@@ -94,12 +94,22 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             let [all, packed] = served();
             let packed = 100.0 * (packed - served_before[1]) / (all - served_before[0]).max(1.0);
             // The same NAR again through the agent into curl: the mesh's
-            // byte path without Nix's unpacking (the holders now send the
-            // frames they kept).
+            // byte path without Nix's unpacking (the holders, idle again,
+            // now send the frames they kept or filled in).
+            wait_holders_idle(&agents.iter().collect::<Vec<_>>());
             forget(client, std::slice::from_ref(&big), "");
             let url = nar_url(client, SUBSTITUTER, &big);
-            let raw =
-                nar as f64 / 1e6 / curl_get(client, &format!("{SUBSTITUTER}/{url}")).as_secs_f64();
+            let got = curl_write_out(
+                client,
+                &format!("{SUBSTITUTER}/{url}"),
+                "%{http_code} %{size_download} %{time_total}",
+            );
+            let raw = match got.split_whitespace().collect::<Vec<_>>()[..] {
+                ["200", size, secs] if size.parse() == Ok(nar) => {
+                    nar as f64 / 1e6 / secs.parse::<f64>().unwrap_or_else(|e| panic!("{got}: {e}"))
+                }
+                _ => panic!("curl of the striped NAR: {got} (want 200 and {nar} bytes)"),
+            };
             eprintln!(
                 "stripes round {round}: {} {mbps:.0} MB/s, all agents {cpu:.2} CPU-s/GiB, \
                  machine {busy:.2} cores busy, {packed:.0} % sent packed; curl {raw:.0} MB/s",

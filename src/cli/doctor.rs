@@ -313,8 +313,9 @@ fn judge_store_db(db: &Path, read: Result<u64, crate::store::db::StoreError>) ->
         // reads again on its own.
         Err(e) if e.is_busy() => warn(
             format!("the store DB {} is locked just now: {e}", db.display()),
-            "a nix-daemon is writing to it (a large copy, a garbage collection); \
-             run `nixmesh doctor` again once it is done",
+            "a nix-daemon holds it (recovering its journal, or in a long write with \
+             use-sqlite-wal = false); the agent reads it again on its own: run \
+             `nixmesh doctor` again in a while",
         ),
         Err(e) => fail(
             format!("the store DB cannot be read: {e}"),

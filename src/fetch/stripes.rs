@@ -36,7 +36,8 @@ pub const STRIPE: u64 = 2 << 20;
 /// Stripes fetched or held at once, from the first missing one on.
 pub const WINDOW: u64 = 12;
 /// Stripes on their way to Nix: one waiting to be hashed, one being hashed,
-/// and the one the NarHash check holds back until the NAR is whole.
+/// and the one whose last piece the NarHash check holds back until the NAR
+/// is whole (a piece keeps its stripe's buffer).
 pub const PASSING: u64 = 3;
 
 /// Which stripes of a NAR are done, under way and still to fetch.
@@ -286,13 +287,41 @@ struct Arrived {
     ended: Instant,
 }
 
-/// Where the link time that a stripe which began at `began` accounts for
-/// starts, its holder's previous stripe having arrived at `previous`. A
-/// holder's stripes overlap (two are under way), so each one's own time
-/// would count the link twice and read half its rate; a stripe accounts
-/// only for the time since the one before it arrived.
-fn link_time_from(began: Instant, previous: Option<Instant>) -> Instant {
-    previous.map_or(began, |p| p.max(began))
+/// What one holder's stripes of a NAR saw of its link. Its stripes
+/// overlap (two are under way at once, sharing the link), so each stripe's
+/// own rate is a share of the link's, and the time of a pair that began
+/// together is nearly all shared. The holder's link time is the union of
+/// its stripes' spans, recorded once per NAR.
+#[derive(Debug, Default)]
+struct HolderLink {
+    nar: u64,
+    /// Of `nar`, what came packed.
+    packed: u64,
+    wire: u64,
+    secs: f64,
+    /// The latest arrival so far.
+    last: Option<Instant>,
+}
+
+impl HolderLink {
+    /// A stripe of `nar` bytes, `wire` on the wire, asked for at `began`,
+    /// whole at `ended`. Each adds the part of its span past the latest
+    /// arrival before it (stripes are taken in about the order they end).
+    fn add(&mut self, nar: u64, wire: u64, packed: bool, began: Instant, ended: Instant) {
+        let from = self.last.map_or(began, |last| last.max(began));
+        self.secs += ended.saturating_duration_since(from).as_secs_f64();
+        self.last = Some(self.last.map_or(ended, |last| last.max(ended)));
+        self.nar += nar;
+        self.wire += wire;
+        if packed {
+            self.packed += nar;
+        }
+    }
+
+    /// Whether most of it came packed.
+    fn came_packed(&self) -> bool {
+        self.packed * 2 > self.nar
+    }
 }
 
 /// Sends `bytes` to Nix's relay in pieces of one chunk at most, as a fetch
@@ -330,10 +359,12 @@ enum StripeError {
 /// sends the bytes inside `window` into `tx` in order (the last piece once
 /// the whole NAR verified, as the single-holder relay does).
 ///
-/// Fetching and passing on run side by side: hashing a stripe takes a
-/// core about a millisecond, and Nix takes the bytes at its own pace, so
-/// a fetch loop that waited for both left the holders' links idle between
-/// requests (a third of a striped transfer's time here).
+/// Fetching and passing on run side by side: Nix takes the bytes at its
+/// own pace, and a fetch loop that waited for it (and for the hashing, in
+/// the same loop) left the holders' links idle between requests (a third
+/// of a striped transfer's time here). The two share a task, so the loop
+/// still waits while a stripe is hashed (about a millisecond of CPU), but
+/// each holder has a second stripe under way meanwhile.
 pub async fn fetch_striped(
     resolver: &Arc<Resolver>,
     narinfo: &NarInfo,
@@ -387,8 +418,7 @@ async fn fetch_in_order(
         .iter()
         .map(|&h| (h, bulk_level(resolver, &h)))
         .collect();
-    // When each holder's latest stripe arrived.
-    let mut arrivals: HashMap<NodeId, Instant> = HashMap::new();
+    let mut links: HashMap<NodeId, HolderLink> = HashMap::new();
     // Each stripe is a task of its own, so the runtime's threads unpack
     // stripes side by side, and this loop and the hashing beside it are
     // never held up behind a stripe's unpacking. Dropping the set (the
@@ -421,12 +451,8 @@ async fn fetch_in_order(
                 };
                 match result {
                     Ok(arrived) => {
-                        let from = link_time_from(arrived.began, arrivals.insert(node, arrived.ended));
-                        let secs = arrived.ended.saturating_duration_since(from).as_secs_f64();
                         let nar = arrived.bytes.len() as u64;
-                        resolver.mesh().record_link(&node, |link| {
-                            crate::fetch::compression::record(link, arrived.packed, nar, arrived.wire, secs)
-                        });
+                        links.entry(node).or_default().add(nar, arrived.wire, arrived.packed, arrived.began, arrived.ended);
                         plan.arrived(i, arrived.bytes, node);
                         if !contributors.contains(&node) {
                             contributors.push(node);
@@ -455,7 +481,15 @@ async fn fetch_in_order(
             () = ordered.closed() => break,
         }
     }
-    // Stragglers (second copies of a stripe) are aborted with `fetches`.
+    // What is still under way (second copies of a stripe, or everything
+    // when the fetch ended early) is stopped, and gone before this returns.
+    fetches.shutdown().await;
+    for (node, link) in &links {
+        resolver.mesh().record_link(node, |stats| {
+            let packed = link.came_packed();
+            crate::fetch::compression::record(stats, packed, link.nar, link.wire, link.secs)
+        });
+    }
     contributors
 }
 
@@ -534,14 +568,37 @@ mod tests {
         use std::time::Duration;
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
-        // Two stripes asked for at once, 40 ms each on a link they share:
-        // the first accounts for its own time, the second only for the
-        // 20 ms after the first arrived.
-        assert_eq!(link_time_from(ms(0), None), ms(0));
-        assert_eq!(link_time_from(ms(1), Some(ms(40))), ms(40));
-        // A stripe asked for after the last one arrived (the holder waited
-        // on the window) accounts for its own time.
-        assert_eq!(link_time_from(ms(70), Some(ms(60))), ms(70));
+        let secs = |stripes: &[(u64, u64)]| {
+            let mut link = HolderLink::default();
+            for &(began, ended) in stripes {
+                link.add(1000, 400, true, ms(began), ms(ended));
+            }
+            assert_eq!(
+                (link.nar, link.wire),
+                (1000 * stripes.len() as u64, 400 * stripes.len() as u64)
+            );
+            (link.secs * 1000.0).round() as u64
+        };
+        // A pair asked for at once, sharing the link, ends nearly together:
+        // 81 ms of link time, whichever is taken first.
+        assert_eq!(secs(&[(0, 80), (0, 81)]), 81);
+        assert_eq!(secs(&[(0, 81), (0, 80)]), 81);
+        // Staggered: each next stripe adds its time past the one before.
+        assert_eq!(secs(&[(0, 40), (1, 60), (41, 100)]), 100);
+        // A stripe asked for after the last arrived (the holder waited on
+        // the window): the wait is not link time.
+        assert_eq!(secs(&[(0, 40), (70, 100)]), 70);
+    }
+
+    #[test]
+    fn a_holder_counts_as_packed_when_most_of_its_bytes_were() {
+        let t = Instant::now();
+        let mut link = HolderLink::default();
+        link.add(1000, 400, true, t, t);
+        link.add(1000, 1000, false, t, t);
+        assert!(!link.came_packed());
+        link.add(1000, 400, true, t, t);
+        assert!(link.came_packed());
     }
 
     #[test]
