@@ -528,7 +528,7 @@ async fn pass_on(
                 Err(_) => return (Passed::NotANar(from), prefixes),
             };
             if let Some(piece) = release {
-                if tx.send(Ok(piece)).await.is_err() {
+                if !send_in_pieces(piece, tx).await {
                     return (Passed::ClientGone, prefixes);
                 }
             }
