@@ -19,6 +19,10 @@ use crate::nix::{HashPart, NarInfo, Sha256Hash};
 pub enum PeerError {
     #[error("opening a stream: {0}")]
     Connection(#[from] quinn::ConnectionError),
+    /// The peer gave no stream to ask on, or took no request on it, in
+    /// time (a peer that is wedged, or grants no streams at all).
+    #[error("no stream to ask on within {0:?}")]
+    NoStream(Duration),
     #[error("sending the request: {0}")]
     Write(#[from] quinn::WriteError),
     #[error("reading the answer: {0}")]
@@ -33,15 +37,26 @@ pub enum PeerError {
     Unexpected(&'static str),
 }
 
+/// One request and the first frame of its answer, all within `timeout`:
+/// opening the stream waits for the peer's stream credit, and sending
+/// for its flow control, either of which a wedged peer may never give.
 async fn exchange(
     conn: &quinn::Connection,
     req: &Request,
     timeout: Duration,
 ) -> Result<(quinn::RecvStream, Response), PeerError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&req.encode()).await?;
-    let _ = send.finish();
-    let body = transport::read_frame(&mut recv, protocol::MAX_RESPONSE_FRAME, timeout).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let ask = async {
+        let (mut send, recv) = conn.open_bi().await?;
+        send.write_all(&req.encode()).await?;
+        let _ = send.finish();
+        Ok::<_, PeerError>(recv)
+    };
+    let mut recv = tokio::time::timeout_at(deadline, ask)
+        .await
+        .map_err(|_| PeerError::NoStream(timeout))??;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let body = transport::read_frame(&mut recv, protocol::MAX_RESPONSE_FRAME, left).await?;
     let resp = Response::decode(&body).map_err(|e| {
         let _ = recv.stop(e.code().into());
         PeerError::Malformed(e)
@@ -236,5 +251,57 @@ pub fn reset_code(e: &quinn::ReadError) -> Option<u32> {
     match e {
         quinn::ReadError::Reset(code) => u32::try_from(code.into_inner()).ok(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::loopback;
+
+    #[tokio::test]
+    async fn a_peer_that_grants_no_stream_is_an_error_within_the_timeout() {
+        let link = loopback::link(|t| {
+            t.max_concurrent_bidi_streams(0u32.into());
+        })
+        .await;
+        let began = Instant::now();
+        let asked = tokio::time::timeout(
+            Duration::from_secs(10),
+            ping(&link.dialler, Duration::from_millis(300)),
+        )
+        .await
+        .expect("a ping that cannot open a stream still ends");
+        assert!(
+            matches!(asked, Err(PeerError::NoStream(_))),
+            "got {asked:?}"
+        );
+        assert!(
+            began.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_answers_late_is_timed_from_the_request_not_the_stream() {
+        let link = loopback::link(|_| {}).await;
+        // The peer takes the request and answers only after the timeout.
+        let acceptor = link.acceptor.clone();
+        tokio::spawn(async move {
+            if let Ok((mut send, _recv)) = acceptor.accept_bi().await {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                let pong = Response::Pong {
+                    nonce: 1,
+                    name: "late".to_string(),
+                };
+                let _ = send.write_all(&pong.encode()).await;
+            }
+        });
+        let asked = ping(&link.dialler, Duration::from_millis(300)).await;
+        assert!(
+            matches!(asked, Err(PeerError::Read(FrameReadError::Timeout(_)))),
+            "got {asked:?}"
+        );
     }
 }

@@ -12,6 +12,8 @@ pub mod dial_plan;
 pub mod discovery;
 pub mod identity;
 pub mod inbound;
+#[cfg(test)]
+pub mod loopback;
 pub mod nar_chunks;
 pub mod nar_reader;
 pub mod nar_sink;

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::mesh::pace::LinkSample;
+use crate::mesh::protocol;
 
 /// A bulk connection whose reader takes nothing for this long is given up,
 /// and what TLS holds for it freed (a frame, `bulk::SEND_BUFFER`). An asker
@@ -49,7 +50,26 @@ pub trait BulkIo: AsyncRead + AsyncWrite + Unpin + Send {
 
 impl NarSink for quinn::SendStream {
     async fn put(&mut self, bytes: Bytes) -> Result<(), Gone> {
-        self.write_chunk(bytes).await.map_err(|_| Gone)
+        write_or_reset(self, bytes, WRITE_STALL).await
+    }
+}
+
+/// Writes `bytes` to a QUIC stream unless its reader leaves no room for
+/// them for `stall`: the stream is then reset (`code::TIMEOUT`), which
+/// tells the reader and ends the serve that holds one of the holder's NAR
+/// slots. (The connection's keep-alives go on regardless, so nothing else
+/// would end it.)
+async fn write_or_reset(
+    send: &mut quinn::SendStream,
+    bytes: Bytes,
+    stall: Duration,
+) -> Result<(), Gone> {
+    match tokio::time::timeout(stall, send.write_chunk(bytes)).await {
+        Ok(written) => written.map_err(|_| Gone),
+        Err(_) => {
+            let _ = send.reset(protocol::code::TIMEOUT.into());
+            Err(Gone)
+        }
     }
 }
 
@@ -164,5 +184,56 @@ mod tests {
         assert!(sink.close().await.is_ok());
         drop(sink);
         assert_eq!(reader.await.expect("reader").expect("read"), 4000);
+    }
+
+    #[tokio::test]
+    async fn a_quic_reader_that_takes_nothing_is_reset_with_timeout() {
+        let link = crate::mesh::loopback::link(|_| {}).await;
+        let (mut send, _recv) = link.dialler.open_bi().await.expect("stream");
+        let piece = || Bytes::from(vec![7u8; 1 << 20]);
+        // The first piece makes the stream known to the other end, which
+        // then never reads: its window fills, and a write waits.
+        write_or_reset(&mut send, piece(), Duration::from_secs(5))
+            .await
+            .expect("the window has room");
+        let (_their_send, mut their_recv) = link.acceptor.accept_bi().await.expect("accepted");
+        let stall = Duration::from_millis(300);
+        let began = tokio::time::Instant::now();
+        let mut sent = 1 << 20;
+        let writes = async {
+            loop {
+                match write_or_reset(&mut send, piece(), stall).await {
+                    Ok(()) => sent += 1 << 20,
+                    Err(Gone) => break began.elapsed(),
+                }
+                assert!(sent <= 64 << 20, "the stream's window never filled");
+            }
+        };
+        let given_up = tokio::time::timeout(Duration::from_secs(20), writes)
+            .await
+            .expect("a write to a reader that takes nothing still ends");
+        assert!(given_up >= stall, "{given_up:?}");
+        assert!(given_up < Duration::from_secs(10), "{given_up:?}");
+        // The reader is told why, not left waiting for more.
+        let mut buf = vec![0u8; 1 << 20];
+        let reads = async {
+            loop {
+                match their_recv.read(&mut buf).await {
+                    Ok(Some(_)) => continue,
+                    other => break other,
+                }
+            }
+        };
+        let ended = tokio::time::timeout(Duration::from_secs(20), reads)
+            .await
+            .expect("the reader hears the stream's end");
+        match ended {
+            Err(e) => assert_eq!(
+                crate::mesh::client::reset_code(&e),
+                Some(protocol::code::TIMEOUT)
+            ),
+            Ok(None) => panic!("the stream ended as if whole"),
+            Ok(Some(_)) => unreachable!(),
+        }
     }
 }
