@@ -25,7 +25,8 @@
 //!    download per path for the office) against U as a plain substituter.
 //! 4. **One NAR from three holders** (`PARTS=stripes`, see `stripes.rs`):
 //!    striped against one holder at a time, each holder behind
-//!    `STRIPE_HOLDER_MBIT` [300; 0: unshaped].
+//!    `STRIPE_HOLDER_MBIT` [300; 0: unshaped], `STRIPE_HOLDER_NICE` [0: the
+//!    holders' niceness, a stand-in for holders on machines of their own].
 //! 5. **Look-ups at office scale** (`PARTS=catalog`, see `catalog.rs`):
 //!    10 and 50 agents (`CATALOG_AGENTS`), narinfo requests per look-up,
 //!    miss latency and the narinfo phase with summaries against the

@@ -33,6 +33,20 @@ pub(crate) fn agent_pid(agent: &AgentHandle) -> u32 {
     }
 }
 
+/// Lowers every thread of `pid` to niceness `n` (threads it starts later
+/// inherit it from the thread that starts them).
+pub(crate) fn renice_threads(pid: u32, n: u32) {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task");
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let out = std::process::Command::new("renice")
+            .args(["-n", &n.to_string(), "-p", &tid])
+            .output()
+            .expect("renice");
+        assert!(out.status.success(), "renice {tid}: {out:?}");
+    }
+}
+
 pub(crate) fn process_tree(pid: u32) -> Vec<u32> {
     let mut all = vec![pid];
     let mut i = 0;

@@ -3,7 +3,10 @@
 //! behind a `STRIPE_HOLDER_MBIT` [300; 0: unshaped] link, through its agent
 //! with striping (the default) against the same agent taking it from one holder
 //! at a time (`stripe_from_mib = 0`), alternating which goes first; then
-//! the client agent's peak RSS after a striped run.
+//! the client agent's peak RSS after a striped run. `STRIPE_HOLDER_NICE`
+//! [0] runs the holders' agents at that niceness, a stand-in for holders on
+//! machines of their own: the client's agent and Nix get this machine's
+//! cores first (both ways alike).
 
 use super::*;
 
@@ -13,6 +16,10 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
+    let nice: u32 = std::env::var("STRIPE_HOLDER_NICE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let lan = Lan::new(4);
     let client = lan.host(0);
     let holders = [lan.host(1), lan.host(2), lan.host(3)];
@@ -47,6 +54,11 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
     }
     let conf = format!("substituters = {SUBSTITUTER}");
     let holder_pids: Vec<u32> = agents.iter().map(agent_pid).collect();
+    if nice > 0 {
+        for &pid in &holder_pids {
+            renice_threads(pid, nice);
+        }
+    }
     let gib = nar as f64 / (1u64 << 30) as f64;
     let (mut striped, mut single) = (Vec::new(), Vec::new());
     let (mut striped_cpu, mut single_cpu) = (Vec::new(), Vec::new());
@@ -139,6 +151,9 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             match mbit {
                 0 => "unshaped".to_string(),
                 _ => format!("at {mbit} Mbit/s each"),
+            } + &match nice {
+                0 => String::new(),
+                _ => format!(", holders at nice {nice}"),
             }
         ),
         mesh: format!("{m:.1}"),
