@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::serve::byte_range::RangeAnswer;
 use crate::serve::conn_slots::ConnSlots;
+use crate::serve::write_stall::{self, WriteStall};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -227,7 +228,10 @@ where
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
                 .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(
+                    TokioIo::new(WriteStall::new(stream, write_stall::LIMIT)),
+                    service,
+                );
             tokio::pin!(conn);
             tokio::select! {
                 res = conn.as_mut() => {
@@ -283,6 +287,42 @@ impl hyper::body::Body for BusyBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_a_body_loses_its_connection() {
+        const BODY: usize = 64 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bound");
+        let addr = listener.local_addr().expect("address");
+        let shutdown = CancellationToken::new();
+        let handler = |_req: Request<Incoming>, _peer: SocketAddr| async {
+            text(StatusCode::OK, "application/x-nix-nar", vec![0u8; BODY])
+        };
+        tokio::spawn(serve(listener, handler, shutdown.clone()));
+        let mut client = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connected");
+        client
+            .write_all(b"GET /nar HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("asked");
+        // Nothing read for longer than the limit: the server gives up.
+        tokio::time::sleep(write_stall::LIMIT + Duration::from_secs(60)).await;
+        let mut got = 0;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        assert!(got > 0, "the response began");
+        assert!(
+            got < BODY,
+            "the connection was closed mid-body ({got} bytes)"
+        );
+        shutdown.cancel();
+    }
 
     async fn collect(body: Body) -> (Vec<u8>, bool) {
         let mut body = body;

@@ -1,7 +1,8 @@
 //! The HTTP listeners: the substituter Nix talks to on localhost, this
 //! store as a LAN binary cache (`http_cache`), and the admin API with its
-//! metrics. `http` is the shared server plumbing, `routes` and
-//! `byte_range` the pure request parsing.
+//! metrics. `http` is the shared server plumbing (`write_stall` ends a
+//! connection whose client takes nothing), `routes` and `byte_range` the
+//! pure request parsing.
 
 pub mod admin;
 pub mod byte_range;
@@ -11,3 +12,4 @@ pub mod http_cache;
 pub mod metrics;
 pub mod routes;
 pub mod substituter;
+pub mod write_stall;
