@@ -295,6 +295,7 @@ impl Filler {
                 nar_stream::spawn(
                     self.shared.store().clone(),
                     None,
+                    Some(self.shared.layouts().clone()),
                     job.info.clone(),
                     start,
                     Check::Size,

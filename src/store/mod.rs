@@ -10,6 +10,7 @@ pub mod db;
 pub mod disk_lru;
 pub mod nar_cache;
 pub mod nar_encode;
+pub mod nar_layout;
 pub mod nar_stream;
 pub mod packed_frames;
 pub mod share;

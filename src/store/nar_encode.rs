@@ -75,6 +75,19 @@ pub trait NarSink {
 
     /// `n` bytes (at most `skippable`) went by without being read.
     fn skipped(&mut self, _n: u64) {}
+
+    /// Whether the sink takes each regular file's contents as a reference
+    /// (`contents_at`) instead of its bytes: it records the NAR's layout
+    /// (`nar_layout`), and no file is read.
+    fn by_reference(&self) -> bool {
+        false
+    }
+
+    /// (`by_reference` only.) The next `size` bytes of the NAR are the
+    /// contents of the file at `path`.
+    fn contents_at(&mut self, _path: &[u8], _size: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl NarSink for Vec<u8> {
@@ -195,7 +208,15 @@ impl<'s, S: NarSink> Walker<'s, S> {
         self.head.clear();
         regular_header(&mut self.head, executable, size);
         self.out.write(&self.head)?;
-        self.contents(File::from(fd), size)?;
+        if self.out.sink.by_reference() {
+            self.out.flush()?;
+            self.out
+                .sink
+                .contents_at(&self.path, size)
+                .map_err(NarError::Sink)?;
+        } else {
+            self.contents(File::from(fd), size)?;
+        }
         self.head.clear();
         regular_trailer(&mut self.head, size);
         self.out.write(&self.head)
@@ -358,7 +379,7 @@ fn list(dir: &OwnedFd, scratch: &mut Vec<u8>) -> io::Result<Listing> {
 /// Cuts the NAR into chunks for the sink: `CHUNK` bytes each, or less where
 /// the sink's expected size ends. Bytes are put straight into a pooled
 /// buffer, which becomes the chunk without being copied again.
-struct Chunker<'s, S> {
+pub(crate) struct Chunker<'s, S> {
     sink: &'s mut S,
     /// The next chunk; empty until something is written.
     buf: Vec<u8>,
@@ -368,7 +389,7 @@ struct Chunker<'s, S> {
 }
 
 impl<'s, S: NarSink> Chunker<'s, S> {
-    fn new(sink: &'s mut S) -> Self {
+    pub(crate) fn new(sink: &'s mut S) -> Self {
         let expected_left = sink.expected_size().unwrap_or(u64::MAX);
         Self {
             sink,
@@ -378,7 +399,7 @@ impl<'s, S: NarSink> Chunker<'s, S> {
         }
     }
 
-    fn write(&mut self, mut bytes: &[u8]) -> Result<(), NarError> {
+    pub(crate) fn write(&mut self, mut bytes: &[u8]) -> Result<(), NarError> {
         // Wholly in what the sink would drop: it goes by uncopied.
         if self.filled == 0 && bytes.len() as u64 <= self.sink.skippable() {
             self.skipped(bytes.len() as u64);
@@ -396,7 +417,7 @@ impl<'s, S: NarSink> Chunker<'s, S> {
 
     /// Where the next bytes go, at most `max` of them; never empty (for
     /// `max` > 0). `commit` says how many were put there.
-    fn room(&mut self, max: usize) -> &mut [u8] {
+    pub(crate) fn room(&mut self, max: usize) -> &mut [u8] {
         if self.buf.is_empty() {
             self.buf = self.new_buf();
         }
@@ -404,7 +425,7 @@ impl<'s, S: NarSink> Chunker<'s, S> {
         &mut self.buf[self.filled..end]
     }
 
-    fn commit(&mut self, n: usize) -> Result<(), NarError> {
+    pub(crate) fn commit(&mut self, n: usize) -> Result<(), NarError> {
         self.filled += n;
         if self.filled == self.buf.len() {
             self.flush()?;
@@ -429,13 +450,13 @@ impl<'s, S: NarSink> Chunker<'s, S> {
         self.sink.skippable().saturating_sub(self.filled as u64)
     }
 
-    fn skipped(&mut self, n: u64) {
+    pub(crate) fn skipped(&mut self, n: u64) {
         self.expected_left = self.expected_left.saturating_sub(n);
         self.sink.skipped(n);
     }
 
     /// Hands what is filled to the sink.
-    fn flush(&mut self) -> Result<(), NarError> {
+    pub(crate) fn flush(&mut self) -> Result<(), NarError> {
         if self.filled == 0 {
             return Ok(());
         }

@@ -7,7 +7,8 @@
 //! hashes every byte anyway (a peer that finds a wrong hash says so, and
 //! the copy is then hashed here: `Check::Hash`, `store::shared`). A NAR of
 //! many small files is served from its encoded copy in the `nar_cache`
-//! when there is one, and put there (hashed) when it is served whole.
+//! when there is one, and put there (hashed) when it is served whole; a
+//! part of a tree's NAR from an offset, from the tree's `nar_layout`.
 
 use std::fs::File;
 use std::io;
@@ -23,6 +24,7 @@ use crate::nix::PathInfo;
 use crate::store::db::Store;
 use crate::store::nar_cache::{CacheWriter, NarCache};
 use crate::store::nar_encode::{self as nar, NarSink};
+use crate::store::nar_layout::NarLayouts;
 
 /// Chunks in flight per stream; with `nar::CHUNK` this bounds memory per
 /// stream.
@@ -72,10 +74,13 @@ pub struct Kept {
 
 /// Starts streaming `info`'s NAR from byte `offset`, checked as `check`
 /// says. With `kept`, a NAR checked for size only comes from its kept copy
-/// if there is one, and one served whole may be kept.
+/// if there is one, and one served whole may be kept. With `layouts`, a
+/// part of a tree's NAR from an offset (checked for size only) is served
+/// from its layout instead of a walk up to the offset.
 pub fn spawn(
     store: Arc<Store>,
     kept: Option<Kept>,
+    layouts: Option<Arc<NarLayouts>>,
     info: PathInfo,
     offset: u64,
     check: Check,
@@ -107,7 +112,16 @@ pub fn spawn(
                 return;
             }
         }
-        run(&store, kept.as_ref(), &info, offset, check, tx)
+        let layouts = layouts.filter(|_| offset > 0 && check == Check::Size);
+        run(
+            &store,
+            kept.as_ref(),
+            layouts.as_deref(),
+            &info,
+            offset,
+            check,
+            tx,
+        )
     });
     NarStream { rx }
 }
@@ -138,6 +152,7 @@ fn run_kept(
 fn run(
     store: &Store,
     kept: Option<&Kept>,
+    layouts: Option<&NarLayouts>,
     info: &PathInfo,
     offset: u64,
     check: Check,
@@ -156,7 +171,14 @@ fn run(
     if let Some(writer) = whole.and_then(|k| k.cache.begin(info)) {
         sink.keep_in(writer);
     }
-    let outcome = match nar::encode(&real, &mut sink) {
+    let layout = layouts.and_then(|l| l.get(info, &real));
+    let encoded = match &layout {
+        Some(layout) => layout
+            .replay(offset, &mut sink)
+            .map(|()| nar::Walked::default()),
+        None => nar::encode(&real, &mut sink),
+    };
+    let outcome = match encoded {
         Ok(walked) => {
             let keep = sink.keep.take();
             let (sent, digest) = sink.finish_hashed(info);

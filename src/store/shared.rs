@@ -16,6 +16,7 @@ use crate::lock::lock;
 use crate::nix::{HashPart, PathInfo, Sha256Hash};
 use crate::store::db::Store;
 use crate::store::nar_cache::NarCache;
+use crate::store::nar_layout::NarLayouts;
 use crate::store::nar_stream::{self, Check, Kept, NarStream};
 use crate::store::packed_frames::PackedFrames;
 use crate::store::share::SharePolicy;
@@ -38,6 +39,8 @@ pub struct SharedStore {
     check_slots: Arc<Semaphore>,
     nar_cache: Option<Arc<NarCache>>,
     packed: Option<Arc<PackedFrames>>,
+    /// Layouts of the trees served last in parts (stripes, failover).
+    layouts: Arc<NarLayouts>,
 }
 
 /// What became of a report that a NAR from here was wrong.
@@ -66,7 +69,13 @@ impl SharedStore {
             check_slots: Arc::new(Semaphore::new(CHECKS_AT_ONCE)),
             nar_cache,
             packed,
+            layouts: Arc::default(),
         })
+    }
+
+    /// The layouts of trees served in parts.
+    pub fn layouts(&self) -> &Arc<NarLayouts> {
+        &self.layouts
     }
 
     /// The zstd frames kept for peers (`share.packed_mib`), if any.
@@ -125,7 +134,8 @@ impl SharedStore {
             cache,
             whole: offset == 0 && end == info.nar_size,
         });
-        nar_stream::spawn(self.store.clone(), kept, info, offset, Check::Size)
+        let layouts = Some(self.layouts.clone());
+        nar_stream::spawn(self.store.clone(), kept, layouts, info, offset, Check::Size)
     }
 
     /// `reporter` says the NAR of `hash` it got from here did not match
@@ -180,6 +190,7 @@ impl SharedStore {
             // the copy is wrong.
             let mut stream = nar_stream::spawn(
                 this.store.clone(),
+                None,
                 None,
                 info.clone(),
                 info.nar_size,
