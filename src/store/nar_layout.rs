@@ -79,7 +79,13 @@ impl NarLayout {
             max_bytes,
         };
         match nar_encode::encode(root, &mut recorder) {
-            Ok(_) => Ok(Some(recorder.layout)),
+            Ok(_) => {
+                // Kept as long as it is used: what the bound counts.
+                let mut layout = recorder.layout;
+                layout.framing.shrink_to_fit();
+                layout.parts.shrink_to_fit();
+                Ok(Some(layout))
+            }
             Err(NarError::Sink(e)) if e.kind() == io::ErrorKind::OutOfMemory => Ok(None),
             Err(e) => Err(e),
         }
