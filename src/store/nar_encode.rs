@@ -254,32 +254,19 @@ impl<'s, S: NarSink> Walker<'s, S> {
     /// seeks past those the sink would drop.
     fn contents(&mut self, mut file: File, size: u64) -> Result<(), NarError> {
         let mut left = size;
-        while left > 0 {
+        // What the sink drops goes by in one seek (it only shrinks as
+        // bytes go by, so once too short to seek over it stays so).
+        if self.out.skippable().min(left) >= MIN_SKIP {
+            self.out.flush()?;
             let skip = self.out.skippable().min(left);
-            if skip >= MIN_SKIP {
-                self.out.flush()?;
-                let skip = self.out.skippable().min(left);
-                let to = i64::try_from(skip).unwrap_or(i64::MAX);
-                file.seek(io::SeekFrom::Current(to))
-                    .map_err(|e| self.io_err(e))?;
-                self.out.skipped(skip);
-                left -= skip;
-                continue;
-            }
-            let room = self.out.room(usize::try_from(left).unwrap_or(usize::MAX));
-            let n = match file.read(room) {
-                // Bytes appended after the fstat are not part of the NAR;
-                // whether what was sent is right is for the caller's hash
-                // check to say. Fewer bytes than stat'ed is an error now.
-                Ok(0) => return Err(NarError::SizeChanged(self.display())),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.io_err(e)),
-            };
-            self.out.commit(n)?;
-            left -= n as u64;
+            let to = i64::try_from(skip).unwrap_or(i64::MAX);
+            file.seek(io::SeekFrom::Current(to))
+                .map_err(|e| self.io_err(e))?;
+            self.out.skipped(skip);
+            left -= skip;
         }
-        Ok(())
+        let path = &self.path;
+        self.out.read_file(&mut file, left, || shown(path))
     }
 
     fn directory(&mut self, base: Base, depth: usize) -> Result<(), NarError> {
@@ -325,9 +312,7 @@ impl<'s, S: NarSink> Walker<'s, S> {
     }
 
     fn display(&self) -> String {
-        Path::new(OsStr::from_bytes(&self.path))
-            .display()
-            .to_string()
+        shown(&self.path)
     }
 
     fn io_err(&self, source: io::Error) -> NarError {
@@ -336,6 +321,11 @@ impl<'s, S: NarSink> Walker<'s, S> {
             source,
         }
     }
+}
+
+/// A path as errors show it.
+pub(crate) fn shown(path: &[u8]) -> String {
+    Path::new(OsStr::from_bytes(path)).display().to_string()
 }
 
 /// A directory's entries in NAR order (byte-wise by name): the names back
@@ -423,6 +413,36 @@ impl<'s, S: NarSink> Chunker<'s, S> {
         }
         let end = self.buf.len().min(self.filled.saturating_add(max));
         &mut self.buf[self.filled..end]
+    }
+
+    /// The next `left` bytes of `file` (named by `shown` in errors),
+    /// read straight into the chunks.
+    pub(crate) fn read_file(
+        &mut self,
+        file: &mut File,
+        mut left: u64,
+        shown: impl Fn() -> String,
+    ) -> Result<(), NarError> {
+        while left > 0 {
+            let room = self.room(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = match file.read(room) {
+                // Bytes appended after the fstat are not part of the NAR;
+                // whether what was sent is right is for the caller's hash
+                // check to say. Fewer bytes than stat'ed is an error now.
+                Ok(0) => return Err(NarError::SizeChanged(shown())),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(NarError::Io {
+                        path: shown(),
+                        source,
+                    })
+                }
+            };
+            self.commit(n)?;
+            left -= n as u64;
+        }
+        Ok(())
     }
 
     pub(crate) fn commit(&mut self, n: usize) -> Result<(), NarError> {

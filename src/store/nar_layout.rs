@@ -17,10 +17,8 @@
 //! walk.
 
 use std::collections::VecDeque;
-use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::ffi::OsStrExt;
+use std::io::{self, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -132,7 +130,7 @@ fn contents<S: NarSink>(
     size: u64,
     off: u64,
 ) -> Result<(), NarError> {
-    let shown = || Path::new(OsStr::from_bytes(path)).display().to_string();
+    let shown = || nar_encode::shown(path);
     let io_err = |source: io::Error| NarError::Io {
         path: shown(),
         source,
@@ -148,20 +146,7 @@ fn contents<S: NarSink>(
     if off > 0 {
         file.seek(SeekFrom::Start(off)).map_err(io_err)?;
     }
-    let mut left = size.saturating_sub(off);
-    while left > 0 {
-        let room = out.room(usize::try_from(left).unwrap_or(usize::MAX));
-        match file.read(room) {
-            Ok(0) => return Err(NarError::SizeChanged(shown())),
-            Ok(n) => {
-                out.commit(n)?;
-                left -= n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err(e)),
-        }
-    }
-    Ok(())
+    out.read_file(&mut file, size.saturating_sub(off), shown)
 }
 
 /// Opens `path` for reading, failing where any part of it is a symlink
