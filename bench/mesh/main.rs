@@ -88,6 +88,7 @@ mod integration {
 // `office` names the harness as `crate::harness`, as in the LAN tests.
 use integration::harness;
 
+mod addressing;
 mod catalog;
 mod closure;
 mod host_cmds;
@@ -106,6 +107,7 @@ use std::time::{Duration, Instant};
 use harness::{AgentHandle, Host, Lan, Nginx};
 use integration::office::{CACHE_PORT, CONVERGE, SUBSTITUTER};
 
+use addressing::Addressing;
 use closure::*;
 use host_cmds::*;
 use nixmesh::mesh::peers::PeerState;

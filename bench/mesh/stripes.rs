@@ -30,9 +30,14 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         _ => write_noise(&file, s.big_mib * MIB, 11),
     }
     let add = ["nix-store", "--add", &file.display().to_string()].map(String::from);
-    let big = one_line(&long_ok_strings(holders[0], &add));
+    let added = one_line(&long_ok_strings(holders[0], &add));
     for h in &holders[1..] {
-        assert_eq!(one_line(&long_ok_strings(h, &add)), big);
+        assert_eq!(one_line(&long_ok_strings(h, &add)), added);
+    }
+    let addressing = Addressing::from_env(client);
+    let big = addressing.path(holders[0], &added);
+    for h in &holders[1..] {
+        assert_eq!(addressing.path(h, &added), big);
     }
     if file.is_dir() {
         fs::remove_dir_all(&file).ok();
@@ -40,7 +45,7 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         fs::remove_file(&file).ok();
     }
     let nar = nar_size_sum(holders[0], std::slice::from_ref(&big));
-    let holder_config = format!("[share]\ncontent_addressed = true\n{}", s.holder_share);
+    let holder_config = format!("{}{}", addressing.share_lines(), s.holder_share);
     let agents: Vec<AgentHandle> = holders
         .iter()
         .map(|h| h.start_agent(&holder_config))
@@ -52,7 +57,9 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             h.shape(mbit * 1_000_000);
         }
     }
-    let conf = format!("substituters = {SUBSTITUTER}");
+    let conf = integration::office::nix_conf(SUBSTITUTER, &addressing.trusted());
+    // Before the client's first agent starts: it reads the keys there.
+    client.configure_nix(&conf);
     let holder_pids: Vec<u32> = agents.iter().map(agent_pid).collect();
     if nice > 0 {
         for &pid in &holder_pids {
@@ -145,9 +152,10 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
     let (m, o) = (median(&striped), median(&single));
     rows.push(Row {
         what: format!(
-            "nix-store -r, {} MiB NAR ({}) from 3 holders {}, MB/s",
+            "nix-store -r, {} MiB NAR ({}, {}) from 3 holders {}, MB/s",
             nar / MIB,
             s.corpus,
+            addressing.name(),
             match mbit {
                 0 => "unshaped".to_string(),
                 _ => format!("at {mbit} Mbit/s each"),
