@@ -75,16 +75,17 @@ impl Addressing {
         copy
     }
 
-    /// The holders' `[share]` lines: content-addressed paths, or the ones
-    /// signed by the run's key.
+    /// The holders' `[share]` lines: content-addressed paths (the other
+    /// paths a part adds are), and those signed by the run's key.
     pub(crate) fn share_lines(&self) -> String {
-        match self {
+        let signed = match self {
             Addressing::Input(key) => format!(
-                "[share]\ntrusted_keys = [{}]\n",
+                "trusted_keys = [{}]\n",
                 toml::Value::String(key.public.clone())
             ),
-            Addressing::Content => "[share]\ncontent_addressed = true\n".to_string(),
-        }
+            Addressing::Content => String::new(),
+        };
+        format!("[share]\ncontent_addressed = true\n{signed}")
     }
 
     /// The keys the client's Nix (and so its agent) trusts.

@@ -49,12 +49,15 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
         closure.extend(group);
         wanted.push(top);
     }
+    // The large paths as `ADDRESSING` says; the small ones are
+    // content-addressed (a group's text file refers to its files).
+    let addressing = Addressing::from_env(client);
     for i in 0..s.large_count {
         let peer = peers[large_peer(i, s.large_count, peers.len())];
         let file = peer.dir().join("bench").join(format!("large-{i}"));
         write_payload(&file, s.large_mib * MIB, 1000 + i as u64, &s.corpus);
-        let path = long_ok(peer, &["nix-store", "--add", &file.display().to_string()]);
-        let path = one_line(&path);
+        let added = long_ok(peer, &["nix-store", "--add", &file.display().to_string()]);
+        let path = addressing.path(peer, &one_line(&added));
         fs::remove_file(&file).ok();
         nar_bytes += nar_size_sum(peer, std::slice::from_ref(&path));
         closure.insert(path.clone());
@@ -73,7 +76,8 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
 
     let peer_config = |h: &Host| {
         format!(
-            "[share]\ncontent_addressed = true\n{}[http_cache]\nenable = true\nlisten = \"{}:{CACHE_PORT}\"\n",
+            "{}{}[http_cache]\nenable = true\nlisten = \"{}:{CACHE_PORT}\"\n",
+            addressing.share_lines(),
             s.holder_share,
             h.addr()
         )
@@ -82,6 +86,9 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
         .iter()
         .map(|h| h.start_agent(&peer_config(h)))
         .collect();
+    let trusted = addressing.trusted();
+    // Before the client's agent starts: it reads the keys there.
+    client.configure_nix(&nix_conf(SUBSTITUTER, &trusted));
     let mut client_agent = client.start_agent(&s.client_config);
     let took = wait_sees_peers(&client_agent, &peers);
     eprintln!(
@@ -93,13 +100,14 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
         .iter()
         .map(|h| format!("http://{}:{CACHE_PORT}", h.addr()))
         .collect();
-    let nix_conf = |side: Side| {
+    let side_conf = |side: Side| {
         let substituters = match side {
             Side::Mesh => SUBSTITUTER.to_string(),
             Side::Plain => plain_list.join(" "),
         };
         format!(
-            "substituters = {substituters}\n{NEGATIVE_TTL}\n{}",
+            "{}\n{NEGATIVE_TTL}\n{}",
+            nix_conf(&substituters, &trusted),
             s.nix_extra
         )
     };
@@ -107,8 +115,9 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
     let groups = &wanted[..peers.len()];
     let larges = &wanted[peers.len()..];
     let what = format!(
-        "closure ({}): {} paths, {:.0} MiB, {} peers",
+        "closure ({}, large {}): {} paths, {:.0} MiB, {} peers",
         s.corpus,
+        addressing.name(),
         closure.len(),
         nar_bytes as f64 / MIB as f64,
         peers.len()
@@ -124,7 +133,7 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
     };
 
     let mut sent = HoldersKeptFrames::read(&peer_agents);
-    let unshaped = closure_rounds(s, &mut c, &nix_conf, &wanted, Some((groups, larges)));
+    let unshaped = closure_rounds(s, &mut c, &side_conf, &wanted, Some((groups, larges)));
     wait_holders_idle(&holders);
     notes.push(sent.since("closure, unshaped", &peer_agents));
     unshaped.rows(rows, &what, closure.len() - larges.len(), larges.len());
@@ -168,7 +177,7 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
         for h in lan.hosts() {
             h.shape(s.shape_mbit * 1_000_000);
         }
-        let shaped = closure_rounds(s, &mut c, &nix_conf, &wanted, None);
+        let shaped = closure_rounds(s, &mut c, &side_conf, &wanted, None);
         wait_holders_idle(&holders);
         notes.push(sent.since("closure, shaped", &peer_agents));
         rows.push(shaped.all.row(&format!(
@@ -186,7 +195,7 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
 
     for &one_way in &s.delays_us {
         let _switch = lan.delay(Duration::from_micros(one_way));
-        let slow = closure_rounds(s, &mut c, &nix_conf, &wanted, Some((groups, larges)));
+        let slow = closure_rounds(s, &mut c, &side_conf, &wanted, Some((groups, larges)));
         wait_holders_idle(&holders);
         notes.push(sent.since(&format!("closure, {one_way} us"), &peer_agents));
         let rtts: Vec<f64> = c.agent.peers().iter().filter_map(|p| p.rtt_ms).collect();

@@ -69,6 +69,10 @@
 //! `machine`, the scratch dir's own file system, which on a machine whose
 //! ext4 has no journal makes Nix's daemon search long for free inodes after
 //! every delete, see the harness's `journaled_fs`),
+//! `ADDRESSING` [input] (the large paths: `input`, input-addressed and
+//! signed, as a build farm's paths are; `content`, as `nix-store --add`
+//! makes them, which Nix hashes a second time after unpacking; see
+//! `addressing.rs`),
 //! `PARTS` [closure,pair]. A quick look: `PEERS=4 SMALL_PER_PEER=10
 //! LARGE_MIB=8 BIG_MIB=64 MEM_MIBS= SHAPE_MBIT=0 ROUNDS=1`.
 //!
@@ -105,7 +109,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use harness::{AgentHandle, Host, Lan, Nginx};
-use integration::office::{CACHE_PORT, CONVERGE, SUBSTITUTER};
+use integration::office::{nix_conf, CACHE_PORT, CONVERGE, SUBSTITUTER};
 
 use addressing::Addressing;
 use closure::*;

@@ -17,10 +17,13 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
         "real" => copy_real_files(&big_file, s.big_mib * MIB),
         other => panic!("CORPUS={other:?}: noise or real"),
     }
-    let big = one_line(&long_ok(
+    let added = one_line(&long_ok(
         server,
         &["nix-store", "--add", &big_file.display().to_string()],
     ));
+    let addressing = Addressing::from_env(client);
+    let big = addressing.path(server, &added);
+    let trusted = addressing.trusted();
     if big_file.is_dir() {
         fs::remove_dir_all(&big_file).ok();
     } else {
@@ -45,11 +48,14 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
     let cache_base = format!("http://{}:{CACHE_PORT}", server.addr());
 
     let server_config = format!(
-        "[share]\ncontent_addressed = true\n{}[http_cache]\nenable = true\nlisten = \"{}:{CACHE_PORT}\"\n",
+        "{}{}[http_cache]\nenable = true\nlisten = \"{}:{CACHE_PORT}\"\n",
+        addressing.share_lines(),
         s.holder_share,
         server.addr()
     );
     let mut server_agent = server.start_agent(&server_config);
+    // Before the client's agent starts: it reads the keys there.
+    client.configure_nix(&nix_conf(SUBSTITUTER, &trusted));
     let mut client_agent = client.start_agent(&s.client_config);
     wait_sees_peers(&client_agent, &[server]);
 
@@ -66,12 +72,17 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
     forget(
         client,
         std::slice::from_ref(&big),
-        &format!("substituters = {nginx_base}"),
+        &nix_conf(&nginx_base, &trusted),
     );
     timed(client, &["nix-store", "--realise", &big]);
     forget(client, std::slice::from_ref(&big), "");
 
-    let label = format!("{} MiB NAR ({})", big_nar / MIB, s.corpus);
+    let label = format!(
+        "{} MiB NAR ({}, {})",
+        big_nar / MIB,
+        s.corpus,
+        addressing.name()
+    );
     let pair = Pair {
         client,
         server,
@@ -83,6 +94,7 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
         server_agent: agent_pid(&server_agent),
         client_agent: agent_pid(&client_agent),
         nginx: nginx.pid(),
+        trusted: &trusted,
     };
     throughput(
         s,
@@ -107,7 +119,10 @@ pub(crate) fn two_hosts(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<Strin
             server,
             &mut client_agent,
             &mut server_agent,
-            &server_config,
+            &MemoryConfigs {
+                server_agent: &server_config,
+                client_nix: &nix_conf(SUBSTITUTER, &trusted),
+            },
             rows,
         );
     }
@@ -165,6 +180,8 @@ pub(crate) struct Pair<'a> {
     server_agent: u32,
     client_agent: u32,
     nginx: u32,
+    /// The keys the client's Nix trusts (`ADDRESSING`).
+    trusted: &'a [&'a str],
 }
 
 /// The server's agent (`holder`) may fill in kept frames while idle after a
@@ -258,9 +275,9 @@ pub(crate) fn throughput(
         }
         for mesh_turn in [mesh_first, !mesh_first] {
             let conf = if mesh_turn {
-                format!("substituters = {SUBSTITUTER}")
+                nix_conf(SUBSTITUTER, p.trusted)
             } else {
-                format!("substituters = {}", p.nginx_base)
+                nix_conf(p.nginx_base, p.trusted)
             };
             // Idle first: a holder reading its copy to fill in frames
             // keeps the path alive for the client's collector (one machine).
@@ -379,13 +396,20 @@ pub(crate) fn throughput(
     });
 }
 
+/// The memory check's server agent config and client nix.conf (whose keys
+/// the client agents started after it read).
+pub(crate) struct MemoryConfigs<'a> {
+    server_agent: &'a str,
+    client_nix: &'a str,
+}
+
 pub(crate) fn memory(
     s: &Settings,
     client: &Host,
     server: &Host,
     client_agent: &mut AgentHandle,
     server_agent: &mut AgentHandle,
-    server_config: &str,
+    configs: &MemoryConfigs,
     rows: &mut Vec<Row>,
 ) {
     let mut results = Vec::new();
@@ -401,7 +425,7 @@ pub(crate) fn memory(
 
         // Fresh agents: VmHWM counts from the start of the process.
         server_agent.stop();
-        *server_agent = server.start_agent(server_config);
+        *server_agent = server.start_agent(configs.server_agent);
         client_agent.stop();
         *client_agent = client.start_agent("");
         wait_sees_peers(client_agent, &[server]);
@@ -410,7 +434,8 @@ pub(crate) fn memory(
             vm_hwm(agent_pid(client_agent)),
         );
 
-        forget(client, &[], &format!("substituters = {SUBSTITUTER}"));
+        // The keys stay: the agents started after this read them.
+        forget(client, &[], configs.client_nix);
         let t = timed(client, &["nix-store", "--realise", &path]);
         let after = (
             vm_hwm(agent_pid(server_agent)),

@@ -57,7 +57,7 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             h.shape(mbit * 1_000_000);
         }
     }
-    let conf = integration::office::nix_conf(SUBSTITUTER, &addressing.trusted());
+    let conf = nix_conf(SUBSTITUTER, &addressing.trusted());
     // Before the client's first agent starts: it reads the keys there.
     client.configure_nix(&conf);
     let holder_pids: Vec<u32> = agents.iter().map(agent_pid).collect();
