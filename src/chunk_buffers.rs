@@ -86,9 +86,29 @@ impl ChunkBuffers {
         })
     }
 
+    /// A buffer taken and not lent, given back: kept if it is of the
+    /// pool's size and the pool has room.
+    pub fn put_back(&self, buf: Vec<u8>) {
+        self.pool.keep(buf);
+    }
+
     #[cfg(test)]
     pub(crate) fn kept(&self) -> usize {
         lock(&self.pool.free).len()
+    }
+}
+
+impl Pool {
+    /// Keeps `buf` for the next taker if it is of the pool's size and the
+    /// pool has room; else it goes to the allocator.
+    fn keep(&self, buf: Vec<u8>) {
+        if buf.capacity() != self.size {
+            return;
+        }
+        let mut free = lock(&self.free);
+        if free.len() < self.most {
+            free.push(buf);
+        }
     }
 }
 
@@ -107,15 +127,8 @@ impl AsRef<[u8]> for OnLoan {
 
 impl Drop for OnLoan {
     fn drop(&mut self) {
-        let Some(home) = self.home.upgrade() else {
-            return;
-        };
-        if self.buf.capacity() != home.size {
-            return;
-        }
-        let mut free = lock(&home.free);
-        if free.len() < home.most {
-            free.push(std::mem::take(&mut self.buf));
+        if let Some(home) = self.home.upgrade() {
+            home.keep(std::mem::take(&mut self.buf));
         }
     }
 }

@@ -229,9 +229,12 @@ async fn fetch_stripe(
         Err(e) => return Err(StripeError::Failed(e.to_string())),
     };
     mesh.count(&node, |c| c.requests_made += 1);
-    let mut bytes = buffers.take(want as usize);
+    // Chunks are read and inflated straight into the stripe's buffer. A
+    // kept one was filled before: no zeroing.
+    let mut bytes = buffers.take_len(want as usize);
+    let mut filled = 0;
     loop {
-        match tokio::time::timeout(STALL_TIMEOUT, reader.next()).await {
+        match tokio::time::timeout(STALL_TIMEOUT, reader.next_into(&mut bytes[filled..])).await {
             Err(_) => {
                 reader.stop(code::CANCELLED);
                 return Err(StripeError::Failed(format!(
@@ -241,24 +244,21 @@ async fn fetch_stripe(
             Ok(Err(
                 e @ (NarReadError::Read(_) | NarReadError::Bulk(_) | NarReadError::Stopped(_)),
             )) => return Err(StripeError::Failed(e.to_string())),
+            Ok(Err(NarReadError::Overflow)) => {
+                reader.stop(code::MALFORMED);
+                return Err(StripeError::Lied("more bytes than the stripe has".into()));
+            }
             Ok(Err(e)) => {
                 reader.stop(code::MALFORMED);
                 return Err(StripeError::Lied(e.to_string()));
             }
             Ok(Ok(None)) => break,
-            Ok(Ok(Some(chunk))) => {
-                if bytes.len() as u64 + chunk.len() as u64 > want {
-                    reader.stop(code::MALFORMED);
-                    return Err(StripeError::Lied("more bytes than the stripe has".into()));
-                }
-                bytes.extend_from_slice(&chunk);
-            }
+            Ok(Ok(Some(n))) => filled += n,
         }
     }
-    if (bytes.len() as u64) < want {
+    if (filled as u64) < want {
         return Err(StripeError::Failed(format!(
-            "stripe ended after {} bytes",
-            bytes.len()
+            "stripe ended after {filled} bytes"
         )));
     }
     mesh.count(&node, |c| c.bytes_fetched += want);

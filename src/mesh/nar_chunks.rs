@@ -345,28 +345,43 @@ impl Unpacker {
         if !header.compressed() {
             return Ok(payload);
         }
+        let mut out = self.buffers.take_len(header.raw_len as usize);
+        self.unpack_into(header, &payload, &mut out)?;
+        Ok(self.buffers.lend(out))
+    }
+
+    /// Inflates a compressed chunk's payload into `out`, which holds
+    /// exactly its raw length. The slice is the bound: a payload that would
+    /// inflate further, or less, fails. (Not a Vec's room: a pooled buffer
+    /// has room for a whole chunk.)
+    pub fn unpack_into(
+        &mut self,
+        header: ChunkHeader,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), ChunkError> {
+        let bad = ChunkError::Undecodable(header.raw_len);
+        if !header.compressed() || out.len() != header.raw_len as usize {
+            return Err(bad);
+        }
         let (codec, body) = match (self.tagged, payload.first()) {
-            (false, _) => (Codec::Zstd, &payload[..]),
+            (false, _) => (Codec::Zstd, payload),
             (true, Some(&TAG_ZSTD)) => (Codec::Zstd, &payload[1..]),
             (true, Some(&TAG_LZ4)) => (Codec::Lz4, &payload[1..]),
             (true, other) => return Err(ChunkError::UnknownCodec(other.copied())),
         };
-        let bad = ChunkError::Undecodable(header.raw_len);
-        let mut out = self.buffers.take_len(header.raw_len as usize);
-        // The slice is the bound: a payload that would inflate further
-        // fails. (Not the Vec: a pooled buffer has room for a whole chunk.)
         let n = match codec {
             Codec::Zstd => {
                 let d = self.decompressor.as_mut().ok_or(bad.clone())?;
-                d.decompress_to_buffer(body, &mut out[..]).ok()
+                d.decompress_to_buffer(body, out).ok()
             }
             Codec::Lz4 => {
                 let size = i32::try_from(out.len()).map_err(|_| bad.clone())?;
-                lz4::block::decompress_to_buffer(body, Some(size), &mut out[..]).ok()
+                lz4::block::decompress_to_buffer(body, Some(size), out).ok()
             }
         };
         match n {
-            Some(n) if n == out.len() => Ok(self.buffers.lend(out)),
+            Some(n) if n == out.len() => Ok(()),
             _ => Err(bad),
         }
     }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
@@ -37,6 +37,9 @@ pub enum NarReadError {
     /// QUIC stream's reset would say).
     #[error("the holder stopped with code {0}")]
     Stopped(u32),
+    /// More bytes than the part asked for (`next_into`).
+    #[error("more bytes than the part asked for")]
+    Overflow,
 }
 
 impl NarReadError {
@@ -66,19 +69,23 @@ pub enum NarReader {
         recv: quinn::RecvStream,
         buf: BytesMut,
     },
-    Chunks {
-        recv: quinn::RecvStream,
+    /// Chunk frames (`nar_chunks`), checked and inflated here.
+    Framed {
+        from: FrameSource,
         unpacker: Unpacker,
         /// Bytes on the wire so far (frames and headers).
         wire: u64,
     },
-    /// Chunk frames on a bulk connection, which ends after the last (or,
-    /// kept, is handed to `recycle` at the holder's `DONE`).
+}
+
+/// Where chunk frames come from.
+pub enum FrameSource {
+    Quic(quinn::RecvStream),
+    /// A bulk connection, which ends after the last frame (or, kept, is
+    /// handed to `recycle` at the holder's `DONE`).
     Bulk {
         /// `None` once the part is done.
         io: Option<BulkStream>,
-        unpacker: Unpacker,
-        wire: u64,
         recycle: Option<Recycle>,
     },
 }
@@ -93,8 +100,8 @@ impl NarReader {
 
     /// Chunk frames answering a request at `level`.
     pub fn chunks(recv: quinn::RecvStream, level: u8) -> Self {
-        NarReader::Chunks {
-            recv,
+        NarReader::Framed {
+            from: FrameSource::Quic(recv),
             unpacker: Unpacker::new(level),
             wire: 0,
         }
@@ -109,17 +116,25 @@ impl NarReader {
         recycle: Option<Recycle>,
         buffers: ChunkBuffers,
     ) -> Self {
-        NarReader::Bulk {
-            io: Some(io),
+        NarReader::Framed {
+            from: FrameSource::Bulk {
+                io: Some(io),
+                recycle,
+            },
             unpacker: Unpacker::with_buffers(level, buffers),
             wire: 0,
-            recycle,
         }
     }
 
     /// Whether the bytes come over a bulk connection.
     pub fn is_bulk(&self) -> bool {
-        matches!(self, NarReader::Bulk { .. })
+        matches!(
+            self,
+            NarReader::Framed {
+                from: FrameSource::Bulk { .. },
+                ..
+            }
+        )
     }
 
     /// The next NAR bytes; `None` at the end of the stream.
@@ -135,43 +150,107 @@ impl NarReader {
                 }
                 Ok(recv.read(buf).await?.map(|n| buf.split_to(n).freeze()))
             }
-            NarReader::Chunks {
-                recv,
+            NarReader::Framed {
+                from,
                 unpacker,
                 wire,
             } => {
-                let mut head = [0u8; HEADER];
-                match read_exact(recv, &mut head).await? {
-                    0 => return Ok(None),
-                    n if n < HEADER => return Err(NarReadError::EndsMidFrame),
-                    _ => {}
-                }
-                let header = ChunkHeader::parse(head)?;
+                let Some(header) = from.head().await? else {
+                    return Ok(None);
+                };
                 let len = header.wire_len as usize;
                 let mut payload = unpacker.buffers().take_len(len);
-                if read_exact(recv, &mut payload).await? < len {
-                    return Err(NarReadError::EndsMidFrame);
-                }
+                from.payload(&mut payload).await?;
                 *wire += (HEADER + len) as u64;
                 let payload = unpacker.buffers().lend(payload);
                 Ok(Some(unpacker.unpack(header, payload)?))
             }
-            NarReader::Bulk {
-                io: slot,
+        }
+    }
+
+    /// `next`, written to the start of `out` instead of into a buffer of
+    /// its own: a striped fetch reads each stripe into one buffer, and so
+    /// does not copy every byte once more. How many bytes it wrote; `None`
+    /// at the end of the stream. A chunk that does not fit in `out` is
+    /// `NarReadError::Overflow`, read no further.
+    pub async fn next_into(&mut self, out: &mut [u8]) -> Result<Option<usize>, NarReadError> {
+        match self {
+            NarReader::Raw { recv, .. } => {
+                if out.is_empty() {
+                    // Any byte more is one too many.
+                    let mut probe = [0u8; 1];
+                    return match recv.read(&mut probe).await? {
+                        Some(n) if n > 0 => Err(NarReadError::Overflow),
+                        _ => Ok(None),
+                    };
+                }
+                Ok(recv.read(out).await?)
+            }
+            NarReader::Framed {
+                from,
                 unpacker,
                 wire,
-                recycle,
             } => {
+                let Some(header) = from.head().await? else {
+                    return Ok(None);
+                };
+                let (raw, len) = (header.raw_len as usize, header.wire_len as usize);
+                let out = out.get_mut(..raw).ok_or(NarReadError::Overflow)?;
+                if header.compressed() {
+                    let mut payload = unpacker.buffers().take_len(len);
+                    from.payload(&mut payload).await?;
+                    let unpacked = unpacker.unpack_into(header, &payload, out);
+                    unpacker.buffers().put_back(payload);
+                    unpacked?;
+                } else {
+                    from.payload(out).await?;
+                }
+                *wire += (HEADER + len) as u64;
+                Ok(Some(raw))
+            }
+        }
+    }
+
+    /// Bytes that crossed the wire so far, if they differ from the NAR's.
+    pub fn wire_bytes(&self) -> Option<u64> {
+        match self {
+            NarReader::Raw { .. } => None,
+            NarReader::Framed { wire, .. } => Some(*wire),
+        }
+    }
+
+    /// Tells the peer to stop sending. A bulk connection carries no code:
+    /// it closes when the reader is dropped, and the holder's next write
+    /// fails.
+    pub fn stop(&mut self, code: u32) {
+        match self {
+            NarReader::Raw { recv, .. }
+            | NarReader::Framed {
+                from: FrameSource::Quic(recv),
+                ..
+            } => {
+                let _ = recv.stop(code.into());
+            }
+            NarReader::Framed {
+                from: FrameSource::Bulk { .. },
+                ..
+            } => {}
+        }
+    }
+}
+
+impl FrameSource {
+    /// The next frame's header, checked; `None` at the end of the part.
+    async fn head(&mut self) -> Result<Option<ChunkHeader>, NarReadError> {
+        let mut head = [0u8; HEADER];
+        let n = match self {
+            FrameSource::Quic(recv) => read_exact(recv, &mut head).await?,
+            FrameSource::Bulk { io: slot, recycle } => {
                 let Some(io) = slot else {
                     return Ok(None);
                 };
-                let mut head = [0u8; HEADER];
-                match fill(io, &mut head).await.map_err(NarReadError::Bulk)? {
-                    0 => return Ok(None),
-                    n if n < HEADER => return Err(NarReadError::EndsMidFrame),
-                    _ => {}
-                }
-                match nar_chunks::stop_code(head) {
+                let n = fill(io, &mut head).await.map_err(NarReadError::Bulk)?;
+                match nar_chunks::stop_code(head).filter(|_| n == HEADER) {
                     // The part is over and the connection ready for the
                     // next; one that was not asked to stay is closed.
                     Some(nar_chunks::DONE) => {
@@ -181,43 +260,29 @@ impl NarReader {
                         return Ok(None);
                     }
                     Some(code) => return Err(NarReadError::Stopped(code)),
-                    None => {}
+                    None => n,
                 }
-                let header = ChunkHeader::parse(head)?;
-                let len = header.wire_len as usize;
-                let mut payload = unpacker.buffers().take(len);
-                while payload.len() < len {
-                    let room = len - payload.len();
-                    match io.read_buf(&mut (&mut payload).limit(room)).await {
-                        Ok(0) => return Err(NarReadError::EndsMidFrame),
-                        Ok(_) => {}
-                        Err(e) => return Err(NarReadError::Bulk(e)),
-                    }
-                }
-                *wire += (HEADER + len) as u64;
-                let payload = unpacker.buffers().lend(payload);
-                Ok(Some(unpacker.unpack(header, payload)?))
             }
+        };
+        match n {
+            0 => Ok(None),
+            n if n < HEADER => Err(NarReadError::EndsMidFrame),
+            _ => Ok(Some(ChunkHeader::parse(head)?)),
         }
     }
 
-    /// Bytes that crossed the wire so far, if they differ from the NAR's.
-    pub fn wire_bytes(&self) -> Option<u64> {
-        match self {
-            NarReader::Raw { .. } => None,
-            NarReader::Chunks { wire, .. } | NarReader::Bulk { wire, .. } => Some(*wire),
-        }
-    }
-
-    /// Tells the peer to stop sending. A bulk connection carries no code:
-    /// it closes when the reader is dropped, and the holder's next write
-    /// fails.
-    pub fn stop(&mut self, code: u32) {
-        match self {
-            NarReader::Raw { recv, .. } | NarReader::Chunks { recv, .. } => {
-                let _ = recv.stop(code.into());
+    /// Fills `buf` with the rest of the frame's payload.
+    async fn payload(&mut self, buf: &mut [u8]) -> Result<(), NarReadError> {
+        let n = match self {
+            FrameSource::Quic(recv) => read_exact(recv, buf).await?,
+            FrameSource::Bulk { io: Some(io), .. } => {
+                fill(io, buf).await.map_err(NarReadError::Bulk)?
             }
-            NarReader::Bulk { .. } => {}
+            FrameSource::Bulk { io: None, .. } => 0,
+        };
+        match n < buf.len() {
+            true => Err(NarReadError::EndsMidFrame),
+            false => Ok(()),
         }
     }
 }
@@ -247,4 +312,91 @@ async fn fill(io: &mut BulkStream, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::mesh::nar_chunks::{chunk_buffers, Codec, Packer, CHUNK, LZ4};
+
+    const LEVEL: u8 = LZ4 | 1;
+
+    /// Bytes that compress, a chunk and a half of them.
+    fn nar() -> Vec<u8> {
+        (0..(CHUNK + CHUNK / 2) as u32)
+            .map(|i| (i % 251) as u8 ^ ((i / 4096) as u8).rotate_left(i % 7))
+            .collect()
+    }
+
+    /// A bulk reader of `frames`, then the holder's `DONE`.
+    fn reader_of(frames: Vec<Vec<u8>>) -> NarReader {
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            for f in frames {
+                far.write_all(&f).await.unwrap();
+            }
+            far.write_all(&nar_chunks::stop_header(nar_chunks::DONE))
+                .await
+                .unwrap();
+        });
+        NarReader::bulk(Box::new(near), LEVEL, None, chunk_buffers())
+    }
+
+    /// Frames of `raw`'s chunks, packed with each codec in turn.
+    fn frames(raw: &[u8]) -> Vec<Vec<u8>> {
+        let mut p = Packer::new(LEVEL);
+        let codecs = [Some(Codec::Zstd), None, Some(Codec::Lz4)];
+        raw.chunks(CHUNK / 2)
+            .zip(codecs.iter().cycle())
+            .map(|(c, &codec)| p.pack_with(c, codec))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn chunks_read_into_one_buffer_are_the_nar_whatever_their_codec() {
+        let raw = nar();
+        let mut reader = reader_of(frames(&raw));
+        let mut out = vec![0u8; raw.len()];
+        let mut filled = 0;
+        while let Some(n) = reader.next_into(&mut out[filled..]).await.unwrap() {
+            filled += n;
+        }
+        assert_eq!(filled, raw.len());
+        assert!(out == raw, "the bytes differ");
+        let mut reader = reader_of(frames(&raw));
+        let mut whole = Vec::new();
+        while let Some(chunk) = reader.next().await.unwrap() {
+            whole.extend_from_slice(&chunk);
+        }
+        assert!(whole == raw, "next and next_into differ");
+    }
+
+    #[tokio::test]
+    async fn a_chunk_that_does_not_fit_is_an_overflow() {
+        let raw = nar();
+        let mut reader = reader_of(frames(&raw));
+        let mut out = vec![0u8; CHUNK / 2 + 100];
+        assert_eq!(reader.next_into(&mut out).await.unwrap(), Some(CHUNK / 2));
+        assert!(matches!(
+            reader.next_into(&mut out[CHUNK / 2..]).await,
+            Err(NarReadError::Overflow)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_frame_that_inflates_to_another_length_is_refused() {
+        let raw = nar();
+        let mut frame = Packer::new(LEVEL).pack_with(&raw[..CHUNK], Some(Codec::Zstd));
+        // The header says one byte fewer than the payload inflates to.
+        let claimed = (CHUNK as u32 - 1).to_be_bytes();
+        frame[..4].copy_from_slice(&claimed);
+        let mut reader = reader_of(vec![frame]);
+        let mut out = vec![0u8; CHUNK];
+        assert!(matches!(
+            reader.next_into(&mut out).await,
+            Err(NarReadError::Chunk(ChunkError::Undecodable(_)))
+        ));
+    }
 }
