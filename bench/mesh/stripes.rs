@@ -2,8 +2,9 @@
 //! client's Nix substitutes a `BIG_MIB` path held by three hosts, each
 //! behind a `STRIPE_HOLDER_MBIT` [300; 0: unshaped] link, through its agent
 //! with striping (the default) against the same agent taking it from one holder
-//! at a time (`stripe_from_mib = 0`), alternating which goes first; then
-//! the client agent's peak RSS after a striped run. `STRIPE_HOLDER_NICE`
+//! at a time (`stripe_from_mib = 0`), alternating which goes first, after
+//! the NAR's first serve (striped into curl, the holders packing: shown
+//! apart); then the client agent's peak RSS after a striped run. `STRIPE_HOLDER_NICE`
 //! [0] runs the holders' agents at that niceness, a stand-in for holders on
 //! machines of their own: the client's agent and Nix get this machine's
 //! cores first (both ways alike).
@@ -86,6 +87,24 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             ]
         })
     };
+    // The NAR's first serve, striped into curl, before the comparison: the
+    // holders pack its chunks for it and keep the frames, and fill in the
+    // rest while idle. Without it round 0's striped run would pack for
+    // both sides, as the one-holder run after it gets the frames it kept.
+    let first_serve = {
+        let agent = client.start_agent(&s.client_config);
+        wait_sees_peers(&agent, &holders);
+        let pids: Vec<u32> = holder_pids
+            .iter()
+            .copied()
+            .chain([agent_pid(&agent)])
+            .collect();
+        let cpu_before = cpu_secs(&pids);
+        let mbps = curl_mbps(client, &big, nar);
+        let cpu = (cpu_secs(&pids) - cpu_before) / gib;
+        eprintln!("stripes: first serve into curl, striped, {mbps:.0} MB/s, all agents {cpu:.2} CPU-s/GiB");
+        (mbps, cpu)
+    };
     let mut striped_packed = Vec::new();
     let (mut striped_curl, mut single_curl) = (Vec::new(), Vec::new());
     for round in 0..s.rounds {
@@ -117,18 +136,7 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             // now send the frames they kept or filled in).
             wait_holders_idle(&agents.iter().collect::<Vec<_>>());
             forget(client, std::slice::from_ref(&big), "");
-            let url = nar_url(client, SUBSTITUTER, &big);
-            let got = curl_write_out(
-                client,
-                &format!("{SUBSTITUTER}/{url}"),
-                "%{http_code} %{size_download} %{time_total}",
-            );
-            let raw = match got.split_whitespace().collect::<Vec<_>>()[..] {
-                ["200", size, secs] if size.parse() == Ok(nar) => {
-                    nar as f64 / 1e6 / secs.parse::<f64>().unwrap_or_else(|e| panic!("{got}: {e}"))
-                }
-                _ => panic!("curl of the striped NAR: {got} (want 200 and {nar} bytes)"),
-            };
+            let raw = curl_mbps(client, &big, nar);
             eprintln!(
                 "stripes round {round}: {} {mbps:.0} MB/s, all agents {cpu:.2} CPU-s/GiB, \
                  machine {busy:.2} cores busy, {packed:.0} % sent packed; curl {raw:.0} MB/s",
@@ -176,6 +184,13 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         ratio: format!("striped/one = {:.2}", m / o),
     });
     rows.push(Row {
+        what: "its first serve, before the rounds: striped into curl, the holders packing, MB/s"
+            .to_string(),
+        mesh: format!("{:.1}", first_serve.0),
+        other: String::new(),
+        ratio: format!("all agents {:.2} CPU-s/GiB", first_serve.1),
+    });
+    rows.push(Row {
         what: "CPU-s per GiB, the client's and all holders' agents together".to_string(),
         mesh: format!("{:.2}", median(&striped_cpu)),
         other: format!("{:.2} (one holder)", median(&single_cpu)),
@@ -203,7 +218,9 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         "stripes: the client's Nix substitutes one path held by three hosts through its agent, \
          striped from all three (mesh) against one holder at a time (stripe_from_mib = 0); a fresh \
          client agent and an empty client store for every run; then curl takes the same NAR \
-         through the same agent, the path deleted from the client's store first."
+         through the same agent, the path deleted from the client's store first. The rounds come \
+         after the NAR's first serve (striped, into curl), so both sides find the holders' kept \
+         frames."
             .to_string(),
     );
 }
@@ -216,5 +233,21 @@ fn with_mesh_key(config: &str, line: &str) -> String {
             format!("{}{line}\n{}", &config[..end], &config[end..])
         }
         None => format!("{config}\n[mesh]\n{line}\n"),
+    }
+}
+
+/// `path`'s NAR (`nar` bytes) through the client's agent into curl, MB/s.
+fn curl_mbps(client: &Host, path: &str, nar: u64) -> f64 {
+    let url = nar_url(client, SUBSTITUTER, path);
+    let got = curl_write_out(
+        client,
+        &format!("{SUBSTITUTER}/{url}"),
+        "%{http_code} %{size_download} %{time_total}",
+    );
+    match got.split_whitespace().collect::<Vec<_>>()[..] {
+        ["200", size, secs] if size.parse() == Ok(nar) => {
+            nar as f64 / 1e6 / secs.parse::<f64>().unwrap_or_else(|e| panic!("{got}: {e}"))
+        }
+        _ => panic!("curl of the striped NAR: {got} (want 200 and {nar} bytes)"),
     }
 }
