@@ -87,6 +87,14 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             ]
         })
     };
+    // Whose CPU a run counts: the holders' agents and the client's `agent`.
+    let agents_with = |agent: &AgentHandle| -> Vec<u32> {
+        holder_pids
+            .iter()
+            .copied()
+            .chain([agent_pid(agent)])
+            .collect()
+    };
     // The NAR's first serve, striped into curl, before the comparison: the
     // holders pack its chunks for it and keep the frames, and fill in the
     // rest while idle. Without it round 0's striped run would pack for
@@ -94,11 +102,7 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
     let first_serve = {
         let agent = client.start_agent(&s.client_config);
         wait_sees_peers(&agent, &holders);
-        let pids: Vec<u32> = holder_pids
-            .iter()
-            .copied()
-            .chain([agent_pid(&agent)])
-            .collect();
+        let pids = agents_with(&agent);
         let cpu_before = cpu_secs(&pids);
         let mbps = curl_mbps(client, &big, nar);
         let cpu = (cpu_secs(&pids) - cpu_before) / gib;
@@ -121,8 +125,7 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             // keeps the path alive for the client's collector (one machine).
             wait_holders_idle(&agents.iter().collect::<Vec<_>>());
             forget(client, std::slice::from_ref(&big), &conf);
-            let mut pids = holder_pids.clone();
-            pids.push(agent_pid(&agent));
+            let pids = agents_with(&agent);
             let (cpu_before, busy_before) = (cpu_secs(&pids), machine_busy_secs());
             let served_before = served();
             let t = timed(client, &["nix-store", "--realise", &big]);
