@@ -58,12 +58,21 @@ impl ServedPaths for Served {
         .boxed()
     }
 
-    fn packed_frame(&self, info: &PathInfo, level: u8, slot: u64, raw: &[u8]) -> Option<Vec<u8>> {
+    fn packed_frame(
+        &self,
+        info: &PathInfo,
+        level: u8,
+        slot: u64,
+        raw: &[Bytes],
+        out: &mut Vec<u8>,
+    ) -> bool {
         if let Some(f) = &self.filler {
             f.busy();
         }
-        let frames = self.shared.packed_frames()?;
-        frames.get(&FramesKey::of(info, level)?, slot, raw)
+        match (self.shared.packed_frames(), FramesKey::of(info, level)) {
+            (Some(frames), Some(key)) => frames.get(&key, slot, raw, out),
+            _ => false,
+        }
     }
 
     fn keep_packed(&self, info: &PathInfo, level: u8, slot: u64, raw: &[u8], zstd: &[u8]) -> bool {

@@ -239,18 +239,26 @@ impl Packer {
 }
 
 /// A frame of `raw_len` NAR bytes from a zstd payload packed earlier
-/// (`zstd_payload`), for an asker that reads codec bytes (`tagged`) or not.
-pub fn zstd_frame(raw_len: u32, zstd: &[u8], tagged: bool) -> Vec<u8> {
-    let tag = usize::from(tagged);
-    let wire_len = (zstd.len() + tag) as u32;
-    let mut frame = Vec::with_capacity(HEADER + tag + zstd.len());
+/// (`zstd_payload`), for an asker that reads codec bytes (`tagged`) or
+/// not: `append` adds the payload to the frame's header and codec byte,
+/// where it is read (`false`: there is none, and no frame).
+pub fn zstd_frame_with(
+    raw_len: u32,
+    tagged: bool,
+    append: impl FnOnce(&mut Vec<u8>) -> bool,
+) -> Option<Vec<u8>> {
+    let mut frame = Vec::with_capacity(HEADER + 1);
     frame.extend_from_slice(&raw_len.to_be_bytes());
-    frame.extend_from_slice(&wire_len.to_be_bytes());
+    frame.extend_from_slice(&[0; 4]);
     if tagged {
         frame.push(TAG_ZSTD);
     }
-    frame.extend_from_slice(zstd);
-    frame
+    if !append(&mut frame) {
+        return None;
+    }
+    let wire_len = (frame.len() - HEADER) as u32;
+    frame[4..HEADER].copy_from_slice(&wire_len.to_be_bytes());
+    Some(frame)
 }
 
 /// The zstd payload of a frame `Packer` made, if it is one (packed smaller
@@ -405,7 +413,12 @@ mod tests {
             let mut packer = Packer::new(level);
             let frame = packer.pack_with(&raw, Some(Codec::Zstd));
             let zstd = zstd_payload(&frame, tagged).expect("packed with zstd");
-            assert_eq!(zstd_frame(raw.len() as u32, zstd, tagged), frame);
+            let kept = zstd_frame_with(raw.len() as u32, tagged, |out| {
+                out.extend_from_slice(zstd);
+                true
+            });
+            assert_eq!(kept.as_ref(), Some(&frame));
+            assert_eq!(zstd_frame_with(raw.len() as u32, tagged, |_| false), None);
             let lz4 = packer.pack_with(&raw, Some(Codec::Lz4));
             assert_eq!(zstd_payload(&lz4, tagged).is_some(), !tagged);
             assert_eq!(zstd_payload(&packer.pack_with(&raw, None), tagged), None);

@@ -136,6 +136,11 @@ pub const DRAINED: u64 = 64 << 10;
 /// its busy time is bound by the asker, not the link.
 pub const ASKER_BOUND: f64 = 0.5;
 
+/// What packing a chunk with a codec measured: the codec, the payload's
+/// wire bytes, and the seconds packing took (`None`: untimed, a kept
+/// frame).
+pub type Measured = (Codec, usize, Option<f64>);
+
 /// What the kernel says about a TCP connection just now: counts since it
 /// opened (`TCP_INFO`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -469,14 +474,15 @@ impl Pace {
     }
 
     /// A chunk of `raw` NAR bytes was packed with `codec` to `wire` bytes
-    /// in `secs`; what the other codec would have done is taken from
-    /// `versus`, once probes have measured it.
-    fn packed(&mut self, codec: Codec, raw: usize, wire: usize, secs: f64) {
+    /// in `secs` (`None`: a kept frame, whose packing was not timed now);
+    /// what the other codec would have done is taken from `versus`, once
+    /// probes have measured it.
+    fn packed(&mut self, codec: Codec, raw: usize, wire: usize, secs: Option<f64>) {
         if raw == 0 {
             return;
         }
         let ratio = wire as f64 / raw as f64;
-        let rate = self.timed(codec, raw, secs);
+        let rate = secs.and_then(|secs| self.timed(codec, raw, secs));
         self.record(codec, ratio, rate);
         let (Some(speed), Some(size)) = (self.versus.rate, self.versus.ratio) else {
             return;
@@ -489,11 +495,12 @@ impl Pace {
     }
 
     /// What packing one chunk of `raw` NAR bytes measured: each codec it
-    /// was run through (at most two), with its wire bytes and seconds. A
-    /// probe packed with both (`pairs`) compares them on that chunk.
-    pub fn measured(&mut self, raw: usize, tries: [Option<(Codec, usize, f64)>; 2]) {
+    /// was run through (at most two), with its wire bytes and seconds
+    /// (`None`: a kept zstd frame stood in, `kept_stands_in`). A probe
+    /// packed with both (`pairs`) compares them on that chunk.
+    pub fn measured(&mut self, raw: usize, tries: [Option<Measured>; 2]) {
         match tries {
-            [Some((Codec::Lz4, lw, ls)), Some((Codec::Zstd, zw, zs))] => {
+            [Some((Codec::Lz4, lw, Some(ls))), Some((Codec::Zstd, zw, zs))] => {
                 self.paired(raw, (lw, ls), (zw, zs))
             }
             _ => {
@@ -505,13 +512,14 @@ impl Pace {
     }
 
     /// A probe chunk of `raw` NAR bytes packed with both codecs: LZ4 to
-    /// `lz4.0` wire bytes in `lz4.1` seconds, zstd likewise.
-    fn paired(&mut self, raw: usize, lz4: (usize, f64), zstd: (usize, f64)) {
+    /// `lz4.0` wire bytes in `lz4.1` seconds, zstd likewise (or its kept
+    /// frame, untimed: the ratios are compared, the rates are not).
+    fn paired(&mut self, raw: usize, lz4: (usize, f64), zstd: (usize, Option<f64>)) {
         if raw == 0 {
             return;
         }
         let l = self.timed(Codec::Lz4, raw, lz4.1);
-        let z = self.timed(Codec::Zstd, raw, zstd.1);
+        let z = zstd.1.and_then(|secs| self.timed(Codec::Zstd, raw, secs));
         self.record(Codec::Lz4, lz4.0 as f64 / raw as f64, l);
         self.record(Codec::Zstd, zstd.0 as f64 / raw as f64, z);
         if lz4.0 > 0 {
@@ -529,15 +537,29 @@ impl Pace {
     /// packed now, nor where LZ4 was chosen to spare an asker that cannot
     /// keep up.
     pub fn takes_kept(&self, codec: Option<Codec>) -> bool {
-        let unmeasured = |p: Option<&Packing>| p.is_some_and(|p| p.rate.is_none());
-        let measuring =
-            self.probing || unmeasured(Some(&self.zstd)) || unmeasured(self.lz4.as_ref());
+        let measuring = self.probing || !self.rates_known();
         match codec {
             None => false,
             Some(_) if measuring => false,
             Some(Codec::Lz4) => !self.asker_bound(),
             Some(Codec::Zstd) => true,
         }
+    }
+
+    /// Whether a zstd frame kept from an earlier serve may stand in for
+    /// packing the chunk `choose` just chose to probe with zstd: it gives
+    /// zstd's ratio on that chunk (LZ4 is still packed to compare), not
+    /// its pack rate, which only the first chunks of a connection must
+    /// measure (pack rates change little; ratios change with the data).
+    /// A probe of kept frames then costs the holder no zstd packing.
+    pub fn kept_stands_in(&self) -> bool {
+        self.probing && self.rates_known()
+    }
+
+    /// Every codec the asker reads has its pack rate measured.
+    fn rates_known(&self) -> bool {
+        let known = |p: &Packing| p.rate.is_some();
+        known(&self.zstd) && self.lz4.as_ref().is_none_or(known)
     }
 
     /// The codec to pack the next chunk with; `None`: send it raw.
@@ -625,6 +647,11 @@ mod tests {
     use super::*;
 
     const MB: f64 = 1e6;
+
+    /// A packing's wire bytes and seconds, timed (not a kept frame).
+    fn timed((wire, secs): (usize, f64)) -> (usize, Option<f64>) {
+        (wire, Some(secs))
+    }
     const CHUNK: usize = 256 << 10;
     /// Chunks packed to measure before anything is chosen: the first (a
     /// probe, which warms both codecs up) and one more per codec.
@@ -682,7 +709,7 @@ mod tests {
         let measure = |p: Packs| ((CHUNK as f64 * p.ratio) as usize, CHUNK as f64 / p.rate);
         if let (true, Some(l)) = (pace.pairs(), lz4) {
             // Both packed, the smaller sent.
-            pace.paired(CHUNK, measure(l), measure(zstd));
+            pace.paired(CHUNK, measure(l), timed(measure(zstd)));
             codec = Some(if zstd.ratio < l.ratio {
                 Codec::Zstd
             } else {
@@ -696,7 +723,7 @@ mod tests {
         };
         if let (Some(c), Some(p), false) = (codec, packs, pace.pairs()) {
             let (wire, secs) = measure(p);
-            pace.packed(c, CHUNK, wire, secs);
+            pace.packed(c, CHUNK, wire, Some(secs));
         }
         pace.link(conn.send(wire_of(packs), link, held));
         codec
@@ -747,12 +774,12 @@ mod tests {
                 let mut holder = CHUNK as f64 / READS;
                 if pace.pairs() {
                     let measure = |p: Packs| ((CHUNK as f64 * p.ratio) as usize, secs(p));
-                    pace.paired(CHUNK, measure(lz4), measure(zstd));
+                    pace.paired(CHUNK, measure(lz4), timed(measure(zstd)));
                     holder = secs(lz4) + secs(zstd);
                     codec = Some(Codec::Zstd);
                 } else if let Some(c) = codec {
                     let p = if c == Codec::Lz4 { lz4 } else { zstd };
-                    pace.packed(c, CHUNK, (CHUNK as f64 * p.ratio) as usize, secs(p));
+                    pace.packed(c, CHUNK, (CHUNK as f64 * p.ratio) as usize, Some(secs(p)));
                     holder = secs(p);
                 }
                 let wire = wire_of(codec.map(|c| if c == Codec::Lz4 { lz4 } else { zstd }));
@@ -880,9 +907,9 @@ mod tests {
             takes.push(pace.takes_kept(Some(Codec::Zstd)));
             assert!(!pace.takes_kept(None), "a raw chunk stays raw");
             if pace.pairs() {
-                pace.paired(CHUNK, (CHUNK / 2, 0.001), (CHUNK / 3, 0.002));
+                pace.paired(CHUNK, (CHUNK / 2, 0.001), (CHUNK / 3, Some(0.002)));
             } else if let Some(c) = codec {
-                pace.packed(c, CHUNK, CHUNK / 2, 0.001);
+                pace.packed(c, CHUNK, CHUNK / 2, Some(0.001));
             }
         }
         // Chunk 1 is a probe of both codecs, which warms them up; chunks 2
@@ -897,6 +924,46 @@ mod tests {
         pace.link(conn.send(CHUNK * 10, 100.0 * MB, 0.9));
         assert!(!pace.takes_kept(Some(Codec::Lz4)));
         assert!(pace.takes_kept(Some(Codec::Zstd)));
+    }
+
+    #[test]
+    fn a_kept_frame_stands_in_for_zstd_on_probes_but_not_to_time_it() {
+        let mut pace = Pace::new(true);
+        let mut stands_in = Vec::new();
+        let mut timed_rate = None;
+        for i in 1..=40 {
+            if i == 33 {
+                timed_rate = pace.zstd.rate;
+            }
+            let codec = pace.choose();
+            stands_in.push(pace.kept_stands_in());
+            if pace.pairs() {
+                // From chunk 33 on, the kept frame, a third of the chunk,
+                // stands in for zstd.
+                let zstd = match i > 32 {
+                    true => (CHUNK / 3, None),
+                    false => (CHUNK / 2, Some(0.002)),
+                };
+                pace.paired(CHUNK, (CHUNK * 3 / 4, 0.001), zstd);
+            } else if let Some(c) = codec {
+                pace.packed(c, CHUNK, CHUNK / 2, Some(0.001));
+            }
+        }
+        // Chunks 1-3 measure the rates and must be packed; 33 is a probe
+        // once they are known.
+        let at: Vec<usize> = (0..40).filter(|&i| stands_in[i]).map(|i| i + 1).collect();
+        assert_eq!(at, [33]);
+        // Its ratio counts, on both sides of the comparison; zstd's rate
+        // stays what the packings measured.
+        let ratio = pace.zstd.ratio.unwrap();
+        assert!(ratio < 0.5 && ratio > 1.0 / 3.0, "{ratio}");
+        let versus = pace.versus.ratio.unwrap();
+        assert!(versus < 2.0 / 3.0, "{versus}");
+        assert!(timed_rate.is_some());
+        assert_eq!(pace.zstd.rate, timed_rate);
+        // A kept frame alone, untimed, leaves the rate as it was.
+        pace.packed(Codec::Zstd, CHUNK, CHUNK / 3, None);
+        assert_eq!(pace.zstd.rate, timed_rate);
     }
 
     fn count(sent: &[Option<Codec>], codec: Option<Codec>) -> usize {
@@ -1026,11 +1093,11 @@ mod tests {
             let mut codec = pace.choose();
             if pace.pairs() {
                 assert_eq!(i % 2, 0, "probes land on the good chunks");
-                pace.paired(CHUNK, measure(lz4), measure(zstd));
+                pace.paired(CHUNK, measure(lz4), timed(measure(zstd)));
                 codec = Some(Codec::Zstd);
             } else if let Some(c) = codec {
                 let (wire, secs) = measure(if c == Codec::Lz4 { lz4 } else { zstd });
-                pace.packed(c, CHUNK, wire, secs);
+                pace.packed(c, CHUNK, wire, Some(secs));
             }
             let packs = codec.map(|c| if c == Codec::Lz4 { lz4 } else { zstd });
             pace.link(conn.send(wire_of(packs), 12.5 * MB, 0.0));
@@ -1073,7 +1140,7 @@ mod tests {
             let link = if i < 200 { 400.0 * MB } else { 100.0 * MB };
             let codec = pace.choose();
             if let Some(c) = codec {
-                pace.packed(c, CHUNK, CHUNK / 3, CHUNK as f64 / (220.0 * MB));
+                pace.packed(c, CHUNK, CHUNK / 3, Some(CHUNK as f64 / (220.0 * MB)));
             }
             let wire = if codec.is_some() { CHUNK / 3 } else { CHUNK };
             pace.link(conn.send(wire, link, 0.0));
@@ -1127,12 +1194,12 @@ mod tests {
                 let mut codec = pace.choose();
                 if pace.pairs() {
                     let both = (measure(lz4, Codec::Lz4), measure(zstd, Codec::Zstd));
-                    pace.paired(CHUNK, both.0, both.1);
+                    pace.paired(CHUNK, both.0, timed(both.1));
                     codec = Some(Codec::Zstd);
                     paired.push(i + 1);
                 } else if let Some(c) = codec {
                     let (wire, secs) = measure(if c == Codec::Lz4 { lz4 } else { zstd }, c);
-                    pace.packed(c, CHUNK, wire, secs);
+                    pace.packed(c, CHUNK, wire, Some(secs));
                 }
                 let packs = codec.map(|c| if c == Codec::Lz4 { lz4 } else { zstd });
                 let (rate, held) = link(i);
@@ -1281,7 +1348,7 @@ mod tests {
     #[test]
     fn a_codec_the_asker_does_not_read_is_never_chosen() {
         let mut pace = Pace::new(false);
-        pace.packed(Codec::Lz4, CHUNK, CHUNK / 2, 0.001);
+        pace.packed(Codec::Lz4, CHUNK, CHUNK / 2, Some(0.001));
         let sent = run(100, 125.0 * MB, None, ZSTD);
         assert_eq!(count(&sent, Some(Codec::Lz4)), 0);
         assert_eq!(pace.choose(), Some(Codec::Zstd));

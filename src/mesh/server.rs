@@ -21,7 +21,7 @@ use crate::mesh::bulk;
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_chunks::{self, Codec, Packer};
 use crate::mesh::nar_sink::{BulkIo, BulkSink, NarSink};
-use crate::mesh::pace::Pace;
+use crate::mesh::pace::{Measured, Pace};
 use crate::mesh::peers::PeerTable;
 use crate::mesh::protocol::{self, code, Request, Response};
 use crate::mesh::transport::{self, FrameReadError, REQUEST_TIMEOUT};
@@ -57,17 +57,19 @@ pub trait ServedPaths: Send + Sync + 'static {
         offset: u64,
         end: u64,
     ) -> BoxStream<'static, Result<Bytes, NarFault>>;
-    /// The zstd payload packed earlier for chunk `slot` (the NAR bytes
-    /// `raw` from `slot * nar_chunks::CHUNK`) of `info`'s NAR at `level`,
-    /// if one was kept from those bytes. Blocking (disk).
+    /// Appends to `out` the zstd payload packed earlier for chunk `slot`
+    /// (the NAR bytes from `slot * nar_chunks::CHUNK`, in the pieces
+    /// `raw`) of `info`'s NAR at `level`, if one was kept from those
+    /// bytes; `false` if none was (`out` as it was). Blocking (disk).
     fn packed_frame(
         &self,
         _info: &PathInfo,
         _level: u8,
         _slot: u64,
-        _raw: &[u8],
-    ) -> Option<Vec<u8>> {
-        None
+        _raw: &[Bytes],
+        _out: &mut Vec<u8>,
+    ) -> bool {
+        false
     }
     /// Keeps a zstd payload just packed for that chunk, for the next
     /// asker; whether the chunk has a kept frame now. Blocking (disk).
@@ -591,15 +593,17 @@ impl PeerServer {
             let slot = slots.next(n);
             // A probe of the pace may be packed with both codecs; the
             // smaller frame goes.
-            let (codec, pair, takes_kept) = match &mut pace {
+            let (codec, pair, takes_kept, stands_in) = match &mut pace {
                 Some(pace) => {
                     if let Some(sample) = send.link_sample() {
                         pace.link(sample);
                     }
                     let codec = pace.choose();
-                    (codec, pace.pairs(), pace.takes_kept(codec))
+                    let zstd_probe = pace.pairs() || codec == Some(Codec::Zstd);
+                    let stands_in = zstd_probe && pace.kept_stands_in();
+                    (codec, pace.pairs(), pace.takes_kept(codec), stands_in)
                 }
-                None => (Some(Codec::Zstd), false, true),
+                None => (Some(Codec::Zstd), false, true, false),
             };
             if codec.is_none() && !pair {
                 gaps.chunk(slot, false, false);
@@ -609,22 +613,26 @@ impl PeerServer {
                 self.put_raw_frame(node, send, &mut pieces).await?;
                 continue;
             }
-            let raw = contiguous(&mut pieces, n);
+            let mut held = std::mem::take(&mut pieces);
             let shared = self.shared.clone();
             let info = slots.info.clone();
             let job = tokio::task::spawn_blocking(move || {
                 let level = packer.level();
-                let kept = slot
-                    .filter(|_| takes_kept)
-                    .and_then(|i| shared.packed_frame(&info, level, i, &raw));
-                if let Some(zstd) = kept {
-                    let made = Made {
-                        frame: nar_chunks::zstd_frame(n as u32, &zstd, packer.lz4()),
-                        packed: Some(Codec::Zstd),
-                        measured: [None, None],
-                        kept: true,
-                        zstd_tried: true,
-                    };
+                // A kept frame is read straight into the frame that goes,
+                // and checked against the pieces as they came: no copy of
+                // the chunk unless it is packed.
+                let kept = slot.filter(|_| takes_kept || stands_in).and_then(|i| {
+                    nar_chunks::zstd_frame_with(n as u32, packer.lz4(), |out| {
+                        shared.packed_frame(&info, level, i, &held, out)
+                    })
+                });
+                let kept = match (kept, takes_kept) {
+                    (Some(frame), true) => return (packer, Made::kept(frame)),
+                    (kept, _) => kept,
+                };
+                let raw = contiguous(&mut held, n);
+                if let Some(frame) = kept {
+                    let made = probe_with_kept(&mut packer, &raw, frame, pair);
                     return (packer, made);
                 }
                 let first = if pair { Some(Codec::Lz4) } else { codec };
@@ -978,13 +986,52 @@ struct Made {
     frame: Vec<u8>,
     /// The codec that made it smaller, if one did.
     packed: Option<Codec>,
-    /// What packing it measured, for the pace (nothing for a kept frame).
-    measured: [Option<(Codec, usize, f64)>; 2],
+    /// What packing it measured, for the pace (nothing for a kept frame
+    /// sent as it is).
+    measured: [Option<Measured>; 2],
     /// Its chunk has a kept zstd frame now (sent, or packed and kept).
     kept: bool,
     /// Its chunk was packed with zstd (kept or not: one that did not
     /// shrink would not shrink when packed again).
     zstd_tried: bool,
+}
+
+impl Made {
+    /// A kept zstd frame, sent as it is.
+    fn kept(frame: Vec<u8>) -> Self {
+        Made {
+            frame,
+            packed: Some(Codec::Zstd),
+            measured: [None, None],
+            kept: true,
+            zstd_tried: true,
+        }
+    }
+}
+
+/// A probe (`Pace::kept_stands_in`) of a chunk that has the kept zstd
+/// frame `kept`: it gives zstd's ratio on the chunk, untimed; where the
+/// asker reads LZ4 (`pair`), LZ4 is packed to compare and the smaller
+/// frame goes. No zstd packing.
+fn probe_with_kept(packer: &mut Packer, raw: &[u8], kept: Vec<u8>, pair: bool) -> Made {
+    let zstd = (Codec::Zstd, kept.len() - nar_chunks::HEADER, None);
+    let lz4 = pair.then(|| timed_pack(packer, raw, Some(Codec::Lz4)));
+    let measured = [lz4.as_ref().and_then(TimedPack::measured), Some(zstd)];
+    match lz4 {
+        Some(lz4) if lz4.frame.len() < kept.len() => Made {
+            packed: lz4
+                .tried
+                .filter(|_| lz4.frame.len() - nar_chunks::HEADER < raw.len()),
+            frame: lz4.frame,
+            measured,
+            kept: true,
+            zstd_tried: true,
+        },
+        _ => Made {
+            measured,
+            ..Made::kept(kept)
+        },
+    }
 }
 
 /// What one serve saw of a NAR's kept frames: whether it is worth packing
@@ -1027,9 +1074,9 @@ struct TimedPack {
 impl TimedPack {
     /// The codec it was run through, the wire bytes of its payload, and
     /// the seconds packing took; `None` if it went raw untried.
-    fn measured(&self) -> Option<(Codec, usize, f64)> {
+    fn measured(&self) -> Option<Measured> {
         let wire = self.frame.len() - nar_chunks::HEADER;
-        Some((self.tried?, wire, self.took.as_secs_f64()))
+        Some((self.tried?, wire, Some(self.took.as_secs_f64())))
     }
 }
 

@@ -27,10 +27,12 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use crate::disk_room::{disk_has_room, disk_space};
 use crate::lock::lock;
@@ -64,6 +66,15 @@ fn slot_header(raw: &[u8], payload: &[u8]) -> [u8; SLOT_HEADER] {
     h[12..16].copy_from_slice(&crc32fast::hash(payload).to_be_bytes());
     h[16..].copy_from_slice(&crc32fast::hash(raw).to_be_bytes());
     h
+}
+
+/// The CRC-32 of a chunk's NAR bytes, in the pieces the store gave. Pure.
+fn crc_of(raw: &[Bytes]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    for piece in raw {
+        crc.update(piece);
+    }
+    crc.finalize()
 }
 
 /// Whether a zstd payload of `len` bytes may stand for `raw_len` NAR
@@ -194,51 +205,59 @@ impl PackedFrames {
         self.dir.join(format!("{}{SUFFIX}", key.0))
     }
 
-    /// The kept zstd payload of chunk `slot`, which holds the NAR bytes
-    /// `raw`, if one was kept, reads back whole and was packed from those
-    /// bytes. A slot that does not is dropped with its file (frames packed
-    /// from a store copy since mended, or rotten on disk).
-    pub fn get(&self, key: &FramesKey, slot: u64, raw: &[u8]) -> Option<Vec<u8>> {
+    /// Appends to `out` the kept zstd payload of chunk `slot`, whose NAR
+    /// bytes are the pieces `raw`, if one was kept, reads back whole and
+    /// was packed from those bytes; `false` if not (`out` as it was). A
+    /// slot that does not is dropped with its file (frames packed from a
+    /// store copy since mended, or rotten on disk). The payload is read
+    /// into `out` as it is: no zeroed buffer, no copy.
+    pub fn get(&self, key: &FramesKey, slot: u64, raw: &[Bytes], out: &mut Vec<u8>) -> bool {
         let file = {
             let mut index = lock(&self.index);
             if !index.files.touch(&key.0) {
-                return None;
+                return false;
             }
             // Opened under the lock: eviction cannot come in between.
             File::open(self.path(key))
         };
-        let read = |file: &File| -> io::Result<Option<Vec<u8>>> {
+        let raw_len = raw.iter().map(Bytes::len).sum();
+        let start = out.len();
+        let read = |mut file: File, out: &mut Vec<u8>| -> io::Result<bool> {
             let mut h = [0u8; SLOT_HEADER];
             match file.read_exact_at(&mut h, slot * SLOT) {
                 // A file that ends before the slot: never written that far.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
                 other => other?,
             }
-            let (len, crc) = match parse_slot(&h, raw.len()) {
-                Slot::Empty => return Ok(None),
-                Slot::Frame { raw_crc, .. } if raw_crc != crc32fast::hash(raw) => {
+            let (len, crc) = match parse_slot(&h, raw_len) {
+                Slot::Empty => return Ok(false),
+                Slot::Frame { raw_crc, .. } if raw_crc != crc_of(raw) => {
                     return Err(io::Error::other("a frame was packed from other NAR bytes"))
                 }
                 Slot::Frame { len, crc, .. } => (len, crc),
                 Slot::Wrong => return Err(io::Error::other("a slot header is wrong")),
             };
-            let mut payload = vec![0u8; len];
-            file.read_exact_at(&mut payload, slot * SLOT + SLOT_HEADER as u64)?;
-            if crc32fast::hash(&payload) != crc {
+            file.seek(SeekFrom::Start(slot * SLOT + SLOT_HEADER as u64))?;
+            out.reserve_exact(len);
+            if file.take(len as u64).read_to_end(out)? != len {
+                return Err(io::Error::other("a frame ends early"));
+            }
+            if crc32fast::hash(&out[start..]) != crc {
                 return Err(io::Error::other("a frame fails its CRC"));
             }
-            Ok(Some(payload))
+            Ok(true)
         };
-        match file.and_then(|f| read(&f)) {
-            Ok(Some(payload)) => {
+        match file.and_then(|f| read(f, out)) {
+            Ok(true) => {
                 self.stats.served.inc();
-                Some(payload)
+                true
             }
-            Ok(None) => None,
+            Ok(false) => false,
             Err(e) => {
+                out.truncate(start);
                 tracing::warn!(frames = %key.0, slot, error = %e, "kept zstd frames are unreadable; dropping them");
                 self.drop_file(key);
-                None
+                false
             }
         }
     }
@@ -377,6 +396,24 @@ mod tests {
         }
     }
 
+    /// `get`, with the chunk's bytes in two pieces and the payload read
+    /// after a head that must stay as it was.
+    fn got(frames: &PackedFrames, key: &FramesKey, slot: u64, raw: &[u8]) -> Option<Vec<u8>> {
+        let half = raw.len() / 2;
+        let pieces = [
+            Bytes::copy_from_slice(&raw[..half]),
+            Bytes::copy_from_slice(&raw[half..]),
+        ];
+        let mut out = b"head".to_vec();
+        let found = frames.get(key, slot, &pieces, &mut out);
+        assert_eq!(&out[..4], b"head");
+        assert!(
+            found || out.len() == 4,
+            "nothing found, but {out:?} appended"
+        );
+        found.then(|| out[4..].to_vec())
+    }
+
     /// A chunk's NAR bytes.
     static FULL: [u8; SLOT_PAYLOAD] = [0; SLOT_PAYLOAD];
 
@@ -390,24 +427,24 @@ mod tests {
     fn a_kept_frame_reads_back_and_an_empty_slot_is_none() {
         let (_dir, frames) = scratch(64 << 20);
         let key = FramesKey::of(&info(1, 8 << 20), 1).unwrap();
-        assert_eq!(frames.get(&key, 3, &FULL), None);
+        assert_eq!(got(&frames, &key, 3, &FULL), None);
         frames.put(&key, 3, &FULL, b"packed bytes");
         assert_eq!(
-            frames.get(&key, 3, &FULL).as_deref(),
+            got(&frames, &key, 3, &FULL).as_deref(),
             Some(&b"packed bytes"[..])
         );
-        assert_eq!(frames.get(&key, 2, &FULL), None);
-        assert_eq!(frames.get(&key, 9, &FULL), None);
+        assert_eq!(got(&frames, &key, 2, &FULL), None);
+        assert_eq!(got(&frames, &key, 9, &FULL), None);
         assert_eq!(frames.stats.kept.get(), 1);
         assert_eq!(frames.stats.served.get(), 1);
         // The other level is another file.
         let other = FramesKey::of(&info(1, 8 << 20), 3).unwrap();
-        assert_eq!(frames.get(&other, 3, &FULL), None);
+        assert_eq!(got(&frames, &other, 3, &FULL), None);
         // A slot of another raw length than its chunk's is wrong: the file
         // goes.
-        assert_eq!(frames.get(&key, 3, &FULL[..1000]), None);
+        assert_eq!(got(&frames, &key, 3, &FULL[..1000]), None);
         assert_eq!(frames.stats.dropped.get(), 1);
-        assert_eq!(frames.get(&key, 3, &FULL), None);
+        assert_eq!(got(&frames, &key, 3, &FULL), None);
         assert_eq!(frames.used(), 0);
     }
 
@@ -420,8 +457,8 @@ mod tests {
         let mut rotten = FULL.to_vec();
         rotten[1000] = 1;
         frames.put(&key, 0, &rotten, &[4; 500]);
-        assert!(frames.get(&key, 0, &rotten).is_some());
-        assert_eq!(frames.get(&key, 0, &FULL), None);
+        assert!(got(&frames, &key, 0, &rotten).is_some());
+        assert_eq!(got(&frames, &key, 0, &FULL), None);
         assert_eq!(frames.stats.dropped.get(), 1);
         assert_eq!(frames.used(), 0);
     }
@@ -439,9 +476,12 @@ mod tests {
         frames.put(&key, 2, &FULL, &[2; 100]);
         assert_eq!(frames.used(), BLOCK);
         assert_eq!(frames.stats.bytes.get(), BLOCK);
-        assert_eq!(frames.get(&key, 2, &FULL).as_deref(), Some(&[2u8; 100][..]));
+        assert_eq!(
+            got(&frames, &key, 2, &FULL).as_deref(),
+            Some(&[2u8; 100][..])
+        );
         // What was kept went with the directory; nothing is served from it.
-        assert_eq!(frames.get(&key, 0, &FULL), None);
+        assert_eq!(got(&frames, &key, 0, &FULL), None);
     }
 
     #[test]
@@ -488,10 +528,10 @@ mod tests {
         // A NAR's last chunk of 40 bytes packed to 39: as a frame for an
         // asker that reads LZ4 it would be 40 bytes, which read as raw.
         frames.put(&key, 31, &FULL[..40], &[3; 39]);
-        assert_eq!(frames.get(&key, 31, &FULL[..40]), None);
+        assert_eq!(got(&frames, &key, 31, &FULL[..40]), None);
         frames.put(&key, 31, &FULL[..40], &[3; 38]);
         assert_eq!(
-            frames.get(&key, 31, &FULL[..40]).as_deref(),
+            got(&frames, &key, 31, &FULL[..40]).as_deref(),
             Some(&[3u8; 38][..])
         );
     }
@@ -502,7 +542,7 @@ mod tests {
         assert_eq!(FramesKey::of(&info(1, MIN_NAR - 1), 1), None);
         let key = FramesKey::of(&info(1, MIN_NAR), 1).unwrap();
         assert_eq!(frames.put(&key, 0, &[7; 10], &[7; 10]), Put::Unfit);
-        assert_eq!(frames.get(&key, 0, &[7; 10]), None);
+        assert_eq!(got(&frames, &key, 0, &[7; 10]), None);
         assert_eq!(frames.used(), 0);
     }
 
@@ -516,10 +556,10 @@ mod tests {
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[9], SLOT + SLOT_HEADER as u64 + 500)
             .unwrap();
-        assert_eq!(frames.get(&key, 1, &FULL), None);
+        assert_eq!(got(&frames, &key, 1, &FULL), None);
         assert!(!path.exists());
         assert_eq!(frames.stats.dropped.get(), 1);
-        assert_eq!(frames.get(&key, 0, &FULL), None);
+        assert_eq!(got(&frames, &key, 0, &FULL), None);
         assert_eq!(frames.used(), 0);
     }
 
@@ -533,8 +573,22 @@ mod tests {
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&slot_header(&FULL, &[6; 1000]), SLOT)
             .unwrap();
-        assert_eq!(frames.get(&key, 1, &FULL), None);
+        assert_eq!(got(&frames, &key, 1, &FULL), None);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_file_cut_short_in_a_payload_drops_its_file() {
+        let (dir, frames) = scratch(64 << 20);
+        let key = FramesKey::of(&info(4, 8 << 20), 1).unwrap();
+        frames.put(&key, 0, &FULL, &[5; 1000]);
+        let path = dir.path().join("packed").join(format!("{}{SUFFIX}", key.0));
+        // As after a disk that filled up, or a file cut by hand.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(SLOT_HEADER as u64 + 600).unwrap();
+        assert_eq!(got(&frames, &key, 0, &FULL), None);
+        assert!(!path.exists());
+        assert_eq!(frames.stats.dropped.get(), 1);
     }
 
     #[test]
@@ -550,9 +604,9 @@ mod tests {
             frames.put(k, 0, &FULL, &[1; 100]);
         }
         frames.forget(&a);
-        assert_eq!(frames.get(&keys[0], 0, &FULL), None);
-        assert_eq!(frames.get(&keys[1], 0, &FULL), None);
-        assert!(frames.get(&keys[2], 0, &FULL).is_some());
+        assert_eq!(got(&frames, &keys[0], 0, &FULL), None);
+        assert_eq!(got(&frames, &keys[1], 0, &FULL), None);
+        assert!(got(&frames, &keys[2], 0, &FULL).is_some());
     }
 
     #[test]
@@ -565,21 +619,21 @@ mod tests {
             .collect();
         frames.put(&keys[0], 0, &FULL, &[1; 100_000]);
         frames.put(&keys[1], 0, &FULL, &[2; 100_000]);
-        assert!(frames.get(&keys[0], 0, &FULL).is_some());
+        assert!(got(&frames, &keys[0], 0, &FULL).is_some());
         frames.put(&keys[2], 0, &FULL, &[3; 100_000]);
         assert!(
-            frames.get(&keys[1], 0, &FULL).is_none(),
+            got(&frames, &keys[1], 0, &FULL).is_none(),
             "least recently served goes"
         );
-        assert!(frames.get(&keys[0], 0, &FULL).is_some());
+        assert!(got(&frames, &keys[0], 0, &FULL).is_some());
         // A second frame would take file 2 over half the budget.
         frames.put(&keys[2], 1, &FULL, &[4; 100_000]);
-        assert!(frames.get(&keys[2], 1, &FULL).is_none());
+        assert!(got(&frames, &keys[2], 1, &FULL).is_none());
         drop(frames);
         std::fs::write(dir.path().join("packed/junk"), b"x").unwrap();
         let again = PackedFrames::open(dir.path().join("packed"), limit).unwrap();
-        assert!(again.get(&keys[0], 0, &FULL).is_some());
-        assert!(again.get(&keys[2], 0, &FULL).is_some());
+        assert!(got(&again, &keys[0], 0, &FULL).is_some());
+        assert!(got(&again, &keys[2], 0, &FULL).is_some());
         assert!(!dir.path().join("packed/junk").exists());
         assert!(again.used() > 0 && again.used() <= limit);
     }
