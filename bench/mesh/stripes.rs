@@ -70,22 +70,29 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
     let gib = nar as f64 / (1u64 << 30) as f64;
     let (mut striped, mut single) = (Vec::new(), Vec::new());
     let (mut striped_cpu, mut single_cpu) = (Vec::new(), Vec::new());
+    // The holders' agents alone: what serving the NAR costs the hosts
+    // that have it (colleagues' machines, in an office).
+    let (mut striped_holders, mut single_holders) = (Vec::new(), Vec::new());
     // How many of the machine's cores were busy: whether the transfer was
     // bound by the links or by the CPU that every host here shares.
     let (mut striped_busy, mut single_busy) = (Vec::new(), Vec::new());
     let mut peak_kib = 0;
-    // NAR bytes the holders served the client, and of those packed.
+    // NAR bytes the holders served the client, of those packed, and of
+    // those packed with LZ4.
     let served = || {
-        agents.iter().fold([0.0, 0.0], |[all, packed], a| {
-            let c = a
-                .peer(client.name())
-                .map(|p| p.counters)
-                .unwrap_or_default();
-            [
-                all + c.bytes_served as f64,
-                packed + (c.served_zstd + c.served_lz4) as f64,
-            ]
-        })
+        agents
+            .iter()
+            .fold([0.0, 0.0, 0.0], |[all, packed, lz4], a| {
+                let c = a
+                    .peer(client.name())
+                    .map(|p| p.counters)
+                    .unwrap_or_default();
+                [
+                    all + c.bytes_served as f64,
+                    packed + (c.served_zstd + c.served_lz4) as f64,
+                    lz4 + c.served_lz4 as f64,
+                ]
+            })
     };
     // Whose CPU a run counts: the holders' agents and the client's `agent`.
     let agents_with = |agent: &AgentHandle| -> Vec<u32> {
@@ -127,13 +134,17 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             forget(client, std::slice::from_ref(&big), &conf);
             let pids = agents_with(&agent);
             let (cpu_before, busy_before) = (cpu_secs(&pids), machine_busy_secs());
+            let holders_before = cpu_secs(&holder_pids);
             let served_before = served();
             let t = timed(client, &["nix-store", "--realise", &big]);
             let cpu = (cpu_secs(&pids) - cpu_before) / gib;
+            let holders_cpu = (cpu_secs(&holder_pids) - holders_before) / gib;
             let busy = (machine_busy_secs() - busy_before) / t.as_secs_f64();
             let mbps = nar as f64 / 1e6 / t.as_secs_f64();
-            let [all, packed] = served();
-            let packed = 100.0 * (packed - served_before[1]) / (all - served_before[0]).max(1.0);
+            let [all, packed, lz4] = served();
+            let sent = (all - served_before[0]).max(1.0);
+            let packed = 100.0 * (packed - served_before[1]) / sent;
+            let lz4 = 100.0 * (lz4 - served_before[2]) / sent;
             // The same NAR again through the agent into curl: the mesh's
             // byte path without Nix's unpacking (the holders, idle again,
             // now send the frames they kept or filled in).
@@ -141,14 +152,16 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             forget(client, std::slice::from_ref(&big), "");
             let raw = curl_mbps(client, &big, nar);
             eprintln!(
-                "stripes round {round}: {} {mbps:.0} MB/s, all agents {cpu:.2} CPU-s/GiB, \
-                 machine {busy:.2} cores busy, {packed:.0} % sent packed; curl {raw:.0} MB/s",
+                "stripes round {round}: {} {mbps:.0} MB/s, all agents {cpu:.2} CPU-s/GiB \
+                 (holders {holders_cpu:.2}), machine {busy:.2} cores busy, {packed:.0} % sent \
+                 packed ({lz4:.0} % with LZ4); curl {raw:.0} MB/s",
                 if striping { "striped" } else { "one holder" }
             );
             if striping {
                 striped_curl.push(raw);
                 striped.push(mbps);
                 striped_cpu.push(cpu);
+                striped_holders.push(holders_cpu);
                 striped_busy.push(busy);
                 striped_packed.push(packed);
                 peak_kib = peak_kib.max(vm_hwm(agent_pid(&agent)));
@@ -156,6 +169,7 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
                 single_curl.push(raw);
                 single.push(mbps);
                 single_cpu.push(cpu);
+                single_holders.push(holders_cpu);
                 single_busy.push(busy);
             }
         }
@@ -197,6 +211,12 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         what: "CPU-s per GiB, the client's and all holders' agents together".to_string(),
         mesh: format!("{:.2}", median(&striped_cpu)),
         other: format!("{:.2} (one holder)", median(&single_cpu)),
+        ratio: String::new(),
+    });
+    rows.push(Row {
+        what: "CPU-s per GiB, the holders' agents alone (serving from kept frames)".to_string(),
+        mesh: format!("{:.2}", median(&striped_holders)),
+        other: format!("{:.2} (one holder)", median(&single_holders)),
         ratio: String::new(),
     });
     rows.push(Row {
