@@ -98,6 +98,11 @@ use crate::mesh::nar_chunks::Codec;
 pub const EARNS: (f64, f64) = (5.0, 4.0);
 /// Every this many chunks one is packed to measure.
 pub const PROBE_EVERY: u64 = 32;
+/// Of the probes a kept zstd frame could stand in for
+/// (`Pace::kept_stands_in`), one in this many packs zstd anyway, to time
+/// it again: one timing on a busy machine can be far off, and the probes
+/// are what mend it.
+pub const RETIME_EVERY: u32 = 4;
 /// While raw chunks win, one in this many is packed to measure (a multiple
 /// of `PROBE_EVERY`, so the probes land where they would have).
 pub const PROBE_EVERY_RAW: u64 = 4 * PROBE_EVERY;
@@ -220,6 +225,8 @@ pub struct Pace {
     /// What they measured at the other levels asked for on this
     /// connection, by level (at most the nine levels).
     shelved: Vec<(u8, Packing, Packing)>,
+    /// Probes since zstd was last timed on one, a kept frame standing in.
+    untimed_probes: u32,
 }
 
 /// A run of raw chunks sent back to back to measure the link.
@@ -499,6 +506,12 @@ impl Pace {
     /// (`None`: a kept zstd frame stood in, `kept_stands_in`). A probe
     /// packed with both (`pairs`) compares them on that chunk.
     pub fn measured(&mut self, raw: usize, tries: [Option<Measured>; 2]) {
+        if let Some((_, _, secs)) = tries.iter().flatten().find(|t| t.0 == Codec::Zstd) {
+            self.untimed_probes = match secs {
+                Some(_) => 0,
+                None => self.untimed_probes + 1,
+            };
+        }
         match tries {
             [Some((Codec::Lz4, lw, Some(ls))), Some((Codec::Zstd, zw, zs))] => {
                 self.paired(raw, (lw, ls), (zw, zs))
@@ -552,8 +565,11 @@ impl Pace {
     /// its pack rate, which only the first chunks of a connection must
     /// measure (pack rates change little; ratios change with the data).
     /// A probe of kept frames then costs the holder no zstd packing.
+    /// Not before zstd's rate against LZ4's (`versus`) was measured on a
+    /// probe, and not on one probe in `RETIME_EVERY`.
     pub fn kept_stands_in(&self) -> bool {
-        self.probing && self.rates_known()
+        let compared = self.lz4.is_none() || self.versus.rate.is_some();
+        self.probing && self.rates_known() && compared && self.untimed_probes + 1 < RETIME_EVERY
     }
 
     /// Every codec the asker reads has its pack rate measured.
@@ -930,40 +946,50 @@ mod tests {
     fn a_kept_frame_stands_in_for_zstd_on_probes_but_not_to_time_it() {
         let mut pace = Pace::new(true);
         let mut stands_in = Vec::new();
-        let mut timed_rate = None;
-        for i in 1..=40 {
-            if i == 33 {
-                timed_rate = pace.zstd.rate;
-            }
+        let mut rates = Vec::new();
+        for _ in 1..=200 {
             let codec = pace.choose();
-            stands_in.push(pace.kept_stands_in());
+            let kept = pace.kept_stands_in();
+            stands_in.push(kept);
             if pace.pairs() {
-                // From chunk 33 on, the kept frame, a third of the chunk,
-                // stands in for zstd.
-                let zstd = match i > 32 {
+                // A kept frame is a third of the chunk; zstd packed afresh
+                // at the asked level, half of it.
+                let zstd = match kept {
                     true => (CHUNK / 3, None),
                     false => (CHUNK / 2, Some(0.002)),
                 };
-                pace.paired(CHUNK, (CHUNK * 3 / 4, 0.001), zstd);
+                pace.measured(
+                    CHUNK,
+                    [
+                        Some((Codec::Lz4, CHUNK * 3 / 4, Some(0.001))),
+                        Some((Codec::Zstd, zstd.0, zstd.1)),
+                    ],
+                );
             } else if let Some(c) = codec {
                 pace.packed(c, CHUNK, CHUNK / 2, Some(0.001));
             }
+            rates.push(pace.zstd.rate);
         }
-        // Chunks 1-3 measure the rates and must be packed; 33 is a probe
-        // once they are known.
-        let at: Vec<usize> = (0..40).filter(|&i| stands_in[i]).map(|i| i + 1).collect();
-        assert_eq!(at, [33]);
-        // Its ratio counts, on both sides of the comparison; zstd's rate
-        // stays what the packings measured.
+        // Chunks 1-3 measure the rates and 33 compares them (`versus`):
+        // all packed. Then kept frames stand in on the probes but for one
+        // in `RETIME_EVERY` (161), which times zstd again.
+        let at: Vec<usize> = (0..200).filter(|&i| stands_in[i]).map(|i| i + 1).collect();
+        assert_eq!(at, [65, 97, 129, 193]);
+        assert!(pace.versus.rate.is_some());
+        // The kept frames' ratio counts, on both sides of the comparison.
         let ratio = pace.zstd.ratio.unwrap();
         assert!(ratio < 0.5 && ratio > 1.0 / 3.0, "{ratio}");
         let versus = pace.versus.ratio.unwrap();
         assert!(versus < 2.0 / 3.0, "{versus}");
-        assert!(timed_rate.is_some());
-        assert_eq!(pace.zstd.rate, timed_rate);
-        // A kept frame alone, untimed, leaves the rate as it was.
+        // zstd's rate: untouched by the kept frames (after 33 as after
+        // 129), timed again at 161.
+        let rate_at = |chunk: usize| rates[chunk - 1];
+        assert!(rate_at(33).is_some());
+        assert_eq!(rate_at(129), rate_at(33));
+        assert_ne!(rate_at(161), rate_at(129));
+        let before = pace.zstd.rate;
         pace.packed(Codec::Zstd, CHUNK, CHUNK / 3, None);
-        assert_eq!(pace.zstd.rate, timed_rate);
+        assert_eq!(pace.zstd.rate, before);
     }
 
     fn count(sent: &[Option<Codec>], codec: Option<Codec>) -> usize {
