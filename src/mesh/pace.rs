@@ -225,8 +225,11 @@ pub struct Pace {
     /// What they measured at the other levels asked for on this
     /// connection, by level (at most the nine levels).
     shelved: Vec<(u8, Packing, Packing)>,
-    /// Probes since zstd was last timed on one, a kept frame standing in.
+    /// Probes since zstd was last timed on one, a kept frame standing in
+    /// (`RETIME_EVERY - 1` before the first: it is timed).
     untimed_probes: u32,
+    /// zstd packings timed into its rate so far (not its warm-up).
+    zstd_timings: u64,
 }
 
 /// A run of raw chunks sent back to back to measure the link.
@@ -314,6 +317,7 @@ impl Pace {
     pub fn new(lz4: bool) -> Self {
         Self {
             lz4: lz4.then(Packing::default),
+            untimed_probes: RETIME_EVERY - 1,
             ..Self::default()
         }
     }
@@ -394,6 +398,8 @@ impl Pace {
         let versus = std::mem::replace(&mut self.versus, versus);
         self.shelved.push((last, zstd, versus));
         self.owed = 0.0;
+        // The level's rate, shelved or new, is timed on the next probe.
+        self.untimed_probes = RETIME_EVERY - 1;
     }
 
     /// Wire bytes per second the link delivers when kept busy.
@@ -468,7 +474,11 @@ impl Pace {
     fn timed(&mut self, codec: Codec, raw: usize, secs: f64) -> Option<f64> {
         let p = self.packing(codec)?;
         let warm = std::mem::replace(&mut p.warm, true);
-        (warm && secs > 0.0).then(|| raw as f64 / secs)
+        let rate = (warm && secs > 0.0).then(|| raw as f64 / secs);
+        if rate.is_some() && codec == Codec::Zstd {
+            self.zstd_timings += 1;
+        }
+        rate
     }
 
     fn record(&mut self, codec: Codec, ratio: f64, rate: Option<f64>) {
@@ -506,12 +516,11 @@ impl Pace {
     /// (`None`: a kept zstd frame stood in, `kept_stands_in`). A probe
     /// packed with both (`pairs`) compares them on that chunk.
     pub fn measured(&mut self, raw: usize, tries: [Option<Measured>; 2]) {
-        if let Some((_, _, secs)) = tries.iter().flatten().find(|t| t.0 == Codec::Zstd) {
-            self.untimed_probes = match secs {
-                Some(_) => 0,
-                None => self.untimed_probes + 1,
-            };
-        }
+        let untimed = tries
+            .iter()
+            .flatten()
+            .any(|t| t.0 == Codec::Zstd && t.2.is_none());
+        let timings = self.zstd_timings;
         match tries {
             [Some((Codec::Lz4, lw, Some(ls))), Some((Codec::Zstd, zw, zs))] => {
                 self.paired(raw, (lw, ls), (zw, zs))
@@ -521,6 +530,12 @@ impl Pace {
                     self.packed(codec, raw, wire, secs);
                 }
             }
+        }
+        // A probe counts towards timing zstd again, or times it.
+        if self.probing && self.zstd_timings > timings {
+            self.untimed_probes = 0;
+        } else if self.probing && untimed {
+            self.untimed_probes += 1;
         }
     }
 
@@ -565,11 +580,14 @@ impl Pace {
     /// its pack rate, which only the first chunks of a connection must
     /// measure (pack rates change little; ratios change with the data).
     /// A probe of kept frames then costs the holder no zstd packing.
-    /// Not before zstd's rate against LZ4's (`versus`) was measured on a
-    /// probe, and not on one probe in `RETIME_EVERY`.
+    /// Not before zstd was timed on a probe (and, where the asker reads
+    /// LZ4, its rate against LZ4's measured, `versus`), not on one probe
+    /// in `RETIME_EVERY`, and not while raw chunks win whatever the data,
+    /// where the pack rates alone decide.
     pub fn kept_stands_in(&self) -> bool {
         let compared = self.lz4.is_none() || self.versus.rate.is_some();
-        self.probing && self.rates_known() && compared && self.untimed_probes + 1 < RETIME_EVERY
+        let due = self.untimed_probes + 1 >= RETIME_EVERY;
+        self.probing && self.rates_known() && compared && !due && !self.raw_won
     }
 
     /// Every codec the asker reads has its pack rate measured.
@@ -942,54 +960,99 @@ mod tests {
         assert!(pace.takes_kept(Some(Codec::Zstd)));
     }
 
+    /// Runs `n` chunks, over a link of `link` wire bytes per second if
+    /// one is given (else none is measured: raw chunks but for probes, every
+    /// `PROBE_EVERY`): a kept frame a third of the chunk wherever one may
+    /// stand in, else zstd packed afresh to half of it and LZ4 to three
+    /// quarters, each timed and told through `measured` as the holder
+    /// does. Returns the chunks (from 1) kept frames stood in for, and
+    /// zstd's rate and `versus`'s rate after each chunk.
+    fn run_kept(
+        pace: &mut Pace,
+        n: usize,
+        link: Option<f64>,
+    ) -> (Vec<usize>, Vec<[Option<f64>; 2]>) {
+        let (mut at, mut rates) = (Vec::new(), Vec::new());
+        let mut conn = Conn::default();
+        for i in 1..=n {
+            let codec = pace.choose();
+            let zstd_probe = pace.pairs() || codec == Some(Codec::Zstd);
+            let kept = zstd_probe && pace.kept_stands_in();
+            if kept {
+                at.push(i);
+            }
+            let zstd = match kept {
+                true => (Codec::Zstd, CHUNK / 3, None),
+                false => (Codec::Zstd, CHUNK / 2, Some(0.002 + i as f64 * 1e-6)),
+            };
+            let lz4 = (Codec::Lz4, CHUNK * 3 / 4, Some(0.001));
+            let tries = match (pace.pairs(), codec) {
+                (true, _) => [Some(lz4), Some(zstd)],
+                (false, Some(Codec::Zstd)) => [Some(zstd), None],
+                (false, Some(Codec::Lz4)) => [Some(lz4), None],
+                (false, None) => [None, None],
+            };
+            pace.measured(CHUNK, tries);
+            rates.push([pace.zstd.rate, pace.versus.rate]);
+            if let Some(link) = link {
+                // The smaller frame goes.
+                let wire = tries.iter().flatten().map(|t| t.1).min().unwrap_or(CHUNK);
+                pace.link(conn.send(wire, link, 0.0));
+            }
+        }
+        (at, rates)
+    }
+
     #[test]
     fn a_kept_frame_stands_in_for_zstd_on_probes_but_not_to_time_it() {
         let mut pace = Pace::new(true);
-        let mut stands_in = Vec::new();
-        let mut rates = Vec::new();
-        for _ in 1..=200 {
-            let codec = pace.choose();
-            let kept = pace.kept_stands_in();
-            stands_in.push(kept);
-            if pace.pairs() {
-                // A kept frame is a third of the chunk; zstd packed afresh
-                // at the asked level, half of it.
-                let zstd = match kept {
-                    true => (CHUNK / 3, None),
-                    false => (CHUNK / 2, Some(0.002)),
-                };
-                pace.measured(
-                    CHUNK,
-                    [
-                        Some((Codec::Lz4, CHUNK * 3 / 4, Some(0.001))),
-                        Some((Codec::Zstd, zstd.0, zstd.1)),
-                    ],
-                );
-            } else if let Some(c) = codec {
-                pace.packed(c, CHUNK, CHUNK / 2, Some(0.001));
-            }
-            rates.push(pace.zstd.rate);
-        }
+        let (at, rates) = run_kept(&mut pace, 200, None);
         // Chunks 1-3 measure the rates and 33 compares them (`versus`):
         // all packed. Then kept frames stand in on the probes but for one
         // in `RETIME_EVERY` (161), which times zstd again.
-        let at: Vec<usize> = (0..200).filter(|&i| stands_in[i]).map(|i| i + 1).collect();
         assert_eq!(at, [65, 97, 129, 193]);
-        assert!(pace.versus.rate.is_some());
         // The kept frames' ratio counts, on both sides of the comparison.
         let ratio = pace.zstd.ratio.unwrap();
         assert!(ratio < 0.5 && ratio > 1.0 / 3.0, "{ratio}");
         let versus = pace.versus.ratio.unwrap();
         assert!(versus < 2.0 / 3.0, "{versus}");
-        // zstd's rate: untouched by the kept frames (after 33 as after
-        // 129), timed again at 161.
-        let rate_at = |chunk: usize| rates[chunk - 1];
-        assert!(rate_at(33).is_some());
-        assert_eq!(rate_at(129), rate_at(33));
-        assert_ne!(rate_at(161), rate_at(129));
+        // The rates: untouched through the stand-ins (after 33 as after
+        // 129), zstd's and `versus`'s timed again at 161.
+        let rates_at = |chunk: usize| rates[chunk - 1];
+        assert!(rates_at(33).iter().all(Option::is_some));
+        assert_eq!(rates_at(129), rates_at(33));
+        assert_ne!(rates_at(161)[0], rates_at(129)[0]);
+        assert_ne!(rates_at(161)[1], rates_at(129)[1]);
         let before = pace.zstd.rate;
         pace.packed(Codec::Zstd, CHUNK, CHUNK / 3, None);
         assert_eq!(pace.zstd.rate, before);
+    }
+
+    #[test]
+    fn chunks_packed_afresh_between_probes_do_not_count_as_probes() {
+        // A slow link: zstd for every chunk, packed afresh and timed where
+        // no kept frame stands in. Those timings keep zstd's own rate
+        // current, but only a probe times it against LZ4's (`versus`).
+        let mut pace = Pace::new(true);
+        let (at, rates) = run_kept(&mut pace, 200, Some(12.5 * MB));
+        assert_eq!(at, [65, 97, 129, 193]);
+        assert_ne!(rates[160][1], rates[128][1]);
+    }
+
+    #[test]
+    fn zstd_is_timed_on_the_first_probe_and_after_a_level_change() {
+        // An asker that reads zstd only: no `versus`, and the first probe
+        // once the rate is known (33) still times zstd.
+        let mut pace = Pace::new(false);
+        pace.zstd_level(1);
+        let (at, _) = run_kept(&mut pace, 200, None);
+        assert_eq!(at, [65, 97, 129, 193]);
+        // Another level: its rate is timed on the next probe (225) before
+        // kept frames stand in again. (Its first chunks measure it anew.)
+        pace.zstd_level(3);
+        let (at, _) = run_kept(&mut pace, 100, None);
+        let at: Vec<usize> = at.iter().map(|i| i + 200).collect();
+        assert_eq!(at, [257, 289]);
     }
 
     fn count(sent: &[Option<Codec>], codec: Option<Codec>) -> usize {
