@@ -575,7 +575,9 @@ impl Pace {
     }
 
     /// Whether a zstd frame kept from an earlier serve may stand in for
-    /// packing the chunk `choose` just chose to probe with zstd: it gives
+    /// packing the chunk `choose` just chose to probe (a probe always packs
+    /// zstd: with LZ4 beside it, `pairs`, or alone for an asker that reads
+    /// zstd only): it gives
     /// zstd's ratio on that chunk (LZ4 is still packed to compare), not
     /// its pack rate, which only the first chunks of a connection must
     /// measure (pack rates change little; ratios change with the data).

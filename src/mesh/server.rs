@@ -599,8 +599,7 @@ impl PeerServer {
                         pace.link(sample);
                     }
                     let codec = pace.choose();
-                    let zstd_probe = pace.pairs() || codec == Some(Codec::Zstd);
-                    let stands_in = zstd_probe && pace.kept_stands_in();
+                    let stands_in = pace.kept_stands_in();
                     (codec, pace.pairs(), pace.takes_kept(codec), stands_in)
                 }
                 None => (Some(Codec::Zstd), false, true, false),
