@@ -247,7 +247,7 @@ impl HoldersKeptFrames {
         let [sent, kept, filled] = [0, 1, 2].map(|i| now.0[i] - self.0[i]);
         *self = now;
         format!(
-            "{what}: the peers read {sent:.0} chunks from their kept zstd frames to send and \
+            "{what}: the peers sent {sent:.0} chunks as kept zstd frames and \
              kept {kept:.0} (up to 256 KiB of NAR each), {filled:.0} of them packed while idle."
         )
     }

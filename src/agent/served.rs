@@ -75,6 +75,12 @@ impl ServedPaths for Served {
         }
     }
 
+    fn packed_frame_sent(&self) {
+        if let Some(frames) = self.shared.packed_frames() {
+            frames.sent();
+        }
+    }
+
     fn keep_packed(&self, info: &PathInfo, level: u8, slot: u64, raw: &[u8], zstd: &[u8]) -> bool {
         match (self.shared.packed_frames(), FramesKey::of(info, level)) {
             (Some(frames), Some(key)) => {

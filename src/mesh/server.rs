@@ -71,6 +71,9 @@ pub trait ServedPaths: Send + Sync + 'static {
     ) -> bool {
         false
     }
+    /// A frame `packed_frame` gave went to the asker as it is (not beaten
+    /// by LZ4 on a probe).
+    fn packed_frame_sent(&self) {}
     /// Keeps a zstd payload just packed for that chunk, for the next
     /// asker; whether the chunk has a kept frame now. Blocking (disk).
     fn keep_packed(
@@ -658,6 +661,7 @@ impl PeerServer {
                     frame: chosen.frame,
                     measured,
                     kept,
+                    from_kept: false,
                     zstd_tried,
                 };
                 (packer, made)
@@ -667,6 +671,9 @@ impl PeerServer {
             }
             let (back, made) = job.await.map_err(|_| StreamEnd::Reset(code::INTERNAL))?;
             packer = back;
+            if made.from_kept {
+                self.shared.packed_frame_sent();
+            }
             gaps.chunk(slot, made.kept, made.zstd_tried);
             if let Some(pace) = &mut pace {
                 pace.measured(n, made.measured);
@@ -990,6 +997,8 @@ struct Made {
     measured: [Option<Measured>; 2],
     /// Its chunk has a kept zstd frame now (sent, or packed and kept).
     kept: bool,
+    /// It is that kept frame, read back (not packed now).
+    from_kept: bool,
     /// Its chunk was packed with zstd (kept or not: one that did not
     /// shrink would not shrink when packed again).
     zstd_tried: bool,
@@ -1003,6 +1012,7 @@ impl Made {
             packed: Some(Codec::Zstd),
             measured: [None, None],
             kept: true,
+            from_kept: true,
             zstd_tried: true,
         }
     }
@@ -1024,6 +1034,7 @@ fn probe_with_kept(packer: &mut Packer, raw: &[u8], kept: Vec<u8>, pair: bool) -
             frame: lz4.frame,
             measured,
             kept: true,
+            from_kept: false,
             zstd_tried: true,
         },
         _ => Made {

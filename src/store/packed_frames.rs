@@ -201,6 +201,11 @@ impl PackedFrames {
         lock(&self.index).files.used()
     }
 
+    /// A frame `get` gave went to a peer as it is.
+    pub fn sent(&self) {
+        self.stats.served.inc();
+    }
+
     fn path(&self, key: &FramesKey) -> PathBuf {
         self.dir.join(format!("{}{SUFFIX}", key.0))
     }
@@ -211,6 +216,7 @@ impl PackedFrames {
     /// slot that does not is dropped with its file (frames packed from a
     /// store copy since mended, or rotten on disk). The payload is read
     /// into `out` in one read: no copy after it.
+    /// Not counted as served: a probe may send LZ4's frame instead (`sent`).
     pub fn get(&self, key: &FramesKey, slot: u64, raw: &[Bytes], out: &mut Vec<u8>) -> bool {
         let file = {
             let mut index = lock(&self.index);
@@ -245,11 +251,7 @@ impl PackedFrames {
             Ok(true)
         };
         match file.and_then(|f| read(f, out)) {
-            Ok(true) => {
-                self.stats.served.inc();
-                true
-            }
-            Ok(false) => false,
+            Ok(ok) => ok,
             Err(e) => {
                 out.truncate(start);
                 tracing::warn!(frames = %key.0, slot, error = %e, "kept zstd frames are unreadable; dropping them");
@@ -433,6 +435,9 @@ mod tests {
         assert_eq!(got(&frames, &key, 2, &FULL), None);
         assert_eq!(got(&frames, &key, 9, &FULL), None);
         assert_eq!(frames.stats.kept.get(), 1);
+        // Read is not sent: a probe may send LZ4's frame instead.
+        assert_eq!(frames.stats.served.get(), 0);
+        frames.sent();
         assert_eq!(frames.stats.served.get(), 1);
         // The other level is another file.
         let other = FramesKey::of(&info(1, 8 << 20), 3).unwrap();
