@@ -228,8 +228,6 @@ pub struct Pace {
     /// Probes since zstd was last timed on one, a kept frame standing in
     /// (`RETIME_EVERY - 1` before the first: it is timed).
     untimed_probes: u32,
-    /// zstd packings timed into its rate so far (not its warm-up).
-    zstd_timings: u64,
 }
 
 /// A run of raw chunks sent back to back to measure the link.
@@ -474,11 +472,7 @@ impl Pace {
     fn timed(&mut self, codec: Codec, raw: usize, secs: f64) -> Option<f64> {
         let p = self.packing(codec)?;
         let warm = std::mem::replace(&mut p.warm, true);
-        let rate = (warm && secs > 0.0).then(|| raw as f64 / secs);
-        if rate.is_some() && codec == Codec::Zstd {
-            self.zstd_timings += 1;
-        }
-        rate
+        (warm && secs > 0.0).then(|| raw as f64 / secs)
     }
 
     fn record(&mut self, codec: Codec, ratio: f64, rate: Option<f64>) {
@@ -516,11 +510,10 @@ impl Pace {
     /// (`None`: a kept zstd frame stood in, `kept_stands_in`). A probe
     /// packed with both (`pairs`) compares them on that chunk.
     pub fn measured(&mut self, raw: usize, tries: [Option<Measured>; 2]) {
-        let untimed = tries
-            .iter()
-            .flatten()
-            .any(|t| t.0 == Codec::Zstd && t.2.is_none());
-        let timings = self.zstd_timings;
+        let zstd = tries.iter().flatten().find(|t| t.0 == Codec::Zstd);
+        let untimed = zstd.is_some_and(|t| t.2.is_none());
+        // What `timed` takes into zstd's rate: not its warm-up.
+        let timed = raw > 0 && self.zstd.warm && zstd.is_some_and(|t| t.2.is_some_and(|s| s > 0.0));
         match tries {
             [Some((Codec::Lz4, lw, Some(ls))), Some((Codec::Zstd, zw, zs))] => {
                 self.paired(raw, (lw, ls), (zw, zs))
@@ -532,7 +525,7 @@ impl Pace {
             }
         }
         // A probe counts towards timing zstd again, or times it.
-        if self.probing && self.zstd_timings > timings {
+        if self.probing && timed {
             self.untimed_probes = 0;
         } else if self.probing && untimed {
             self.untimed_probes += 1;
