@@ -35,3 +35,20 @@ fn tests_never_touch_the_machines_nix() {
         "{added} landed in the machine's /nix"
     );
 }
+
+#[test]
+fn sids_nix_may_be_newer_than_the_tests_were_written_against_but_no_other() {
+    use nix_under_test::version_fits;
+    assert!(version_fits("2.34.8", "2.34", false));
+    assert!(version_fits("2.34", "2.34", false));
+    assert!(!version_fits("2.340.1", "2.34", false));
+    assert!(!version_fits("2.35.0", "2.34", false));
+    // Debian sid moving on (or_newer): a later release fits, an older or
+    // an unreadable one does not.
+    assert!(version_fits("2.35.0", "2.34", true));
+    assert!(version_fits("2.40pre20270101_abcdef", "2.34", true));
+    assert!(version_fits("3.0.1", "2.34", true));
+    assert!(!version_fits("2.33.9", "2.34", true));
+    assert!(!version_fits("2.4.0", "2.34", true));
+    assert!(!version_fits("unknown", "2.34", true));
+}

@@ -244,6 +244,10 @@ fn main() {
         Ok(other) => panic!("BENCH_FS={other:?}: `journaled` (the default) or `machine`"),
     };
     let started = Instant::now();
+    // The release that runs (sid's Nix may be newer than the selection's
+    // name), checked against the selection.
+    let said = integration::harness::nix_under_test::selected().check_version();
+    let nix = format!("Nix {}", said.rsplit(' ').next().unwrap_or(&said));
     let load_before = load_average();
     let mut rows = Vec::new();
     let mut notes = Vec::new();
@@ -267,8 +271,7 @@ fn main() {
 
     println!();
     println!(
-        "== nixmesh mesh benchmark (Nix {}, stores on {store_fs}, {} peers, {} rounds, medians; took {:.0?}; load average {} -> {})",
-        integration::harness::nix_under_test::selected().version,
+        "== nixmesh mesh benchmark ({nix}, stores on {store_fs}, {} peers, {} rounds, medians; took {:.0?}; load average {} -> {})",
         s.peers,
         s.rounds,
         started.elapsed(),

@@ -89,8 +89,13 @@ exec chroot "$root" /bin/sh -c 'cd "$0" && exec "$@"' "$cwd" "$@"
 
 #[derive(Debug)]
 pub struct NixUnderTest {
-    /// `2.8`, `2.26` or `2.34`: what `nix --version` must start with.
+    /// `2.8`, `2.26` or `2.34`: what `nix --version` must start with (or,
+    /// with `or_newer`, the oldest release it may say).
     pub version: &'static str,
+    /// Debian sid moves on: its Nix may be a newer release than the one
+    /// these tests were written against, which is what users of sid get.
+    /// Accepted, and `tests/nix_version.rs` prints which it is.
+    pub or_newer: bool,
     /// The Debian root it runs in; `None` for the machine's own.
     pub root: Option<PathBuf>,
 }
@@ -104,7 +109,7 @@ pub fn selected() -> &'static NixUnderTest {
         let (version, suite) = match choice.as_str() {
             "host" | "2.8" => ("2.8", None),
             "2.26" => ("2.26", Some("trixie")),
-            "2.34" | "" => ("2.34", Some("sid")),
+            "2.34" | "" => ("2.34", Some(SID)),
             other => panic!("NIXMESH_TEST_NIX={other:?}: expected host, 2.26 or 2.34"),
         };
         let root = suite.map(|suite| {
@@ -120,8 +125,36 @@ pub fn selected() -> &'static NixUnderTest {
             );
             root
         });
-        NixUnderTest { version, root }
+        NixUnderTest {
+            version,
+            or_newer: suite == Some(SID),
+            root,
+        }
     })
+}
+
+/// The Debian suite whose Nix is the default: sid, which moves on.
+const SID: &str = "sid";
+
+/// Whether the release `got` (`2.34.8`, `2.35pre…`) is `want` (`2.34`) or,
+/// with `or_newer`, a later major.minor. Pure.
+pub fn version_fits(got: &str, want: &str, or_newer: bool) -> bool {
+    let same = got == want
+        || got
+            .strip_prefix(want)
+            .is_some_and(|rest| rest.starts_with('.'));
+    let major_minor = |v: &str| -> Option<(u32, u32)> {
+        let mut parts = v.split('.');
+        let major = parts.next()?.parse().ok()?;
+        let digits: String = parts
+            .next()?
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        Some((major, digits.parse().ok()?))
+    };
+    same || (or_newer
+        && matches!((major_minor(got), major_minor(want)), (Some(g), Some(w)) if g > w))
 }
 
 pub fn is_nix_program(program: &str) -> bool {
@@ -229,17 +262,15 @@ impl NixUnderTest {
         text
     }
 
-    /// Panics unless `nix --version`'s output `text` is this version.
+    /// Panics unless `nix --version`'s output `text` is this version (or,
+    /// `or_newer`, a later release).
     pub fn assert_version(&self, text: &str, stderr: &str) {
         let got = text.rsplit(' ').next().unwrap_or("");
-        let matches = got == self.version
-            || got
-                .strip_prefix(self.version)
-                .is_some_and(|rest| rest.starts_with('.'));
         assert!(
-            matches,
-            "NIXMESH_TEST_NIX selects Nix {} but `nix --version` says {text:?} {stderr}",
-            self.version
+            version_fits(got, self.version, self.or_newer),
+            "NIXMESH_TEST_NIX selects Nix {}{} but `nix --version` says {text:?} {stderr}",
+            self.version,
+            if self.or_newer { " or newer" } else { "" },
         );
     }
 }
