@@ -240,7 +240,7 @@ fn one_office(
          first {groups}). Seconds per round, summaries / fan-out / plain: {:?} / {:?} / {:?}.",
         n - 1,
         held.len(),
-        integration::harness::nix_under_test::selected().version,
+        crate::nix_release(),
         n - 1,
         summ.dry_s,
         fan.dry_s,

@@ -160,7 +160,7 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
         g = groups.len(),
         l = larges.len(),
         w = wanted.len(),
-        version = integration::harness::nix_under_test::selected().version,
+        version = crate::nix_release(),
         parallel = if integration::harness::nix_under_test::selected().version == "2.8" {
             "max-jobs 1: one substitution at a time"
         } else {

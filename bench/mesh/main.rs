@@ -244,10 +244,7 @@ fn main() {
         Ok(other) => panic!("BENCH_FS={other:?}: `journaled` (the default) or `machine`"),
     };
     let started = Instant::now();
-    // The release that runs (sid's Nix may be newer than the selection's
-    // name), checked against the selection.
-    let said = integration::harness::nix_under_test::selected().check_version();
-    let nix = format!("Nix {}", said.rsplit(' ').next().unwrap_or(&said));
+    let nix = format!("Nix {}", nix_release());
     let load_before = load_average();
     let mut rows = Vec::new();
     let mut notes = Vec::new();
@@ -295,6 +292,16 @@ fn main() {
     for n in &notes {
         println!("- {n}");
     }
+}
+
+/// The Nix release that runs (`2.34.8`), checked against the selection:
+/// sid's Nix may be newer than the selection's name. Asked once.
+pub(crate) fn nix_release() -> &'static str {
+    static RELEASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RELEASE.get_or_init(|| {
+        let said = harness::nix_under_test::selected().check_version();
+        said.rsplit(' ').next().unwrap_or(&said).to_string()
+    })
 }
 
 fn median(v: &[f64]) -> f64 {
