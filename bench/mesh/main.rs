@@ -300,7 +300,7 @@ pub(crate) fn nix_release() -> &'static str {
     static RELEASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     RELEASE.get_or_init(|| {
         let said = harness::nix_under_test::selected().check_version();
-        said.rsplit(' ').next().unwrap_or(&said).to_string()
+        harness::nix_under_test::release_of(&said).to_string()
     })
 }
 

@@ -106,10 +106,11 @@ pub fn selected() -> &'static NixUnderTest {
     static SELECTED: OnceLock<NixUnderTest> = OnceLock::new();
     SELECTED.get_or_init(|| {
         let choice = std::env::var("NIXMESH_TEST_NIX").unwrap_or_else(|_| "2.34".into());
-        let (version, suite) = match choice.as_str() {
-            "host" | "2.8" => ("2.8", None),
-            "2.26" => ("2.26", Some("trixie")),
-            "2.34" | "" => ("2.34", Some(SID)),
+        // sid moves on: its Nix may be newer than the selection's name.
+        let (version, suite, or_newer) = match choice.as_str() {
+            "host" | "2.8" => ("2.8", None, false),
+            "2.26" => ("2.26", Some("trixie"), false),
+            "2.34" | "" => ("2.34", Some("sid"), true),
             other => panic!("NIXMESH_TEST_NIX={other:?}: expected host, 2.26 or 2.34"),
         };
         let root = suite.map(|suite| {
@@ -127,14 +128,17 @@ pub fn selected() -> &'static NixUnderTest {
         });
         NixUnderTest {
             version,
-            or_newer: suite == Some(SID),
+            or_newer,
             root,
         }
     })
 }
 
-/// The Debian suite whose Nix is the default: sid, which moves on.
-const SID: &str = "sid";
+/// The release in `nix --version`'s output (`nix (Nix) 2.34.8`: `2.34.8`).
+/// Pure.
+pub fn release_of(text: &str) -> &str {
+    text.rsplit(' ').next().unwrap_or(text)
+}
 
 /// Whether the release `got` (`2.34.8`, `2.35pre…`) is `want` (`2.34`) or,
 /// with `or_newer`, a later major.minor. Pure.
@@ -265,9 +269,8 @@ impl NixUnderTest {
     /// Panics unless `nix --version`'s output `text` is this version (or,
     /// `or_newer`, a later release).
     pub fn assert_version(&self, text: &str, stderr: &str) {
-        let got = text.rsplit(' ').next().unwrap_or("");
         assert!(
-            version_fits(got, self.version, self.or_newer),
+            version_fits(release_of(text), self.version, self.or_newer),
             "NIXMESH_TEST_NIX selects Nix {}{} but `nix --version` says {text:?} {stderr}",
             self.version,
             if self.or_newer { " or newer" } else { "" },
