@@ -69,9 +69,24 @@ pub(crate) fn long_ok(host: &Host, argv: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Writes this machine's dirty pages back and waits for them (`sync`), so
+/// that a timed part does not pay for the writes of what ran before it:
+/// building the hosts' stores leaves about 2 GiB dirty, and each
+/// substitution half a GiB, which the kernel otherwise writes back in the
+/// middle of the next measurement. Both sides of a comparison start
+/// settled alike; the writes of the timed part itself still count as they
+/// happen.
+pub(crate) fn settle_writes() {
+    let status = std::process::Command::new("sync")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run sync: {e}"));
+    assert!(status.success(), "sync failed: {status}");
+}
+
 /// How long `argv` takes on `host` (wall clock, including entering the
-/// host, a few milliseconds).
+/// host, a few milliseconds), from settled writes (`settle_writes`).
 pub(crate) fn timed(host: &Host, argv: &[&str]) -> Duration {
+    settle_writes();
     let started = Instant::now();
     long_ok(host, argv);
     started.elapsed()
@@ -113,9 +128,10 @@ pub(crate) fn tcp_connect_ms(host: &Host, url: &str) -> f64 {
     median(&times)
 }
 
-/// GETs `url` inside `host` into /dev/null; panics unless 200. Returns
-/// curl's own transfer time.
+/// GETs `url` inside `host` into /dev/null, from settled writes
+/// (`settle_writes`); panics unless 200. Returns curl's own transfer time.
 pub(crate) fn curl_get(host: &Host, url: &str) -> Duration {
+    settle_writes();
     let out = curl_write_out(host, url, "%{http_code} %{size_download} %{time_total}");
     let f: Vec<&str> = out.split_whitespace().collect();
     assert!(f.len() == 3 && f[0] == "200", "GET {url}: {out}");

@@ -288,6 +288,9 @@ pub(crate) fn throughput(
             } else {
                 process_tree(p.nginx)
             };
+            // Settled before the counters are read: `sync`'s own work
+            // would count as the machine's.
+            settle_writes();
             let (machine, serving) = (machine_busy_secs(), cpu_secs(&servers));
             let t = timed(p.client, &["nix-store", "--realise", p.big]);
             let machine = (machine_busy_secs() - machine) / gib;

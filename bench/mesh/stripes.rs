@@ -133,6 +133,9 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
             wait_holders_idle(&agents.iter().collect::<Vec<_>>());
             forget(client, std::slice::from_ref(&big), &conf);
             let pids = agents_with(&agent);
+            // Settled before the counters are read: `sync`'s own work
+            // would count as the machine's.
+            settle_writes();
             let (cpu_before, busy_before) = (cpu_secs(&pids), machine_busy_secs());
             let holders_before = cpu_secs(&holder_pids);
             let served_before = served();
@@ -259,8 +262,10 @@ fn with_mesh_key(config: &str, line: &str) -> String {
     }
 }
 
-/// `path`'s NAR (`nar` bytes) through the client's agent into curl, MB/s.
+/// `path`'s NAR (`nar` bytes) through the client's agent into curl, MB/s,
+/// from settled writes.
 fn curl_mbps(client: &Host, path: &str, nar: u64) -> f64 {
+    settle_writes();
     let url = nar_url(client, SUBSTITUTER, path);
     let got = curl_write_out(
         client,
