@@ -132,6 +132,13 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
         config: &s.client_config,
     };
 
+    // One untimed realisation from the plain caches first (as in the
+    // pair): the first NARs written to the client's fresh store cost its
+    // file system more than any later ones, which would fall on the side
+    // that goes first.
+    c.reset(&side_conf(Side::Plain));
+    long_ok_strings(c.host, &closure_argv(&wanted));
+
     let mut sent = HoldersKeptFrames::read(&peer_agents);
     let unshaped = closure_rounds(s, &mut c, &side_conf, &wanted, Some((groups, larges)));
     wait_holders_idle(&holders);
@@ -349,11 +356,7 @@ pub(crate) fn closure_rounds(
     wanted: &[String],
     parts: Option<(&[String], &[String])>,
 ) -> ClosureTimings {
-    let realise = |paths: &[String]| {
-        let mut argv = vec!["nix-store".to_string(), "--realise".to_string()];
-        argv.extend(paths.iter().cloned());
-        argv
-    };
+    let realise = closure_argv;
     let all_argv = realise(wanted);
     let mut dry_argv = all_argv.clone();
     dry_argv.insert(2, "--dry-run".to_string());
@@ -393,6 +396,13 @@ pub(crate) fn closure_rounds(
         }
     }
     t
+}
+
+/// `nix-store --realise` of `paths`.
+fn closure_argv(paths: &[String]) -> Vec<String> {
+    let mut argv = vec!["nix-store".to_string(), "--realise".to_string()];
+    argv.extend(paths.iter().cloned());
+    argv
 }
 
 /// Which peer holds large path `i` of `count`: spread evenly.

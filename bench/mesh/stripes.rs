@@ -116,6 +116,18 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
         eprintln!("stripes: first serve into curl, striped, {mbps:.0} MB/s, all agents {cpu:.2} CPU-s/GiB");
         (mbps, cpu)
     };
+    // One untimed realisation from one holder first (as in the pair): the
+    // first NAR written to the client's fresh store costs its file system
+    // more than any later one, which would fall on the side that goes
+    // first (round 0's striped run: 200–216 MB/s in four runs without it,
+    // against 211–228 in round 1).
+    {
+        let agent = client.start_agent(&with_mesh_key(&s.client_config, "stripe_from_mib = 0"));
+        wait_sees_peers(&agent, &holders);
+        wait_holders_idle(&agents.iter().collect::<Vec<_>>());
+        forget(client, std::slice::from_ref(&big), &conf);
+        long_ok(client, &["nix-store", "--realise", &big]);
+    }
     let mut striped_packed = Vec::new();
     let (mut striped_curl, mut single_curl) = (Vec::new(), Vec::new());
     for round in 0..s.rounds {
