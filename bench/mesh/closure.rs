@@ -152,7 +152,9 @@ pub(crate) fn closure_over_peers(s: &Settings, rows: &mut Vec<Row>, notes: &mut 
          realises the {g} group files and the {l} large paths ({w} arguments; Nix finds the rest \
          through references). Nix settings: Nix {version}'s defaults ({parallel}; \
          narinfo-cache-negative-ttl 3600) and the harness's (require-sigs, no sandbox); \
-         {extra}. Seconds per round (mesh / plain): dry {} / {}; \
+         {extra}. Before the rounds the client realises the closure once from the plain caches, \
+         untimed (its fresh store's first NARs cost more); each timed part starts after `sync`. \
+         Seconds per round (mesh / plain): dry {} / {}; \
          realise {} / {}.",
         unshaped.dry.list(Side::Mesh),
         unshaped.dry.list(Side::Plain),

@@ -4,7 +4,8 @@
 //! with striping (the default) against the same agent taking it from one holder
 //! at a time (`stripe_from_mib = 0`), alternating which goes first, after
 //! the NAR's first serve (striped into curl, the holders packing: shown
-//! apart); then the client agent's peak RSS after a striped run. `STRIPE_HOLDER_NICE`
+//! apart) and one untimed realisation from one holder (the client's fresh
+//! store's first); then the client agent's peak RSS after a striped run. `STRIPE_HOLDER_NICE`
 //! [0] runs the holders' agents at that niceness, a stand-in for holders on
 //! machines of their own: the client's agent and Nix get this machine's
 //! cores first (both ways alike).
@@ -258,7 +259,8 @@ pub(crate) fn three_holders(s: &Settings, rows: &mut Vec<Row>, notes: &mut Vec<S
          client agent and an empty client store for every run; then curl takes the same NAR \
          through the same agent, the path deleted from the client's store first. The rounds come \
          after the NAR's first serve (striped, into curl), so both sides find the holders' kept \
-         frames."
+         frames, and after one untimed realisation from one holder, so neither pays for the first \
+         NAR written to the client's fresh store; each timed part starts after `sync`."
             .to_string(),
     );
 }
