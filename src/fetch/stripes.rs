@@ -9,6 +9,10 @@
 //! stripe too (whichever copy comes first is taken), so one slow holder
 //! cannot hold everyone up.
 //!
+//! Each holder's stripes are asked at the level `raw_stripes` picks: the
+//! holder's own choice of codec, or raw bytes where the asker finds its
+//! frames waiting for it and raw stripes come faster.
+//!
 //! `StripePlan` is the pure bookkeeping; `fetch_striped` moves the bytes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -21,12 +25,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::chunk_buffers::ChunkBuffers;
+use crate::fetch::raw_stripes::RawStripes;
 use crate::fetch::relay::{FetchError, STALL_TIMEOUT};
 use crate::fetch::resolver::Resolver;
 use crate::fetch::verify::{NarCheck, Verdict};
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_chunks;
-use crate::mesh::nar_reader::NarReadError;
+use crate::mesh::nar_reader::{NarReadError, Waits};
 use crate::mesh::protocol::code;
 use crate::mesh::transport;
 use crate::nix::NarInfo;
@@ -263,6 +268,7 @@ async fn fetch_stripe(
     }
     mesh.count(&node, |c| c.bytes_fetched += want);
     Ok(Arrived {
+        waits: reader.waits(),
         bytes: buffers.lend(bytes),
         packed: crate::fetch::compression::came_packed(
             level,
@@ -279,6 +285,8 @@ async fn fetch_stripe(
 /// A stripe that came whole, and what its transfer saw of the link.
 struct Arrived {
     bytes: Bytes,
+    /// Of its frames, how many had arrived when the asker came for them.
+    waits: Waits,
     /// It came compressed.
     packed: bool,
     /// Its bytes on the wire.
@@ -414,9 +422,11 @@ async fn fetch_in_order(
     // a fresh 2 MiB per stripe faulted in every page of it.
     let buffers = ChunkBuffers::new(STRIPE as usize, (WINDOW + PASSING) as usize);
     let narinfo = Arc::new(narinfo.clone());
-    let bulk_levels: HashMap<NodeId, u8> = holders
+    // Each holder's stripes at the level its transfers so far call for,
+    // or raw where the asker, not the link, holds them back.
+    let mut levels: HashMap<NodeId, RawStripes> = holders
         .iter()
-        .map(|&h| (h, bulk_level(resolver, &h)))
+        .map(|&h| (h, RawStripes::new(bulk_level(resolver, &h))))
         .collect();
     let mut links: HashMap<NodeId, HolderLink> = HashMap::new();
     // Each stripe is a task of its own, so the runtime's threads unpack
@@ -429,11 +439,11 @@ async fn fetch_in_order(
             let Some(i) = plan.take() else { break };
             idle.remove(0);
             let part = plan.range(i);
-            let level = bulk_levels[&node];
+            let level = levels.get_mut(&node).map_or(0, RawStripes::level);
             let (resolver, narinfo, buffers) = (resolver.clone(), narinfo.clone(), buffers.clone());
             fetches.spawn(async move {
                 let stripe = fetch_stripe(&resolver, node, &narinfo, part, level, &buffers).await;
-                (node, i, stripe)
+                (node, i, level, stripe)
             });
         }
         let ready = plan.is_ready();
@@ -443,7 +453,7 @@ async fn fetch_in_order(
         }
         tokio::select! {
             Some(joined) = fetches.join_next(), if !fetches.is_empty() => {
-                let (node, i, result) = match joined {
+                let (node, i, level, result) = match joined {
                     Ok(done) => done,
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                     // Cancelled: the runtime is shutting down.
@@ -453,6 +463,10 @@ async fn fetch_in_order(
                     Ok(arrived) => {
                         let nar = arrived.bytes.len() as u64;
                         links.entry(node).or_default().add(nar, arrived.wire, arrived.packed, arrived.began, arrived.ended);
+                        if let Some(stripes) = levels.get_mut(&node) {
+                            let secs = arrived.ended.saturating_duration_since(arrived.began).as_secs_f64();
+                            stripes.arrived(level, nar, secs, arrived.waits.frames, arrived.waits.there);
+                        }
                         plan.arrived(i, arrived.bytes, node);
                         if !contributors.contains(&node) {
                             contributors.push(node);
@@ -484,6 +498,9 @@ async fn fetch_in_order(
     // What is still under way (second copies of a stripe, or everything
     // when the fetch ended early) is stopped, and gone before this returns.
     fetches.shutdown().await;
+    for (node, stripes) in &levels {
+        tracing::debug!(peer = %node, ?stripes, "stripe levels after a striped NAR");
+    }
     for (node, link) in &links {
         resolver.mesh().record_link(node, |stats| {
             let packed = link.came_packed();

@@ -75,7 +75,27 @@ pub enum NarReader {
         unpacker: Unpacker,
         /// Bytes on the wire so far (frames and headers).
         wire: u64,
+        waits: Waits,
     },
+}
+
+/// Of the frames read so far, how many had arrived when the reader came
+/// for them: a reader that finds most of them there is behind the link
+/// (`fetch::raw_stripes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Waits {
+    pub frames: u32,
+    pub there: u32,
+}
+
+/// `fut`'s output, and whether it was ready when first polled (nothing to
+/// wait for).
+async fn noting_wait<F: std::future::Future>(fut: F) -> (F::Output, bool) {
+    let mut fut = std::pin::pin!(fut);
+    match std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await {
+        std::task::Poll::Ready(out) => (out, true),
+        std::task::Poll::Pending => (fut.await, false),
+    }
 }
 
 /// Where chunk frames come from.
@@ -104,6 +124,7 @@ impl NarReader {
             from: FrameSource::Quic(recv),
             unpacker: Unpacker::new(level),
             wire: 0,
+            waits: Waits::default(),
         }
     }
 
@@ -123,6 +144,7 @@ impl NarReader {
             },
             unpacker: Unpacker::with_buffers(level, buffers),
             wire: 0,
+            waits: Waits::default(),
         }
     }
 
@@ -154,6 +176,7 @@ impl NarReader {
                 from,
                 unpacker,
                 wire,
+                ..
             } => {
                 let Some(header) = from.head().await? else {
                     return Ok(None);
@@ -190,10 +213,14 @@ impl NarReader {
                 from,
                 unpacker,
                 wire,
+                waits,
             } => {
-                let Some(header) = from.head().await? else {
+                let (head, there) = noting_wait(from.head()).await;
+                let Some(header) = head? else {
                     return Ok(None);
                 };
+                waits.frames = waits.frames.saturating_add(1);
+                waits.there = waits.there.saturating_add(u32::from(there));
                 let (raw, len) = (header.raw_len as usize, header.wire_len as usize);
                 let out = out.get_mut(..raw).ok_or(NarReadError::Overflow)?;
                 if header.compressed() {
@@ -208,6 +235,15 @@ impl NarReader {
                 *wire += (HEADER + len) as u64;
                 Ok(Some(raw))
             }
+        }
+    }
+
+    /// Of the frames `next_into` read so far, how many had arrived when it
+    /// came for them (none for raw bytes).
+    pub fn waits(&self) -> Waits {
+        match self {
+            NarReader::Raw { .. } => Waits::default(),
+            NarReader::Framed { waits, .. } => *waits,
         }
     }
 

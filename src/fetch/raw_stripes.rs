@@ -1,0 +1,240 @@
+//! Raw stripes where the asker, not the link, holds a striped NAR back.
+//!
+//! Over a bulk connection the holder picks each chunk's codec from what
+//! its TCP connection says of the link (`mesh::pace`). A striped holder's
+//! connection carries 2 MiB answers; on a fast link each answer's last
+//! bytes wait for the asker's delayed acknowledgement while the connection
+//! counts as busy, so the holder reads the link at a few tens of MB/s and
+//! sends zstd frames, which the asker must unpack. Where the asker's CPU
+//! is what holds the NAR back (a fast LAN, Nix busy beside it), striping
+//! then came slower than one holder sending raw bytes. The stripes'
+//! throughput cannot tell the two apart either: on a busy asker every
+//! holder's share of it looks like a slow link's.
+//!
+//! What does tell them apart is whether the asker waits for its frames. It
+//! notes, for each frame of a stripe, whether its header was already there
+//! when it came to read it (`mesh::nar_reader::Waits`). A link that holds
+//! the NAR back keeps the asker waiting; an asker that is behind finds its
+//! frames there. Where most of a holder's frames were there (`BEHIND`),
+//! one stripe is asked raw, to try. Raw stripes then go on while the
+//! stripes left to the holder do not come `EARNS` faster than raw ones
+//! (compression must earn the asker's CPU), with every `RECHECK`th stripe
+//! left to the holder again to keep that current. A trial that lost waits
+//! `RETRY` stripes for the next, and each further loss twice as long, up to
+//! `RETRY_MAX`: on a slow link, where an asker can find its frames there
+//! too (a token bucket's bursts, its CPU busy with Nix), a raw stripe costs
+//! the link 2–3 times a compressed one's time. Pure: one per holder and
+//! striped NAR.
+
+/// The share of a holder's frames found already there at or above which
+/// the asker, not the link, is taken to hold the stripes back.
+pub const BEHIND: f64 = 0.5;
+/// Stripes left to the holder must come this much (5/4) faster than raw
+/// ones to be asked for.
+pub const EARNS: (f64, f64) = (5.0, 4.0);
+/// While raw stripes win, one in this many is left to the holder.
+pub const RECHECK: u64 = 16;
+/// After a raw trial, this many stripes before the next…
+pub const RETRY: u64 = 32;
+/// …doubling with each trial raw stripes lost, up to this many.
+pub const RETRY_MAX: u64 = 256;
+
+/// A moving average that follows a change within a few samples.
+fn follow(old: Option<f64>, sample: f64) -> Option<f64> {
+    Some(match old {
+        None => sample,
+        Some(o) => (o * 3.0 + sample) / 4.0,
+    })
+}
+
+/// Which level to ask one holder's next stripe at.
+#[derive(Debug)]
+pub struct RawStripes {
+    /// The level that leaves the codec to the holder (`ADAPTIVE`), or a
+    /// fixed one (`compression` off or a level), which is always asked.
+    chosen: u8,
+    adaptive: bool,
+    /// NAR bytes per second of stripes left to the holder, and of raw ones.
+    left: Option<f64>,
+    raw: Option<f64>,
+    /// Of the frames of stripes left to the holder, the share found there.
+    behind: Option<f64>,
+    /// Raw stripes won the last comparison.
+    raw_wins: bool,
+    /// Stripes asked so far, the count at the last raw trial, and the
+    /// stripes from there to the next.
+    asked: u64,
+    tried_at: Option<u64>,
+    retry: u64,
+}
+
+impl RawStripes {
+    /// For a holder asked at `level` when the choice is its own (with
+    /// `mesh::nar_chunks::ADAPTIVE`), or always at `level` without.
+    pub fn new(level: u8) -> Self {
+        Self {
+            chosen: level,
+            adaptive: level & crate::mesh::nar_chunks::ADAPTIVE != 0,
+            left: None,
+            raw: None,
+            behind: None,
+            raw_wins: false,
+            asked: 0,
+            tried_at: None,
+            retry: RETRY,
+        }
+    }
+
+    /// The level for the next stripe: 0 for raw chunks.
+    pub fn level(&mut self) -> u8 {
+        self.asked += 1;
+        if !self.adaptive {
+            return self.chosen;
+        }
+        if self.raw_wins {
+            return match self.asked % RECHECK {
+                0 => self.chosen,
+                _ => 0,
+            };
+        }
+        let behind = self.behind.is_some_and(|b| b >= BEHIND);
+        let due = self.tried_at.is_none_or(|at| self.asked >= at + self.retry);
+        if behind && due {
+            self.tried_at = Some(self.asked);
+            return 0;
+        }
+        self.chosen
+    }
+
+    /// A stripe asked at `level` came whole: `nar` bytes in `secs`, of
+    /// whose `frames` the asker found `there` already arrived.
+    pub fn arrived(&mut self, level: u8, nar: u64, secs: f64, frames: u32, there: u32) {
+        if !self.adaptive || secs <= 0.0 || nar == 0 {
+            return;
+        }
+        let rate = nar as f64 / secs;
+        if level == 0 {
+            self.raw = follow(self.raw, rate);
+        } else {
+            self.left = follow(self.left, rate);
+            if frames > 0 {
+                let share = f64::from(there.min(frames)) / f64::from(frames);
+                self.behind = follow(self.behind, share);
+            }
+        }
+        self.raw_wins = match (self.left, self.raw) {
+            (Some(left), Some(raw)) => left * EARNS.1 < raw * EARNS.0,
+            _ => false,
+        };
+        if level == 0 {
+            self.retry = match self.raw_wins {
+                true => RETRY,
+                false => (self.retry * 2).min(RETRY_MAX),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::nar_chunks::ADAPTIVE;
+
+    const STRIPE: u64 = 2 << 20;
+    const AUTO: u8 = ADAPTIVE | 1;
+
+    /// `n` stripes from a holder whose stripes left to it come at `left`
+    /// bytes per second with `there` of 8 frames found there, and raw ones
+    /// at `raw`: the levels asked, in order.
+    fn run(n: usize, left: f64, there: u32, raw: f64) -> Vec<u8> {
+        let mut s = RawStripes::new(AUTO);
+        (0..n)
+            .map(|_| {
+                let level = s.level();
+                match level {
+                    0 => s.arrived(0, STRIPE, STRIPE as f64 / raw, 8, 8),
+                    _ => s.arrived(level, STRIPE, STRIPE as f64 / left, 8, there),
+                }
+                level
+            })
+            .collect()
+    }
+
+    fn raw_share(levels: &[u8]) -> f64 {
+        levels.iter().filter(|l| **l == 0).count() as f64 / levels.len() as f64
+    }
+
+    #[test]
+    fn an_asker_that_waits_for_its_frames_leaves_the_codec_to_the_holder() {
+        // A 300 Mbit/s link: the asker waits for nearly every frame.
+        let levels = run(200, 100e6, 1, 37e6);
+        assert!(levels.iter().all(|l| *l == AUTO), "{levels:?}");
+    }
+
+    #[test]
+    fn an_asker_that_is_behind_tries_raw_and_keeps_it_where_it_is_faster() {
+        // A fast LAN, the asker's CPU the limit: frames are there, and raw
+        // stripes, which it need not unpack, come faster.
+        let levels = run(200, 200e6, 8, 300e6);
+        assert_eq!(levels[0], AUTO, "the first stripe is the holder's choice");
+        assert_eq!(levels[1], 0, "then a raw trial");
+        let share = raw_share(&levels);
+        assert!(share > 0.9, "raw share {share}: {levels:?}");
+        // …with every RECHECK-th left to the holder, to keep comparing.
+        assert!(levels.contains(&AUTO) && share < 1.0);
+    }
+
+    #[test]
+    fn a_raw_trial_that_loses_waits_ever_longer_before_the_next() {
+        // The asker finds its frames there, but raw stripes come far
+        // slower: the link is the limit after all (a slow link whose bursts
+        // fill the asker's buffers, compressed binaries).
+        let levels = run(1000, 300e6, 8, 110e6);
+        let raw: Vec<usize> = (0..levels.len()).filter(|i| levels[*i] == 0).collect();
+        let gaps: Vec<usize> = raw.windows(2).map(|p| p[1] - p[0]).collect();
+        assert_eq!(
+            raw.first(),
+            Some(&1),
+            "it tries raw once frames are seen there"
+        );
+        assert_eq!(gaps[..3], [64, 128, 256], "trials at {raw:?}");
+        assert!(
+            gaps[3..].iter().all(|g| *g == RETRY_MAX as usize),
+            "{gaps:?}"
+        );
+        assert!(raw_share(&levels) < 0.01, "{levels:?}");
+    }
+
+    #[test]
+    fn raw_stripes_must_be_beaten_by_a_quarter_to_give_way() {
+        // Stripes left to the holder come 20 % faster: not enough to pay
+        // for the asker's unpacking.
+        let levels = run(200, 240e6, 8, 200e6);
+        assert!(raw_share(&levels) > 0.9, "{levels:?}");
+        // 30 % faster: they are asked for again.
+        let levels = run(200, 260e6, 8, 200e6);
+        assert!(raw_share(&levels) < 0.05, "{levels:?}");
+    }
+
+    #[test]
+    fn a_fixed_level_or_off_is_always_what_is_asked() {
+        for level in [0, 1, 3] {
+            let mut s = RawStripes::new(level);
+            for _ in 0..100 {
+                assert_eq!(s.level(), level);
+                s.arrived(level, STRIPE, 0.001, 8, 8);
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_measured_changes_nothing() {
+        let mut s = RawStripes::new(AUTO);
+        s.arrived(AUTO, 0, 1.0, 8, 8);
+        s.arrived(AUTO, STRIPE, 0.0, 8, 8);
+        s.arrived(AUTO, STRIPE, 1.0, 0, 0);
+        // A stripe with no frames (cannot happen) says nothing of them.
+        assert_eq!(s.behind, None);
+        assert_eq!(s.level(), AUTO);
+    }
+}
