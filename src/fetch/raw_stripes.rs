@@ -29,9 +29,6 @@
 /// The share of a holder's frames found already there at or above which
 /// the asker, not the link, is taken to hold the stripes back.
 pub const BEHIND: f64 = 0.5;
-/// Stripes left to the holder must come this much (5/4) faster than raw
-/// ones to be asked for.
-pub const EARNS: (f64, f64) = (5.0, 4.0);
 /// While raw stripes win, one in this many is left to the holder.
 pub const RECHECK: u64 = 16;
 /// After a raw trial, this many stripes before the next…
@@ -39,13 +36,10 @@ pub const RETRY: u64 = 32;
 /// …doubling with each trial raw stripes lost, up to this many.
 pub const RETRY_MAX: u64 = 256;
 
-/// A moving average that follows a change within a few samples.
-fn follow(old: Option<f64>, sample: f64) -> Option<f64> {
-    Some(match old {
-        None => sample,
-        Some(o) => (o * 3.0 + sample) / 4.0,
-    })
-}
+use crate::fetch::compression::EARNS;
+use crate::mesh::nar_chunks::ADAPTIVE;
+use crate::mesh::nar_reader::Waits;
+use crate::mesh::pace::follow;
 
 /// Which level to ask one holder's next stripe at.
 #[derive(Debug)]
@@ -53,14 +47,11 @@ pub struct RawStripes {
     /// The level that leaves the codec to the holder (`ADAPTIVE`), or a
     /// fixed one (`compression` off or a level), which is always asked.
     chosen: u8,
-    adaptive: bool,
     /// NAR bytes per second of stripes left to the holder, and of raw ones.
     left: Option<f64>,
     raw: Option<f64>,
     /// Of the frames of stripes left to the holder, the share found there.
     behind: Option<f64>,
-    /// Raw stripes won the last comparison.
-    raw_wins: bool,
     /// Stripes asked so far, the count at the last raw trial, and the
     /// stripes from there to the next.
     asked: u64,
@@ -74,24 +65,36 @@ impl RawStripes {
     pub fn new(level: u8) -> Self {
         Self {
             chosen: level,
-            adaptive: level & crate::mesh::nar_chunks::ADAPTIVE != 0,
             left: None,
             raw: None,
             behind: None,
-            raw_wins: false,
             asked: 0,
             tried_at: None,
             retry: RETRY,
         }
     }
 
+    /// The holder chooses the codec of stripes not asked raw.
+    fn adaptive(&self) -> bool {
+        self.chosen & ADAPTIVE != 0
+    }
+
+    /// Raw stripes come fast enough that stripes left to the holder do not
+    /// earn the asker's CPU (compression must be `EARNS` faster).
+    fn raw_wins(&self) -> bool {
+        match (self.left, self.raw) {
+            (Some(left), Some(raw)) => left * (EARNS.1 as f64) < raw * (EARNS.0 as f64),
+            _ => false,
+        }
+    }
+
     /// The level for the next stripe: 0 for raw chunks.
     pub fn level(&mut self) -> u8 {
         self.asked += 1;
-        if !self.adaptive {
+        if !self.adaptive() {
             return self.chosen;
         }
-        if self.raw_wins {
+        if self.raw_wins() {
             return match self.asked % RECHECK {
                 0 => self.chosen,
                 _ => 0,
@@ -106,10 +109,11 @@ impl RawStripes {
         self.chosen
     }
 
-    /// A stripe asked at `level` came whole: `nar` bytes in `secs`, of
-    /// whose `frames` the asker found `there` already arrived.
-    pub fn arrived(&mut self, level: u8, nar: u64, secs: f64, frames: u32, there: u32) {
-        if !self.adaptive || secs <= 0.0 || nar == 0 {
+    /// A stripe asked at `level` came whole: `nar` bytes in `secs`, with
+    /// `waits` of its frames.
+    pub fn arrived(&mut self, level: u8, nar: u64, secs: f64, waits: Waits) {
+        let Waits { frames, there } = waits;
+        if !self.adaptive() || secs <= 0.0 || nar == 0 {
             return;
         }
         let rate = nar as f64 / secs;
@@ -122,12 +126,8 @@ impl RawStripes {
                 self.behind = follow(self.behind, share);
             }
         }
-        self.raw_wins = match (self.left, self.raw) {
-            (Some(left), Some(raw)) => left * EARNS.1 < raw * EARNS.0,
-            _ => false,
-        };
         if level == 0 {
-            self.retry = match self.raw_wins {
+            self.retry = match self.raw_wins() {
                 true => RETRY,
                 false => (self.retry * 2).min(RETRY_MAX),
             };
@@ -138,10 +138,14 @@ impl RawStripes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::nar_chunks::ADAPTIVE;
 
     const STRIPE: u64 = 2 << 20;
     const AUTO: u8 = ADAPTIVE | 1;
+
+    /// Eight frames, `there` of them found already arrived.
+    fn waits(there: u32) -> Waits {
+        Waits { frames: 8, there }
+    }
 
     /// `n` stripes from a holder whose stripes left to it come at `left`
     /// bytes per second with `there` of 8 frames found there, and raw ones
@@ -152,8 +156,8 @@ mod tests {
             .map(|_| {
                 let level = s.level();
                 match level {
-                    0 => s.arrived(0, STRIPE, STRIPE as f64 / raw, 8, 8),
-                    _ => s.arrived(level, STRIPE, STRIPE as f64 / left, 8, there),
+                    0 => s.arrived(0, STRIPE, STRIPE as f64 / raw, waits(8)),
+                    _ => s.arrived(level, STRIPE, STRIPE as f64 / left, waits(there)),
                 }
                 level
             })
@@ -222,7 +226,7 @@ mod tests {
             let mut s = RawStripes::new(level);
             for _ in 0..100 {
                 assert_eq!(s.level(), level);
-                s.arrived(level, STRIPE, 0.001, 8, 8);
+                s.arrived(level, STRIPE, 0.001, waits(8));
             }
         }
     }
@@ -230,9 +234,9 @@ mod tests {
     #[test]
     fn nothing_measured_changes_nothing() {
         let mut s = RawStripes::new(AUTO);
-        s.arrived(AUTO, 0, 1.0, 8, 8);
-        s.arrived(AUTO, STRIPE, 0.0, 8, 8);
-        s.arrived(AUTO, STRIPE, 1.0, 0, 0);
+        s.arrived(AUTO, 0, 1.0, waits(8));
+        s.arrived(AUTO, STRIPE, 0.0, waits(8));
+        s.arrived(AUTO, STRIPE, 1.0, Waits::default());
         // A stripe with no frames (cannot happen) says nothing of them.
         assert_eq!(s.behind, None);
         assert_eq!(s.level(), AUTO);

@@ -303,7 +303,7 @@ fn span_rate(from: LinkSample, now: LinkSample, least: u64) -> Option<f64> {
 }
 
 /// A moving average that follows a change within a few samples.
-fn follow(old: Option<f64>, sample: f64) -> Option<f64> {
+pub(crate) fn follow(old: Option<f64>, sample: f64) -> Option<f64> {
     Some(match old {
         None => sample,
         Some(o) => (o * 3.0 + sample) / 4.0,
