@@ -23,8 +23,10 @@
 //! `RETRY` stripes for the next, and each further loss twice as long, up to
 //! `RETRY_MAX`: on a slow link, where an asker can find its frames there
 //! too (a token bucket's bursts, its CPU busy with Nix), a raw stripe costs
-//! the link 2–3 times a compressed one's time. Pure: one per holder and
-//! striped NAR.
+//! the link 2–3 times a compressed one's time. Pure: one per holder, kept
+//! from one striped NAR to the next (`renewed`), so that a holder whose raw
+//! trials lost is not tried again for every NAR, and one whose raw stripes
+//! win gets raw ones from a NAR's first stripe.
 
 /// The share of a holder's frames found already there at or above which
 /// the asker, not the link, is taken to hold the stripes back.
@@ -42,7 +44,7 @@ use crate::mesh::nar_reader::Waits;
 use crate::mesh::pace::follow;
 
 /// Which level to ask one holder's next stripe at.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct RawStripes {
     /// The level that leaves the codec to the holder (`ADAPTIVE`), or a
     /// fixed one (`compression` off or a level), which is always asked.
@@ -71,6 +73,19 @@ impl RawStripes {
             asked: 0,
             tried_at: None,
             retry: RETRY,
+        }
+    }
+
+    /// What was learnt of the holder, for a NAR whose stripes are to be
+    /// asked at `level`. A choice that is no longer the holder's (or has
+    /// just become so) starts afresh.
+    pub fn renewed(self, level: u8) -> Self {
+        match self.adaptive() && level & ADAPTIVE != 0 {
+            true => Self {
+                chosen: level,
+                ..self
+            },
+            false => Self::new(level),
         }
     }
 
@@ -151,7 +166,11 @@ mod tests {
     /// bytes per second with `there` of 8 frames found there, and raw ones
     /// at `raw`: the levels asked, in order.
     fn run(n: usize, left: f64, there: u32, raw: f64) -> Vec<u8> {
-        let mut s = RawStripes::new(AUTO);
+        run_on(&mut RawStripes::new(AUTO), n, left, there, raw)
+    }
+
+    /// `run`, on what `s` has learnt so far.
+    fn run_on(s: &mut RawStripes, n: usize, left: f64, there: u32, raw: f64) -> Vec<u8> {
         (0..n)
             .map(|_| {
                 let level = s.level();
@@ -218,6 +237,41 @@ mod tests {
         // 30 % faster: they are asked for again.
         let levels = run(200, 260e6, 8, 200e6);
         assert!(raw_share(&levels) < 0.05, "{levels:?}");
+    }
+
+    #[test]
+    fn the_next_nar_goes_on_from_what_the_last_one_learnt() {
+        // A slow link: 85 stripes of a NAR (512 MiB over three holders).
+        let mut s = RawStripes::new(AUTO);
+        let first = run_on(&mut s, 85, 300e6, 8, 110e6);
+        assert_eq!(raw_share(&first) * 85.0, 2.0, "{first:?}");
+        // The next NAR's stripes from the same holder: the trials that lost
+        // are not made again at once.
+        let mut s = s.renewed(AUTO);
+        let next = run_on(&mut s, 85, 300e6, 8, 110e6);
+        assert!(next.iter().all(|l| *l == AUTO), "{next:?}");
+        // A fast LAN where raw won: the next NAR is raw from its first
+        // stripe.
+        let mut s = RawStripes::new(AUTO);
+        run_on(&mut s, 20, 200e6, 8, 300e6);
+        let mut s = s.renewed(ADAPTIVE | 3);
+        let next = run_on(&mut s, 20, 200e6, 8, 300e6);
+        assert_eq!(next[0], 0, "{next:?}");
+        // The stripe left to the holder is asked at its new level.
+        assert!(next.contains(&(ADAPTIVE | 3)), "{next:?}");
+    }
+
+    #[test]
+    fn a_level_no_longer_the_holders_starts_afresh() {
+        let mut s = RawStripes::new(AUTO);
+        run_on(&mut s, 20, 200e6, 8, 300e6);
+        // `compression` set to a level: that level, always.
+        let mut fixed = s.clone().renewed(3);
+        assert_eq!(run_on(&mut fixed, 5, 200e6, 8, 300e6), [3; 5]);
+        // And back to the holder's choice: nothing carried from before.
+        let mut again = fixed.renewed(AUTO);
+        assert_eq!(again.level(), AUTO);
+        assert_eq!(again.left, None);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::api::{SurveyAnswer, SurveyRow};
 use crate::fetch::compression::Compression;
 use crate::fetch::plain::PlainCaches;
 use crate::fetch::race::{race_narinfo, AskPlan, NarInfoSource, TrustPolicy};
+use crate::fetch::raw_stripes::RawStripes;
 use crate::fetch::upstream::{Answer as UpstreamAnswer, UpstreamFile, Upstreams};
 use crate::lock::lock;
 use crate::mesh::client::{self, PeerError};
@@ -99,6 +100,8 @@ pub struct Resolver {
     memo: Mutex<HashMap<HashPart, (Instant, Option<Found>)>>,
     inflight: Mutex<HashMap<HashPart, Slot>>,
     slots: Semaphore,
+    /// What striped NARs learnt of each holder's raw stripes, for the next.
+    raw_stripes: Mutex<HashMap<NodeId, RawStripes>>,
     pub stats: RaceStats,
 }
 
@@ -201,6 +204,7 @@ impl Resolver {
             memo: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             slots: Semaphore::new(MAX_RACES),
+            raw_stripes: Mutex::new(HashMap::new()),
             stats: RaceStats::default(),
         })
     }
@@ -217,6 +221,24 @@ impl Resolver {
     /// (`None`: never).
     pub fn stripe_from(&self) -> Option<u64> {
         self.transfer.stripe_from
+    }
+
+    /// How to ask `node`'s stripes of a NAR whose level it would be asked
+    /// at is `level`: from what the striped NARs before learnt of it.
+    pub fn raw_stripes(&self, node: &NodeId, level: u8) -> RawStripes {
+        match lock(&self.raw_stripes).get(node) {
+            Some(learnt) => learnt.clone().renewed(level),
+            None => RawStripes::new(level),
+        }
+    }
+
+    /// Keeps what a striped NAR learnt of `node`'s raw stripes, for the
+    /// next; holders the mesh has forgotten are forgotten here too. Of two
+    /// striped NARs at once, the one that ends last is kept.
+    pub fn keep_raw_stripes(&self, node: NodeId, learnt: RawStripes) {
+        let mut kept = lock(&self.raw_stripes);
+        kept.insert(node, learnt);
+        kept.retain(|n, _| self.mesh.knows(n));
     }
 
     /// The plain caches on the LAN, if any are configured or browsed for.

@@ -11,7 +11,8 @@
 //!
 //! Each holder's stripes are asked at the level `raw_stripes` picks: the
 //! holder's own choice of codec, or raw bytes where the asker finds its
-//! frames waiting for it and raw stripes come faster.
+//! frames waiting for it and raw stripes come faster; what it learns of a
+//! holder carries over to the next striped NAR.
 //!
 //! `StripePlan` is the pure bookkeeping; `fetch_striped` moves the bytes.
 
@@ -423,10 +424,11 @@ async fn fetch_in_order(
     let buffers = ChunkBuffers::new(STRIPE as usize, (WINDOW + PASSING) as usize);
     let narinfo = Arc::new(narinfo.clone());
     // Each holder's stripes at the level its transfers so far call for,
-    // or raw where the asker, not the link, holds them back.
+    // or raw where the asker, not the link, holds them back, going on from
+    // what the striped NARs before learnt of it.
     let mut levels: HashMap<NodeId, RawStripes> = holders
         .iter()
-        .map(|&h| (h, RawStripes::new(bulk_level(resolver, &h))))
+        .map(|&h| (h, resolver.raw_stripes(&h, bulk_level(resolver, &h))))
         .collect();
     let mut links: HashMap<NodeId, HolderLink> = HashMap::new();
     // Each stripe is a task of its own, so the runtime's threads unpack
@@ -498,8 +500,9 @@ async fn fetch_in_order(
     // What is still under way (second copies of a stripe, or everything
     // when the fetch ended early) is stopped, and gone before this returns.
     fetches.shutdown().await;
-    for (node, stripes) in &levels {
+    for (node, stripes) in levels {
         tracing::debug!(peer = %node, ?stripes, "stripe levels after a striped NAR");
+        resolver.keep_raw_stripes(node, stripes);
     }
     for (node, link) in &links {
         resolver.mesh().record_link(node, |stats| {

@@ -488,6 +488,11 @@ impl Mesh {
         self.with_table(|t| t.links(node))
     }
 
+    /// Whether `node` is in the peer table (alive or not).
+    pub fn knows(&self, node: &NodeId) -> bool {
+        self.with_table(|t| t.contains(node))
+    }
+
     /// The peer's counters as they are now.
     pub fn peer_counters(&self, node: &NodeId) -> Option<PeerCounters> {
         self.with_table(|t| t.counters_mut(node).map(|c| c.clone()))
