@@ -232,12 +232,12 @@ impl Resolver {
         }
     }
 
-    /// Keeps what a striped NAR learnt of `node`'s raw stripes, for the
+    /// Keeps what a striped NAR learnt of its holders' raw stripes, for the
     /// next; holders the mesh has forgotten are forgotten here too. Of two
     /// striped NARs at once, the one that ends last is kept.
-    pub fn keep_raw_stripes(&self, node: NodeId, learnt: RawStripes) {
+    pub fn keep_raw_stripes(&self, learnt: HashMap<NodeId, RawStripes>) {
         let mut kept = lock(&self.raw_stripes);
-        kept.insert(node, learnt);
+        kept.extend(learnt);
         kept.retain(|n, _| self.mesh.knows(n));
     }
 

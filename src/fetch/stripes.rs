@@ -500,10 +500,10 @@ async fn fetch_in_order(
     // What is still under way (second copies of a stripe, or everything
     // when the fetch ended early) is stopped, and gone before this returns.
     fetches.shutdown().await;
-    for (node, stripes) in levels {
+    for (node, stripes) in &levels {
         tracing::debug!(peer = %node, ?stripes, "stripe levels after a striped NAR");
-        resolver.keep_raw_stripes(node, stripes);
     }
+    resolver.keep_raw_stripes(levels);
     for (node, link) in &links {
         resolver.mesh().record_link(node, |stats| {
             let packed = link.came_packed();
