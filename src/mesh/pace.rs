@@ -148,7 +148,8 @@ pub const DRAINED: u64 = 64 << 10;
 /// its busy time is bound by the asker, not the link.
 pub const ASKER_BOUND: f64 = 0.5;
 /// A sprint may come while more than this share of the latest packed
-/// chunks were packed as they went (not kept frames).
+/// chunks were packed as they went (not kept frames), of those not packed
+/// to measure.
 pub const FRESH: f64 = 0.5;
 
 /// What packing a chunk with a codec measured: the codec, the payload's
@@ -225,7 +226,8 @@ pub struct Pace {
     /// The share of the latest chunks that found the link drained.
     starved: Option<f64>,
     /// The share of the latest packed chunks that were packed as they went,
-    /// not sent as kept frames.
+    /// not sent as kept frames, of those not packed to measure (`None`:
+    /// none yet, and no sprint).
     fresh: Option<f64>,
     /// Samples still to leave out of `starved`: an answer's first two are
     /// taken before any of its chunks is written, after the link waited
@@ -445,7 +447,7 @@ impl Pace {
             .as_ref()
             .is_none_or(|s| chunks >= s.from + s.gap);
         let starved = self.starved.is_some_and(|s| s > STARVED);
-        let packs = self.fresh.is_none_or(|f| f > FRESH);
+        let packs = self.fresh.is_some_and(|f| f > FRESH);
         if !(packing && due && starved && packs && !self.asker_bound()) {
             return false;
         }
@@ -526,8 +528,12 @@ impl Pace {
     /// (`None`: a kept zstd frame stood in, `kept_stands_in`). A probe
     /// packed with both (`pairs`) compares them on that chunk.
     pub fn measured(&mut self, raw: usize, tries: [Option<Measured>; 2]) {
-        let packed_now = tries.iter().flatten().any(|t| t.2.is_some());
-        self.fresh = follow(self.fresh, if packed_now { 1.0 } else { 0.0 });
+        // Of the chunks a kept frame could have gone for (not those packed
+        // to measure, `takes_kept`), whether this one was packed now.
+        if !self.probing && self.rates_known() {
+            let packed_now = tries.iter().flatten().any(|t| t.2.is_some());
+            self.fresh = follow(self.fresh, if packed_now { 1.0 } else { 0.0 });
+        }
         let zstd = tries.iter().flatten().find(|t| t.0 == Codec::Zstd);
         let untimed = zstd.is_some_and(|t| t.2.is_none());
         // What `timed` takes into zstd's rate: not its warm-up.
@@ -819,14 +825,17 @@ mod tests {
             .map(|i| {
                 let mut codec = pace.choose();
                 let mut holder = CHUNK as f64 / READS;
+                // Told as the holder tells it: every chunk packed as it goes.
+                let packed = |c: Codec, p: Packs| {
+                    Some((c, (CHUNK as f64 * p.ratio) as usize, Some(secs(p))))
+                };
                 if pace.pairs() {
-                    let measure = |p: Packs| ((CHUNK as f64 * p.ratio) as usize, secs(p));
-                    pace.paired(CHUNK, measure(lz4), timed(measure(zstd)));
+                    pace.measured(CHUNK, [packed(Codec::Lz4, lz4), packed(Codec::Zstd, zstd)]);
                     holder = secs(lz4) + secs(zstd);
                     codec = Some(Codec::Zstd);
                 } else if let Some(c) = codec {
                     let p = if c == Codec::Lz4 { lz4 } else { zstd };
-                    pace.packed(c, CHUNK, (CHUNK as f64 * p.ratio) as usize, Some(secs(p)));
+                    pace.measured(CHUNK, [packed(c, p), None]);
                     holder = secs(p);
                 }
                 let wire = wire_of(codec.map(|c| if c == Codec::Lz4 { lz4 } else { zstd }));
@@ -973,8 +982,10 @@ mod tests {
     fn a_link_that_waits_for_kept_frames_gets_no_sprint() {
         // Raw chunks would not come sooner than kept frames, and each costs
         // the link about three packed ones.
+        // Past its first chunks (packed to measure, then raw until the
+        // link is measured), not one raw chunk.
         let sent = run_late_holder(600, true);
-        let raw = count(&sent[MEASURING + 8..], None);
+        let raw = count(&sent[8..], None);
         assert_eq!(raw, 0, "{sent:?}");
         // The same waits while the holder packs every chunk as it goes:
         // packing may be what the link waits for, and sprints find out.
