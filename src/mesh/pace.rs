@@ -533,7 +533,7 @@ impl Pace {
         // Of the chunks a kept frame could have gone for (not those packed
         // to measure, `takes_kept`; LZ4 chunks for an asker that cannot
         // keep up count too, as packing), whether this one was packed now.
-        if !self.probing && self.rates_known() {
+        if !self.measuring() {
             let packed_now = tries.iter().flatten().any(|t| t.2.is_some());
             self.fresh = follow(self.fresh, if packed_now { 1.0 } else { 0.0 });
         }
@@ -585,10 +585,9 @@ impl Pace {
     /// packed now, nor where LZ4 was chosen to spare an asker that cannot
     /// keep up.
     pub fn takes_kept(&self, codec: Option<Codec>) -> bool {
-        let measuring = self.probing || !self.rates_known();
         match codec {
             None => false,
-            Some(_) if measuring => false,
+            Some(_) if self.measuring() => false,
             Some(Codec::Lz4) => !self.asker_bound(),
             Some(Codec::Zstd) => true,
         }
@@ -610,6 +609,12 @@ impl Pace {
         let compared = self.lz4.is_none() || self.versus.rate.is_some();
         let due = self.untimed_probes + 1 >= RETIME_EVERY;
         self.probing && self.rates_known() && compared && !due && !self.raw_won
+    }
+
+    /// The chunk just chosen is packed to measure: a probe, or a codec's
+    /// rate is not known yet.
+    fn measuring(&self) -> bool {
+        self.probing || !self.rates_known()
     }
 
     /// Every codec the asker reads has its pack rate measured.
@@ -956,10 +961,10 @@ mod tests {
         (0..n)
             .map(|_| {
                 let codec = pace.choose();
-                let measuring = pace.probing || !pace.rates_known();
                 let sent = match codec {
                     None => CHUNK,
-                    Some(_) if kept && !measuring => {
+                    // Where the holder would take a kept frame.
+                    Some(_) if kept && pace.takes_kept(codec) => {
                         // A kept frame sent as it is measures nothing.
                         pace.measured(CHUNK, [None, None]);
                         wire
