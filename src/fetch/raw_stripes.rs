@@ -23,7 +23,13 @@
 //! `RETRY` stripes for the next, and each further loss twice as long, up to
 //! `RETRY_MAX`: on a slow link, where an asker can find its frames there
 //! too (a token bucket's bursts, its CPU busy with Nix), a raw stripe costs
-//! the link 2–3 times a compressed one's time. Pure: one per holder, kept
+//! the link 2–3 times a compressed one's time. A trial whose raw bytes
+//! came no faster on the wire than the packed stripes' bytes (within
+//! `SAME_WIRE`) found the link full: the link, not the asker, held both
+//! back, and raw cannot win there while the data packs as well, so the
+//! next trial waits `RETRY_MAX` at once. Where the asker held the packed
+//! stripes back, raw bytes, which it need not unpack, come faster on the
+//! wire by about the packing ratio. Pure: one per holder, kept
 //! from one striped NAR to the next (`renewed`), so that a holder whose raw
 //! trials lost is not tried again for every NAR, and one whose raw stripes
 //! win gets raw ones from a NAR's first stripe.
@@ -37,6 +43,9 @@ pub const RECHECK: u64 = 16;
 pub const RETRY: u64 = 32;
 /// …doubling with each trial raw stripes lost, up to this many.
 pub const RETRY_MAX: u64 = 256;
+/// A raw trial whose wire rate was below this many times the wire rate of
+/// the stripes left to the holder found the link full.
+pub const SAME_WIRE: f64 = 1.25;
 
 use crate::fetch::compression::EARNS;
 use crate::mesh::nar_chunks::ADAPTIVE;
@@ -49,8 +58,10 @@ pub struct RawStripes {
     /// The level that leaves the codec to the holder (`ADAPTIVE`), or a
     /// fixed one (`compression` off or a level), which is always asked.
     chosen: u8,
-    /// NAR bytes per second of stripes left to the holder, and of raw ones.
+    /// NAR bytes per second of stripes left to the holder, their bytes on
+    /// the wire per second, and NAR (and wire) bytes per second of raw ones.
     left: Option<f64>,
+    left_wire: Option<f64>,
     raw: Option<f64>,
     /// Of the frames of stripes left to the holder, the share found there.
     behind: Option<f64>,
@@ -68,6 +79,7 @@ impl RawStripes {
         Self {
             chosen: level,
             left: None,
+            left_wire: None,
             raw: None,
             behind: None,
             asked: 0,
@@ -124,9 +136,18 @@ impl RawStripes {
         self.chosen
     }
 
-    /// A stripe asked at `level` came whole: `nar` bytes in `secs`, with
-    /// `waits` of its frames.
-    pub fn arrived(&mut self, level: u8, nar: u64, secs: f64, waits: Waits) {
+    /// Raw stripes came no faster on the wire than the stripes left to the
+    /// holder: the link carried what it could either way.
+    fn link_full(&self) -> bool {
+        match (self.left_wire, self.raw) {
+            (Some(left_wire), Some(raw)) => raw < left_wire * SAME_WIRE,
+            _ => false,
+        }
+    }
+
+    /// A stripe asked at `level` came whole: `nar` bytes in `secs`, `wire`
+    /// bytes of them on the wire, with `waits` of its frames.
+    pub fn arrived(&mut self, level: u8, nar: u64, wire: u64, secs: f64, waits: Waits) {
         let Waits { frames, there } = waits;
         if !self.adaptive() || secs <= 0.0 || nar == 0 {
             return;
@@ -134,18 +155,18 @@ impl RawStripes {
         let rate = nar as f64 / secs;
         if level == 0 {
             self.raw = follow(self.raw, rate);
+            self.retry = match (self.raw_wins(), self.link_full()) {
+                (true, _) => RETRY,
+                (false, true) => RETRY_MAX,
+                (false, false) => (self.retry * 2).min(RETRY_MAX),
+            };
         } else {
             self.left = follow(self.left, rate);
+            self.left_wire = follow(self.left_wire, wire as f64 / secs);
             if frames > 0 {
                 let share = f64::from(there.min(frames)) / f64::from(frames);
                 self.behind = follow(self.behind, share);
             }
-        }
-        if level == 0 {
-            self.retry = match self.raw_wins() {
-                true => RETRY,
-                false => (self.retry * 2).min(RETRY_MAX),
-            };
         }
     }
 }
@@ -162,6 +183,10 @@ mod tests {
         Waits { frames: 8, there }
     }
 
+    /// NAR bytes per wire byte of stripes left to the holder: real
+    /// binaries in kept zstd frames.
+    const PACKS: f64 = 2.7;
+
     /// `n` stripes from a holder whose stripes left to it come at `left`
     /// bytes per second with `there` of 8 frames found there, and raw ones
     /// at `raw`: the levels asked, in order.
@@ -171,16 +196,31 @@ mod tests {
 
     /// `run`, on what `s` has learnt so far.
     fn run_on(s: &mut RawStripes, n: usize, left: f64, there: u32, raw: f64) -> Vec<u8> {
+        run_packed(s, n, (left, PACKS), there, raw)
+    }
+
+    /// `run_on`, with the stripes left to the holder packed at `left.1`
+    /// NAR bytes per wire byte.
+    fn run_packed(s: &mut RawStripes, n: usize, left: (f64, f64), there: u32, raw: f64) -> Vec<u8> {
+        let (rate, packs) = left;
+        let wire = (STRIPE as f64 / packs) as u64;
         (0..n)
             .map(|_| {
                 let level = s.level();
                 match level {
-                    0 => s.arrived(0, STRIPE, STRIPE as f64 / raw, waits(8)),
-                    _ => s.arrived(level, STRIPE, STRIPE as f64 / left, waits(there)),
+                    0 => s.arrived(0, STRIPE, STRIPE, STRIPE as f64 / raw, waits(8)),
+                    _ => s.arrived(level, STRIPE, wire, STRIPE as f64 / rate, waits(there)),
                 }
                 level
             })
             .collect()
+    }
+
+    /// The indices of the raw stripes among `levels`, and the gaps between.
+    fn trials(levels: &[u8]) -> (Vec<usize>, Vec<usize>) {
+        let raw: Vec<usize> = (0..levels.len()).filter(|i| levels[*i] == 0).collect();
+        let gaps = raw.windows(2).map(|p| p[1] - p[0]).collect();
+        (raw, gaps)
     }
 
     fn raw_share(levels: &[u8]) -> f64 {
@@ -209,12 +249,13 @@ mod tests {
 
     #[test]
     fn a_raw_trial_that_loses_waits_ever_longer_before_the_next() {
-        // The asker finds its frames there, but raw stripes come far
-        // slower: the link is the limit after all (a slow link whose bursts
-        // fill the asker's buffers, compressed binaries).
-        let levels = run(1000, 300e6, 8, 110e6);
-        let raw: Vec<usize> = (0..levels.len()).filter(|i| levels[*i] == 0).collect();
-        let gaps: Vec<usize> = raw.windows(2).map(|p| p[1] - p[0]).collect();
+        // The asker finds its frames there, and raw stripes come faster on
+        // the wire than packed ones (the asker's unpacking held those
+        // back), but not fast enough to win: the asker was only somewhat
+        // behind.
+        let mut s = RawStripes::new(AUTO);
+        let levels = run_packed(&mut s, 1000, (300e6, 4.0), 8, 110e6);
+        let (raw, gaps) = trials(&levels);
         assert_eq!(
             raw.first(),
             Some(&1),
@@ -226,6 +267,25 @@ mod tests {
             "{gaps:?}"
         );
         assert!(raw_share(&levels) < 0.01, "{levels:?}");
+    }
+
+    #[test]
+    fn a_raw_trial_that_finds_the_link_full_waits_longest() {
+        // The asker finds its frames there, but raw bytes come no faster
+        // on the wire than packed ones: the link is the limit after all (a
+        // slow link whose bursts fill the asker's buffers, compressed
+        // binaries at 2.7 NAR bytes per wire byte, raw at 110 MB/s).
+        let levels = run(1000, 300e6, 8, 110e6);
+        let (raw, gaps) = trials(&levels);
+        assert_eq!(raw.first(), Some(&1), "{raw:?}");
+        assert!(
+            gaps.iter().all(|g| *g == RETRY_MAX as usize),
+            "trials at {raw:?}"
+        );
+        // A quarter faster on the wire is still the link's pace.
+        let mut s = RawStripes::new(AUTO);
+        let levels = run_packed(&mut s, 300, (300e6, 2.7), 8, 1.2 * 300e6 / 2.7);
+        assert_eq!(trials(&levels).1, [RETRY_MAX as usize], "{levels:?}");
     }
 
     #[test]
@@ -244,7 +304,7 @@ mod tests {
         // A slow link: 85 stripes of a NAR (512 MiB over three holders).
         let mut s = RawStripes::new(AUTO);
         let first = run_on(&mut s, 85, 300e6, 8, 110e6);
-        assert_eq!(raw_share(&first) * 85.0, 2.0, "{first:?}");
+        assert_eq!(trials(&first).0, [1], "{first:?}");
         // The next NAR's stripes from the same holder: the trials that lost
         // are not made again at once.
         let mut s = s.renewed(AUTO);
@@ -280,7 +340,7 @@ mod tests {
             let mut s = RawStripes::new(level);
             for _ in 0..100 {
                 assert_eq!(s.level(), level);
-                s.arrived(level, STRIPE, 0.001, waits(8));
+                s.arrived(level, STRIPE, STRIPE, 0.001, waits(8));
             }
         }
     }
@@ -288,9 +348,9 @@ mod tests {
     #[test]
     fn nothing_measured_changes_nothing() {
         let mut s = RawStripes::new(AUTO);
-        s.arrived(AUTO, 0, 1.0, waits(8));
-        s.arrived(AUTO, STRIPE, 0.0, waits(8));
-        s.arrived(AUTO, STRIPE, 1.0, Waits::default());
+        s.arrived(AUTO, 0, 0, 1.0, waits(8));
+        s.arrived(AUTO, STRIPE, STRIPE, 0.0, waits(8));
+        s.arrived(AUTO, STRIPE, STRIPE, 1.0, Waits::default());
         // A stripe with no frames (cannot happen) says nothing of them.
         assert_eq!(s.behind, None);
         assert_eq!(s.level(), AUTO);

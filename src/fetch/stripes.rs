@@ -467,7 +467,7 @@ async fn fetch_in_order(
                         links.entry(node).or_default().add(nar, arrived.wire, arrived.packed, arrived.began, arrived.ended);
                         if let Some(stripes) = levels.get_mut(&node) {
                             let secs = arrived.ended.saturating_duration_since(arrived.began).as_secs_f64();
-                            stripes.arrived(level, nar, secs, arrived.waits);
+                            stripes.arrived(level, nar, arrived.wire, secs, arrived.waits);
                         }
                         plan.arrived(i, arrived.bytes, node);
                         if !contributors.contains(&node) {
