@@ -468,6 +468,9 @@ async fn fetch_in_order(
                         if let Some(stripes) = levels.get_mut(&node) {
                             let secs = arrived.ended.saturating_duration_since(arrived.began).as_secs_f64();
                             stripes.arrived(level, nar, arrived.wire, secs, arrived.waits);
+                            if level == 0 {
+                                tracing::debug!(peer = %node, stripe = i, rate = nar as f64 / secs, ?stripes, "a raw stripe came");
+                            }
                         }
                         plan.arrived(i, arrived.bytes, node);
                         if !contributors.contains(&node) {
