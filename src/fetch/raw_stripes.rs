@@ -33,11 +33,12 @@
 //! packs less than `SAME_WIRE` times `EARNS` makes every loss look so: raw
 //! then at best matches the packed stripes' pace on the wire, and could
 //! only win by a chance, not worth a trial every few dozen stripes; the
-//! first stripes of a NAR of real binaries pack 1.3–1.8 to one.) Pure: one
-//! per holder, kept
-//! from one striped NAR to the next (`renewed`), so that a holder whose raw
-//! trials lost is not tried again for every NAR, and one whose raw stripes
-//! win gets raw ones from a NAR's first stripe.
+//! first stripes of a NAR of real binaries pack 1.3–1.8 to one.)
+//!
+//! Pure: one per holder, kept from one striped NAR to the next
+//! (`renewed`), so that a holder whose raw trials lost is not tried again
+//! for every NAR, and one whose raw stripes win gets raw ones from a NAR's
+//! first stripe.
 
 /// The share of a holder's frames found already there at or above which
 /// the asker, not the link, is taken to hold the stripes back.
