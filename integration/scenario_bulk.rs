@@ -8,8 +8,14 @@
 //! with LZ4 for an asker of version 6 and zstd only for one of version 5.
 //! A kept connection the holder's side dropped (its socket reset) costs
 //! the next NAR nothing but a new connection.
+//! From version 8, in an open mesh, bulk connections go without TLS; a
+//! holder that keeps TLS refuses them once and gets TLS from then on, a
+//! closed mesh never tries them, and a byte changed on the wire of one is
+//! caught like a lying holder's.
 
 use std::time::Duration;
+
+use nixmesh::mesh::bulk::KEEP_IDLE;
 
 use crate::harness::{wait_until, AgentHandle, Host, Lan};
 use crate::office::*;
@@ -42,6 +48,11 @@ fn large_nars_go_over_tcp_and_over_quic_when_tcp_is_blocked() {
     assert_verified(client, refs[1]);
     assert_eq!(bulk_fetches(), 1, "one NAR (the large one) over TCP");
     assert!(agent_c.peer("h1").is_some_and(|p| !p.bulk_refused));
+    // An open mesh (version 8): that connection went without TLS.
+    let dialled = agent_c
+        .peer("h1")
+        .map(|p| (p.counters.bulk_connections, p.counters.bulk_plain));
+    assert_eq!(dialled, Some((1, 1)), "one plain bulk connection");
     let served = agent_h.peer("h0").map_or(0, |p| p.counters.bytes_served);
     assert!(served >= LARGE + SMALL, "H served {served} bytes to C");
 
@@ -80,6 +91,168 @@ fn large_nars_go_over_tcp_and_over_quic_when_tcp_is_blocked() {
         "TCP was tried again: {}",
         agent_c.log()
     );
+}
+
+/// Version 8 where TLS is kept: a holder set to `bulk_encryption =
+/// "always"` refuses the client's plain connection, the client dials it
+/// under TLS at once and keeps to TLS with it; in a closed mesh (both
+/// agents with the office's mesh secret) no plain connection is tried.
+/// Every NAR arrives and verifies.
+#[test]
+fn bulk_connections_stay_under_tls_where_a_holder_or_the_mesh_keeps_it() {
+    const REFUSED: &str = "peer takes bulk connections under TLS only";
+    let lan = Lan::new(2);
+    let (client, holder) = (lan.host(0), lan.host(1));
+    let (paths, mut agent_c, mut agent_h) = client_and_holder_with(
+        &lan,
+        &[
+            ("large-1.bin", LARGE),
+            ("large-2.bin", LARGE),
+            ("large-3.bin", LARGE),
+        ],
+        "",
+        "[mesh]\nbulk_encryption = \"always\"\n",
+    );
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let counters = |agent: &AgentHandle| {
+        agent.peer("h1").map(|p| {
+            (
+                p.counters.bulk_fetches,
+                p.counters.bulk_connections,
+                p.counters.bulk_plain,
+            )
+        })
+    };
+
+    realise(client, &[refs[0]]);
+    assert_verified(client, refs[0]);
+    assert_eq!(
+        counters(&agent_c),
+        Some((1, 2, 1)),
+        "one plain connection refused, then one under TLS: {}",
+        agent_c.log()
+    );
+    assert_eq!(agent_c.log().matches(REFUSED).count(), 1);
+    assert!(!agent_c.log().contains(NO_BULK), "{}", agent_c.log());
+    // Once the kept connection has idled out, the next NAR gets a new
+    // one, under TLS without trying plain again.
+    std::thread::sleep(KEEP_IDLE + Duration::from_secs(1));
+    realise(client, &[refs[1]]);
+    assert_verified(client, refs[1]);
+    assert_eq!(counters(&agent_c), Some((2, 3, 1)), "{}", agent_c.log());
+    assert_eq!(agent_c.log().matches(REFUSED).count(), 1);
+    agent_c.stop();
+
+    // Both agents in a closed mesh: TLS only, nothing plain tried.
+    let secret = client.dir().join("mesh-secret");
+    std::fs::write(&secret, b"the office's mesh secret").expect("write the secret");
+    let mesh = format!(
+        "[mesh]\nsecret_file = {}\n",
+        toml::Value::String(secret.display().to_string())
+    );
+    agent_h.stop();
+    let agent_h = holder.start_agent(&mesh);
+    let agent_c = client.start_agent(&mesh);
+    wait_all_alive(&[(client, &agent_c), (holder, &agent_h)]);
+    realise(client, &[refs[2]]);
+    assert_verified(client, refs[2]);
+    assert_eq!(counters(&agent_c), Some((1, 1, 0)), "{}", agent_c.log());
+    assert!(!agent_c.log().contains(REFUSED), "{}", agent_c.log());
+}
+
+/// Version 8, an open mesh: a host on the path changes one byte of the
+/// holder's answer on a plain bulk connection (a proxy on the holder's
+/// host, through which nftables sends TCP to the mesh port). The client
+/// finds that the NAR does not match its NarHash: Nix never gets a corrupt
+/// valid path, and the holder is quarantined, as a lying holder is.
+#[test]
+fn a_byte_changed_on_a_plain_bulk_connection_never_makes_a_valid_path() {
+    const PROXY_PORT: u16 = 5190;
+    let lan = Lan::new(2);
+    let (client, holder) = (lan.host(0), lan.host(1));
+    let (paths, agent_c, _agent_h) = client_and_holder_of(&lan, &[("large-1.bin", LARGE)]);
+    let flipped = flipping_proxy(holder, PROXY_PORT, 8 << 20);
+    holder.run_ok(&["nft", "add", "table", "inet", "nixmesh_mitm"]);
+    holder.run_ok(&[
+        "nft",
+        "add chain inet nixmesh_mitm pre { type nat hook prerouting priority -100 ; }",
+    ]);
+    holder.run_ok(&[
+        "nft",
+        &format!("add rule inet nixmesh_mitm pre tcp dport {MESH_PORT} redirect to :{PROXY_PORT}"),
+    ]);
+
+    let out = client.run(&["nix-store", "--realise", &paths[0]]);
+    assert_eq!(
+        flipped.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the proxy changed no byte: {}",
+        agent_c.log()
+    );
+    assert_absent_or_intact(client, &paths[0]);
+    let view = agent_c.peer("h1").expect("the holder in the table");
+    assert!(
+        view.quarantined && view.counters.bulk_plain >= 1,
+        "{view:?} (nix-store: {}):\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent_c.log()
+    );
+}
+
+/// A TCP proxy on `host` at `port` (both IP versions) to its agent's mesh
+/// port that changes the byte at offset `at` of the first answer it
+/// passes on (the agent's side to the asker's); how many it changed.
+fn flipping_proxy(host: &Host, port: u16, at: u64) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let flipped = Arc::new(AtomicU64::new(0));
+    let count = flipped.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let to = format!("127.0.0.1:{MESH_PORT}");
+    // The thread lives as long as the test process: the test's namespace
+    // goes with the LAN.
+    let _proxy = host.in_netns(move || {
+        let listener = TcpListener::bind(("::", port)).expect("bind the proxy");
+        ready_tx.send(()).expect("ready");
+        for inbound in listener.incoming() {
+            let Ok(inbound) = inbound else { continue };
+            let Ok(outbound) = TcpStream::connect(&to) else {
+                continue;
+            };
+            let (mut c_in, mut c_out) = (inbound.try_clone().expect("clone"), inbound);
+            let (mut h_in, mut h_out) = (outbound.try_clone().expect("clone"), outbound);
+            std::thread::spawn(move || std::io::copy(&mut c_in, &mut h_out));
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut seen = 0u64;
+                loop {
+                    let n = match h_in.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if (seen..seen + n as u64).contains(&at)
+                        && count
+                            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                            .is_ok()
+                    {
+                        buf[(at - seen) as usize] ^= 0x40;
+                    }
+                    seen += n as u64;
+                    if c_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c_out.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the proxy listens");
+    flipped
 }
 
 #[test]
@@ -136,6 +309,16 @@ fn client_and_holder_of(
     lan: &Lan,
     files: &[(&str, u64)],
 ) -> (Vec<String>, AgentHandle, AgentHandle) {
+    client_and_holder_with(lan, files, "", "")
+}
+
+/// As `client_and_holder_of`, the agents started with these configs.
+fn client_and_holder_with(
+    lan: &Lan,
+    files: &[(&str, u64)],
+    client_config: &str,
+    holder_config: &str,
+) -> (Vec<String>, AgentHandle, AgentHandle) {
     let (client, holder) = (lan.host(0), lan.host(1));
     let office = client.generate_key("office-1");
     let dir = holder.dir().join("files");
@@ -148,8 +331,8 @@ fn client_and_holder_of(
     holder.configure_nix(&nix_conf("", &[&office.public]));
     holder.sign(&refs, &office.secret_file);
     client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
-    let agent_h = holder.start_agent("");
-    let agent_c = client.start_agent("");
+    let agent_h = holder.start_agent(holder_config);
+    let agent_c = client.start_agent(client_config);
     wait_all_alive(&[(client, &agent_c), (holder, &agent_h)]);
     (paths, agent_c, agent_h)
 }

@@ -177,14 +177,29 @@ async fn run_liar(endpoint: quinn::Endpoint, narinfo: String, nar: Arc<Vec<u8>>,
 }
 
 /// The liar's bulk connections (protocol version 5): the same lies over
-/// TLS on TCP.
+/// TLS on TCP, or (version 8) on a plain connection.
 async fn run_bulk_liar(bulk: FakeBulk, narinfo: String, nar: Arc<Vec<u8>>, lie: Lie) {
-    use tokio::io::AsyncWriteExt;
-    while let Ok((tcp, _)) = bulk.listener.accept().await {
+    use nixmesh::mesh::nar_reader::BulkStream;
+    use nixmesh::mesh::plain_bulk;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while let Ok((mut tcp, _)) = bulk.listener.accept().await {
         let (acceptor, narinfo, nar) = (bulk.acceptor.clone(), narinfo.clone(), nar.clone());
         tokio::spawn(async move {
-            let Ok(mut io) = acceptor.accept(tcp).await else {
+            let mut first = [0u8; 1];
+            if tcp.peek(&mut first).await.ok() != Some(1) {
                 return;
+            }
+            let mut io: BulkStream = if plain_bulk::opens_plain(first[0]) {
+                let mut preamble = [0u8; plain_bulk::PREAMBLE_LEN];
+                if tcp.read_exact(&mut preamble).await.is_err() {
+                    return;
+                }
+                Box::new(tcp)
+            } else {
+                match acceptor.accept(tcp).await {
+                    Ok(io) => Box::new(io),
+                    Err(_) => return,
+                }
             };
             let Ok(body) = transport::read_frame_from(
                 &mut io,
@@ -219,10 +234,21 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// A liar holds a path B wants; over QUIC or, with `bulk`, over a bulk
-/// connection (protocol version 5, TLS on TCP, for a NAR of 4 MiB and
-/// more). Nix on B never gets the path, and the liar is quarantined.
-fn liar_scenario(lie: Lie, bulk: bool) {
+/// How the liar's NAR goes to B.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    Quic,
+    /// A bulk connection (protocol version 5, TLS on TCP, for a NAR of
+    /// 4 MiB and more), B set to `bulk_encryption = "always"`.
+    Tls,
+    /// A plain bulk connection (version 8, B's default in an open mesh).
+    Plain,
+}
+
+/// A liar holds a path B wants, and sends it `via` QUIC or a bulk
+/// connection. Nix on B never gets the path, and the liar is quarantined.
+fn liar_scenario(lie: Lie, via: Via) {
+    let bulk = via != Via::Quic;
     // The truth: a real content-addressed path (no signature needed).
     let honest = TestStore::new();
     let src = tempfile::tempdir().unwrap();
@@ -256,7 +282,15 @@ fn liar_scenario(lie: Lie, bulk: bool) {
         (node, addr)
     };
 
-    let b = MeshNode::new("b", &NodeSettings::default());
+    let settings = NodeSettings {
+        mesh: if via == Via::Tls {
+            "bulk_encryption = \"always\"".into()
+        } else {
+            String::new()
+        },
+        ..Default::default()
+    };
+    let b = MeshNode::new("b", &settings);
     add_static_peer(&b, &node, addr);
     let agent = b.start();
     wait_for(Duration::from_secs(10), "b sees the liar", || {
@@ -273,6 +307,12 @@ fn liar_scenario(lie: Lie, bulk: bool) {
     let over_tcp = liar["bulk_fetches"].as_u64().unwrap_or(0);
     if bulk {
         assert!(over_tcp >= 1, "the NAR did not come over TCP: {liar}");
+        let plain = liar["bulk_plain"].as_u64().unwrap_or(0);
+        assert_eq!(
+            plain >= 1,
+            via == Via::Plain,
+            "plain bulk connections: {liar}"
+        );
     } else {
         assert_eq!(over_tcp, 0, "a small NAR came over TCP: {liar}");
     }
@@ -299,48 +339,48 @@ fn liar_scenario(lie: Lie, bulk: bool) {
 }
 
 #[test]
-fn garbage_over_a_bulk_connection_never_reaches_the_store() {
-    liar_scenario(Lie::Garbage, true);
+fn garbage_over_a_plain_bulk_connection_never_reaches_the_store() {
+    liar_scenario(Lie::Garbage, Via::Plain);
 }
 
 #[test]
-fn a_compression_bomb_over_a_bulk_connection_never_reaches_the_store() {
-    liar_scenario(Lie::Bomb, true);
+fn a_compression_bomb_over_a_tls_bulk_connection_never_reaches_the_store() {
+    liar_scenario(Lie::Bomb, Via::Tls);
 }
 
 #[test]
-fn a_holder_that_disowns_its_copy_midway_over_a_bulk_connection_is_quarantined() {
-    liar_scenario(Lie::DisownsMidway, true);
+fn a_holder_that_disowns_its_copy_midway_over_a_plain_bulk_connection_is_quarantined() {
+    liar_scenario(Lie::DisownsMidway, Via::Plain);
 }
 
 #[test]
 fn a_holder_that_disowns_its_copy_midway_is_quarantined() {
-    liar_scenario(Lie::DisownsMidway, false);
+    liar_scenario(Lie::DisownsMidway, Via::Quic);
 }
 
 #[test]
 fn bytes_that_are_not_a_nar_never_reach_the_store() {
-    liar_scenario(Lie::Garbage, false);
+    liar_scenario(Lie::Garbage, Via::Quic);
 }
 
 #[test]
 fn a_nar_with_one_byte_changed_never_reaches_the_store() {
-    liar_scenario(Lie::FlippedByte, false);
+    liar_scenario(Lie::FlippedByte, Via::Quic);
 }
 
 #[test]
 fn too_many_bytes_never_reach_the_store() {
-    liar_scenario(Lie::Overlong, false);
+    liar_scenario(Lie::Overlong, Via::Quic);
 }
 
 #[test]
 fn a_compression_bomb_never_reaches_the_store() {
-    liar_scenario(Lie::Bomb, false);
+    liar_scenario(Lie::Bomb, Via::Quic);
 }
 
 #[test]
 fn a_chunk_frame_longer_than_its_bytes_never_reaches_the_store() {
-    liar_scenario(Lie::Inflated, false);
+    liar_scenario(Lie::Inflated, Via::Quic);
 }
 
 /// A liar among the holders of a striped download: A holds a 12 MiB
@@ -408,4 +448,14 @@ fn a_liar_inside_a_striped_download_is_found_and_never_gets_a_path_in() {
     let log = agent_b.log_text();
     assert!(log.contains("striped"), "{log}");
     drop(rt);
+}
+
+#[test]
+fn garbage_over_a_tls_bulk_connection_never_reaches_the_store() {
+    liar_scenario(Lie::Garbage, Via::Tls);
+}
+
+#[test]
+fn a_compression_bomb_over_a_plain_bulk_connection_never_reaches_the_store() {
+    liar_scenario(Lie::Bomb, Via::Plain);
 }

@@ -753,7 +753,6 @@ fn the_mesh_socket_gets_large_buffers() {
 /// version 5) from a client with its own key: the TLS handshake's result,
 /// and the answer to `request` (bytes as they go on the wire) if it passed.
 async fn bulk_exchange(target: &MeshNode, request: &[u8]) -> Result<Response, String> {
-    use tokio::io::AsyncWriteExt;
     let key = SecretKey::generate("raw").unwrap();
     let id = TlsIdentity::new(&key, &MeshSecret::default()).unwrap();
     let node = nixmesh::mesh::identity::NodeId::parse(&target.key).unwrap();
@@ -763,10 +762,19 @@ async fn bulk_exchange(target: &MeshNode, request: &[u8]) -> Result<Response, St
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let name = rustls::pki_types::ServerName::try_from(transport::SERVER_NAME).unwrap();
-    let mut io = tokio_rustls::TlsConnector::from(tls)
+    let io = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await
         .map_err(|e| format!("TLS: {e}"))?;
+    exchange(io, request).await
+}
+
+/// Writes `request` on a bulk connection and reads the answer.
+async fn exchange(
+    mut io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    request: &[u8],
+) -> Result<Response, String> {
+    use tokio::io::AsyncWriteExt;
     io.write_all(request)
         .await
         .map_err(|e| format!("write: {e}"))?;
@@ -791,12 +799,18 @@ fn bulk_connections_admit_as_quic_does_and_answer_bad_requests_with_an_error() {
         ..Default::default()
     };
     let closed = MeshNode::new("closed", &closed_settings);
+    let sealed_settings = NodeSettings {
+        mesh: "bulk_encryption = \"always\"".into(),
+        ..Default::default()
+    };
+    let sealed = MeshNode::new("sealed", &sealed_settings);
     let _agents = full_mesh(
-        &[&open, &other, &closed],
+        &[&open, &other, &closed, &sealed],
         &[
             NodeSettings::default(),
             NodeSettings::default(),
             closed_settings,
+            sealed_settings,
         ],
     );
     wait_for(Duration::from_secs(10), "the agents are up", || {
@@ -840,8 +854,58 @@ fn bulk_connections_admit_as_quic_does_and_answer_bad_requests_with_an_error() {
         Ok(Response::NotFound) => {}
         other => panic!("an unknown NAR: {other:?}"),
     }
-    // The agent carries on: its QUIC peers are still alive.
-    assert!(all_alive(&open, &["other"]));
+    // Version 8: the same over a connection that opens with the plain
+    // preamble instead of TLS. `open` answers it; `closed`, and `sealed`
+    // (set to `bulk_encryption = "always"`), refuse it with code 9, after
+    // reading the request, so the refusal arrives rather than a reset; a
+    // connection that opens with neither gets no answer.
+    let asker = nixmesh::mesh::identity::NodeId::parse(&other.key).unwrap();
+    let preamble = nixmesh::mesh::plain_bulk::preamble(&asker);
+
+    // Open: served in the clear, "not found" as under TLS; a request a
+    // bulk connection does not carry gets its error as under TLS.
+    match rt.block_on(plain_exchange(&open, &preamble, &unknown)) {
+        Ok(Response::NotFound) => {}
+        other => panic!("an unknown NAR on a plain connection: {other:?}"),
+    }
+    match rt.block_on(plain_exchange(&open, &preamble, &ping)) {
+        Ok(Response::Error { code: c, .. }) => assert_eq!(c, code::UNKNOWN_KIND),
+        other => panic!("a ping on a plain connection: {other:?}"),
+    }
+    // Closed, and "always": refused with code 9.
+    for node in [&closed, &sealed] {
+        match rt.block_on(plain_exchange(node, &preamble, &unknown)) {
+            Ok(Response::Error { code: c, .. }) => assert_eq!(c, code::PLAIN_REFUSED),
+            other => panic!("{}: a plain connection: {other:?}", node.name),
+        }
+    }
+    // The first byte of the preamble, then something else: closed without
+    // an answer.
+    let mut wrong = preamble;
+    wrong[5] ^= 0x20;
+    let answer = rt.block_on(plain_exchange(&open, &wrong, &unknown));
+    assert!(answer.is_err(), "a wrong preamble got {answer:?}");
+    // The agents carry on: their QUIC peers are still alive.
+    assert!(all_alive(&open, &["other"]) && all_alive(&closed, &["other"]));
+}
+
+/// A plain bulk connection (protocol version 8) to `target`: the
+/// preamble `opening` (as `plain_bulk::preamble` makes it, or not), then
+/// `request`; the answer, or why there was none.
+async fn plain_exchange(
+    target: &MeshNode,
+    opening: &[u8],
+    request: &[u8],
+) -> Result<Response, String> {
+    use tokio::io::AsyncWriteExt;
+    let addr: SocketAddr = format!("127.0.0.1:{}", target.quic).parse().unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    tcp.write_all(opening)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    exchange(tcp, request).await
 }
 
 /// Reads one part off a bulk connection answering a request at `level`;

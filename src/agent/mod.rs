@@ -224,6 +224,7 @@ pub async fn run(
             identity,
             admission,
             store_dir: config.store.store_dir.clone(),
+            bulk_encryption: config.mesh.bulk_encryption,
         };
         let mesh = Mesh::start(setup, table, server, detached.clone(), shutdown.clone())?;
         for p in &config.mesh.static_peers {

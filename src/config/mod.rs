@@ -122,6 +122,7 @@ pub struct MeshConfig {
     pub static_peers: Vec<StaticPeer>,
     #[serde(deserialize_with = "checked::max_protocol")]
     pub max_protocol: u32,
+    pub bulk_encryption: crate::mesh::plain_bulk::BulkEncryption,
     pub compression: crate::fetch::compression::Compression,
     #[serde(deserialize_with = "checked::stripe_from_mib")]
     pub stripe_from_mib: u64,
@@ -175,6 +176,7 @@ impl Default for MeshConfig {
             allowed_peers: None,
             static_peers: Vec::new(),
             max_protocol: crate::mesh::protocol::NEWEST,
+            bulk_encryption: crate::mesh::plain_bulk::BulkEncryption::Auto,
             compression: crate::fetch::compression::Compression::Auto,
             stripe_from_mib: 32,
             plain_caches: Vec::new(),

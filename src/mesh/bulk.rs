@@ -15,7 +15,9 @@
 //! of the peer it dials, so it grants nothing QUIC does not. The agent
 //! listens on TCP at its QUIC port; a peer that cannot be reached that way
 //! (an older agent, a firewall) is asked on QUIC, and not over TCP again
-//! for `RETRY_AFTER`.
+//! for `RETRY_AFTER`. From version 8, in an open mesh, a bulk connection
+//! may go without TLS (`mesh::plain_bulk`); the listener tells the two
+//! apart by the connection's first byte.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,6 +39,7 @@ use crate::mesh::nar_chunks;
 use crate::mesh::nar_reader::BulkStream;
 use crate::mesh::nar_sink::BulkIo;
 use crate::mesh::pace::LinkSample;
+use crate::mesh::plain_bulk;
 use crate::mesh::protocol::{self, Request, Response};
 use crate::mesh::server::PeerServer;
 use crate::mesh::transport::{self, FrameReadError};
@@ -58,8 +61,9 @@ pub const IDLE_PER_PEER: usize = 4;
 pub const SERVE_IDLE: Duration = Duration::from_secs(15);
 /// A peer whose bulk connection failed is asked on QUIC for this long.
 pub const RETRY_AFTER: Duration = Duration::from_secs(300);
-/// TCP connect and TLS handshake together, either side.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// TCP connect and TLS handshake (or a plain connection's preamble)
+/// together, either side.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bulk connections in their handshake at once; more are closed at once
 /// (each handshake costs a signature and a key exchange).
 const MAX_HANDSHAKES: usize = 32;
@@ -79,7 +83,7 @@ const SEND_BUFFER: usize = nar_chunks::CHUNK + (16 << 10);
 /// idle connection too). rustls asks its transport for at most 4 KiB at a
 /// time, so without one a GiB of chunks costs a quarter of a million `recv`
 /// calls; with it, as few as 8192.
-const READ_BUFFER: usize = 128 << 10;
+pub(crate) const READ_BUFFER: usize = 128 << 10;
 
 #[derive(Debug, Error)]
 pub enum BulkError {
@@ -263,6 +267,12 @@ impl BulkIo for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
+impl BulkIo for TcpStream {
+    fn link_sample(&self) -> Option<LinkSample> {
+        tcp_sample(self.as_fd())
+    }
+}
+
 /// What a TCP connection delivered since it opened, and how long it was
 /// busy and held back by the receiver's window (`TCP_INFO`); `None` where
 /// the kernel does not count these.
@@ -318,10 +328,13 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Accepts bulk connections until `shutdown`: each is admitted by its TLS
 /// handshake (the same checks as QUIC's), then `server` answers its
-/// request (version 7: its requests, in `room`).
+/// request (version 7: its requests, in `room`). A plain connection
+/// (version 8) is served where `plain` (`plain_bulk::allowed`), and
+/// otherwise refused with `code::PLAIN_REFUSED`.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    plain: bool,
     server: Arc<PeerServer>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -351,6 +364,29 @@ pub async fn serve(
         let stop = shutdown.clone();
         let room = room.clone();
         tasks.spawn(async move {
+            let mut tcp = tcp;
+            let mut first = [0u8; 1];
+            let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await;
+            if !matches!(peeked, Ok(Ok(1))) {
+                return;
+            }
+            if plain_bulk::opens_plain(first[0]) {
+                let asker = plain_bulk::accept(&mut tcp, HANDSHAKE_TIMEOUT).await;
+                drop(handshake);
+                let Some(node) = asker else {
+                    tracing::debug!(%from, "a bulk connection opened with neither TLS nor the plain preamble");
+                    return;
+                };
+                if !plain {
+                    refuse_plain(tcp).await;
+                    return;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = server.serve_bulk(node, tcp, &room, slot) => {}
+                }
+                return;
+            }
             let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
             drop(handshake);
             let mut io = match accepted {
@@ -380,6 +416,21 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// Answers a plain connection's request with `code::PLAIN_REFUSED`: this
+/// holder takes bulk connections under TLS only. The request is read
+/// first, so that closing does not reset the connection before the asker
+/// reads the answer.
+async fn refuse_plain(mut tcp: TcpStream) {
+    let _ =
+        transport::read_frame_from(&mut tcp, protocol::MAX_REQUEST_FRAME, HANDSHAKE_TIMEOUT).await;
+    let refusal = Response::Error {
+        code: protocol::code::PLAIN_REFUSED,
+        message: "this agent takes bulk connections under TLS only".into(),
+    };
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.write_all(&refusal.encode())).await;
+    let _ = tcp.shutdown().await;
 }
 
 #[cfg(test)]

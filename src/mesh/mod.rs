@@ -20,6 +20,7 @@ pub mod nar_sink;
 pub mod node;
 pub mod pace;
 pub mod peers;
+pub mod plain_bulk;
 pub mod protocol;
 pub mod server;
 pub mod summaries;

@@ -35,7 +35,8 @@ use crate::mesh::inbound::InboundGate;
 use crate::mesh::nar_chunks;
 use crate::mesh::nar_reader::{BulkStream, NarReader, Recycle};
 use crate::mesh::peers::{LinkStats, Peer, PeerCounters, PeerSource, PeerTable, PeerView};
-use crate::mesh::protocol::{Request, Response};
+use crate::mesh::plain_bulk::{self, BulkEncryption};
+use crate::mesh::protocol::{self, Request, Response};
 use crate::mesh::server::PeerServer;
 use crate::mesh::summaries::{Summaries, Verdict};
 use crate::mesh::transport::{self, Admission, TlsIdentity, TransportError};
@@ -132,6 +133,12 @@ pub struct Mesh {
     bulk_resting: bulk::Resting,
     /// Bulk connections kept for the next part (version 7).
     bulk_idle: Arc<bulk::Idle<BulkStream>>,
+    /// Whether bulk connections go without TLS where the peer speaks
+    /// version 8 (`plain_bulk::allowed`), both ways.
+    plain_bulk: bool,
+    /// Peers that refused a plain bulk connection, dialled under TLS for a
+    /// while.
+    plain_refused: bulk::Resting,
     /// Where bulk connections are taken (TCP), once listening.
     bulk_addr: std::sync::OnceLock<SocketAddr>,
     /// The buffers bulk readers read chunks into, shared by all of them.
@@ -156,6 +163,8 @@ pub struct MeshSetup {
     pub admission: Admission,
     /// The store dir peers must share (`/nix/store`).
     pub store_dir: String,
+    /// `mesh.bulk_encryption`.
+    pub bulk_encryption: BulkEncryption,
 }
 
 impl Mesh {
@@ -173,7 +182,9 @@ impl Mesh {
             identity,
             admission,
             store_dir,
+            bulk_encryption,
         } = setup;
+        let plain_bulk = plain_bulk::allowed(bulk_encryption, &admission);
         let server_config = transport::server_config(&identity, admission.clone())?;
         let socket = bind_udp(listen).map_err(|source| MeshError::Bind {
             addr: listen,
@@ -215,6 +226,8 @@ impl Mesh {
             shutdown: shutdown.clone(),
             bulk_resting: bulk::Resting::default(),
             bulk_idle: Arc::default(),
+            plain_bulk,
+            plain_refused: bulk::Resting::default(),
             bulk_addr: std::sync::OnceLock::new(),
             chunk_buffers: nar_chunks::chunk_buffers(),
         });
@@ -261,6 +274,7 @@ impl Mesh {
                 tasks.spawn(bulk::serve(
                     listener,
                     tls,
+                    self.plain_bulk,
                     self.server.clone(),
                     tasks.clone(),
                     shutdown.clone(),
@@ -315,7 +329,7 @@ impl Mesh {
                 end: part.end,
                 level,
             };
-            match self.ask_bulk(node, conn, &req, timeout).await {
+            match self.ask_bulk(node, conn, version, &req, timeout).await {
                 Ok((Response::NotFound, _)) => return Ok(None),
                 Ok((Response::NarFollows { nar_size }, io)) => {
                     self.count(&node, |c| c.bulk_fetches += 1);
@@ -342,11 +356,14 @@ impl Mesh {
 
     /// Sends `req` to `node` over a bulk connection kept from its last
     /// part, or (when there is none, or it fails before it answers) a new
-    /// one.
+    /// one: without TLS where both sides allow it and the peer speaks
+    /// `version` 8 (`plain_bulk`), else, or after the peer refused that,
+    /// under TLS.
     async fn ask_bulk(
         &self,
         node: NodeId,
         conn: &quinn::Connection,
+        version: u32,
         req: &Request,
         timeout: Duration,
     ) -> Result<(Response, BulkStream), String> {
@@ -362,11 +379,34 @@ impl Mesh {
                 }
             }
         }
-        let tls = transport::bulk_client_config(&self.identity, self.admission.clone(), node)
-            .map_err(|e| e.to_string())?;
-        let io = bulk::dial(tls, conn.remote_address())
+        let addr = conn.remote_address();
+        let plain = self.plain_bulk
+            && version >= plain_bulk::FROM_VERSION
+            && !self.plain_refused.resting(&node, Instant::now());
+        if plain {
+            let io = plain_bulk::dial(
+                addr,
+                &self.identity.node,
+                bulk::READ_BUFFER,
+                bulk::HANDSHAKE_TIMEOUT,
+            )
             .await
             .map_err(|e| e.to_string())?;
+            self.count(&node, |c| {
+                c.bulk_connections += 1;
+                c.bulk_plain += 1;
+            });
+            match bulk::ask(io, req, timeout).await {
+                Ok((Response::Error { code, .. }, _)) if code == protocol::code::PLAIN_REFUSED => {
+                    tracing::info!(peer = %node, "peer takes bulk connections under TLS only");
+                    self.plain_refused.failed(node, Instant::now());
+                }
+                answer => return answer.map_err(|e| e.to_string()),
+            }
+        }
+        let tls = transport::bulk_client_config(&self.identity, self.admission.clone(), node)
+            .map_err(|e| e.to_string())?;
+        let io = bulk::dial(tls, addr).await.map_err(|e| e.to_string())?;
         self.count(&node, |c| c.bulk_connections += 1);
         bulk::ask(io, req, timeout).await.map_err(|e| e.to_string())
     }

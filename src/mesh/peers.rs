@@ -57,6 +57,10 @@ pub struct PeerCounters {
     /// next part, so fewer than `bulk_fetches`).
     #[serde(default)]
     pub bulk_connections: u64,
+    /// Of `bulk_connections`, those without TLS (version 8, in an open
+    /// mesh).
+    #[serde(default)]
+    pub bulk_plain: u64,
     /// Of `bytes_served`, those sent in chunks packed with zstd, and with
     /// LZ4 (protocol version 6).
     #[serde(default)]

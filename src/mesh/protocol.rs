@@ -50,13 +50,18 @@ pub const ALPN_V6: &[u8] = b"nixmesh/6";
 /// bulk connections per peer, so stripes and medium NARs go over TCP
 /// without a handshake each.
 pub const ALPN_V7: &[u8] = b"nixmesh/7";
+/// Version 8 lets bulk connections go without TLS in an open mesh
+/// (`mesh::plain_bulk`): an asker may open one with a plain preamble
+/// instead of a TLS handshake, and a holder that keeps TLS refuses it with
+/// `code::PLAIN_REFUSED`.
+pub const ALPN_V8: &[u8] = b"nixmesh/8";
 /// The ALPN of a bulk connection (TLS on TCP, version 5).
 pub const ALPN_BULK: &[u8] = b"nixmesh-bulk/1";
 /// The newest protocol version.
-pub const NEWEST: u32 = 7;
+pub const NEWEST: u32 = 8;
 /// What this node offers and accepts, in order of preference.
-pub const ALPNS: [&[u8]; 7] = [
-    ALPN_V7, ALPN_V6, ALPN_V5, ALPN_V4, ALPN_V3, ALPN_V2, ALPN_V1,
+pub const ALPNS: [&[u8]; 8] = [
+    ALPN_V8, ALPN_V7, ALPN_V6, ALPN_V5, ALPN_V4, ALPN_V3, ALPN_V2, ALPN_V1,
 ];
 /// Largest request body: a `Have` of `MAX_HAVE_BATCH` hash parts is about
 /// 33 KiB, every other request under 100 bytes. The server allocates this
@@ -88,6 +93,8 @@ pub mod code {
     pub const TIMEOUT: u32 = 7;
     /// The client stops reading (cancelled, or it found a better holder).
     pub const CANCELLED: u32 = 8;
+    /// (Version 8.) This holder takes bulk connections under TLS only.
+    pub const PLAIN_REFUSED: u32 = 9;
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -703,6 +703,7 @@ mod tests {
         assert_eq!(
             newest.alpns(),
             vec![
+                protocol::ALPN_V8.to_vec(),
                 protocol::ALPN_V7.to_vec(),
                 protocol::ALPN_V6.to_vec(),
                 protocol::ALPN_V5.to_vec(),

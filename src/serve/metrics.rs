@@ -97,7 +97,7 @@ impl Collector for PeerCollector {
             gauge.encode(m)?;
         }
 
-        let per_peer: [PeerCounter; 7] = [
+        let per_peer: [PeerCounter; 8] = [
             (
                 "nixmesh_peer_bytes_fetched",
                 "NAR bytes received from each peer",
@@ -127,6 +127,11 @@ impl Collector for PeerCollector {
                 "nixmesh_peer_bulk_connections",
                 "Bulk connections (TCP) dialed to each peer",
                 |p| p.counters.bulk_connections,
+            ),
+            (
+                "nixmesh_peer_bulk_plain_connections",
+                "Of the bulk connections dialed to each peer, those without TLS (open mesh)",
+                |p| p.counters.bulk_plain,
             ),
             (
                 "nixmesh_peer_errors",

@@ -1,0 +1,178 @@
+//! Plain bulk connections (protocol version 8): in an open mesh, a bulk
+//! connection carries its `NarChunks` request and the chunk frames that
+//! answer it on TCP without TLS.
+//!
+//! Why that gives nothing away: in an open mesh (no `mesh.secret_file`,
+//! no `mesh.allowed_peers`) any agent on the LAN is admitted and may ask
+//! any holder for any NAR it shares, so encrypting the bytes hides only
+//! which NARs a host fetched. Their integrity never rested on TLS: the
+//! asker checks every NAR against the NarHash of its narinfo, which comes
+//! over the QUIC connection (TLS, the holder's key pinned) and is signed
+//! by a key Nix trusts. A byte changed on the wire is what a lying holder
+//! sends, and is caught and handled the same way. AES-GCM cost the two
+//! agents together about 0.7 CPU-seconds per GiB (docs/benchmarks.md).
+//!
+//! An agent takes and makes plain bulk connections only with
+//! `mesh.bulk_encryption = "auto"` (the default) in an open mesh. A closed
+//! mesh's NARs are for its members only, so there bulk connections stay
+//! under TLS, and a holder refuses a plain one with `code::PLAIN_REFUSED`
+//! (after reading its request, so the asker reads the refusal rather than
+//! a reset); its asker then dials it under TLS.
+//!
+//! The connection opens with `PREAMBLE_LEN` bytes: `MAGIC`, then the
+//! asker's node key. TLS opens with a handshake record (first byte 0x16),
+//! so a holder tells the two apart by the first byte. The key is the
+//! asker's word only: the holder uses it to count what it served to whom,
+//! never to admit.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::mesh::bulk::BulkError;
+use crate::mesh::identity::NodeId;
+use crate::mesh::nar_reader::BulkStream;
+use crate::mesh::transport::Admission;
+
+/// What a plain bulk connection opens with (its first byte is not TLS's
+/// 0x16).
+pub const MAGIC: &[u8; 16] = b"nixmesh-plain/8\n";
+/// `MAGIC` and the asker's node key.
+pub const PREAMBLE_LEN: usize = MAGIC.len() + 32;
+/// The first protocol version with plain bulk connections.
+pub const FROM_VERSION: u32 = 8;
+
+/// `mesh.bulk_encryption`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BulkEncryption {
+    /// TLS in a closed mesh; none between agents of version 8 in an open
+    /// one.
+    #[default]
+    Auto,
+    /// TLS on every bulk connection.
+    Always,
+}
+
+/// Whether this agent takes and makes plain bulk connections.
+pub fn allowed(setting: BulkEncryption, admission: &Admission) -> bool {
+    setting == BulkEncryption::Auto
+        && !admission.mesh.is_set()
+        && admission.allowed.is_none()
+        && admission.max_protocol >= FROM_VERSION
+}
+
+pub fn preamble(asker: &NodeId) -> [u8; PREAMBLE_LEN] {
+    let mut out = [0u8; PREAMBLE_LEN];
+    out[..MAGIC.len()].copy_from_slice(MAGIC);
+    out[MAGIC.len()..].copy_from_slice(&asker.0);
+    out
+}
+
+/// The asker's node key, from a connection's first `PREAMBLE_LEN` bytes;
+/// `None` if they do not open with `MAGIC`.
+pub fn asker_of(preamble: &[u8; PREAMBLE_LEN]) -> Option<NodeId> {
+    let (magic, key) = preamble.split_at(MAGIC.len());
+    if magic != MAGIC {
+        return None;
+    }
+    Some(NodeId(key.try_into().ok()?))
+}
+
+/// Whether a connection whose first byte is `first` opens as a plain one.
+pub fn opens_plain(first: u8) -> bool {
+    first == MAGIC[0]
+}
+
+/// Opens a plain bulk connection to `addr` as `asker`, reading through a
+/// buffer of `read_buffer` bytes.
+pub async fn dial(
+    addr: SocketAddr,
+    asker: &NodeId,
+    read_buffer: usize,
+    timeout: Duration,
+) -> Result<BulkStream, BulkError> {
+    let connect = async {
+        let mut tcp = TcpStream::connect(addr).await.map_err(BulkError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        tcp.write_all(&preamble(asker))
+            .await
+            .map_err(BulkError::Write)?;
+        Ok::<_, BulkError>(tcp)
+    };
+    let tcp = tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| BulkError::Timeout(timeout))??;
+    Ok(Box::new(BufReader::with_capacity(read_buffer, tcp)))
+}
+
+/// Reads a plain connection's preamble (its first byte already seen) and
+/// returns the asker's word for who it is; `None` for anything else.
+pub async fn accept(tcp: &mut TcpStream, timeout: Duration) -> Option<NodeId> {
+    let mut preamble = [0u8; PREAMBLE_LEN];
+    match tokio::time::timeout(timeout, tcp.read_exact(&mut preamble)).await {
+        Ok(Ok(_)) => asker_of(&preamble),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::identity::MeshSecret;
+
+    #[test]
+    fn a_preamble_names_its_asker_and_anything_else_names_nobody() {
+        let node = NodeId([42; 32]);
+        let p = preamble(&node);
+        assert_eq!(asker_of(&p), Some(node));
+        assert!(opens_plain(p[0]));
+        // A TLS handshake record never opens as a plain connection.
+        assert!(!opens_plain(0x16));
+        let mut other = p;
+        other[3] ^= 1;
+        assert_eq!(asker_of(&other), None);
+    }
+
+    #[test]
+    fn only_an_open_mesh_of_version_8_with_auto_goes_without_tls() {
+        let open = Admission::default();
+        assert!(allowed(BulkEncryption::Auto, &open));
+        assert!(!allowed(BulkEncryption::Always, &open));
+        let secret = Admission {
+            mesh: MeshSecret::new(Some(b"office".to_vec())),
+            ..Admission::default()
+        };
+        assert!(!allowed(BulkEncryption::Auto, &secret));
+        let listed = Admission {
+            allowed: Some(vec![NodeId([1; 32])]),
+            ..Admission::default()
+        };
+        assert!(!allowed(BulkEncryption::Auto, &listed));
+        let older = Admission {
+            max_protocol: FROM_VERSION - 1,
+            ..Admission::default()
+        };
+        assert!(!allowed(BulkEncryption::Auto, &older));
+    }
+
+    #[test]
+    fn the_setting_reads_as_a_word() {
+        #[derive(Deserialize)]
+        struct S {
+            e: BulkEncryption,
+        }
+        let read = |t: &str| toml::from_str::<S>(t).map(|s| s.e);
+        assert_eq!(read("e = \"auto\"").ok(), Some(BulkEncryption::Auto));
+        assert_eq!(read("e = \"always\"").ok(), Some(BulkEncryption::Always));
+        let err = read("e = \"never\"").err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("`auto`") && e.contains("`always`")),
+            "{err:?}"
+        );
+    }
+}
