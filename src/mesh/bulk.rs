@@ -366,12 +366,15 @@ pub async fn serve(
         tasks.spawn(async move {
             let mut tcp = tcp;
             let mut first = [0u8; 1];
-            let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await;
+            // The first byte, the preamble or the TLS handshake, all
+            // within `HANDSHAKE_TIMEOUT` of the accept.
+            let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+            let peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await;
             if !matches!(peeked, Ok(Ok(1))) {
                 return;
             }
             if plain_bulk::opens_plain(first[0]) {
-                let asker = plain_bulk::accept(&mut tcp, HANDSHAKE_TIMEOUT).await;
+                let asker = plain_bulk::accept(&mut tcp, deadline).await;
                 drop(handshake);
                 let Some(node) = asker else {
                     tracing::debug!(%from, "a bulk connection opened with neither TLS nor the plain preamble");
@@ -387,7 +390,7 @@ pub async fn serve(
                 }
                 return;
             }
-            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            let accepted = tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await;
             drop(handshake);
             let mut io = match accepted {
                 Ok(Ok(io)) => io,

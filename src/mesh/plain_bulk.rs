@@ -109,11 +109,12 @@ pub async fn dial(
     Ok(Box::new(BufReader::with_capacity(read_buffer, tcp)))
 }
 
-/// Reads a plain connection's preamble (its first byte already seen) and
-/// returns the asker's word for who it is; `None` for anything else.
-pub async fn accept(tcp: &mut TcpStream, timeout: Duration) -> Option<NodeId> {
+/// Reads a plain connection's preamble (its first byte already seen) by
+/// `deadline` and returns the asker's word for who it is; `None` for
+/// anything else.
+pub async fn accept(tcp: &mut TcpStream, deadline: tokio::time::Instant) -> Option<NodeId> {
     let mut preamble = [0u8; PREAMBLE_LEN];
-    match tokio::time::timeout(timeout, tcp.read_exact(&mut preamble)).await {
+    match tokio::time::timeout_at(deadline, tcp.read_exact(&mut preamble)).await {
         Ok(Ok(_)) => asker_of(&preamble),
         _ => None,
     }
