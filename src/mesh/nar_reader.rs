@@ -30,7 +30,8 @@ pub enum NarReadError {
     Chunk(#[from] ChunkError),
     #[error("stream ended inside a chunk frame")]
     EndsMidFrame,
-    /// A bulk connection broke (or was cut off by the holder).
+    /// A bulk connection broke, was cut off by the holder, or ended before
+    /// the part's end (`cut_off`).
     #[error("bulk connection: {0}")]
     Bulk(std::io::Error),
     /// The holder stopped a bulk connection's NAR with this code (what a
@@ -101,12 +102,14 @@ async fn noting_wait<F: std::future::Future>(fut: F) -> (F::Output, bool) {
 /// Where chunk frames come from.
 pub enum FrameSource {
     Quic(quinn::RecvStream),
-    /// A bulk connection, which ends after the last frame (or, kept, is
-    /// handed to `recycle` at the holder's `DONE`).
+    /// A bulk connection, which ends after the last frame (or, with
+    /// `keep`, at the holder's `DONE`, and is then handed to `recycle`).
     Bulk {
         /// `None` once the part is done.
         io: Option<BulkStream>,
         recycle: Option<Recycle>,
+        /// The request set `nar_chunks::KEEP`: only `DONE` ends the part.
+        keep: bool,
     },
 }
 
@@ -141,6 +144,7 @@ impl NarReader {
             from: FrameSource::Bulk {
                 io: Some(io),
                 recycle,
+                keep: level & nar_chunks::KEEP != 0,
             },
             unpacker: Unpacker::with_buffers(level, buffers),
             wire: 0,
@@ -281,11 +285,18 @@ impl FrameSource {
         let mut head = [0u8; HEADER];
         let n = match self {
             FrameSource::Quic(recv) => read_exact(recv, &mut head).await?,
-            FrameSource::Bulk { io: slot, recycle } => {
+            FrameSource::Bulk {
+                io: slot,
+                recycle,
+                keep,
+            } => {
                 let Some(io) = slot else {
                     return Ok(None);
                 };
                 let n = fill(io, &mut head).await.map_err(NarReadError::Bulk)?;
+                if (n == 0 && *keep) || (n > 0 && n < HEADER) {
+                    return Err(cut_off());
+                }
                 match nar_chunks::stop_code(head).filter(|_| n == HEADER) {
                     // The part is over and the connection ready for the
                     // next; one that was not asked to stay is closed.
@@ -312,7 +323,10 @@ impl FrameSource {
         let n = match self {
             FrameSource::Quic(recv) => read_exact(recv, buf).await?,
             FrameSource::Bulk { io: Some(io), .. } => {
-                fill(io, buf).await.map_err(NarReadError::Bulk)?
+                match fill(io, buf).await.map_err(NarReadError::Bulk)? {
+                    n if n < buf.len() => return Err(cut_off()),
+                    n => n,
+                }
             }
             FrameSource::Bulk { io: None, .. } => 0,
         };
@@ -321,6 +335,18 @@ impl FrameSource {
             false => Ok(()),
         }
     }
+}
+
+/// A bulk connection that ended inside a frame, or (its request set
+/// `KEEP`) before the holder's `DONE`. On TCP the holder's death ends the
+/// connection as its close would, so this is a failed holder, not a lie:
+/// what a TLS connection says of an end without its close, and the same
+/// error.
+fn cut_off() -> NarReadError {
+    NarReadError::Bulk(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "the connection ended before the part's end",
+    ))
 }
 
 /// Fills `buf` unless the stream ends first; how much it filled.
@@ -407,6 +433,37 @@ mod tests {
             whole.extend_from_slice(&chunk);
         }
         assert!(whole == raw, "next and next_into differ");
+    }
+
+    #[tokio::test]
+    async fn a_kept_part_that_ends_without_done_is_cut_off() {
+        let raw = nar();
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let sent = frames(&raw);
+        tokio::spawn(async move {
+            for f in sent {
+                far.write_all(&f).await.unwrap();
+            }
+            // The holder's process dies here: the connection just ends.
+        });
+        let mut reader = NarReader::bulk(
+            Box::new(near),
+            LEVEL | nar_chunks::KEEP,
+            None,
+            chunk_buffers(),
+        );
+        let mut got = 0;
+        let end = loop {
+            match reader.next().await {
+                Ok(Some(chunk)) => got += chunk.len(),
+                other => break other,
+            }
+        };
+        assert_eq!(got, raw.len(), "every frame sent was read");
+        assert!(
+            matches!(&end, Err(NarReadError::Bulk(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof),
+            "{end:?}"
+        );
     }
 
     #[tokio::test]
