@@ -459,3 +459,8 @@ fn garbage_over_a_tls_bulk_connection_never_reaches_the_store() {
 fn a_compression_bomb_over_a_plain_bulk_connection_never_reaches_the_store() {
     liar_scenario(Lie::Bomb, Via::Plain);
 }
+
+#[test]
+fn a_holder_that_disowns_its_copy_midway_over_a_tls_bulk_connection_is_quarantined() {
+    liar_scenario(Lie::DisownsMidway, Via::Tls);
+}

@@ -485,6 +485,14 @@ async fn from_holder(
                 reader.stop(code::CANCELLED);
                 return HolderEnd::Failed(format!("stalled for {STALL_TIMEOUT:?}"));
             }
+            // A bulk connection cut off after the NAR's last byte (the
+            // holder died before its `DONE`): the NAR is whole and checked.
+            Ok(Err(NarReadError::Bulk(e)))
+                if e.kind() == std::io::ErrorKind::UnexpectedEof && progress.check.complete() =>
+            {
+                measure(&reader, progress.check.offset() - start);
+                return HolderEnd::Done;
+            }
             Ok(Err(
                 e @ (NarReadError::Read(_) | NarReadError::Stopped(_) | NarReadError::Bulk(_)),
             )) => {

@@ -247,6 +247,13 @@ async fn fetch_stripe(
                     "stalled for {STALL_TIMEOUT:?}"
                 )));
             }
+            // Cut off after the stripe's last byte (the holder died
+            // before its `DONE`): the stripe is whole.
+            Ok(Err(NarReadError::Bulk(e)))
+                if e.kind() == std::io::ErrorKind::UnexpectedEof && filled as u64 == want =>
+            {
+                break
+            }
             Ok(Err(
                 e @ (NarReadError::Read(_) | NarReadError::Bulk(_) | NarReadError::Stopped(_)),
             )) => return Err(StripeError::Failed(e.to_string())),

@@ -5,14 +5,16 @@
 //! segments and leaves the agents little more than AES-GCM.
 //!
 //! A bulk connection carries a `NarChunks` request and its answer, framed
-//! as on a QUIC stream, then closes (TLS close). From version 7 an asker
+//! as on a QUIC stream, then closes (TLS close; on a plain connection the
+//! TCP close). From version 7 an asker
 //! that sets `nar_chunks::KEEP` gets a `DONE` stop header after the part
 //! instead, and the holder waits `SERVE_IDLE` for the next request; the
 //! asker keeps such connections in `Idle` for `KEEP_IDLE` and asks the
 //! next part of that peer on one of them, so parts from `KEPT_FROM` (the
 //! stripes of a NAR that several peers hold) pay no handshake. It is made
 //! with the same identity and admission as the QUIC link and pins the key
-//! of the peer it dials, so it grants nothing QUIC does not. The agent
+//! of the peer it dials, so it grants nothing QUIC does not (a plain one,
+//! only in an open mesh, where QUIC admits anyone). The agent
 //! listens on TCP at its QUIC port; a peer that cannot be reached that way
 //! (an older agent, a firewall) is asked on QUIC, and not over TCP again
 //! for `RETRY_AFTER`. From version 8, in an open mesh, a bulk connection
@@ -236,8 +238,9 @@ impl Room {
     }
 }
 
-/// Which peers are asked on QUIC for now, after a bulk connection to them
-/// failed.
+/// Which peers rest from one way of asking for `RETRY_AFTER` after it
+/// failed: from bulk connections (asked on QUIC meanwhile), or (version 8)
+/// from plain ones (dialled under TLS meanwhile).
 #[derive(Default)]
 pub struct Resting {
     since: Mutex<HashMap<NodeId, Instant>>,
@@ -327,7 +330,8 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Accepts bulk connections until `shutdown`: each is admitted by its TLS
-/// handshake (the same checks as QUIC's), then `server` answers its
+/// handshake (the same checks as QUIC's), or comes as a plain one, then
+/// `server` answers its
 /// request (version 7: its requests, in `room`). A plain connection
 /// (version 8) is served where `plain` (`plain_bulk::allowed`), and
 /// otherwise refused with `code::PLAIN_REFUSED`.
@@ -374,16 +378,19 @@ pub async fn serve(
                 return;
             }
             if plain_bulk::opens_plain(first[0]) {
-                let asker = plain_bulk::accept(&mut tcp, deadline).await;
-                drop(handshake);
-                let Some(node) = asker else {
-                    tracing::debug!(%from, "a bulk connection opened with neither TLS nor the plain preamble");
+                let Some(node) = plain_bulk::accept(&mut tcp, deadline).await else {
+                    tracing::debug!(%from, "a bulk connection sent no plain preamble in time");
                     return;
                 };
                 if !plain {
-                    refuse_plain(tcp).await;
+                    // A refusal serves nothing: it holds its handshake
+                    // slot, not a serving one, and ends by the deadline.
+                    drop(slot);
+                    plain_bulk::refuse(tcp, deadline).await;
                     return;
                 }
+                drop(handshake);
+                tracing::trace!(%from, claimed = %node, "a plain bulk connection");
                 tokio::select! {
                     _ = stop.cancelled() => {}
                     _ = server.serve_bulk(node, tcp, &room, slot) => {}
@@ -419,21 +426,6 @@ pub async fn serve(
             }
         });
     }
-}
-
-/// Answers a plain connection's request with `code::PLAIN_REFUSED`: this
-/// holder takes bulk connections under TLS only. The request is read
-/// first, so that closing does not reset the connection before the asker
-/// reads the answer.
-async fn refuse_plain(mut tcp: TcpStream) {
-    let _ =
-        transport::read_frame_from(&mut tcp, protocol::MAX_REQUEST_FRAME, HANDSHAKE_TIMEOUT).await;
-    let refusal = Response::Error {
-        code: protocol::code::PLAIN_REFUSED,
-        message: "this agent takes bulk connections under TLS only".into(),
-    };
-    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.write_all(&refusal.encode())).await;
-    let _ = tcp.shutdown().await;
 }
 
 #[cfg(test)]

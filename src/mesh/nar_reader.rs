@@ -54,7 +54,7 @@ impl NarReadError {
     }
 }
 
-/// A bulk connection (TLS on TCP) as the asker holds it.
+/// A bulk connection (TLS on TCP, or plain TCP) as the asker holds it.
 pub trait BulkConn: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> BulkConn for T {}
 pub type BulkStream = Box<dyn BulkConn>;

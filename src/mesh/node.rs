@@ -391,17 +391,19 @@ impl Mesh {
                 bulk::HANDSHAKE_TIMEOUT,
             )
             .await
-            .map_err(|e| e.to_string())?;
-            self.count(&node, |c| {
-                c.bulk_connections += 1;
-                c.bulk_plain += 1;
-            });
+            .map_err(|e| format!("plain: {e}"))?;
             match bulk::ask(io, req, timeout).await {
                 Ok((Response::Error { code, .. }, _)) if code == protocol::code::PLAIN_REFUSED => {
                     tracing::info!(peer = %node, "peer takes bulk connections under TLS only");
                     self.plain_refused.failed(node, Instant::now());
                 }
-                answer => return answer.map_err(|e| e.to_string()),
+                answer => {
+                    self.count(&node, |c| {
+                        c.bulk_connections += 1;
+                        c.bulk_plain += 1;
+                    });
+                    return answer.map_err(|e| format!("plain: {e}"));
+                }
             }
         }
         let tls = transport::bulk_client_config(&self.identity, self.admission.clone(), node)

@@ -58,7 +58,7 @@ pub struct PeerCounters {
     #[serde(default)]
     pub bulk_connections: u64,
     /// Of `bulk_connections`, those without TLS (version 8, in an open
-    /// mesh).
+    /// mesh; a plain one the peer refused is not counted).
     #[serde(default)]
     pub bulk_plain: u64,
     /// Of `bytes_served`, those sent in chunks packed with zstd, and with

@@ -32,10 +32,11 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::mesh::bulk::BulkError;
+use crate::mesh::bulk::{BulkError, HANDSHAKE_TIMEOUT};
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_reader::BulkStream;
-use crate::mesh::transport::Admission;
+use crate::mesh::protocol::{self, Response};
+use crate::mesh::transport::{self, Admission};
 
 /// What a plain bulk connection opens with (its first byte is not TLS's
 /// 0x16).
@@ -65,6 +66,7 @@ pub fn allowed(setting: BulkEncryption, admission: &Admission) -> bool {
         && admission.max_protocol >= FROM_VERSION
 }
 
+/// What an asker opens a plain connection with.
 pub fn preamble(asker: &NodeId) -> [u8; PREAMBLE_LEN] {
     let mut out = [0u8; PREAMBLE_LEN];
     out[..MAGIC.len()].copy_from_slice(MAGIC);
@@ -110,14 +112,32 @@ pub async fn dial(
 }
 
 /// Reads a plain connection's preamble (its first byte already seen) by
-/// `deadline` and returns the asker's word for who it is; `None` for
-/// anything else.
+/// `deadline` and returns the asker's word for who it is; `None` for a
+/// wrong preamble, or none in time.
 pub async fn accept(tcp: &mut TcpStream, deadline: tokio::time::Instant) -> Option<NodeId> {
     let mut preamble = [0u8; PREAMBLE_LEN];
     match tokio::time::timeout_at(deadline, tcp.read_exact(&mut preamble)).await {
         Ok(Ok(_)) => asker_of(&preamble),
         _ => None,
     }
+}
+
+/// Answers a plain connection's request with `code::PLAIN_REFUSED` (this
+/// holder keeps TLS), all by `deadline`. The request is read first, so
+/// that closing does not reset the connection before the asker reads the
+/// answer.
+pub async fn refuse(mut tcp: TcpStream, deadline: tokio::time::Instant) {
+    let _ = tokio::time::timeout_at(
+        deadline,
+        transport::read_frame_from(&mut tcp, protocol::MAX_REQUEST_FRAME, HANDSHAKE_TIMEOUT),
+    )
+    .await;
+    let refusal = Response::Error {
+        code: protocol::code::PLAIN_REFUSED,
+        message: "this agent takes bulk connections under TLS only".into(),
+    };
+    let _ = tokio::time::timeout_at(deadline, tcp.write_all(&refusal.encode())).await;
+    let _ = tcp.shutdown().await;
 }
 
 #[cfg(test)]
