@@ -6,8 +6,8 @@
 //!
 //! A bulk connection carries a `NarChunks` request and its answer, framed
 //! as on a QUIC stream, then closes (TLS close; on a plain connection the
-//! TCP close). From version 7 an asker
-//! that sets `nar_chunks::KEEP` gets a `DONE` stop header after the part
+//! TCP close). From version 7 an asker that sets `nar_chunks::KEEP` gets
+//! a `DONE` stop header after the part
 //! instead, and the holder waits `SERVE_IDLE` for the next request; the
 //! asker keeps such connections in `Idle` for `KEEP_IDLE` and asks the
 //! next part of that peer on one of them, so parts from `KEPT_FROM` (the
@@ -330,8 +330,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Accepts bulk connections until `shutdown`: each is admitted by its TLS
-/// handshake (the same checks as QUIC's), or comes as a plain one, then
-/// `server` answers its
+/// handshake (the same checks as QUIC's), then `server` answers its
 /// request (version 7: its requests, in `room`). A plain connection
 /// (version 8) is served where `plain` (`plain_bulk::allowed`), and
 /// otherwise refused with `code::PLAIN_REFUSED`.
