@@ -384,14 +384,9 @@ impl Mesh {
             && version >= plain_bulk::FROM_VERSION
             && !self.plain_refused.resting(&node, Instant::now());
         if plain {
-            let io = plain_bulk::dial(
-                addr,
-                &self.identity.node,
-                bulk::READ_BUFFER,
-                bulk::HANDSHAKE_TIMEOUT,
-            )
-            .await
-            .map_err(|e| format!("plain: {e}"))?;
+            let io = plain_bulk::dial(addr, &self.identity.node)
+                .await
+                .map_err(|e| format!("plain: {e}"))?;
             match bulk::ask(io, req, timeout).await {
                 Ok((Response::Error { code, .. }, _)) if code == protocol::code::PLAIN_REFUSED => {
                     tracing::info!(peer = %node, "peer takes bulk connections under TLS only");

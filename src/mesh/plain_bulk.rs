@@ -29,13 +29,12 @@
 //! never to admit.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::mesh::bulk::{BulkError, HANDSHAKE_TIMEOUT};
+use crate::mesh::bulk::{BulkError, HANDSHAKE_TIMEOUT, READ_BUFFER};
 use crate::mesh::identity::NodeId;
 use crate::mesh::nar_reader::BulkStream;
 use crate::mesh::protocol::{self, Response};
@@ -92,14 +91,10 @@ pub fn opens_plain(first: u8) -> bool {
     first == MAGIC[0]
 }
 
-/// Opens a plain bulk connection to `addr` as `asker`, reading through a
-/// buffer of `read_buffer` bytes.
-pub async fn dial(
-    addr: SocketAddr,
-    asker: &NodeId,
-    read_buffer: usize,
-    timeout: Duration,
-) -> Result<BulkStream, BulkError> {
+/// Opens a plain bulk connection to `addr` as `asker`, within
+/// `HANDSHAKE_TIMEOUT`, reading through a buffer as a TLS one does.
+pub async fn dial(addr: SocketAddr, asker: &NodeId) -> Result<BulkStream, BulkError> {
+    let timeout = HANDSHAKE_TIMEOUT;
     let connect = async {
         let mut tcp = TcpStream::connect(addr).await.map_err(BulkError::Connect)?;
         let _ = tcp.set_nodelay(true);
@@ -111,7 +106,7 @@ pub async fn dial(
     let tcp = tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| BulkError::Timeout(timeout))??;
-    Ok(Box::new(BufReader::with_capacity(read_buffer, tcp)))
+    Ok(Box::new(BufReader::with_capacity(READ_BUFFER, tcp)))
 }
 
 /// Reads a plain connection's preamble (its first byte already seen) by
