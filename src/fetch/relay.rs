@@ -4,7 +4,8 @@
 //! the same canonical bytes). The last chunk is held back until the whole
 //! NAR verified, so Nix never receives a complete wrong body: with no holder
 //! left, or a hash mismatch, the response is cut off instead. A peer whose
-//! bytes did not verify is quarantined.
+//! bytes did not verify is quarantined (or first, where they may have come
+//! in the clear, dialled under TLS: `Mesh::blame`).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -214,7 +215,7 @@ pub async fn relay(
                 return None;
             }
             HolderEnd::Lied(why) => {
-                quarantine(&resolver, node, why);
+                blame(&resolver, node, why);
                 stats.verify_failures.inc();
                 // What it sent so far is suspect and Nix already has it: cut
                 // the response off; Nix's next try avoids this peer.
@@ -241,13 +242,13 @@ pub async fn relay(
                 }
                 if let Some(source) = narinfo_from {
                     if Some(node) == narinfo_from || disagree.len() >= 2 {
-                        quarantine(&resolver, source, "its narinfo's NarSize is not its NAR's");
+                        blame(&resolver, source, "its narinfo's NarSize is not its NAR's");
                         resolver.forget(&hash);
                     }
                 }
             }
             HolderEnd::Disowned => {
-                quarantine(&resolver, node, "its own store copy is corrupt");
+                blame(&resolver, node, "its own store copy is corrupt");
                 stats.verify_failures.inc();
             }
         }
@@ -263,7 +264,7 @@ pub async fn relay(
         if outcome.is_some() && verdict == Verdict::Mismatch {
             stats.verify_failures.inc();
             for node in &contributors {
-                quarantine(&resolver, *node, "NAR did not match its hash");
+                blame(&resolver, *node, "NAR did not match its hash");
             }
             tell_holders(&resolver, &contributors, info);
             resolver.forget(&hash);
@@ -283,7 +284,7 @@ pub async fn relay(
                 .zip(stripe_ends)
                 .and_then(|(p, e)| p.first_liar(&e));
             if let Some(liar) = liar {
-                quarantine(&resolver, liar, "sent a wrong stripe of a NAR");
+                blame(&resolver, liar, "sent a wrong stripe of a NAR");
             }
             stats.forget_striped(&hash);
             finished_by = Some(node);
@@ -299,7 +300,7 @@ pub async fn relay(
         (Some(_), _) => {
             stats.verify_failures.inc();
             for node in &contributors {
-                quarantine(&resolver, *node, "NAR did not match its hash");
+                blame(&resolver, *node, "NAR did not match its hash");
             }
             tell_holders(&resolver, &contributors, info);
             resolver.forget(&hash);
@@ -388,9 +389,11 @@ fn tell_holders(resolver: &Resolver, holders: &[NodeId], info: &crate::nix::Path
     }
 }
 
-fn quarantine(resolver: &Resolver, node: NodeId, why: &str) {
-    tracing::error!(peer = %node, reason = why, "quarantining a peer");
-    resolver.mesh().quarantine(&node, QUARANTINE);
+/// `node` sent bytes that failed their check: quarantined, or, where they
+/// may have come in the clear, dialled under TLS from now on
+/// (`Mesh::blame`).
+fn blame(resolver: &Resolver, node: NodeId, why: &str) {
+    resolver.mesh().blame(&node, QUARANTINE, why);
 }
 
 /// How far a relay has come, across holders.

@@ -401,9 +401,11 @@ pub async fn fetch_striped(
         Passed::Done => Striped::Done(contributors),
         Passed::Mismatch => Striped::Mismatch(contributors, prefixes),
         Passed::NotANar(from) => {
-            resolver
-                .mesh()
-                .quarantine(&from, crate::fetch::relay::QUARANTINE);
+            resolver.mesh().blame(
+                &from,
+                crate::fetch::relay::QUARANTINE,
+                "sent a stripe that is not a NAR",
+            );
             Striped::Mismatch(contributors, prefixes)
         }
         Passed::ClientGone => Striped::ClientGone,
@@ -490,10 +492,10 @@ async fn fetch_in_order(
                         plan.failed(i);
                     }
                     Err(StripeError::Lied(reason)) => {
-                        tracing::error!(peer = %node, path = %info.path, %reason, "quarantining a peer");
+                        tracing::warn!(peer = %node, path = %info.path, %reason, "a holder sent a wrong stripe");
                         resolver
                             .mesh()
-                            .quarantine(&node, crate::fetch::relay::QUARANTINE);
+                            .blame(&node, crate::fetch::relay::QUARANTINE, &reason);
                         plan.failed(i);
                     }
                 }

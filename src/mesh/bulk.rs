@@ -238,15 +238,29 @@ impl Room {
     }
 }
 
-/// Which peers rest from one way of asking for `RETRY_AFTER` after it
-/// failed: from bulk connections (asked on QUIC meanwhile), or (version 8)
-/// from plain ones (dialled under TLS meanwhile).
-#[derive(Default)]
+/// Which peers rest from one way of asking for a while (`RETRY_AFTER`
+/// unless made `lasting` another period) after it failed: from bulk
+/// connections (asked on QUIC meanwhile), or (version 8) from plain ones
+/// (dialled under TLS meanwhile).
 pub struct Resting {
     since: Mutex<HashMap<NodeId, Instant>>,
+    period: Duration,
+}
+
+impl Default for Resting {
+    fn default() -> Self {
+        Resting::lasting(RETRY_AFTER)
+    }
 }
 
 impl Resting {
+    pub fn lasting(period: Duration) -> Self {
+        Resting {
+            since: Mutex::default(),
+            period,
+        }
+    }
+
     pub fn failed(&self, node: NodeId, now: Instant) {
         lock(&self.since).insert(node, now);
     }
@@ -254,7 +268,7 @@ impl Resting {
     pub fn resting(&self, node: &NodeId, now: Instant) -> bool {
         let mut since = lock(&self.since);
         match since.get(node) {
-            Some(t) if now.duration_since(*t) < RETRY_AFTER => true,
+            Some(t) if now.duration_since(*t) < self.period => true,
             Some(_) => {
                 since.remove(node);
                 false
@@ -495,6 +509,11 @@ mod tests {
         assert!(!resting.resting(&node, t + RETRY_AFTER));
         // And it is forgotten once the rest is over.
         assert!(!resting.resting(&node, t + Duration::from_secs(1)));
+        // A rest made to last longer.
+        let distrust = Resting::lasting(RETRY_AFTER * 12);
+        distrust.failed(node, t);
+        assert!(distrust.resting(&node, t + RETRY_AFTER));
+        assert!(!distrust.resting(&node, t + RETRY_AFTER * 12));
     }
 
     #[test]

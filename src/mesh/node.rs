@@ -139,6 +139,12 @@ pub struct Mesh {
     /// Peers that refused a plain bulk connection, dialled under TLS for a
     /// while.
     plain_refused: bulk::Resting,
+    /// Peers whose bytes failed their check while their bulk connections
+    /// went in the clear, dialled under TLS for `plain_bulk::DISTRUST`.
+    plain_distrusted: bulk::Resting,
+    /// When a part last came from each peer on a bulk connection in the
+    /// clear.
+    clear_parts: Mutex<HashMap<NodeId, Instant>>,
     /// Where bulk connections are taken (TCP), once listening.
     bulk_addr: std::sync::OnceLock<SocketAddr>,
     /// The buffers bulk readers read chunks into, shared by all of them.
@@ -228,6 +234,8 @@ impl Mesh {
             bulk_idle: Arc::default(),
             plain_bulk,
             plain_refused: bulk::Resting::default(),
+            plain_distrusted: bulk::Resting::lasting(plain_bulk::DISTRUST),
+            clear_parts: Mutex::default(),
             bulk_addr: std::sync::OnceLock::new(),
             chunk_buffers: nar_chunks::chunk_buffers(),
         });
@@ -333,6 +341,11 @@ impl Mesh {
                 Ok((Response::NotFound, _)) => return Ok(None),
                 Ok((Response::NarFollows { nar_size }, io)) => {
                     self.count(&node, |c| c.bulk_fetches += 1);
+                    // A kept connection was dialled as a new one would be
+                    // now, unless that changed since (`blame` drops them).
+                    if self.dials_plain(&node, version, Instant::now()) {
+                        lock(&self.clear_parts).insert(node, Instant::now());
+                    }
                     let recycle = keep.then(|| Recycle {
                         idle: self.bulk_idle.clone(),
                         node,
@@ -380,10 +393,7 @@ impl Mesh {
             }
         }
         let addr = conn.remote_address();
-        let plain = self.plain_bulk
-            && version >= plain_bulk::FROM_VERSION
-            && !self.plain_refused.resting(&node, Instant::now());
-        if plain {
+        if self.dials_plain(&node, version, Instant::now()) {
             let io = plain_bulk::dial(addr, &self.identity.node)
                 .await
                 .map_err(|e| format!("plain: {e}"))?;
@@ -406,6 +416,39 @@ impl Mesh {
         let io = bulk::dial(tls, addr).await.map_err(|e| e.to_string())?;
         self.count(&node, |c| c.bulk_connections += 1);
         bulk::ask(io, req, timeout).await.map_err(|e| e.to_string())
+    }
+
+    /// Whether a bulk connection to `node`, which speaks `version`, is
+    /// dialled without TLS now.
+    fn dials_plain(&self, node: &NodeId, version: u32, now: Instant) -> bool {
+        self.plain_bulk
+            && version >= plain_bulk::FROM_VERSION
+            && !self.plain_refused.resting(node, now)
+            && !self.plain_distrusted.resting(node, now)
+    }
+
+    /// What `node` sent failed its check (`why`). If a part came from it
+    /// in the clear lately (`plain_bulk::RECENT`) and its bulk connections
+    /// still go so, a host on the path may have changed the bytes: they go
+    /// under TLS for `plain_bulk::DISTRUST` (the connections kept to it
+    /// are dropped) and the peer stays in. Otherwise, as when it fails
+    /// again under TLS, it is left out for `period`. Which part failed is
+    /// not asked: a liar whose lie came on QUIC shortly after a part in
+    /// the clear gets one more try, under TLS, than it would have.
+    pub fn blame(&self, node: &NodeId, period: Duration, why: &str) {
+        let now = Instant::now();
+        let recent = lock(&self.clear_parts)
+            .get(node)
+            .is_some_and(|t| now.duration_since(*t) < plain_bulk::RECENT);
+        if recent && !self.plain_distrusted.resting(node, now) {
+            self.plain_distrusted.failed(*node, now);
+            self.bulk_idle.forget(node);
+            self.count(node, |c| c.bulk_plain_failed += 1);
+            tracing::warn!(peer = %node, reason = why, "bytes that may have come in the clear failed their check; bulk connections to the peer go under TLS for a while");
+            return;
+        }
+        tracing::error!(peer = %node, reason = why, "quarantining a peer");
+        self.quarantine(node, period);
     }
 
     /// The server that answers this node's peers.

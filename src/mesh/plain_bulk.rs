@@ -9,9 +9,12 @@
 //! asker checks every NAR against the NarHash of its narinfo, which comes
 //! over the QUIC connection (TLS, the holder's key pinned), and Nix checks
 //! the narinfo as it checks any cache's. A byte changed on the wire is
-//! what a lying holder sends, and is caught and handled the same way: so a
-//! host on the path can get an honest holder quarantined (a denial of
-//! service, as dropping its packets is), never a wrong byte into a store.
+//! caught as a lying holder's is, so a host on the path can make a NAR
+//! fail (as dropping its packets can), never get a wrong byte into a
+//! store. Nor can it get an honest holder quarantined: bytes that fail
+//! their check while a holder's bulk connections go in the clear move
+//! them under TLS for `DISTRUST` (`Mesh::blame`), and only a holder whose
+//! bytes fail there too is quarantined.
 //! AES-GCM cost the two agents 0.67 of their 3.05 CPU-seconds per GiB in
 //! session 33's profile (docs/benchmarks.md).
 //!
@@ -29,6 +32,7 @@
 //! never to admit.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -47,6 +51,14 @@ pub const MAGIC: &[u8; 16] = b"nixmesh-plain/8\n";
 pub const PREAMBLE_LEN: usize = MAGIC.len() + 32;
 /// The first protocol version with plain bulk connections.
 pub const FROM_VERSION: u32 = 8;
+/// How long an asker dials a holder under TLS after bytes from it failed
+/// their check while they came in the clear.
+pub const DISTRUST: Duration = Duration::from_secs(3600);
+/// How long after a part last came from a holder in the clear bytes from
+/// it that fail their check may be ones changed on the way (a part of a
+/// large NAR takes minutes on a slow link; a striped fetch's liar is named
+/// on Nix's next try).
+pub const RECENT: Duration = Duration::from_secs(600);
 
 /// `mesh.bulk_encryption`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]

@@ -97,7 +97,7 @@ impl Collector for PeerCollector {
             gauge.encode(m)?;
         }
 
-        let per_peer: [PeerCounter; 8] = [
+        let per_peer: [PeerCounter; 9] = [
             (
                 "nixmesh_peer_bytes_fetched",
                 "NAR bytes received from each peer",
@@ -132,6 +132,11 @@ impl Collector for PeerCollector {
                 "nixmesh_peer_bulk_plain_connections",
                 "Of the bulk connections dialed to each peer, those without TLS (open mesh)",
                 |p| p.counters.bulk_plain,
+            ),
+            (
+                "nixmesh_peer_bulk_plain_failures",
+                "NARs or stripes from each peer that failed their check while its bulk connections went without TLS (then under TLS for an hour)",
+                |p| p.counters.bulk_plain_failed,
             ),
             (
                 "nixmesh_peer_errors",
