@@ -12,6 +12,10 @@ use crate::harness::{wait_until, AgentHandle, Host};
 pub const SUBSTITUTER: &str = "http://127.0.0.1:5181";
 /// The `[http_cache]` port of upstream hosts.
 pub const CACHE_PORT: u16 = 5180;
+/// The agents' default mesh port, UDP for QUIC and TCP for bulk.
+pub const MESH_PORT: u16 = 5182;
+/// Where `tamper_on_the_path`'s proxy listens.
+const TAMPER_PORT: u16 = 5190;
 /// How long a fresh mesh may take until every agent sees every other.
 pub const CONVERGE: Duration = Duration::from_secs(20);
 
@@ -172,4 +176,75 @@ pub fn assert_all_verified(host: &Host, paths: &[String]) {
     host.run_ok(&argv);
     argv[1] = "--verify-path";
     host.run_ok(&argv);
+}
+
+/// A host on the path of `host`'s bulk connections: a TCP proxy on it
+/// (both IP versions), through which nftables sends TCP to its agent's
+/// mesh port, that changes the byte at offset `at` of the first answer it
+/// passes on (the agent's side to the asker's). How many it changed.
+pub fn tamper_on_the_path(host: &Host, at: u64) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    let flipped = flipping_proxy(host, TAMPER_PORT, at);
+    host.run_ok(&["nft", "add", "table", "inet", "nixmesh_mitm"]);
+    host.run_ok(&[
+        "nft",
+        "add chain inet nixmesh_mitm pre { type nat hook prerouting priority -100 ; }",
+    ]);
+    host.run_ok(&[
+        "nft",
+        &format!("add rule inet nixmesh_mitm pre tcp dport {MESH_PORT} redirect to :{TAMPER_PORT}"),
+    ]);
+    flipped
+}
+
+fn flipping_proxy(host: &Host, port: u16, at: u64) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let flipped = Arc::new(AtomicU64::new(0));
+    let count = flipped.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let to = format!("127.0.0.1:{MESH_PORT}");
+    // The thread lives as long as the test process: the test's namespace
+    // goes with the LAN.
+    let _proxy = host.in_netns(move || {
+        let listener = TcpListener::bind(("::", port)).expect("bind the proxy");
+        ready_tx.send(()).expect("ready");
+        for inbound in listener.incoming() {
+            let Ok(inbound) = inbound else { continue };
+            let Ok(outbound) = TcpStream::connect(&to) else {
+                continue;
+            };
+            let (mut c_in, mut c_out) = (inbound.try_clone().expect("clone"), inbound);
+            let (mut h_in, mut h_out) = (outbound.try_clone().expect("clone"), outbound);
+            std::thread::spawn(move || std::io::copy(&mut c_in, &mut h_out));
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut seen = 0u64;
+                loop {
+                    let n = match h_in.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if (seen..seen + n as u64).contains(&at)
+                        && count
+                            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                            .is_ok()
+                    {
+                        buf[(at - seen) as usize] ^= 0x40;
+                    }
+                    seen += n as u64;
+                    if c_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c_out.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the proxy listens");
+    flipped
 }

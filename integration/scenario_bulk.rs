@@ -23,8 +23,6 @@ use crate::office::*;
 
 const LARGE: u64 = 24 << 20;
 const SMALL: u64 = 512 << 10;
-/// The agents' default mesh port, UDP for QUIC and TCP for bulk.
-const MESH_PORT: &str = "5182";
 const NO_BULK: &str = "no bulk connection to peer";
 
 #[test]
@@ -169,20 +167,10 @@ fn bulk_connections_stay_under_tls_where_a_holder_or_the_mesh_keeps_it() {
 /// clear: they come again under TLS, and intact.
 #[test]
 fn a_byte_changed_on_a_plain_bulk_connection_never_makes_a_valid_path_and_moves_to_tls() {
-    const PROXY_PORT: u16 = 5190;
     let lan = Lan::new(2);
     let (client, holder) = (lan.host(0), lan.host(1));
     let (paths, agent_c, _agent_h) = client_and_holder_of(&lan, &[("large-1.bin", LARGE)]);
-    let flipped = flipping_proxy(holder, PROXY_PORT, 8 << 20);
-    holder.run_ok(&["nft", "add", "table", "inet", "nixmesh_mitm"]);
-    holder.run_ok(&[
-        "nft",
-        "add chain inet nixmesh_mitm pre { type nat hook prerouting priority -100 ; }",
-    ]);
-    holder.run_ok(&[
-        "nft",
-        &format!("add rule inet nixmesh_mitm pre tcp dport {MESH_PORT} redirect to :{PROXY_PORT}"),
-    ]);
+    let flipped = tamper_on_the_path(holder, 8 << 20);
 
     let out = client.run(&["nix-store", "--realise", &paths[0]]);
     assert_eq!(
@@ -218,62 +206,6 @@ fn a_byte_changed_on_a_plain_bulk_connection_never_makes_a_valid_path_and_moves_
     assert!(!log.contains("quarantining a peer"), "{log}");
 }
 
-/// A TCP proxy on `host` at `port` (both IP versions) to its agent's mesh
-/// port that changes the byte at offset `at` of the first answer it
-/// passes on (the agent's side to the asker's); how many it changed.
-fn flipping_proxy(host: &Host, port: u16, at: u64) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
-    use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
-    let flipped = Arc::new(AtomicU64::new(0));
-    let count = flipped.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let to = format!("127.0.0.1:{MESH_PORT}");
-    // The thread lives as long as the test process: the test's namespace
-    // goes with the LAN.
-    let _proxy = host.in_netns(move || {
-        let listener = TcpListener::bind(("::", port)).expect("bind the proxy");
-        ready_tx.send(()).expect("ready");
-        for inbound in listener.incoming() {
-            let Ok(inbound) = inbound else { continue };
-            let Ok(outbound) = TcpStream::connect(&to) else {
-                continue;
-            };
-            let (mut c_in, mut c_out) = (inbound.try_clone().expect("clone"), inbound);
-            let (mut h_in, mut h_out) = (outbound.try_clone().expect("clone"), outbound);
-            std::thread::spawn(move || std::io::copy(&mut c_in, &mut h_out));
-            let count = count.clone();
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 64 << 10];
-                let mut seen = 0u64;
-                loop {
-                    let n = match h_in.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if (seen..seen + n as u64).contains(&at)
-                        && count
-                            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
-                            .is_ok()
-                    {
-                        buf[(at - seen) as usize] ^= 0x40;
-                    }
-                    seen += n as u64;
-                    if c_out.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = c_out.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the proxy listens");
-    flipped
-}
-
 #[test]
 fn a_kept_connection_that_was_reset_is_dialled_anew() {
     let lan = Lan::new(2);
@@ -306,7 +238,10 @@ fn a_kept_connection_that_was_reset_is_dialled_anew() {
         &format!(":{MESH_PORT}"),
         ")",
     ]);
-    assert!(killed.contains(MESH_PORT), "no connection reset: {killed}");
+    assert!(
+        killed.contains(&MESH_PORT.to_string()),
+        "no connection reset: {killed}"
+    );
 
     realise(client, &[refs[1]]);
     assert_verified(client, refs[1]);

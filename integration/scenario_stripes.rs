@@ -125,3 +125,71 @@ fn striped(loss: Loss) {
     assert!(log.contains("striped=true"), "{log}");
     assert_eq!(agent_c.metric("nixmesh_nar_verify_failures_total"), 0.0);
 }
+
+/// Version 8, an open mesh: a host on the path of one holder's bulk
+/// connections (a proxy on its host) changes one byte of a stripe, which
+/// comes without TLS. The striped NAR fails its hash, Nix never gets a
+/// corrupt valid path, and Nix's next try (one holder at a time) names the
+/// stripe's sender. That holder is not quarantined, since its stripe came
+/// in the clear: its bulk connections go under TLS. The path arrives
+/// intact.
+#[test]
+fn a_byte_changed_on_the_path_inside_a_striped_download_moves_that_holder_to_tls() {
+    let lan = Lan::new(4);
+    let client = lan.host(0);
+    let holders = [lan.host(1), lan.host(2), lan.host(3)];
+    let office = client.generate_key("office-1");
+    let source = random_file(&holders[0].dir().join("files"), "striped.bin", 64 << 20);
+    let path = holders[0].add_path(&source);
+    for h in &holders[1..] {
+        assert_eq!(h.add_path(&source), path);
+    }
+    for h in holders {
+        h.configure_nix(&nix_conf("", &[&office.public]));
+        h.sign(&[&path], &office.secret_file);
+    }
+    client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
+    let agents: Vec<_> = holders.iter().map(|h| h.start_agent("")).collect();
+    let agent_c = client.start_agent("");
+    let mut all: Vec<_> = holders.iter().copied().zip(agents.iter()).collect();
+    all.push((client, &agent_c));
+    wait_all_alive(&all);
+    // Inside the data of h1's first stripe (random bytes go raw), past
+    // the answer's header and the first frame's.
+    let flipped = tamper_on_the_path(holders[0], (1 << 20) + 4099);
+
+    let mut tries = 0;
+    while !client.has_path(&path) && tries < 4 {
+        tries += 1;
+        let out = client.run(&["nix-store", "--realise", &path]);
+        eprintln!(
+            "try {tries}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_absent_or_intact(client, &path);
+    }
+    assert_verified(client, &path);
+    assert_eq!(
+        flipped.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the proxy changed no byte: {}",
+        agent_c.log()
+    );
+    let log = agent_c.log();
+    assert!(
+        log.contains("striped=true") || log.contains("striped fetch failed"),
+        "{log}"
+    );
+    let h1 = agent_c.peer("h1").expect("h1 in the table");
+    assert!(
+        !h1.quarantined && h1.counters.bulk_plain_failed == 1,
+        "{h1:?}\n{log}"
+    );
+    assert!(
+        log.contains("bulk connections to the peer go under TLS"),
+        "{log}"
+    );
+    assert!(!log.contains("quarantining a peer"), "{log}");
+    assert!(agent_c.metric("nixmesh_nar_verify_failures_total") >= 1.0);
+}
