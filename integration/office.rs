@@ -180,10 +180,15 @@ pub fn assert_all_verified(host: &Host, paths: &[String]) {
 
 /// A host on the path of `host`'s bulk connections: a TCP proxy on it
 /// (both IP versions), through which nftables sends TCP to its agent's
-/// mesh port, that changes the byte at offset `at` of the first answer it
-/// passes on (the agent's side to the asker's). How many it changed.
-pub fn tamper_on_the_path(host: &Host, at: u64) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
-    let flipped = flipping_proxy(host, TAMPER_PORT, at);
+/// mesh port, that changes the byte at offset `at` of what a connection
+/// carries from the agent to the asker, on the first `times` connections
+/// that carry that far. How many bytes it changed.
+pub fn tamper_on_the_path(
+    host: &Host,
+    at: u64,
+    times: u64,
+) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    let flipped = flipping_proxy(host, TAMPER_PORT, at, times);
     host.run_ok(&["nft", "add", "table", "inet", "nixmesh_mitm"]);
     host.run_ok(&[
         "nft",
@@ -196,7 +201,12 @@ pub fn tamper_on_the_path(host: &Host, at: u64) -> std::sync::Arc<std::sync::ato
     flipped
 }
 
-fn flipping_proxy(host: &Host, port: u16, at: u64) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+fn flipping_proxy(
+    host: &Host,
+    port: u16,
+    at: u64,
+    times: u64,
+) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -227,9 +237,10 @@ fn flipping_proxy(host: &Host, port: u16, at: u64) -> std::sync::Arc<std::sync::
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
+                    let take_one = |c: u64| (c < times).then_some(c + 1);
                     if (seen..seen + n as u64).contains(&at)
                         && count
-                            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, take_one)
                             .is_ok()
                     {
                         buf[(at - seen) as usize] ^= 0x40;

@@ -170,7 +170,7 @@ fn a_byte_changed_on_a_plain_bulk_connection_never_makes_a_valid_path_and_moves_
     let lan = Lan::new(2);
     let (client, holder) = (lan.host(0), lan.host(1));
     let (paths, agent_c, _agent_h) = client_and_holder_of(&lan, &[("large-1.bin", LARGE)]);
-    let flipped = tamper_on_the_path(holder, 8 << 20);
+    let flipped = tamper_on_the_path(holder, 8 << 20, 1);
 
     let out = client.run(&["nix-store", "--realise", &paths[0]]);
     assert_eq!(
@@ -192,7 +192,7 @@ fn a_byte_changed_on_a_plain_bulk_connection_never_makes_a_valid_path_and_moves_
     let c = &view.counters;
     assert!(
         !view.quarantined
-            && (c.bulk_plain, c.bulk_plain_failed) == (1, 1)
+            && (c.bulk_plain, c.bulk_moved_to_tls) == (1, 1)
             && c.bulk_connections >= 2,
         "{view:?} (nix-store: {}):\n{}",
         String::from_utf8_lossy(&out.stderr),
@@ -204,6 +204,48 @@ fn a_byte_changed_on_a_plain_bulk_connection_never_makes_a_valid_path_and_moves_
         "{log}"
     );
     assert!(!log.contains("quarantining a peer"), "{log}");
+}
+
+/// Version 8, an open mesh: a host on the path changes a byte of every
+/// bulk connection to the holder, and the client's Nix asks for two of its
+/// paths at once, so two plain connections are under way when the first
+/// NAR fails its check. Neither failure quarantines the holder (the bytes
+/// came in the clear): its bulk connections move under TLS once, where
+/// the changed byte breaks the TLS record (a failed holder, not a lie).
+/// Nix never gets a corrupt valid path.
+#[test]
+fn a_host_on_the_path_that_changes_every_connection_gets_no_holder_quarantined() {
+    let lan = Lan::new(2);
+    let (client, holder) = (lan.host(0), lan.host(1));
+    let (paths, agent_c, _agent_h) =
+        client_and_holder_of(&lan, &[("large-1.bin", LARGE), ("large-2.bin", LARGE)]);
+    let flipped = tamper_on_the_path(holder, 8 << 20, u64::MAX);
+
+    let out = client.run(&["nix-store", "--realise", &paths[0], &paths[1]]);
+    for path in &paths {
+        assert_absent_or_intact(client, path);
+    }
+    let view = agent_c.peer("h1").expect("the holder in the table");
+    let c = &view.counters;
+    let log = agent_c.log();
+    let nix = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        flipped.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "{nix}\n{log}"
+    );
+    // Both NARs went out on plain connections, dialled before either
+    // failed; after that, only TLS ones.
+    assert_eq!(c.bulk_plain, 2, "{view:?}\n{nix}\n{log}");
+    assert!(c.bulk_connections > c.bulk_plain, "{view:?}\n{log}");
+    assert!(
+        !view.quarantined && c.bulk_moved_to_tls == 1,
+        "{view:?}\n{nix}\n{log}"
+    );
+    assert!(!log.contains("quarantining a peer"), "{log}");
+    assert!(
+        agent_c.metric("nixmesh_nar_verify_failures_total") >= 2.0,
+        "{log}"
+    );
 }
 
 #[test]

@@ -313,7 +313,7 @@ fn liar_scenario(lie: Lie, via: Via) {
     // liar's bulk connections go under TLS first, where it lies again (on
     // Nix's own retry, or the next substitution).
     if via == Via::Plain && liar()["quarantined"] == false {
-        assert_eq!(liar()["bulk_plain_failed"], 1, "{}", liar());
+        assert_eq!(liar()["bulk_moved_to_tls"], 1, "{}", liar());
         substitute();
     }
     let liar = liar();
@@ -323,7 +323,7 @@ fn liar_scenario(lie: Lie, via: Via) {
         assert!(over_tcp >= 1, "the NAR did not come over TCP: {liar}");
         let plain = (
             liar["bulk_plain"].as_u64(),
-            liar["bulk_plain_failed"].as_u64(),
+            liar["bulk_moved_to_tls"].as_u64(),
         );
         let connections = liar["bulk_connections"].as_u64().unwrap_or(0);
         if via == Via::Plain {

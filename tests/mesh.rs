@@ -928,6 +928,7 @@ async fn read_bulk_part(
         level,
         Some(recycle),
         nixmesh::mesh::nar_chunks::chunk_buffers(),
+        false,
     );
     let mut bytes = Vec::new();
     // A holder that sent neither `DONE` nor the close fails the test.

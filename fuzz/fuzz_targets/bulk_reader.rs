@@ -90,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
         node,
     });
     let io: BulkStream = Box::new(Cursor::new(sent.to_vec()));
-    let mut reader = NarReader::bulk(io, level, recycle, nar_chunks::chunk_buffers());
+    let mut reader = NarReader::bulk(io, level, recycle, nar_chunks::chunk_buffers(), false);
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else {
         return;
     };

@@ -4,8 +4,9 @@
 //! the same canonical bytes). The last chunk is held back until the whole
 //! NAR verified, so Nix never receives a complete wrong body: with no holder
 //! left, or a hash mismatch, the response is cut off instead. A peer whose
-//! bytes did not verify is quarantined (or first, where they may have come
-//! in the clear, dialled under TLS: `Mesh::blame`).
+//! bytes did not verify is quarantined, or, where they came in the clear
+//! (a host on the path may have changed them), dialled under TLS
+//! (`Mesh::blame`).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -172,6 +173,7 @@ pub async fn relay(
         // Only bytes Nix has seen are worth checking after it leaves.
         drain: purpose == Purpose::Nix,
         stripe_ends: striped_before.as_ref().map(|_| Vec::new()),
+        clear: Vec::new(),
     };
     let stripe = resolver.stripe_from().is_some_and(|from| size >= from);
     if purpose == Purpose::Nix && stripe && striped_before.is_none() {
@@ -215,7 +217,7 @@ pub async fn relay(
                 return None;
             }
             HolderEnd::Lied(why) => {
-                blame(&resolver, node, why);
+                blame(&resolver, node, progress.came_clear(&node), why);
                 stats.verify_failures.inc();
                 // What it sent so far is suspect and Nix already has it: cut
                 // the response off; Nix's next try avoids this peer.
@@ -236,19 +238,34 @@ pub async fn relay(
                 // The narinfo's source lied about its size if its own NAR
                 // disagrees, or two other holders do (one might be the
                 // liar, framing it). Content-addressed narinfos need no
-                // signature, so NarSize is what a peer can lie about.
-                if Some(node) != narinfo_from {
+                // signature, so NarSize is what a peer can lie about. A
+                // size that came in the clear proves nothing: its sender
+                // answers under TLS next time.
+                let clear = progress.came_clear(&node);
+                if Some(node) != narinfo_from && !clear {
                     disagree.push(node);
                 }
-                if let Some(source) = narinfo_from {
+                if clear {
+                    blame(&resolver, node, true, "said the NAR has another size");
+                } else if let Some(source) = narinfo_from {
                     if Some(node) == narinfo_from || disagree.len() >= 2 {
-                        blame(&resolver, source, "its narinfo's NarSize is not its NAR's");
+                        blame(
+                            &resolver,
+                            source,
+                            false,
+                            "its narinfo's NarSize is not its NAR's",
+                        );
                         resolver.forget(&hash);
                     }
                 }
             }
             HolderEnd::Disowned => {
-                blame(&resolver, node, "its own store copy is corrupt");
+                blame(
+                    &resolver,
+                    node,
+                    progress.came_clear(&node),
+                    "its own store copy is corrupt",
+                );
                 stats.verify_failures.inc();
             }
         }
@@ -257,15 +274,14 @@ pub async fn relay(
         check,
         client_gone,
         stripe_ends,
+        clear,
         ..
     } = progress;
     let verdict = check.finish();
     if client_gone {
         if outcome.is_some() && verdict == Verdict::Mismatch {
             stats.verify_failures.inc();
-            for node in &contributors {
-                blame(&resolver, *node, "NAR did not match its hash");
-            }
+            blame_all(&resolver, &contributors, &clear);
             tell_holders(&resolver, &contributors, info);
             resolver.forget(&hash);
         }
@@ -283,8 +299,8 @@ pub async fn relay(
             let liar = striped_before
                 .zip(stripe_ends)
                 .and_then(|(p, e)| p.first_liar(&e));
-            if let Some(liar) = liar {
-                blame(&resolver, liar, "sent a wrong stripe of a NAR");
+            if let Some((liar, clear)) = liar {
+                blame(&resolver, liar, clear, "sent a wrong stripe of a NAR");
             }
             stats.forget_striped(&hash);
             finished_by = Some(node);
@@ -299,9 +315,7 @@ pub async fn relay(
         }
         (Some(_), _) => {
             stats.verify_failures.inc();
-            for node in &contributors {
-                blame(&resolver, *node, "NAR did not match its hash");
-            }
+            blame_all(&resolver, &contributors, &clear);
             tell_holders(&resolver, &contributors, info);
             resolver.forget(&hash);
             let _ = tx
@@ -390,10 +404,32 @@ fn tell_holders(resolver: &Resolver, holders: &[NodeId], info: &crate::nix::Path
 }
 
 /// `node` sent bytes that failed their check: quarantined, or, where they
-/// may have come in the clear, dialled under TLS from now on
-/// (`Mesh::blame`).
-fn blame(resolver: &Resolver, node: NodeId, why: &str) {
-    resolver.mesh().blame(&node, QUARANTINE, why);
+/// came in the clear, dialled under TLS from now on (`Mesh::blame`).
+fn blame(resolver: &Resolver, node: NodeId, clear: bool, why: &str) {
+    resolver.mesh().blame(&node, clear, QUARANTINE, why);
+}
+
+/// A NAR from `contributors` did not match its hash. If a part came in
+/// the clear (from the holders in `clear`), a host on the path may have
+/// changed it rather than any holder: those go under TLS and none is
+/// quarantined (the next try, under TLS, finds a liar). Otherwise every
+/// contributor is quarantined.
+fn blame_all(resolver: &Resolver, contributors: &[NodeId], clear: &[NodeId]) {
+    for (node, clear) in mismatch_blame(contributors, clear) {
+        blame(resolver, node, clear, "NAR did not match its hash");
+    }
+}
+
+/// Whom `blame_all` blames, and whether for bytes in the clear. Pure.
+fn mismatch_blame(contributors: &[NodeId], clear: &[NodeId]) -> Vec<(NodeId, bool)> {
+    let suspects = contributors.iter().copied();
+    match clear.is_empty() {
+        true => suspects.map(|node| (node, false)).collect(),
+        false => suspects
+            .filter(|node| clear.contains(node))
+            .map(|node| (node, true))
+            .collect(),
+    }
 }
 
 /// How far a relay has come, across holders.
@@ -407,9 +443,15 @@ struct Progress {
     /// After a striped fetch of this NAR failed its hash: the prefix
     /// digests at each stripe's end, to compare with that fetch's.
     stripe_ends: Option<Vec<[u8; 32]>>,
+    /// Holders whose part came in the clear (plain bulk connections).
+    clear: Vec<NodeId>,
 }
 
 impl Progress {
+    fn came_clear(&self, node: &NodeId) -> bool {
+        self.clear.contains(node)
+    }
+
     /// Checks `chunk`; what may go to the consumer now. Cut at stripe ends
     /// when their prefix digests are wanted.
     fn take(&mut self, mut chunk: Bytes) -> Result<Vec<Bytes>, crate::fetch::verify::Lie> {
@@ -460,6 +502,11 @@ async fn from_holder(
             STALL_TIMEOUT,
         )
         .await;
+    if let Ok(Some((_, reader))) = &opened {
+        if reader.in_the_clear() {
+            progress.clear.push(node);
+        }
+    }
     let mut reader = match opened {
         Ok(Some((nar_size, reader))) if nar_size == info.nar_size => reader,
         Ok(Some((nar_size, _))) => return HolderEnd::OtherSize(nar_size),
@@ -553,5 +600,20 @@ async fn from_holder(
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mismatch_with_a_part_in_the_clear_quarantines_no_one() {
+        let (a, b, c) = (NodeId([1; 32]), NodeId([2; 32]), NodeId([3; 32]));
+        // Under TLS or on QUIC only: every holder that sent a part.
+        assert_eq!(mismatch_blame(&[a, b], &[]), vec![(a, false), (b, false)]);
+        // A part came in the clear: a host on the path may have changed
+        // it, so only its sender is moved under TLS.
+        assert_eq!(mismatch_blame(&[a, b, c], &[b]), vec![(b, true)]);
     }
 }

@@ -166,19 +166,25 @@ pub enum Striped {
 /// Who sent each stripe of a striped fetch, and the SHA-256 of the NAR up
 /// to that stripe's end as it arrived. A later fetch of the whole NAR that
 /// verifies finds the first stripe where its prefix digest differs: that
-/// stripe's sender lied (`first_liar`).
+/// stripe's sender lied, or (if its stripes came in the clear) a host on
+/// the path (`first_liar`).
 #[derive(Clone, Debug, Default)]
-pub struct Prefixes(pub Vec<(NodeId, [u8; 32])>);
+pub struct Prefixes {
+    pub stripes: Vec<(NodeId, [u8; 32])>,
+    /// Holders whose stripes came in the clear (plain bulk connections).
+    pub clear: Vec<NodeId>,
+}
 
 impl Prefixes {
     /// Given the prefix digests of a verified copy at the same stripe
-    /// ends, the holder whose stripe first differs.
-    pub fn first_liar(&self, verified: &[[u8; 32]]) -> Option<NodeId> {
-        self.0
+    /// ends, the holder whose stripe first differs, and whether its
+    /// stripes came in the clear.
+    pub fn first_liar(&self, verified: &[[u8; 32]]) -> Option<(NodeId, bool)> {
+        self.stripes
             .iter()
             .zip(verified)
             .find(|((_, seen), good)| seen != *good)
-            .map(|((node, _), _)| *node)
+            .map(|((node, _), _)| (*node, self.clear.contains(node)))
     }
 }
 
@@ -235,6 +241,8 @@ async fn fetch_stripe(
         Err(e) => return Err(StripeError::Failed(e.to_string())),
     };
     mesh.count(&node, |c| c.requests_made += 1);
+    let clear = reader.in_the_clear();
+    let lied = |reason: String| StripeError::Lied { reason, clear };
     // Chunks are read and inflated straight into the stripe's buffer. A
     // kept one was filled before: no zeroing.
     let mut bytes = buffers.take_len(want as usize);
@@ -259,11 +267,11 @@ async fn fetch_stripe(
             )) => return Err(StripeError::Failed(e.to_string())),
             Ok(Err(NarReadError::Overflow)) => {
                 reader.stop(code::MALFORMED);
-                return Err(StripeError::Lied("more bytes than the stripe has".into()));
+                return Err(lied("more bytes than the stripe has".into()));
             }
             Ok(Err(e)) => {
                 reader.stop(code::MALFORMED);
-                return Err(StripeError::Lied(e.to_string()));
+                return Err(lied(e.to_string()));
             }
             Ok(Ok(None)) => break,
             Ok(Ok(Some(n))) => filled += n,
@@ -276,6 +284,7 @@ async fn fetch_stripe(
     }
     mesh.count(&node, |c| c.bytes_fetched += want);
     Ok(Arrived {
+        clear,
         waits: reader.waits(),
         bytes: buffers.lend(bytes),
         packed: crate::fetch::compression::came_packed(
@@ -293,6 +302,8 @@ async fn fetch_stripe(
 /// A stripe that came whole, and what its transfer saw of the link.
 struct Arrived {
     bytes: Bytes,
+    /// It came on a plain bulk connection.
+    clear: bool,
     /// Of its frames, how many had arrived when the asker came for them.
     waits: Waits,
     /// It came compressed.
@@ -368,7 +379,11 @@ fn pieces(mut bytes: Bytes, max: usize) -> impl Iterator<Item = Bytes> {
 
 enum StripeError {
     Failed(String),
-    Lied(String),
+    /// `clear`: the stripe came on a plain bulk connection.
+    Lied {
+        reason: String,
+        clear: bool,
+    },
 }
 
 /// Fetches `narinfo`'s NAR in stripes from `holders`, checks it, and
@@ -393,19 +408,19 @@ pub async fn fetch_striped(
     // One stripe waits between the two; the rest wait in the fetch's
     // window, which bounds memory.
     let (ordered_tx, ordered) = mpsc::channel(1);
-    let (contributors, (passed, prefixes)) = tokio::join!(
+    let ((contributors, clear), (passed, mut prefixes)) = tokio::join!(
         fetch_in_order(resolver, narinfo, holders, ordered_tx),
         pass_on(check, ordered, tx),
     );
+    prefixes.clear = clear;
     match passed {
         Passed::Done => Striped::Done(contributors),
         Passed::Mismatch => Striped::Mismatch(contributors, prefixes),
         Passed::NotANar(from) => {
-            resolver.mesh().blame(
-                &from,
-                crate::fetch::relay::QUARANTINE,
-                "sent a stripe that is not a NAR",
-            );
+            let clear = prefixes.clear.contains(&from);
+            let why = "sent a stripe that is not a NAR";
+            let quarantine = crate::fetch::relay::QUARANTINE;
+            resolver.mesh().blame(&from, clear, quarantine, why);
             Striped::Mismatch(contributors, prefixes)
         }
         Passed::ClientGone => Striped::ClientGone,
@@ -415,19 +430,21 @@ pub async fn fetch_striped(
 
 /// Fetches the stripes from `holders` and hands them to `ordered` in
 /// order, until all are handed on, no holder can send what is missing, or
-/// `ordered`'s reader left. The holders that sent stripes.
+/// `ordered`'s reader left. The holders that sent stripes, and those of
+/// them whose stripes came in the clear.
 async fn fetch_in_order(
     resolver: &Arc<Resolver>,
     narinfo: &NarInfo,
     holders: Vec<NodeId>,
     ordered: mpsc::Sender<(Bytes, NodeId)>,
-) -> Vec<NodeId> {
+) -> (Vec<NodeId>, Vec<NodeId>) {
     let info = &narinfo.info;
     let mut plan = StripePlan::new(info.nar_size);
     // Two stripes under way per holder: the next request is on its way
     // while a stripe is still arriving, so no holder's link idles.
     let mut idle: Vec<NodeId> = holders.iter().flat_map(|&h| [h, h]).collect();
     let mut contributors: Vec<NodeId> = Vec::new();
+    let mut clear: Vec<NodeId> = Vec::new();
     // Stripe buffers, used again once the relay has sent a stripe's pieces:
     // a fresh 2 MiB per stripe faulted in every page of it.
     let buffers = ChunkBuffers::new(STRIPE as usize, (WINDOW + PASSING) as usize);
@@ -481,6 +498,9 @@ async fn fetch_in_order(
                                 tracing::debug!(peer = %node, stripe = i, rate = nar as f64 / secs, ?stripes, "a raw stripe came");
                             }
                         }
+                        if arrived.clear && !clear.contains(&node) {
+                            clear.push(node);
+                        }
                         plan.arrived(i, arrived.bytes, node);
                         if !contributors.contains(&node) {
                             contributors.push(node);
@@ -491,11 +511,10 @@ async fn fetch_in_order(
                         tracing::warn!(path = %info.path, peer = %node, stripe = i, %reason, "a holder failed a stripe; it is asked elsewhere");
                         plan.failed(i);
                     }
-                    Err(StripeError::Lied(reason)) => {
+                    Err(StripeError::Lied { reason, clear }) => {
                         tracing::warn!(peer = %node, path = %info.path, %reason, "a holder sent a wrong stripe");
-                        resolver
-                            .mesh()
-                            .blame(&node, crate::fetch::relay::QUARANTINE, &reason);
+                        let quarantine = crate::fetch::relay::QUARANTINE;
+                        resolver.mesh().blame(&node, clear, quarantine, &reason);
                         plan.failed(i);
                     }
                 }
@@ -522,7 +541,7 @@ async fn fetch_in_order(
             crate::fetch::compression::record(stats, packed, link.nar, link.wire, link.secs)
         });
     }
-    contributors
+    (contributors, clear)
 }
 
 /// How passing a striped NAR on ended.
@@ -565,7 +584,7 @@ async fn pass_on(
                 }
             }
         }
-        prefixes.0.push((from, check.prefix_digest()));
+        prefixes.stripes.push((from, check.prefix_digest()));
     }
     let passed = match check.finish() {
         Verdict::Verified { last } => {
@@ -635,8 +654,18 @@ mod tests {
 
     #[test]
     fn the_first_stripe_that_differs_names_the_liar() {
-        let seen = Prefixes(vec![(N, [1; 32]), (M, [2; 32]), (N, [3; 32])]);
-        assert_eq!(seen.first_liar(&[[1; 32], [9; 32], [8; 32]]), Some(M));
+        let seen = Prefixes {
+            stripes: vec![(N, [1; 32]), (M, [2; 32]), (N, [3; 32])],
+            clear: vec![N],
+        };
+        assert_eq!(
+            seen.first_liar(&[[1; 32], [9; 32], [8; 32]]),
+            Some((M, false))
+        );
+        assert_eq!(
+            seen.first_liar(&[[9; 32], [9; 32], [8; 32]]),
+            Some((N, true))
+        );
         assert_eq!(seen.first_liar(&[[1; 32], [2; 32], [3; 32]]), None);
     }
 

@@ -261,8 +261,15 @@ impl Resting {
         }
     }
 
-    pub fn failed(&self, node: NodeId, now: Instant) {
-        lock(&self.since).insert(node, now);
+    /// `node` rests from `now`; whether that begins a rest (it was not
+    /// resting).
+    pub fn failed(&self, node: NodeId, now: Instant) -> bool {
+        let mut since = lock(&self.since);
+        let resting = since
+            .get(&node)
+            .is_some_and(|t| now.duration_since(*t) < self.period);
+        since.insert(node, now);
+        !resting
     }
 
     pub fn resting(&self, node: &NodeId, now: Instant) -> bool {
@@ -511,9 +518,11 @@ mod tests {
         assert!(!resting.resting(&node, t + Duration::from_secs(1)));
         // A rest made to last longer.
         let distrust = Resting::lasting(RETRY_AFTER * 12);
-        distrust.failed(node, t);
+        assert!(distrust.failed(node, t));
         assert!(distrust.resting(&node, t + RETRY_AFTER));
-        assert!(!distrust.resting(&node, t + RETRY_AFTER * 12));
+        // A failure while it rests begins no new rest (it extends it).
+        assert!(!distrust.failed(node, t + Duration::from_secs(1)));
+        assert!(!distrust.resting(&node, t + RETRY_AFTER * 12 + Duration::from_secs(1)));
     }
 
     #[test]

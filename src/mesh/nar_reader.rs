@@ -110,6 +110,8 @@ pub enum FrameSource {
         recycle: Option<Recycle>,
         /// The request set `nar_chunks::KEEP`: only `DONE` ends the part.
         keep: bool,
+        /// A plain connection (version 8): the bytes came in the clear.
+        clear: bool,
     },
 }
 
@@ -133,18 +135,20 @@ impl NarReader {
 
     /// Chunk frames on a bulk connection answering a request at `level`,
     /// read into `buffers`; with `recycle`, the request set
-    /// `nar_chunks::KEEP`.
+    /// `nar_chunks::KEEP`; `clear`: a plain connection, not TLS.
     pub fn bulk(
         io: BulkStream,
         level: u8,
         recycle: Option<Recycle>,
         buffers: ChunkBuffers,
+        clear: bool,
     ) -> Self {
         NarReader::Framed {
             from: FrameSource::Bulk {
                 io: Some(io),
                 recycle,
                 keep: level & nar_chunks::KEEP != 0,
+                clear,
             },
             unpacker: Unpacker::with_buffers(level, buffers),
             wire: 0,
@@ -158,6 +162,18 @@ impl NarReader {
             self,
             NarReader::Framed {
                 from: FrameSource::Bulk { .. },
+                ..
+            }
+        )
+    }
+
+    /// Whether the bytes come in the clear, on a plain bulk connection: a
+    /// host on the path could have changed them.
+    pub fn in_the_clear(&self) -> bool {
+        matches!(
+            self,
+            NarReader::Framed {
+                from: FrameSource::Bulk { clear: true, .. },
                 ..
             }
         )
@@ -289,6 +305,7 @@ impl FrameSource {
                 io: slot,
                 recycle,
                 keep,
+                ..
             } => {
                 let Some(io) = slot else {
                     return Ok(None);
@@ -403,7 +420,7 @@ mod tests {
                 .await
                 .unwrap();
         });
-        NarReader::bulk(Box::new(near), LEVEL, None, chunk_buffers())
+        NarReader::bulk(Box::new(near), LEVEL, None, chunk_buffers(), false)
     }
 
     /// Frames of `raw`'s chunks, packed with each codec in turn.
@@ -451,6 +468,7 @@ mod tests {
             LEVEL | nar_chunks::KEEP,
             None,
             chunk_buffers(),
+            false,
         );
         let mut got = 0;
         let end = loop {

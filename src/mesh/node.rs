@@ -131,20 +131,20 @@ pub struct Mesh {
     shutdown: CancellationToken,
     /// Peers whose bulk connection failed, asked on QUIC for a while.
     bulk_resting: bulk::Resting,
-    /// Bulk connections kept for the next part (version 7).
+    /// Bulk connections under TLS kept for the next part (version 7).
     bulk_idle: Arc<bulk::Idle<BulkStream>>,
+    /// Plain ones (version 8), kept apart: a kept connection is taken only
+    /// where a new one would be dialled the same way now.
+    plain_idle: Arc<bulk::Idle<BulkStream>>,
     /// Whether bulk connections go without TLS where the peer speaks
     /// version 8 (`plain_bulk::allowed`), both ways.
     plain_bulk: bool,
     /// Peers that refused a plain bulk connection, dialled under TLS for a
     /// while.
     plain_refused: bulk::Resting,
-    /// Peers whose bytes failed their check while their bulk connections
-    /// went in the clear, dialled under TLS for `plain_bulk::DISTRUST`.
+    /// Peers whose bytes that came in the clear failed their check,
+    /// dialled under TLS for `plain_bulk::DISTRUST`.
     plain_distrusted: bulk::Resting,
-    /// When a part last came from each peer on a bulk connection in the
-    /// clear.
-    clear_parts: Mutex<HashMap<NodeId, Instant>>,
     /// Where bulk connections are taken (TCP), once listening.
     bulk_addr: std::sync::OnceLock<SocketAddr>,
     /// The buffers bulk readers read chunks into, shared by all of them.
@@ -232,10 +232,10 @@ impl Mesh {
             shutdown: shutdown.clone(),
             bulk_resting: bulk::Resting::default(),
             bulk_idle: Arc::default(),
+            plain_idle: Arc::default(),
             plain_bulk,
             plain_refused: bulk::Resting::default(),
             plain_distrusted: bulk::Resting::lasting(plain_bulk::DISTRUST),
-            clear_parts: Mutex::default(),
             bulk_addr: std::sync::OnceLock::new(),
             chunk_buffers: nar_chunks::chunk_buffers(),
         });
@@ -322,8 +322,9 @@ impl Mesh {
         // A part with an end is a stripe: more parts of the NAR follow from
         // this holder, so a kept connection pays for its handshake.
         let stripe = part.end != u64::MAX;
+        let plain = self.dials_plain(&node, version, now);
         let large = len >= bulk::BULK_FROM
-            || (keep && len >= bulk::KEPT_FROM && (stripe || self.bulk_idle.has(&node, now)));
+            || (keep && len >= bulk::KEPT_FROM && (stripe || self.idle(plain).has(&node, now)));
         if large && version >= 5 && !self.bulk_resting.resting(&node, now) {
             // From version 6 a holder that picks the codec may pick LZ4.
             let lz4 = bulk_level & nar_chunks::ADAPTIVE != 0 && version >= 6;
@@ -337,25 +338,20 @@ impl Mesh {
                 end: part.end,
                 level,
             };
-            match self.ask_bulk(node, conn, version, &req, timeout).await {
-                Ok((Response::NotFound, _)) => return Ok(None),
-                Ok((Response::NarFollows { nar_size }, io)) => {
+            match self.ask_bulk(node, conn, plain, &req, timeout).await {
+                Ok((Response::NotFound, ..)) => return Ok(None),
+                Ok((Response::NarFollows { nar_size }, io, clear)) => {
                     self.count(&node, |c| c.bulk_fetches += 1);
-                    // A kept connection was dialled as a new one would be
-                    // now, unless that changed since (`blame` drops them).
-                    if self.dials_plain(&node, version, Instant::now()) {
-                        lock(&self.clear_parts).insert(node, Instant::now());
-                    }
                     let recycle = keep.then(|| Recycle {
-                        idle: self.bulk_idle.clone(),
+                        idle: self.idle(clear).clone(),
                         node,
                     });
                     let buffers = self.chunk_buffers.clone();
-                    let reader = NarReader::bulk(io, level, recycle, buffers);
+                    let reader = NarReader::bulk(io, level, recycle, buffers, clear);
                     return Ok(Some((nar_size, reader)));
                 }
                 // Busy, or an error it would give on QUIC too: QUIC says.
-                Ok((other, _)) => {
+                Ok((other, ..)) => {
                     tracing::debug!(peer = %node, answer = ?other, "bulk connection answered; asking on QUIC");
                 }
                 Err(reason) => {
@@ -369,31 +365,32 @@ impl Mesh {
 
     /// Sends `req` to `node` over a bulk connection kept from its last
     /// part, or (when there is none, or it fails before it answers) a new
-    /// one: without TLS where both sides allow it and the peer speaks
-    /// `version` 8 (`plain_bulk`), else, or after the peer refused that,
-    /// under TLS.
+    /// one: without TLS when `plain` (`dials_plain`), else, or after the
+    /// peer refused that, under TLS. The answer, the connection, and
+    /// whether it is plain.
     async fn ask_bulk(
         &self,
         node: NodeId,
         conn: &quinn::Connection,
-        version: u32,
+        plain: bool,
         req: &Request,
         timeout: Duration,
-    ) -> Result<(Response, BulkStream), String> {
-        if let Some(io) = self.bulk_idle.take(&node, Instant::now()) {
+    ) -> Result<(Response, BulkStream, bool), String> {
+        let kept = self.idle(plain);
+        if let Some(io) = kept.take(&node, Instant::now()) {
             match bulk::ask(io, req, timeout).await {
-                Ok(answer) => return Ok(answer),
+                Ok((answer, io)) => return Ok((answer, io, plain)),
                 // The holder closed it (it restarted, or let it idle out
                 // just before): dial, and drop the others kept to it,
                 // which would fail too.
                 Err(e) => {
                     tracing::debug!(peer = %node, error = %e, "a kept bulk connection failed");
-                    self.bulk_idle.forget(&node);
+                    kept.forget(&node);
                 }
             }
         }
         let addr = conn.remote_address();
-        if self.dials_plain(&node, version, Instant::now()) {
+        if plain {
             let io = plain_bulk::dial(addr, &self.identity.node)
                 .await
                 .map_err(|e| format!("plain: {e}"))?;
@@ -407,7 +404,8 @@ impl Mesh {
                         c.bulk_connections += 1;
                         c.bulk_plain += 1;
                     });
-                    return answer.map_err(|e| format!("plain: {e}"));
+                    let (answer, io) = answer.map_err(|e| format!("plain: {e}"))?;
+                    return Ok((answer, io, true));
                 }
             }
         }
@@ -415,7 +413,19 @@ impl Mesh {
             .map_err(|e| e.to_string())?;
         let io = bulk::dial(tls, addr).await.map_err(|e| e.to_string())?;
         self.count(&node, |c| c.bulk_connections += 1);
-        bulk::ask(io, req, timeout).await.map_err(|e| e.to_string())
+        let (answer, io) = bulk::ask(io, req, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((answer, io, false))
+    }
+
+    /// Where bulk connections kept to peers wait: the plain ones, or those
+    /// under TLS.
+    fn idle(&self, plain: bool) -> &Arc<bulk::Idle<BulkStream>> {
+        match plain {
+            true => &self.plain_idle,
+            false => &self.bulk_idle,
+        }
     }
 
     /// Whether a bulk connection to `node`, which speaks `version`, is
@@ -427,28 +437,23 @@ impl Mesh {
             && !self.plain_distrusted.resting(node, now)
     }
 
-    /// What `node` sent failed its check (`why`). If a part came from it
-    /// in the clear lately (`plain_bulk::RECENT`) and its bulk connections
-    /// still go so, a host on the path may have changed the bytes: they go
-    /// under TLS for `plain_bulk::DISTRUST` (the connections kept to it
-    /// are dropped) and the peer stays in. Otherwise, as when it fails
-    /// again under TLS, it is left out for `period`. Which part failed is
-    /// not asked: a liar whose lie came on QUIC shortly after a part in
-    /// the clear gets one more try, under TLS, than it would have.
-    pub fn blame(&self, node: &NodeId, period: Duration, why: &str) {
-        let now = Instant::now();
-        let recent = lock(&self.clear_parts)
-            .get(node)
-            .is_some_and(|t| now.duration_since(*t) < plain_bulk::RECENT);
-        if recent && !self.plain_distrusted.resting(node, now) {
-            self.plain_distrusted.failed(*node, now);
-            self.bulk_idle.forget(node);
-            self.count(node, |c| c.bulk_plain_failed += 1);
-            tracing::warn!(peer = %node, reason = why, "bytes that may have come in the clear failed their check; bulk connections to the peer go under TLS for a while");
+    /// What `node` sent failed its check (`why`). Bytes that came `clear`
+    /// (on a plain bulk connection) may have been changed on the way: the
+    /// peer stays in, and its bulk connections go under TLS for
+    /// `plain_bulk::DISTRUST` (the plain ones kept to it are dropped).
+    /// Bytes that came under TLS are the peer's own: it is left out for
+    /// `period`.
+    pub fn blame(&self, node: &NodeId, clear: bool, period: Duration, why: &str) {
+        if !clear {
+            tracing::error!(peer = %node, reason = why, "quarantining a peer");
+            self.quarantine(node, period);
             return;
         }
-        tracing::error!(peer = %node, reason = why, "quarantining a peer");
-        self.quarantine(node, period);
+        if self.plain_distrusted.failed(*node, Instant::now()) {
+            self.count(node, |c| c.bulk_moved_to_tls += 1);
+        }
+        self.plain_idle.forget(node);
+        tracing::warn!(peer = %node, reason = why, "bytes that came in the clear failed their check; bulk connections to the peer go under TLS for a while");
     }
 
     /// The server that answers this node's peers.
@@ -922,6 +927,7 @@ impl Mesh {
             }
             let now = Instant::now();
             self.bulk_idle.sweep(now);
+            self.plain_idle.sweep(now);
             let conns: Vec<(NodeId, quinn::Connection)> = lock(&self.conns)
                 .iter()
                 .filter(|(_, c)| c.close_reason().is_none())

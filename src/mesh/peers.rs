@@ -61,11 +61,11 @@ pub struct PeerCounters {
     /// mesh; a plain one the peer refused is not counted).
     #[serde(default)]
     pub bulk_plain: u64,
-    /// NARs or stripes from the peer that failed their check while its
-    /// bulk connections went in the clear (each moved them under TLS for
-    /// `plain_bulk::DISTRUST` rather than quarantining the peer).
+    /// Times its bulk connections were moved under TLS (for
+    /// `plain_bulk::DISTRUST`) because bytes that came from it in the
+    /// clear failed their check (rather than quarantining the peer).
     #[serde(default)]
-    pub bulk_plain_failed: u64,
+    pub bulk_moved_to_tls: u64,
     /// Of `bytes_served`, those sent in chunks packed with zstd, and with
     /// LZ4 (protocol version 6).
     #[serde(default)]

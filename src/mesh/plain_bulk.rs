@@ -11,10 +11,10 @@
 //! the narinfo as it checks any cache's. A byte changed on the wire is
 //! caught as a lying holder's is, so a host on the path can make a NAR
 //! fail (as dropping its packets can), never get a wrong byte into a
-//! store. Nor can it get an honest holder quarantined: bytes that fail
-//! their check while a holder's bulk connections go in the clear move
-//! them under TLS for `DISTRUST` (`Mesh::blame`), and only a holder whose
-//! bytes fail there too is quarantined.
+//! store. Nor can it get an honest holder quarantined: bytes that came in
+//! the clear and fail their check move the holder's bulk connections under
+//! TLS for `DISTRUST` (`Mesh::blame`; the readers note which parts came
+//! so), and only bytes that fail under TLS quarantine a holder.
 //! AES-GCM cost the two agents 0.67 of their 3.05 CPU-seconds per GiB in
 //! session 33's profile (docs/benchmarks.md).
 //!
@@ -54,11 +54,6 @@ pub const FROM_VERSION: u32 = 8;
 /// How long an asker dials a holder under TLS after bytes from it failed
 /// their check while they came in the clear.
 pub const DISTRUST: Duration = Duration::from_secs(3600);
-/// How long after a part last came from a holder in the clear bytes from
-/// it that fail their check may be ones changed on the way (a part of a
-/// large NAR takes minutes on a slow link; a striped fetch's liar is named
-/// on Nix's next try).
-pub const RECENT: Duration = Duration::from_secs(600);
 
 /// `mesh.bulk_encryption`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]

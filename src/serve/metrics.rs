@@ -134,9 +134,9 @@ impl Collector for PeerCollector {
                 |p| p.counters.bulk_plain,
             ),
             (
-                "nixmesh_peer_bulk_plain_failures",
-                "NARs or stripes from each peer that failed their check while its bulk connections went without TLS (then under TLS for an hour)",
-                |p| p.counters.bulk_plain_failed,
+                "nixmesh_peer_bulk_moved_to_tls",
+                "Times bulk connections to each peer were moved under TLS (for an hour) because bytes from it that came without TLS failed their check",
+                |p| p.counters.bulk_moved_to_tls,
             ),
             (
                 "nixmesh_peer_errors",
