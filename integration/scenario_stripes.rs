@@ -139,7 +139,8 @@ fn a_byte_changed_on_the_path_inside_a_striped_download_moves_that_holder_to_tls
     let client = lan.host(0);
     let holders = [lan.host(1), lan.host(2), lan.host(3)];
     let office = client.generate_key("office-1");
-    let source = random_file(&holders[0].dir().join("files"), "striped.bin", 64 << 20);
+    let files = holders[0].dir().join("files");
+    let source = random_file(&files, "striped.bin", 64 << 20);
     let path = holders[0].add_path(&source);
     for h in &holders[1..] {
         assert_eq!(h.add_path(&source), path);
@@ -148,6 +149,8 @@ fn a_byte_changed_on_the_path_inside_a_striped_download_moves_that_holder_to_tls
         h.configure_nix(&nix_conf("", &[&office.public]));
         h.sign(&[&path], &office.secret_file);
     }
+    let only_h1 = holders[0].add_path(&random_file(&files, "only-h1.bin", 24 << 20));
+    holders[0].sign(&[&only_h1], &office.secret_file);
     client.configure_nix(&nix_conf(SUBSTITUTER, &[&office.public]));
     let agents: Vec<_> = holders.iter().map(|h| h.start_agent("")).collect();
     let agent_c = client.start_agent("");
@@ -189,9 +192,6 @@ fn a_byte_changed_on_the_path_inside_a_striped_download_moves_that_holder_to_tls
     );
     assert!(!log.contains("quarantining a peer"), "{log}");
     // A path only h1 holds comes from it, under TLS.
-    let only_h1 = random_file(&holders[0].dir().join("files"), "only-h1.bin", 24 << 20);
-    let only_h1 = holders[0].add_path(&only_h1);
-    holders[0].sign(&[&only_h1], &office.secret_file);
     let before = agent_c.peer("h1").map(|p| p.counters).unwrap_or_default();
     realise(client, &[&only_h1]);
     assert_verified(client, &only_h1);

@@ -299,8 +299,13 @@ pub async fn relay(
             let liar = striped_before
                 .zip(stripe_ends)
                 .and_then(|(p, e)| p.first_liar(&e));
-            if let Some((liar, clear)) = liar {
-                blame(&resolver, liar, clear, "sent a wrong stripe of a NAR");
+            if let Some(liar) = liar {
+                blame(
+                    &resolver,
+                    liar.node,
+                    liar.clear,
+                    "sent a wrong stripe of a NAR",
+                );
             }
             stats.forget_striped(&hash);
             finished_by = Some(node);
@@ -412,7 +417,8 @@ fn blame(resolver: &Resolver, node: NodeId, clear: bool, why: &str) {
 /// A NAR from `contributors` did not match its hash. If a part came in
 /// the clear (from the holders in `clear`), a host on the path may have
 /// changed it rather than any holder: those go under TLS and none is
-/// quarantined (the next try, under TLS, finds a liar). Otherwise every
+/// quarantined, not even one whose part came under TLS (which part was
+/// wrong is not known; a liar there goes free this once). Otherwise every
 /// contributor is quarantined.
 fn blame_all(resolver: &Resolver, contributors: &[NodeId], clear: &[NodeId]) {
     for (node, clear) in mismatch_blame(contributors, clear) {

@@ -46,6 +46,14 @@ pub const WINDOW: u64 = 12;
 /// is whole (a piece keeps its stripe's buffer).
 pub const PASSING: u64 = 3;
 
+/// Who sent a stripe, and whether it came in the clear (on a plain bulk
+/// connection, where a host on the path could have changed it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub node: NodeId,
+    pub clear: bool,
+}
+
 /// Which stripes of a NAR are done, under way and still to fetch.
 #[derive(Debug)]
 pub struct StripePlan {
@@ -55,7 +63,7 @@ pub struct StripePlan {
     /// Stripes handed back by a holder that failed.
     again: BTreeSet<u64>,
     /// Stripes fetched but not yet passed on, and who sent each.
-    done: BTreeMap<u64, (Bytes, NodeId)>,
+    done: BTreeMap<u64, (Bytes, Origin)>,
     /// Stripes under way, and how many holders fetch each.
     under_way: BTreeMap<u64, u32>,
     /// The first stripe not yet passed on.
@@ -103,7 +111,7 @@ impl StripePlan {
 
     /// Stripe `i` arrived from `from`. A copy of a stripe already in is
     /// ignored.
-    pub fn arrived(&mut self, i: u64, bytes: Bytes, from: NodeId) {
+    pub fn arrived(&mut self, i: u64, bytes: Bytes, from: Origin) {
         self.leave(i);
         if i >= self.first_missing {
             self.done.entry(i).or_insert((bytes, from));
@@ -137,7 +145,7 @@ impl StripePlan {
     }
 
     /// The next stripe in order, if it is in, and who sent it.
-    pub fn pop_ready(&mut self) -> Option<(Bytes, NodeId)> {
+    pub fn pop_ready(&mut self) -> Option<(Bytes, Origin)> {
         let bytes = self.done.remove(&self.first_missing)?;
         self.first_missing += 1;
         Some(bytes)
@@ -163,28 +171,23 @@ pub enum Striped {
     NoHolder { offset: u64 },
 }
 
-/// Who sent each stripe of a striped fetch, and the SHA-256 of the NAR up
-/// to that stripe's end as it arrived. A later fetch of the whole NAR that
-/// verifies finds the first stripe where its prefix digest differs: that
-/// stripe's sender lied, or (if its stripes came in the clear) a host on
-/// the path (`first_liar`).
+/// Who sent each stripe of a striped fetch (and whether in the clear), and
+/// the SHA-256 of the NAR up to that stripe's end as it arrived. A later
+/// fetch of the whole NAR that verifies finds the first stripe where its
+/// prefix digest differs: that stripe's sender lied, or, if the stripe
+/// came in the clear, maybe a host on the path (`first_liar`).
 #[derive(Clone, Debug, Default)]
-pub struct Prefixes {
-    pub stripes: Vec<(NodeId, [u8; 32])>,
-    /// Holders whose stripes came in the clear (plain bulk connections).
-    pub clear: Vec<NodeId>,
-}
+pub struct Prefixes(pub Vec<(Origin, [u8; 32])>);
 
 impl Prefixes {
     /// Given the prefix digests of a verified copy at the same stripe
-    /// ends, the holder whose stripe first differs, and whether its
-    /// stripes came in the clear.
-    pub fn first_liar(&self, verified: &[[u8; 32]]) -> Option<(NodeId, bool)> {
-        self.stripes
+    /// ends, where the stripe that first differs came from.
+    pub fn first_liar(&self, verified: &[[u8; 32]]) -> Option<Origin> {
+        self.0
             .iter()
             .zip(verified)
             .find(|((_, seen), good)| seen != *good)
-            .map(|((node, _), _)| (*node, self.clear.contains(node)))
+            .map(|((origin, _), _)| *origin)
     }
 }
 
@@ -408,19 +411,19 @@ pub async fn fetch_striped(
     // One stripe waits between the two; the rest wait in the fetch's
     // window, which bounds memory.
     let (ordered_tx, ordered) = mpsc::channel(1);
-    let ((contributors, clear), (passed, mut prefixes)) = tokio::join!(
+    let (contributors, (passed, prefixes)) = tokio::join!(
         fetch_in_order(resolver, narinfo, holders, ordered_tx),
         pass_on(check, ordered, tx),
     );
-    prefixes.clear = clear;
     match passed {
         Passed::Done => Striped::Done(contributors),
         Passed::Mismatch => Striped::Mismatch(contributors, prefixes),
         Passed::NotANar(from) => {
-            let clear = prefixes.clear.contains(&from);
             let why = "sent a stripe that is not a NAR";
             let quarantine = crate::fetch::relay::QUARANTINE;
-            resolver.mesh().blame(&from, clear, quarantine, why);
+            resolver
+                .mesh()
+                .blame(&from.node, from.clear, quarantine, why);
             Striped::Mismatch(contributors, prefixes)
         }
         Passed::ClientGone => Striped::ClientGone,
@@ -430,21 +433,19 @@ pub async fn fetch_striped(
 
 /// Fetches the stripes from `holders` and hands them to `ordered` in
 /// order, until all are handed on, no holder can send what is missing, or
-/// `ordered`'s reader left. The holders that sent stripes, and those of
-/// them whose stripes came in the clear.
+/// `ordered`'s reader left. The holders that sent stripes.
 async fn fetch_in_order(
     resolver: &Arc<Resolver>,
     narinfo: &NarInfo,
     holders: Vec<NodeId>,
-    ordered: mpsc::Sender<(Bytes, NodeId)>,
-) -> (Vec<NodeId>, Vec<NodeId>) {
+    ordered: mpsc::Sender<(Bytes, Origin)>,
+) -> Vec<NodeId> {
     let info = &narinfo.info;
     let mut plan = StripePlan::new(info.nar_size);
     // Two stripes under way per holder: the next request is on its way
     // while a stripe is still arriving, so no holder's link idles.
     let mut idle: Vec<NodeId> = holders.iter().flat_map(|&h| [h, h]).collect();
     let mut contributors: Vec<NodeId> = Vec::new();
-    let mut clear: Vec<NodeId> = Vec::new();
     // Stripe buffers, used again once the relay has sent a stripe's pieces:
     // a fresh 2 MiB per stripe faulted in every page of it.
     let buffers = ChunkBuffers::new(STRIPE as usize, (WINDOW + PASSING) as usize);
@@ -498,10 +499,8 @@ async fn fetch_in_order(
                                 tracing::debug!(peer = %node, stripe = i, rate = nar as f64 / secs, ?stripes, "a raw stripe came");
                             }
                         }
-                        if arrived.clear && !clear.contains(&node) {
-                            clear.push(node);
-                        }
-                        plan.arrived(i, arrived.bytes, node);
+                        let from = Origin { node, clear: arrived.clear };
+                        plan.arrived(i, arrived.bytes, from);
                         if !contributors.contains(&node) {
                             contributors.push(node);
                         }
@@ -541,7 +540,7 @@ async fn fetch_in_order(
             crate::fetch::compression::record(stats, packed, link.nar, link.wire, link.secs)
         });
     }
-    (contributors, clear)
+    contributors
 }
 
 /// How passing a striped NAR on ended.
@@ -551,7 +550,7 @@ enum Passed {
     /// The NAR did not match its hash.
     Mismatch,
     /// The stripe this holder sent is not part of a NAR.
-    NotANar(NodeId),
+    NotANar(Origin),
     /// The consumer left.
     ClientGone,
     /// The stripes ended here, before the NAR did.
@@ -563,7 +562,7 @@ enum Passed {
 /// to its end.
 async fn pass_on(
     mut check: NarCheck,
-    mut ordered: mpsc::Receiver<(Bytes, NodeId)>,
+    mut ordered: mpsc::Receiver<(Bytes, Origin)>,
     tx: &mpsc::Sender<Result<Bytes, FetchError>>,
 ) -> (Passed, Prefixes) {
     let mut prefixes = Prefixes::default();
@@ -584,7 +583,7 @@ async fn pass_on(
                 }
             }
         }
-        prefixes.stripes.push((from, check.prefix_digest()));
+        prefixes.0.push((from, check.prefix_digest()));
     }
     let passed = match check.finish() {
         Verdict::Verified { last } => {
@@ -607,8 +606,14 @@ async fn pass_on(
 mod tests {
     use super::*;
 
-    const N: NodeId = NodeId([1; 32]);
-    const M: NodeId = NodeId([2; 32]);
+    const N: Origin = Origin {
+        node: NodeId([1; 32]),
+        clear: false,
+    };
+    const M: Origin = Origin {
+        node: NodeId([2; 32]),
+        clear: false,
+    };
 
     fn bytes(i: u64) -> Bytes {
         Bytes::from(vec![i as u8; 3])
@@ -654,18 +659,12 @@ mod tests {
 
     #[test]
     fn the_first_stripe_that_differs_names_the_liar() {
-        let seen = Prefixes {
-            stripes: vec![(N, [1; 32]), (M, [2; 32]), (N, [3; 32])],
-            clear: vec![N],
-        };
-        assert_eq!(
-            seen.first_liar(&[[1; 32], [9; 32], [8; 32]]),
-            Some((M, false))
-        );
-        assert_eq!(
-            seen.first_liar(&[[9; 32], [9; 32], [8; 32]]),
-            Some((N, true))
-        );
+        // N's third stripe came in the clear, its first did not.
+        let n_clear = Origin { clear: true, ..N };
+        let seen = Prefixes(vec![(N, [1; 32]), (M, [2; 32]), (n_clear, [3; 32])]);
+        assert_eq!(seen.first_liar(&[[1; 32], [9; 32], [8; 32]]), Some(M));
+        assert_eq!(seen.first_liar(&[[1; 32], [2; 32], [8; 32]]), Some(n_clear));
+        assert_eq!(seen.first_liar(&[[9; 32], [9; 32], [8; 32]]), Some(N));
         assert_eq!(seen.first_liar(&[[1; 32], [2; 32], [3; 32]]), None);
     }
 
@@ -699,7 +698,7 @@ mod tests {
         plan.arrived(0, bytes(0), N);
         // The second copy of 0 comes later and is ignored.
         plan.arrived(0, bytes(99), M);
-        let out: Vec<(Bytes, NodeId)> = std::iter::from_fn(|| plan.pop_ready()).collect();
+        let out: Vec<(Bytes, Origin)> = std::iter::from_fn(|| plan.pop_ready()).collect();
         assert_eq!(out, vec![(bytes(0), N), (bytes(1), N), (bytes(2), N)]);
         assert_eq!(plan.take(), Some(WINDOW));
     }

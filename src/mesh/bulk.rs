@@ -522,6 +522,8 @@ mod tests {
         assert!(distrust.resting(&node, t + RETRY_AFTER));
         // A failure while it rests begins no new rest (it extends it).
         assert!(!distrust.failed(node, t + Duration::from_secs(1)));
+        let extended = t + RETRY_AFTER * 12 + Duration::from_millis(500);
+        assert!(distrust.resting(&node, extended));
         assert!(!distrust.resting(&node, t + RETRY_AFTER * 12 + Duration::from_secs(1)));
     }
 
