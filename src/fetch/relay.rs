@@ -410,7 +410,7 @@ fn tell_holders(resolver: &Resolver, holders: &[NodeId], info: &crate::nix::Path
 
 /// `node` sent bytes that failed their check: quarantined, or, where they
 /// came in the clear, dialled under TLS from now on (`Mesh::blame`).
-fn blame(resolver: &Resolver, node: NodeId, clear: bool, why: &str) {
+pub(crate) fn blame(resolver: &Resolver, node: NodeId, clear: bool, why: &str) {
     resolver.mesh().blame(&node, clear, QUARANTINE, why);
 }
 

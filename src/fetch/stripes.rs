@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 
 use crate::chunk_buffers::ChunkBuffers;
 use crate::fetch::raw_stripes::RawStripes;
-use crate::fetch::relay::{FetchError, STALL_TIMEOUT};
+use crate::fetch::relay::{self, FetchError, STALL_TIMEOUT};
 use crate::fetch::resolver::Resolver;
 use crate::fetch::verify::{NarCheck, Verdict};
 use crate::mesh::identity::NodeId;
@@ -420,10 +420,7 @@ pub async fn fetch_striped(
         Passed::Mismatch => Striped::Mismatch(contributors, prefixes),
         Passed::NotANar(from) => {
             let why = "sent a stripe that is not a NAR";
-            let quarantine = crate::fetch::relay::QUARANTINE;
-            resolver
-                .mesh()
-                .blame(&from.node, from.clear, quarantine, why);
+            relay::blame(resolver, from.node, from.clear, why);
             Striped::Mismatch(contributors, prefixes)
         }
         Passed::ClientGone => Striped::ClientGone,
@@ -512,8 +509,7 @@ async fn fetch_in_order(
                     }
                     Err(StripeError::Lied { reason, clear }) => {
                         tracing::warn!(peer = %node, path = %info.path, %reason, "a holder sent a wrong stripe");
-                        let quarantine = crate::fetch::relay::QUARANTINE;
-                        resolver.mesh().blame(&node, clear, quarantine, &reason);
+                        relay::blame(resolver, node, clear, &reason);
                         plan.failed(i);
                     }
                 }
